@@ -1,0 +1,83 @@
+"""The one typed configuration of an engine. Hydra configs (configs/) fill it; nothing reads env vars."""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+
+import torch
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass
+class EngineConfig:
+    """Everything that shapes a `RolloutEngine`.
+
+    model: path to a HF checkpoint directory (config.json + *.safetensors [+ tokenizer files]).
+    tokenizer: tokenizer directory when it differs from `model` (None: same as model; "" or
+        missing tokenizer files: the engine works on token ids only).
+    dtype: "auto" (checkpoint's torch_dtype on GPU, float32 on CPU), "float32", "bfloat16", "float16".
+    device: "auto" (cuda when available, else cpu), "cpu", "cuda", "cuda:N".
+    max_model_len: longest prompt + completion (None: the model's max_position_embeddings, capped at 8192).
+    max_num_seqs: sequences running at once.
+    max_num_batched_tokens: tokens computed in one step (prefill chunks + decodes).
+    kv_block_size: tokens per KV-cache block.
+    num_kv_blocks: exact KV pool size in blocks (None: from the memory budget below).
+    kv_cache_memory_bytes: KV pool budget on CPU, or on GPU when set (None: gpu_memory_utilization).
+    gpu_memory_utilization: fraction of GPU memory the engine may use in all.
+    enable_prefix_caching: share prompt KV blocks between requests.
+    seed: seeds the per-request random streams of requests that bring no seed of their own.
+    enforce_eager: on GPU, never capture CUDA graphs.
+    op_backends: per-op backend overrides for debugging, e.g. {"fused_moe": "torch"}.
+    """
+
+    model: str = ""
+    tokenizer: str | None = None
+    dtype: str = "auto"
+    device: str = "auto"
+    max_model_len: int | None = None
+    max_num_seqs: int = 256
+    max_num_batched_tokens: int = 8192
+    kv_block_size: int = 16
+    num_kv_blocks: int | None = None
+    kv_cache_memory_bytes: int | None = None
+    gpu_memory_utilization: float = 0.9
+    enable_prefix_caching: bool = True
+    seed: int = 0
+    enforce_eager: bool = False
+    cuda_graph_max_batch_size: int = 512
+    op_backends: dict[str, str] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if not self.model:
+            raise ValueError("EngineConfig.model: a checkpoint directory is required")
+        for name in ("max_num_seqs", "max_num_batched_tokens", "kv_block_size"):
+            if int(getattr(self, name)) < 1:
+                raise ValueError(f"EngineConfig.{name} must be >= 1, got {getattr(self, name)}")
+        if self.dtype != "auto" and self.dtype not in _DTYPES:
+            raise ValueError(f"EngineConfig.dtype must be 'auto' or one of {sorted(_DTYPES)}, got {self.dtype!r}")
+        if not 0.0 < self.gpu_memory_utilization <= 1.0:
+            raise ValueError(f"EngineConfig.gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}")
+        if self.num_kv_blocks is not None and self.num_kv_blocks < 1:
+            raise ValueError(f"EngineConfig.num_kv_blocks must be >= 1 or None, got {self.num_kv_blocks}")
+        if self.max_model_len is not None and self.max_model_len < 2:
+            raise ValueError(f"EngineConfig.max_model_len must be >= 2 or None, got {self.max_model_len}")
+
+    def replace(self, **overrides) -> "EngineConfig":
+        known = {f.name for f in dataclasses.fields(self)}
+        unknown = sorted(set(overrides) - known)
+        if unknown:
+            raise ValueError(f"unknown EngineConfig field(s) {unknown}; known: {sorted(known)}")
+        return dataclasses.replace(self, **overrides)
+
+    def torch_device(self) -> torch.device:
+        if self.device == "auto":
+            return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        return torch.device(self.device)
+
+    def torch_dtype(self, checkpoint_dtype: str | None) -> torch.dtype:
+        if self.dtype != "auto":
+            return _DTYPES[self.dtype]
+        if self.torch_device().type == "cpu":
+            return torch.float32
+        return _DTYPES.get(checkpoint_dtype or "bfloat16", torch.bfloat16)

@@ -1,0 +1,156 @@
+"""Paged KV blocks with reference counts and prefix caching by hash chains over full blocks.
+
+A full block's key is hash(previous block's key, its tokens); the block also keeps its tokens,
+so a hash collision can never hand a request someone else's KV. Freed blocks stay cached
+(LRU order) until a new allocation needs them.
+"""
+from __future__ import annotations
+
+from collections import OrderedDict
+from dataclasses import dataclass
+
+from atom.engine.sequence import Sequence
+
+
+@dataclass
+class Block:
+    id: int
+    ref_count: int = 0
+    key: int | None = None
+    tokens: tuple[int, ...] | None = None
+
+
+class BlockManager:
+    def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool = True) -> None:
+        self.block_size = block_size
+        self.enable_prefix_caching = enable_prefix_caching
+        self.blocks = [Block(i) for i in range(num_blocks)]
+        self.free: OrderedDict[int, None] = OrderedDict((i, None) for i in range(num_blocks))
+        self.cached: dict[int, int] = {}          # chain key -> block id
+        self.pending_copies: list[tuple[int, int]] = []  # (src, dst) KV copies the runner must do
+        self.block_keys: dict[int, list[int]] = {}       # id(seq) -> chain keys of its full blocks
+
+    @property
+    def num_blocks(self) -> int:
+        return len(self.blocks)
+
+    @property
+    def num_free(self) -> int:
+        return len(self.free)
+
+    def blocks_needed(self, num_tokens: int) -> int:
+        return -(-num_tokens // self.block_size)
+
+    # ---- prefix cache --------------------------------------------------------------------
+    @staticmethod
+    def chain_key(prev: int | None, tokens: tuple[int, ...]) -> int:
+        return hash((prev, tokens))
+
+    def match_prefix(self, seq: Sequence) -> list[int]:
+        """Cached blocks holding a prefix of seq's tokens (at least one token is left to compute)."""
+        if not self.enable_prefix_caching:
+            return []
+        matched, key, bs = [], None, self.block_size
+        for i in range((len(seq) - 1) // bs):
+            tokens = tuple(seq.token_ids[i * bs:(i + 1) * bs])
+            key = self.chain_key(key, tokens)
+            block_id = self.cached.get(key)
+            if block_id is None or self.blocks[block_id].tokens != tokens:
+                break
+            matched.append(block_id)
+        return matched
+
+    def _register_full_blocks(self, seq: Sequence) -> None:
+        if not self.enable_prefix_caching:
+            return
+        keys = self.block_keys.setdefault(id(seq), [])
+        bs = self.block_size
+        for i in range(len(keys), seq.num_computed // bs):
+            tokens = tuple(seq.token_ids[i * bs:(i + 1) * bs])
+            key = self.chain_key(keys[-1] if keys else None, tokens)
+            keys.append(key)
+            block = self.blocks[seq.block_table[i]]
+            if block.key is None and key not in self.cached:
+                block.key, block.tokens = key, tokens
+                self.cached[key] = block.id
+
+    def invalidate_cache(self) -> None:
+        """Forget every cached prefix (weights changed: old KV must never serve a request)."""
+        for block in self.blocks:
+            block.key = block.tokens = None
+        self.cached.clear()
+        self.block_keys.clear()
+
+    # ---- allocation ----------------------------------------------------------------------
+    def _take_free(self, block_id: int | None = None) -> Block:
+        if block_id is None:
+            block_id, _ = self.free.popitem(last=False)
+            block = self.blocks[block_id]
+            if block.key is not None:  # evict: the least recently freed cached block goes first
+                del self.cached[block.key]
+                block.key = block.tokens = None
+        else:
+            del self.free[block_id]
+            block = self.blocks[block_id]
+        block.ref_count = 1
+        return block
+
+    def can_start(self, seq: Sequence, matched: list[int], num_new_tokens: int) -> bool:
+        """Room for a waiting seq: fresh blocks plus matched blocks that sit in the free list."""
+        fresh = self.blocks_needed(len(matched) * self.block_size + num_new_tokens) - len(matched)
+        revived = sum(1 for b in matched if self.blocks[b].ref_count == 0)
+        return fresh + revived <= self.num_free
+
+    def start(self, seq: Sequence, matched: list[int]) -> None:
+        """Give a waiting seq the matched prefix blocks; its computed count jumps past them."""
+        assert not seq.block_table
+        for block_id in matched:
+            block = self.blocks[block_id]
+            if block.ref_count == 0:
+                self._take_free(block_id)
+            else:
+                block.ref_count += 1
+            seq.block_table.append(block_id)
+        seq.num_computed = len(matched) * self.block_size
+        self.block_keys[id(seq)] = [self.blocks[b].key for b in matched]
+
+    def can_grow(self, seq: Sequence, num_new_tokens: int) -> bool:
+        return self.blocks_needed(seq.num_computed + num_new_tokens) - len(seq.block_table) <= self.num_free
+
+    def grow(self, seq: Sequence, num_new_tokens: int) -> None:
+        """Make seq's block table cover its next num_new_tokens tokens."""
+        for _ in range(self.blocks_needed(seq.num_computed + num_new_tokens) - len(seq.block_table)):
+            seq.block_table.append(self._take_free().id)
+
+    def computed(self, seq: Sequence) -> None:
+        """Called after a step advanced seq.num_computed: newly full blocks join the prefix cache."""
+        self._register_full_blocks(seq)
+
+    def release(self, seq: Sequence) -> None:
+        for block_id in reversed(seq.block_table):
+            block = self.blocks[block_id]
+            block.ref_count -= 1
+            if block.ref_count == 0:
+                self.free[block_id] = None
+                if block.key is None:  # uncached blocks are reused before cached ones
+                    self.free.move_to_end(block_id, last=False)
+        seq.block_table = []
+        seq.num_computed = 0
+        self.block_keys.pop(id(seq), None)
+
+    def fork(self, parent: Sequence, child: Sequence) -> bool:
+        """Share parent's full blocks with child; copy the partial last block. False if no room."""
+        full = parent.num_computed // self.block_size
+        partial = parent.num_computed % self.block_size != 0
+        if partial and self.num_free < 1:
+            return False
+        for block_id in parent.block_table[:full]:
+            self.blocks[block_id].ref_count += 1
+        child.block_table = parent.block_table[:full]
+        if partial:
+            dst = self._take_free().id
+            self.pending_copies.append((parent.block_table[full], dst))
+            child.block_table.append(dst)
+        child.num_computed = parent.num_computed
+        self.block_keys[id(child)] = list(self.block_keys.get(id(parent), []))
+        return True

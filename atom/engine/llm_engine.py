@@ -1,0 +1,142 @@
+"""The step loop: schedule -> run the model -> append tokens, fork samples, check stops."""
+from __future__ import annotations
+
+from typing import Callable
+
+from atom.config import EngineConfig
+from atom.engine.block_manager import BlockManager
+from atom.engine.model_runner import ModelRunner, SampledToken, StepOutput
+from atom.engine.scheduler import ScheduledBatch, Scheduler
+from atom.engine.sequence import Request, Sequence, SeqStatus
+from atom.models.hf_config import ModelArgs, load_model_args
+from atom.outputs import EngineStats
+
+_DEFAULT_MAX_MODEL_LEN = 8192
+
+
+class LLMEngine:
+    """Runs requests to completion. Single-threaded: one `run` at a time."""
+
+    def __init__(self, config: EngineConfig) -> None:
+        self.config = config
+        self.args: ModelArgs = load_model_args(config.model)
+        limit = self.args.max_position_embeddings
+        self.max_model_len = config.max_model_len or min(limit, _DEFAULT_MAX_MODEL_LEN)
+        if self.max_model_len > limit:
+            raise ValueError(f"max_model_len={self.max_model_len} exceeds the model's max_position_embeddings={limit}")
+        self.runner = ModelRunner(config, self.args)
+        self.runner.load_checkpoint(config.model)
+        num_blocks = self.runner.num_kv_blocks(self.max_model_len)
+        self.runner.allocate_kv_cache(num_blocks)
+        self.block_manager = BlockManager(num_blocks, config.kv_block_size, config.enable_prefix_caching)
+        self.stats = EngineStats()
+        self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, config.max_num_batched_tokens, self.stats)
+        self._detokenize: Callable[[list[int]], str] | None = None
+
+    def max_tokens_fit(self, num_tokens: int) -> bool:
+        """Whether one sequence of num_tokens tokens fits the KV pool on its own."""
+        return self.block_manager.blocks_needed(num_tokens) <= self.block_manager.num_blocks
+
+    # ---- the loop ------------------------------------------------------------------------
+    def run(self, requests: list[Request], detokenize: Callable[[list[int]], str] | None,
+            on_progress: Callable[[int], None] | None = None) -> None:
+        """Generate every request's n completions; on any error, free everything and re-raise."""
+        self._detokenize = detokenize
+        for req in requests:
+            req.sequences = [Sequence(req, 0, req.prompt_token_ids)]
+            if req.params.prompt_logprobs is not None:
+                req.prompt_logprobs = [None] * len(req.prompt_token_ids)
+            self.scheduler.add(req.sequences[0])
+        try:
+            while self.scheduler.has_work:
+                batch = self.scheduler.schedule()
+                if not batch.seqs:
+                    raise RuntimeError("the KV cache cannot hold even one waiting sequence; "
+                                       "raise num_kv_blocks / kv_cache_memory_bytes")
+                out = self.runner.execute(batch, self.block_manager)
+                finished = self._postprocess(batch, out)
+                self.stats.steps += 1
+                if on_progress is not None and finished:
+                    on_progress(finished)
+        except BaseException:
+            self.abort_all()
+            raise
+
+    def abort_all(self) -> None:
+        for seq in list(self.scheduler.running):
+            self.scheduler.finish(seq)
+        self.scheduler.waiting.clear()
+        self.block_manager.pending_copies.clear()
+
+    # ---- after a step --------------------------------------------------------------------
+    def _postprocess(self, batch: ScheduledBatch, out: StepOutput) -> int:
+        for seq, n in zip(batch.seqs, batch.num_new_tokens):
+            lo, hi = seq.num_computed, seq.num_computed + n
+            prompt_part = max(0, min(hi, seq.num_prompt_tokens) - lo)
+            self.stats.prompt_tokens_computed += prompt_part
+            self.stats.recomputed_tokens += max(0, min(hi, len(seq) - 1) - max(lo, seq.num_prompt_tokens))
+            seq.num_computed = hi
+            self.block_manager.computed(seq)
+        for seq, first, entries in out.prompt_logprobs:
+            seq.request.prompt_logprobs[first + 1: first + 1 + len(entries)] = entries
+        finished = 0
+        for st in out.sampled:
+            if st.seq.fork_pending and st.sample_index > 0:
+                finished += self._start_sibling(st)
+            else:
+                finished += self._append(st.seq, st)
+        for seq in batch.seqs:
+            seq.fork_pending = False
+        return finished
+
+    def _start_sibling(self, st: SampledToken) -> int:
+        parent = st.seq
+        child = Sequence(parent.request, st.sample_index, parent.token_ids[: parent.num_prompt_tokens])
+        child.fork_pending = False
+        parent.request.sequences.append(child)
+        if self._append(child, st, schedule=False):
+            return 1
+        if self.block_manager.fork(parent, child):
+            self.stats.prompt_tokens_cached += child.num_prompt_tokens
+            child.status = SeqStatus.RUNNING
+            self.scheduler.running.append(child)
+        else:
+            self.scheduler.add(child)
+        return 0
+
+    def _append(self, seq: Sequence, st: SampledToken, schedule: bool = True) -> int:
+        """Append a sampled token; returns 1 when that finishes the sequence."""
+        seq.token_ids.append(st.token_id)
+        if seq.params.logprobs is not None:
+            seq.logprobs.append(st.logprob)
+            if st.top is not None:
+                seq.top_logprobs.append(st.top)
+        self.stats.generated_tokens += 1
+        if not self._check_stop(seq, st.token_id):
+            return 0
+        seq.status = SeqStatus.FINISHED
+        if schedule:
+            self.scheduler.finish(seq)
+        return 1
+
+    def _check_stop(self, seq: Sequence, token: int) -> bool:
+        p = seq.params
+        # Stops count only once min_tokens tokens came before this one (the sampler masked them until then).
+        if seq.num_output_tokens > p.min_tokens:
+            if token in p.stop_token_ids:
+                seq.finish_reason, seq.stop_reason = "stop", token
+                return True
+            if not p.ignore_eos and token in self.args.eos_token_ids:
+                seq.finish_reason = "stop"
+                return True
+            if p.stop and self._detokenize is not None:
+                text = self._detokenize(seq.output_token_ids)
+                hits = [(text.find(s), s) for s in p.stop if s in text]
+                if hits:
+                    at, s = min(hits)
+                    seq.finish_reason, seq.stop_reason, seq.stop_text_len = "stop", s, at
+                    return True
+        if seq.num_output_tokens >= p.max_tokens or len(seq) >= self.max_model_len:
+            seq.finish_reason = "length"
+            return True
+        return False

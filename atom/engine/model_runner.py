@@ -1,0 +1,169 @@
+"""Owns the model and its KV cache on one device; turns a scheduled batch into sampled tokens."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from atom.config import EngineConfig
+from atom.engine.block_manager import BlockManager
+from atom.engine.sampler import prompt_logprobs, sampling_metadata
+from atom.engine.scheduler import ScheduledBatch
+from atom.engine.sequence import Sequence
+from atom.models.decoder import CausalLM
+from atom.models.hf_config import ModelArgs
+from atom.models.registry import model_class
+from atom.models.weights import WeightMap, iter_checkpoint, load_weights
+from atom.ops import ops
+from atom.ops.metadata import AttentionMetadata
+
+_CPU_KV_BUDGET = 512 << 20
+
+
+@dataclass
+class SampledToken:
+    seq: Sequence
+    sample_index: int
+    token_id: int
+    logprob: float
+    top: dict[int, float] | None
+
+
+@dataclass
+class StepOutput:
+    sampled: list[SampledToken] = field(default_factory=list)
+    # (seq, first prompt position scored, one dict per position)
+    prompt_logprobs: list[tuple[Sequence, int, list[dict[int, float]]]] = field(default_factory=list)
+
+
+class ModelRunner:
+    def __init__(self, config: EngineConfig, args: ModelArgs) -> None:
+        self.config = config
+        self.args = args
+        self.device = config.torch_device()
+        self.dtype = config.torch_dtype(args.torch_dtype)
+        ops.configure(self.device, config.op_backends)
+        with torch.device(self.device):
+            prev = torch.get_default_dtype()
+            torch.set_default_dtype(self.dtype)
+            try:
+                self.model: CausalLM = model_class(args.architecture)(args).eval()
+            finally:
+                torch.set_default_dtype(prev)
+        self.weight_map = WeightMap(self.model)
+        self.k_caches: list[torch.Tensor] = []
+        self.v_caches: list[torch.Tensor] = []
+
+    # ---- weights -------------------------------------------------------------------------
+    @torch.inference_mode()
+    def load_checkpoint(self, model_dir: str) -> None:
+        load_weights(self.model, self.weight_map, iter_checkpoint(model_dir))
+
+    # ---- KV cache ------------------------------------------------------------------------
+    def kv_bytes_per_block(self) -> int:
+        a = self.args
+        elem = torch.empty((), dtype=self.dtype).element_size()
+        return 2 * a.num_hidden_layers * self.config.kv_block_size * a.num_key_value_heads * a.head_dim * elem
+
+    def num_kv_blocks(self, max_model_len: int) -> int:
+        c = self.config
+        if c.num_kv_blocks is not None:
+            return c.num_kv_blocks
+        if c.kv_cache_memory_bytes is not None:
+            budget = c.kv_cache_memory_bytes
+        elif self.device.type == "cuda":
+            free, total = torch.cuda.mem_get_info(self.device)
+            used = total - free
+            budget = int(total * c.gpu_memory_utilization) - used - (2 << 30)  # activations headroom
+        else:
+            budget = _CPU_KV_BUDGET
+        blocks = budget // self.kv_bytes_per_block()
+        if self.device.type == "cpu" and c.kv_cache_memory_bytes is None:
+            blocks = min(blocks, c.max_num_seqs * -(-max_model_len // c.kv_block_size))
+        if blocks < 1:
+            raise RuntimeError(f"no memory left for the KV cache (budget {budget} bytes)")
+        return int(blocks)
+
+    def allocate_kv_cache(self, num_blocks: int) -> None:
+        a, bs = self.args, self.config.kv_block_size
+        shape = (num_blocks, bs, a.num_key_value_heads, a.head_dim)
+        self.k_caches, self.v_caches = [], []
+        for attn in self.model.attention_layers():
+            attn.k_cache = torch.zeros(shape, dtype=self.dtype, device=self.device)
+            attn.v_cache = torch.zeros(shape, dtype=self.dtype, device=self.device)
+            self.k_caches.append(attn.k_cache)
+            self.v_caches.append(attn.v_cache)
+
+    def copy_blocks(self, pairs: list[tuple[int, int]]) -> None:
+        src = torch.tensor([s for s, _ in pairs], device=self.device)
+        dst = torch.tensor([d for _, d in pairs], device=self.device)
+        for cache in self.k_caches + self.v_caches:
+            cache[dst] = cache[src]
+
+    # ---- one step ------------------------------------------------------------------------
+    def _attention_metadata(self, batch: ScheduledBatch) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata]:
+        bs = self.config.kv_block_size
+        ids, positions, slots, starts, seq_lens = [], [], [], [0], []
+        for seq, n in zip(batch.seqs, batch.num_new_tokens):
+            lo, hi = seq.num_computed, seq.num_computed + n
+            ids += seq.token_ids[lo:hi]
+            positions += range(lo, hi)
+            slots += [seq.block_table[p // bs] * bs + p % bs for p in range(lo, hi)]
+            starts.append(starts[-1] + n)
+            seq_lens.append(hi)
+        width = max(len(s.block_table) for s in batch.seqs)
+        tables = [s.block_table + [0] * (width - len(s.block_table)) for s in batch.seqs]
+
+        def t(values):
+            return torch.tensor(values, dtype=torch.int64).to(self.device, non_blocking=True)
+
+        meta = AttentionMetadata(slot_mapping=t(slots), query_start_loc=t(starts), seq_lens=t(seq_lens),
+                                 block_tables=t(tables), is_decode=batch.is_decode,
+                                 max_query_len=max(batch.num_new_tokens), max_seq_len=max(seq_lens))
+        return t(ids), t(positions), meta
+
+    @torch.inference_mode()
+    def execute(self, batch: ScheduledBatch, block_manager: BlockManager) -> StepOutput:
+        if block_manager.pending_copies:
+            self.copy_blocks(block_manager.pending_copies)
+            block_manager.pending_copies.clear()
+        input_ids, positions, meta = self._attention_metadata(batch)
+        hidden = self.model(input_ids, positions, meta)
+
+        # Which hidden rows need logits: prompt positions whose next token is scored, and the last
+        # token of every sequence that samples (once per sample when a prefill forks n ways).
+        prompt_rows: list[tuple[Sequence, int, int, int]] = []  # seq, first position, row lo, row hi
+        prompt_index: list[int] = []
+        sample_rows: list[tuple[Sequence, int]] = []
+        sample_index: list[int] = []
+        start = 0
+        for i, (seq, n) in enumerate(zip(batch.seqs, batch.num_new_tokens)):
+            lo = seq.num_computed
+            if seq.params.prompt_logprobs is not None and lo < seq.num_prompt_tokens - 1:
+                hi = min(lo + n, seq.num_prompt_tokens - 1)
+                prompt_rows.append((seq, lo, len(prompt_index), len(prompt_index) + hi - lo))
+                prompt_index += range(start, start + hi - lo)
+            if batch.samples(i):
+                copies = seq.params.n if seq.fork_pending else 1
+                for j in range(copies):
+                    sample_rows.append((seq, j if seq.fork_pending else seq.sample_index))
+                    sample_index.append(start + n - 1)
+            start += n
+        out = StepOutput()
+        if not prompt_index and not sample_index:
+            return out
+        rows = torch.tensor(prompt_index + sample_index, device=self.device)
+        logits = self.model.compute_logits(hidden[rows])
+        for seq, first, r0, r1 in prompt_rows:
+            targets = seq.token_ids[first + 1: first + 1 + (r1 - r0)]
+            out.prompt_logprobs.append((seq, first, prompt_logprobs(logits[r0:r1], seq, targets)))
+        if sample_rows:
+            meta_s = sampling_metadata(sample_rows, self.args.eos_token_ids, self.device)
+            result = ops.sample(logits[len(prompt_index):], meta_s)
+            tokens, lps = result.token_ids.tolist(), result.logprobs.tolist()
+            top_ids, top_lps = result.top_ids.tolist(), result.top_logprobs.tolist()
+            for r, (seq, j) in enumerate(sample_rows):
+                k = seq.params.logprobs or 0
+                top = dict(zip(top_ids[r][:k], top_lps[r][:k])) if k > 0 else None
+                out.sampled.append(SampledToken(seq, j, tokens[r], lps[r], top))
+        return out

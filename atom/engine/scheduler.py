@@ -1,0 +1,101 @@
+"""Continuous batching with chunked prefill: each step mixes decodes and prefill chunks under a
+token budget; when KV blocks run out the newest running sequence is preempted (freed, recomputed later)."""
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass
+
+from atom.engine.block_manager import BlockManager
+from atom.engine.sequence import Sequence, SeqStatus
+from atom.outputs import EngineStats
+
+
+@dataclass
+class ScheduledBatch:
+    seqs: list[Sequence]
+    num_new_tokens: list[int]
+
+    @property
+    def is_decode(self) -> bool:
+        return all(n == 1 for n in self.num_new_tokens)
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(self.num_new_tokens)
+
+    def samples(self, i: int) -> bool:
+        """Whether seq i reaches its last token this step (so the step samples its next one)."""
+        seq = self.seqs[i]
+        return seq.num_computed + self.num_new_tokens[i] == len(seq)
+
+
+class Scheduler:
+    def __init__(self, block_manager: BlockManager, max_num_seqs: int, max_num_batched_tokens: int,
+                 stats: EngineStats) -> None:
+        self.bm = block_manager
+        self.max_num_seqs = max_num_seqs
+        self.max_num_batched_tokens = max_num_batched_tokens
+        self.stats = stats
+        self.waiting: deque[Sequence] = deque()
+        self.running: list[Sequence] = []
+
+    def add(self, seq: Sequence, front: bool = False) -> None:
+        seq.status = SeqStatus.WAITING
+        (self.waiting.appendleft if front else self.waiting.append)(seq)
+
+    @property
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def _preempt(self, seq: Sequence) -> None:
+        self.running.remove(seq)
+        self.bm.release(seq)
+        self.stats.preemptions += 1
+        self.add(seq, front=True)
+
+    def schedule(self) -> ScheduledBatch:
+        budget = self.max_num_batched_tokens
+        seqs: list[Sequence] = []
+        counts: list[int] = []
+        # Running sequences first, oldest first; the newest are preempted when blocks run out.
+        for seq in list(self.running):
+            if seq not in self.running or budget == 0:
+                continue
+            n = min(seq.num_uncomputed, budget)
+            while not self.bm.can_grow(seq, n):
+                victim = self.running[-1]
+                self._preempt(victim)
+                if victim is seq:
+                    break
+            if seq not in self.running:
+                continue
+            self.bm.grow(seq, n)
+            seqs.append(seq)
+            counts.append(n)
+            budget -= n
+        # Then waiting sequences while there is room; never preempt for them.
+        while self.waiting and budget > 0:
+            seq = self.waiting[0]
+            # A forking prefill reserves seats for its n samples (alone it may exceed the limit).
+            seats = seq.params.n if seq.fork_pending else 1
+            if self.running and len(self.running) + seats > self.max_num_seqs:
+                break
+            wants_prompt_logprobs = seq.params.prompt_logprobs is not None and seq.num_output_tokens == 0
+            matched = [] if wants_prompt_logprobs else self.bm.match_prefix(seq)
+            n = min(len(seq) - len(matched) * self.bm.block_size, budget)
+            if not self.bm.can_start(seq, matched, n):
+                break
+            self.waiting.popleft()
+            self.bm.start(seq, matched)
+            self.stats.prompt_tokens_cached += min(seq.num_computed, seq.num_prompt_tokens)
+            self.bm.grow(seq, n)
+            seq.status = SeqStatus.RUNNING
+            self.running.append(seq)
+            seqs.append(seq)
+            counts.append(n)
+            budget -= n
+        return ScheduledBatch(seqs, counts)
+
+    def finish(self, seq: Sequence) -> None:
+        self.running.remove(seq)
+        self.bm.release(seq)

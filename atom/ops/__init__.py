@@ -1,0 +1,6 @@
+"""Kernel routing: `ops.NAME(...)` calls the backend chosen for this engine's device."""
+from atom.ops.registry import OpTable, implementations, register
+
+ops = OpTable()
+
+__all__ = ["ops", "register", "implementations", "OpTable"]

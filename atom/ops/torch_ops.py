@@ -1,0 +1,197 @@
+"""Reference implementations of every op in plain torch: the CPU backend and the oracle for kernels.
+
+Clarity over speed: loops over sequences and experts are fine here.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from atom.ops.metadata import AttentionMetadata, SamplerOutput, SamplingMetadata
+from atom.ops.registry import register
+
+B = "torch"
+
+
+@register("rms_norm", B)
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    xf = x.float()
+    xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+    return (xf * weight.float()).to(x.dtype)
+
+
+@register("fused_add_rms_norm", B)
+def fused_add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor,
+                       eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Returns (rms_norm(x + residual), x + residual)."""
+    summed = (x.float() + residual.float()).to(x.dtype)
+    return rms_norm(summed, weight, eps), summed
+
+
+@register("rotary_embedding", B)
+def rotary_embedding(positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor,
+                     cos_sin_cache: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Neox-style (rotate-half) RoPE. q: [T, Hq, D], k: [T, Hk, D]; cache: [max_pos, D] = cos | sin."""
+    cos, sin = cos_sin_cache[positions].float().chunk(2, dim=-1)
+    cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
+
+    def rotate(x: torch.Tensor) -> torch.Tensor:
+        x1, x2 = x.float().chunk(2, dim=-1)
+        return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1).to(x.dtype)
+
+    return rotate(q), rotate(k)
+
+
+@register("kv_cache_write", B)
+def kv_cache_write(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                   slot_mapping: torch.Tensor) -> None:
+    """k, v: [T, Hk, D] into caches [num_blocks, block_size, Hk, D] at slot_mapping (-1 = skip)."""
+    keep = slot_mapping >= 0
+    slots = slot_mapping[keep]
+    k_cache.view(-1, *k_cache.shape[2:])[slots] = k[keep].to(k_cache.dtype)
+    v_cache.view(-1, *v_cache.shape[2:])[slots] = v[keep].to(v_cache.dtype)
+
+
+def _gather_kv(cache: torch.Tensor, block_table: torch.Tensor, length: int) -> torch.Tensor:
+    block_size = cache.shape[1]
+    blocks = block_table[: (length + block_size - 1) // block_size]
+    return cache[blocks].reshape(-1, *cache.shape[2:])[:length]
+
+
+@register("paged_attention_prefill", B)
+def paged_attention_prefill(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                            meta: AttentionMetadata, scale: float) -> torch.Tensor:
+    """Causal attention of each sequence's new tokens over its cached prefix and themselves.
+
+    q: [T, Hq, D]; the new tokens of sequence b sit at the end of its seq_lens[b] KV positions.
+    """
+    out = torch.empty_like(q)
+    starts = meta.query_start_loc.tolist()
+    lens = meta.seq_lens.tolist()
+    group = q.shape[1] // k_cache.shape[2]
+    for b, ctx in enumerate(lens):
+        s, e = starts[b], starts[b + 1]
+        if e == s:
+            continue
+        k = _gather_kv(k_cache, meta.block_tables[b], ctx).float().repeat_interleave(group, dim=1)
+        v = _gather_kv(v_cache, meta.block_tables[b], ctx).float().repeat_interleave(group, dim=1)
+        qb = q[s:e].float()
+        scores = torch.einsum("qhd,khd->hqk", qb, k) * scale
+        q_pos = torch.arange(ctx - (e - s), ctx, device=q.device)
+        k_pos = torch.arange(ctx, device=q.device)
+        scores.masked_fill_(k_pos[None, None, :] > q_pos[None, :, None], float("-inf"))
+        out[s:e] = torch.einsum("hqk,khd->qhd", scores.softmax(-1), v).to(q.dtype)
+    return out
+
+
+@register("paged_attention_decode", B)
+def paged_attention_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                           meta: AttentionMetadata, scale: float) -> torch.Tensor:
+    """One new token per sequence: q [B, Hq, D]. Same maths as prefill with query length 1."""
+    return paged_attention_prefill(q, k_cache, v_cache, meta, scale)
+
+
+@register("silu_and_mul", B)
+def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
+    gate, up = x.chunk(2, dim=-1)
+    return F.silu(gate.float()).mul(up.float()).to(x.dtype)
+
+
+@register("moe_route", B)
+def moe_route(router_logits: torch.Tensor, top_k: int,
+              renormalize: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Softmax top-k routing: returns (weights [T, k] float32, expert ids [T, k] int64)."""
+    probs = router_logits.float().softmax(dim=-1)
+    weights, ids = probs.topk(top_k, dim=-1)
+    if renormalize:
+        weights = weights / weights.sum(dim=-1, keepdim=True)
+    return weights, ids
+
+
+@register("fused_moe", B)
+def fused_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights: torch.Tensor,
+              topk_ids: torch.Tensor) -> torch.Tensor:
+    """Sum over the chosen experts of weight * down(silu(gate(x)) * up(x)).
+
+    x: [T, H]; w13: [E, 2I, H] (gate rows then up rows); w2: [E, H, I].
+    """
+    out = torch.zeros(x.shape[0], w2.shape[1], dtype=torch.float32, device=x.device)
+    flat_ids = topk_ids.reshape(-1)
+    token_of = torch.arange(x.shape[0], device=x.device).repeat_interleave(topk_ids.shape[1])
+    weight_of = topk_weights.reshape(-1).float()
+    for e in flat_ids.unique().tolist():
+        sel = (flat_ids == e).nonzero(as_tuple=True)[0]
+        tokens = token_of[sel]
+        h = silu_and_mul(x[tokens] @ w13[e].t())
+        out.index_add_(0, tokens, (h @ w2[e].t()).float() * weight_of[sel, None])
+    return out.to(x.dtype)
+
+
+# ---- sampling -------------------------------------------------------------------------------
+
+_M32 = 0xFFFFFFFF
+
+
+def _fmix32(h: torch.Tensor) -> torch.Tensor:
+    """murmur3's finaliser on int64 tensors holding 32-bit values (products wrap; the mask keeps 32 bits)."""
+    h = h ^ (h >> 16)
+    h = (h * 0x85EBCA6B) & _M32
+    h = h ^ (h >> 13)
+    h = (h * 0xC2B2AE35) & _M32
+    return h ^ (h >> 16)
+
+
+def row_keys(seeds: torch.Tensor, counters: torch.Tensor) -> torch.Tensor:
+    """A 32-bit key per row from a 63-bit seed and a counter (a position in the request's stream)."""
+    lo, hi = seeds & _M32, (seeds >> 32) & _M32
+    return _fmix32(_fmix32(lo ^ _fmix32(hi + 0x9E3779B9)) ^ _fmix32((counters & _M32) + 0x7F4A7C15))
+
+
+def uniform_noise(seeds: torch.Tensor, counters: torch.Tensor, vocab: int) -> torch.Tensor:
+    """[B, V] float32 uniforms in (0, 1), exact multiples of 2^-24 plus half a step: never 0 or 1."""
+    keys = row_keys(seeds, counters)
+    idx = _fmix32(torch.arange(vocab, device=seeds.device, dtype=torch.int64) * 0x2545F491 & _M32)
+    bits = _fmix32(keys[:, None] ^ idx[None, :]) >> 8
+    return (bits.float() + 0.5) * (1.0 / (1 << 24))
+
+
+def filter_logits(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor,
+                  min_p: torch.Tensor) -> torch.Tensor:
+    """Mask to -inf what min_p, then top_k, then top_p (over what is left) exclude; never the best token."""
+    probs = logits.softmax(-1)
+    logits = logits.masked_fill(probs < min_p[:, None] * probs.amax(-1, keepdim=True), float("-inf"))
+    sorted_logits, order = logits.sort(dim=-1, descending=True)
+    ranks = torch.arange(logits.shape[-1], device=logits.device)[None, :]
+    k = torch.where(top_k > 0, top_k, logits.shape[-1])
+    sorted_logits = sorted_logits.masked_fill(ranks >= k[:, None], float("-inf"))
+    sorted_probs = sorted_logits.softmax(-1)
+    mass_before = sorted_probs.cumsum(-1) - sorted_probs
+    sorted_logits = sorted_logits.masked_fill(mass_before > top_p[:, None], float("-inf"))
+    return torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)
+
+
+@register("sample", B)
+def sample(logits: torch.Tensor, meta: SamplingMetadata) -> SamplerOutput:
+    """Greedy or seeded Gumbel-max sampling for every row at once, with logprobs.
+
+    Processed logprobs come from the distribution the token is drawn from (temperature, then
+    the filters, renormalised); greedy rows use temperature 1 for them.
+    """
+    logits = logits.float()
+    raw = logits.log_softmax(-1) if meta.any_raw else None
+    if meta.banned_rows is not None:
+        logits = logits.index_put((meta.banned_rows, meta.banned_tokens), torch.tensor(float("-inf")))
+    temperature = torch.where(meta.temperature > 0, meta.temperature, torch.ones_like(meta.temperature))
+    scaled = logits / temperature[:, None]
+    if meta.need_filter:
+        scaled = filter_logits(scaled, meta.top_k, meta.top_p, meta.min_p)
+    processed = scaled.log_softmax(-1)
+    token_ids = scaled.argmax(-1)
+    if not meta.all_greedy:
+        gumbel = -torch.log(-torch.log(uniform_noise(meta.seeds, meta.counters, logits.shape[-1])))
+        sampled = (processed + gumbel).argmax(-1)
+        token_ids = torch.where(meta.temperature > 0, sampled, token_ids)
+    source = processed if raw is None else torch.where(meta.raw_logprobs[:, None], raw, processed)
+    token_logprobs = source.gather(-1, token_ids[:, None]).squeeze(-1)
+    top_logprobs, top_ids = source.topk(meta.num_top_logprobs, dim=-1)
+    return SamplerOutput(token_ids, token_logprobs, top_ids, top_logprobs)

@@ -1,0 +1,51 @@
+"""What `RolloutEngine.generate` returns."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass
+class Completion:
+    """One sampled continuation of a prompt.
+
+    logprobs: one float per generated token (empty when SamplingParams.logprobs is None).
+    top_logprobs: per generated token, {token_id: logprob} of the top-k alternatives (k > 0 only).
+    finish_reason: "stop" (EOS, stop token or stop string) or "length" (max_tokens / max_model_len).
+    stop_reason: the stop string or stop token id that ended it; None for EOS and length.
+    weight_version: the engine's weight version that produced every token of this completion.
+    """
+
+    index: int
+    token_ids: list[int]
+    text: str
+    logprobs: list[float] = field(default_factory=list)
+    top_logprobs: list[dict[int, float]] = field(default_factory=list)
+    finish_reason: str = "length"
+    stop_reason: str | int | None = None
+    weight_version: int = 0
+
+
+@dataclass
+class RolloutOutput:
+    """All completions of one prompt, in the order the prompts were given.
+
+    prompt_logprobs: None unless asked; else one entry per prompt token, None for the first,
+        {token_id: logprob} holding the actual token and the top-k alternatives for the others.
+    """
+
+    prompt: str | list[int] | list[dict]
+    prompt_token_ids: list[int]
+    outputs: list[Completion]
+    prompt_logprobs: list[dict[int, float] | None] | None = None
+
+
+@dataclass
+class EngineStats:
+    """Counters since the engine was built (monotonic; take differences around a call)."""
+
+    prompt_tokens_computed: int = 0   # prompt positions run through the model (recompute included)
+    prompt_tokens_cached: int = 0     # prompt positions served from the prefix cache or a sibling's fork
+    recomputed_tokens: int = 0        # generated positions run again after a preemption
+    preemptions: int = 0
+    generated_tokens: int = 0
+    steps: int = 0
