@@ -40,6 +40,8 @@ def _platform(device: torch.device) -> str:
 
 
 def _load_backend(backend: str) -> bool:
+    if backend not in _BACKEND_MODULES:
+        return False
     try:
         importlib.import_module(_BACKEND_MODULES[backend])
         return True

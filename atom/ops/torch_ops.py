@@ -87,8 +87,17 @@ def paged_attention_prefill(q: torch.Tensor, k_cache: torch.Tensor, v_cache: tor
 @register("paged_attention_decode", B)
 def paged_attention_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                            meta: AttentionMetadata, scale: float) -> torch.Tensor:
-    """One new token per sequence: q [B, Hq, D]. Same maths as prefill with query length 1."""
-    return paged_attention_prefill(q, k_cache, v_cache, meta, scale)
+    """One new token per sequence: q [B, Hq, D]; all sequences at once over padded block tables."""
+    num_blocks, block_size, kv_heads, dim = k_cache.shape
+    batch, width = meta.block_tables.shape
+    k = k_cache[meta.block_tables].reshape(batch, width * block_size, kv_heads, dim).float()
+    v = v_cache[meta.block_tables].reshape(batch, width * block_size, kv_heads, dim).float()
+    qg = q.float().reshape(batch, kv_heads, q.shape[1] // kv_heads, dim)
+    scores = torch.einsum("bhgd,bkhd->bhgk", qg, k) * scale
+    valid = torch.arange(width * block_size, device=q.device)[None, :] < meta.seq_lens[:, None]
+    scores.masked_fill_(~valid[:, None, None, :], float("-inf"))
+    out = torch.einsum("bhgk,bkhd->bhgd", scores.softmax(-1), v)
+    return out.reshape(q.shape).to(q.dtype)
 
 
 @register("silu_and_mul", B)
@@ -113,18 +122,25 @@ def fused_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights
               topk_ids: torch.Tensor) -> torch.Tensor:
     """Sum over the chosen experts of weight * down(silu(gate(x)) * up(x)).
 
-    x: [T, H]; w13: [E, 2I, H] (gate rows then up rows); w2: [E, H, I].
+    x: [T, H]; w13: [E, 2I, H] (gate rows then up rows); w2: [E, H, I]. An id of -1 is skipped
+    (expert parallelism: an expert another rank holds); see `skips_negative_ids` below.
     """
     out = torch.zeros(x.shape[0], w2.shape[1], dtype=torch.float32, device=x.device)
     flat_ids = topk_ids.reshape(-1)
     token_of = torch.arange(x.shape[0], device=x.device).repeat_interleave(topk_ids.shape[1])
     weight_of = topk_weights.reshape(-1).float()
     for e in flat_ids.unique().tolist():
+        if e < 0:
+            continue
         sel = (flat_ids == e).nonzero(as_tuple=True)[0]
         tokens = token_of[sel]
         h = silu_and_mul(x[tokens] @ w13[e].t())
         out.index_add_(0, tokens, (h @ w2[e].t()).float() * weight_of[sel, None])
     return out.to(x.dtype)
+
+
+# Backends whose fused_moe skips id -1 set this; the others get weight-0 pairs on a valid expert.
+fused_moe.skips_negative_ids = True
 
 
 # ---- sampling -------------------------------------------------------------------------------

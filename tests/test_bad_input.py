@@ -1,0 +1,114 @@
+"""Issue 2, test 8: bad input raises a clear error, and the engine still serves the next valid call."""
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from atom import EngineConfig, RolloutEngine, SamplingParams
+from conftest import TINY_VOCAB
+
+BAD_PARAMS = [
+    ("n", 0), ("n", 1.5), ("temperature", -0.1), ("temperature", float("nan")), ("top_p", 0.0), ("top_p", 1.5),
+    ("top_k", -2), ("top_k", 2.5), ("min_p", -0.1), ("min_p", 1.1), ("max_tokens", 0), ("min_tokens", -1),
+    ("min_tokens", 99), ("stop", [""]), ("stop_token_ids", [-1]), ("ignore_eos", "yes"), ("seed", -5),
+    ("logprobs", -1), ("logprobs_mode", "softmax"), ("prompt_logprobs", -2),
+]
+
+
+@pytest.mark.parametrize("field,value", BAD_PARAMS, ids=[f"{f}={v!r}" for f, v in BAD_PARAMS])
+def test_invalid_sampling_params_name_the_field(field, value):
+    with pytest.raises(ValueError, match=f"SamplingParams.{field}"):
+        SamplingParams(**{field: value})
+
+
+@pytest.fixture(scope="module")
+def engine(tiny_qwen3_path):
+    return RolloutEngine(tiny_qwen3_path, max_model_len=64)
+
+
+def assert_still_serves(engine):
+    out = engine.generate([[5, 6, 7]], SamplingParams(temperature=0, max_tokens=3, ignore_eos=True))
+    assert len(out[0].outputs[0].token_ids) == 3
+    bm = engine._engine.block_manager
+    assert bm.num_free == bm.num_blocks and not engine._engine.scheduler.has_work
+
+
+@pytest.mark.parametrize("prompts,params,match", [
+    ([[]], None, "prompt 0 is empty"),
+    ([[3, 4], list(range(2, 66))], None, "prompt 1 has 64 tokens; max_model_len=64"),
+    ([[3, TINY_VOCAB]], None, f"token id {TINY_VOCAB} is outside the vocabulary"),
+    ([[3, -1]], None, "token id -1 is outside"),
+    (["text prompt"], None, "text prompts need a tokenizer"),
+    ([[3, 4]], SamplingParams(stop_token_ids=[TINY_VOCAB + 5]), "SamplingParams.stop_token_ids"),
+    ([[3, 4]], SamplingParams(logprobs=TINY_VOCAB + 1), "SamplingParams.logprobs"),
+    ([[3, 4], [5]], [SamplingParams()], "got 1 SamplingParams for 2 prompts"),
+    ([3.5], None, "prompt 0: expected a string, a list of token ids or a chat conversation"),
+])
+def test_bad_generate_input_is_rejected_and_engine_survives(engine, prompts, params, match):
+    with pytest.raises(ValueError, match=match):
+        engine.generate(prompts, params)
+    assert_still_serves(engine)
+
+
+def copy_checkpoint(src: str, dst: Path, edit) -> str:
+    shutil.copytree(src, dst)
+    tensors = load_file(str(dst / "model.safetensors"))
+    edit(tensors)
+    save_file(tensors, str(dst / "model.safetensors"), metadata={"format": "pt"})
+    return str(dst)
+
+
+def test_missing_tensor(tiny_qwen3_path, tmp_path):
+    path = copy_checkpoint(tiny_qwen3_path, tmp_path / "m",
+                           lambda t: t.pop("model.layers.1.self_attn.k_proj.weight"))
+    with pytest.raises(ValueError, match="missing 1 tensor.*model.layers.1.self_attn.k_proj.weight"):
+        RolloutEngine(path)
+
+
+def test_misshapen_tensor(tiny_qwen3_path, tmp_path):
+    def edit(t):
+        t["model.layers.0.mlp.down_proj.weight"] = torch.randn(64, 100)
+    path = copy_checkpoint(tiny_qwen3_path, tmp_path / "m", edit)
+    with pytest.raises(ValueError, match=r"model.layers.0.mlp.down_proj.weight.*shape \(64, 100\).*\(64, 128\)"):
+        RolloutEngine(path)
+
+
+def test_unknown_tensor(tiny_qwen3_path, tmp_path):
+    def edit(t):
+        t["model.layers.0.mlp.extra.weight"] = torch.randn(4, 4)
+    path = copy_checkpoint(tiny_qwen3_path, tmp_path / "m", edit)
+    with pytest.raises(ValueError, match="model.layers.0.mlp.extra.weight.*not a parameter"):
+        RolloutEngine(path)
+
+
+def test_unknown_architecture(tiny_qwen3_path, tmp_path):
+    shutil.copytree(tiny_qwen3_path, tmp_path / "m")
+    cfg_path = tmp_path / "m" / "config.json"
+    cfg = json.loads(cfg_path.read_text())
+    cfg["architectures"] = ["MysteryForCausalLM"]
+    cfg_path.write_text(json.dumps(cfg))
+    with pytest.raises(ValueError, match="unknown architecture 'MysteryForCausalLM'"):
+        RolloutEngine(str(tmp_path / "m"))
+
+
+def test_bad_engine_config(tiny_qwen3_path):
+    with pytest.raises(ValueError, match="max_num_seqs"):
+        RolloutEngine(tiny_qwen3_path, max_num_seqs=0)
+    with pytest.raises(ValueError, match="unknown EngineConfig field"):
+        RolloutEngine(EngineConfig(model=tiny_qwen3_path), max_num_sequences=4)
+    with pytest.raises(ValueError, match="exceeds the model's max_position_embeddings"):
+        RolloutEngine(tiny_qwen3_path, max_model_len=10_000)
+    with pytest.raises(ValueError, match="no config.json"):
+        RolloutEngine("/nonexistent/checkpoint")
+
+
+def test_kv_too_small_for_one_sequence(tiny_qwen3_path):
+    engine = RolloutEngine(tiny_qwen3_path, num_kv_blocks=2, max_model_len=256)
+    with pytest.raises(ValueError, match="do not fit the KV cache of 2 blocks"):
+        engine.generate([[3] * 20], SamplingParams(max_tokens=40))
+    assert engine.generate([[3] * 5], SamplingParams(max_tokens=4))[0].outputs[0].token_ids

@@ -1,0 +1,27 @@
+"""The ops registry: per-device choice, per-op overrides, clear errors."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from atom.ops import OpTable, implementations
+
+
+def test_cpu_uses_torch_backend_for_every_op():
+    table = OpTable()
+    table.configure(torch.device("cpu"))
+    assert set(table.backend_of.values()) == {"torch"}
+    for name in ("rms_norm", "fused_add_rms_norm", "rotary_embedding", "kv_cache_write", "paged_attention_prefill",
+                 "paged_attention_decode", "silu_and_mul", "moe_route", "fused_moe", "sample"):
+        assert "torch" in implementations(name)
+        assert callable(getattr(table, name))
+
+
+def test_unknown_override_and_op_are_clear_errors():
+    table = OpTable()
+    with pytest.raises(ValueError, match="unknown op"):
+        table.configure(torch.device("cpu"), {"no_such_op": "torch"})
+    with pytest.raises(ValueError, match="has no backend 'nonexistent'"):
+        table.configure(torch.device("cpu"), {"rms_norm": "nonexistent"})
+    with pytest.raises(AttributeError, match="no op named"):
+        table.no_such_op

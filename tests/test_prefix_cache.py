@@ -1,0 +1,69 @@
+"""Issue 2, test 3: the n samples of a prompt and repeated prompts share prompt KV."""
+from __future__ import annotations
+
+import dataclasses
+
+from atom import RolloutEngine, SamplingParams
+from atom.engine.block_manager import BlockManager
+from conftest import TINY_VOCAB
+from helpers import random_prompts
+
+
+def delta(before, after) -> dict:
+    return {k: getattr(after, k) - v for k, v in dataclasses.asdict(before).items()}
+
+
+def test_n_samples_compute_prompt_once_and_reuse_across_calls(tiny_qwen3_path):
+    engine = RolloutEngine(tiny_qwen3_path)
+    prompt = random_prompts([40], TINY_VOCAB, seed=7)[0]  # 2 full blocks of 16 + 8 tokens
+    sp = SamplingParams(n=8, temperature=1.0, max_tokens=6, ignore_eos=True, seed=1)
+
+    s0 = dataclasses.replace(engine.stats)
+    first = engine.generate([prompt], sp)[0]
+    d = delta(s0, engine.stats)
+    assert len(first.outputs) == 8 and [c.index for c in first.outputs] == list(range(8))
+    assert d["prompt_tokens_computed"] == 40          # once, not 8 times
+    assert d["prompt_tokens_cached"] == 7 * 40        # the 7 forks share it
+    assert d["generated_tokens"] == 8 * 6
+    assert len({tuple(c.token_ids) for c in first.outputs}) > 1  # samples differ
+
+    s1 = dataclasses.replace(engine.stats)
+    second = engine.generate([prompt], sp)[0]
+    d = delta(s1, engine.stats)
+    # The two full blocks come from the cache; only the 8-token tail is computed again.
+    assert d["prompt_tokens_computed"] == 8
+    assert d["prompt_tokens_cached"] == 32 + 7 * 40
+    # Same seed, same samples, whether the prefix came from cache or not.
+    assert [c.token_ids for c in second.outputs] == [c.token_ids for c in first.outputs]
+
+
+def test_repeated_prompts_in_one_batch_share_blocks(tiny_llama_path):
+    engine = RolloutEngine(tiny_llama_path, max_num_batched_tokens=64)
+    prompt = random_prompts([48], TINY_VOCAB, seed=8)[0]
+    s0 = dataclasses.replace(engine.stats)
+    outs = engine.generate([prompt, prompt, prompt], SamplingParams(temperature=0, max_tokens=4, ignore_eos=True))
+    # The first copy fills the cache in step one; the next two, scheduled later, reuse two of
+    # its three blocks (the last block always keeps one token to compute).
+    assert len({tuple(o.outputs[0].token_ids) for o in outs}) == 1
+    assert engine.stats.prompt_tokens_cached - s0.prompt_tokens_cached >= 32
+
+
+def test_hash_collisions_never_share_wrong_kv(tiny_qwen3_path, monkeypatch):
+    """Every block hashes to the same key: token comparison must refuse all false matches."""
+    prompts = random_prompts([40, 40, 40], TINY_VOCAB, seed=9)
+    sp = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
+    honest = [o.outputs[0].token_ids for o in RolloutEngine(tiny_qwen3_path).generate(prompts, sp)]
+    monkeypatch.setattr(BlockManager, "chain_key", staticmethod(lambda prev, tokens: 42))
+    colliding = RolloutEngine(tiny_qwen3_path)
+    for p, want in zip(prompts, honest):  # one at a time so each could (wrongly) hit the last one's blocks
+        assert colliding.generate([p], sp)[0].outputs[0].token_ids == want
+
+
+def test_prefix_caching_off_computes_everything(tiny_qwen3_path):
+    engine = RolloutEngine(tiny_qwen3_path, enable_prefix_caching=False)
+    prompt = random_prompts([40], TINY_VOCAB, seed=10)[0]
+    sp = SamplingParams(temperature=0, max_tokens=3, ignore_eos=True)
+    engine.generate([prompt], sp)
+    before = engine.stats.prompt_tokens_computed
+    engine.generate([prompt], sp)
+    assert engine.stats.prompt_tokens_computed - before == 40
