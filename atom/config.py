@@ -29,6 +29,19 @@ class EngineConfig:
     seed: seeds the per-request random streams of requests that bring no seed of their own.
     enforce_eager: on GPU, never capture CUDA graphs.
     op_backends: per-op backend overrides for debugging, e.g. {"fused_moe": "torch"}.
+    tensor_parallel_size: ranks that split attention heads, dense MLPs and the vocabulary.
+    expert_parallel_size: ranks that split the MoE experts (each holds num_experts / EP).
+    ep_mode: "allreduce" (every rank runs the same requests; one engine group of max(TP, EP)
+        ranks; MoE outputs summed by an all-reduce) or "alltoall" (EP ranks with TP = 1, each
+        running its own share of the requests; tokens sent to their experts' ranks and back).
+        TP = EP = 1 runs in this process alone. See atom/distributed and docs_parallel.md.
+    dist_timeout_s: how long a rank waits for the others (start-up, any collective) before it
+        raises instead of hanging.
+    enable_sleep_mode: on CUDA, place weights and KV cache in CUDA virtual memory so that
+        `RolloutEngine.sleep` really returns them to the driver while keeping their addresses
+        (CUDA graphs stay valid); needs the cuda-python bindings. On CPU sleep always works.
+    load_format: "auto" (read the checkpoint's safetensors) or "dummy" (random weights from
+        config.json alone: benchmarks; `model` then needs only a config.json).
     """
 
     model: str = ""
@@ -47,6 +60,12 @@ class EngineConfig:
     enforce_eager: bool = False
     cuda_graph_max_batch_size: int = 512
     op_backends: dict[str, str] = field(default_factory=dict)
+    tensor_parallel_size: int = 1
+    expert_parallel_size: int = 1
+    ep_mode: str = "allreduce"
+    dist_timeout_s: float = 600.0
+    enable_sleep_mode: bool = False
+    load_format: str = "auto"
 
     def __post_init__(self) -> None:
         if not self.model:
@@ -62,6 +81,15 @@ class EngineConfig:
             raise ValueError(f"EngineConfig.num_kv_blocks must be >= 1 or None, got {self.num_kv_blocks}")
         if self.max_model_len is not None and self.max_model_len < 2:
             raise ValueError(f"EngineConfig.max_model_len must be >= 2 or None, got {self.max_model_len}")
+        if self.load_format not in ("auto", "dummy"):
+            raise ValueError(f"EngineConfig.load_format must be 'auto' or 'dummy', got {self.load_format!r}")
+        for name in ("tensor_parallel_size", "expert_parallel_size"):
+            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
+                raise ValueError(f"EngineConfig.{name} must be an int >= 1, got {getattr(self, name)!r}")
+        if not self.dist_timeout_s > 0:
+            raise ValueError(f"EngineConfig.dist_timeout_s must be > 0, got {self.dist_timeout_s}")
+        from atom.distributed.parallel_state import EngineLayout
+        EngineLayout.build(self.tensor_parallel_size, self.expert_parallel_size, self.ep_mode)  # ValueError if invalid
 
     def replace(self, **overrides) -> "EngineConfig":
         known = {f.name for f in dataclasses.fields(self)}

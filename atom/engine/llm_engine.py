@@ -4,6 +4,7 @@ from __future__ import annotations
 from typing import Callable
 
 from atom.config import EngineConfig
+from atom.distributed.dp import my_requests, share_results
 from atom.engine.block_manager import BlockManager
 from atom.engine.model_runner import ModelRunner, SampledToken, StepOutput
 from atom.engine.scheduler import ScheduledBatch, Scheduler
@@ -25,7 +26,10 @@ class LLMEngine:
         if self.max_model_len > limit:
             raise ValueError(f"max_model_len={self.max_model_len} exceeds the model's max_position_embeddings={limit}")
         self.runner = ModelRunner(config, self.args)
-        self.runner.load_checkpoint(config.model)
+        if config.load_format == "dummy":
+            self.runner.init_dummy_weights()
+        else:
+            self.runner.load_checkpoint(config.model)
         num_blocks = self.runner.num_kv_blocks(self.max_model_len)
         self.runner.allocate_kv_cache(num_blocks)
         self.block_manager = BlockManager(num_blocks, config.kv_block_size, config.enable_prefix_caching)
@@ -40,17 +44,22 @@ class LLMEngine:
     # ---- the loop ------------------------------------------------------------------------
     def run(self, requests: list[Request], detokenize: Callable[[list[int]], str] | None,
             on_progress: Callable[[int], None] | None = None) -> None:
-        """Generate every request's n completions; on any error, free everything and re-raise."""
+        """Generate every request's n completions; on any error, free everything and re-raise.
+
+        Data-parallel attention (ep_mode="alltoall"): this rank runs its share of the requests, in
+        lockstep with the other ranks, then every rank gets every result (atom/distributed/dp.py).
+        """
         self._detokenize = detokenize
-        for req in requests:
+        dp = self.runner.parallel.dp
+        for req in my_requests(requests, dp):
             req.sequences = [Sequence(req, 0, req.prompt_token_ids)]
             if req.params.prompt_logprobs is not None:
                 req.prompt_logprobs = [None] * len(req.prompt_token_ids)
             self.scheduler.add(req.sequences[0])
         try:
-            while self.scheduler.has_work:
+            while self.scheduler.has_work if dp.size == 1 else dp.any(self.scheduler.has_work, self.runner.device):
                 batch = self.scheduler.schedule()
-                if not batch.seqs:
+                if not batch.seqs and self.scheduler.has_work:
                     raise RuntimeError("the KV cache cannot hold even one waiting sequence; "
                                        "raise num_kv_blocks / kv_cache_memory_bytes")
                 out = self.runner.execute(batch, self.block_manager)
@@ -61,6 +70,10 @@ class LLMEngine:
         except BaseException:
             self.abort_all()
             raise
+        if dp.size > 1:
+            arrived = share_results(requests, dp)
+            if on_progress is not None and arrived:
+                on_progress(arrived)
 
     def abort_all(self) -> None:
         for seq in list(self.scheduler.running):
@@ -85,8 +98,9 @@ class LLMEngine:
                 finished += self._start_sibling(st)
             else:
                 finished += self._append(st.seq, st)
-        for seq in batch.seqs:
-            seq.fork_pending = False
+        # A forking prefill forks when it samples: after its last prompt chunk, not its first.
+        for st in out.sampled:
+            st.seq.fork_pending = False
         return finished
 
     def _start_sibling(self, st: SampledToken) -> int:
@@ -129,14 +143,19 @@ class LLMEngine:
             if not p.ignore_eos and token in self.args.eos_token_ids:
                 seq.finish_reason = "stop"
                 return True
-            if p.stop and self._detokenize is not None:
+            if p.stop and self._detokenize is not None and self._stop_string_in_tail(seq):
                 text = self._detokenize(seq.output_token_ids)
-                hits = [(text.find(s), s) for s in p.stop if s in text]
-                if hits:
-                    at, s = min(hits)
-                    seq.finish_reason, seq.stop_reason, seq.stop_text_len = "stop", s, at
-                    return True
+                at, s = min((text.find(s), s) for s in p.stop if s in text)
+                seq.finish_reason, seq.stop_reason, seq.stop_text_len = "stop", s, at
+                return True
         if seq.num_output_tokens >= p.max_tokens or len(seq) >= self.max_model_len:
             seq.finish_reason = "length"
             return True
         return False
+
+    def _stop_string_in_tail(self, seq: Sequence) -> bool:
+        """A new stop string must end in the newest token, so decoding a short tail finds it
+        (every token but special ones adds at least a character): O(1) per step, not O(length)."""
+        window = max(len(s) for s in seq.params.stop) + 8
+        tail = self._detokenize(seq.output_token_ids[-window:])
+        return any(s in tail for s in seq.params.stop)

@@ -7,13 +7,14 @@ import torch
 
 from atom.config import EngineConfig
 from atom.engine.block_manager import BlockManager
+from atom.engine.memory import EngineMemory
 from atom.engine.sampler import prompt_logprobs, sampling_metadata
 from atom.engine.scheduler import ScheduledBatch
 from atom.engine.sequence import Sequence
 from atom.models.decoder import CausalLM
 from atom.models.hf_config import ModelArgs
 from atom.models.registry import model_class
-from atom.models.weights import WeightMap, iter_checkpoint, load_weights
+from atom.models.weights import WeightMap, iter_checkpoint, load_checkpoint, load_weights
 from atom.ops import ops
 from atom.ops.metadata import AttentionMetadata
 
@@ -40,6 +41,9 @@ class ModelRunner:
     def __init__(self, config: EngineConfig, args: ModelArgs) -> None:
         self.config = config
         self.args = args
+        # Tensor / expert parallelism: this rank's groups (TP = EP = 1: no torch.distributed at all).
+        from atom.distributed import init_parallel
+        self.parallel = init_parallel(config, args)
         self.device = config.torch_device()
         self.dtype = config.torch_dtype(args.torch_dtype)
         ops.configure(self.device, config.op_backends)
@@ -47,9 +51,13 @@ class ModelRunner:
             prev = torch.get_default_dtype()
             torch.set_default_dtype(self.dtype)
             try:
-                self.model: CausalLM = model_class(args.architecture)(args).eval()
+                self.model: CausalLM = model_class(args.architecture)(args, self.parallel).eval()
             finally:
                 torch.set_default_dtype(prev)
+        self.num_kv_heads = self.model.attention_layers()[0].num_kv_heads  # this rank's (tensor parallelism)
+        # Weights and KV cache live in pools that sleep/wake can release and restore in place.
+        self.memory = EngineMemory(self.device, config.enable_sleep_mode)
+        self.memory.adopt_weights(self.model)
         self.weight_map = WeightMap(self.model)
         self.k_caches: list[torch.Tensor] = []
         self.v_caches: list[torch.Tensor] = []
@@ -57,16 +65,26 @@ class ModelRunner:
     # ---- weights -------------------------------------------------------------------------
     @torch.inference_mode()
     def load_checkpoint(self, model_dir: str) -> None:
-        load_weights(self.model, self.weight_map, iter_checkpoint(model_dir))
+        if self.parallel.is_parallel:  # each rank reads only its shards
+            load_checkpoint(self.model, self.weight_map, model_dir)
+        else:
+            load_weights(self.model, self.weight_map, iter_checkpoint(model_dir))
+
+    @torch.inference_mode()
+    def init_dummy_weights(self) -> None:
+        """load_format="dummy": small random weights instead of a checkpoint (benchmarks)."""
+        from atom.models.dummy import init_dummy_weights
+        init_dummy_weights(self.model, self.config.seed)
 
     # ---- KV cache ------------------------------------------------------------------------
     def kv_bytes_per_block(self) -> int:
         a = self.args
         elem = torch.empty((), dtype=self.dtype).element_size()
-        return 2 * a.num_hidden_layers * self.config.kv_block_size * a.num_key_value_heads * a.head_dim * elem
+        return 2 * a.num_hidden_layers * self.config.kv_block_size * self.num_kv_heads * a.head_dim * elem
 
     def num_kv_blocks(self, max_model_len: int) -> int:
         c = self.config
+        self.max_model_len = max_model_len  # the GPU decode path sizes its block tables by it
         if c.num_kv_blocks is not None:
             return c.num_kv_blocks
         if c.kv_cache_memory_bytes is not None:
@@ -74,7 +92,13 @@ class ModelRunner:
         elif self.device.type == "cuda":
             free, total = torch.cuda.mem_get_info(self.device)
             used = total - free
-            budget = int(total * c.gpu_memory_utilization) - used - (2 << 30)  # activations headroom
+            headroom = 2 << 30
+            if not self.parallel.is_parallel:  # measured: a warm-up step's peak (cuda_graph.py)
+                from atom.engine.cuda_graph import activation_bytes
+                headroom = activation_bytes(self, c.max_num_batched_tokens, c.max_num_seqs)
+                free, total = torch.cuda.mem_get_info(self.device)
+                used = total - free
+            budget = int(total * c.gpu_memory_utilization) - used - headroom
         else:
             budget = _CPU_KV_BUDGET
         blocks = budget // self.kv_bytes_per_block()
@@ -82,15 +106,17 @@ class ModelRunner:
             blocks = min(blocks, c.max_num_seqs * -(-max_model_len // c.kv_block_size))
         if blocks < 1:
             raise RuntimeError(f"no memory left for the KV cache (budget {budget} bytes)")
+        if self.parallel.is_parallel:  # the ranks' schedulers must agree on the pool size
+            blocks = self.parallel.engine.all_reduce(torch.tensor([int(blocks)], device=self.device), "min").item()
         return int(blocks)
 
     def allocate_kv_cache(self, num_blocks: int) -> None:
         a, bs = self.args, self.config.kv_block_size
-        shape = (num_blocks, bs, a.num_key_value_heads, a.head_dim)
+        shape = (num_blocks, bs, self.num_kv_heads, a.head_dim)
         self.k_caches, self.v_caches = [], []
         for attn in self.model.attention_layers():
-            attn.k_cache = torch.zeros(shape, dtype=self.dtype, device=self.device)
-            attn.v_cache = torch.zeros(shape, dtype=self.dtype, device=self.device)
+            attn.k_cache = self.memory.kv_zeros(shape, self.dtype)
+            attn.v_cache = self.memory.kv_zeros(shape, self.dtype)
             self.k_caches.append(attn.k_cache)
             self.v_caches.append(attn.v_cache)
 
@@ -124,9 +150,15 @@ class ModelRunner:
 
     @torch.inference_mode()
     def execute(self, batch: ScheduledBatch, block_manager: BlockManager) -> StepOutput:
+        if not batch.seqs:  # data-parallel attention: idle here, busy elsewhere
+            return self._idle_step()
         if block_manager.pending_copies:
             self.copy_blocks(block_manager.pending_copies)
             block_manager.pending_copies.clear()
+        if self.device.type == "cuda" and batch.is_decode and not self.parallel.is_parallel:
+            out = self._gpu_decode(batch)  # static buffers + CUDA graphs (atom/engine/cuda_graph.py)
+            if out is not None:
+                return out
         input_ids, positions, meta = self._attention_metadata(batch)
         hidden = self.model(input_ids, positions, meta)
 
@@ -160,6 +192,8 @@ class ModelRunner:
         if sample_rows:
             meta_s = sampling_metadata(sample_rows, self.args.eos_token_ids, self.device)
             result = ops.sample(logits[len(prompt_index):], meta_s)
+            if self.parallel.debug_checks:
+                self.parallel.check_same(result.token_ids, "sampled tokens")
             tokens, lps = result.token_ids.tolist(), result.logprobs.tolist()
             top_ids, top_lps = result.top_ids.tolist(), result.top_logprobs.tolist()
             for r, (seq, j) in enumerate(sample_rows):
@@ -167,3 +201,20 @@ class ModelRunner:
                 top = dict(zip(top_ids[r][:k], top_lps[r][:k])) if k > 0 else None
                 out.sampled.append(SampledToken(seq, j, tokens[r], lps[r], top))
         return out
+
+    def _gpu_decode(self, batch: ScheduledBatch) -> StepOutput | None:
+        runner = getattr(self, "decode_runner", None)
+        if runner is None or runner.runner is not self:
+            from atom.engine.cuda_graph import DecodeRunner
+            max_len = getattr(self, "max_model_len", None) or min(self.args.max_position_embeddings, 8192)
+            runner = self.decode_runner = DecodeRunner(self, max_len)
+        if not runner.supports(batch):
+            return None
+        return runner.execute(batch)
+
+    def _idle_step(self) -> StepOutput:
+        """Data-parallel attention (ep_mode="alltoall"): a rank with nothing to run this step still
+        joins its MoE layers' all_to_all (in layer order) while other ranks step."""
+        for moe in self.model.moe_layers():
+            moe.idle(self.dtype, self.device)
+        return StepOutput()

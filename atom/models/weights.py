@@ -2,6 +2,11 @@
 
 `WeightMap` is built once per model: a dict from every accepted HF name to the slot it fills,
 so each incoming tensor is placed in O(1) whatever the checkpoint's size.
+
+Under tensor / expert parallelism (atom.distributed) a slot also says which part of the full HF
+tensor this rank keeps (`shard`), and a slot whose tensor only other ranks hold has no `param`:
+callers always pass full HF tensors and each rank narrows them (`check_and_copy`), or reads only
+its slices from safetensors (`load_checkpoint`).
 """
 from __future__ import annotations
 
@@ -22,21 +27,78 @@ from atom.models.layers.mlp import SparseMoE
 _IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
 
 
+# One narrowing of a full HF tensor: (dim, start, length, parts). parts > 1: the dim stacks
+# `parts` equal blocks (gate|up) and each block is narrowed to [start, start + length).
+Narrow = tuple[int, int, int, int]
+
+
 @dataclass(frozen=True)
 class WeightSlot:
-    """Where one HF tensor lands: param[expert][row_offset : row_offset + rows] (None = whole)."""
+    """Where one HF tensor lands: param[expert][row_offset : row_offset + rows] (None = whole).
 
-    param: nn.Parameter
+    Sharded (tensor / expert parallelism): `shard` narrows the full HF tensor, of shape
+    `full_shape`, to this rank's part; `param` is None when other ranks hold all of it.
+    """
+
+    param: nn.Parameter | None
     expert: int | None = None
     row_offset: int = 0
     rows: int | None = None
+    shard: tuple[Narrow, ...] = ()
+    full_shape: tuple[int, ...] | None = None
 
-    def target(self) -> torch.Tensor:
+    def target(self) -> torch.Tensor | None:
+        """This rank's destination (None: not held here)."""
+        if self.param is None:
+            return None
         t = self.param.data if self.expert is None else self.param.data[self.expert]
         return t if self.rows is None else t.narrow(0, self.row_offset, self.rows)
 
     def shape(self) -> tuple[int, ...]:
-        return tuple(self.target().shape)
+        """Shape of the (full) HF tensor this slot accepts."""
+        return self.full_shape if self.full_shape is not None else tuple(self.target().shape)
+
+    def select(self, tensor: torch.Tensor) -> torch.Tensor:
+        """This rank's part of a full HF tensor."""
+        for dim, start, length, parts in self.shard:
+            if parts == 1:
+                tensor = tensor.narrow(dim, start, length)
+            else:
+                tensor = tensor.unflatten(dim, (parts, -1)).narrow(dim + 1, start, length).flatten(dim, dim + 1)
+        return tensor
+
+    def read(self, safetensors_slice) -> torch.Tensor:
+        """This rank's part straight from a safetensors `get_slice` handle (reads only that part)."""
+        if any(parts > 1 for *_, parts in self.shard):
+            return self.select(safetensors_slice[:])
+        index = [slice(None)] * len(self.shape())
+        for dim, start, length, _ in self.shard:
+            index[dim] = slice(start, start + length)
+        return safetensors_slice[tuple(index)]
+
+
+def _sharded(param: nn.Parameter | None, full_shape: tuple[int, ...], shard: tuple[Narrow, ...],
+             expert: int | None = None, row_offset: int = 0, rows: int | None = None) -> WeightSlot:
+    shard = tuple(n for n in shard if not (n[1] == 0 and n[2] * n[3] == full_shape[n[0]]))  # drop no-ops
+    if not shard and param is not None:
+        return WeightSlot(param, expert, row_offset, rows)
+    return WeightSlot(param, expert, row_offset, rows, shard, tuple(full_shape))
+
+
+def _tp_slot(module: nn.Module, pname: str, p: nn.Parameter, row_offset: int = 0,
+             rows: int | None = None, fused: str = "") -> WeightSlot:
+    """The slot of a parameter (or fused rows of it) that tensor parallelism may split on one dim."""
+    dim = getattr(module, "tp_shard_dims", {}).get(pname)
+    if dim is None or module.tp_size == 1:
+        return WeightSlot(p, None, row_offset, rows)
+    replicas = getattr(module, "tp_replicas", {}).get(fused, 1)  # ranks holding one block (replicated KV heads)
+    local = list(p.shape)
+    if rows is not None:
+        local[0] = rows
+    full = list(local)
+    full[dim] = full[dim] * module.tp_size // replicas
+    start = (module.tp_rank // replicas) * local[dim]
+    return _sharded(p, tuple(full), ((dim, start, local[dim], 1),), None, row_offset, rows)
 
 
 class WeightMap:
@@ -60,12 +122,12 @@ class WeightMap:
                         self.slots[f"{prefix}{pname}"] = self.slots[seen[id(p)]]
                         continue
                     if len(module.shard_sizes) == 1:
-                        self._add(f"{prefix}{pname}", WeightSlot(p))
+                        self._add(f"{prefix}{pname}", _tp_slot(module, pname, p))
                     else:
                         parent = prefix.rsplit(".", 2)[0] + "."
                         for shard in module.shard_sizes:
                             off, rows = module.shard_offset(shard)
-                            self._add(f"{parent}{shard}.{pname}", WeightSlot(p, None, off, rows))
+                            self._add(f"{parent}{shard}.{pname}", _tp_slot(module, pname, p, off, rows, shard))
                     seen[id(p)] = f"{prefix}{pname}"
             elif isinstance(module, SparseMoE):
                 self._add_experts(prefix, module)
@@ -77,25 +139,50 @@ class WeightMap:
                         self.slots[name] = self.slots[seen[id(p)]]
                         continue
                     seen[id(p)] = name
-                    self._add(name, WeightSlot(p))
+                    self._add(name, _tp_slot(module, pname, p))
 
     def _add(self, name: str, slot: WeightSlot) -> None:
         self.slots[name] = slot
 
     def _add_experts(self, prefix: str, moe: SparseMoE) -> None:
-        inter, num_experts = moe.intermediate_size, moe.w13.shape[0]
-        for e in range(num_experts):
-            base = f"{prefix}experts.{e}."
-            self._add(f"{base}gate_proj.weight", WeightSlot(moe.w13, e, 0, inter))
-            self._add(f"{base}up_proj.weight", WeightSlot(moe.w13, e, inter, inter))
-            self._add(f"{base}down_proj.weight", WeightSlot(moe.w2, e))
+        inter, num_experts = moe.intermediate_size, moe.num_experts
+        if moe.w13.shape[0] == num_experts and moe.tp_size == 1:
+            for e in range(num_experts):
+                base = f"{prefix}experts.{e}."
+                self._add(f"{base}gate_proj.weight", WeightSlot(moe.w13, e, 0, inter))
+                self._add(f"{base}up_proj.weight", WeightSlot(moe.w13, e, inter, inter))
+                self._add(f"{base}down_proj.weight", WeightSlot(moe.w2, e))
+            gate_up_slot, down_slot = WeightSlot(moe.w13), WeightSlot(moe.w2)
+        else:
+            gate_up_slot, down_slot = self._add_expert_shards(prefix, moe)
         # transformers >= 5 keeps experts fused in memory: accept that layout too (weight updates
         # from a trainer holding a v5 model arrive this way).
         gate_up, down = f"{prefix}experts.gate_up_proj", f"{prefix}experts.down_proj"
-        self.alternatives[gate_up] = WeightSlot(moe.w13)
-        self.alternatives[down] = WeightSlot(moe.w2)
+        self.alternatives[gate_up] = gate_up_slot
+        self.alternatives[down] = down_slot
         self.fills[gate_up] = [f"{prefix}experts.{e}.{p}_proj.weight" for e in range(num_experts) for p in ("gate", "up")]
         self.fills[down] = [f"{prefix}experts.{e}.down_proj.weight" for e in range(num_experts)]
+
+    def _add_expert_shards(self, prefix: str, moe: SparseMoE) -> tuple[WeightSlot, WeightSlot]:
+        """Expert parallelism: experts [expert_start, +local) live here, each with intermediate rows
+        [tp_rank*I, (tp_rank+1)*I) of the full moe_intermediate_size; other experts are accepted
+        and dropped."""
+        local, inter, hidden = moe.w13.shape[0], moe.intermediate_size, moe.w13.shape[2]
+        full_inter, start = inter * moe.tp_size, moe.expert_start
+        rows = ((0, moe.tp_rank * inter, inter, 1),)
+        cols = ((1, moe.tp_rank * inter, inter, 1),)
+        for e in range(moe.num_experts):
+            base, el = f"{prefix}experts.{e}.", e - start
+            mine = 0 <= el < local
+            w13, w2, el = (moe.w13, moe.w2, el) if mine else (None, None, None)
+            self._add(f"{base}gate_proj.weight", _sharded(w13, (full_inter, hidden), rows, el, 0, inter))
+            self._add(f"{base}up_proj.weight", _sharded(w13, (full_inter, hidden), rows, el, inter, inter))
+            self._add(f"{base}down_proj.weight", _sharded(w2, (hidden, full_inter), cols, el))
+        experts = (0, start, local, 1)
+        gate_up = _sharded(moe.w13, (moe.num_experts, 2 * full_inter, hidden),
+                           (experts, (1, moe.tp_rank * inter, inter, 2)))
+        down = _sharded(moe.w2, (moe.num_experts, hidden, full_inter), (experts, (2, moe.tp_rank * inter, inter, 1)))
+        return gate_up, down
 
     def lookup(self, name: str) -> WeightSlot | None:
         slot = self.slots.get(name)
@@ -118,10 +205,16 @@ def check_and_copy(name: str, slot: WeightSlot, tensor: torch.Tensor, check_fini
     if not tensor.is_floating_point():
         raise ValueError(f"weight {name!r}: expected a floating tensor, got {tensor.dtype}")
     target = slot.target()
-    if tuple(tensor.shape) != tuple(target.shape):
-        raise ValueError(f"weight {name!r}: shape {tuple(tensor.shape)} does not match the model's {tuple(target.shape)}")
+    expected = slot.shape()
+    if tuple(tensor.shape) != tuple(expected):
+        raise ValueError(f"weight {name!r}: shape {tuple(tensor.shape)} does not match the model's {tuple(expected)}")
+    # Checked in full on every rank, so that all ranks of a sharded engine accept or refuse alike.
     if check_finite and not torch.isfinite(tensor).all():
         raise ValueError(f"weight {name!r}: contains non-finite values (nan or inf)")
+    if target is None:  # held by other ranks only
+        return
+    if slot.shard:
+        tensor = slot.select(tensor)
     target.copy_(tensor, non_blocking=True)
 
 
@@ -163,8 +256,40 @@ def load_weights(model: nn.Module, weight_map: WeightMap, tensors: Iterable[tupl
         loaded.update(weight_map.covered_by(name))
         count += 1
     if require_all:
-        missing = sorted(weight_map.required_names() - loaded)
-        if missing:
-            shown = ", ".join(missing[:8]) + (f" and {len(missing) - 8} more" if len(missing) > 8 else "")
-            raise ValueError(f"checkpoint is missing {len(missing)} tensor(s): {shown}")
+        _check_complete(weight_map, loaded)
+    return count
+
+
+def _check_complete(weight_map: WeightMap, loaded: set[str]) -> None:
+    missing = sorted(weight_map.required_names() - loaded)
+    if missing:
+        shown = ", ".join(missing[:8]) + (f" and {len(missing) - 8} more" if len(missing) > 8 else "")
+        raise ValueError(f"checkpoint is missing {len(missing)} tensor(s): {shown}")
+
+
+def load_checkpoint(model: nn.Module, weight_map: WeightMap, model_dir: str) -> int:
+    """`load_weights(model, weight_map, iter_checkpoint(model_dir))` for sharded models: each rank
+    reads only the slices it keeps (safetensors get_slice) and skips tensors it does not hold."""
+    loaded: set[str] = set()
+    count = 0
+    for path in checkpoint_files(model_dir):
+        with safe_open(path, framework="pt") as f:
+            for name in f.keys():
+                if is_ignored(name):
+                    continue
+                slot = weight_map.lookup(name)
+                if slot is None:
+                    raise ValueError(f"weight {name!r} is not a parameter of this {type(model).__name__}")
+                part = f.get_slice(name)
+                shape, dtype = tuple(part.get_shape()), part.get_dtype()
+                if shape != tuple(slot.shape()):
+                    raise ValueError(f"weight {name!r}: shape {shape} does not match the model's {tuple(slot.shape())}")
+                if not dtype.startswith(("F", "BF")):
+                    raise ValueError(f"weight {name!r}: expected a floating tensor, got {dtype}")
+                target = slot.target()
+                if target is not None:
+                    target.copy_(slot.read(part), non_blocking=True)
+                loaded.update(weight_map.covered_by(name))
+                count += 1
+    _check_complete(weight_map, loaded)
     return count

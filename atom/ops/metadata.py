@@ -16,6 +16,7 @@ class AttentionMetadata:
     block_tables: [B, max_blocks] KV blocks of each sequence, padded with 0.
     is_decode: every sequence has exactly one new token (the CUDA-graph path).
     max_query_len / max_seq_len: host-side bounds for kernels that size their grids.
+    cascade: shared-prefix groups of a decode step (see CascadeMetadata), or None.
     """
 
     slot_mapping: torch.Tensor
@@ -25,6 +26,25 @@ class AttentionMetadata:
     is_decode: bool
     max_query_len: int
     max_seq_len: int
+    cascade: "CascadeMetadata | None" = None
+
+
+@dataclass
+class CascadeMetadata:
+    """Decode only, optional: KV blocks shared by groups of sequences (the n samples of one prompt).
+
+    Kernels that know it read each group's shared prefix once for all members; the others ignore
+    it (the maths is the same).
+    group_rows: [G, MAX_N] int32 batch rows of each group's members, -1 padded.
+    group_prefix_len: [G] int32 tokens of the group's shared prefix (whole blocks); 0 = no group.
+    row_prefix_len: [B] int32 prefix length of the row's group (0 if none): its own KV starts there.
+    max_prefix_len: host-side upper bound of group_prefix_len (sizes kernel grids).
+    """
+
+    group_rows: torch.Tensor
+    group_prefix_len: torch.Tensor
+    row_prefix_len: torch.Tensor
+    max_prefix_len: int
 
 
 @dataclass

@@ -11,6 +11,7 @@ from atom.config import EngineConfig
 from atom.engine.llm_engine import LLMEngine
 from atom.engine.sequence import Request
 from atom.outputs import Completion, EngineStats, RolloutOutput
+from atom.rollout.rl import RLMixin
 from atom.sampling_params import SamplingParams
 
 Prompt = str | list[int] | list[dict]
@@ -24,13 +25,16 @@ def _load_tokenizer(path: str):
     return AutoTokenizer.from_pretrained(path)
 
 
-class RolloutEngine:
+class RolloutEngine(RLMixin):
     """Generates completions with per-token logprobs from a HF checkpoint.
 
     Example::
 
         engine = RolloutEngine("path/to/checkpoint", max_num_seqs=64)
         outs = engine.generate(["Hello"], SamplingParams(n=8, temperature=1.0, logprobs=0))
+
+    RL: `sleep` / `wake_up` / `is_sleeping` release device memory between rollouts and
+    `update_weights` loads new weights in place (see atom/rollout/rl.py).
     """
 
     def __init__(self, model: str | EngineConfig, **overrides) -> None:
@@ -41,6 +45,7 @@ class RolloutEngine:
         self._rng = random.Random(config.seed)
         self._busy = False
         self.weight_version = 0
+        self._init_rl()
 
     # ---- properties ----------------------------------------------------------------------
     @property
@@ -66,6 +71,7 @@ class RolloutEngine:
         Raises ValueError on invalid input (nothing is started) and RuntimeError in the wrong state.
         """
         self._check_ready("generate")
+        self._check_can_generate()
         if isinstance(prompts, str) or (isinstance(prompts, list) and prompts and isinstance(prompts[0], dict)):
             prompts = [prompts]
         prompts = list(prompts)

@@ -3,34 +3,79 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from atom.models.layers.linear import Linear
+from atom.models.layers.linear import Linear, column_linear, row_linear
 from atom.ops import ops
 
 
 class GatedMLP(nn.Module):
-    """down(silu(gate(x)) * up(x)) with gate|up fused into one matmul."""
+    """down(silu(gate(x)) * up(x)) with gate|up fused into one matmul (column / row parallel under TP)."""
 
-    def __init__(self, hidden_size: int, intermediate_size: int) -> None:
+    def __init__(self, hidden_size: int, intermediate_size: int, tp=None) -> None:
         super().__init__()
-        self.gate_up_proj = Linear(hidden_size, [intermediate_size] * 2, shard_names=["gate_proj", "up_proj"])
-        self.down_proj = Linear(intermediate_size, hidden_size)
+        self.gate_up_proj = column_linear(hidden_size, [intermediate_size] * 2, shard_names=["gate_proj", "up_proj"],
+                                          tp=tp)
+        self.down_proj = row_linear(intermediate_size, hidden_size, tp=tp)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down_proj(ops.silu_and_mul(self.gate_up_proj(x)))
 
 
 class SparseMoE(nn.Module):
-    """Softmax top-k router over stacked experts: w13 [E, 2I, H] (gate|up), w2 [E, H, I]."""
+    """Softmax top-k router over stacked experts: w13 [E, 2I, H] (gate|up), w2 [E, H, I].
+
+    With expert parallelism (`parallel`, an atom.distributed ParallelState) this rank stores only
+    experts [expert_start, expert_start + E/EP), each with its intermediate dim split `tp_size`
+    ways at `tp_rank` (allreduce mode with more ranks than EP); see atom/distributed/moe.py.
+    """
 
     def __init__(self, hidden_size: int, intermediate_size: int, num_experts: int, top_k: int,
-                 renormalize: bool) -> None:
+                 renormalize: bool, parallel=None) -> None:
         super().__init__()
         self.top_k, self.renormalize = top_k, renormalize
-        self.intermediate_size = intermediate_size
-        self.gate = Linear(hidden_size, num_experts)
-        self.w13 = nn.Parameter(torch.empty(num_experts, 2 * intermediate_size, hidden_size), requires_grad=False)
-        self.w2 = nn.Parameter(torch.empty(num_experts, hidden_size, intermediate_size), requires_grad=False)
+        self.num_experts = num_experts
+        self.mode = None if parallel is None else parallel.ep_mode
+        local_experts, inter = num_experts, intermediate_size
+        self.expert_start, self.tp_rank, self.tp_size = 0, 0, 1
+        if self.mode is not None:
+            layout = parallel.layout
+            local_experts, inter = num_experts // layout.ep, intermediate_size // layout.moe_tp
+            self.expert_start = layout.ep_rank * local_experts
+            self.tp_rank, self.tp_size = layout.moe_tp_rank, layout.moe_tp
+            self.group = parallel.moe
+            self.dispatcher = None
+        self.intermediate_size = inter  # this rank's share
+        self.gate = Linear(hidden_size, num_experts)  # the router is replicated
+        self.w13 = nn.Parameter(torch.empty(local_experts, 2 * inter, hidden_size), requires_grad=False)
+        self.w2 = nn.Parameter(torch.empty(local_experts, hidden_size, inter), requires_grad=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         weights, ids = ops.moe_route(self.gate(x), self.top_k, self.renormalize)
-        return ops.fused_moe(x, self.w13, self.w2, weights, ids)
+        if self.mode is None:
+            return ops.fused_moe(x, self.w13, self.w2, weights, ids)
+        return self._forward_parallel(x, weights, ids)
+
+    def idle(self, dtype: torch.dtype, device: torch.device) -> None:
+        """Join this layer's all_to_all with no tokens (alltoall mode, a rank with no requests this
+        step): only the exchange runs, no kernel sees an empty batch."""
+        x = torch.empty(0, self.w13.shape[2], dtype=dtype, device=device)
+        ids = torch.empty(0, self.top_k, dtype=torch.int64, device=device)
+        self._forward_parallel(x, torch.empty(0, self.top_k, dtype=torch.float32, device=device), ids)
+
+    def _forward_parallel(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        from atom.distributed import moe as ep
+
+        local = self.w13.shape[0]
+        if self.mode == "alltoall":
+            if self.dispatcher is None:
+                self.dispatcher = ep.make_dispatcher(self.group, local, x.device)
+            recv_x, recv_ids, handle = self.dispatcher.dispatch(x, ids)
+            if recv_x.shape[0] == 0:  # nothing routed here this step (kernels need not handle empty input)
+                y = recv_x
+            else:
+                ones = torch.ones(recv_ids.shape[0], 1, dtype=torch.float32, device=x.device)
+                y = ops.fused_moe(recv_x, self.w13, self.w2, ones, recv_ids[:, None])
+            return self.dispatcher.combine(y, weights, handle)
+        if local != self.num_experts:
+            can_skip = getattr(ops.fused_moe, "skips_negative_ids", False)
+            weights, ids = ep.local_routing(weights, ids, self.expert_start, local, can_skip)
+        return self.group.all_reduce(ops.fused_moe(x, self.w13, self.w2, weights, ids))

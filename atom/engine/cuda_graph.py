@@ -1,0 +1,380 @@
+"""The GPU decode step: static input buffers, one host-to-device copy, CUDA graphs.
+
+`DecodeRunner.execute(batch)` runs a pure decode step (every sequence adds one token and samples
+once) on a CUDA device:
+
+* Inputs (token ids, positions, slots, lengths, block tables and the shared-prefix groups of
+  cascade attention) are written by the host into one pinned int32 buffer laid out for the
+  padded batch size and reach the device in a single asynchronous copy into a static buffer.
+* The batch is padded to the next size of a ladder (1, 2, 4, 8, 16, 24, 32, then steps of 16,
+  32, 64). For each size the model forward + LM head is captured once into a CUDA graph (lazily,
+  the first time the size occurs; all graphs share one memory pool) and replayed afterwards.
+  Padded rows write no KV (slot -1) and attend to nothing (length 0).
+* With `enforce_eager` (or sizes above `cuda_graph_max_batch_size`) the same padded inputs run
+  eagerly, so graph and eager steps compute identical numbers.
+* Cascade groups: rows whose block tables start with the same blocks (the n samples of one
+  prompt, forked by the block manager) form groups of up to MAX_N rows; decode attention reads
+  their shared prefix once per group.
+
+The only host sync of a step is reading back the sampled tokens and logprobs.
+Graphs hold the addresses of the KV cache and of the weights: if either changes (KV
+re-allocated, weights re-created) they are dropped and captured again.
+"""
+from __future__ import annotations
+
+import bisect
+import logging
+import time
+
+import numpy as np
+import torch
+
+from atom.engine.sampler import sampling_metadata
+from atom.engine.scheduler import ScheduledBatch
+from atom.ops import ops
+from atom.ops.metadata import AttentionMetadata, CascadeMetadata, SamplingMetadata
+
+log = logging.getLogger(__name__)
+
+# Ops that must not be the torch reference inside a CUDA graph (they sync with the host).
+_GRAPH_OPS = ("paged_attention_decode", "kv_cache_write")
+_GRAPH_OPS_MOE = ("fused_moe",)
+
+
+def batch_ladder(max_bs: int) -> list[int]:
+    sizes = [1, 2, 4, 8] + list(range(16, 257, 16)) + list(range(288, 513, 32)) + list(range(576, 4097, 64))
+    sizes = [s for s in sizes if s < max_bs] + [max_bs]
+    return sorted(set(sizes))
+
+
+class DecodeRunner:
+    def __init__(self, runner, max_model_len: int) -> None:
+        self.runner = runner
+        self.model = runner.model
+        self.device = runner.device
+        cfg = runner.config
+        self.page = cfg.kv_block_size
+        self.max_model_len = max_model_len
+        self.max_blocks = -(-max_model_len // self.page)
+        self.capacity = cfg.max_num_seqs
+        backend = ops.backend_of
+        is_moe = runner.args.num_experts > 0
+        needed = _GRAPH_OPS + (_GRAPH_OPS_MOE if is_moe else ())
+        self.graph_capable = all(backend.get(name) != "torch" for name in needed)
+        # Padding only pays where graphs may be used; eager-only runs keep exact sizes.
+        self.ladder = batch_ladder(self.capacity) if self.graph_capable else []
+        use_graphs = self.device.type == "cuda" and self.graph_capable and not cfg.enforce_eager
+        self.graph_max = min(cfg.cuda_graph_max_batch_size, self.capacity) if use_graphs else 0
+        layer0 = self.model.attention_layers()[0]
+        group = max(1, layer0.num_heads // layer0.num_kv_heads)
+        self.cascade = backend.get("paged_attention_decode") != "torch"
+        self.max_n = max(2, min(16, 64 // group))
+        _, total = self._layout(self.capacity)
+        self.host = torch.empty(total, dtype=torch.int32, pin_memory=self.device.type == "cuda")
+        self.host_np = self.host.numpy()
+        self.dev = torch.zeros(total, dtype=torch.int32, device=self.device)
+        self._views: dict[int, tuple] = {}
+        # Sampling inputs of the fast path (no filters, no banned tokens): seeds, counters (int64),
+        # temperatures (float32), raw-logprob flags (bool) in one pinned buffer and one copy.
+        cap = self.capacity
+        self.s_host = torch.empty(21 * cap, dtype=torch.uint8, pin_memory=self.device.type == "cuda")
+        self.s_dev = torch.zeros(21 * cap, dtype=torch.uint8, device=self.device)
+        hs = self.s_host.numpy()
+        self.s_np = (hs[: 8 * cap].view(np.int64), hs[8 * cap: 16 * cap].view(np.int64),
+                     hs[16 * cap: 20 * cap].view(np.float32), hs[20 * cap: 21 * cap].view(np.bool_))
+        ds = self.s_dev
+        self.s_t = (ds[: 8 * cap].view(torch.int64), ds[8 * cap: 16 * cap].view(torch.int64),
+                    ds[16 * cap: 20 * cap].view(torch.float32), ds[20 * cap: 21 * cap].view(torch.bool))
+        self.s_zeros = torch.zeros(cap, dtype=torch.int64, device=self.device)
+        self.s_zerof = torch.zeros(cap, dtype=torch.float32, device=self.device)
+        self.s_onef = torch.ones(cap, dtype=torch.float32, device=self.device)
+        self._param_cache: dict[int, tuple] = {}
+        self.timers = {"fill": 0.0, "forward+sample": 0.0, "steps": 0}
+        self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+        self.pool = None
+        self._graph_key = None
+        self._bt_cache: dict[int, tuple[list[int], np.ndarray, int]] = {}
+
+    # ---- layout ----------------------------------------------------------------------------
+    def _layout(self, bs: int) -> tuple[dict[str, int], int]:
+        groups = max(1, bs // 2)
+        fields = [("ids", bs), ("pos", bs), ("slots", bs), ("seq_lens", bs), ("row_prefix", bs),
+                  ("qsl", bs + 1), ("plen", groups), ("grows", groups * self.max_n), ("bt", bs * self.max_blocks)]
+        offsets, at = {}, 0
+        for name, size in fields:
+            offsets[name] = at
+            at += size
+        return offsets, at
+
+    def _get_views(self, bs: int):
+        v = self._views.get(bs)
+        if v is not None:
+            return v
+        off, total = self._layout(bs)
+        groups = max(1, bs // 2)
+
+        def cut(buf, name, n):
+            return buf[off[name]: off[name] + n]
+
+        d, h = self.dev, self.host_np
+        meta = AttentionMetadata(
+            slot_mapping=cut(d, "slots", bs), query_start_loc=cut(d, "qsl", bs + 1), seq_lens=cut(d, "seq_lens", bs),
+            block_tables=cut(d, "bt", bs * self.max_blocks).view(bs, self.max_blocks), is_decode=True,
+            max_query_len=1, max_seq_len=self.max_model_len,
+            cascade=CascadeMetadata(cut(d, "grows", groups * self.max_n).view(groups, self.max_n),
+                                    cut(d, "plen", groups), cut(d, "row_prefix", bs), self.max_model_len)
+            if self.cascade and bs > 1 else None)
+        host = {name: cut(h, name, n) for name, n in
+                (("ids", bs), ("pos", bs), ("slots", bs), ("seq_lens", bs), ("row_prefix", bs), ("qsl", bs + 1),
+                 ("plen", groups))}
+        host["grows"] = cut(h, "grows", groups * self.max_n).reshape(groups, self.max_n)
+        host["bt"] = cut(h, "bt", bs * self.max_blocks).reshape(bs, self.max_blocks)
+        host["qsl"][:] = np.arange(bs + 1, dtype=np.int32)
+        v = (cut(d, "ids", bs), cut(d, "pos", bs), meta, host, total)
+        self._views[bs] = v
+        return v
+
+    # ---- the step ----------------------------------------------------------------------------
+    def supports(self, batch: ScheduledBatch) -> bool:
+        if len(batch.seqs) > self.capacity:
+            return False
+        for seq in batch.seqs:
+            p = seq.params
+            if seq.fork_pending or seq.num_computed + 1 != len(seq.token_ids):
+                return False
+            if p.prompt_logprobs is not None and seq.num_computed < seq.num_prompt_tokens - 1:
+                return False
+        return True
+
+    def _padded(self, n: int) -> int:
+        if not self.ladder or n > self.ladder[-1]:
+            return n
+        return self.ladder[bisect.bisect_left(self.ladder, n)]
+
+    def _block_row(self, seq) -> tuple[np.ndarray, int]:
+        """seq's block table as an int32 array (cached: tables only grow until replaced)."""
+        table = seq.block_table
+        c = self._bt_cache.get(id(seq))
+        if c is None or c[0] is not table or len(table) < c[2]:
+            arr = np.zeros(self.max_blocks, dtype=np.int32)
+            arr[: len(table)] = table
+            c = (table, arr, len(table))
+            self._bt_cache[id(seq)] = c
+        elif len(table) > c[2]:
+            c[1][c[2]: len(table)] = table[c[2]:]
+            c = (table, c[1], len(table))
+            self._bt_cache[id(seq)] = c
+        return c[1], c[2]
+
+    def _params(self, p) -> tuple:
+        """(params, fast-path ok, temperature, raw, top logprobs) of a SamplingParams, cached."""
+        c = self._param_cache.get(id(p))
+        if c is None or c[0] is not p:
+            fast = p.effective_top_k <= 0 and p.top_p >= 1.0 and p.min_p <= 0.0
+            c = (p, fast, float(p.temperature), p.logprobs_mode == "raw", p.logprobs or 0)
+            if len(self._param_cache) > 4096:
+                self._param_cache.clear()
+            self._param_cache[id(p)] = c
+        return c
+
+    def _fill(self, seqs, bs: int, host: dict):
+        """Writes the step's attention inputs; returns the fast-path SamplingMetadata, or None
+        when a row needs filters or banned tokens (then the generic builder runs)."""
+        n, page = len(seqs), self.page
+        ids, pos, slots, lens = [], [], [], []
+        seeds, counters, temps, raws = [], [], [], []
+        fast, num_top = True, 0
+        bt = host["bt"]
+        by_first: dict[int, list[int]] = {}
+        for i, seq in enumerate(seqs):
+            toks, table = seq.token_ids, seq.block_table
+            p = len(toks) - 1
+            _, ok, temp, raw, k = self._params(seq.params)
+            out_len = p + 1 - seq.num_prompt_tokens
+            if not ok or out_len < seq.params.min_tokens:
+                fast = False
+            seeds.append(seq.request.seed)
+            counters.append((seq.sample_index << 20) + out_len)
+            temps.append(temp)
+            raws.append(raw)
+            if k > num_top:
+                num_top = k
+            ids.append(toks[-1])
+            pos.append(p)
+            lens.append(p + 1)
+            slots.append(table[p // page] * page + p % page)
+            arr, nb = self._block_row(seq)
+            bt[i, :nb] = arr[:nb]
+            if nb > 1:
+                by_first.setdefault(table[0], []).append(i)
+        host["ids"][:n] = ids
+        host["pos"][:n] = pos
+        host["slots"][:n] = slots
+        host["seq_lens"][:n] = lens
+        if bs > n:
+            for name, value in (("ids", 0), ("pos", 0), ("slots", -1), ("seq_lens", 0)):
+                host[name][n:] = value
+        if self.cascade and bs > 1:
+            self._groups(seqs, by_first, bs, host)
+        if len(self._bt_cache) > 4 * self.capacity:
+            live = {id(s) for s in seqs}
+            self._bt_cache = {k: v for k, v in self._bt_cache.items() if k in live}
+        if not fast:
+            return None
+        h_seeds, h_counters, h_temps, h_raw = self.s_np
+        h_seeds[:n], h_counters[:n], h_temps[:n], h_raw[:n] = seeds, counters, temps, raws
+        d_seeds, d_counters, d_temps, d_raw = self.s_t
+        self.s_dev.copy_(self.s_host, non_blocking=True)
+        any_raw = any(raws)
+        return SamplingMetadata(
+            temperature=d_temps[:n], top_k=self.s_zeros[:n], top_p=self.s_onef[:n], min_p=self.s_zerof[:n],
+            seeds=d_seeds[:n], counters=d_counters[:n], raw_logprobs=d_raw[:n], banned_rows=None,
+            banned_tokens=None, need_filter=False, all_greedy=all(t == 0.0 for t in temps), any_raw=any_raw,
+            num_top_logprobs=num_top)
+
+    def _groups(self, seqs, by_first: dict[int, list[int]], bs: int, host: dict) -> None:
+        plen, grows, row_prefix = host["plen"], host["grows"], host["row_prefix"]
+        plen[:] = 0
+        row_prefix[:] = 0
+        cap, g, page = len(plen), 0, self.page
+        for rows in by_first.values():
+            if len(rows) < 2 or g >= cap:
+                continue
+            t0 = seqs[rows[0]].block_table
+            shared = min(len(seqs[r].block_table) for r in rows) - 1  # a row's last block is its own
+            shared = min(shared, seqs[rows[0]].num_prompt_tokens // page)
+            for r in rows[1:]:
+                tr = seqs[r].block_table
+                if tr[:shared] != t0[:shared]:
+                    k = 0
+                    while k < shared and tr[k] == t0[k]:
+                        k += 1
+                    shared = k
+            if shared < 1:
+                continue
+            for c0 in range(0, len(rows), self.max_n):
+                chunk = rows[c0: c0 + self.max_n]
+                if len(chunk) < 2 or g >= cap:
+                    continue
+                grows[g, : len(chunk)] = chunk
+                grows[g, len(chunk):] = -1
+                plen[g] = shared * page
+                row_prefix[chunk] = shared * page
+                g += 1
+
+    def _forward(self, bs: int) -> torch.Tensor:
+        ids, pos, meta, _, _ = self._get_views(bs)
+        return self.model.compute_logits(self.model(ids, pos, meta))
+
+    def _graph_state(self) -> tuple:
+        caches = self.runner.k_caches
+        first_param = next(self.model.parameters())
+        return (caches[0].data_ptr() if caches else 0, first_param.data_ptr())
+
+    def _run(self, bs: int) -> torch.Tensor:
+        if bs > self.graph_max:
+            return self._forward(bs)
+        key = self._graph_state()
+        if key != self._graph_key:
+            self.graphs.clear()
+            self.pool = None
+            self._graph_key = key
+        entry = self.graphs.get(bs)
+        if entry is None:
+            logits = self._forward(bs)  # warm-up: compiles kernels, and is this step's result
+            torch.cuda.synchronize(self.device)
+            if self.pool is None:
+                self.pool = torch.cuda.graph_pool_handle()
+            graph = torch.cuda.CUDAGraph()
+            try:
+                with torch.cuda.graph(graph, pool=self.pool):
+                    out = self._forward(bs)
+            except Exception as exc:  # pragma: no cover - depends on the ops in use
+                log.warning("CUDA graph capture failed (%s); decoding eagerly from now on", exc)
+                self.graph_max = 0
+                return logits
+            self.graphs[bs] = (graph, out)
+            return logits
+        graph, out = entry
+        graph.replay()
+        return out
+
+    def execute(self, batch: ScheduledBatch):
+        from atom.engine.model_runner import SampledToken, StepOutput
+
+        t0 = time.perf_counter()
+        seqs = batch.seqs
+        n = len(seqs)
+        bs = self._padded(n)
+        _, _, _, host, total = self._get_views(bs)
+        meta_s = self._fill(seqs, bs, host)
+        if meta_s is None:  # filters / banned tokens: the generic builder (before the forward:
+            rows = [(seq, seq.sample_index) for seq in seqs]  # its pageable copies wait for the GPU)
+            meta_s = sampling_metadata(rows, self.runner.args.eos_token_ids, self.device)
+        self.dev[:total].copy_(self.host[:total], non_blocking=True)
+        t1 = time.perf_counter()
+        logits = self._run(bs)
+        result = ops.sample(logits[:n], meta_s)
+        tokens, lps = result.token_ids.tolist(), result.logprobs.tolist()
+        tm = self.timers
+        tm["fill"] += t1 - t0
+        tm["forward+sample"] += time.perf_counter() - t1
+        tm["steps"] += 1
+        out = StepOutput()
+        if meta_s.num_top_logprobs > 0:
+            top_ids, top_lps = result.top_ids.tolist(), result.top_logprobs.tolist()
+        for r, seq in enumerate(seqs):
+            k = seq.params.logprobs or 0
+            top = dict(zip(top_ids[r][:k], top_lps[r][:k])) if k > 0 else None
+            out.sampled.append(SampledToken(seq, seq.sample_index, tokens[r], lps[r], top))
+        return out
+
+
+# ---- KV-cache sizing ---------------------------------------------------------------------------
+
+@torch.inference_mode()
+def activation_bytes(runner, max_num_batched_tokens: int, max_num_seqs: int) -> int:
+    """Peak bytes a step may allocate beyond weights and KV cache: one forward over
+    max_num_batched_tokens prompt tokens (one sequence), logits and sampling for max_num_seqs
+    rows, on a scratch KV cache just large enough; plus what the decode graphs keep."""
+    from atom.engine.sequence import Request, Sequence
+    from atom.sampling_params import SamplingParams
+
+    dev, page = runner.device, runner.config.kv_block_size
+    layers = runner.model.attention_layers()
+    a = runner.args
+    t = max_num_batched_tokens
+    blocks = -(-t // page) + 1
+    saved = [(attn.k_cache, attn.v_cache) for attn in layers]
+    torch.cuda.synchronize(dev)
+    torch.cuda.empty_cache()
+    try:
+        shape = (blocks, page, runner.num_kv_heads, a.head_dim)
+        for attn in layers:
+            attn.k_cache = torch.zeros(shape, dtype=runner.dtype, device=dev)
+            attn.v_cache = torch.zeros(shape, dtype=runner.dtype, device=dev)
+        torch.cuda.reset_peak_memory_stats(dev)
+        base = torch.cuda.memory_allocated(dev)
+        ids = torch.randint(0, a.vocab_size, (t,), device=dev)
+        pos = torch.arange(t, device=dev)
+        meta = AttentionMetadata(
+            slot_mapping=pos.clone(), query_start_loc=torch.tensor([0, t], device=dev),
+            seq_lens=torch.tensor([t], device=dev),
+            block_tables=torch.arange(blocks, device=dev)[None, :], is_decode=False, max_query_len=t, max_seq_len=t)
+        hidden = runner.model(ids, pos, meta)
+        rows = min(t, max_num_seqs)
+        logits = runner.model.compute_logits(hidden[:rows])
+        req = Request(0, None, [1], SamplingParams(temperature=1.0, max_tokens=1), seed=0)
+        seq = Sequence(req, 0, [1])
+        meta_s = sampling_metadata([(seq, 0)] * rows, a.eos_token_ids, dev)
+        ops.sample(logits, meta_s)
+        del hidden, logits
+        torch.cuda.synchronize(dev)
+        peak = torch.cuda.max_memory_allocated(dev) - base
+    finally:
+        for attn, (k, v) in zip(layers, saved):
+            attn.k_cache, attn.v_cache = k, v
+        torch.cuda.empty_cache()
+    graph_bs = 0 if runner.config.enforce_eager else min(runner.config.cuda_graph_max_batch_size, max_num_seqs)
+    graphs = 2 * graph_bs * a.vocab_size * 4 + (256 << 20)
+    return int(peak + graphs + (256 << 20))

@@ -1,0 +1,376 @@
+"""Device memory that can be given back and taken again without moving: what sleep/wake stands on.
+
+The engine keeps two pools, one per tag: "weights" (every parameter) and "kv_cache" (the paged
+KV tensors). A pool can `release()` its memory (optionally offloading the contents to host
+memory first) and `restore()` it later. Tensors keep their Python identity throughout, so every
+module, list and CUDA graph that holds them stays valid:
+
+* `VmmPool` (CUDA, `EngineConfig(enable_sleep_mode=True)`): CUDA virtual memory management
+  through the `cuda-python` driver bindings, as vLLM's CuMemAllocator and torch_memory_saver do.
+  The pool reserves one virtual address range once (cuMemAddressReserve) and backs it with
+  physical segments (cuMemCreate + cuMemMap + cuMemSetAccess). Sleep unmaps and releases the
+  physical segments (the memory goes back to the driver: `torch.cuda.mem_get_info` sees it);
+  wake creates and maps new ones at the same virtual addresses, so the tensors' data pointers,
+  and CUDA graphs captured on them, never change.
+* `TensorPool` (CPU, or any device without sleep mode): releases by pointing each tensor at an
+  empty storage (`Tensor.set_()`) and restores by giving it a fresh one; data pointers change,
+  which is harmless where nothing was captured.
+"""
+from __future__ import annotations
+
+import math
+from typing import Iterable
+
+import torch
+
+WEIGHTS, KV_CACHE = "weights", "kv_cache"
+TAGS = (WEIGHTS, KV_CACHE)
+
+_ALIGN = 512  # byte alignment of every tensor inside a VMM pool
+
+
+class TensorPool:
+    """Tensors that can be dropped and re-created in place (any device; addresses change)."""
+
+    def __init__(self, tag: str, device: torch.device) -> None:
+        self.tag = tag
+        self.device = device
+        self.tensors: list[torch.Tensor] = []
+        self._layout: list[tuple[torch.Size, tuple[int, ...], torch.dtype]] = []
+        self._saved: list[torch.Tensor | torch.UntypedStorage] | None = None
+        self.released = False
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes the pool holds when awake."""
+        return sum(math.prod(shape) * torch.empty((), dtype=dt).element_size() for shape, _, dt in self._layout)
+
+    @property
+    def resident_bytes(self) -> int:
+        """Bytes the pool holds on its device right now."""
+        return sum(t.untyped_storage().nbytes() for t in self.tensors)
+
+    def zeros(self, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+        self._check_awake("allocate in")
+        t = torch.zeros(shape, dtype=dtype, device=self.device)
+        self._register(t)
+        return t
+
+    def adopt(self, tensors: Iterable[torch.Tensor]) -> None:
+        """Take existing tensors (e.g. parameters) into the pool, as they are."""
+        self._check_awake("adopt into")
+        seen = {id(t) for t in self.tensors}
+        for t in tensors:
+            if id(t) in seen:
+                continue
+            seen.add(id(t))
+            if not t.is_contiguous() or t.storage_offset() != 0:
+                raise ValueError(f"{self.tag} pool: only whole contiguous tensors can be adopted")
+            self._register(t)
+
+    def _register(self, t: torch.Tensor) -> None:
+        self.tensors.append(t)
+        self._layout.append((t.shape, t.stride(), t.dtype))
+
+    def _check_awake(self, what: str) -> None:
+        if self.released:
+            raise RuntimeError(f"cannot {what} the {self.tag} pool while it is released")
+
+    @torch.no_grad()
+    def release(self, offload: bool = False) -> None:
+        if self.released:
+            raise RuntimeError(f"the {self.tag} pool is already released")
+        saved: list = []
+        for t in self.tensors:
+            if offload:
+                # On the host the storage itself is the offloaded copy; elsewhere copy it out.
+                saved.append(t.untyped_storage() if t.device.type == "cpu" else t.detach().to("cpu"))
+            t.set_()
+        self._saved = saved if offload else None
+        self.released = True
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+
+    @torch.no_grad()
+    def restore(self, zero: bool = True) -> None:
+        """Give every tensor memory again: its offloaded contents if any, else zeros (or garbage)."""
+        if not self.released:
+            raise RuntimeError(f"the {self.tag} pool is not released")
+        for i, (t, (shape, stride, dtype)) in enumerate(zip(self.tensors, self._layout)):
+            if self._saved is not None:
+                src = self._saved[i]
+                if isinstance(src, torch.UntypedStorage):
+                    t.set_(src, 0, shape, stride)
+                    continue
+                fresh = src.to(self.device)
+            else:
+                fresh = (torch.zeros if zero else torch.empty)(shape, dtype=dtype, device=self.device)
+            t.set_(fresh.untyped_storage(), 0, shape, stride)
+        self._saved = None
+        self.released = False
+
+
+# ---- CUDA virtual memory management ------------------------------------------------------------
+
+def vmm_available() -> bool:
+    """Whether the cuda-python driver bindings can be imported (they are needed for VmmPool)."""
+    try:
+        from cuda.bindings import driver  # noqa: F401
+        return True
+    except ImportError:
+        return False
+
+
+def _driver():
+    try:
+        from cuda.bindings import driver
+    except ImportError as e:  # pragma: no cover - depends on the machine
+        raise RuntimeError("sleep mode on CUDA needs the cuda-python driver bindings "
+                           "(pip install cuda-bindings)") from e
+    return driver
+
+
+def _check(result, what: str):
+    """cuda-python returns (CUresult, *values): raise on error, return the value(s)."""
+    driver = _driver()
+    err, *values = result if isinstance(result, tuple) else (result,)
+    if err != driver.CUresult.CUDA_SUCCESS:
+        _, name = driver.cuGetErrorName(err)
+        raise RuntimeError(f"{what} failed: {name.decode() if isinstance(name, bytes) else name}")
+    if not values:
+        return None
+    return values[0] if len(values) == 1 else tuple(values)
+
+
+class _CudaArray:
+    """The minimal __cuda_array_interface__ torch.as_tensor needs to wrap raw device memory."""
+
+    def __init__(self, ptr: int, nbytes: int) -> None:
+        self.__cuda_array_interface__ = {"shape": (nbytes,), "typestr": "|u1", "data": (ptr, False),
+                                         "version": 3, "strides": None}
+
+
+def _round_up(n: int, m: int) -> int:
+    return -(-n // m) * m
+
+
+class VmmPool:
+    """A fixed virtual address range backed by physical segments that come and go.
+
+    Tensors are carved out of the range front to back (`zeros`, `adopt`); physical segments
+    are mapped as the range fills (each at least `segment_bytes`). `release` unmaps and frees
+    every segment; `restore` maps new ones at the same addresses.
+    """
+
+    def __init__(self, tag: str, device: torch.device, reserve_bytes: int | None = None,
+                 segment_bytes: int = 512 << 20) -> None:
+        driver = _driver()
+        self.tag = tag
+        self.device = torch.device("cuda", device.index if device.index is not None else torch.cuda.current_device())
+        self._driver = driver
+        torch.cuda.init()
+        with torch.cuda.device(self.device):
+            torch.cuda.current_stream().synchronize()  # makes torch's primary context current here
+        _check(driver.cuInit(0), "cuInit")
+        self._cu_device = _check(driver.cuDeviceGet(self.device.index), "cuDeviceGet")
+        prop = driver.CUmemAllocationProp()
+        prop.type = driver.CUmemAllocationType.CU_MEM_ALLOCATION_TYPE_PINNED
+        prop.location.type = driver.CUmemLocationType.CU_MEM_LOCATION_TYPE_DEVICE
+        prop.location.id = self.device.index
+        prop.requestedHandleTypes = driver.CUmemAllocationHandleType.CU_MEM_HANDLE_TYPE_NONE
+        self._prop = prop
+        access = driver.CUmemAccessDesc()
+        access.location.type = driver.CUmemLocationType.CU_MEM_LOCATION_TYPE_DEVICE
+        access.location.id = self.device.index
+        access.flags = driver.CUmemAccess_flags.CU_MEM_ACCESS_FLAGS_PROT_READWRITE
+        self._access = access
+        self.granularity = int(_check(driver.cuMemGetAllocationGranularity(
+            prop, driver.CUmemAllocationGranularity_flags.CU_MEM_ALLOC_GRANULARITY_MINIMUM),
+            "cuMemGetAllocationGranularity"))
+        if reserve_bytes is None:
+            reserve_bytes = torch.cuda.get_device_properties(self.device).total_memory
+        self.reserved = _round_up(reserve_bytes, self.granularity)
+        self.segment_bytes = _round_up(segment_bytes, self.granularity)
+        self.base = int(_check(driver.cuMemAddressReserve(self.reserved, self.granularity, 0, 0),
+                               "cuMemAddressReserve"))
+        self.used = 0                                   # bytes handed out to tensors
+        self.segments: list[tuple[int, int]] = []       # (offset, size) of each physical segment
+        self._handles: list = []                        # one per mapped segment; empty when released
+        self._host: torch.Tensor | None = None          # pinned host copy for offloaded sleeps
+        self._offloaded = False
+        self.released = False
+        self.tensors: list[torch.Tensor] = []
+
+    # ---- size ----------------------------------------------------------------------------
+    @property
+    def mapped_bytes(self) -> int:
+        return sum(size for _, size in self.segments)
+
+    @property
+    def nbytes(self) -> int:
+        """Physical bytes the pool holds when awake."""
+        return self.mapped_bytes
+
+    @property
+    def resident_bytes(self) -> int:
+        return 0 if self.released else self.mapped_bytes
+
+    # ---- mapping -------------------------------------------------------------------------
+    def _map(self, offset: int, size: int):
+        d = self._driver
+        handle = _check(d.cuMemCreate(size, self._prop, 0), f"cuMemCreate({size} bytes, {self.tag} pool)")
+        try:
+            _check(d.cuMemMap(self.base + offset, size, 0, handle, 0), "cuMemMap")
+        except BaseException:
+            d.cuMemRelease(handle)
+            raise
+        _check(d.cuMemSetAccess(self.base + offset, size, [self._access], 1), "cuMemSetAccess")
+        return handle
+
+    def _unmap(self, offset: int, size: int, handle) -> None:
+        _check(self._driver.cuMemUnmap(self.base + offset, size), "cuMemUnmap")
+        _check(self._driver.cuMemRelease(handle), "cuMemRelease")
+
+    def _grow(self, end: int) -> None:
+        """Map physical segments until [0, end) is backed."""
+        mapped = self.mapped_bytes
+        if end <= mapped:
+            return
+        if end > self.reserved:
+            raise RuntimeError(f"{self.tag} pool: {end} bytes exceed the reserved {self.reserved}")
+        size = min(max(_round_up(end - mapped, self.granularity), self.segment_bytes), self.reserved - mapped)
+        self._handles.append(self._map(mapped, size))
+        self.segments.append((mapped, size))
+
+    def _view(self, offset: int, nbytes: int) -> torch.Tensor:
+        """A uint8 tensor over [offset, offset + nbytes) of the range (which must be mapped)."""
+        return torch.as_tensor(_CudaArray(self.base + offset, nbytes), device=self.device)
+
+    def _carve(self, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+        if self.released:
+            raise RuntimeError(f"cannot allocate in the {self.tag} pool while it is released")
+        nbytes = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+        offset = _round_up(self.used, _ALIGN)
+        self._grow(offset + max(nbytes, 1))
+        self.used = offset + nbytes
+        return self._view(offset, max(nbytes, 1))[:nbytes].view(dtype).view(shape)
+
+    def zeros(self, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+        t = self._carve(tuple(shape), dtype)
+        t.zero_()
+        self.tensors.append(t)
+        return t
+
+    @torch.no_grad()
+    def adopt(self, tensors: Iterable[torch.Tensor], empty_cache_every: int = 1 << 30) -> None:
+        """Move existing tensors (parameters) into the pool in place: `t.data` becomes pool memory.
+
+        The originals are freed as we go (and handed back to the driver every ~1 GiB), so the
+        peak is about one model's weights, not two.
+        """
+        seen = {id(t) for t in self.tensors}
+        freed = 0
+        for t in tensors:
+            if id(t) in seen:
+                continue
+            seen.add(id(t))
+            new = self._carve(tuple(t.shape), t.dtype)
+            new.copy_(t.data)
+            freed += t.untyped_storage().nbytes()
+            t.data = new
+            self.tensors.append(t)
+            if freed >= empty_cache_every:
+                torch.cuda.synchronize(self.device)
+                torch.cuda.empty_cache()
+                freed = 0
+        torch.cuda.synchronize(self.device)
+        torch.cuda.empty_cache()
+
+    # ---- sleep / wake --------------------------------------------------------------------
+    @torch.no_grad()
+    def release(self, offload: bool = False) -> None:
+        if self.released:
+            raise RuntimeError(f"the {self.tag} pool is already released")
+        torch.cuda.synchronize(self.device)
+        size = self.mapped_bytes
+        if offload and size:
+            if self._host is None or self._host.numel() < size:
+                self._host = torch.empty(size, dtype=torch.uint8, pin_memory=True)
+            self._host[:size].copy_(self._view(0, size), non_blocking=True)
+            torch.cuda.synchronize(self.device)
+        self._offloaded = offload
+        for (offset, seg), handle in zip(self.segments, self._handles):
+            self._unmap(offset, seg, handle)
+        self._handles = []
+        self.released = True
+        torch.cuda.empty_cache()  # activations cached by torch go back too
+
+    @torch.no_grad()
+    def restore(self, zero: bool = True) -> None:
+        if not self.released:
+            raise RuntimeError(f"the {self.tag} pool is not released")
+        handles = []
+        try:
+            for offset, seg in self.segments:
+                handles.append(self._map(offset, seg))
+        except BaseException:
+            for (offset, seg), handle in zip(self.segments, handles):
+                self._unmap(offset, seg, handle)
+            raise
+        self._handles = handles
+        self.released = False
+        size = self.mapped_bytes
+        if size and self._offloaded:
+            self._view(0, size).copy_(self._host[:size], non_blocking=True)
+        elif size and zero:
+            self._view(0, size).zero_()
+        self._offloaded = False
+        torch.cuda.synchronize(self.device)
+
+    def drop_host_copy(self) -> None:
+        """Free the pinned host buffer kept for offloaded sleeps (it is reused from cycle to cycle)."""
+        if self._offloaded:
+            raise RuntimeError(f"the {self.tag} pool's contents live in the host copy right now")
+        self._host = None
+
+    def close(self) -> None:
+        """Unmap everything and give the address range back (the pool's tensors become invalid)."""
+        if not self.released:
+            torch.cuda.synchronize(self.device)
+            for (offset, seg), handle in zip(self.segments, self._handles):
+                self._unmap(offset, seg, handle)
+        self._handles, self.segments = [], []
+        if self.base:
+            _check(self._driver.cuMemAddressFree(self.base, self.reserved), "cuMemAddressFree")
+            self.base = 0
+        self.released = True
+
+
+class EngineMemory:
+    """The engine's two pools ("weights", "kv_cache") and which of them are asleep."""
+
+    def __init__(self, device: torch.device, sleep_mode: bool) -> None:
+        self.device = device
+        self.vmm = device.type == "cuda" and sleep_mode
+        self.sleep_capable = device.type != "cuda" or self.vmm
+        if self.vmm:
+            total = torch.cuda.get_device_properties(device).total_memory
+            self.pools = {tag: VmmPool(tag, device, reserve_bytes=total) for tag in TAGS}
+        else:
+            self.pools = {tag: TensorPool(tag, device) for tag in TAGS}
+
+    def adopt_weights(self, model: torch.nn.Module) -> None:
+        self.pools[WEIGHTS].adopt(p for p in model.parameters())
+
+    def kv_zeros(self, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+        return self.pools[KV_CACHE].zeros(shape, dtype)
+
+    def asleep(self) -> set[str]:
+        return {tag for tag, pool in self.pools.items() if pool.released}
+
+    def nbytes(self, tag: str) -> int:
+        return self.pools[tag].nbytes
+
+    def resident_bytes(self, tag: str | None = None) -> int:
+        tags = TAGS if tag is None else (tag,)
+        return sum(self.pools[t].resident_bytes for t in tags)

@@ -1,0 +1,279 @@
+"""Paged attention in Triton: varlen prefill over a cached prefix, split-KV decode with GQA packing,
+and shared-prefix (cascade) decode.
+
+KV cache layout: [num_blocks, block_size, kv_heads, head_dim], a token's slot is
+block * block_size + offset and block_tables[b] lists sequence b's blocks.
+
+Decode works in fixed-size KV splits (DECODE_CFG["split"] tokens each, counted from where the sequence's own
+part starts), so the reduction order depends on the sequence, not on the batch size, and the grid
+depends only on (batch, max context): CUDA-graph safe. Every (sequence, kv head, split) program
+packs the GROUP query heads that share a kv head into the M dimension of one tensor-core tile.
+With `meta.cascade`, the KV blocks that several sequences share (the n samples of one prompt)
+are read once per group: one program per (group, kv head, split) stacks every member's query
+heads into the M dimension. Both kinds write partial (output, log-sum-exp) pairs that a small
+merge kernel combines.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from atom.ops.metadata import AttentionMetadata
+from atom.ops.registry import register
+
+B = "triton"
+LOG2E = 1.4426950408889634
+
+# Decode tile config (bench/kernels.py --tune sweeps it): split = KV tokens per split of a
+# sequence's own part, prefix_split = per split of a shared prefix; tiles, warps and stages of the
+# own-part kernel and of the shared-prefix kernel.
+DECODE_CFG = {"split": 256, "block_n": 64, "warps": 4, "stages": 2,
+              "prefix_split": 256, "prefix_block_n": 64, "prefix_warps": 0, "prefix_stages": 2}
+
+
+def _prec(dtype: torch.dtype) -> str:
+    return "ieee" if dtype == torch.float32 else "tf32"
+
+
+def _check_head_dim(d: int) -> None:
+    if d < 16 or d & (d - 1):
+        raise ValueError(f"triton attention needs a power-of-two head_dim >= 16, got {d}")
+
+
+# ---- prefill ----------------------------------------------------------------------------------
+
+@triton.jit
+def _prefill_kernel(q_ptr, kc_ptr, vc_ptr, bt_ptr, qsl_ptr, sl_ptr, o_ptr,
+                    sq0, sq1, so0, so1, skb, skt, skh, sbt, scale_log2,
+                    GROUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, D: tl.constexpr,
+                    PAGE: tl.constexpr, PREC: tl.constexpr):
+    h = tl.program_id(0)
+    mt = tl.program_id(1)
+    b = tl.program_id(2)
+    q_start = tl.load(qsl_ptr + b).to(tl.int32)
+    q_len = tl.load(qsl_ptr + b + 1).to(tl.int32) - q_start
+    if mt * BLOCK_M < q_len:
+        seq_len = tl.load(sl_ptr + b).to(tl.int32)
+        first = seq_len - q_len
+        i = mt * BLOCK_M + tl.arange(0, BLOCK_M)
+        im = i < q_len
+        pos = first + i
+        d = tl.arange(0, D)
+        rows = (q_start + i).to(tl.int64)
+        q = tl.load(q_ptr + rows[:, None] * sq0 + h * sq1 + d[None, :], mask=im[:, None], other=0.0)
+        kvh = h // GROUP
+        m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+        l_i = tl.zeros([BLOCK_M], tl.float32)
+        acc = tl.zeros([BLOCK_M, D], tl.float32)
+        hi = tl.minimum(seq_len, first + (mt + 1) * BLOCK_M)
+        bt_row = bt_ptr + b.to(tl.int64) * sbt
+        for n0 in range(0, hi, BLOCK_N):
+            offs = n0 + tl.arange(0, BLOCK_N)
+            nm = offs < hi
+            blk = tl.load(bt_row + offs // PAGE, mask=nm, other=0).to(tl.int64)
+            kv_off = blk * skb + (offs % PAGE).to(tl.int64) * skt + kvh * skh
+            k = tl.load(kc_ptr + kv_off[None, :] + d[:, None], mask=nm[None, :], other=0.0)
+            qk = tl.dot(q, k, input_precision=PREC) * scale_log2
+            ok = (offs[None, :] <= pos[:, None]) & nm[None, :]
+            qk = tl.where(ok, qk, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(qk, 1))
+            alpha = tl.exp2(m_i - m_new)
+            p = tl.exp2(qk - m_new[:, None])
+            l_i = l_i * alpha + tl.sum(p, 1)
+            v = tl.load(vc_ptr + kv_off[:, None] + d[None, :], mask=nm[:, None], other=0.0)
+            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PREC)
+            m_i = m_new
+        out = acc / l_i[:, None]
+        tl.store(o_ptr + rows[:, None] * so0 + h * so1 + d[None, :], out.to(o_ptr.dtype.element_ty),
+                 mask=im[:, None])
+
+
+@register("paged_attention_prefill", B)
+def paged_attention_prefill(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                            meta: AttentionMetadata, scale: float) -> torch.Tensor:
+    t, hq, d = q.shape
+    _check_head_dim(d)
+    out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    nseq = meta.seq_lens.shape[0]
+    if t == 0 or nseq == 0:
+        return out
+    hk, page = k_cache.shape[2], k_cache.shape[1]
+    block_m = 64 if meta.max_query_len > 16 else 16
+    block_n = 64 if d <= 128 else 32
+    grid = (hq, triton.cdiv(meta.max_query_len, block_m), nseq)
+    _prefill_kernel[grid](q, k_cache, v_cache, meta.block_tables, meta.query_start_loc, meta.seq_lens, out,
+                          q.stride(0), q.stride(1), out.stride(0), out.stride(1),
+                          k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), meta.block_tables.stride(0),
+                          scale * LOG2E, GROUP=hq // hk, BLOCK_M=block_m, BLOCK_N=block_n, D=d, PAGE=page,
+                          PREC=_prec(q.dtype), num_warps=4, num_stages=2)
+    return out
+
+
+# ---- decode -----------------------------------------------------------------------------------
+
+@triton.jit
+def _decode_split_kernel(q_ptr, kc_ptr, vc_ptr, bt_ptr, sl_ptr, start_ptr, po_ptr, pl_ptr,
+                         sq0, sq1, skb, skt, skh, sbt, sp0, sp1, sp2, sl0, sl1, s_off, scale_log2,
+                         GROUP: tl.constexpr, BLOCK_H: tl.constexpr, D: tl.constexpr, BLOCK_N: tl.constexpr,
+                         PAGE: tl.constexpr, SPLIT: tl.constexpr, HAS_START: tl.constexpr, PREC: tl.constexpr):
+    """One (sequence, kv head, split): the split's tokens of the sequence's own KV part."""
+    b = tl.program_id(0)
+    kvh = tl.program_id(1)
+    s = tl.program_id(2)
+    seq_len = tl.load(sl_ptr + b).to(tl.int32)
+    start = 0
+    if HAS_START:
+        start = tl.load(start_ptr + b).to(tl.int32)
+    lo = start + s * SPLIT
+    hi = tl.minimum(lo + SPLIT, seq_len)
+    if lo < hi:
+        hh = tl.arange(0, BLOCK_H)
+        hm = hh < GROUP
+        heads = kvh * GROUP + hh
+        d = tl.arange(0, D)
+        q = tl.load(q_ptr + b.to(tl.int64) * sq0 + heads[:, None] * sq1 + d[None, :], mask=hm[:, None], other=0.0)
+        m_i = tl.full([BLOCK_H], float("-inf"), tl.float32)
+        l_i = tl.zeros([BLOCK_H], tl.float32)
+        acc = tl.zeros([BLOCK_H, D], tl.float32)
+        bt_row = bt_ptr + b.to(tl.int64) * sbt
+        for n0 in range(lo, hi, BLOCK_N):
+            offs = n0 + tl.arange(0, BLOCK_N)
+            nm = offs < hi
+            blk = tl.load(bt_row + offs // PAGE, mask=nm, other=0).to(tl.int64)
+            kv_off = blk * skb + (offs % PAGE).to(tl.int64) * skt + kvh * skh
+            k = tl.load(kc_ptr + kv_off[None, :] + d[:, None], mask=nm[None, :], other=0.0)
+            qk = tl.dot(q, k, input_precision=PREC) * scale_log2
+            qk = tl.where(nm[None, :], qk, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(qk, 1))
+            alpha = tl.exp2(m_i - m_new)
+            p = tl.exp2(qk - m_new[:, None])
+            l_i = l_i * alpha + tl.sum(p, 1)
+            v = tl.load(vc_ptr + kv_off[:, None] + d[None, :], mask=nm[:, None], other=0.0)
+            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PREC)
+            m_i = m_new
+        po = po_ptr + b.to(tl.int64) * sp0 + heads[:, None] * sp1 + (s_off + s) * sp2 + d[None, :]
+        tl.store(po, acc / l_i[:, None], mask=hm[:, None])
+        pl = pl_ptr + b.to(tl.int64) * sl0 + heads * sl1 + s_off + s
+        tl.store(pl, m_i + tl.log2(l_i), mask=hm)
+
+
+@triton.jit
+def _decode_prefix_kernel(q_ptr, kc_ptr, vc_ptr, bt_ptr, rows_ptr, plen_ptr, po_ptr, pl_ptr,
+                          sq0, sq1, skb, skt, skh, sbt, sp0, sp1, sp2, sl0, sl1, srow, scale_log2,
+                          GROUP: tl.constexpr, MAX_N: tl.constexpr, BLOCK_M: tl.constexpr, D: tl.constexpr,
+                          BLOCK_N: tl.constexpr, PAGE: tl.constexpr, SPLIT: tl.constexpr, PREC: tl.constexpr):
+    """One (group, kv head, split) of a shared prefix: every member's query heads in one tile."""
+    g = tl.program_id(0)
+    kvh = tl.program_id(1)
+    s = tl.program_id(2)
+    plen = tl.load(plen_ptr + g).to(tl.int32)
+    lo = s * SPLIT
+    hi = tl.minimum(lo + SPLIT, plen)
+    if lo < hi:
+        r = tl.arange(0, BLOCK_M)
+        member = r // GROUP
+        heads = kvh * GROUP + r % GROUP
+        mrow = tl.load(rows_ptr + g.to(tl.int64) * srow + member, mask=member < MAX_N, other=-1)
+        rm = mrow >= 0
+        mrow = tl.where(rm, mrow, 0).to(tl.int64)
+        first = tl.load(rows_ptr + g.to(tl.int64) * srow).to(tl.int64)
+        d = tl.arange(0, D)
+        q = tl.load(q_ptr + mrow[:, None] * sq0 + heads[:, None] * sq1 + d[None, :], mask=rm[:, None], other=0.0)
+        m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+        l_i = tl.zeros([BLOCK_M], tl.float32)
+        acc = tl.zeros([BLOCK_M, D], tl.float32)
+        bt_row = bt_ptr + first * sbt
+        for n0 in range(lo, hi, BLOCK_N):
+            offs = n0 + tl.arange(0, BLOCK_N)
+            nm = offs < hi
+            blk = tl.load(bt_row + offs // PAGE, mask=nm, other=0).to(tl.int64)
+            kv_off = blk * skb + (offs % PAGE).to(tl.int64) * skt + kvh * skh
+            k = tl.load(kc_ptr + kv_off[None, :] + d[:, None], mask=nm[None, :], other=0.0)
+            qk = tl.dot(q, k, input_precision=PREC) * scale_log2
+            qk = tl.where(nm[None, :], qk, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(qk, 1))
+            alpha = tl.exp2(m_i - m_new)
+            p = tl.exp2(qk - m_new[:, None])
+            l_i = l_i * alpha + tl.sum(p, 1)
+            v = tl.load(vc_ptr + kv_off[:, None] + d[None, :], mask=nm[:, None], other=0.0)
+            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PREC)
+            m_i = m_new
+        po = po_ptr + mrow[:, None] * sp0 + heads[:, None] * sp1 + s * sp2 + d[None, :]
+        tl.store(po, acc / l_i[:, None], mask=rm[:, None])
+        tl.store(pl_ptr + mrow * sl0 + heads * sl1 + s, m_i + tl.log2(l_i), mask=rm)
+
+
+@triton.jit
+def _merge_kernel(po_ptr, pl_ptr, sl_ptr, start_ptr, o_ptr, sp0, sp1, sp2, sl0, sl1, so0, so1,
+                  n_prefix, n_own,
+                  D: tl.constexpr, BLOCK_S: tl.constexpr, SPLIT: tl.constexpr, SPLIT_P: tl.constexpr,
+                  HAS_START: tl.constexpr):
+    b = tl.program_id(0)
+    h = tl.program_id(1)
+    seq_len = tl.load(sl_ptr + b).to(tl.int32)
+    start = 0
+    if HAS_START:
+        start = tl.load(start_ptr + b).to(tl.int32)
+    s = tl.arange(0, BLOCK_S)
+    valid_p = (s < n_prefix) & (s * SPLIT_P < start)
+    own = s - n_prefix
+    valid_o = (s >= n_prefix) & (own < n_own) & (start + own * SPLIT < seq_len)
+    valid = valid_p | valid_o
+    base = b.to(tl.int64) * sl0 + h * sl1
+    lse = tl.load(pl_ptr + base + s, mask=valid, other=float("-inf"))
+    mx = tl.max(lse, 0)
+    w = tl.where(valid, tl.exp2(lse - mx), 0.0)
+    total = tl.sum(w, 0)
+    d = tl.arange(0, D)
+    parts = tl.load(po_ptr + b.to(tl.int64) * sp0 + h * sp1 + s[:, None] * sp2 + d[None, :],
+                    mask=valid[:, None], other=0.0)
+    out = tl.sum(parts * w[:, None], 0) / tl.maximum(total, 1e-30)
+    tl.store(o_ptr + b.to(tl.int64) * so0 + h * so1 + d, out.to(o_ptr.dtype.element_ty))
+
+
+@register("paged_attention_decode", B)
+def paged_attention_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                           meta: AttentionMetadata, scale: float) -> torch.Tensor:
+    bsz, hq, d = q.shape
+    _check_head_dim(d)
+    out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    if bsz == 0:
+        return out
+    hk, page = k_cache.shape[2], k_cache.shape[1]
+    group = hq // hk
+    casc = getattr(meta, "cascade", None)
+    cfg = DECODE_CFG
+    split, split_p = cfg["split"], cfg["prefix_split"]
+    n_prefix = triton.cdiv(casc.max_prefix_len, split_p) if casc is not None else 0
+    n_own = max(1, triton.cdiv(max(meta.max_seq_len, 1), split))
+    n_tot = n_prefix + n_own
+    po = torch.empty(bsz, hq, n_tot, d, dtype=torch.float32, device=q.device)
+    pl = torch.empty(bsz, hq, n_tot, dtype=torch.float32, device=q.device)
+    prec = _prec(q.dtype)
+    block_n = cfg["block_n"] if d <= 128 else 32
+    scale_log2 = scale * LOG2E
+    start = casc.row_prefix_len if casc is not None else meta.seq_lens
+    if n_prefix:
+        rows = casc.group_rows
+        max_n = rows.shape[1]
+        block_m = max(16, triton.next_power_of_2(max_n * group))
+        _decode_prefix_kernel[(rows.shape[0], hk, n_prefix)](
+            q, k_cache, v_cache, meta.block_tables, rows, casc.group_prefix_len, po, pl,
+            q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+            meta.block_tables.stride(0), po.stride(0), po.stride(1), po.stride(2), pl.stride(0), pl.stride(1),
+            rows.stride(0), scale_log2, GROUP=group, MAX_N=max_n, BLOCK_M=block_m, D=d,
+            BLOCK_N=cfg["prefix_block_n"] if d <= 128 else 32, PAGE=page, SPLIT=split_p, PREC=prec,
+            num_warps=cfg["prefix_warps"] or (4 if block_m <= 64 else 8), num_stages=cfg["prefix_stages"])
+    _decode_split_kernel[(bsz, hk, n_own)](
+        q, k_cache, v_cache, meta.block_tables, meta.seq_lens, start, po, pl,
+        q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+        meta.block_tables.stride(0), po.stride(0), po.stride(1), po.stride(2), pl.stride(0), pl.stride(1),
+        n_prefix, scale_log2, GROUP=group, BLOCK_H=max(16, triton.next_power_of_2(group)), D=d,
+        BLOCK_N=block_n, PAGE=page, SPLIT=split, HAS_START=casc is not None, PREC=prec, num_warps=cfg["warps"],
+        num_stages=cfg["stages"])
+    _merge_kernel[(bsz, hq)](
+        po, pl, meta.seq_lens, start, out, po.stride(0), po.stride(1), po.stride(2), pl.stride(0), pl.stride(1),
+        out.stride(0), out.stride(1), n_prefix, n_own, D=d, BLOCK_S=triton.next_power_of_2(n_tot),
+        SPLIT=split, SPLIT_P=split_p, HAS_START=casc is not None, num_warps=4)
+    return out

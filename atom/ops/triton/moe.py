@@ -1,0 +1,273 @@
+"""Fused mixture-of-experts in Triton.
+
+route: softmax over experts, top-k by repeated arg-max, optional renormalisation (one kernel).
+fused_moe:
+  1. align: the T*k (token, expert) pairs are sorted by expert (stable: by pair index within an
+     expert) and each expert's run is padded to a multiple of BLOCK_M, so every M tile of the
+     grouped GEMMs belongs to one expert (two small kernels, no host sync).
+  2. grouped GEMM gate|up over the sorted pairs with SiLU(gate) * up fused in the epilogue: each
+     program keeps two accumulators, the gate and the up columns of one output tile.
+  3. grouped GEMM down with the routing weight applied in the epilogue, one row per pair.
+  4. sum over the top-k rows of each token.
+Everything is launched with grids sized from T alone, so the op is CUDA-graph safe.
+Tile configs (BLOCK_M/N/K, warps, stages) are chosen by token count; the table was tuned for
+Qwen3-30B-A3B shapes (E=128, H=2048, I=768) on H100/H200.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from atom.ops.registry import register
+
+B = "triton"
+
+
+# ---- routing ----------------------------------------------------------------------------------
+
+@triton.jit
+def _route_kernel(logits_ptr, w_ptr, id_ptr, E, sl, TOPK: tl.constexpr, RENORM: tl.constexpr,
+                  BLOCK_E: tl.constexpr, BLOCK_K: tl.constexpr):
+    t = tl.program_id(0).to(tl.int64)
+    e = tl.arange(0, BLOCK_E)
+    em = e < E
+    x = tl.load(logits_ptr + t * sl + e, mask=em, other=float("-inf")).to(tl.float32)
+    mx = tl.max(x, 0)
+    p = tl.exp(x - mx)
+    p = p / tl.sum(p, 0)
+    p = tl.where(em, p, -1.0)
+    kk = tl.arange(0, BLOCK_K)
+    sel_w = tl.zeros([BLOCK_K], tl.float32)
+    sel_i = tl.zeros([BLOCK_K], tl.int32)
+    for j in tl.static_range(TOPK):
+        best = tl.max(p, 0)
+        idx = tl.min(tl.where(p == best, e, BLOCK_E), 0)
+        sel_w = tl.where(kk == j, best, sel_w)
+        sel_i = tl.where(kk == j, idx, sel_i)
+        p = tl.where(e == idx, -1.0, p)
+    if RENORM:
+        sel_w = sel_w / tl.sum(sel_w, 0)
+    km = kk < TOPK
+    tl.store(w_ptr + t * TOPK + kk, sel_w, mask=km)
+    tl.store(id_ptr + t * TOPK + kk, sel_i.to(tl.int64), mask=km)
+
+
+@register("moe_route", B)
+def moe_route(router_logits: torch.Tensor, top_k: int, renormalize: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    t, e = router_logits.shape
+    weights = torch.empty(t, top_k, dtype=torch.float32, device=router_logits.device)
+    ids = torch.empty(t, top_k, dtype=torch.int64, device=router_logits.device)
+    if t:
+        logits = router_logits if router_logits.stride(-1) == 1 else router_logits.contiguous()
+        _route_kernel[(t,)](logits, weights, ids, e, logits.stride(0), TOPK=top_k, RENORM=renormalize,
+                            BLOCK_E=triton.next_power_of_2(e), BLOCK_K=triton.next_power_of_2(top_k), num_warps=1 if e <= 256 else 4)
+    return weights, ids
+
+
+# ---- align ----------------------------------------------------------------------------------------
+
+@triton.jit(do_not_specialize=["N"])
+def _count_kernel(ids_ptr, counts_ptr, N, BLOCK: tl.constexpr):
+    e = tl.program_id(0)
+    c = tl.zeros([BLOCK], tl.int32)
+    for i0 in range(0, N, BLOCK):
+        i = i0 + tl.arange(0, BLOCK)
+        v = tl.load(ids_ptr + i, mask=i < N, other=-1)
+        c += (v == e).to(tl.int32)
+    tl.store(counts_ptr + e, tl.sum(c, 0))
+
+
+@triton.jit(do_not_specialize=["N"])
+def _scatter_kernel(ids_ptr, counts_ptr, sorted_ptr, expert_ptr, total_ptr, N, E,
+                    BLOCK_M: tl.constexpr, BLOCK: tl.constexpr, BLOCK_E: tl.constexpr):
+    e = tl.program_id(0)
+    ee = tl.arange(0, BLOCK_E)
+    cnt = tl.load(counts_ptr + ee, mask=ee < E, other=0)
+    padded = (cnt + BLOCK_M - 1) // BLOCK_M * BLOCK_M
+    start = tl.sum(tl.where(ee < e, padded, 0), 0)
+    mine = tl.sum(tl.where(ee == e, padded, 0), 0)
+    count = tl.sum(tl.where(ee == e, cnt, 0), 0)
+    if e == 0:
+        tl.store(total_ptr, tl.sum(padded, 0))
+    # Tiles of this expert.
+    for m0 in range(0, mine, BLOCK_M):
+        tl.store(expert_ptr + (start + m0) // BLOCK_M, e)
+    # Padding slots get the sentinel N.
+    for p0 in range(count, mine, BLOCK):
+        p = p0 + tl.arange(0, BLOCK)
+        tl.store(sorted_ptr + start + p, N, mask=p < mine)
+    # This expert's pairs, in pair order.
+    run = start - start
+    for i0 in range(0, N, BLOCK):
+        i = i0 + tl.arange(0, BLOCK)
+        v = tl.load(ids_ptr + i, mask=i < N, other=-1)
+        hit = (v == e).to(tl.int32)
+        rank = tl.cumsum(hit, 0) - hit
+        tl.store(sorted_ptr + start + run + rank, i, mask=hit > 0)
+        run += tl.sum(hit, 0)
+
+
+def moe_align(topk_ids: torch.Tensor, num_experts: int, block_m: int):
+    """(sorted pair ids [max_tiles*block_m], tile experts [max_tiles], padded total [1]) on device."""
+    flat = topk_ids.reshape(-1)
+    if flat.dtype != torch.int32:
+        flat = flat.to(torch.int32)
+    n = flat.numel()
+    max_tiles = triton.cdiv(n, block_m) + min(num_experts, n)
+    dev = topk_ids.device
+    counts = torch.empty(num_experts, dtype=torch.int32, device=dev)
+    sorted_ids = torch.empty(max_tiles * block_m, dtype=torch.int32, device=dev)
+    tile_expert = torch.empty(max_tiles, dtype=torch.int32, device=dev)
+    total = torch.empty(1, dtype=torch.int32, device=dev)
+    block = min(1024, triton.next_power_of_2(max(n, 16)))
+    _count_kernel[(num_experts,)](flat, counts, n, BLOCK=block, num_warps=4)
+    _scatter_kernel[(num_experts,)](flat, counts, sorted_ids, tile_expert, total, n, num_experts,
+                                    BLOCK_M=block_m, BLOCK=block, BLOCK_E=triton.next_power_of_2(num_experts),
+                                    num_warps=4)
+    return sorted_ids, tile_expert, total, max_tiles
+
+
+# ---- grouped GEMMs ----------------------------------------------------------------------------
+
+@triton.jit(do_not_specialize=["num_pairs", "max_tiles"])
+def _moe_gemm_kernel(a_ptr, w_ptr, out_ptr, sorted_ptr, expert_ptr, total_ptr, tw_ptr,
+                     N, K, num_pairs, max_tiles, sa, swe, swn, so,
+                     A_DIV: tl.constexpr, GATED: tl.constexpr, MUL_W: tl.constexpr,
+                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                     GROUP_M: tl.constexpr, PREC: tl.constexpr):
+    pid = tl.program_id(0)
+    num_n = tl.cdiv(N, BLOCK_N)
+    group = GROUP_M * num_n
+    first_m = (pid // group) * GROUP_M
+    gsize = tl.minimum(max_tiles - first_m, GROUP_M)
+    pid_m = first_m + (pid % group) % gsize
+    pid_n = (pid % group) // gsize
+    total = tl.load(total_ptr)
+    if pid_m * BLOCK_M < total:
+        e = tl.load(expert_ptr + pid_m).to(tl.int64)
+        rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        pair = tl.load(sorted_ptr + rm)
+        valid = pair < num_pairs
+        arow = tl.where(valid, pair // A_DIV, 0).to(tl.int64)
+        rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        nmask = rn < N
+        rk = tl.arange(0, BLOCK_K)
+        a_ptrs = a_ptr + arow[:, None] * sa + rk[None, :]
+        w_base = w_ptr + e * swe
+        wg_ptrs = w_base + rn[None, :].to(tl.int64) * swn + rk[:, None]
+        acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+        if GATED:
+            wu_ptrs = w_base + (N + rn[None, :]).to(tl.int64) * swn + rk[:, None]
+            acc_u = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            km = (k0 + rk) < K
+            a = tl.load(a_ptrs, mask=valid[:, None] & km[None, :], other=0.0)
+            wg = tl.load(wg_ptrs, mask=km[:, None] & nmask[None, :], other=0.0)
+            acc += tl.dot(a, wg, input_precision=PREC)
+            if GATED:
+                wu = tl.load(wu_ptrs, mask=km[:, None] & nmask[None, :], other=0.0)
+                acc_u += tl.dot(a, wu, input_precision=PREC)
+                wu_ptrs += BLOCK_K
+            a_ptrs += BLOCK_K
+            wg_ptrs += BLOCK_K
+        if GATED:
+            # The reference rounds gate and up to the activation dtype before the SiLU.
+            g = acc.to(out_ptr.dtype.element_ty).to(tl.float32)
+            u = acc_u.to(out_ptr.dtype.element_ty).to(tl.float32)
+            acc = g / (1.0 + tl.exp(-g)) * u
+        if MUL_W:
+            tw = tl.load(tw_ptr + tl.where(valid, pair, 0), mask=valid, other=0.0)
+            acc = acc.to(out_ptr.dtype.element_ty).to(tl.float32) * tw[:, None]
+        orow = tl.where(valid, pair, 0).to(tl.int64)
+        tl.store(out_ptr + orow[:, None] * so + rn[None, :], acc.to(out_ptr.dtype.element_ty),
+                 mask=valid[:, None] & nmask[None, :])
+
+
+# Configs by token count (keys: upper bounds of T), for the gated GEMM (BLOCK_N counts each of the
+# gate and up tiles) and the down GEMM.
+_CONFIGS = [
+    (1, dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=128, GROUP_M=1, num_warps=4, num_stages=4),
+        dict(BLOCK_M=16, BLOCK_N=64, BLOCK_K=128, GROUP_M=1, num_warps=4, num_stages=4)),
+    (8, dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=128, GROUP_M=1, num_warps=4, num_stages=3),
+        dict(BLOCK_M=16, BLOCK_N=64, BLOCK_K=128, GROUP_M=1, num_warps=4, num_stages=3)),
+    (32, dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=128, GROUP_M=1, num_warps=4, num_stages=3),
+        dict(BLOCK_M=16, BLOCK_N=64, BLOCK_K=128, GROUP_M=1, num_warps=4, num_stages=3)),
+    (128, dict(BLOCK_M=16, BLOCK_N=64, BLOCK_K=128, GROUP_M=1, num_warps=4, num_stages=3),
+        dict(BLOCK_M=16, BLOCK_N=128, BLOCK_K=128, GROUP_M=1, num_warps=4, num_stages=3)),
+    (256, dict(BLOCK_M=32, BLOCK_N=64, BLOCK_K=128, GROUP_M=8, num_warps=4, num_stages=3),
+        dict(BLOCK_M=32, BLOCK_N=128, BLOCK_K=128, GROUP_M=8, num_warps=4, num_stages=3)),
+    (1024, dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=64, GROUP_M=8, num_warps=4, num_stages=4),
+        dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=64, GROUP_M=8, num_warps=4, num_stages=4)),
+    (1 << 62, dict(BLOCK_M=128, BLOCK_N=64, BLOCK_K=64, GROUP_M=8, num_warps=8, num_stages=4),
+        dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, GROUP_M=8, num_warps=8, num_stages=4)),
+]
+
+
+def moe_configs(num_tokens: int) -> tuple[dict, dict]:
+    for bound, up, down in _CONFIGS:
+        if num_tokens <= bound:
+            return up, down
+    return _CONFIGS[-1][1], _CONFIGS[-1][2]
+
+
+def _launch(a, w, out, sorted_ids, tile_expert, total, max_tiles, tw, n, k, num_pairs, a_div, gated, mul_w, cfg):
+    c = dict(cfg)
+    bm, bn = c["BLOCK_M"], c["BLOCK_N"]
+    bk = min(c["BLOCK_K"], max(16, triton.next_power_of_2(k)))
+    grid = (max_tiles * triton.cdiv(n, bn),)
+    _moe_gemm_kernel[grid](a, w, out, sorted_ids, tile_expert, total, tw, n, k, num_pairs, max_tiles,
+                           a.stride(0), w.stride(0), w.stride(1), out.stride(0),
+                           A_DIV=a_div, GATED=gated, MUL_W=mul_w, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk,
+                           GROUP_M=c["GROUP_M"], PREC="ieee" if a.dtype == torch.float32 else "tf32",
+                           num_warps=c["num_warps"], num_stages=c["num_stages"])
+
+
+@register("fused_moe", B)
+def fused_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights: torch.Tensor,
+              topk_ids: torch.Tensor) -> torch.Tensor:
+    t, h = x.shape
+    e, two_i, _ = w13.shape
+    inter = two_i // 2
+    top_k = topk_ids.shape[1]
+    if t == 0:
+        return torch.empty(0, w2.shape[1], dtype=x.dtype, device=x.device)
+    if x.stride(-1) != 1:
+        x = x.contiguous()
+    topk_ids = topk_ids.contiguous()
+    up_cfg, down_cfg = moe_configs(t)
+    assert up_cfg["BLOCK_M"] == down_cfg["BLOCK_M"]
+    sorted_ids, tile_expert, total, max_tiles = moe_align(topk_ids, e, up_cfg["BLOCK_M"])
+    num_pairs = t * top_k
+    act = torch.empty(num_pairs, inter, dtype=x.dtype, device=x.device)
+    tw = topk_weights.reshape(-1)
+    if tw.dtype != torch.float32:
+        tw = tw.float()
+    _launch(x, w13, act, sorted_ids, tile_expert, total, max_tiles, tw, inter, h, num_pairs, top_k, True, False,
+            up_cfg)
+    # Rows of pairs with an id outside [0, E) (expert parallelism passes -1) stay unwritten; the
+    # sum skips them.
+    out_k = torch.empty(num_pairs, w2.shape[1], dtype=x.dtype, device=x.device)
+    _launch(act, w2, out_k, sorted_ids, tile_expert, total, max_tiles, tw, w2.shape[1], inter, num_pairs, 1,
+            False, True, down_cfg)
+    out = torch.empty(t, h, dtype=x.dtype, device=x.device)
+    block = min(1024, triton.next_power_of_2(h))
+    _topk_sum_kernel[(t, triton.cdiv(h, block))](out_k, topk_ids, out, h, e, TOPK=top_k, BLOCK=block, num_warps=4)
+    return out
+
+
+@triton.jit
+def _topk_sum_kernel(y_ptr, ids_ptr, out_ptr, H, E, TOPK: tl.constexpr, BLOCK: tl.constexpr):
+    t = tl.program_id(0).to(tl.int64)
+    cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    cm = cols < H
+    acc = tl.zeros([BLOCK], tl.float32)
+    for j in tl.static_range(TOPK):
+        eid = tl.load(ids_ptr + t * TOPK + j)
+        ok = (eid >= 0) & (eid < E)
+        y = tl.load(y_ptr + (t * TOPK + j) * H + cols, mask=cm & ok, other=0.0)
+        acc += y.to(tl.float32)
+    tl.store(out_ptr + t * H + cols, acc.to(out_ptr.dtype.element_ty), mask=cm)
+
+
+fused_moe.skips_negative_ids = True  # read by atom/models/layers/mlp.py (expert parallelism)

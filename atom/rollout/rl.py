@@ -1,0 +1,164 @@
+"""RolloutEngine's RL side: sleep / wake_up (give device memory back between rollouts) and
+hot weight updates. Mixed into `RolloutEngine`; see docs_rl_features.md.
+
+State machine:
+* awake: generate, update_weights, sleep all allowed.
+* sleep(level=1): the KV cache is released ("kv_cache" asleep); weights stay.
+* sleep(level=2): KV cache and weights released ("weights" and "kv_cache" asleep); with
+  offload_weights=True the weights wait in pinned host memory and come back on wake,
+  otherwise they are discarded and the next update_weights must bring a complete set.
+* wake_up(tags): restores the named tags (default: all asleep), weights first, so a trainer
+  can `wake_up(["weights"])`, `update_weights(...)`, then `wake_up(["kv_cache"])`.
+* generate needs everything awake and complete weights; sleep needs everything awake; a call
+  in the wrong state raises RuntimeError and changes nothing.
+
+Failed updates: `update_weights` streams, so a failure can come after some parameters were
+overwritten. Then the engine marks its weights incomplete and refuses to generate until an
+update that brings every required tensor succeeds (a failure before any copy changes nothing).
+The network path (atom.weights_sync.WeightReceiver) validates all metadata first and stages the
+buckets, so there a failed or broken-off transfer leaves the previous weights serving.
+"""
+from __future__ import annotations
+
+from typing import Iterable, Sequence
+
+import torch
+
+from atom.engine.memory import KV_CACHE, TAGS, WEIGHTS
+from atom.weights_sync.apply import apply_weights
+
+
+class RLMixin:
+    """Needs `self._engine` (LLMEngine), `self._busy` and `self.weight_version`."""
+
+    def _init_rl(self) -> None:
+        self._stale: set[str] = set()   # required checkpoint names whose parameters are not valid
+        self._stale_reason = ""
+
+    # ---- state ---------------------------------------------------------------------------
+    @property
+    def is_sleeping(self) -> bool:
+        """True while any of the engine's memory (KV cache, weights) is released."""
+        return bool(self._engine.runner.memory.asleep())
+
+    @property
+    def sleeping_tags(self) -> set[str]:
+        """Which of "weights" / "kv_cache" are released right now."""
+        return self._engine.runner.memory.asleep()
+
+    @property
+    def weights_complete(self) -> bool:
+        """False after a discarding sleep or a failed update, until a complete update succeeds."""
+        return not self._stale
+
+    def _check_can_generate(self) -> None:
+        asleep = self.sleeping_tags
+        if asleep:
+            raise RuntimeError(f"generate: the engine is sleeping ({', '.join(sorted(asleep))} released); "
+                               "call wake_up() first")
+        if self._stale:
+            total = len(self._engine.runner.weight_map.required_names())
+            raise RuntimeError(f"generate: the weights are incomplete ({self._stale_reason}; {len(self._stale)} of "
+                               f"{total} tensors not loaded); call update_weights with every tensor first")
+
+    def _mark_stale(self, reason: str) -> None:
+        self._stale = set(self._engine.runner.weight_map.required_names())
+        self._stale_reason = reason
+
+    # ---- sleep / wake --------------------------------------------------------------------
+    def sleep(self, level: int = 1, offload_weights: bool = False) -> None:
+        """Release device memory: level 1 the KV cache, level 2 the weights too.
+
+        offload_weights (level 2 only): keep the weights in pinned host memory and bring them
+        back on wake_up; otherwise they are discarded and the next update_weights must carry a
+        complete set. The prefix cache is emptied (its KV is gone).
+        """
+        self._check_ready("sleep")
+        if level not in (1, 2):
+            raise ValueError(f"sleep: level must be 1 or 2, got {level!r}")
+        if offload_weights and level != 2:
+            raise ValueError("sleep: offload_weights applies to level 2 (level 1 keeps the weights)")
+        memory = self._engine.runner.memory
+        if not memory.sleep_capable:
+            raise RuntimeError("sleep on CUDA needs EngineConfig(enable_sleep_mode=True) (weights and KV cache "
+                               "in CUDA virtual memory, so CUDA graphs stay valid across sleep/wake)")
+        if memory.asleep():
+            raise RuntimeError(f"sleep: the engine is already sleeping ({', '.join(sorted(memory.asleep()))} "
+                               "released); call wake_up() first")
+        self._engine.block_manager.invalidate_cache()
+        memory.pools[KV_CACHE].release()
+        if level == 2:
+            try:
+                memory.pools[WEIGHTS].release(offload=offload_weights)
+            except BaseException:
+                memory.pools[KV_CACHE].restore(zero=True)
+                raise
+            if not offload_weights:
+                self._mark_stale("discarded by sleep(level=2)")
+
+    def wake_up(self, tags: Sequence[str] | str | None = None) -> None:
+        """Restore released memory: the given tags ("weights", "kv_cache"), default all asleep.
+
+        Weights come back before the KV cache; woken weights hold their offloaded values, or
+        nothing useful after a discarding sleep (update_weights next).
+        """
+        self._check_ready("wake_up")
+        memory = self._engine.runner.memory
+        asleep = memory.asleep()
+        if isinstance(tags, str):
+            tags = [tags]
+        wanted = set(asleep) if tags is None else set(tags)
+        unknown = sorted(wanted - set(TAGS))
+        if unknown:
+            raise ValueError(f"wake_up: unknown tag(s) {unknown}; known: {list(TAGS)}")
+        if not asleep:
+            raise RuntimeError("wake_up: the engine is not sleeping")
+        awake = sorted(wanted - asleep)
+        if awake:
+            raise RuntimeError(f"wake_up: {', '.join(awake)} not asleep (asleep: {', '.join(sorted(asleep))})")
+        for tag in TAGS:  # weights first
+            if tag in wanted:
+                memory.pools[tag].restore(zero=tag == KV_CACHE)
+
+    # ---- weights -------------------------------------------------------------------------
+    def update_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]], *, partial: bool = False,
+                       check_finite: bool = False, version: int | None = None) -> int:
+        """Load new weights in place; returns the new `weight_version`.
+
+        named_tensors: (HF name, tensor) pairs in any order, consumed one at a time (a generator
+            never needs all weights in memory); any floating dtype (cast to the engine's), any
+            device. Per-expert and transformers-v5 fused expert names are both accepted.
+        partial: accept an update of some tensors only (otherwise every required one must come).
+        check_finite: reject tensors holding nan/inf.
+        version: the new weight_version (default: the current one + 1).
+
+        ValueError names the offending tensor (unknown name, wrong shape, non-finite, missing).
+        If parameters were already overwritten when an update fails, the engine refuses to
+        generate until a complete update succeeds. The prefix cache is emptied by any update.
+        """
+        self._check_ready("update_weights")
+        memory = self._engine.runner.memory
+        if WEIGHTS in memory.asleep():
+            raise RuntimeError("update_weights: the weights are released (sleep level 2); "
+                               "call wake_up(['weights']) first")
+        runner = self._engine.runner
+        self._busy = True
+        try:
+            done = apply_weights(runner.model, runner.weight_map, named_tensors, partial=partial,
+                                 check_finite=check_finite)
+        except BaseException as e:
+            if getattr(e, "weights_changed", False):
+                self._engine.block_manager.invalidate_cache()
+                self._mark_stale(f"an update failed after overwriting some parameters: {e}")
+            raise
+        finally:
+            self._busy = False
+        self._engine.block_manager.invalidate_cache()
+        if partial:
+            self._stale -= done
+        else:
+            self._stale = set()
+        if not self._stale:
+            self._stale_reason = ""
+        self.weight_version = int(version) if version is not None else self.weight_version + 1
+        return self.weight_version

@@ -1,0 +1,65 @@
+#!/usr/bin/env bash
+# GPU tests and benchmarks on the device machine; a short table last.
+#
+#   scripts/gpu_check.sh [tests] [tune] [bench W1,W2,...] [hf] [kernels]
+#     tests   : python3 -m pytest -m gpu -q tests/gpu
+#     bench   : python -m bench.rollout --workload W for each W (default: all four)
+#     hf      : the transformers generate baseline on decode-moe-bs1
+#     tune    : sweep decode-attention / fused-MoE tile configs (bench/kernels.py --tune); later
+#               bench steps of the same run use the result
+#     kernels : micro-benchmarks of the triton kernels (bench/kernels.py)
+# Logs and JSON results go to $OUT (or ./gpu_out when OUT is unset).
+set -uo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+OUT=${OUT:-gpu_out}
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
+export ATOM_BENCH_CEILINGS="$OUT/ceilings.json"
+PY=${PYTHON:-python3}
+[ $# -eq 0 ] && set -- tests bench
+WORKLOADS="decode-moe-bs1,grpo-dense-small,grpo-moe,grpo-dense-8b"
+summary=()
+nvidia-smi --query-gpu=name,memory.used,memory.total,clocks.sm,clocks.mem --format=csv,noheader 2>/dev/null
+while [ $# -gt 0 ]; do
+  case "$1" in
+    tests)
+      timeout "${TEST_TIMEOUT:-420}" $PY -m pytest -m gpu -q -rs -x --durations=8 tests/gpu 2>&1 | tee "$OUT/pytest.log" | tail -40
+      summary+=("tests: $(grep -E '[0-9]+ (passed|failed)' "$OUT/pytest.log" | tail -1)")
+      ;;
+    bench)
+      if [ $# -gt 1 ] && [[ "$2" != tests && "$2" != hf && "$2" != kernels && "$2" != bench && "$2" != tune ]]; then WORKLOADS=$2; shift; fi
+      for w in ${WORKLOADS//,/ }; do
+        timeout "${BENCH_TIMEOUT:-300}" $PY -m bench.rollout --workload "$w" --json "$OUT/bench.jsonl" ${BENCH_ARGS:-} \
+          > "$OUT/bench_$w.log" 2>&1
+        rc=$?
+        tail -3 "$OUT/bench_$w.log" | grep -v '^RESULT'
+        [ $rc -ne 0 ] && { tail -25 "$OUT/bench_$w.log"; summary+=("$w: FAILED rc=$rc"); }
+      done
+      ;;
+    hf)
+      timeout "${HF_TIMEOUT:-240}" $PY -m bench.hf_baseline --workload decode-moe-bs1 --max-new-tokens "${HF_TOKENS:-64}" \
+        --json "$OUT/bench.jsonl" > "$OUT/hf.log" 2>&1 || { tail -20 "$OUT/hf.log"; summary+=("hf: FAILED"); }
+      ;;
+    tune)
+      timeout "${TUNE_TIMEOUT:-150}" $PY -m bench.kernels --tune "$OUT/tuned.json" 2>&1 | tee "$OUT/tune.log" | tail -12
+      [ -f "$OUT/tuned.json" ] && BENCH_ARGS="${BENCH_ARGS:-} --tuned $OUT/tuned.json"
+      ;;
+    kernels)
+      timeout "${KERNEL_TIMEOUT:-240}" $PY -m bench.kernels 2>&1 | tee "$OUT/kernels.log" | tail -30
+      ;;
+  esac
+  shift
+done
+echo "==== summary ===="
+for s in "${summary[@]}"; do echo "$s"; done
+if [ -f "$OUT/bench.jsonl" ]; then
+  $PY - "$OUT/bench.jsonl" <<'PYEOF'
+import json, sys
+rows = [json.loads(l) for l in open(sys.argv[1]) if l.strip()]
+print(f"{'workload':<18} {'engine':<22} {'tokens':>8} {'sec':>8} {'tok/s':>10} {'of limit':>9}")
+for r in rows:
+    frac = r.get("fraction_of_limit")
+    print(f"{r['workload']:<18} {r['engine']:<22} {r['generated_tokens']:>8} {r['seconds']:>8.2f} {r['tok_per_s']:>10,.1f} "
+          f"{(f'{frac:.1%}' if frac is not None else '-'):>9}")
+PYEOF
+fi

@@ -1,0 +1,46 @@
+"""Helpers shared by the RL-feature tests (sleep/wake, weight updates, weight sync)."""
+from __future__ import annotations
+
+import torch
+
+PROMPTS = [[5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16, 17, 18, 19, 20, 21, 22, 23, 24],
+           [30, 31, 32], [200, 7, 99, 42, 42, 3]]
+
+
+def engine_kwargs(**overrides) -> dict:
+    kw = dict(device="cpu", num_kv_blocks=64, max_num_seqs=16, max_model_len=128)
+    kw.update(overrides)
+    return kw
+
+
+def make_engine(path: str, **overrides):
+    from atom import RolloutEngine
+    return RolloutEngine(path, **engine_kwargs(**overrides))
+
+
+def rollout(engine, prompts=PROMPTS) -> list[tuple[list[int], list[float], int]]:
+    """Greedy and seeded-sampled completions: (token ids, logprobs, weight_version) each."""
+    from atom import SamplingParams
+    greedy = SamplingParams(temperature=0.0, max_tokens=8, logprobs=0, ignore_eos=True)
+    sampled = SamplingParams(n=3, temperature=1.0, seed=7, max_tokens=8, logprobs=0, ignore_eos=True)
+    out = []
+    for sp in (greedy, sampled):
+        for r in engine.generate(prompts, sp):
+            out += [(c.token_ids, c.logprobs, c.weight_version) for c in r.outputs]
+    return out
+
+
+def same(a, b) -> bool:
+    """Bitwise-equal tokens and logprobs (versions ignored)."""
+    return [(t, lp) for t, lp, _ in a] == [(t, lp) for t, lp, _ in b]
+
+
+def changed_model(path: str, seed: int = 1, scale: float = 0.05):
+    """The HF model at `path` with every parameter nudged (deterministically)."""
+    from transformers import AutoModelForCausalLM
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for _, p in sorted(model.named_parameters()):
+            p.add_(scale * torch.randn(p.shape, generator=gen))
+    return model.eval()

@@ -1,0 +1,183 @@
+"""RolloutEngine.sleep / wake_up: the state machine, and generation after wake equals before."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from _rl_util import PROMPTS, engine_kwargs, make_engine, rollout, same
+from atom import RolloutEngine, SamplingParams
+from atom.models.weights import iter_checkpoint
+
+SP = SamplingParams(max_tokens=3)
+
+
+@pytest.fixture(scope="module")
+def path(make_tiny_model):
+    return make_tiny_model("qwen3_moe")
+
+
+@pytest.fixture(scope="module")
+def expected(path):
+    return rollout(make_engine(path))
+
+
+def kv_tensors(engine):
+    return engine._engine.runner.k_caches + engine._engine.runner.v_caches
+
+
+def test_state_machine_errors_leave_state_unchanged(path):
+    engine = make_engine(path)
+    assert not engine.is_sleeping
+    with pytest.raises(RuntimeError, match="not sleeping"):
+        engine.wake_up()
+    with pytest.raises(ValueError, match="level"):
+        engine.sleep(level=3)
+    with pytest.raises(ValueError, match="offload_weights"):
+        engine.sleep(level=1, offload_weights=True)
+    assert not engine.is_sleeping
+
+    engine.sleep(level=1)
+    assert engine.is_sleeping and engine.sleeping_tags == {"kv_cache"}
+    with pytest.raises(RuntimeError, match="sleeping"):
+        engine.generate(PROMPTS, SP)
+    with pytest.raises(RuntimeError, match="already sleeping"):
+        engine.sleep(level=1)
+    with pytest.raises(RuntimeError, match="already sleeping"):
+        engine.sleep(level=2)
+    with pytest.raises(RuntimeError, match="weights not asleep"):
+        engine.wake_up(["weights"])
+    with pytest.raises(ValueError, match="unknown tag"):
+        engine.wake_up(["activations"])
+    assert engine.sleeping_tags == {"kv_cache"}
+    engine.wake_up("kv_cache")
+    assert not engine.is_sleeping
+    with pytest.raises(RuntimeError, match="not sleeping"):
+        engine.wake_up()
+    engine.generate(PROMPTS, SP)
+
+
+def test_sleep_during_generate_is_refused(path):
+    engine = make_engine(path)
+    runner = engine._engine.runner
+    execute, errors = runner.execute, []
+
+    def execute_and_try_to_sleep(*args, **kwargs):
+        for call in (lambda: engine.sleep(), lambda: engine.wake_up(),
+                     lambda: engine.update_weights(iter_checkpoint(path))):
+            try:
+                call()
+            except RuntimeError as e:
+                errors.append(str(e))
+        return execute(*args, **kwargs)
+
+    runner.execute = execute_and_try_to_sleep
+    try:
+        engine.generate(PROMPTS, SamplingParams(max_tokens=2))
+    finally:
+        runner.execute = execute
+    assert errors and all("already running a generate" in e for e in errors)
+    assert not engine.is_sleeping and engine.weight_version == 0
+
+
+@pytest.mark.parametrize("how", ["level1", "level2_offload", "level2_discard"])
+def test_generation_after_wake_equals_before(path, expected, how):
+    engine = make_engine(path)
+    assert same(rollout(engine), expected)
+    kv_before = [t for t in kv_tensors(engine)]
+    weights_before = {n: p.detach().clone() for n, p in engine._engine.runner.model.named_parameters()}
+    memory = engine._engine.runner.memory
+    kv_bytes, w_bytes = memory.nbytes("kv_cache"), memory.nbytes("weights")
+    assert kv_bytes > 0 and w_bytes > 0
+    if how == "level1":
+        engine.sleep(level=1)
+        assert memory.resident_bytes("kv_cache") == 0 and memory.resident_bytes("weights") == w_bytes
+        engine.wake_up()
+    else:
+        engine.sleep(level=2, offload_weights=how == "level2_offload")
+        assert memory.resident_bytes() == 0
+        engine.wake_up(["weights"])
+        assert engine.sleeping_tags == {"kv_cache"}
+        if how == "level2_discard":
+            assert not engine.weights_complete
+            engine.wake_up(["kv_cache"])
+            with pytest.raises(RuntimeError, match="incomplete"):
+                engine.generate(PROMPTS, SP)
+            engine.update_weights(iter_checkpoint(path))
+        else:
+            assert engine.weights_complete
+            engine.wake_up(["kv_cache"])
+    assert not engine.is_sleeping
+    # The very same tensor objects (modules, lists and CUDA graphs that hold them stay valid).
+    assert all(a is b for a, b in zip(kv_before, kv_tensors(engine)))
+    assert all(float(t.abs().sum()) == 0.0 for t in kv_tensors(engine))  # fresh KV is zeroed
+    for n, p in engine._engine.runner.model.named_parameters():
+        assert torch.equal(p, weights_before[n]), n
+    assert same(rollout(engine), expected)
+
+
+def test_many_cycles_leave_memory_where_it_started(path, expected):
+    engine = make_engine(path)
+    memory = engine._engine.runner.memory
+    start = memory.resident_bytes()
+    for i in range(200):
+        engine.sleep(level=1 + i % 2, offload_weights=i % 2 == 1)
+        assert memory.resident_bytes("kv_cache") == 0
+        engine.wake_up()
+        assert memory.resident_bytes() == start
+    assert same(rollout(engine), expected)
+
+
+def test_sleep_on_cuda_without_sleep_mode_is_refused_cleanly(path, monkeypatch):
+    from atom.engine.memory import EngineMemory
+    engine = make_engine(path)
+    monkeypatch.setattr(engine._engine.runner.memory, "sleep_capable", False)
+    with pytest.raises(RuntimeError, match="enable_sleep_mode"):
+        engine.sleep()
+    assert not engine.is_sleeping
+    assert EngineMemory(torch.device("cpu"), sleep_mode=False).sleep_capable
+
+
+# ---- GPU: real CUDA virtual memory --------------------------------------------------------
+
+def _free() -> int:
+    torch.cuda.synchronize()
+    return torch.cuda.mem_get_info()[0]
+
+
+@pytest.mark.gpu
+def test_cuda_sleep_returns_memory_and_keeps_addresses(path):
+    engine = RolloutEngine(path, **engine_kwargs(device="cuda", num_kv_blocks=None, kv_cache_memory_bytes=2 << 30,
+                                                 enable_sleep_mode=True, dtype="float32"))
+    expected = rollout(engine)
+    memory = engine._engine.runner.memory
+    kv, w = memory.nbytes("kv_cache"), memory.nbytes("weights")
+    ptrs = [t.data_ptr() for t in kv_tensors(engine)] + [p.data_ptr() for p in engine._engine.runner.model.parameters()]
+    decode = getattr(engine._engine.runner, "decode_runner", None)  # CUDA graphs captured so far
+    graphs = dict(decode.graphs) if decode is not None else {}
+    for level, released in ((1, kv), (2, kv + w)):
+        engine._engine.block_manager.invalidate_cache()
+        before = _free()
+        engine.sleep(level=level, offload_weights=level == 2)
+        assert _free() - before >= 0.95 * released
+        engine.wake_up()
+        assert same(rollout(engine), expected)
+    after = [t.data_ptr() for t in kv_tensors(engine)] + [p.data_ptr() for p in engine._engine.runner.model.parameters()]
+    assert after == ptrs
+    if decode is not None:  # replayed after wake, never re-captured
+        assert engine._engine.runner.decode_runner is decode
+        assert all(decode.graphs.get(k) is g for k, g in graphs.items())
+    # Discarding level 2, then a reload.
+    before = _free()
+    engine.sleep(level=2)
+    assert _free() - before >= 0.95 * (kv + w)
+    engine.wake_up(["weights"])
+    engine.update_weights(iter_checkpoint(path))
+    engine.wake_up(["kv_cache"])
+    assert same(rollout(engine), expected)
+    # Many cycles: device memory ends where it started.
+    start = _free()
+    for _ in range(200):
+        engine.sleep(level=1)
+        engine.wake_up()
+    assert abs(_free() - start) <= 0.01 * torch.cuda.mem_get_info()[1]
+    assert same(rollout(engine), expected)
