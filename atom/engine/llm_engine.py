@@ -93,7 +93,9 @@ class LLMEngine:
         for seq, first, entries in out.prompt_logprobs:
             seq.request.prompt_logprobs[first + 1: first + 1 + len(entries)] = entries
         finished = 0
-        for st in out.sampled:
+        # Siblings fork before the parent appends its own token: a parent that finishes at once
+        # releases its blocks.
+        for st in sorted(out.sampled, key=lambda st: not (st.seq.fork_pending and st.sample_index > 0)):
             if st.seq.fork_pending and st.sample_index > 0:
                 finished += self._start_sibling(st)
             else:
