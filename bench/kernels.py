@@ -64,7 +64,8 @@ def tune(out_path: str) -> None:
     import atom.ops.triton.attention as attn
     import atom.ops.triton.moe as moe
     dec = implementations("paged_attention_decode")["triton"]
-    cases = [paged(512, 1024, 512, 8, 32, 4), paged(512, 1024, 512, 8, 32, 8), paged(1024, 512, 256, 8, 16, 8)]
+    cases = [paged(512, 1024, 512, 8, 32, 4, 128), paged(512, 1024, 512, 8, 32, 8, 128),
+             paged(1024, 512, 256, 8, 16, 8, 128)]
 
     def attn_time() -> list[float]:
         return [bench(lambda: dec(q, kc, vc, meta, 128 ** -0.5)) for q, kc, vc, meta in cases]

@@ -23,7 +23,7 @@ nvidia-smi --query-gpu=name,memory.used,memory.total,clocks.sm,clocks.mem --form
 while [ $# -gt 0 ]; do
   case "$1" in
     tests)
-      timeout "${TEST_TIMEOUT:-420}" $PY -m pytest -m gpu -q -rs -x --durations=8 tests/gpu 2>&1 | tee "$OUT/pytest.log" | tail -40
+      timeout "${TEST_TIMEOUT:-420}" $PY -m pytest -m gpu -q -rs ${PYTEST_X--x} --durations=8 tests/gpu 2>&1 | tee "$OUT/pytest.log" | tail -40
       summary+=("tests: $(grep -E '[0-9]+ (passed|failed)' "$OUT/pytest.log" | tail -1)")
       ;;
     bench)
