@@ -65,7 +65,8 @@ class BlockManager:
             return
         keys = self.block_keys.setdefault(id(seq), [])
         bs = self.block_size
-        for i in range(len(keys), seq.num_computed // bs):
+        # Tokens of an overlapped step's input may still be in flight: only blocks whose tokens are known.
+        for i in range(len(keys), min(seq.num_computed, len(seq.token_ids)) // bs):
             tokens = tuple(seq.token_ids[i * bs:(i + 1) * bs])
             key = self.chain_key(keys[-1] if keys else None, tokens)
             keys.append(key)

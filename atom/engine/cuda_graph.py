@@ -1,7 +1,8 @@
 """The GPU decode step: static input buffers, one host-to-device copy, CUDA graphs.
 
-`DecodeRunner.execute(batch)` runs a pure decode step (every sequence adds one token and samples
-once) on a CUDA device:
+`DecodeRunner.launch(batch, prev)` queues a pure decode step (every sequence adds one token and
+samples once) on a CUDA device and `collect` reads its tokens back; with `prev`, the step's input
+tokens are the previous step's samples, still on the device (the overlapped engine loop):
 
 * Inputs (token ids, positions, slots, lengths, block tables and the shared-prefix groups of
   cascade attention) are written by the host into one pinned int32 buffer laid out for the
@@ -25,6 +26,7 @@ from __future__ import annotations
 import bisect
 import logging
 import time
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -32,7 +34,7 @@ import torch
 from atom.engine.sampler import sampling_metadata
 from atom.engine.scheduler import ScheduledBatch
 from atom.ops import ops
-from atom.ops.metadata import AttentionMetadata, CascadeMetadata, SamplingMetadata
+from atom.ops.metadata import AttentionMetadata, CascadeMetadata, SamplerOutput, SamplingMetadata
 
 log = logging.getLogger(__name__)
 
@@ -70,18 +72,23 @@ class DecodeRunner:
         self.cascade = backend.get("paged_attention_decode") != "torch"
         self.max_n = max(2, min(16, 64 // group))
         _, total = self._layout(self.capacity)
-        self.host = torch.empty(total, dtype=torch.int32, pin_memory=self.device.type == "cuda")
-        self.host_np = self.host.numpy()
+        pin = self.device.type == "cuda"
+        # Two sets of pinned host buffers, used in turn: while step N's copy may still be queued,
+        # the host fills step N+1's (overlapped loop); the step before N is complete by then.
+        self.hosts = [torch.zeros(total, dtype=torch.int32, pin_memory=pin) for _ in range(2)]
         self.dev = torch.zeros(total, dtype=torch.int32, device=self.device)
-        self._views: dict[int, tuple] = {}
+        self._views: dict[tuple[int, int], tuple] = {}
+        self._parity = 0
         # Sampling inputs of the fast path (no filters, no banned tokens): seeds, counters (int64),
         # temperatures (float32), raw-logprob flags (bool) in one pinned buffer and one copy.
         cap = self.capacity
-        self.s_host = torch.empty(21 * cap, dtype=torch.uint8, pin_memory=self.device.type == "cuda")
+        self.s_hosts = [torch.empty(21 * cap, dtype=torch.uint8, pin_memory=pin) for _ in range(2)]
         self.s_dev = torch.zeros(21 * cap, dtype=torch.uint8, device=self.device)
-        hs = self.s_host.numpy()
-        self.s_np = (hs[: 8 * cap].view(np.int64), hs[8 * cap: 16 * cap].view(np.int64),
-                     hs[16 * cap: 20 * cap].view(np.float32), hs[20 * cap: 21 * cap].view(np.bool_))
+        self.s_nps = []
+        for s_host in self.s_hosts:
+            hs = s_host.numpy()
+            self.s_nps.append((hs[: 8 * cap].view(np.int64), hs[8 * cap: 16 * cap].view(np.int64),
+                               hs[16 * cap: 20 * cap].view(np.float32), hs[20 * cap: 21 * cap].view(np.bool_)))
         ds = self.s_dev
         self.s_t = (ds[: 8 * cap].view(torch.int64), ds[8 * cap: 16 * cap].view(torch.int64),
                     ds[16 * cap: 20 * cap].view(torch.float32), ds[20 * cap: 21 * cap].view(torch.bool))
@@ -89,7 +96,7 @@ class DecodeRunner:
         self.s_zerof = torch.zeros(cap, dtype=torch.float32, device=self.device)
         self.s_onef = torch.ones(cap, dtype=torch.float32, device=self.device)
         self._param_cache: dict[int, tuple] = {}
-        self.timers = {"fill": 0.0, "forward+sample": 0.0, "steps": 0}
+        self.timers = {"fill": 0.0, "forward+sample": 0.0, "steps": 0, "overlapped": 0}
         self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         self.pool = None
         self._graph_key = None
@@ -98,7 +105,7 @@ class DecodeRunner:
     # ---- layout ----------------------------------------------------------------------------
     def _layout(self, bs: int) -> tuple[dict[str, int], int]:
         groups = max(1, bs // 2)
-        fields = [("ids", bs), ("pos", bs), ("slots", bs), ("seq_lens", bs), ("row_prefix", bs),
+        fields = [("ids", bs), ("src", bs), ("pos", bs), ("slots", bs), ("seq_lens", bs), ("row_prefix", bs),
                   ("qsl", bs + 1), ("plen", groups), ("grows", groups * self.max_n), ("bt", bs * self.max_blocks)]
         offsets, at = {}, 0
         for name, size in fields:
@@ -106,8 +113,8 @@ class DecodeRunner:
             at += size
         return offsets, at
 
-    def _get_views(self, bs: int):
-        v = self._views.get(bs)
+    def _get_views(self, bs: int, parity: int = 0):
+        v = self._views.get((bs, parity))
         if v is not None:
             return v
         off, total = self._layout(bs)
@@ -116,7 +123,7 @@ class DecodeRunner:
         def cut(buf, name, n):
             return buf[off[name]: off[name] + n]
 
-        d, h = self.dev, self.host_np
+        d, h = self.dev, self.hosts[parity].numpy()
         meta = AttentionMetadata(
             slot_mapping=cut(d, "slots", bs), query_start_loc=cut(d, "qsl", bs + 1), seq_lens=cut(d, "seq_lens", bs),
             block_tables=cut(d, "bt", bs * self.max_blocks).view(bs, self.max_blocks), is_decode=True,
@@ -125,22 +132,23 @@ class DecodeRunner:
                                     cut(d, "plen", groups), cut(d, "row_prefix", bs), self.max_model_len)
             if self.cascade and bs > 1 else None)
         host = {name: cut(h, name, n) for name, n in
-                (("ids", bs), ("pos", bs), ("slots", bs), ("seq_lens", bs), ("row_prefix", bs), ("qsl", bs + 1),
-                 ("plen", groups))}
+                (("ids", bs), ("src", bs), ("pos", bs), ("slots", bs), ("seq_lens", bs), ("row_prefix", bs),
+                 ("qsl", bs + 1), ("plen", groups))}
         host["grows"] = cut(h, "grows", groups * self.max_n).reshape(groups, self.max_n)
         host["bt"] = cut(h, "bt", bs * self.max_blocks).reshape(bs, self.max_blocks)
         host["qsl"][:] = np.arange(bs + 1, dtype=np.int32)
-        v = (cut(d, "ids", bs), cut(d, "pos", bs), meta, host, total)
-        self._views[bs] = v
+        v = (cut(d, "ids", bs), cut(d, "pos", bs), meta, host, total, cut(d, "src", bs))
+        self._views[(bs, parity)] = v
         return v
 
     # ---- the step ----------------------------------------------------------------------------
-    def supports(self, batch: ScheduledBatch) -> bool:
+    def supports(self, batch: ScheduledBatch, lag: int = 0) -> bool:
+        """Pure decode: each sequence computes exactly its newest token (lag: in flight) and samples."""
         if len(batch.seqs) > self.capacity:
             return False
         for seq in batch.seqs:
             p = seq.params
-            if seq.fork_pending or seq.num_computed + 1 != len(seq.token_ids):
+            if seq.fork_pending or seq.num_computed + 1 != len(seq.token_ids) + lag:
                 return False
             if p.prompt_logprobs is not None and seq.num_computed < seq.num_prompt_tokens - 1:
                 return False
@@ -177,9 +185,13 @@ class DecodeRunner:
             self._param_cache[id(p)] = c
         return c
 
-    def _fill(self, seqs, bs: int, host: dict):
+    def _fill(self, seqs, bs: int, host: dict, lag: int, parity: int):
         """Writes the step's attention inputs; returns the fast-path SamplingMetadata, or None
-        when a row needs filters or banned tokens (then the generic builder runs)."""
+        when a row needs filters or banned tokens (then the generic builder runs).
+
+        lag = 1: each sequence's last token is still in flight (sampled by the step before, not
+        yet appended): positions move one on, and the token ids come from the device.
+        """
         n, page = len(seqs), self.page
         ids, pos, slots, lens = [], [], [], []
         seeds, counters, temps, raws = [], [], [], []
@@ -188,7 +200,7 @@ class DecodeRunner:
         by_first: dict[int, list[int]] = {}
         for i, seq in enumerate(seqs):
             toks, table = seq.token_ids, seq.block_table
-            p = len(toks) - 1
+            p = len(toks) - 1 + lag
             _, ok, temp, raw, k = self._params(seq.params)
             out_len = p + 1 - seq.num_prompt_tokens
             if not ok or out_len < seq.params.min_tokens:
@@ -199,7 +211,7 @@ class DecodeRunner:
             raws.append(raw)
             if k > num_top:
                 num_top = k
-            ids.append(toks[-1])
+            ids.append(toks[-1])  # (lag: replaced on the device by the token in flight)
             pos.append(p)
             lens.append(p + 1)
             slots.append(table[p // page] * page + p % page)
@@ -221,10 +233,10 @@ class DecodeRunner:
             self._bt_cache = {k: v for k, v in self._bt_cache.items() if k in live}
         if not fast:
             return None
-        h_seeds, h_counters, h_temps, h_raw = self.s_np
+        h_seeds, h_counters, h_temps, h_raw = self.s_nps[parity]
         h_seeds[:n], h_counters[:n], h_temps[:n], h_raw[:n] = seeds, counters, temps, raws
         d_seeds, d_counters, d_temps, d_raw = self.s_t
-        self.s_dev.copy_(self.s_host, non_blocking=True)
+        self.s_dev.copy_(self.s_hosts[parity], non_blocking=True)
         any_raw = any(raws)
         return SamplingMetadata(
             temperature=d_temps[:n], top_k=self.s_zeros[:n], top_p=self.s_onef[:n], min_p=self.s_zerof[:n],
@@ -263,7 +275,7 @@ class DecodeRunner:
                 g += 1
 
     def _forward(self, bs: int) -> torch.Tensor:
-        ids, pos, meta, _, _ = self._get_views(bs)
+        ids, pos, meta = self._get_views(bs)[:3]
         return self.model.compute_logits(self.model(ids, pos, meta))
 
     def _graph_state(self) -> tuple:
@@ -299,35 +311,63 @@ class DecodeRunner:
         graph.replay()
         return out
 
-    def execute(self, batch: ScheduledBatch):
-        from atom.engine.model_runner import SampledToken, StepOutput
-
+    def launch(self, batch: ScheduledBatch, prev: "InFlight | None" = None) -> "InFlight":
+        """Queue the step on the device without waiting for it. With `prev` (the step still in
+        flight), every sequence's newest token is prev's sampled token, fed on the device."""
         t0 = time.perf_counter()
         seqs = batch.seqs
         n = len(seqs)
         bs = self._padded(n)
-        _, _, _, host, total = self._get_views(bs)
-        meta_s = self._fill(seqs, bs, host)
+        lag = 0 if prev is None else 1
+        parity = self._parity = 1 - self._parity
+        ids_dev, _, _, host, total, src_dev = self._get_views(bs, parity)
+        meta_s = self._fill(seqs, bs, host, lag, parity)
+        if prev is not None:
+            row_of = {id(seq): r for r, seq in enumerate(prev.batch.seqs)}
+            host["src"][:n] = [row_of[id(seq)] for seq in seqs]
+            host["src"][n:] = 0
         if meta_s is None:  # filters / banned tokens: the generic builder (before the forward:
             rows = [(seq, seq.sample_index) for seq in seqs]  # its pageable copies wait for the GPU)
-            meta_s = sampling_metadata(rows, self.runner.args.eos_token_ids, self.device)
-        self.dev[:total].copy_(self.host[:total], non_blocking=True)
+            meta_s = sampling_metadata(rows, self.runner.args.eos_token_ids, self.device, lag=lag)
+        self.dev[:total].copy_(self.hosts[parity][:total], non_blocking=True)
+        if prev is not None:
+            ids_dev.copy_(prev.result.token_ids.index_select(0, src_dev.long()))
         t1 = time.perf_counter()
         logits = self._run(bs)
         result = ops.sample(logits[:n], meta_s)
-        tokens, lps = result.token_ids.tolist(), result.logprobs.tolist()
         tm = self.timers
         tm["fill"] += t1 - t0
         tm["forward+sample"] += time.perf_counter() - t1
         tm["steps"] += 1
+        tm["overlapped"] += lag
+        return InFlight(batch, result, meta_s.num_top_logprobs)
+
+    def collect(self, inflight: "InFlight"):
+        """Wait for a launched step and turn its samples into a StepOutput (the one host sync)."""
+        from atom.engine.model_runner import SampledToken, StepOutput
+
+        result, seqs = inflight.result, inflight.batch.seqs
+        tokens, lps = result.token_ids.tolist(), result.logprobs.tolist()
         out = StepOutput()
-        if meta_s.num_top_logprobs > 0:
+        if inflight.num_top_logprobs > 0:
             top_ids, top_lps = result.top_ids.tolist(), result.top_logprobs.tolist()
         for r, seq in enumerate(seqs):
             k = seq.params.logprobs or 0
             top = dict(zip(top_ids[r][:k], top_lps[r][:k])) if k > 0 else None
             out.sampled.append(SampledToken(seq, seq.sample_index, tokens[r], lps[r], top))
         return out
+
+    def execute(self, batch: ScheduledBatch):
+        return self.collect(self.launch(batch))
+
+
+@dataclass
+class InFlight:
+    """A decode step queued on the device whose sampled tokens the host has not read yet."""
+
+    batch: ScheduledBatch
+    result: SamplerOutput
+    num_top_logprobs: int
 
 
 # ---- KV-cache sizing ---------------------------------------------------------------------------

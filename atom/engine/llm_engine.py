@@ -56,18 +56,37 @@ class LLMEngine:
             if req.params.prompt_logprobs is not None:
                 req.prompt_logprobs = [None] * len(req.prompt_token_ids)
             self.scheduler.add(req.sequences[0])
+        inflight = None
         try:
-            while self.scheduler.has_work if dp.size == 1 else dp.any(self.scheduler.has_work, self.runner.device):
-                batch = self.scheduler.schedule()
-                if not batch.seqs and self.scheduler.has_work:
-                    raise RuntimeError("the KV cache cannot hold even one waiting sequence; "
-                                       "raise num_kv_blocks / kv_cache_memory_bytes")
-                out = self.runner.execute(batch, self.block_manager)
+            while inflight is not None or (
+                    self.scheduler.has_work if dp.size == 1 else dp.any(self.scheduler.has_work, self.runner.device)):
+                if inflight is None:
+                    batch = self.scheduler.schedule()
+                    if not batch.seqs and self.scheduler.has_work:
+                        raise RuntimeError("the KV cache cannot hold even one waiting sequence; "
+                                           "raise num_kv_blocks / kv_cache_memory_bytes")
+                    inflight = self.runner.launch_decode(batch, self.block_manager)
+                    if inflight is not None:
+                        self._advance(batch)
+                        continue
+                    out = self.runner.execute(batch, self.block_manager)
+                else:
+                    # Overlap: queue the next decode step before reading this one's tokens, then
+                    # do this step's host work while the device runs the next.
+                    batch = inflight.batch
+                    nxt = self.scheduler.continue_decode(batch, self.max_model_len)
+                    queued = None if nxt is None else self.runner.launch_decode(nxt, self.block_manager, inflight)
+                    if queued is not None:
+                        self._advance(nxt)
+                    out = self.runner.collect(inflight)
+                    inflight = queued
                 finished = self._postprocess(batch, out)
                 self.stats.steps += 1
                 if on_progress is not None and finished:
                     on_progress(finished)
         except BaseException:
+            if inflight is not None:
+                self.runner.collect(inflight)  # let the device finish before its blocks are reused
             self.abort_all()
             raise
         if dp.size > 1:
@@ -82,7 +101,8 @@ class LLMEngine:
         self.block_manager.pending_copies.clear()
 
     # ---- after a step --------------------------------------------------------------------
-    def _postprocess(self, batch: ScheduledBatch, out: StepOutput) -> int:
+    def _advance(self, batch: ScheduledBatch) -> None:
+        """The batch's tokens are computed (or queued to be): move each sequence on."""
         for seq, n in zip(batch.seqs, batch.num_new_tokens):
             lo, hi = seq.num_computed, seq.num_computed + n
             prompt_part = max(0, min(hi, seq.num_prompt_tokens) - lo)
@@ -90,12 +110,19 @@ class LLMEngine:
             self.stats.recomputed_tokens += max(0, min(hi, len(seq) - 1) - max(lo, seq.num_prompt_tokens))
             seq.num_computed = hi
             self.block_manager.computed(seq)
+
+    def _postprocess(self, batch: ScheduledBatch, out: StepOutput) -> int:
+        """Apply a step's results; overlapped steps were advanced at launch."""
+        if not out.overlapped:
+            self._advance(batch)
         for seq, first, entries in out.prompt_logprobs:
             seq.request.prompt_logprobs[first + 1: first + 1 + len(entries)] = entries
         finished = 0
         # Siblings fork before the parent appends its own token: a parent that finishes at once
         # releases its blocks.
         for st in sorted(out.sampled, key=lambda st: not (st.seq.fork_pending and st.sample_index > 0)):
+            if st.seq.status is SeqStatus.FINISHED:
+                continue  # stopped on the token before this overlapped step: its row is dropped
             if st.seq.fork_pending and st.sample_index > 0:
                 finished += self._start_sibling(st)
             else:

@@ -35,6 +35,7 @@ class StepOutput:
     sampled: list[SampledToken] = field(default_factory=list)
     # (seq, first prompt position scored, one dict per position)
     prompt_logprobs: list[tuple[Sequence, int, list[dict[int, float]]]] = field(default_factory=list)
+    overlapped: bool = False  # launched ahead (LLMEngine advanced its sequences at launch)
 
 
 class ModelRunner:
@@ -45,6 +46,8 @@ class ModelRunner:
         from atom.distributed import init_parallel
         self.parallel = init_parallel(config, args)
         self.device = config.torch_device()
+        # Decode steps go through static buffers, CUDA graphs and the overlapped loop on one GPU.
+        self.use_decode_runner = self.device.type == "cuda" and not self.parallel.is_parallel
         self.dtype = config.torch_dtype(args.torch_dtype)
         ops.configure(self.device, config.op_backends)
         with torch.device(self.device):
@@ -155,10 +158,6 @@ class ModelRunner:
         if block_manager.pending_copies:
             self.copy_blocks(block_manager.pending_copies)
             block_manager.pending_copies.clear()
-        if self.device.type == "cuda" and batch.is_decode and not self.parallel.is_parallel:
-            out = self._gpu_decode(batch)  # static buffers + CUDA graphs (atom/engine/cuda_graph.py)
-            if out is not None:
-                return out
         input_ids, positions, meta = self._attention_metadata(batch)
         hidden = self.model(input_ids, positions, meta)
 
@@ -202,15 +201,37 @@ class ModelRunner:
                 out.sampled.append(SampledToken(seq, j, tokens[r], lps[r], top))
         return out
 
-    def _gpu_decode(self, batch: ScheduledBatch) -> StepOutput | None:
-        runner = getattr(self, "decode_runner", None)
-        if runner is None or runner.runner is not self:
+    @property
+    def decode_runner(self):
+        """The decode path with static buffers and CUDA graphs (atom/engine/cuda_graph.py)."""
+        runner = self.__dict__.get("_decode_runner")
+        if runner is None:
             from atom.engine.cuda_graph import DecodeRunner
             max_len = getattr(self, "max_model_len", None) or min(self.args.max_position_embeddings, 8192)
-            runner = self.decode_runner = DecodeRunner(self, max_len)
-        if not runner.supports(batch):
+            runner = self._decode_runner = DecodeRunner(self, max_len)
+        return runner
+
+    @torch.inference_mode()
+    def launch_decode(self, batch: ScheduledBatch, block_manager: BlockManager, prev=None):
+        """Queue a pure decode step on the device without waiting for its tokens; None when the
+        step needs the general path. With `prev` (a launched step), each sequence's newest token
+        is prev's sampled one, fed on the device (the overlapped loop of LLMEngine.run)."""
+        if not self.use_decode_runner or not batch.seqs or not batch.is_decode:
             return None
-        return runner.execute(batch)
+        runner = self.decode_runner
+        if not runner.supports(batch, lag=0 if prev is None else 1):
+            return None
+        if block_manager.pending_copies:
+            self.copy_blocks(block_manager.pending_copies)
+            block_manager.pending_copies.clear()
+        return runner.launch(batch, prev)
+
+    @torch.inference_mode()
+    def collect(self, inflight) -> StepOutput:
+        """The sampled tokens of a launched step (waits for it)."""
+        out = self.decode_runner.collect(inflight)
+        out.overlapped = True
+        return out
 
     def _idle_step(self) -> StepOutput:
         """Data-parallel attention (ep_mode="alltoall"): a rank with nothing to run this step still

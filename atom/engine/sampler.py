@@ -9,9 +9,10 @@ from atom.ops.torch_ops import filter_logits
 
 
 def sampling_metadata(rows: list[tuple[Sequence, int]], eos_ids: list[int],
-                      device: torch.device) -> SamplingMetadata:
+                      device: torch.device, lag: int = 0) -> SamplingMetadata:
     """rows: (sequence, sample index) per logits row; the sample index picks the random stream
-    (a forking prefill samples all n first tokens from one row of logits)."""
+    (a forking prefill samples all n first tokens from one row of logits). lag: tokens each
+    sequence has in flight (sampled, not yet appended) in an overlapped decode step."""
     temps, top_ks, top_ps, min_ps, seeds, counters, raw = [], [], [], [], [], [], []
     banned_rows, banned_tokens = [], []
     num_top = 0
@@ -22,10 +23,11 @@ def sampling_metadata(rows: list[tuple[Sequence, int]], eos_ids: list[int],
         top_ps.append(float(p.top_p))
         min_ps.append(float(p.min_p))
         seeds.append(seq.request.seed)
-        counters.append((sample_index << 20) + seq.num_output_tokens)
+        num_output = seq.num_output_tokens + lag
+        counters.append((sample_index << 20) + num_output)
         raw.append(p.logprobs_mode == "raw")
         num_top = max(num_top, p.logprobs or 0)
-        if seq.num_output_tokens < p.min_tokens:
+        if num_output < p.min_tokens:
             stops = set(p.stop_token_ids) | (set() if p.ignore_eos else set(eos_ids))
             banned_rows += [r] * len(stops)
             banned_tokens += sorted(stops)

@@ -97,6 +97,26 @@ class Scheduler:
             budget -= n
         return ScheduledBatch(seqs, counts)
 
+    def continue_decode(self, batch: ScheduledBatch, max_model_len: int) -> ScheduledBatch | None:
+        """The next decode step of a decode batch still in flight, scheduled before its tokens are
+        known (each sequence's newest token is in flight). None when the step needs decisions
+        that depend on them: a waiting sequence could be admitted, or blocks run short
+        (preemption). Sequences that surely finish on the token in flight (length) are left out;
+        those that stop on it (EOS, stop ids) waste their row, and their result is dropped."""
+        if self.waiting and len(self.running) < self.max_num_seqs:
+            return None
+        seqs = [seq for seq in batch.seqs if seq.status is SeqStatus.RUNNING
+                and seq.num_output_tokens + 1 < seq.params.max_tokens and len(seq) + 1 < max_model_len]
+        if not seqs:
+            return None
+        bm = self.bm
+        need = sum(1 for seq in seqs if bm.blocks_needed(seq.num_computed + 1) > len(seq.block_table))
+        if need > bm.num_free:
+            return None
+        for seq in seqs:
+            bm.grow(seq, 1)
+        return ScheduledBatch(seqs, [1] * len(seqs))
+
     def finish(self, seq: Sequence) -> None:
         self.running.remove(seq)
         self.bm.release(seq)
