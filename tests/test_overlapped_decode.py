@@ -11,6 +11,7 @@ from helpers import random_prompts
 
 
 def generate(path, prompts, params, overlapped: bool, **config):
+    config.setdefault("kv_cache_memory_bytes", 64 << 20)  # on a GPU, several engines share it
     engine = RolloutEngine(path, **config)
     engine._engine.runner.use_decode_runner = overlapped
     outs = engine.generate(prompts, params)
