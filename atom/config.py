@@ -34,7 +34,7 @@ class EngineConfig:
     ep_mode: "allreduce" (every rank runs the same requests; one engine group of max(TP, EP)
         ranks; MoE outputs summed by an all-reduce) or "alltoall" (EP ranks with TP = 1, each
         running its own share of the requests; tokens sent to their experts' ranks and back).
-        TP = EP = 1 runs in this process alone. See atom/distributed and docs_parallel.md.
+        TP = EP = 1 runs in this process alone. See atom/distributed and README.md (tensor and expert parallelism).
     dist_timeout_s: how long a rank waits for the others (start-up, any collective) before it
         raises instead of hanging.
     enable_sleep_mode: on CUDA, place weights and KV cache in CUDA virtual memory so that

@@ -42,13 +42,14 @@ class SamplingParams:
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
             self.stop = [self.stop]
-        self.stop = list(self.stop or [])
-        self.stop_token_ids = list(self.stop_token_ids or [])
+        for name in ("stop", "stop_token_ids"):
+            value = getattr(self, name)
+            if value is None:
+                value = []
+            if not isinstance(value, (list, tuple)):
+                raise ValueError(f"SamplingParams.{name}={value!r} is invalid: must be a list")
+            setattr(self, name, list(value))
         self.validate()
-
-    @property
-    def greedy(self) -> bool:
-        return self.temperature == 0.0
 
     def validate(self, vocab_size: int | None = None) -> None:
         def bad(name: str, allowed: str) -> ValueError:

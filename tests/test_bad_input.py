@@ -16,7 +16,7 @@ BAD_PARAMS = [
     ("n", 0), ("n", 1.5), ("temperature", -0.1), ("temperature", float("nan")), ("top_p", 0.0), ("top_p", 1.5),
     ("top_k", -2), ("top_k", 2.5), ("min_p", -0.1), ("min_p", 1.1), ("max_tokens", 0), ("min_tokens", -1),
     ("min_tokens", 99), ("stop", [""]), ("stop_token_ids", [-1]), ("ignore_eos", "yes"), ("seed", -5),
-    ("logprobs", -1), ("logprobs_mode", "softmax"), ("prompt_logprobs", -2),
+    ("logprobs", -1), ("logprobs_mode", "softmax"), ("prompt_logprobs", -2), ("stop", 5), ("stop_token_ids", 5),
 ]
 
 
@@ -48,6 +48,7 @@ def assert_still_serves(engine):
     ([[3, 4]], SamplingParams(logprobs=TINY_VOCAB + 1), "SamplingParams.logprobs"),
     ([[3, 4], [5]], [SamplingParams()], "got 1 SamplingParams for 2 prompts"),
     ([3.5], None, "prompt 0: expected a string, a list of token ids or a chat conversation"),
+    ([1, 2, 3], None, r"a token-id prompt is a list inside the list of prompts"),
 ])
 def test_bad_generate_input_is_rejected_and_engine_survives(engine, prompts, params, match):
     with pytest.raises(ValueError, match=match):
@@ -112,3 +113,24 @@ def test_kv_too_small_for_one_sequence(tiny_qwen3_path):
     with pytest.raises(ValueError, match="do not fit the KV cache of 2 blocks"):
         engine.generate([[3] * 20], SamplingParams(max_tokens=40))
     assert engine.generate([[3] * 5], SamplingParams(max_tokens=4))[0].outputs[0].token_ids
+
+
+def test_rejected_call_leaves_the_seed_stream_alone(tiny_qwen3_path):
+    """Unseeded requests draw seeds only once the whole call is valid."""
+    sp = SamplingParams(temperature=1.0, max_tokens=6, ignore_eos=True)
+    a = RolloutEngine(tiny_qwen3_path, seed=3)
+    b = RolloutEngine(tiny_qwen3_path, seed=3)
+    with pytest.raises(ValueError):
+        b.generate([[5, 6], [7, TINY_VOCAB]], sp)
+    assert a.generate([[5, 6]], sp)[0].outputs[0].token_ids == b.generate([[5, 6]], sp)[0].outputs[0].token_ids
+
+
+def test_params_changed_after_a_call_apply_to_the_next_call_only(tiny_qwen3_path):
+    engine = RolloutEngine(tiny_qwen3_path)
+    sp = SamplingParams(temperature=1.0, max_tokens=8, ignore_eos=True, seed=1)
+    engine.generate([[5, 6, 7]], sp)
+    sp.temperature = 0.0
+    greedy = engine.generate([[5, 6, 7]], sp)[0].outputs[0].token_ids
+    want = RolloutEngine(tiny_qwen3_path).generate([[5, 6, 7]], SamplingParams(temperature=0, max_tokens=8,
+                                                                                ignore_eos=True))
+    assert greedy == want[0].outputs[0].token_ids

@@ -34,15 +34,23 @@ def test_cached_blocks_survive_release_and_are_reused():
     assert bm.match_prefix(c) == first_two[:1]     # always leaves one token to compute
 
 
-def test_eviction_takes_uncached_then_oldest():
+def test_eviction_takes_uncached_then_the_tail_of_a_chain():
     bm = BlockManager(num_blocks=4, block_size=2)
     a = seq_of([1, 2, 3, 4, 5])
     run_prefill(bm, a)
+    chain, partial = a.block_table[:2], a.block_table[2]
     bm.release(a)
-    # The uncached partial block is reused first, the cached chain survives one allocation.
+    # Two allocations take the never-used block and the uncached partial one: the chain survives.
     d = seq_of([7, 7, 7])
     run_prefill(bm, d)
-    assert bm.match_prefix(seq_of([1, 2, 3, 4, 5])) != []
+    assert sorted(d.block_table) == sorted({0, 1, 2, 3} - set(chain))
+    assert partial in d.block_table
+    assert bm.match_prefix(seq_of([1, 2, 3, 4, 5])) == chain
+    # The next allocation evicts the chain's tail (freed first), keeping its head.
+    e = seq_of([9, 9])
+    run_prefill(bm, e)
+    assert e.block_table == [chain[1]]
+    assert bm.match_prefix(seq_of([1, 2, 3, 4, 5])) == chain[:1]
 
 
 def test_fork_shares_full_blocks_and_copies_partial():

@@ -21,14 +21,21 @@ def generate(path, prompts, params, overlapped: bool, **config):
     return outs, engine.stats, overlapped_steps
 
 
+def close(x: list[float], y: list[float]) -> bool:
+    return len(x) == len(y) and all(abs(p - q) < 1e-5 for p, q in zip(x, y))
+
+
 def assert_same(a, b):
+    assert len(a) == len(b)
     for x, y in zip(a, b):
+        assert len(x.outputs) == len(y.outputs)
         for cx, cy in zip(x.outputs, y.outputs):
             assert cx.token_ids == cy.token_ids
             assert (cx.finish_reason, cx.stop_reason) == (cy.finish_reason, cy.stop_reason)
-            assert len(cx.logprobs) == len(cy.logprobs)
-            assert max((abs(p - q) for p, q in zip(cx.logprobs, cy.logprobs)), default=0.0) < 1e-5
-            assert cx.top_logprobs.__len__() == cy.top_logprobs.__len__()
+            assert close(cx.logprobs, cy.logprobs)
+            assert len(cx.top_logprobs) == len(cy.top_logprobs)
+            for tx, ty in zip(cx.top_logprobs, cy.top_logprobs):
+                assert tx.keys() == ty.keys() and close(list(tx.values()), [ty[k] for k in tx])
 
 
 @pytest.mark.parametrize("arch", ["qwen3", "qwen3_moe"])

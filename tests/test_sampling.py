@@ -1,14 +1,12 @@
 """Issue 2, tests 5 and 6: per-request seeds, and top-k / top-p / min-p against a reference from HF logits."""
 from __future__ import annotations
 
-import math
-
 import pytest
 import torch
 
 from atom import RolloutEngine, SamplingParams
 from atom.ops.metadata import SamplingMetadata
-from atom.ops.torch_ops import sample
+from atom.ops.torch_ops import filter_logits, sample
 from conftest import TINY_VOCAB
 from helpers import hf_logits, random_prompts
 
@@ -83,4 +81,14 @@ def test_sampler_frequencies_follow_the_distribution():
     want = (logits[0].double() / 0.8).softmax(-1)
     assert (freq - want).abs().max() < 0.01
     assert torch.allclose(out.logprobs.double(), want.log()[out.token_ids], atol=1e-5)
-    assert math.isclose(freq.sum().item(), 1.0)
+
+
+def test_rows_without_filters_are_untouched_when_others_filter():
+    """A large vocabulary's rounded cumulative sum passes 1: top_p = 1 rows must not lose their tail."""
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(3, 151_936, generator=g) * 3
+    out = filter_logits(logits, top_k=torch.tensor([0, 0, 50]), top_p=torch.tensor([1.0, 0.5, 1.0]),
+                        min_p=torch.zeros(3))
+    assert torch.equal(out[0], logits[0])
+    assert torch.isinf(out[1]).sum() > 100_000                  # the nucleus row is filtered
+    assert torch.isfinite(out[2]).sum() == 50

@@ -32,6 +32,8 @@ def test_state_machine_errors_leave_state_unchanged(path):
         engine.wake_up()
     with pytest.raises(ValueError, match="level"):
         engine.sleep(level=3)
+    with pytest.raises(ValueError, match="level"):
+        engine.sleep(level=True)
     with pytest.raises(ValueError, match="offload_weights"):
         engine.sleep(level=1, offload_weights=True)
     assert not engine.is_sleeping
@@ -48,6 +50,8 @@ def test_state_machine_errors_leave_state_unchanged(path):
         engine.wake_up(["weights"])
     with pytest.raises(ValueError, match="unknown tag"):
         engine.wake_up(["activations"])
+    with pytest.raises(ValueError, match="tags is empty"):
+        engine.wake_up([])
     assert engine.sleeping_tags == {"kv_cache"}
     engine.wake_up("kv_cache")
     assert not engine.is_sleeping

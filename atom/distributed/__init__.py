@@ -2,7 +2,7 @@
 
 `init_parallel(config, args)` builds this process's `ParallelState` from an existing default
 process group, from torchrun's environment, or from `set_engine_group(pg)`; TP = EP = 1 needs
-none of it. See parallel_state.py for the layouts and docs_parallel.md for trainer-side usage.
+none of it. See parallel_state.py for the layouts and README.md for trainer-side usage.
 """
 from atom.distributed.parallel_state import (CollectiveError, EngineLayout, ParallelGroup, ParallelState,
                                              check_shardable, init_parallel, set_engine_group)

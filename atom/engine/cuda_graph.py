@@ -7,8 +7,8 @@ tokens are the previous step's samples, still on the device (the overlapped engi
 * Inputs (token ids, positions, slots, lengths, block tables and the shared-prefix groups of
   cascade attention) are written by the host into one pinned int32 buffer laid out for the
   padded batch size and reach the device in a single asynchronous copy into a static buffer.
-* The batch is padded to the next size of a ladder (1, 2, 4, 8, 16, 24, 32, then steps of 16,
-  32, 64). For each size the model forward + LM head is captured once into a CUDA graph (lazily,
+* The batch is padded to the next size of a ladder (1, 2, 4, 8, then steps of 16 to 256, of 32
+  to 512, of 64 beyond). For each size the model forward + LM head is captured once into a CUDA graph (lazily,
   the first time the size occurs; all graphs share one memory pool) and replayed afterwards.
   Padded rows write no KV (slot -1) and attend to nothing (length 0).
 * With `enforce_eager` (or sizes above `cuda_graph_max_batch_size`) the same padded inputs run
@@ -17,7 +17,8 @@ tokens are the previous step's samples, still on the device (the overlapped engi
   prompt, forked by the block manager) form groups of up to MAX_N rows; decode attention reads
   their shared prefix once per group.
 
-The only host sync of a step is reading back the sampled tokens and logprobs.
+The only host sync of a step is reading back the sampled tokens and logprobs (requests with
+top-k / top-p / min-p or min_tokens build their sampling tensors with pageable copies, which do wait).
 Graphs hold the addresses of the KV cache and of the weights: if either changes (KV
 re-allocated, weights re-created) they are dropped and captured again.
 """
@@ -33,6 +34,7 @@ import torch
 
 from atom.engine.sampler import sampling_metadata
 from atom.engine.scheduler import ScheduledBatch
+from atom.engine.sequence import stream_counter
 from atom.ops import ops
 from atom.ops.metadata import AttentionMetadata, CascadeMetadata, SamplerOutput, SamplingMetadata
 
@@ -206,7 +208,7 @@ class DecodeRunner:
             if not ok or out_len < seq.params.min_tokens:
                 fast = False
             seeds.append(seq.request.seed)
-            counters.append((seq.sample_index << 20) + out_len)
+            counters.append(stream_counter(seq.sample_index, out_len))
             temps.append(temp)
             raws.append(raw)
             if k > num_top:
@@ -356,9 +358,6 @@ class DecodeRunner:
             top = dict(zip(top_ids[r][:k], top_lps[r][:k])) if k > 0 else None
             out.sampled.append(SampledToken(seq, seq.sample_index, tokens[r], lps[r], top))
         return out
-
-    def execute(self, batch: ScheduledBatch):
-        return self.collect(self.launch(batch))
 
 
 @dataclass

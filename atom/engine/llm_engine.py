@@ -25,12 +25,12 @@ class LLMEngine:
         self.max_model_len = config.max_model_len or min(limit, _DEFAULT_MAX_MODEL_LEN)
         if self.max_model_len > limit:
             raise ValueError(f"max_model_len={self.max_model_len} exceeds the model's max_position_embeddings={limit}")
-        self.runner = ModelRunner(config, self.args)
+        self.runner = ModelRunner(config, self.args, self.max_model_len)
         if config.load_format == "dummy":
             self.runner.init_dummy_weights()
         else:
             self.runner.load_checkpoint(config.model)
-        num_blocks = self.runner.num_kv_blocks(self.max_model_len)
+        num_blocks = self.runner.num_kv_blocks()
         self.runner.allocate_kv_cache(num_blocks)
         self.block_manager = BlockManager(num_blocks, config.kv_block_size, config.enable_prefix_caching)
         self.stats = EngineStats()
@@ -85,9 +85,10 @@ class LLMEngine:
                 if on_progress is not None and finished:
                     on_progress(finished)
         except BaseException:
-            if inflight is not None:
-                self.runner.collect(inflight)  # let the device finish before its blocks are reused
-            self.abort_all()
+            try:
+                self.runner.synchronize()  # queued steps finish before their blocks are reused
+            finally:
+                self.abort_all()
             raise
         if dp.size > 1:
             arrived = share_results(requests, dp)

@@ -39,9 +39,10 @@ class StepOutput:
 
 
 class ModelRunner:
-    def __init__(self, config: EngineConfig, args: ModelArgs) -> None:
+    def __init__(self, config: EngineConfig, args: ModelArgs, max_model_len: int) -> None:
         self.config = config
         self.args = args
+        self.max_model_len = max_model_len
         # Tensor / expert parallelism: this rank's groups (TP = EP = 1: no torch.distributed at all).
         from atom.distributed import init_parallel
         self.parallel = init_parallel(config, args)
@@ -85,9 +86,8 @@ class ModelRunner:
         elem = torch.empty((), dtype=self.dtype).element_size()
         return 2 * a.num_hidden_layers * self.config.kv_block_size * self.num_kv_heads * a.head_dim * elem
 
-    def num_kv_blocks(self, max_model_len: int) -> int:
+    def num_kv_blocks(self) -> int:
         c = self.config
-        self.max_model_len = max_model_len  # the GPU decode path sizes its block tables by it
         if c.num_kv_blocks is not None:
             return c.num_kv_blocks
         if c.kv_cache_memory_bytes is not None:
@@ -106,7 +106,7 @@ class ModelRunner:
             budget = _CPU_KV_BUDGET
         blocks = budget // self.kv_bytes_per_block()
         if self.device.type == "cpu" and c.kv_cache_memory_bytes is None:
-            blocks = min(blocks, c.max_num_seqs * -(-max_model_len // c.kv_block_size))
+            blocks = min(blocks, c.max_num_seqs * -(-self.max_model_len // c.kv_block_size))
         if blocks < 1:
             raise RuntimeError(f"no memory left for the KV cache (budget {budget} bytes)")
         if self.parallel.is_parallel:  # the ranks' schedulers must agree on the pool size
@@ -207,8 +207,7 @@ class ModelRunner:
         runner = self.__dict__.get("_decode_runner")
         if runner is None:
             from atom.engine.cuda_graph import DecodeRunner
-            max_len = getattr(self, "max_model_len", None) or min(self.args.max_position_embeddings, 8192)
-            runner = self._decode_runner = DecodeRunner(self, max_len)
+            runner = self._decode_runner = DecodeRunner(self, self.max_model_len)
         return runner
 
     @torch.inference_mode()
@@ -225,6 +224,10 @@ class ModelRunner:
             self.copy_blocks(block_manager.pending_copies)
             block_manager.pending_copies.clear()
         return runner.launch(batch, prev)
+
+    def synchronize(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
 
     @torch.inference_mode()
     def collect(self, inflight) -> StepOutput:

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import torch
 
-from atom.engine.sequence import Sequence
+from atom.engine.sequence import Sequence, stream_counter
 from atom.ops.metadata import SamplingMetadata
 from atom.ops.torch_ops import filter_logits
 
@@ -24,7 +24,7 @@ def sampling_metadata(rows: list[tuple[Sequence, int]], eos_ids: list[int],
         min_ps.append(float(p.min_p))
         seeds.append(seq.request.seed)
         num_output = seq.num_output_tokens + lag
-        counters.append((sample_index << 20) + num_output)
+        counters.append(stream_counter(sample_index, num_output))
         raw.append(p.logprobs_mode == "raw")
         num_top = max(num_top, p.logprobs or 0)
         if num_output < p.min_tokens:

@@ -19,10 +19,6 @@ class ScheduledBatch:
     def is_decode(self) -> bool:
         return all(n == 1 for n in self.num_new_tokens)
 
-    @property
-    def num_tokens(self) -> int:
-        return sum(self.num_new_tokens)
-
     def samples(self, i: int) -> bool:
         """Whether seq i reaches its last token this step (so the step samples its next one)."""
         seq = self.seqs[i]
@@ -58,7 +54,6 @@ class Scheduler:
         seqs: list[Sequence] = []
         counts: list[int] = []
         # Running sequences first, oldest first; the newest are preempted when blocks run out.
-        # (A running sequence's status is RUNNING: O(1) where `seq in self.running` was O(n).)
         for seq in list(self.running):
             if seq.status is not SeqStatus.RUNNING or budget == 0:
                 continue
@@ -105,8 +100,11 @@ class Scheduler:
         those that stop on it (EOS, stop ids) waste their row, and their result is dropped."""
         if self.waiting and len(self.running) < self.max_num_seqs:
             return None
-        seqs = [seq for seq in batch.seqs if seq.status is SeqStatus.RUNNING
-                and seq.num_output_tokens + 1 < seq.params.max_tokens and len(seq) + 1 < max_model_len]
+        live = [seq for seq in batch.seqs if seq.status is SeqStatus.RUNNING]
+        if len(live) != len(self.running):  # some wait for token budget: the scheduler decides
+            return None
+        seqs = [seq for seq in live
+                if seq.num_output_tokens + 1 < seq.params.max_tokens and len(seq) + 1 < max_model_len]
         if not seqs:
             return None
         bm = self.bm

@@ -25,13 +25,11 @@ class Request:
     sequences: list["Sequence"] = field(default_factory=list)
     prompt_logprobs: list[dict[int, float] | None] | None = None
 
-    @property
-    def finished(self) -> bool:
-        return len(self.sequences) == self.params.n and all(s.is_finished for s in self.sequences)
-
 
 class Sequence:
-    """Token state of one completion. `num_computed` tokens have KV in `block_table`."""
+    """Token state of one completion. The KV of the first `num_computed` tokens is in `block_table`
+    (or queued to be: an overlapped decode step counts its input token, which may still be in
+    flight and not yet in `token_ids`)."""
 
     def __init__(self, request: Request, sample_index: int, token_ids: list[int]) -> None:
         self.request = request
@@ -47,8 +45,8 @@ class Sequence:
         self.finish_reason: str | None = None
         self.stop_reason: str | int | None = None
         self.stop_text_len: int | None = None  # text cut where a stop string begins
-        # Number of tokens this sequence may share with its siblings before forking: the first
-        # sequence of a request with n > 1 samples all n first tokens from one prefill.
+        # The first sequence of a request with n > 1 samples all n first tokens from its one
+        # prefill, then forks the others off its KV blocks.
         self.fork_pending = request.params.n > 1 and sample_index == 0
 
     def __len__(self) -> int:
@@ -63,18 +61,10 @@ class Sequence:
         return self.token_ids[self.num_prompt_tokens:]
 
     @property
-    def is_finished(self) -> bool:
-        return self.status == SeqStatus.FINISHED
-
-    @property
     def num_uncomputed(self) -> int:
         return len(self.token_ids) - self.num_computed
 
-    @property
-    def random_stream(self) -> tuple[int, int]:
-        """(seed, counter) for the next sampled token: a pure function of request seed, sample and position."""
-        return self.request.seed, (self.sample_index << 20) + self.num_output_tokens
 
-    def finish(self, reason: str, stop_reason: str | int | None = None) -> None:
-        self.status = SeqStatus.FINISHED
-        self.finish_reason, self.stop_reason = reason, stop_reason
+def stream_counter(sample_index: int, num_output_tokens: int) -> int:
+    """Position in a request's random stream of the next token of one sample (see torch_ops.row_keys)."""
+    return (sample_index << 20) + num_output_tokens

@@ -182,7 +182,9 @@ def filter_logits(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor
     sorted_logits = sorted_logits.masked_fill(ranks >= k[:, None], float("-inf"))
     sorted_probs = sorted_logits.softmax(-1)
     mass_before = sorted_probs.cumsum(-1) - sorted_probs
-    sorted_logits = sorted_logits.masked_fill(mass_before > top_p[:, None], float("-inf"))
+    # Rows with top_p = 1 skip the mask: their rounded cumulative sum may pass 1 in the tail.
+    nucleus = (mass_before > top_p[:, None]) & (top_p[:, None] < 1.0)
+    sorted_logits = sorted_logits.masked_fill(nucleus, float("-inf"))
     return torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)
 
 

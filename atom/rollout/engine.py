@@ -1,6 +1,7 @@
 """RolloutEngine: the public entry point trainers build inside their own processes."""
 from __future__ import annotations
 
+import dataclasses
 import os
 import random
 from typing import Iterable, Sequence as Seq
@@ -77,6 +78,8 @@ class RolloutEngine(RLMixin):
         prompts = list(prompts)
         params = self._per_prompt_params(sampling_params, len(prompts))
         requests = [self._make_request(i, p, sp) for i, (p, sp) in enumerate(zip(prompts, params))]
+        for req in requests:  # only once every prompt passed: a rejected call leaves the stream alone
+            req.seed = req.params.seed if req.params.seed is not None else self._rng.getrandbits(63)
         bar = tqdm(total=sum(r.params.n for r in requests), desc="rollout", unit="seq", disable=not use_tqdm)
         self._busy = True
         try:
@@ -100,13 +103,16 @@ class RolloutEngine(RLMixin):
             params = list(sampling_params)
             if len(params) != count:
                 raise ValueError(f"got {len(params)} SamplingParams for {count} prompts")
+        frozen: dict[int, SamplingParams] = {}
         for sp in params:
             if not isinstance(sp, SamplingParams):
                 raise ValueError(f"sampling_params entries must be SamplingParams, got {type(sp).__name__}")
             sp.validate(self.vocab_size)
             if sp.stop and self.tokenizer is None:
                 raise ValueError("SamplingParams.stop needs a tokenizer; this checkpoint has none")
-        return params
+            # A private copy per call: the caller may change its object later, the run must not see it.
+            frozen.setdefault(id(sp), dataclasses.replace(sp))
+        return [frozen[id(sp)] for sp in params]
 
     def _tokenize(self, index: int, prompt: Prompt) -> list[int]:
         if isinstance(prompt, str):
@@ -126,8 +132,9 @@ class RolloutEngine(RLMixin):
             if bad:
                 raise ValueError(f"prompt {index}: token id {bad[0]} is outside the vocabulary [0, {self.vocab_size})")
             return list(prompt)
+        hint = " (a token-id prompt is a list inside the list of prompts: [[1, 2, 3]])" if isinstance(prompt, int) else ""
         raise ValueError(f"prompt {index}: expected a string, a list of token ids or a chat conversation, "
-                         f"got {type(prompt).__name__}")
+                         f"got {type(prompt).__name__}{hint}")
 
     def _make_request(self, index: int, prompt: Prompt, params: SamplingParams) -> Request:
         ids = self._tokenize(index, prompt)
@@ -140,8 +147,7 @@ class RolloutEngine(RLMixin):
         if not self._engine.max_tokens_fit(longest):
             raise ValueError(f"prompt {index}: {longest} tokens do not fit the KV cache of "
                              f"{self._engine.block_manager.num_blocks} blocks")
-        seed = params.seed if params.seed is not None else self._rng.getrandbits(63)
-        return Request(index, prompt, ids, params, seed)
+        return Request(index, prompt, ids, params, seed=0)
 
     def _detokenize(self, ids: list[int]) -> str:
         return self.tokenizer.decode(ids, skip_special_tokens=True)
@@ -155,7 +161,7 @@ class RolloutEngine(RLMixin):
                 text = text[: seq.stop_text_len]
             completions.append(Completion(
                 index=seq.sample_index, token_ids=ids, text=text, logprobs=seq.logprobs,
-                top_logprobs=seq.top_logprobs, finish_reason=seq.finish_reason or "length",
+                top_logprobs=seq.top_logprobs, finish_reason=seq.finish_reason,
                 stop_reason=seq.stop_reason, weight_version=self.weight_version))
         return RolloutOutput(prompt=req.prompt, prompt_token_ids=req.prompt_token_ids, outputs=completions,
                              prompt_logprobs=req.prompt_logprobs)

@@ -1,5 +1,5 @@
 """RolloutEngine's RL side: sleep / wake_up (give device memory back between rollouts) and
-hot weight updates. Mixed into `RolloutEngine`; see docs_rl_features.md.
+hot weight updates. Mixed into `RolloutEngine`; see README.md (RL features).
 
 State machine:
 * awake: generate, update_weights, sleep all allowed.
@@ -19,6 +19,8 @@ The network path (atom.weights_sync.WeightReceiver) validates all metadata first
 buckets, so there a failed or broken-off transfer leaves the previous weights serving.
 """
 from __future__ import annotations
+
+from collections.abc import Mapping
 
 from typing import Iterable, Sequence
 
@@ -74,7 +76,7 @@ class RLMixin:
         complete set. The prefix cache is emptied (its KV is gone).
         """
         self._check_ready("sleep")
-        if level not in (1, 2):
+        if isinstance(level, bool) or level not in (1, 2):
             raise ValueError(f"sleep: level must be 1 or 2, got {level!r}")
         if offload_weights and level != 2:
             raise ValueError("sleep: offload_weights applies to level 2 (level 1 keeps the weights)")
@@ -108,6 +110,8 @@ class RLMixin:
         if isinstance(tags, str):
             tags = [tags]
         wanted = set(asleep) if tags is None else set(tags)
+        if tags is not None and not wanted:
+            raise ValueError("wake_up: tags is empty; pass None to wake everything that sleeps")
         unknown = sorted(wanted - set(TAGS))
         if unknown:
             raise ValueError(f"wake_up: unknown tag(s) {unknown}; known: {list(TAGS)}")
@@ -137,6 +141,10 @@ class RLMixin:
         generate until a complete update succeeds. The prefix cache is emptied by any update.
         """
         self._check_ready("update_weights")
+        if version is not None and (isinstance(version, bool) or not isinstance(version, int)):
+            raise ValueError(f"update_weights: version must be an int, got {version!r}")
+        if isinstance(named_tensors, Mapping):  # a state_dict
+            named_tensors = named_tensors.items()
         memory = self._engine.runner.memory
         if WEIGHTS in memory.asleep():
             raise RuntimeError("update_weights: the weights are released (sleep level 2); "

@@ -4,7 +4,7 @@
 * Over the network: the trainer and every engine rank join `init_weight_sync_group(...)`
   (its own TCPStore and process group); the trainer sends with `WeightSender` (or
   `push(model, sender)`), each engine rank receives with `WeightReceiver(engine, group).receive()`.
-See docs_rl_features.md.
+See README.md (RL features).
 """
 from atom.weights_sync.group import (WeightSyncError, WeightSyncGroup, WeightSyncTimeout,
                                      init_weight_sync_group)
