@@ -47,3 +47,19 @@ def test_unsupported_rope_scaling_is_a_clear_error(tmp_path, tiny_llama_path):
     (bad / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(ValueError, match="rope type 'yarn' is not supported"):
         RolloutEngine(str(bad))
+
+
+def test_attention_bias_checkpoints_match_hf(make_tiny_model):
+    """attention_bias puts biases on q, k, v and o (HF Llama / Qwen3)."""
+    import torch
+
+    from helpers import hf_greedy, hf_logits
+    for arch in ("llama", "qwen3"):
+        path = make_tiny_model(arch, attention_bias=True, weight_std=0.2)
+        prompt = random_prompts([19], TINY_VOCAB, seed=42)[0]
+        out = RolloutEngine(path).generate([prompt], SamplingParams(temperature=0, max_tokens=8, ignore_eos=True,
+                                                                     logprobs=0, logprobs_mode="raw"))[0].outputs[0]
+        assert out.token_ids == hf_greedy(path, prompt, 8)
+        ref = hf_logits(path, prompt + out.token_ids).log_softmax(-1)[len(prompt) - 1:-1]
+        want = ref.gather(-1, torch.tensor(out.token_ids)[:, None]).squeeze(-1)
+        torch.testing.assert_close(torch.tensor(out.logprobs), want, atol=1e-4, rtol=0)

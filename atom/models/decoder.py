@@ -30,7 +30,7 @@ class SelfAttention(nn.Module):
         self.qkv_proj = column_linear(args.hidden_size, [args.num_attention_heads * d, kv * d, kv * d],
                                       bias=args.attention_bias, shard_names=["q_proj", "k_proj", "v_proj"], tp=tp,
                                       replicas=[1, kv_replicas, kv_replicas])
-        self.o_proj = row_linear(args.num_attention_heads * d, args.hidden_size, tp=tp)
+        self.o_proj = row_linear(args.num_attention_heads * d, args.hidden_size, bias=args.attention_bias, tp=tp)
         self.q_norm = RMSNorm(d, args.rms_norm_eps) if qk_norm else None
         self.k_norm = RMSNorm(d, args.rms_norm_eps) if qk_norm else None
         self.rotary = rotary
