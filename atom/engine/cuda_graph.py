@@ -17,8 +17,8 @@ tokens are the previous step's samples, still on the device (the overlapped engi
   prompt, forked by the block manager) form groups of up to MAX_N rows; decode attention reads
   their shared prefix once per group.
 
-The only host sync of a step is reading back the sampled tokens and logprobs (requests with
-top-k / top-p / min-p or min_tokens build their sampling tensors with pageable copies, which do wait).
+The only host sync of a step is reading back the sampled tokens and logprobs (rows whose
+min_tokens still bans tokens build their sampling tensors with pageable copies, which do wait).
 Graphs hold the addresses of the KV cache and of the weights: if either changes (KV
 re-allocated, weights re-created) they are dropped and captured again.
 """
@@ -43,6 +43,21 @@ log = logging.getLogger(__name__)
 # Ops that must not be the torch reference inside a CUDA graph (they sync with the host).
 _GRAPH_OPS = ("paged_attention_decode", "kv_cache_write")
 _GRAPH_OPS_MOE = ("fused_moe",)
+
+
+_SAMPLING_FIELDS = (("seeds", np.int64), ("counters", np.int64), ("top_k", np.int64), ("temperature", np.float32),
+                    ("top_p", np.float32), ("min_p", np.float32), ("raw", np.bool_))
+_TORCH_DTYPES = {np.int64: torch.int64, np.float32: torch.float32, np.bool_: torch.bool}
+
+
+def _sampling_views(buf, cap: int, view) -> dict:
+    """Named per-row arrays laid one after another in a byte buffer (numpy or torch)."""
+    out, at = {}, 0
+    for name, dt in _SAMPLING_FIELDS:
+        size = np.dtype(dt).itemsize * cap
+        out[name] = view(buf[at: at + size], dt)
+        at += size
+    return out
 
 
 def batch_ladder(max_bs: int) -> list[int]:
@@ -81,22 +96,13 @@ class DecodeRunner:
         self.dev = torch.zeros(total, dtype=torch.int32, device=self.device)
         self._views: dict[tuple[int, int], tuple] = {}
         self._parity = 0
-        # Sampling inputs of the fast path (no filters, no banned tokens): seeds, counters (int64),
-        # temperatures (float32), raw-logprob flags (bool) in one pinned buffer and one copy.
+        # Per-row sampling inputs (all but min_tokens' banned tokens) in one pinned buffer, one copy.
         cap = self.capacity
-        self.s_hosts = [torch.empty(21 * cap, dtype=torch.uint8, pin_memory=pin) for _ in range(2)]
-        self.s_dev = torch.zeros(21 * cap, dtype=torch.uint8, device=self.device)
-        self.s_nps = []
-        for s_host in self.s_hosts:
-            hs = s_host.numpy()
-            self.s_nps.append((hs[: 8 * cap].view(np.int64), hs[8 * cap: 16 * cap].view(np.int64),
-                               hs[16 * cap: 20 * cap].view(np.float32), hs[20 * cap: 21 * cap].view(np.bool_)))
-        ds = self.s_dev
-        self.s_t = (ds[: 8 * cap].view(torch.int64), ds[8 * cap: 16 * cap].view(torch.int64),
-                    ds[16 * cap: 20 * cap].view(torch.float32), ds[20 * cap: 21 * cap].view(torch.bool))
-        self.s_zeros = torch.zeros(cap, dtype=torch.int64, device=self.device)
-        self.s_zerof = torch.zeros(cap, dtype=torch.float32, device=self.device)
-        self.s_onef = torch.ones(cap, dtype=torch.float32, device=self.device)
+        nbytes = sum(np.dtype(dt).itemsize for _, dt in _SAMPLING_FIELDS) * cap
+        self.s_hosts = [torch.zeros(nbytes, dtype=torch.uint8, pin_memory=pin) for _ in range(2)]
+        self.s_dev = torch.zeros(nbytes, dtype=torch.uint8, device=self.device)
+        self.s_nps = [_sampling_views(h.numpy(), cap, lambda a, dt: a.view(dt)) for h in self.s_hosts]
+        self.s_t = _sampling_views(self.s_dev, cap, lambda a, dt: a.view(_TORCH_DTYPES[dt]))
         self._param_cache: dict[int, tuple] = {}
         self.timers = {"fill": 0.0, "forward+sample": 0.0, "steps": 0, "overlapped": 0}
         self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
@@ -177,39 +183,44 @@ class DecodeRunner:
         return c[1], c[2]
 
     def _params(self, p) -> tuple:
-        """(params, fast-path ok, temperature, raw, top logprobs) of a SamplingParams, cached."""
+        """(params, filters, top_k, top_p, min_p, temperature, raw, top logprobs) of a SamplingParams,
+        cached (the engine gives each call private copies, so a cached object never changes)."""
         c = self._param_cache.get(id(p))
         if c is None or c[0] is not p:
-            fast = p.effective_top_k <= 0 and p.top_p >= 1.0 and p.min_p <= 0.0
-            c = (p, fast, float(p.temperature), p.logprobs_mode == "raw", p.logprobs or 0)
+            filters = p.effective_top_k > 0 or p.top_p < 1.0 or p.min_p > 0.0
+            c = (p, filters, p.effective_top_k, float(p.top_p), float(p.min_p), float(p.temperature),
+                 p.logprobs_mode == "raw", p.logprobs or 0)
             if len(self._param_cache) > 4096:
                 self._param_cache.clear()
             self._param_cache[id(p)] = c
         return c
 
     def _fill(self, seqs, bs: int, host: dict, lag: int, parity: int):
-        """Writes the step's attention inputs; returns the fast-path SamplingMetadata, or None
-        when a row needs filters or banned tokens (then the generic builder runs).
+        """Writes the step's attention and sampling inputs; returns the SamplingMetadata, or None
+        when a row still has tokens banned by min_tokens (then the generic builder runs).
 
         lag = 1: each sequence's last token is still in flight (sampled by the step before, not
         yet appended): positions move one on, and the token ids come from the device.
         """
         n, page = len(seqs), self.page
         ids, pos, slots, lens = [], [], [], []
-        seeds, counters, temps, raws = [], [], [], []
-        fast, num_top = True, 0
+        seeds, counters, top_ks, temps, top_ps, min_ps, raws = [], [], [], [], [], [], []
+        banned, need_filter, num_top = False, False, 0
         bt = host["bt"]
         by_first: dict[int, list[int]] = {}
         for i, seq in enumerate(seqs):
             toks, table = seq.token_ids, seq.block_table
             p = len(toks) - 1 + lag
-            _, ok, temp, raw, k = self._params(seq.params)
+            _, filters, top_k, top_p, min_p, temp, raw, k = self._params(seq.params)
             out_len = p + 1 - seq.num_prompt_tokens
-            if not ok or out_len < seq.params.min_tokens:
-                fast = False
+            banned = banned or out_len < seq.params.min_tokens
+            need_filter = need_filter or filters
             seeds.append(seq.request.seed)
             counters.append(stream_counter(seq.sample_index, out_len))
+            top_ks.append(top_k)
             temps.append(temp)
+            top_ps.append(top_p)
+            min_ps.append(min_p)
             raws.append(raw)
             if k > num_top:
                 num_top = k
@@ -233,18 +244,18 @@ class DecodeRunner:
         if len(self._bt_cache) > 4 * self.capacity:
             live = {id(s) for s in seqs}
             self._bt_cache = {k: v for k, v in self._bt_cache.items() if k in live}
-        if not fast:
+        if banned:
             return None
-        h_seeds, h_counters, h_temps, h_raw = self.s_nps[parity]
-        h_seeds[:n], h_counters[:n], h_temps[:n], h_raw[:n] = seeds, counters, temps, raws
-        d_seeds, d_counters, d_temps, d_raw = self.s_t
+        h = self.s_nps[parity]
+        h["seeds"][:n], h["counters"][:n], h["top_k"][:n] = seeds, counters, top_ks
+        h["temperature"][:n], h["top_p"][:n], h["min_p"][:n], h["raw"][:n] = temps, top_ps, min_ps, raws
         self.s_dev.copy_(self.s_hosts[parity], non_blocking=True)
-        any_raw = any(raws)
+        d = self.s_t
         return SamplingMetadata(
-            temperature=d_temps[:n], top_k=self.s_zeros[:n], top_p=self.s_onef[:n], min_p=self.s_zerof[:n],
-            seeds=d_seeds[:n], counters=d_counters[:n], raw_logprobs=d_raw[:n], banned_rows=None,
-            banned_tokens=None, need_filter=False, all_greedy=all(t == 0.0 for t in temps), any_raw=any_raw,
-            num_top_logprobs=num_top)
+            temperature=d["temperature"][:n], top_k=d["top_k"][:n], top_p=d["top_p"][:n], min_p=d["min_p"][:n],
+            seeds=d["seeds"][:n], counters=d["counters"][:n], raw_logprobs=d["raw"][:n], banned_rows=None,
+            banned_tokens=None, need_filter=need_filter, all_greedy=all(t == 0.0 for t in temps),
+            any_raw=any(raws), num_top_logprobs=num_top)
 
     def _groups(self, seqs, by_first: dict[int, list[int]], bs: int, host: dict) -> None:
         plen, grows, row_prefix = host["plen"], host["grows"], host["row_prefix"]
