@@ -157,7 +157,7 @@ def test_resume_skips_done_prompts_and_repairs_a_torn_line(model_path, prompts_f
     ("nokey", '{"prompt_token_ids": [3, 4]}\n\n{"text": "hi"}\n', [], r"nokey\.jsonl:3: no prompt"),
     ("badids", '{"prompt_token_ids": [3, -4]}\n', [], r"badids\.jsonl:1: 'prompt_token_ids' must be"),
     ("vocab", '{"prompt_token_ids": [3, 100000]}\n', [], r"vocab\.jsonl:1: token id 100000 is outside"),
-    ("text", '{"prompt": "hello"}\n', [], r"text\.jsonl:1: text prompt, but model .* has no tokenizer"),
+    ("text", '{"prompt": "hello"}\n', [], r"text\.jsonl:1: text prompts need a tokenizer; pass token ids instead"),
     ("nomodel", '{"prompt_token_ids": [3]}\n', ["model.path=/no/such/model"], "no such checkpoint directory"),
     ("nopath", '{"prompt_token_ids": [3]}\n', ["model=qwen3_8b", "model.path=null"], "'qwen3_8b' has no checkpoint"),
     ("sampling", '{"prompt_token_ids": [3]}\n', ["sampling.top_p=2"], r"sampling: SamplingParams\.top_p"),

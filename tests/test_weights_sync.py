@@ -18,10 +18,20 @@ from _rl_util import changed_model, make_engine, rollout, same
 TIMEOUT = 30.0
 
 
+def _free_ports(n: int) -> list[int]:
+    """n distinct free ports (the sockets are held together, so no port comes back twice)."""
+    socks = [socket.socket() for _ in range(n)]
+    try:
+        for s in socks:
+            s.bind(("127.0.0.1", 0))
+        return [s.getsockname()[1] for s in socks]
+    finally:
+        for s in socks:
+            s.close()
+
+
 def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    return _free_ports(1)[0]
 
 
 def _group(rank: int, port: int, world_size: int = 2):
@@ -186,4 +196,4 @@ def _fsdp_worker(i: int, base: str, changed_dir: str, ports: tuple[int, int]) ->
 
 def test_fsdp2_trainer_push(make_tiny_model, tmp_path):
     base = make_tiny_model("qwen3_moe")
-    mp.spawn(_fsdp_worker, args=(base, str(tmp_path / "changed"), (_free_port(), _free_port())), nprocs=3, join=True)
+    mp.spawn(_fsdp_worker, args=(base, str(tmp_path / "changed"), tuple(_free_ports(2))), nprocs=3, join=True)

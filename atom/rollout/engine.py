@@ -114,35 +114,47 @@ class RolloutEngine(RLMixin):
             frozen.setdefault(id(sp), dataclasses.replace(sp))
         return [frozen[id(sp)] for sp in params]
 
-    def _tokenize(self, index: int, prompt: Prompt) -> list[int]:
+    def tokenize(self, prompt: Prompt) -> list[int]:
+        """The token ids `generate` would run for one prompt (text, token ids or a chat).
+
+        Raises the ValueError `generate` would raise for it (no tokenizer, empty, ids outside the
+        vocabulary, too long for max_model_len), so callers can check a data set up front.
+        """
+        return self._prompt_ids("prompt", prompt)
+
+    def _prompt_ids(self, label: str, prompt: Prompt) -> list[int]:
+        ids = self._raw_ids(label, prompt)
+        if not ids:
+            raise ValueError(f"{label} is empty")
+        if len(ids) >= self.max_model_len:
+            raise ValueError(f"{label} has {len(ids)} tokens; max_model_len={self.max_model_len} "
+                             "leaves no room to generate")
+        return ids
+
+    def _raw_ids(self, label: str, prompt: Prompt) -> list[int]:
         if isinstance(prompt, str):
             if self.tokenizer is None:
-                raise ValueError(f"prompt {index}: text prompts need a tokenizer; pass token ids instead")
+                raise ValueError(f"{label}: text prompts need a tokenizer; pass token ids instead")
             return list(self.tokenizer(prompt).input_ids)
         if isinstance(prompt, (list, tuple)) and prompt and all(isinstance(m, dict) for m in prompt):
             if self.tokenizer is None:
-                raise ValueError(f"prompt {index}: chat prompts need a tokenizer with a chat template")
+                raise ValueError(f"{label}: chat prompts need a tokenizer with a chat template")
             for m in prompt:
                 if not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
-                    raise ValueError(f"prompt {index}: each chat message needs string 'role' and 'content'")
+                    raise ValueError(f"{label}: each chat message needs string 'role' and 'content'")
             text = self.tokenizer.apply_chat_template(list(prompt), tokenize=False, add_generation_prompt=True)
             return list(self.tokenizer(text, add_special_tokens=False).input_ids)
         if isinstance(prompt, (list, tuple)) and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
             bad = [t for t in prompt if not 0 <= t < self.vocab_size]
             if bad:
-                raise ValueError(f"prompt {index}: token id {bad[0]} is outside the vocabulary [0, {self.vocab_size})")
+                raise ValueError(f"{label}: token id {bad[0]} is outside the vocabulary [0, {self.vocab_size})")
             return list(prompt)
         hint = " (a token-id prompt is a list inside the list of prompts: [[1, 2, 3]])" if isinstance(prompt, int) else ""
-        raise ValueError(f"prompt {index}: expected a string, a list of token ids or a chat conversation, "
+        raise ValueError(f"{label}: expected a string, a list of token ids or a chat conversation, "
                          f"got {type(prompt).__name__}{hint}")
 
     def _make_request(self, index: int, prompt: Prompt, params: SamplingParams) -> Request:
-        ids = self._tokenize(index, prompt)
-        if not ids:
-            raise ValueError(f"prompt {index} is empty")
-        if len(ids) >= self.max_model_len:
-            raise ValueError(f"prompt {index} has {len(ids)} tokens; max_model_len={self.max_model_len} "
-                             "leaves no room to generate")
+        ids = self._prompt_ids(f"prompt {index}", prompt)
         longest = min(len(ids) + params.max_tokens, self.max_model_len)
         if not self._engine.max_tokens_fit(longest):
             raise ValueError(f"prompt {index}: {longest} tokens do not fit the KV cache of "

@@ -329,21 +329,11 @@ def _engine_error(e: ValueError, chunk: list[Prompt]) -> str:
 
 def _check_prompts_for(engine, prompts: list[Prompt]) -> None:
     """Catch what the engine would reject only later, in some chunk, before anything is written."""
-    has_tokenizer = getattr(engine, "tokenizer", None) is not None
-    vocab = getattr(engine, "vocab_size", None)
-    max_len = getattr(engine, "max_model_len", None)
     for p in prompts:
-        if isinstance(p.prompt, str) or (p.prompt and isinstance(p.prompt[0], dict)):
-            if not has_tokenizer:
-                kind = "text" if isinstance(p.prompt, str) else "chat"
-                raise JobError(f"{p.where}: {kind} prompt, but model {engine.config.model!r} has no tokenizer: "
-                               f"give token ids or set model.tokenizer=DIR")
-        else:
-            if vocab is not None and max(p.prompt) >= vocab:
-                raise JobError(f"{p.where}: token id {max(p.prompt)} is outside the vocabulary [0, {vocab})")
-            if max_len is not None and len(p.prompt) >= max_len:
-                raise JobError(f"{p.where}: prompt has {len(p.prompt)} tokens; max_model_len={max_len} "
-                               f"leaves no room to generate")
+        try:
+            engine.tokenize(p.prompt)
+        except ValueError as e:
+            raise JobError(f"{p.where}: {str(e).removeprefix('prompt: ')}") from None
 
 
 def _open_results(out: Path, keep_bytes: int | None):
