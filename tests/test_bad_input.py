@@ -134,3 +134,13 @@ def test_params_changed_after_a_call_apply_to_the_next_call_only(tiny_qwen3_path
     want = RolloutEngine(tiny_qwen3_path).generate([[5, 6, 7]], SamplingParams(temperature=0, max_tokens=8,
                                                                                 ignore_eos=True))
     assert greedy == want[0].outputs[0].token_ids
+
+
+def test_tokenize_matches_generate_and_its_errors(engine):
+    assert engine.tokenize([5, 6, 7]) == [5, 6, 7]
+    with pytest.raises(ValueError, match="prompt is empty"):
+        engine.tokenize([])
+    with pytest.raises(ValueError, match="prompt has 64 tokens; max_model_len=64"):
+        engine.tokenize(list(range(2, 66)))
+    with pytest.raises(ValueError, match="text prompts need a tokenizer"):
+        engine.tokenize("hello")

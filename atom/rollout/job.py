@@ -31,6 +31,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import torch
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import MissingMandatoryValue, OmegaConfBaseException
 
@@ -396,6 +397,9 @@ def run(cfg: DictConfig | RolloutJobConfig) -> JobSummary:
     except (ValueError, FileNotFoundError) as e:
         raise JobError(f"engine: {e}") from None
     _check_prompts_for(engine, todo)
+    # Under tensor / expert parallelism (torchrun) every rank runs generate (SPMD); rank 0 writes.
+    writer = not (torch.distributed.is_available() and torch.distributed.is_initialized()) \
+        or torch.distributed.get_rank() == 0
 
     from tqdm.auto import tqdm
 
@@ -404,7 +408,7 @@ def run(cfg: DictConfig | RolloutJobConfig) -> JobSummary:
     n_completions = n_tokens = n_generated = 0
     t0 = time.perf_counter()
     bar = tqdm(total=len(prompts), initial=skipped, unit="prompt", desc="rollout",
-               disable=not job.output.progress, dynamic_ncols=True)
+               disable=not (job.output.progress and writer), dynamic_ncols=True)
     f = None  # opened when the first chunk is ready: a failing engine leaves an old file as it was
     try:
         with contextlib.ExitStack() as stack:
@@ -420,11 +424,12 @@ def run(cfg: DictConfig | RolloutJobConfig) -> JobSummary:
                     lines.append(json.dumps(_record(p, r, want_top, cfg_hash), ensure_ascii=False))
                     n_completions += len(r.outputs)
                     n_tokens += sum(len(c.token_ids) for c in r.outputs)
-                if f is None:
-                    f = stack.enter_context(_open_results(out, good_end if job.output.resume else None))
-                f.write(("\n".join(lines) + "\n").encode("utf-8"))
-                f.flush()
-                os.fsync(f.fileno())
+                if writer:
+                    if f is None:
+                        f = stack.enter_context(_open_results(out, good_end if job.output.resume else None))
+                    f.write(("\n".join(lines) + "\n").encode("utf-8"))
+                    f.flush()
+                    os.fsync(f.fileno())
                 n_generated += len(chunk)
                 bar.set_postfix(tokens=n_tokens, tok_s=f"{n_tokens / max(time.perf_counter() - t0, 1e-9):.1f}",
                                 refresh=False)
