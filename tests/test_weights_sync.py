@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import socket
+import sys
 import time
 
 import pytest
@@ -117,8 +118,17 @@ def _engine(base: str, changed_dir: str, port: int) -> None:
     assert same(rollout(engine), expected)
 
 
+def _leave() -> None:
+    """A worker that succeeded exits without interpreter teardown: destructors of live gloo
+    groups sometimes abort at exit ("terminate called without an active exception")."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
+
+
 def _main_worker(i: int, base: str, changed_dir: str, port: int) -> None:
     (_trainer if i == 0 else _engine)(base, changed_dir, port)
+    _leave()
 
 
 def test_broadcast_update_bad_metadata_and_killed_sender(make_tiny_model, tmp_path):
@@ -129,6 +139,11 @@ def test_broadcast_update_bad_metadata_and_killed_sender(make_tiny_model, tmp_pa
 # ---- a sender that stalls: the receiver times out; without staging the engine then refuses ----
 
 def _stall_worker(i: int, base: str, port: int) -> None:
+    _stall_body(i, base, port)
+    _leave()
+
+
+def _stall_body(i: int, base: str, port: int) -> None:
     from atom import SamplingParams
     from atom.weights_sync import WeightReceiver, WeightSender, WeightSyncTimeout
     torch.set_num_threads(1)
@@ -165,6 +180,11 @@ def test_stalled_sender_times_out(make_tiny_model):
 # ---- FSDP2 trainer (2 ranks, its own default group) -> engine ---------------------------------
 
 def _fsdp_worker(i: int, base: str, changed_dir: str, ports: tuple[int, int]) -> None:
+    _fsdp_body(i, base, changed_dir, ports)
+    _leave()
+
+
+def _fsdp_body(i: int, base: str, changed_dir: str, ports: tuple[int, int]) -> None:
     import torch.distributed as dist
     from atom.weights_sync import WeightReceiver, WeightSender, push
     torch.set_num_threads(1)
