@@ -122,7 +122,7 @@ class RLMixin:
             raise RuntimeError(f"wake_up: {', '.join(awake)} not asleep (asleep: {', '.join(sorted(asleep))})")
         for tag in TAGS:  # weights first
             if tag in wanted:
-                memory.pools[tag].restore(zero=tag == KV_CACHE)
+                memory.pools[tag].restore(zero=tag == KV_CACHE and _attention_reads_whole_blocks())
 
     # ---- weights -------------------------------------------------------------------------
     def update_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]], *, partial: bool = False,
@@ -170,3 +170,11 @@ class RLMixin:
             self._stale_reason = ""
         self.weight_version = int(version) if version is not None else self.weight_version + 1
         return self.weight_version
+
+
+def _attention_reads_whole_blocks() -> bool:
+    """Whether woken KV memory must be zeroed: the torch reference decode reads whole blocks (and
+    masks scores, so a NaN left in unwritten slots would leak through 0 * NaN); the triton kernels
+    load only slots below each sequence's length, all written before they are read."""
+    from atom.ops import ops
+    return any(ops.backend_of.get(name) == "torch" for name in ("paged_attention_decode", "paged_attention_prefill"))
