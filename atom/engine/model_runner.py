@@ -49,6 +49,7 @@ class ModelRunner:
         self.device = config.torch_device()
         # Decode steps go through static buffers, CUDA graphs and the overlapped loop on one GPU.
         self.use_decode_runner = self.device.type == "cuda" and not self.parallel.is_parallel
+        self._decode_runner = None
         self.dtype = config.torch_dtype(args.torch_dtype)
         ops.configure(self.device, config.op_backends)
         with torch.device(self.device):
@@ -203,12 +204,8 @@ class ModelRunner:
 
     @property
     def decode_runner(self):
-        """The decode path with static buffers and CUDA graphs (atom/engine/cuda_graph.py)."""
-        runner = self.__dict__.get("_decode_runner")
-        if runner is None:
-            from atom.engine.cuda_graph import DecodeRunner
-            runner = self._decode_runner = DecodeRunner(self, self.max_model_len)
-        return runner
+        """The GPU decode path (atom/engine/cuda_graph.py) once a decode step built it, else None."""
+        return self._decode_runner
 
     @torch.inference_mode()
     def launch_decode(self, batch: ScheduledBatch, block_manager: BlockManager, prev=None):
@@ -217,7 +214,10 @@ class ModelRunner:
         is prev's sampled one, fed on the device (the overlapped loop of LLMEngine.run)."""
         if not self.use_decode_runner or not batch.seqs or not batch.is_decode:
             return None
-        runner = self.decode_runner
+        if self._decode_runner is None:
+            from atom.engine.cuda_graph import DecodeRunner
+            self._decode_runner = DecodeRunner(self, self.max_model_len)
+        runner = self._decode_runner
         if not runner.supports(batch, lag=0 if prev is None else 1):
             return None
         if block_manager.pending_copies:
