@@ -248,3 +248,12 @@ def failure_case(case: str, path: str, timeout: float, out: str, device: str) ->
 
 if __name__ == "__main__":
     sys.exit(main())
+
+
+def spawned_plain_exit(rank: int, world: int, port: int, path: str) -> None:
+    """Build a TP engine, generate, and leave through normal interpreter exit (no os._exit)."""
+    set_rank_env(rank, world, port)
+    torch.set_num_threads(1)
+    from atom import RolloutEngine, SamplingParams
+    engine = RolloutEngine(path, tensor_parallel_size=world, kv_cache_memory_bytes=16 << 20)
+    engine.generate([[5, 6, 7]], SamplingParams(max_tokens=3))

@@ -15,6 +15,7 @@ TP = EP = 1 is `ParallelState.single()`: no process group, no collective, no tor
 """
 from __future__ import annotations
 
+import atexit
 import datetime
 import os
 from dataclasses import dataclass
@@ -256,9 +257,33 @@ def set_engine_group(group: Any) -> None:
     _ENGINE_GROUP = group
 
 
+_CREATED_GROUPS: list = []       # subgroups atom made (destroyed at exit)
+_CREATED_DEFAULT_GROUP = False    # whether atom initialised the default group itself
+
+
+def _destroy_groups_at_exit() -> None:
+    """Join the groups' threads before interpreter teardown: left to static destructors, gloo
+    groups abort the process now and then ("terminate called without an active exception")."""
+    import torch.distributed as dist
+    if not dist.is_initialized():
+        return
+    if _CREATED_DEFAULT_GROUP:
+        dist.destroy_process_group()  # all groups
+        return
+    for pg in _CREATED_GROUPS:
+        try:
+            dist.destroy_process_group(pg)
+        except Exception:  # noqa: BLE001 - best effort at exit
+            pass
+
+
 def _new_group(dist, ranks: list[int], timeout: datetime.timedelta):
     # Local synchronisation: only the members call it, so a trainer may host engines on some ranks only.
-    return dist.new_group(ranks, timeout=timeout, use_local_synchronization=True)
+    pg = dist.new_group(ranks, timeout=timeout, use_local_synchronization=True)
+    if not _CREATED_GROUPS and not _CREATED_DEFAULT_GROUP:
+        atexit.register(_destroy_groups_at_exit)
+    _CREATED_GROUPS.append(pg)
+    return pg
 
 
 def _init_default_group(dist, device: torch.device, timeout: datetime.timedelta) -> None:
@@ -272,8 +297,12 @@ def _init_default_group(dist, device: torch.device, timeout: datetime.timedelta)
     backend = "nccl" if device.type == "cuda" else "gloo"
     if device.type == "cuda" and device.index is None:
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+    global _CREATED_DEFAULT_GROUP
     try:
         dist.init_process_group(backend, timeout=timeout)
+        if not _CREATED_GROUPS:
+            atexit.register(_destroy_groups_at_exit)
+        _CREATED_DEFAULT_GROUP = True
     except Exception as e:  # noqa: BLE001
         raise CollectiveError(
             f"atom.distributed: start-up of the {os.environ['WORLD_SIZE']}-rank group failed on rank "
