@@ -353,22 +353,14 @@ class DecodeRunner:
         tm["forward+sample"] += time.perf_counter() - t1
         tm["steps"] += 1
         tm["overlapped"] += lag
-        return InFlight(batch, result, meta_s.num_top_logprobs)
+        return InFlight(batch, result)
 
     def collect(self, inflight: "InFlight"):
         """Wait for a launched step and turn its samples into a StepOutput (the one host sync)."""
-        from atom.engine.model_runner import SampledToken, StepOutput
+        from atom.engine.model_runner import StepOutput, sampled_tokens
 
-        result, seqs = inflight.result, inflight.batch.seqs
-        tokens, lps = result.token_ids.tolist(), result.logprobs.tolist()
-        out = StepOutput()
-        if inflight.num_top_logprobs > 0:
-            top_ids, top_lps = result.top_ids.tolist(), result.top_logprobs.tolist()
-        for r, seq in enumerate(seqs):
-            k = seq.params.logprobs or 0
-            top = dict(zip(top_ids[r][:k], top_lps[r][:k])) if k > 0 else None
-            out.sampled.append(SampledToken(seq, seq.sample_index, tokens[r], lps[r], top))
-        return out
+        rows = [(seq, seq.sample_index) for seq in inflight.batch.seqs]
+        return StepOutput(sampled=sampled_tokens(rows, inflight.result))
 
 
 @dataclass
@@ -377,7 +369,6 @@ class InFlight:
 
     batch: ScheduledBatch
     result: SamplerOutput
-    num_top_logprobs: int
 
 
 # ---- KV-cache sizing ---------------------------------------------------------------------------

@@ -16,7 +16,7 @@ from atom.models.hf_config import ModelArgs
 from atom.models.registry import model_class
 from atom.models.weights import WeightMap, iter_checkpoint, load_checkpoint, load_weights
 from atom.ops import ops
-from atom.ops.metadata import AttentionMetadata
+from atom.ops.metadata import AttentionMetadata, SamplerOutput
 
 _CPU_KV_BUDGET = 512 << 20
 
@@ -36,6 +36,20 @@ class StepOutput:
     # (seq, first prompt position scored, one dict per position)
     prompt_logprobs: list[tuple[Sequence, int, list[dict[int, float]]]] = field(default_factory=list)
     overlapped: bool = False  # launched ahead (LLMEngine advanced its sequences at launch)
+
+
+def sampled_tokens(rows: list[tuple[Sequence, int]], result: SamplerOutput) -> list[SampledToken]:
+    """The host-side view of a sampler result, one per (sequence, sample index) row: the step's
+    one device-to-host sync."""
+    tokens, lps = result.token_ids.tolist(), result.logprobs.tolist()
+    want_top = any(seq.params.logprobs for seq, _ in rows)
+    top_ids, top_lps = (result.top_ids.tolist(), result.top_logprobs.tolist()) if want_top else ([], [])
+    out = []
+    for r, (seq, j) in enumerate(rows):
+        k = seq.params.logprobs or 0
+        top = dict(zip(top_ids[r][:k], top_lps[r][:k])) if k > 0 else None
+        out.append(SampledToken(seq, j, tokens[r], lps[r], top))
+    return out
 
 
 class ModelRunner:
@@ -124,6 +138,12 @@ class ModelRunner:
             self.k_caches.append(attn.k_cache)
             self.v_caches.append(attn.v_cache)
 
+    def _flush_copies(self, block_manager: BlockManager) -> None:
+        """KV copies the block manager asked for (a fork's partial last block), before the step."""
+        if block_manager.pending_copies:
+            self.copy_blocks(block_manager.pending_copies)
+            block_manager.pending_copies.clear()
+
     def copy_blocks(self, pairs: list[tuple[int, int]]) -> None:
         src = torch.tensor([s for s, _ in pairs], device=self.device)
         dst = torch.tensor([d for _, d in pairs], device=self.device)
@@ -156,9 +176,7 @@ class ModelRunner:
     def execute(self, batch: ScheduledBatch, block_manager: BlockManager) -> StepOutput:
         if not batch.seqs:  # data-parallel attention: idle here, busy elsewhere
             return self._idle_step()
-        if block_manager.pending_copies:
-            self.copy_blocks(block_manager.pending_copies)
-            block_manager.pending_copies.clear()
+        self._flush_copies(block_manager)
         input_ids, positions, meta = self._attention_metadata(batch)
         hidden = self.model(input_ids, positions, meta)
 
@@ -194,12 +212,7 @@ class ModelRunner:
             result = ops.sample(logits[len(prompt_index):], meta_s)
             if self.parallel.debug_checks:
                 self.parallel.check_same(result.token_ids, "sampled tokens")
-            tokens, lps = result.token_ids.tolist(), result.logprobs.tolist()
-            top_ids, top_lps = result.top_ids.tolist(), result.top_logprobs.tolist()
-            for r, (seq, j) in enumerate(sample_rows):
-                k = seq.params.logprobs or 0
-                top = dict(zip(top_ids[r][:k], top_lps[r][:k])) if k > 0 else None
-                out.sampled.append(SampledToken(seq, j, tokens[r], lps[r], top))
+            out.sampled = sampled_tokens(sample_rows, result)
         return out
 
     @property
@@ -220,9 +233,7 @@ class ModelRunner:
         runner = self._decode_runner
         if not runner.supports(batch, lag=0 if prev is None else 1):
             return None
-        if block_manager.pending_copies:
-            self.copy_blocks(block_manager.pending_copies)
-            block_manager.pending_copies.clear()
+        self._flush_copies(block_manager)
         return runner.launch(batch, prev)
 
     def synchronize(self) -> None:
