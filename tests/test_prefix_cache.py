@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import dataclasses
 
+import pytest
+
 from atom import RolloutEngine, SamplingParams
 from atom.engine.block_manager import BlockManager
 from conftest import TINY_VOCAB
@@ -37,15 +39,29 @@ def test_n_samples_compute_prompt_once_and_reuse_across_calls(tiny_qwen3_path):
     assert [c.token_ids for c in second.outputs] == [c.token_ids for c in first.outputs]
 
 
-def test_repeated_prompts_in_one_batch_share_blocks(tiny_llama_path):
-    engine = RolloutEngine(tiny_llama_path, max_num_batched_tokens=64)
+@pytest.mark.parametrize("budget", [64, 8192])
+def test_repeated_prompts_in_one_call_are_prefilled_once(tiny_llama_path, budget):
+    """The copies wait one step for the first copy's blocks instead of computing them again
+    (the last block always keeps one token to compute), whatever the token budget."""
+    engine = RolloutEngine(tiny_llama_path, max_num_batched_tokens=budget)
     prompt = random_prompts([48], TINY_VOCAB, seed=8)[0]
+    other = random_prompts([20], TINY_VOCAB, seed=9)[0]
     s0 = dataclasses.replace(engine.stats)
-    outs = engine.generate([prompt, prompt, prompt], SamplingParams(temperature=0, max_tokens=4, ignore_eos=True))
-    # The first copy fills the cache in step one; the next two, scheduled later, reuse two of
-    # its three blocks (the last block always keeps one token to compute).
-    assert len({tuple(o.outputs[0].token_ids) for o in outs}) == 1
-    assert engine.stats.prompt_tokens_cached - s0.prompt_tokens_cached >= 32
+    outs = engine.generate([prompt, prompt, other, prompt],
+                           SamplingParams(temperature=0, max_tokens=4, ignore_eos=True))
+    assert len({tuple(outs[i].outputs[0].token_ids) for i in (0, 1, 3)}) == 1
+    d = delta(s0, engine.stats)
+    assert d["prompt_tokens_computed"] == 48 + 20 + 2 * 16
+    assert d["prompt_tokens_cached"] == 2 * 32
+
+
+def test_long_repeated_prompt_waits_for_the_chunks_in_progress(tiny_qwen3_path):
+    """A prompt prefilled over several chunks: its copy follows it block by block from the cache."""
+    engine = RolloutEngine(tiny_qwen3_path, max_num_batched_tokens=32)
+    prompt = random_prompts([100], TINY_VOCAB, seed=10)[0]
+    outs = engine.generate([prompt, prompt], SamplingParams(temperature=0, max_tokens=3, ignore_eos=True))
+    assert outs[0].outputs[0].token_ids == outs[1].outputs[0].token_ids
+    assert engine.stats.prompt_tokens_computed == 100 + (100 - 96)
 
 
 def test_hash_collisions_never_share_wrong_kv(tiny_qwen3_path, monkeypatch):

@@ -60,6 +60,20 @@ class BlockManager:
             matched.append(block_id)
         return matched
 
+    def keys_ahead(self, seq: Sequence, matched: list[int] | None = None) -> list[int]:
+        """Chain keys of the full blocks seq has yet to compute: after `matched` (a waiting seq's
+        cache hits) or after its registered blocks (a running one)."""
+        if matched is not None:
+            first, prev = len(matched), (self.blocks[matched[-1]].key if matched else None)
+        else:
+            done = self.block_keys.get(id(seq), [])
+            first, prev = len(done), (done[-1] if done else None)
+        keys, bs = [], self.block_size
+        for i in range(first, len(seq) // bs):
+            prev = self.chain_key(prev, tuple(seq.token_ids[i * bs:(i + 1) * bs]))
+            keys.append(prev)
+        return keys
+
     def _register_full_blocks(self, seq: Sequence) -> None:
         if not self.enable_prefix_caching:
             return

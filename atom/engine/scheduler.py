@@ -69,7 +69,11 @@ class Scheduler:
             seqs.append(seq)
             counts.append(n)
             budget -= n
-        # Then waiting sequences while there is room; never preempt for them.
+        # Then waiting sequences while there is room; never preempt for them. A sequence whose next
+        # block is being computed right now by another (a repeated prompt) waits a step and then
+        # takes it from the prefix cache: repeated prompts are prefilled once.
+        computing = self._blocks_being_computed() if self.waiting else set()
+        deferred: list[Sequence] = []
         while self.waiting and budget > 0:
             seq = self.waiting[0]
             # A forking prefill reserves seats for its n samples (alone it may exceed the limit).
@@ -78,9 +82,14 @@ class Scheduler:
                 break
             wants_prompt_logprobs = seq.params.prompt_logprobs is not None and seq.num_output_tokens == 0
             matched = [] if wants_prompt_logprobs else self.bm.match_prefix(seq)
+            ahead = [] if wants_prompt_logprobs or not self.bm.enable_prefix_caching else self.bm.keys_ahead(seq, matched)
+            if ahead and ahead[0] in computing:
+                deferred.append(self.waiting.popleft())
+                continue
             n = min(len(seq) - len(matched) * self.bm.block_size, budget)
             if not self.bm.can_start(seq, matched, n):
                 break
+            computing.update(ahead)
             self.waiting.popleft()
             self.bm.start(seq, matched)
             self.stats.prompt_tokens_cached += min(seq.num_computed, seq.num_prompt_tokens)
@@ -90,7 +99,18 @@ class Scheduler:
             seqs.append(seq)
             counts.append(n)
             budget -= n
+        self.waiting.extendleft(reversed(deferred))  # they keep their place in the queue
         return ScheduledBatch(seqs, counts)
+
+    def _blocks_being_computed(self) -> set[int]:
+        """Chain keys of prompt blocks that running prefills have yet to finish."""
+        if not self.bm.enable_prefix_caching:
+            return set()
+        keys: set[int] = set()
+        for seq in self.running:
+            if seq.num_computed < seq.num_prompt_tokens:
+                keys.update(self.bm.keys_ahead(seq))
+        return keys
 
     def continue_decode(self, batch: ScheduledBatch, max_model_len: int) -> ScheduledBatch | None:
         """The next decode step of a decode batch still in flight, scheduled before its tokens are
