@@ -28,6 +28,7 @@ class EngineConfig:
     enable_prefix_caching: share prompt KV blocks between requests.
     seed: seeds the per-request random streams of requests that bring no seed of their own.
     enforce_eager: on GPU, never capture CUDA graphs.
+    cuda_graph_max_batch_size: largest decode batch captured in a graph (larger ones run eagerly).
     op_backends: per-op backend overrides for debugging, e.g. {"fused_moe": "torch"}.
     tensor_parallel_size: ranks that split attention heads, dense MLPs and the vocabulary.
     expert_parallel_size: ranks that split the MoE experts (each holds num_experts / EP).
