@@ -200,8 +200,39 @@ def is_ignored(name: str) -> bool:
     return name.endswith(_IGNORED_SUFFIXES)
 
 
-def check_and_copy(name: str, slot: WeightSlot, tensor: torch.Tensor, check_finite: bool = False) -> None:
-    """Copy one HF tensor into its slot, casting dtype and device; ValueError naming it if wrong."""
+class CopyBatch:
+    """Copies between tensors of one device and dtype, issued together as one multi-tensor copy:
+    a MoE checkpoint has ~19k small per-expert tensors, and one launch each costs more than the
+    bytes. The sources must stay unchanged until `flush` (load_weights flushes before returning)."""
+
+    def __init__(self, max_tensors: int = 512, max_bytes: int = 1 << 29) -> None:
+        self.max_tensors, self.max_bytes = max_tensors, max_bytes
+        self.dst: list[torch.Tensor] = []
+        self.src: list[torch.Tensor] = []
+        self.nbytes = 0
+
+    def copy(self, dst: torch.Tensor, src: torch.Tensor) -> None:
+        if src.device != dst.device or src.dtype != dst.dtype:
+            dst.copy_(src, non_blocking=True)  # a cast or a transfer: its own copy
+            return
+        if self.dst and (self.dst[0].device != dst.device or self.dst[0].dtype != dst.dtype):
+            self.flush()
+        self.dst.append(dst)
+        self.src.append(src)
+        self.nbytes += src.numel() * src.element_size()
+        if len(self.dst) >= self.max_tensors or self.nbytes >= self.max_bytes:
+            self.flush()
+
+    def flush(self) -> None:
+        if self.dst:
+            torch._foreach_copy_(self.dst, self.src, non_blocking=True)
+        self.dst, self.src, self.nbytes = [], [], 0
+
+
+def check_and_copy(name: str, slot: WeightSlot, tensor: torch.Tensor, check_finite: bool = False,
+                   batch: CopyBatch | None = None) -> None:
+    """Copy one HF tensor into its slot (now, or queued in `batch`), casting dtype and device;
+    ValueError naming it if wrong."""
     if not tensor.is_floating_point():
         raise ValueError(f"weight {name!r}: expected a floating tensor, got {tensor.dtype}")
     target = slot.target()
@@ -215,7 +246,10 @@ def check_and_copy(name: str, slot: WeightSlot, tensor: torch.Tensor, check_fini
         return
     if slot.shard:
         tensor = slot.select(tensor)
-    target.copy_(tensor, non_blocking=True)
+    if batch is None:
+        target.copy_(tensor, non_blocking=True)
+    else:
+        batch.copy(target, tensor)
 
 
 def checkpoint_files(model_dir: str) -> list[str]:
@@ -246,15 +280,19 @@ def load_weights(model: nn.Module, weight_map: WeightMap, tensors: Iterable[tupl
     """
     loaded: set[str] = set()
     count = 0
-    for name, tensor in tensors:
-        if is_ignored(name):
-            continue
-        slot = weight_map.lookup(name)
-        if slot is None:
-            raise ValueError(f"weight {name!r} is not a parameter of this {type(model).__name__}")
-        check_and_copy(name, slot, tensor, check_finite)
-        loaded.update(weight_map.covered_by(name))
-        count += 1
+    batch = CopyBatch()
+    try:
+        for name, tensor in tensors:
+            if is_ignored(name):
+                continue
+            slot = weight_map.lookup(name)
+            if slot is None:
+                raise ValueError(f"weight {name!r} is not a parameter of this {type(model).__name__}")
+            check_and_copy(name, slot, tensor, check_finite, batch)
+            loaded.update(weight_map.covered_by(name))
+            count += 1
+    finally:
+        batch.flush()  # what was accepted before an error lands too, as with one copy per tensor
     if require_all:
         _check_complete(weight_map, loaded)
     return count
