@@ -121,7 +121,10 @@ class LLMEngine:
         finished = 0
         # Siblings fork before the parent appends its own token: a parent that finishes at once
         # releases its blocks.
-        for st in sorted(out.sampled, key=lambda st: not (st.seq.fork_pending and st.sample_index > 0)):
+        sampled = out.sampled
+        if any(st.seq.fork_pending for st in sampled):
+            sampled = sorted(sampled, key=lambda st: not (st.seq.fork_pending and st.sample_index > 0))
+        for st in sampled:
             if st.seq.status is SeqStatus.FINISHED:
                 continue  # stopped on the token before this overlapped step: its row is dropped
             if st.seq.fork_pending and st.sample_index > 0:
