@@ -138,6 +138,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--ceilings", default=os.environ.get("ATOM_BENCH_CEILINGS", "/tmp/atom_ceilings.json"))
     ap.add_argument("--json", default=None, help="append the result as one JSON line to this file")
     ap.add_argument("--profile", action="store_true", help="print per-phase timers of the engine loop")
+    ap.add_argument("--torch-profile", default=None,
+                    help="profile the timed call (torch.profiler, CUDA kernels incl. graph replays); table -> FILE")
     ap.add_argument("--tuned", default=None, help="kernel configs from `python -m bench.kernels --tune FILE`")
     # Multi-GPU (launch with torchrun; every rank runs the same workload, SPMD; rank 0 reports).
     ap.add_argument("--tensor-parallel-size", type=int, default=1)
@@ -188,9 +190,19 @@ def main(argv: list[str] | None = None) -> int:
     stats0 = dict(vars(engine.stats))
     torch.cuda.synchronize()
     t0 = time.perf_counter()
-    outs = engine.generate(prompts, params)
-    torch.cuda.synchronize()
-    secs = time.perf_counter() - t0
+    if opts.torch_profile:
+        from torch.profiler import ProfilerActivity, profile
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            outs = engine.generate(prompts, params)
+            torch.cuda.synchronize()
+        secs = time.perf_counter() - t0
+        table = prof.key_averages().table(sort_by="self_device_time_total", row_limit=45, max_name_column_width=70)
+        Path(opts.torch_profile).write_text(table)
+        print(table)
+    else:
+        outs = engine.generate(prompts, params)
+        torch.cuda.synchronize()
+        secs = time.perf_counter() - t0
     stats = {k: v - stats0.get(k, 0) for k, v in vars(engine.stats).items() if isinstance(v, (int, float))}
     generated = sum(len(c.token_ids) for o in outs for c in o.outputs)
     assert all(len(c.token_ids) == w["output_len"] for o in outs for c in o.outputs)
