@@ -140,6 +140,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--profile", action="store_true", help="print per-phase timers of the engine loop")
     ap.add_argument("--torch-profile", default=None,
                     help="profile the timed call (torch.profiler, CUDA kernels incl. graph replays); table -> FILE")
+    ap.add_argument("--profile-steps", default=None, metavar="A:B",
+                    help="with --torch-profile: profile only engine steps [A, B) (CPU + CUDA, chrome trace "
+                         "next to the table)")
     ap.add_argument("--tuned", default=None, help="kernel configs from `python -m bench.kernels --tune FILE`")
     # Multi-GPU (launch with torchrun; every rank runs the same workload, SPMD; rank 0 reports).
     ap.add_argument("--tensor-parallel-size", type=int, default=1)
@@ -190,7 +193,19 @@ def main(argv: list[str] | None = None) -> int:
     stats0 = dict(vars(engine.stats))
     torch.cuda.synchronize()
     t0 = time.perf_counter()
-    if opts.torch_profile:
+    if opts.torch_profile and opts.profile_steps:
+        prof, window = profile_window(engine._engine, *map(int, opts.profile_steps.split(":")))
+        outs = engine.generate(prompts, params)
+        torch.cuda.synchronize()
+        secs = time.perf_counter() - t0
+        busy = sum(e.self_device_time_total for e in prof.key_averages()) / 1e6
+        table = prof.key_averages().table(sort_by="self_device_time_total", row_limit=45, max_name_column_width=70)
+        head = (f"steps {opts.profile_steps}: wall {window['wall_s'] * 1e3:.2f} ms, GPU kernels {busy * 1e3:.2f} ms "
+                f"({busy / max(window['wall_s'], 1e-9):.1%} busy)\n")
+        Path(opts.torch_profile).write_text(head + table)
+        prof.export_chrome_trace(str(Path(opts.torch_profile).with_suffix(".trace.json")))
+        print(head + table)
+    elif opts.torch_profile:
         from torch.profiler import ProfilerActivity, profile
         with profile(activities=[ProfilerActivity.CUDA]) as prof:
             outs = engine.generate(prompts, params)
@@ -234,6 +249,31 @@ def main(argv: list[str] | None = None) -> int:
         with open(opts.json, "a") as f:
             f.write(json.dumps(result) + "\n")
     return 0
+
+
+def profile_window(llm, first: int, last: int):
+    """A torch profiler (CPU + CUDA) that runs from engine step `first` to step `last` (steps
+    counted by post-processing calls); returns it and a dict that receives the window's wall time."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+    prof = profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA])
+    window = {"wall_s": 0.0}
+    post, count = llm._postprocess, [0]
+
+    def counted(*a, **k):
+        out = post(*a, **k)
+        count[0] += 1
+        if count[0] == first:
+            torch.cuda.synchronize()
+            prof.start()
+            window["t0"] = time.perf_counter()
+        elif count[0] == last:
+            torch.cuda.synchronize()
+            window["wall_s"] = time.perf_counter() - window["t0"]
+            prof.stop()
+        return out
+    llm._postprocess = counted
+    return prof, window
 
 
 def instrument(llm) -> dict:

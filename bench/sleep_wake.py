@@ -159,6 +159,14 @@ def main() -> None:
                          "freed_frac_of_kv_plus_weights": round((asleep - before) / (kv + w), 4),
                          "held_while_asleep_gib": round((baseline - asleep) / GiB, 3)})
         report["level2_discard.cycles"] = rows
+        pools = list(memory.pools.values())
+        threads = pools[0].map_threads
+        for p in pools:  # the same cycle with one mapping thread, for comparison
+            p.map_threads = 1
+        engine.sleep(level=2)
+        report["level2_discard.wake_s_one_thread"] = round(timed(engine.wake_up), 4)
+        for p in pools:
+            p.map_threads = threads
         # The weights were discarded: regenerate the same (seeded) values in place, then a
         # complete update_weights (each tensor copied onto itself) marks them complete again.
         init_dummy_weights(runner.model, engine.config.seed)

@@ -48,15 +48,31 @@ class WeightSlot:
     full_shape: tuple[int, ...] | None = None
 
     def target(self) -> torch.Tensor | None:
-        """This rank's destination (None: not held here)."""
+        """This rank's destination (None: not held here).
+
+        The view is built once and kept while the parameter's storage stays where it is (a MoE
+        update touches ~19k slots, and building views costs more than copying the bytes).
+        """
         if self.param is None:
             return None
+        ptr = self.param.data_ptr()
+        cached = self.__dict__.get("_view")
+        if cached is not None and cached[0] == ptr:
+            return cached[1]
         t = self.param.data if self.expert is None else self.param.data[self.expert]
-        return t if self.rows is None else t.narrow(0, self.row_offset, self.rows)
+        t = t if self.rows is None else t.narrow(0, self.row_offset, self.rows)
+        object.__setattr__(self, "_view", (ptr, t))  # a cache, not state: frozen otherwise
+        return t
+
+    def forget_view(self) -> None:
+        self.__dict__.pop("_view", None)
 
     def shape(self) -> tuple[int, ...]:
         """Shape of the (full) HF tensor this slot accepts."""
-        return self.full_shape if self.full_shape is not None else tuple(self.target().shape)
+        if self.full_shape is not None:
+            return self.full_shape
+        target = self.target()
+        return tuple(target.shape) if target is not None else ()
 
     def select(self, tensor: torch.Tensor) -> torch.Tensor:
         """This rank's part of a full HF tensor."""
@@ -188,6 +204,11 @@ class WeightMap:
         slot = self.slots.get(name)
         return slot if slot is not None else self.alternatives.get(name)
 
+    def forget_views(self) -> None:
+        """Drop the cached destination views (they would keep released storage alive)."""
+        for slot in (*self.slots.values(), *self.alternatives.values()):
+            slot.forget_view()
+
     def required_names(self) -> set[str]:
         return set(self.slots) - self.optional
 
@@ -212,11 +233,13 @@ class CopyBatch:
         self.nbytes = 0
 
     def copy(self, dst: torch.Tensor, src: torch.Tensor) -> None:
-        if src.device != dst.device or src.dtype != dst.dtype:
+        device, dtype = dst.device, dst.dtype
+        if src.device != device or src.dtype != dtype:
             dst.copy_(src, non_blocking=True)  # a cast or a transfer: its own copy
             return
-        if self.dst and (self.dst[0].device != dst.device or self.dst[0].dtype != dst.dtype):
+        if self.dst and (self.key[0] != device or self.key[1] != dtype):
             self.flush()
+        self.key = (device, dtype)
         self.dst.append(dst)
         self.src.append(src)
         self.nbytes += src.numel() * src.element_size()
@@ -237,7 +260,7 @@ def check_and_copy(name: str, slot: WeightSlot, tensor: torch.Tensor, check_fini
         raise ValueError(f"weight {name!r}: expected a floating tensor, got {tensor.dtype}")
     target = slot.target()
     expected = slot.shape()
-    if tuple(tensor.shape) != tuple(expected):
+    if tensor.shape != expected:
         raise ValueError(f"weight {name!r}: shape {tuple(tensor.shape)} does not match the model's {tuple(expected)}")
     # Checked in full on every rank, so that all ranks of a sharded engine accept or refuse alike.
     if check_finite and not torch.isfinite(tensor).all():
@@ -272,30 +295,42 @@ def iter_checkpoint(model_dir: str) -> Iterator[tuple[str, torch.Tensor]]:
                 yield name, f.get_tensor(name)
 
 
+class LoadProgress:
+    """What a `load_weights` call has placed so far (kept when it raises half-way)."""
+
+    def __init__(self) -> None:
+        self.loaded: set[str] = set()  # checkpoint names filled
+        self.count = 0                 # tensors accepted (copied, or queued and flushed)
+
+
 def load_weights(model: nn.Module, weight_map: WeightMap, tensors: Iterable[tuple[str, torch.Tensor]],
-                 check_finite: bool = False, require_all: bool = True) -> int:
+                 check_finite: bool = False, require_all: bool = True, progress: LoadProgress | None = None) -> int:
     """Place every tensor; unknown names, bad shapes and (if require_all) missing ones raise ValueError.
 
-    Returns the number of tensors loaded.
+    Returns the number of tensors loaded; `progress` (if given) follows along, errors included.
     """
-    loaded: set[str] = set()
-    count = 0
+    progress = progress if progress is not None else LoadProgress()
+    loaded, fills = progress.loaded, weight_map.fills
     batch = CopyBatch()
     try:
         for name, tensor in tensors:
-            if is_ignored(name):
+            if name.endswith(_IGNORED_SUFFIXES):
                 continue
             slot = weight_map.lookup(name)
             if slot is None:
                 raise ValueError(f"weight {name!r} is not a parameter of this {type(model).__name__}")
             check_and_copy(name, slot, tensor, check_finite, batch)
-            loaded.update(weight_map.covered_by(name))
-            count += 1
+            covered = fills.get(name)
+            if covered is None:
+                loaded.add(name)
+            else:
+                loaded.update(covered)
+            progress.count += 1
     finally:
         batch.flush()  # what was accepted before an error lands too, as with one copy per tensor
     if require_all:
         _check_complete(weight_map, loaded)
-    return count
+    return progress.count
 
 
 def _check_complete(weight_map: WeightMap, loaded: set[str]) -> None:

@@ -95,6 +95,8 @@ class RLMixin:
             except BaseException:
                 memory.pools[KV_CACHE].restore(zero=True)
                 raise
+            if not memory.vmm:  # released storage would stay alive in the cached views
+                self._engine.runner.weight_map.forget_views()
             if not offload_weights:
                 self._mark_stale("discarded by sleep(level=2)")
 

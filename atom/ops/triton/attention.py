@@ -4,9 +4,10 @@ and shared-prefix (cascade) decode.
 KV cache layout: [num_blocks, block_size, kv_heads, head_dim], a token's slot is
 block * block_size + offset and block_tables[b] lists sequence b's blocks.
 
-Decode works in fixed-size KV splits (DECODE_CFG["split"] tokens each, counted from where the sequence's own
-part starts), so the reduction order depends on the sequence, not on the batch size, and the grid
-depends only on (batch, max context): CUDA-graph safe. Every (sequence, kv head, split) program
+Decode works in fixed-size KV splits (`own_split` tokens each, counted from where the sequence's own
+part starts): 256 for batches of 32+ sequences (with 4 KV heads), 64 below, so the reduction order
+depends on the sequence and the batch's size class, not on its contents, and the grid depends
+only on (batch, max context): CUDA-graph safe. Every (sequence, kv head, split) program
 packs the GROUP query heads that share a kv head into the M dimension of one tensor-core tile.
 With `meta.cascade`, the KV blocks that several sequences share (the n samples of one prompt)
 are read once per group: one program per (group, kv head, split) stacks every member's query
@@ -29,7 +30,20 @@ LOG2E = 1.4426950408889634
 # sequence's own part, prefix_split = per split of a shared prefix; tiles, warps and stages of the
 # own-part kernel and of the shared-prefix kernel.
 DECODE_CFG = {"split": 256, "block_n": 64, "warps": 4, "stages": 2,
-              "prefix_split": 256, "prefix_block_n": 64, "prefix_warps": 0, "prefix_stages": 2}
+              "prefix_split": 256, "prefix_block_n": 64, "prefix_warps": 0, "prefix_stages": 2,
+              # Batches with fewer (sequence, kv head) pairs than this use `small_split`: at batch 1
+              # a 256-token split is ~4 dependent loop trips on a handful of SMs.
+              "small_batch_pairs": 128, "small_split": 64}
+MAX_OWN_SPLITS = 64  # the merge kernel holds every split of a row at once
+
+
+def own_split(batch: int, kv_heads: int, max_seq_len: int) -> int:
+    """KV tokens per split of a sequence's own part: depends on the batch's size class and the
+    context bound only, never on the batch's contents."""
+    cfg = DECODE_CFG
+    split = cfg["small_split"] if batch * kv_heads < cfg["small_batch_pairs"] else cfg["split"]
+    floor = triton.cdiv(triton.cdiv(max(max_seq_len, 1), MAX_OWN_SPLITS), 64) * 64
+    return max(split, floor)
 
 
 def _prec(dtype: torch.dtype) -> str:
@@ -244,7 +258,7 @@ def paged_attention_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     group = hq // hk
     casc = getattr(meta, "cascade", None)
     cfg = DECODE_CFG
-    split, split_p = cfg["split"], cfg["prefix_split"]
+    split, split_p = own_split(bsz, hk, meta.max_seq_len), cfg["prefix_split"]
     n_prefix = triton.cdiv(casc.max_prefix_len, split_p) if casc is not None else 0
     n_own = max(1, triton.cdiv(max(meta.max_seq_len, 1), split))
     n_tot = n_prefix + n_own
