@@ -353,14 +353,31 @@ class DecodeRunner:
         tm["forward+sample"] += time.perf_counter() - t1
         tm["steps"] += 1
         tm["overlapped"] += lag
-        return InFlight(batch, result)
+        return InFlight(batch, result, *_copy_to_host(result))
 
     def collect(self, inflight: "InFlight"):
-        """Wait for a launched step and turn its samples into a StepOutput (the one host sync)."""
+        """Wait for a launched step's samples and turn them into a StepOutput. Waits on the
+        step's own event: a blocking read of `result` would also wait for the step queued
+        after it, and the host work that should overlap the device would not."""
         from atom.engine.model_runner import StepOutput, sampled_tokens
 
+        if inflight.ready is not None:
+            inflight.ready.synchronize()
         rows = [(seq, seq.sample_index) for seq in inflight.batch.seqs]
-        return StepOutput(sampled=sampled_tokens(rows, inflight.result))
+        return StepOutput(sampled=sampled_tokens(rows, inflight.host))
+
+
+def _copy_to_host(result: SamplerOutput) -> tuple[SamplerOutput, torch.cuda.Event | None]:
+    """Queue the copy of a sampler result into pinned host memory; the event marks its arrival.
+    (Pinned blocks come from torch's caching host allocator, which keeps each one until the
+    copies queued on it are done.) On the CPU the result is already there."""
+    if result.token_ids.device.type != "cuda":
+        return result, None
+    host = SamplerOutput(*(torch.empty(t.shape, dtype=t.dtype, pin_memory=True).copy_(t, non_blocking=True)
+                           for t in (result.token_ids, result.logprobs, result.top_ids, result.top_logprobs)))
+    ready = torch.cuda.Event()
+    ready.record()
+    return host, ready
 
 
 @dataclass
@@ -368,7 +385,9 @@ class InFlight:
     """A decode step queued on the device whose sampled tokens the host has not read yet."""
 
     batch: ScheduledBatch
-    result: SamplerOutput
+    result: SamplerOutput        # on the device: the next step reads its tokens there
+    host: SamplerOutput          # pinned copy, valid once `ready` has fired
+    ready: torch.cuda.Event | None  # None on the CPU
 
 
 # ---- KV-cache sizing ---------------------------------------------------------------------------
