@@ -152,9 +152,17 @@ def test_prefill_attention(triton_ops, device, dtype, hq, hk, d, page):
     check(out, ref, dtype)
 
 
+@pytest.fixture(params=["split", "whole"])
+def decode_mode(request, triton_ops, monkeypatch):
+    """Decode attention in split-KV + merge mode, or one program per sequence's own part."""
+    import atom.ops.triton.attention as attn
+    monkeypatch.setitem(attn.DECODE_CFG, "whole_own_pairs", 1 if request.param == "whole" else 1 << 40)
+    return request.param
+
+
 @pytest.mark.parametrize("dtype", act_dtypes())
 @pytest.mark.parametrize("hq,hk,d,page", ATTN_SHAPES)
-def test_decode_attention(triton_ops, device, dtype, hq, hk, d, page):
+def test_decode_attention(triton_ops, device, dtype, hq, hk, d, page, decode_mode):
     gen(hq * 11 + d + page)
     seq_lens = [1, 2, 17, 300, 33] if ON_CPU else [1, 2, 17, 300, 1025, 4097, 8192, 513]
     q, kc, vc, meta = paged_batch(device, dtype, seq_lens, [1] * len(seq_lens), hq, hk, d, page)
@@ -166,7 +174,7 @@ def test_decode_attention(triton_ops, device, dtype, hq, hk, d, page):
 
 @pytest.mark.parametrize("dtype", act_dtypes())
 @pytest.mark.parametrize("hq,hk,d,page", ATTN_SHAPES)
-def test_cascade_decode_attention(triton_ops, device, dtype, hq, hk, d, page):
+def test_cascade_decode_attention(triton_ops, device, dtype, hq, hk, d, page, decode_mode):
     """Groups sharing prefix blocks, read once per group; padded rows (seq_len 0) give zeros."""
     gen(hq * 13 + d + page)
     prompt = 40 if ON_CPU else 1024

@@ -12,7 +12,8 @@ packs the GROUP query heads that share a kv head into the M dimension of one ten
 With `meta.cascade`, the KV blocks that several sequences share (the n samples of one prompt)
 are read once per group: one program per (group, kv head, split) stacks every member's query
 heads into the M dimension. Both kinds write partial (output, log-sum-exp) pairs that a small
-merge kernel combines.
+merge kernel combines; from DECODE_CFG["whole_own_pairs"] (sequence, kv head) pairs on, each
+own-part program covers the whole own part and folds the prefix partials in itself instead.
 """
 from __future__ import annotations
 
@@ -33,7 +34,11 @@ DECODE_CFG = {"split": 256, "block_n": 64, "warps": 4, "stages": 2,
               "prefix_split": 256, "prefix_block_n": 64, "prefix_warps": 0, "prefix_stages": 2,
               # Batches with fewer (sequence, kv head) pairs than this use `small_split`: at batch 1
               # a 256-token split is ~4 dependent loop trips on a handful of SMs.
-              "small_batch_pairs": 128, "small_split": 64}
+              "small_batch_pairs": 128, "small_split": 64,
+              # From this many (sequence, kv head) pairs on, one program covers a sequence's whole
+              # own part and merges the shared-prefix partials itself (no merge kernel): the grid
+              # is already large enough to fill the GPU.
+              "whole_own_pairs": 1024}
 MAX_OWN_SPLITS = 64  # the merge kernel holds every split of a row at once
 
 
@@ -127,11 +132,39 @@ def paged_attention_prefill(q: torch.Tensor, k_cache: torch.Tensor, v_cache: tor
 # ---- decode -----------------------------------------------------------------------------------
 
 @triton.jit
-def _decode_split_kernel(q_ptr, kc_ptr, vc_ptr, bt_ptr, sl_ptr, start_ptr, po_ptr, pl_ptr,
-                         sq0, sq1, skb, skt, skh, sbt, sp0, sp1, sp2, sl0, sl1, s_off, scale_log2,
+def _attend_block(q, kc_ptr, vc_ptr, bt_row, n0, hi, kvh, skb, skt, skh, scale_log2, m_i, l_i, acc,
+                  D: tl.constexpr, BLOCK_N: tl.constexpr, PAGE: tl.constexpr, PREC: tl.constexpr):
+    """One online-softmax step of q's query rows over KV tokens [n0, min(n0 + BLOCK_N, hi)) of one
+    block-table row and one kv head; (m, l, acc) = running max, sum of exponentials and
+    unnormalised output, base 2."""
+    d = tl.arange(0, D)
+    offs = n0 + tl.arange(0, BLOCK_N)
+    nm = offs < hi
+    blk = tl.load(bt_row + offs // PAGE, mask=nm, other=0).to(tl.int64)
+    kv_off = blk * skb + (offs % PAGE).to(tl.int64) * skt + kvh * skh
+    k = tl.load(kc_ptr + kv_off[None, :] + d[:, None], mask=nm[None, :], other=0.0)
+    qk = tl.dot(q, k, input_precision=PREC) * scale_log2
+    qk = tl.where(nm[None, :], qk, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(qk, 1))
+    alpha = tl.exp2(m_i - m_new)
+    p = tl.exp2(qk - m_new[:, None])
+    l_i = l_i * alpha + tl.sum(p, 1)
+    v = tl.load(vc_ptr + kv_off[:, None] + d[None, :], mask=nm[:, None], other=0.0)
+    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PREC)
+    return m_new, l_i, acc
+
+
+@triton.jit
+def _decode_split_kernel(q_ptr, kc_ptr, vc_ptr, bt_ptr, sl_ptr, start_ptr, po_ptr, pl_ptr, o_ptr,
+                         sq0, sq1, skb, skt, skh, sbt, sp0, sp1, sp2, sl0, sl1, so0, so1, s_off, scale_log2,
                          GROUP: tl.constexpr, BLOCK_H: tl.constexpr, D: tl.constexpr, BLOCK_N: tl.constexpr,
-                         PAGE: tl.constexpr, SPLIT: tl.constexpr, HAS_START: tl.constexpr, PREC: tl.constexpr):
-    """One (sequence, kv head, split): the split's tokens of the sequence's own KV part."""
+                         PAGE: tl.constexpr, SPLIT: tl.constexpr, HAS_START: tl.constexpr, PREC: tl.constexpr,
+                         WHOLE: tl.constexpr, SPLIT_P: tl.constexpr):
+    """One (sequence, kv head, split): the split's tokens of the sequence's own KV part.
+
+    WHOLE: one split covers the whole own part and the program finishes the row itself: it folds
+    in the s_off shared-prefix partials the prefix kernel wrote and stores the output (no merge
+    kernel, no partials of its own)."""
     b = tl.program_id(0)
     kvh = tl.program_id(1)
     s = tl.program_id(2)
@@ -140,7 +173,10 @@ def _decode_split_kernel(q_ptr, kc_ptr, vc_ptr, bt_ptr, sl_ptr, start_ptr, po_pt
     if HAS_START:
         start = tl.load(start_ptr + b).to(tl.int32)
     lo = start + s * SPLIT
-    hi = tl.minimum(lo + SPLIT, seq_len)
+    if WHOLE:
+        hi = seq_len
+    else:
+        hi = tl.minimum(lo + SPLIT, seq_len)
     if lo < hi:
         hh = tl.arange(0, BLOCK_H)
         hm = hh < GROUP
@@ -152,24 +188,36 @@ def _decode_split_kernel(q_ptr, kc_ptr, vc_ptr, bt_ptr, sl_ptr, start_ptr, po_pt
         acc = tl.zeros([BLOCK_H, D], tl.float32)
         bt_row = bt_ptr + b.to(tl.int64) * sbt
         for n0 in range(lo, hi, BLOCK_N):
-            offs = n0 + tl.arange(0, BLOCK_N)
-            nm = offs < hi
-            blk = tl.load(bt_row + offs // PAGE, mask=nm, other=0).to(tl.int64)
-            kv_off = blk * skb + (offs % PAGE).to(tl.int64) * skt + kvh * skh
-            k = tl.load(kc_ptr + kv_off[None, :] + d[:, None], mask=nm[None, :], other=0.0)
-            qk = tl.dot(q, k, input_precision=PREC) * scale_log2
-            qk = tl.where(nm[None, :], qk, float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(qk, 1))
-            alpha = tl.exp2(m_i - m_new)
-            p = tl.exp2(qk - m_new[:, None])
-            l_i = l_i * alpha + tl.sum(p, 1)
-            v = tl.load(vc_ptr + kv_off[:, None] + d[None, :], mask=nm[:, None], other=0.0)
-            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PREC)
-            m_i = m_new
-        po = po_ptr + b.to(tl.int64) * sp0 + heads[:, None] * sp1 + (s_off + s) * sp2 + d[None, :]
-        tl.store(po, acc / l_i[:, None], mask=hm[:, None])
-        pl = pl_ptr + b.to(tl.int64) * sl0 + heads * sl1 + s_off + s
-        tl.store(pl, m_i + tl.log2(l_i), mask=hm)
+            m_i, l_i, acc = _attend_block(q, kc_ptr, vc_ptr, bt_row, n0, hi, kvh, skb, skt, skh, scale_log2,
+                                          m_i, l_i, acc, D, BLOCK_N, PAGE, PREC)
+        if WHOLE:
+            # out = sum_j o_j 2^lse_j / sum_j 2^lse_j over the prefix partials and the own part
+            # (never empty: the newest token is the row's own), kept relative to a running max.
+            mx = m_i
+            w = l_i
+            for j in range(0, s_off):
+                ok = hm & (j * SPLIT_P < start)
+                lse = tl.load(pl_ptr + b.to(tl.int64) * sl0 + heads * sl1 + j, mask=ok, other=float("-inf"))
+                o = tl.load(po_ptr + b.to(tl.int64) * sp0 + heads[:, None] * sp1 + j * sp2 + d[None, :],
+                            mask=ok[:, None], other=0.0)
+                m_new = tl.maximum(mx, lse)
+                a = tl.exp2(mx - m_new)
+                c = tl.exp2(lse - m_new)
+                acc = acc * a[:, None] + o * c[:, None]
+                w = w * a + c
+                mx = m_new
+            tl.store(o_ptr + b.to(tl.int64) * so0 + heads[:, None] * so1 + d[None, :],
+                     (acc / w[:, None]).to(o_ptr.dtype.element_ty), mask=hm[:, None])
+        else:
+            po = po_ptr + b.to(tl.int64) * sp0 + heads[:, None] * sp1 + (s_off + s) * sp2 + d[None, :]
+            tl.store(po, acc / l_i[:, None], mask=hm[:, None])
+            pl = pl_ptr + b.to(tl.int64) * sl0 + heads * sl1 + s_off + s
+            tl.store(pl, m_i + tl.log2(l_i), mask=hm)
+    elif WHOLE:  # a padded row (seq_len 0): zeros, so no NaN reaches the layers after attention
+        hh = tl.arange(0, BLOCK_H)
+        d = tl.arange(0, D)
+        tl.store(o_ptr + b.to(tl.int64) * so0 + (kvh * GROUP + hh)[:, None] * so1 + d[None, :],
+                 tl.zeros([BLOCK_H, D], tl.float32).to(o_ptr.dtype.element_ty), mask=(hh < GROUP)[:, None])
 
 
 @triton.jit
@@ -199,20 +247,8 @@ def _decode_prefix_kernel(q_ptr, kc_ptr, vc_ptr, bt_ptr, rows_ptr, plen_ptr, po_
         acc = tl.zeros([BLOCK_M, D], tl.float32)
         bt_row = bt_ptr + first * sbt
         for n0 in range(lo, hi, BLOCK_N):
-            offs = n0 + tl.arange(0, BLOCK_N)
-            nm = offs < hi
-            blk = tl.load(bt_row + offs // PAGE, mask=nm, other=0).to(tl.int64)
-            kv_off = blk * skb + (offs % PAGE).to(tl.int64) * skt + kvh * skh
-            k = tl.load(kc_ptr + kv_off[None, :] + d[:, None], mask=nm[None, :], other=0.0)
-            qk = tl.dot(q, k, input_precision=PREC) * scale_log2
-            qk = tl.where(nm[None, :], qk, float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(qk, 1))
-            alpha = tl.exp2(m_i - m_new)
-            p = tl.exp2(qk - m_new[:, None])
-            l_i = l_i * alpha + tl.sum(p, 1)
-            v = tl.load(vc_ptr + kv_off[:, None] + d[None, :], mask=nm[:, None], other=0.0)
-            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PREC)
-            m_i = m_new
+            m_i, l_i, acc = _attend_block(q, kc_ptr, vc_ptr, bt_row, n0, hi, kvh, skb, skt, skh, scale_log2,
+                                          m_i, l_i, acc, D, BLOCK_N, PAGE, PREC)
         po = po_ptr + mrow[:, None] * sp0 + heads[:, None] * sp1 + s * sp2 + d[None, :]
         tl.store(po, acc / l_i[:, None], mask=rm[:, None])
         tl.store(pl_ptr + mrow * sl0 + heads * sl1 + s, m_i + tl.log2(l_i), mask=rm)
@@ -258,12 +294,13 @@ def paged_attention_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     group = hq // hk
     casc = getattr(meta, "cascade", None)
     cfg = DECODE_CFG
+    whole = bsz * hk >= cfg["whole_own_pairs"]
     split, split_p = own_split(bsz, hk, meta.max_seq_len), cfg["prefix_split"]
     n_prefix = triton.cdiv(casc.max_prefix_len, split_p) if casc is not None else 0
-    n_own = max(1, triton.cdiv(max(meta.max_seq_len, 1), split))
-    n_tot = n_prefix + n_own
-    po = torch.empty(bsz, hq, n_tot, d, dtype=torch.float32, device=q.device)
-    pl = torch.empty(bsz, hq, n_tot, dtype=torch.float32, device=q.device)
+    n_own = 1 if whole else max(1, triton.cdiv(max(meta.max_seq_len, 1), split))
+    n_parts = n_prefix if whole else n_prefix + n_own
+    po = torch.empty(bsz, hq, max(n_parts, 1), d, dtype=torch.float32, device=q.device)
+    pl = torch.empty(bsz, hq, max(n_parts, 1), dtype=torch.float32, device=q.device)
     prec = _prec(q.dtype)
     block_n = cfg["block_n"] if d <= 128 else 32
     scale_log2 = scale * LOG2E
@@ -280,14 +317,17 @@ def paged_attention_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
             BLOCK_N=cfg["prefix_block_n"] if d <= 128 else 32, PAGE=page, SPLIT=split_p, PREC=prec,
             num_warps=cfg["prefix_warps"] or (4 if block_m <= 64 else 8), num_stages=cfg["prefix_stages"])
     _decode_split_kernel[(bsz, hk, n_own)](
-        q, k_cache, v_cache, meta.block_tables, meta.seq_lens, start, po, pl,
+        q, k_cache, v_cache, meta.block_tables, meta.seq_lens, start, po, pl, out,
         q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         meta.block_tables.stride(0), po.stride(0), po.stride(1), po.stride(2), pl.stride(0), pl.stride(1),
-        n_prefix, scale_log2, GROUP=group, BLOCK_H=max(16, triton.next_power_of_2(group)), D=d,
-        BLOCK_N=block_n, PAGE=page, SPLIT=split, HAS_START=casc is not None, PREC=prec, num_warps=cfg["warps"],
-        num_stages=cfg["stages"])
-    _merge_kernel[(bsz, hq)](
-        po, pl, meta.seq_lens, start, out, po.stride(0), po.stride(1), po.stride(2), pl.stride(0), pl.stride(1),
-        out.stride(0), out.stride(1), n_prefix, n_own, D=d, BLOCK_S=triton.next_power_of_2(n_tot),
-        SPLIT=split, SPLIT_P=split_p, HAS_START=casc is not None, num_warps=4)
+        out.stride(0), out.stride(1), n_prefix, scale_log2, GROUP=group,
+        BLOCK_H=max(16, triton.next_power_of_2(group)), D=d, BLOCK_N=block_n, PAGE=page, SPLIT=split,
+        HAS_START=casc is not None, PREC=prec, WHOLE=whole, SPLIT_P=split_p,
+        num_warps=cfg["warps"], num_stages=cfg["stages"])
+    if not whole:
+        _merge_kernel[(bsz, hq)](
+            po, pl, meta.seq_lens, start, out, po.stride(0), po.stride(1), po.stride(2), pl.stride(0), pl.stride(1),
+            out.stride(0), out.stride(1), n_prefix, n_own, D=d, BLOCK_S=triton.next_power_of_2(n_prefix + n_own),
+            SPLIT=split, SPLIT_P=split_p, HAS_START=casc is not None, num_warps=4)
+    return out
     return out
