@@ -1,20 +1,22 @@
 #!/usr/bin/env bash
 # GPU tests and benchmarks on the device machine; a short table last.
 #
-#   scripts/gpu_check.sh [tests] [tune] [bench W1,W2,...] [hf] [kernels]
-#     tests   : python3 -m pytest -m gpu -q tests/gpu
+#   scripts/gpu_check.sh [tests] [tune] [bench W1,W2,...] [hf] [kernels] [small] [sleep]
+#     tests   : python3 -m pytest -m gpu -q tests/gpu tests/test_overlapped_decode.py
 #     bench   : python -m bench.rollout --workload W for each W (default: all four)
 #     hf      : the transformers generate baseline on decode-moe-bs1
 #     tune    : sweep decode-attention / fused-MoE tile configs (bench/kernels.py --tune); later
 #               bench steps of the same run use the result
 #     kernels : micro-benchmarks of the triton kernels (bench/kernels.py)
+#     small   : small-batch kernels against the paths they replace (bench/small_batch.py)
+#     sleep   : sleep / wake / update_weights timings, 30B shape (bench/sleep_wake.py, no offload cycles)
 # Logs and JSON results go to $OUT (or ./gpu_out when OUT is unset).
 set -uo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 OUT=${OUT:-gpu_out}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
-export ATOM_BENCH_CEILINGS="$OUT/ceilings.json"
+export ATOM_BENCH_CEILINGS="$OUT/ceilings.json" PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 PY=${PYTHON:-python3}
 [ $# -eq 0 ] && set -- tests bench
 WORKLOADS="decode-moe-bs1,grpo-dense-small,grpo-moe,grpo-dense-8b"
@@ -23,7 +25,7 @@ nvidia-smi --query-gpu=name,memory.used,memory.total,clocks.sm,clocks.mem --form
 while [ $# -gt 0 ]; do
   case "$1" in
     tests)
-      timeout "${TEST_TIMEOUT:-420}" $PY -m pytest -m gpu -q -rs ${PYTEST_X--x} --durations=8 tests/gpu 2>&1 | tee "$OUT/pytest.log" | tail -40
+      timeout "${TEST_TIMEOUT:-420}" $PY -m pytest -m gpu -q -rs ${PYTEST_X--x} --durations=8 tests/gpu tests/test_overlapped_decode.py 2>&1 | tee "$OUT/pytest.log" | tail -40
       summary+=("tests: $(grep -E '[0-9]+ (passed|failed)' "$OUT/pytest.log" | tail -1)")
       ;;
     bench)
@@ -46,6 +48,14 @@ while [ $# -gt 0 ]; do
       ;;
     kernels)
       timeout "${KERNEL_TIMEOUT:-240}" $PY -m bench.kernels 2>&1 | tee "$OUT/kernels.log" | tail -30
+      ;;
+    small)
+      timeout "${SMALL_TIMEOUT:-240}" $PY -m bench.small_batch 2>&1 | tee "$OUT/small.log" | tail -60
+      ;;
+    sleep)
+      timeout "${SLEEP_TIMEOUT:-240}" $PY bench/sleep_wake.py --config bench/models/qwen3-30b-a3b/config.json \
+        --skip-offload --many 20 --out "$OUT/sleep_wake.json" > "$OUT/sleep_wake.log" 2>&1
+      grep -E "cycles|variants|per_expert_names.s|fused_v5_names.s|equal|drift|error" "$OUT/sleep_wake.log" | cut -c1-900
       ;;
   esac
   shift
