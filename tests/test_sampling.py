@@ -92,3 +92,17 @@ def test_rows_without_filters_are_untouched_when_others_filter():
     assert torch.equal(out[0], logits[0])
     assert torch.isinf(out[1]).sum() > 100_000                  # the nucleus row is filtered
     assert torch.isfinite(out[2]).sum() == 50
+
+
+def test_uniform_noise_stays_inside_the_open_interval():
+    """Every uniform is < 1 and > 0, so every Gumbel draw is finite. A 24-bit version rounded its
+    top value to 1.0 (noise +inf: a random token won regardless of its probability); this sample
+    of ~78M draws holds several of those top values."""
+    import torch
+    from atom.ops.torch_ops import uniform_noise
+    vocab = 151_936
+    for start in range(0, 512, 64):
+        seeds = torch.arange(start, start + 64, dtype=torch.int64) * 7919 + 12345
+        u = uniform_noise(seeds, torch.arange(64, dtype=torch.int64) + start, vocab)
+        assert float(u.max()) < 1.0 and float(u.min()) > 0.0
+        assert torch.isfinite(-torch.log(-torch.log(u))).all()

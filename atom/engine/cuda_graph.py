@@ -41,8 +41,8 @@ from atom.ops.metadata import AttentionMetadata, CascadeMetadata, SamplerOutput,
 log = logging.getLogger(__name__)
 
 # Ops that must not be the torch reference inside a CUDA graph (they sync with the host).
-_GRAPH_OPS = ("paged_attention_decode", "kv_cache_write")
-_GRAPH_OPS_MOE = ("fused_moe",)
+_GRAPH_OPS = ("paged_attention_decode", "qkv_prologue")  # qkv_prologue writes the KV cache
+_GRAPH_OPS_MOE = ("moe_forward",)  # the non-parallel MoE path (graphs are off under EP)
 
 
 _SAMPLING_FIELDS = (("seeds", np.int64), ("counters", np.int64), ("top_k", np.int64), ("temperature", np.float32),

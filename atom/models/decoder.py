@@ -14,6 +14,7 @@ from atom.models.layers.linear import column_linear, row_linear
 from atom.models.layers.mlp import GatedMLP, SparseMoE
 from atom.models.layers.norm import RMSNorm
 from atom.models.layers.rotary import RotaryEmbedding
+from atom.ops import ops
 from atom.ops.metadata import AttentionMetadata
 
 
@@ -33,20 +34,19 @@ class SelfAttention(nn.Module):
         self.o_proj = row_linear(args.num_attention_heads * d, args.hidden_size, bias=args.attention_bias, tp=tp)
         self.q_norm = RMSNorm(d, args.rms_norm_eps) if qk_norm else None
         self.k_norm = RMSNorm(d, args.rms_norm_eps) if qk_norm else None
+        self.eps = args.rms_norm_eps
         self.rotary = rotary
         self.attn = PagedAttention(self.num_heads, self.num_kv_heads, d)
 
     def forward(self, positions: torch.Tensor, x: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
         n = x.shape[0]
-        q, k, v = self.qkv_proj(x).split(
-            [self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim, self.num_kv_heads * self.head_dim], -1)
-        q = q.reshape(n, self.num_heads, self.head_dim)
-        k = k.reshape(n, self.num_kv_heads, self.head_dim)
-        v = v.reshape(n, self.num_kv_heads, self.head_dim)
-        if self.q_norm is not None:
-            q, k = self.q_norm(q), self.k_norm(k)
-        q, k = self.rotary(positions, q, k)
-        return self.o_proj(self.attn(q, k, v, meta).reshape(n, self.num_heads * self.head_dim))
+        # One op after the qkv GEMM: q/k RMSNorm (Qwen3), RoPE, K/V into the paged cache; returns q.
+        q = ops.qkv_prologue(
+            self.qkv_proj(x), positions, self.rotary.cos_sin_cache,
+            None if self.q_norm is None else self.q_norm.weight, None if self.k_norm is None else self.k_norm.weight,
+            self.eps, self.num_heads, self.num_kv_heads, self.head_dim,
+            self.attn.k_cache, self.attn.v_cache, meta.slot_mapping)
+        return self.o_proj(self.attn(q, meta).reshape(n, self.num_heads * self.head_dim))
 
 
 class DecoderLayer(nn.Module):

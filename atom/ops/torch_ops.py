@@ -52,6 +52,30 @@ def kv_cache_write(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_ca
     v_cache.view(-1, *v_cache.shape[2:])[slots] = v[keep].to(v_cache.dtype)
 
 
+@register("qkv_prologue", B)
+def qkv_prologue(qkv: torch.Tensor, positions: torch.Tensor, cos_sin_cache: torch.Tensor,
+                 q_norm_weight: torch.Tensor | None, k_norm_weight: torch.Tensor | None, eps: float,
+                 num_heads: int, num_kv_heads: int, head_dim: int, k_cache: torch.Tensor,
+                 v_cache: torch.Tensor, slot_mapping: torch.Tensor) -> torch.Tensor:
+    """The attention prologue after the qkv GEMM; returns q [T, Hq, D] and writes K/V into the cache.
+
+    qkv: [T, (Hq + 2 Hk) * D] = q | k | v heads. Per head, in this order: rms_norm of q and of k
+    over D (only those whose weight is given; Qwen3), neox RoPE at positions (cos|sin cache
+    [max_pos, D]), then k and v go to k_cache / v_cache [num_blocks, block_size, Hk, D] at
+    slot_mapping (-1 = skip). Each step rounds to the activation dtype as the separate ops do.
+    """
+    t, d = qkv.shape[0], head_dim
+    q, k, v = qkv.split([num_heads * d, num_kv_heads * d, num_kv_heads * d], -1)
+    q, k, v = q.reshape(t, num_heads, d), k.reshape(t, num_kv_heads, d), v.reshape(t, num_kv_heads, d)
+    if q_norm_weight is not None:
+        q = rms_norm(q, q_norm_weight, eps)
+    if k_norm_weight is not None:
+        k = rms_norm(k, k_norm_weight, eps)
+    q, k = rotary_embedding(positions, q, k, cos_sin_cache)
+    kv_cache_write(k, v, k_cache, v_cache, slot_mapping)
+    return q
+
+
 def _gather_kv(cache: torch.Tensor, block_table: torch.Tensor, length: int) -> torch.Tensor:
     block_size = cache.shape[1]
     blocks = block_table[: (length + block_size - 1) // block_size]
@@ -100,6 +124,12 @@ def paged_attention_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     return out.reshape(q.shape).to(q.dtype)
 
 
+@register("linear", B)
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """x @ weight.T + bias; x [..., K], weight [N, K] (a dense layer)."""
+    return F.linear(x, weight, bias)
+
+
 @register("silu_and_mul", B)
 def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
     gate, up = x.chunk(2, dim=-1)
@@ -143,6 +173,13 @@ def fused_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights
 fused_moe.skips_negative_ids = True
 
 
+@register("moe_forward", B)
+def moe_forward(x: torch.Tensor, router_logits: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor,
+                top_k: int, renormalize: bool) -> torch.Tensor:
+    """Routing + experts in one op (no expert parallelism): fused_moe(x, w13, w2, *moe_route(...))."""
+    return fused_moe(x, w13, w2, *moe_route(router_logits, top_k, renormalize))
+
+
 # ---- sampling -------------------------------------------------------------------------------
 
 _M32 = 0xFFFFFFFF
@@ -164,11 +201,13 @@ def row_keys(seeds: torch.Tensor, counters: torch.Tensor) -> torch.Tensor:
 
 
 def uniform_noise(seeds: torch.Tensor, counters: torch.Tensor, vocab: int) -> torch.Tensor:
-    """[B, V] float32 uniforms in (0, 1), exact multiples of 2^-24 plus half a step: never 0 or 1."""
+    """[B, V] float32 uniforms in (0, 1): (23 random bits + 0.5) * 2^-23, exact in float32, so never
+    0 or 1 (with 24 bits the top value rounds to 1.0, whose Gumbel noise is +inf: that token would
+    win whatever its probability)."""
     keys = row_keys(seeds, counters)
     idx = _fmix32(torch.arange(vocab, device=seeds.device, dtype=torch.int64) * 0x2545F491 & _M32)
-    bits = _fmix32(keys[:, None] ^ idx[None, :]) >> 8
-    return (bits.float() + 0.5) * (1.0 / (1 << 24))
+    bits = _fmix32(keys[:, None] ^ idx[None, :]) >> 9
+    return (bits.float() + 0.5) * (1.0 / (1 << 23))
 
 
 def filter_logits(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor,

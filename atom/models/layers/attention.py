@@ -8,8 +8,10 @@ from atom.ops.metadata import AttentionMetadata
 
 
 class PagedAttention(nn.Module):
-    """Writes the step's K/V into the paged cache, then attends over each sequence's blocks.
+    """Attends over each sequence's blocks of the paged KV cache.
 
+    The step's own K/V must already be in the cache: the model writes them with `ops.qkv_prologue`
+    (fused with q/k norm and RoPE), or `write_kv` does it for callers that hold k and v.
     The runner assigns k_cache / v_cache ([num_blocks, block_size, kv_heads, head_dim]) after
     sizing the KV pool; until then they are empty.
     """
@@ -20,8 +22,10 @@ class PagedAttention(nn.Module):
         self.scale = head_dim ** -0.5
         self.k_cache = self.v_cache = torch.empty(0)
 
-    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                meta: AttentionMetadata) -> torch.Tensor:
+    def write_kv(self, k: torch.Tensor, v: torch.Tensor, meta: AttentionMetadata) -> None:
+        """k, v: [T, kv_heads, head_dim] into the cache at meta.slot_mapping (-1 = skip)."""
         ops.kv_cache_write(k, v, self.k_cache, self.v_cache, meta.slot_mapping)
+
+    def forward(self, q: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
         attend = ops.paged_attention_decode if meta.is_decode else ops.paged_attention_prefill
         return attend(q, self.k_cache, self.v_cache, meta, self.scale)

@@ -5,6 +5,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from atom.ops import ops
+
 
 class Linear(nn.Module):
     """y = x @ W.T (+ b). `shards` names the HF tensors stacked along the output dim, with their sizes."""
@@ -33,7 +35,7 @@ class Linear(nn.Module):
         raise KeyError(shard)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return nn.functional.linear(x, self.weight, self.bias)
+        return ops.linear(x, self.weight, self.bias)
 
 
 def _split(size: int, ways: int, what: str) -> int:
@@ -74,7 +76,7 @@ class RowParallelLinear(Linear):
         self.tp = tp
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = self.tp.all_reduce(nn.functional.linear(x, self.weight))
+        y = self.tp.all_reduce(ops.linear(x, self.weight))
         return y if self.bias is None else y + self.bias
 
 

@@ -49,9 +49,9 @@ class SparseMoE(nn.Module):
         self.w2 = nn.Parameter(torch.empty(local_experts, hidden_size, inter), requires_grad=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.mode is None:  # routing + experts in one op (few kernels at small batch)
+            return ops.moe_forward(x, self.gate(x), self.w13, self.w2, self.top_k, self.renormalize)
         weights, ids = ops.moe_route(self.gate(x), self.top_k, self.renormalize)
-        if self.mode is None:
-            return ops.fused_moe(x, self.w13, self.w2, weights, ids)
         return self._forward_parallel(x, weights, ids)
 
     def idle(self, dtype: torch.dtype, device: torch.device) -> None:

@@ -3,13 +3,33 @@
 Pass 1 takes the row's max and sum of exponentials of logits / temperature (and of the raw
 logits when raw logprobs are asked for); pass 2 takes the arg-max of processed logprob + Gumbel
 noise, the noise being exactly the counter-based stream of torch_ops.uniform_noise: the same
-32-bit hashes of (row key, token id) computed in uint32, the same uniforms, -log(-log(u)) through
+row key (torch_ops.row_keys, computed in the kernel from the seed and counter), the same 32-bit
+hashes of (row key, token id) computed in uint32, the same uniforms, -log(-log(u)) through
 libdevice's log as torch's CUDA log. So CPU and GPU draw the same tokens from equal logits,
 except where two candidates tie to the last bit of rounding.
 
 Rows with top-k / top-p / min-p filters or banned tokens take the torch reference path (the
 filters need a sort of the vocabulary); top-k logprobs come from a torch top-k over the row's
 log-softmax.
+
+Small batches (fewer than SPLIT_BELOW_ROWS rows, vocabulary of at least SPLIT_MIN_VOCAB) split
+each row into SPLIT_CHUNK-token chunks instead, so that the whole GPU works on a few rows (one
+program per row keeps one SM busy: 114 us at batch 1 on an H200, against 6.3 us split). Three
+launches, grids from the row count and vocabulary size alone (no host sync; CUDA-graph safe):
+  A (rows, chunks): per chunk, max and sum of exp of the processed (and raw) logits;
+  B (rows, chunks): every program combines its row's chunk partials, in one fixed order, into the
+     global max and logsum (all programs of a row get the same bits), then takes its chunk's
+     arg-max of ((y - mx) - logsum) + g exactly as the one-program kernel does; chunk 0 stores
+     the row's max and logsum;
+  C (rows,): the largest chunk winner, lowest token id on exact ties, as the one-program kernel
+     does; token, processed logprob (with B's max and logsum) and raw logprob.
+The per-token arg-max values and tie rule are the one-program kernel's; only the order in which
+the exponentials are summed differs (per chunk, then over chunks, against per lane, then over
+lanes), so logsum, and so each logprob, may differ from the one-program kernel's in the last bits
+(a few fp32 rounding steps of logsum, ~1e-6 for logsums of order 10; the tests hold the logprobs
+of both paths and of torch to 1e-5 of each other). The sampled token can change only where the
+two best candidates' values lie within that rounding of each other, as it already can between
+the one-program kernel and torch; the tests check token identity.
 """
 from __future__ import annotations
 
@@ -32,6 +52,17 @@ except Exception:  # pragma: no cover
 
 B = "triton"
 
+# The split (vocabulary-parallel) path: rows below SPLIT_BELOW_ROWS with a vocabulary of at least
+# SPLIT_MIN_VOCAB tokens; each row in chunks of SPLIT_CHUNK tokens (151,936 -> 75 chunks).
+# H200, vocabulary 151,936, kernels alone, us (one program per row / split): rows 1: 114 / 6.3,
+# 16: 116 / 18, 64: 118 / 51, 128: 154 / 101, 256: 201 / 194, 384: 277 / 287, 512: 348 / 379.
+# Both are arithmetic-bound from about 64 rows on (hashes, two precise logs and a division per
+# token); chunks of 4096 were within 3% of 2048 everywhere, 6.3 against 7.1 us at one row.
+SPLIT_BELOW_ROWS = 256
+SPLIT_MIN_VOCAB = 16384
+SPLIT_CHUNK = 2048
+_INT_MAX = tl.constexpr(2147483647)
+
 
 @triton.jit
 def _fmix32(h):
@@ -43,7 +74,43 @@ def _fmix32(h):
 
 
 @triton.jit
-def _sample_kernel(logits_ptr, temp_ptr, key_ptr, tok_ptr, lp_ptr, raw_ptr, V, sl,
+def _fmix32_i64(h):
+    """torch_ops._fmix32 as torch computes it: int64, products wrap, masked to 32 bits."""
+    m32 = tl.full([], 0xFFFFFFFF, tl.int64)
+    h = h ^ (h >> 16)
+    h = (h * tl.full([], 0x85EBCA6B, tl.int64)) & m32
+    h = h ^ (h >> 13)
+    h = (h * tl.full([], 0xC2B2AE35, tl.int64)) & m32
+    return h ^ (h >> 16)
+
+
+@triton.jit
+def _row_key(seed_ptr, counter_ptr, r):
+    """torch_ops.row_keys of row r, bit for bit (in int64: the unmasked sums' carries count)."""
+    m32 = tl.full([], 0xFFFFFFFF, tl.int64)
+    seed = tl.load(seed_ptr + r).to(tl.int64)
+    counter = tl.load(counter_ptr + r).to(tl.int64)
+    lo, hi = seed & m32, (seed >> 32) & m32
+    k = _fmix32_i64(_fmix32_i64(lo ^ _fmix32_i64(hi + tl.full([], 0x9E3779B9, tl.int64)))
+                    ^ _fmix32_i64((counter & m32) + tl.full([], 0x7F4A7C15, tl.int64)))
+    return k.to(tl.uint32)
+
+
+@triton.jit
+def _gumbel(key, i, PRECISE_LOG: tl.constexpr):
+    """Gumbel noise of token ids i under a row key: torch_ops.uniform_noise, then -log(-log(u))."""
+    ih = _fmix32(i.to(tl.uint32) * tl.full([], 0x2545F491, tl.uint32))
+    bits = _fmix32(key ^ ih) >> 9
+    u = (bits.to(tl.float32) + 0.5) * (1.0 / 8388608.0)
+    if PRECISE_LOG:
+        g = -libdevice.log(-libdevice.log(u))
+    else:
+        g = -tl.log(-tl.log(u))
+    return g
+
+
+@triton.jit
+def _sample_kernel(logits_ptr, temp_ptr, seed_ptr, counter_ptr, tok_ptr, lp_ptr, raw_ptr, V, sl,
                    ALL_GREEDY: tl.constexpr, NEED_RAW: tl.constexpr, PRECISE_LOG: tl.constexpr,
                    BLOCK: tl.constexpr):
     r = tl.program_id(0).to(tl.int64)
@@ -73,7 +140,7 @@ def _sample_kernel(logits_ptr, temp_ptr, key_ptr, tok_ptr, lp_ptr, raw_ptr, V, s
     mx = tl.max(m, 0)
     logsum = tl.log(tl.sum(tl.where(m == float("-inf"), 0.0, s * tl.exp(m - mx)), 0))
     # Pass 2: arg-max of (processed + gumbel), or of the logits for greedy rows.
-    key = tl.load(key_ptr + r).to(tl.uint32)
+    key = _row_key(seed_ptr, counter_ptr, r)
     best = tl.full([BLOCK], float("-inf"), tl.float32)
     bidx = tl.zeros([BLOCK], tl.int32)
     for v0 in range(0, V, BLOCK):
@@ -84,13 +151,7 @@ def _sample_kernel(logits_ptr, temp_ptr, key_ptr, tok_ptr, lp_ptr, raw_ptr, V, s
         if ALL_GREEDY:
             val = y
         else:
-            ih = _fmix32(i.to(tl.uint32) * tl.full([], 0x2545F491, tl.uint32))
-            bits = _fmix32(key ^ ih) >> 8
-            u = (bits.to(tl.float32) + 0.5) * (1.0 / 16777216.0)
-            if PRECISE_LOG:
-                g = -libdevice.log(-libdevice.log(u))
-            else:
-                g = -tl.log(-tl.log(u))
+            g = _gumbel(key, i, PRECISE_LOG)
             val = tl.where(greedy, y, ((y - mx) - logsum) + g)
         val = tl.where(im, val, float("-inf"))
         upd = val > best
@@ -107,8 +168,140 @@ def _sample_kernel(logits_ptr, temp_ptr, key_ptr, tok_ptr, lp_ptr, raw_ptr, V, s
         tl.store(raw_ptr + r, (xt - mxr) - logsum_r)
 
 
+# ---- the split path (small batches): kernels A, B, C of the module docstring ---------------------
+
+@triton.jit
+def _chunk_stats(x):
+    """Max and sum of exp(x - max) over one chunk; sum 0 where the whole chunk is -inf."""
+    m = tl.max(x, 0)
+    s = tl.sum(tl.exp(x - m), 0)
+    return m, tl.where(m == float("-inf"), 0.0, s)
+
+
+@triton.jit
+def _row_stats(part_ptr, NCH, NCH_P: tl.constexpr):
+    """Global max and log-sum-exp of one row from its chunk partials (max row, then sum row)."""
+    j = tl.arange(0, NCH_P)
+    jm = j < NCH
+    pm = tl.load(part_ptr + j, mask=jm, other=float("-inf"))
+    ps = tl.load(part_ptr + NCH + j, mask=jm, other=0.0)
+    mx = tl.max(pm, 0)
+    logsum = tl.log(tl.sum(tl.where(pm == float("-inf"), 0.0, ps * tl.exp(pm - mx)), 0))
+    return mx, logsum
+
+
+@triton.jit
+def _split_stats_kernel(logits_ptr, temp_ptr, part_ptr, V, sl, NCH,
+                        NEED_RAW: tl.constexpr, KP: tl.constexpr, CHUNK: tl.constexpr):
+    """A: part[r] = [max, sumexp of logits / temperature (, max, sumexp of logits)] per chunk."""
+    r = tl.program_id(0).to(tl.int64)
+    c = tl.program_id(1)
+    t = tl.load(temp_ptr + r)
+    tt = tl.where(t <= 0.0, 1.0, t)
+    i = c * CHUNK + tl.arange(0, CHUNK)
+    x = tl.load(logits_ptr + r * sl + i, mask=i < V, other=float("-inf"))
+    part = part_ptr + r * (KP * NCH) + c
+    m, s = _chunk_stats(x / tt)
+    tl.store(part, m)
+    tl.store(part + NCH, s)
+    if NEED_RAW:
+        mr, sr = _chunk_stats(x)
+        tl.store(part + 2 * NCH, mr)
+        tl.store(part + 3 * NCH, sr)
+
+
+@triton.jit
+def _split_argmax_kernel(logits_ptr, temp_ptr, seed_ptr, counter_ptr, part_ptr, best_ptr,
+                         bidx_ptr, stat_ptr, V, sl, NCH, ALL_GREEDY: tl.constexpr,
+                         PRECISE_LOG: tl.constexpr, KP: tl.constexpr, CHUNK: tl.constexpr,
+                         NCH_P: tl.constexpr):
+    """B: the row's max and logsum from the partials, then this chunk's best value and token."""
+    r = tl.program_id(0).to(tl.int64)
+    c = tl.program_id(1)
+    t = tl.load(temp_ptr + r)
+    greedy = t <= 0.0
+    tt = tl.where(greedy, 1.0, t)
+    mx, logsum = _row_stats(part_ptr + r * (KP * NCH), NCH, NCH_P)
+    i = c * CHUNK + tl.arange(0, CHUNK)
+    im = i < V
+    x = tl.load(logits_ptr + r * sl + i, mask=im, other=float("-inf"))
+    y = x / tt
+    if ALL_GREEDY:
+        val = y
+    else:
+        key = _row_key(seed_ptr, counter_ptr, r)
+        g = _gumbel(key, i, PRECISE_LOG)
+        val = tl.where(greedy, y, ((y - mx) - logsum) + g)
+    # As the one-program kernel: NaN never wins, the lowest token id wins exact ties; a chunk
+    # with nothing above -inf reports its first token, so a row with nothing gets token 0.
+    val = tl.where(im & (val == val), val, float("-inf"))
+    top = tl.max(val, 0)
+    idx = tl.min(tl.where(val == top, i, _INT_MAX), 0)
+    tl.store(best_ptr + r * NCH + c, top)
+    tl.store(bidx_ptr + r * NCH + c, idx)
+    first = c == 0
+    tl.store(stat_ptr + 2 * r, mx, mask=first)
+    tl.store(stat_ptr + 2 * r + 1, logsum, mask=first)
+
+
+@triton.jit
+def _split_final_kernel(logits_ptr, temp_ptr, part_ptr, best_ptr, bidx_ptr, stat_ptr, tok_ptr,
+                        lp_ptr, raw_ptr, sl, NCH, NEED_RAW: tl.constexpr, KP: tl.constexpr,
+                        NCH_P: tl.constexpr):
+    """C: the best chunk winner (lowest token id on exact ties), its token and logprobs."""
+    r = tl.program_id(0).to(tl.int64)
+    t = tl.load(temp_ptr + r)
+    tt = tl.where(t <= 0.0, 1.0, t)
+    j = tl.arange(0, NCH_P)
+    jm = j < NCH
+    best = tl.load(best_ptr + r * NCH + j, mask=jm, other=float("-inf"))
+    bidx = tl.load(bidx_ptr + r * NCH + j, mask=jm, other=_INT_MAX)
+    top = tl.max(best, 0)
+    tok = tl.min(tl.where(best == top, bidx, _INT_MAX), 0)
+    row = logits_ptr + r * sl
+    xt = tl.load(row + tok)
+    mx = tl.load(stat_ptr + 2 * r)
+    logsum = tl.load(stat_ptr + 2 * r + 1)
+    tl.store(tok_ptr + r, tok.to(tl.int64))
+    tl.store(lp_ptr + r, (xt / tt - mx) - logsum)
+    if NEED_RAW:
+        mxr, logsum_r = _row_stats(part_ptr + r * (KP * NCH) + 2 * NCH, NCH, NCH_P)
+        tl.store(raw_ptr + r, (xt - mxr) - logsum_r)
+
+
+def use_split(rows: int, vocab: int) -> bool:
+    """Whether `sample` takes the vocabulary-parallel path for this shape."""
+    return 0 < rows < SPLIT_BELOW_ROWS and vocab >= SPLIT_MIN_VOCAB
+
+
+def _launch_split(logits, temp, seeds, counters, tokens, lps, raw, all_greedy: bool,
+                  need_raw: bool, chunk: int = SPLIT_CHUNK) -> None:
+    rows, vocab = logits.shape
+    nch = triton.cdiv(vocab, chunk)
+    nch_p = max(triton.next_power_of_2(nch), 2)
+    kp = 4 if need_raw else 2
+    dev = logits.device
+    ws = torch.empty(rows * (kp * nch + nch + 2), dtype=torch.float32, device=dev)
+    part = ws[: rows * kp * nch]
+    best = ws[rows * kp * nch: rows * (kp + 1) * nch]
+    stat = ws[rows * (kp + 1) * nch:]
+    bidx = torch.empty(rows * nch, dtype=torch.int32, device=dev)
+    sl = logits.stride(0)
+    warps = 4 if chunk <= 2048 else 8
+    _split_stats_kernel[(rows, nch)](logits, temp, part, vocab, sl, nch,
+                                     NEED_RAW=need_raw, KP=kp, CHUNK=chunk, num_warps=warps)
+    _split_argmax_kernel[(rows, nch)](logits, temp, seeds, counters, part, best, bidx, stat, vocab,
+                                      sl, nch, ALL_GREEDY=all_greedy, PRECISE_LOG=_PRECISE_LOG,
+                                      KP=kp, CHUNK=chunk, NCH_P=nch_p, num_warps=warps)
+    _split_final_kernel[(rows,)](logits, temp, part, best, bidx, stat, tokens, lps, raw, sl, nch,
+                                 NEED_RAW=need_raw, KP=kp, NCH_P=nch_p, num_warps=4)
+
+
 @register("sample", B)
-def sample(logits: torch.Tensor, meta: SamplingMetadata) -> SamplerOutput:
+def sample(logits: torch.Tensor, meta: SamplingMetadata,
+           split: bool | None = None) -> SamplerOutput:
+    """split: None picks the path from the shape (use_split); True / False forces the split /
+    one-program path (tests and benchmarks)."""
     if meta.need_filter or meta.banned_rows is not None:
         return torch_ops.sample(logits, meta)
     logits = logits.float()
@@ -120,11 +313,15 @@ def sample(logits: torch.Tensor, meta: SamplingMetadata) -> SamplerOutput:
     lps = torch.empty(rows, dtype=torch.float32, device=dev)
     raw = torch.empty(rows if meta.any_raw else 1, dtype=torch.float32, device=dev)
     if rows:
-        keys = meta.seeds if meta.all_greedy else torch_ops.row_keys(meta.seeds, meta.counters)
         temp = meta.temperature.float()
-        _sample_kernel[(rows,)](logits, temp, keys, tokens, lps, raw, vocab, logits.stride(0),
-                                ALL_GREEDY=meta.all_greedy, NEED_RAW=meta.any_raw,
-                                PRECISE_LOG=_PRECISE_LOG, BLOCK=2048, num_warps=8)
+        if use_split(rows, vocab) if split is None else split:
+            _launch_split(logits, temp, meta.seeds, meta.counters, tokens, lps, raw,
+                          meta.all_greedy, meta.any_raw)
+        else:
+            _sample_kernel[(rows,)](logits, temp, meta.seeds, meta.counters, tokens, lps, raw,
+                                    vocab, logits.stride(0), ALL_GREEDY=meta.all_greedy,
+                                    NEED_RAW=meta.any_raw, PRECISE_LOG=_PRECISE_LOG, BLOCK=2048,
+                                    num_warps=8)
     token_lps = torch.where(meta.raw_logprobs, raw, lps) if meta.any_raw else lps
     k = meta.num_top_logprobs
     if k > 0:
