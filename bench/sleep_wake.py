@@ -159,21 +159,13 @@ def main() -> None:
                          "freed_frac_of_kv_plus_weights": round((asleep - before) / (kv + w), 4),
                          "held_while_asleep_gib": round((baseline - asleep) / GiB, 3)})
         report["level2_discard.cycles"] = rows
-        # The same cycle with other ways of mapping: threads x physical chunk size (the build maps
-        # ~0.5-0.7 GiB segments; wake may merge them). The last setting is kept.
         pools = list(memory.pools.values())
-        variants = []
-        for chunk_gib in (0, 2, 8, 64):  # merging is permanent: smallest first
-            for threads in (1, 8):
-                for p in pools:
-                    p.map_threads, p.restore_chunk_bytes = threads, chunk_gib * GiB
-                    p.map_seconds = dict.fromkeys(p.map_seconds, 0.0)
-                engine.sleep(level=2)
-                tw = timed(engine.wake_up)
-                driver = {k: round(sum(p.map_seconds[k] for p in pools), 4) for k in pools[0].map_seconds}
-                variants.append({"threads": threads, "chunk_gib": chunk_gib, "wake_s": round(tw, 4),
-                                 "segments": sum(len(p.segments) for p in pools), "driver_s": driver})
-        report["level2_discard.wake_variants"] = variants
+        for p in pools:
+            p.map_seconds = dict.fromkeys(p.map_seconds, 0.0)
+        engine.sleep(level=2)
+        tw = timed(engine.wake_up)
+        report["level2_discard.wake_driver_s"] = {"wake_s": round(tw, 4), **{
+            k: round(sum(p.map_seconds[k] for p in pools), 4) for k in pools[0].map_seconds}}
         # The weights were discarded: regenerate the same (seeded) values in place, then a
         # complete update_weights (each tensor copied onto itself) marks them complete again.
         init_dummy_weights(runner.model, engine.config.seed)
