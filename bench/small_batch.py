@@ -40,7 +40,7 @@ def moe_small_section() -> None:
     Successive calls cycle over LAYERS copies of the weights, as decode does over layers: the 75 MB
     of one token's experts would otherwise stay in the 60 MB L2 from one replay to the next."""
     from atom.ops import implementations
-    from atom.ops.triton import moe
+    from atom.ops.triton import moe_small as moe
 
     e, h, inter, k, dtype, dev, layers = 128, 2048, 768, 8, torch.bfloat16, "cuda", 4
     torch.manual_seed(0)

@@ -102,7 +102,7 @@ def test_torch_moe_forward_is_route_then_fused_moe():
 @pytest.mark.parametrize("tokens", [1, 8])
 def test_moe_forward_either_path(triton_ops, device, monkeypatch, dtype, small_t_max, tokens):
     """Both paths at any T (the threshold is a tuning knob)."""
-    from atom.ops.triton import moe
+    from atom.ops.triton import moe_small as moe
     monkeypatch.setattr(moe, "SMALL_T_MAX", small_t_max)
     x, w13, w2, logits = make(7 + tokens, tokens, 64, 64, 32, dtype, device)
     out = triton_ops("moe_forward")["triton"](x, logits, w13, w2, 8, True)
@@ -126,7 +126,7 @@ UNGROUPED = dict(up=dict(BLOCK_N=16, BLOCK_K=256, USE_DOT=False, ROUTE=0, num_wa
 @pytest.mark.parametrize("tokens,experts,top_k", [(1, 128, 8), (4, 8, 2)])
 def test_moe_small_tile_configs(triton_ops, device, dtype, cfg, hidden, inter, tokens, experts, top_k):
     """The tile configs the benchmark tries (tl.dot variant, several K tiles per row)."""
-    from atom.ops.triton import moe
+    from atom.ops.triton import moe_small as moe
     x, w13, w2, logits = make(3 + tokens, tokens, experts, hidden, inter, dtype, device)
     out = moe.moe_small(x, logits, w13, w2, top_k, True, cfg=cfg)[0]
     check(out, torch_ops.moe_forward(x, logits, w13, w2, top_k, True), dtype)
@@ -144,7 +144,7 @@ if ON_CPU:  # the interpreter is slow
 def test_small_path_picks_moe_route_experts(triton_ops, device, dtype, experts, top_k, renorm, ties, route):
     """With T <= SMALL_T_MAX the experts (in order) and weights are those of the triton moe_route,
     ties (lowest index first) included, with either routing of kernel 1 (ROUTE 0 / 1)."""
-    from atom.ops.triton import moe
+    from atom.ops.triton import moe_small as moe
     tokens = max(1, moe.SMALL_T_MAX)
     torch.manual_seed(experts + top_k + 100 * ties)
     if ties:  # few distinct values: many exact ties, also across the top-k boundary

@@ -21,6 +21,6 @@ INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 if not INTERPRET and not torch.cuda.is_available():
     raise ImportError("the triton backend needs a CUDA device")
 
-from atom.ops.triton import attention, elementwise, linear, moe, sampling  # noqa: E402,F401
+from atom.ops.triton import attention, elementwise, linear, moe, moe_small, sampling  # noqa: E402,F401
 
-__all__ = ["attention", "elementwise", "linear", "moe", "sampling", "INTERPRET"]
+__all__ = ["attention", "elementwise", "linear", "moe", "moe_small", "sampling", "INTERPRET"]
