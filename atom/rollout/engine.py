@@ -4,7 +4,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import random
-from typing import Iterable, Sequence as Seq
+from typing import Sequence as Seq
 
 from tqdm.auto import tqdm
 

@@ -7,7 +7,7 @@ from typing import Callable, Iterable
 import torch
 
 from atom.weights_sync.group import WeightSyncGroup
-from atom.weights_sync.protocol import (DEFAULT_BUCKET_BYTES, MAGIC, PROTOCOL, UpdateMeta, decode_status,
+from atom.weights_sync.protocol import (DEFAULT_BUCKET_BYTES, MAGIC, PROTOCOL, decode_status,
                                         plan_buckets)
 
 
