@@ -11,6 +11,8 @@
 #     small   : small-batch kernels against the paths they replace (bench/small_batch.py)
 #     sleep   : sleep / wake / update_weights timings, 30B shape (bench/sleep_wake.py, no offload cycles)
 # Logs and JSON results go to $OUT (or ./gpu_out when OUT is unset).
+# On the lent H200 a device call may run 10 minutes: `tests small` and `bench` are one call each
+# (the four workloads take ~75 s apiece with build and warm-up).
 set -uo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 OUT=${OUT:-gpu_out}
