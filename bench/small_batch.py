@@ -78,28 +78,22 @@ def moe_small_section() -> None:
         nbytes = k * expert_bytes
         ref = fused(x, *weights[0], *route(logits, k, True))
 
-        def up(bn, bk, dot, route_mode, warps, stages):
-            return dict(BLOCK_N=bn, BLOCK_K=bk, USE_DOT=dot, ROUTE=route_mode, num_warps=warps, num_stages=stages)
-
-        def down(bn, bk, grouped, warps, stages):
-            return dict(BLOCK_N=bn, BLOCK_K=bk, USE_DOT=False, GROUPED=grouped, num_warps=warps, num_stages=stages)
+        def tiles(bn, bk, warps, stages):
+            return dict(BLOCK_N=bn, BLOCK_K=bk, num_warps=warps, num_stages=stages)
 
         candidates = [
             dict(up=moe.SMALL_CFG["up"], down=moe.SMALL_CFG["down"]),
-            dict(up=up(32, 128, True, 0, 4, 4), down=down(8, 256, True, 8, 2)),
-            dict(up=up(16, 256, False, 1, 4, 2), down=down(8, 256, True, 8, 2)),
-            dict(up=up(16, 256, False, 0, 4, 2), down=down(16, 256, False, 4, 2)),
-            dict(up=up(32, 128, True, 1, 4, 3), down=down(4, 256, True, 4, 2)),
-            dict(up=up(64, 128, True, 1, 4, 4), down=down(8, 128, True, 4, 2)),
-            dict(up=up(16, 128, True, 1, 4, 4), down=down(16, 256, True, 8, 2)),
+            dict(up=tiles(32, 128, 4, 3), down=tiles(4, 256, 4, 2)),
+            dict(up=tiles(64, 128, 4, 4), down=tiles(8, 128, 4, 2)),
+            dict(up=tiles(16, 128, 4, 4), down=tiles(16, 256, 8, 2)),
+            dict(up=tiles(16, 256, 4, 2), down=tiles(8, 256, 8, 2)),
         ]
         for c in candidates:
             got = moe.moe_small(x, logits, *weights[0], k, True, cfg=c)[0]
             err = ((got.float() - ref.float()).norm() / ref.float().norm()).item()
             u, d = c["up"], c["down"]
-            name = (f"moe T=1 up {u['BLOCK_N']}/{u['BLOCK_K']}/{'dot' if u['USE_DOT'] else 'gemv'}/r{u['ROUTE']}"
-                    f"/w{u['num_warps']}s{u['num_stages']} down {d['BLOCK_N']}/{d['BLOCK_K']}/"
-                    f"{'grp' if d['GROUPED'] else 'seq'}/w{d['num_warps']}s{d['num_stages']}")
+            name = (f"moe T=1 up {u['BLOCK_N']}/{u['BLOCK_K']}/w{u['num_warps']}s{u['num_stages']} "
+                    f"down {d['BLOCK_N']}/{d['BLOCK_K']}/w{d['num_warps']}s{d['num_stages']}")
             report(f"{name} err {err:.0e}",
                    graph_time(cycling(lambda w13, w2: moe.moe_small(x, logits, w13, w2, k, True, cfg=c))), nbytes)
             for part, cfg_part in (("up", u), ("down", d)):

@@ -109,23 +109,18 @@ def test_moe_forward_either_path(triton_ops, device, monkeypatch, dtype, small_t
     check(out, torch_ops.moe_forward(x, logits, w13, w2, 8, True), dtype)
 
 
-DOT_CFG = dict(up=dict(BLOCK_N=16, BLOCK_K=32, USE_DOT=True, ROUTE=0, num_warps=4, num_stages=2),
-               down=dict(BLOCK_N=16, BLOCK_K=32, USE_DOT=True, GROUPED=False, num_warps=4, num_stages=2))
-SMALL_TILES = dict(up=dict(BLOCK_N=8, BLOCK_K=16, USE_DOT=False, ROUTE=0, num_warps=2, num_stages=1),
-                   down=dict(BLOCK_N=4, BLOCK_K=16, USE_DOT=False, GROUPED=False, num_warps=1, num_stages=1))
-GEMV_GROUPED = dict(up=dict(BLOCK_N=16, BLOCK_K=32, USE_DOT=False, ROUTE=1, num_warps=4, num_stages=2),
-                    down=dict(BLOCK_N=8, BLOCK_K=16, USE_DOT=False, GROUPED=True, num_warps=4, num_stages=2))
-UNGROUPED = dict(up=dict(BLOCK_N=16, BLOCK_K=256, USE_DOT=False, ROUTE=0, num_warps=4, num_stages=2),
-                 down=dict(BLOCK_N=16, BLOCK_K=256, USE_DOT=False, GROUPED=False, num_warps=4, num_stages=2))
+SMALL_TILES = dict(up=dict(BLOCK_N=16, BLOCK_K=16, num_warps=2, num_stages=1),
+                   down=dict(BLOCK_N=4, BLOCK_K=16, num_warps=1, num_stages=1))
+WIDE_K = dict(up=dict(BLOCK_N=16, BLOCK_K=256, num_warps=4, num_stages=2),
+              down=dict(BLOCK_N=16, BLOCK_K=256, num_warps=4, num_stages=2))
 
 
 @pytest.mark.parametrize("dtype", act_dtypes())
-@pytest.mark.parametrize("cfg", [DOT_CFG, SMALL_TILES, GEMV_GROUPED, UNGROUPED],
-                         ids=["dot", "small-tiles", "gemv-grouped", "ungrouped"])
+@pytest.mark.parametrize("cfg", [None, SMALL_TILES, WIDE_K], ids=["default", "small-tiles", "wide-k"])
 @pytest.mark.parametrize("hidden,inter", SHAPES)
 @pytest.mark.parametrize("tokens,experts,top_k", [(1, 128, 8), (4, 8, 2)])
 def test_moe_small_tile_configs(triton_ops, device, dtype, cfg, hidden, inter, tokens, experts, top_k):
-    """The tile configs the benchmark tries (tl.dot variant, several K tiles per row)."""
+    """Other tile configs than the default (K and N tails, several K tiles per row)."""
     from atom.ops.triton import moe_small as moe
     x, w13, w2, logits = make(3 + tokens, tokens, experts, hidden, inter, dtype, device)
     out = moe.moe_small(x, logits, w13, w2, top_k, True, cfg=cfg)[0]
@@ -140,10 +135,9 @@ if ON_CPU:  # the interpreter is slow
 @pytest.mark.parametrize("dtype", act_dtypes())
 @pytest.mark.parametrize("experts,top_k,renorm", PICK_CASES)
 @pytest.mark.parametrize("ties", [False, True])
-@pytest.mark.parametrize("route", [0, 1], ids=["route_row", "route_pick"])
-def test_small_path_picks_moe_route_experts(triton_ops, device, dtype, experts, top_k, renorm, ties, route):
+def test_small_path_picks_moe_route_experts(triton_ops, device, dtype, experts, top_k, renorm, ties):
     """With T <= SMALL_T_MAX the experts (in order) and weights are those of the triton moe_route,
-    ties (lowest index first) included, with either routing of kernel 1 (ROUTE 0 / 1)."""
+    ties (lowest index first) included."""
     from atom.ops.triton import moe_small as moe
     tokens = max(1, moe.SMALL_T_MAX)
     torch.manual_seed(experts + top_k + 100 * ties)
@@ -152,8 +146,7 @@ def test_small_path_picks_moe_route_experts(triton_ops, device, dtype, experts, 
     else:
         logits = (torch.randn(tokens, experts, device=device) * 2).to(dtype)
     x, w13, w2, _ = make(5, tokens, experts, 64, 32, dtype, device)
-    cfg = dict(up={**moe.SMALL_CFG["up"], "ROUTE": route}, down=moe.SMALL_CFG["down"])
-    out, w, ids = moe.moe_small(x, logits, w13, w2, top_k, renorm, cfg=cfg)
+    out, w, ids = moe.moe_small(x, logits, w13, w2, top_k, renorm)
     rw, rids = triton_ops("moe_route")["triton"](logits, top_k, renorm)
     assert ids.dtype == torch.int32 and w.dtype == torch.float32
     assert torch.equal(ids.long(), rids)

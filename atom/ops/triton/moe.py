@@ -31,12 +31,13 @@ B = "triton"
 # ---- routing ----------------------------------------------------------------------------------
 
 @triton.jit
-def _route_row(row_ptr, E, TOPK: tl.constexpr, RENORM: tl.constexpr, BLOCK_E: tl.constexpr,
+def _route_row(row_ptr, E, rounds, TOPK: tl.constexpr, RENORM: tl.constexpr, BLOCK_E: tl.constexpr,
                BLOCK_K: tl.constexpr):
     """One token's routing from its logits row: (weights [BLOCK_K] fp32, expert ids [BLOCK_K] int32),
     entries >= TOPK unused. Softmax in fp32, top-k by repeated arg-max (lowest index on ties),
-    optional renormalisation. Shared by `_route_kernel` and the small-batch MoE kernel so that both
-    pick the same experts."""
+    optional renormalisation. Only the first `rounds` choices are made (the small-batch MoE kernel
+    needs choices 0..j of a pair; the weights are valid only when rounds == TOPK). Shared by
+    `_route_kernel` and moe_small's kernel so that both pick the same experts."""
     e = tl.arange(0, BLOCK_E)
     em = e < E
     x = tl.load(row_ptr + e, mask=em, other=float("-inf")).to(tl.float32)
@@ -48,11 +49,11 @@ def _route_row(row_ptr, E, TOPK: tl.constexpr, RENORM: tl.constexpr, BLOCK_E: tl
     sel_w = tl.zeros([BLOCK_K], tl.float32)
     sel_i = tl.zeros([BLOCK_K], tl.int32)
     for j in tl.static_range(TOPK):
-        best = tl.max(p, 0)
-        idx = tl.min(tl.where(p == best, e, BLOCK_E), 0)
-        sel_w = tl.where(kk == j, best, sel_w)
-        sel_i = tl.where(kk == j, idx, sel_i)
-        p = tl.where(e == idx, -1.0, p)
+        if j < rounds:
+            best, idx = tl.max(p, 0, return_indices=True, return_indices_tie_break_left=True)
+            sel_w = tl.where(kk == j, best, sel_w)
+            sel_i = tl.where(kk == j, idx, sel_i)
+            p = tl.where(e == idx, -1.0, p)
     if RENORM:
         sel_w = sel_w / tl.sum(sel_w, 0)
     return sel_w, sel_i
@@ -62,7 +63,7 @@ def _route_row(row_ptr, E, TOPK: tl.constexpr, RENORM: tl.constexpr, BLOCK_E: tl
 def _route_kernel(logits_ptr, w_ptr, id_ptr, E, sl, TOPK: tl.constexpr, RENORM: tl.constexpr,
                   BLOCK_E: tl.constexpr, BLOCK_K: tl.constexpr):
     t = tl.program_id(0).to(tl.int64)
-    sel_w, sel_i = _route_row(logits_ptr + t * sl, E, TOPK, RENORM, BLOCK_E, BLOCK_K)
+    sel_w, sel_i = _route_row(logits_ptr + t * sl, E, TOPK, TOPK, RENORM, BLOCK_E, BLOCK_K)
     kk = tl.arange(0, BLOCK_K)
     km = kk < TOPK
     tl.store(w_ptr + t * TOPK + kk, sel_w, mask=km)
