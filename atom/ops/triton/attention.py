@@ -60,6 +60,35 @@ def _check_head_dim(d: int) -> None:
         raise ValueError(f"triton attention needs a power-of-two head_dim >= 16, got {d}")
 
 
+# ---- shared: one step of online softmax over paged KV ------------------------------------------
+
+@triton.jit
+def _attend_block(q, kc_ptr, vc_ptr, bt_row, n0, hi, kvh, skb, skt, skh, scale_log2, m_i, l_i, acc, pos,
+                  D: tl.constexpr, BLOCK_N: tl.constexpr, PAGE: tl.constexpr, PREC: tl.constexpr,
+                  CAUSAL: tl.constexpr):
+    """One online-softmax step of q's query rows over KV tokens [n0, min(n0 + BLOCK_N, hi)) of one
+    block-table row and one kv head; (m, l, acc) = running max, sum of exponentials and
+    unnormalised output, base 2. CAUSAL: row r sees tokens up to its position pos[r] only."""
+    d = tl.arange(0, D)
+    offs = n0 + tl.arange(0, BLOCK_N)
+    nm = offs < hi
+    blk = tl.load(bt_row + offs // PAGE, mask=nm, other=0).to(tl.int64)
+    kv_off = blk * skb + (offs % PAGE).to(tl.int64) * skt + kvh * skh
+    k = tl.load(kc_ptr + kv_off[None, :] + d[:, None], mask=nm[None, :], other=0.0)
+    qk = tl.dot(q, k, input_precision=PREC) * scale_log2
+    if CAUSAL:
+        qk = tl.where((offs[None, :] <= pos[:, None]) & nm[None, :], qk, float("-inf"))
+    else:
+        qk = tl.where(nm[None, :], qk, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(qk, 1))
+    alpha = tl.exp2(m_i - m_new)
+    p = tl.exp2(qk - m_new[:, None])
+    l_i = l_i * alpha + tl.sum(p, 1)
+    v = tl.load(vc_ptr + kv_off[:, None] + d[None, :], mask=nm[:, None], other=0.0)
+    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PREC)
+    return m_new, l_i, acc
+
+
 # ---- prefill ----------------------------------------------------------------------------------
 
 @triton.jit
@@ -88,21 +117,8 @@ def _prefill_kernel(q_ptr, kc_ptr, vc_ptr, bt_ptr, qsl_ptr, sl_ptr, o_ptr,
         hi = tl.minimum(seq_len, first + (mt + 1) * BLOCK_M)
         bt_row = bt_ptr + b.to(tl.int64) * sbt
         for n0 in range(0, hi, BLOCK_N):
-            offs = n0 + tl.arange(0, BLOCK_N)
-            nm = offs < hi
-            blk = tl.load(bt_row + offs // PAGE, mask=nm, other=0).to(tl.int64)
-            kv_off = blk * skb + (offs % PAGE).to(tl.int64) * skt + kvh * skh
-            k = tl.load(kc_ptr + kv_off[None, :] + d[:, None], mask=nm[None, :], other=0.0)
-            qk = tl.dot(q, k, input_precision=PREC) * scale_log2
-            ok = (offs[None, :] <= pos[:, None]) & nm[None, :]
-            qk = tl.where(ok, qk, float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(qk, 1))
-            alpha = tl.exp2(m_i - m_new)
-            p = tl.exp2(qk - m_new[:, None])
-            l_i = l_i * alpha + tl.sum(p, 1)
-            v = tl.load(vc_ptr + kv_off[:, None] + d[None, :], mask=nm[:, None], other=0.0)
-            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PREC)
-            m_i = m_new
+            m_i, l_i, acc = _attend_block(q, kc_ptr, vc_ptr, bt_row, n0, hi, kvh, skb, skt, skh, scale_log2,
+                                          m_i, l_i, acc, pos, D, BLOCK_N, PAGE, PREC, True)
         out = acc / l_i[:, None]
         tl.store(o_ptr + rows[:, None] * so0 + h * so1 + d[None, :], out.to(o_ptr.dtype.element_ty),
                  mask=im[:, None])
@@ -130,29 +146,6 @@ def paged_attention_prefill(q: torch.Tensor, k_cache: torch.Tensor, v_cache: tor
 
 
 # ---- decode -----------------------------------------------------------------------------------
-
-@triton.jit
-def _attend_block(q, kc_ptr, vc_ptr, bt_row, n0, hi, kvh, skb, skt, skh, scale_log2, m_i, l_i, acc,
-                  D: tl.constexpr, BLOCK_N: tl.constexpr, PAGE: tl.constexpr, PREC: tl.constexpr):
-    """One online-softmax step of q's query rows over KV tokens [n0, min(n0 + BLOCK_N, hi)) of one
-    block-table row and one kv head; (m, l, acc) = running max, sum of exponentials and
-    unnormalised output, base 2."""
-    d = tl.arange(0, D)
-    offs = n0 + tl.arange(0, BLOCK_N)
-    nm = offs < hi
-    blk = tl.load(bt_row + offs // PAGE, mask=nm, other=0).to(tl.int64)
-    kv_off = blk * skb + (offs % PAGE).to(tl.int64) * skt + kvh * skh
-    k = tl.load(kc_ptr + kv_off[None, :] + d[:, None], mask=nm[None, :], other=0.0)
-    qk = tl.dot(q, k, input_precision=PREC) * scale_log2
-    qk = tl.where(nm[None, :], qk, float("-inf"))
-    m_new = tl.maximum(m_i, tl.max(qk, 1))
-    alpha = tl.exp2(m_i - m_new)
-    p = tl.exp2(qk - m_new[:, None])
-    l_i = l_i * alpha + tl.sum(p, 1)
-    v = tl.load(vc_ptr + kv_off[:, None] + d[None, :], mask=nm[:, None], other=0.0)
-    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PREC)
-    return m_new, l_i, acc
-
 
 @triton.jit
 def _decode_split_kernel(q_ptr, kc_ptr, vc_ptr, bt_ptr, sl_ptr, start_ptr, po_ptr, pl_ptr, o_ptr,
@@ -189,7 +182,7 @@ def _decode_split_kernel(q_ptr, kc_ptr, vc_ptr, bt_ptr, sl_ptr, start_ptr, po_pt
         bt_row = bt_ptr + b.to(tl.int64) * sbt
         for n0 in range(lo, hi, BLOCK_N):
             m_i, l_i, acc = _attend_block(q, kc_ptr, vc_ptr, bt_row, n0, hi, kvh, skb, skt, skh, scale_log2,
-                                          m_i, l_i, acc, D, BLOCK_N, PAGE, PREC)
+                                          m_i, l_i, acc, 0, D, BLOCK_N, PAGE, PREC, False)
         if WHOLE:
             # out = sum_j o_j 2^lse_j / sum_j 2^lse_j over the prefix partials and the own part
             # (never empty: the newest token is the row's own), kept relative to a running max.
@@ -248,7 +241,7 @@ def _decode_prefix_kernel(q_ptr, kc_ptr, vc_ptr, bt_ptr, rows_ptr, plen_ptr, po_
         bt_row = bt_ptr + first * sbt
         for n0 in range(lo, hi, BLOCK_N):
             m_i, l_i, acc = _attend_block(q, kc_ptr, vc_ptr, bt_row, n0, hi, kvh, skb, skt, skh, scale_log2,
-                                          m_i, l_i, acc, D, BLOCK_N, PAGE, PREC)
+                                          m_i, l_i, acc, 0, D, BLOCK_N, PAGE, PREC, False)
         po = po_ptr + mrow[:, None] * sp0 + heads[:, None] * sp1 + s * sp2 + d[None, :]
         tl.store(po, acc / l_i[:, None], mask=rm[:, None])
         tl.store(pl_ptr + mrow * sl0 + heads * sl1 + s, m_i + tl.log2(l_i), mask=rm)
@@ -299,8 +292,11 @@ def paged_attention_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     n_prefix = triton.cdiv(casc.max_prefix_len, split_p) if casc is not None else 0
     n_own = 1 if whole else max(1, triton.cdiv(max(meta.max_seq_len, 1), split))
     n_parts = n_prefix if whole else n_prefix + n_own
-    po = torch.empty(bsz, hq, max(n_parts, 1), d, dtype=torch.float32, device=q.device)
-    pl = torch.empty(bsz, hq, max(n_parts, 1), dtype=torch.float32, device=q.device)
+    if n_parts:
+        po = torch.empty(bsz, hq, n_parts, d, dtype=torch.float32, device=q.device)
+        pl = torch.empty(bsz, hq, n_parts, dtype=torch.float32, device=q.device)
+    else:  # whole own parts, no shared prefix: the kernel writes the output directly
+        po = pl = torch.empty(1, 1, 1, 1, dtype=torch.float32, device=q.device)
     prec = _prec(q.dtype)
     block_n = cfg["block_n"] if d <= 128 else 32
     scale_log2 = scale * LOG2E
