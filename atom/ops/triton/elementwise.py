@@ -6,13 +6,12 @@ output dtype, the same order of roundings where the reference rounds an intermed
 """
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl
 
 from atom.ops.registry import register
+from atom.ops.triton import INTERPRET
 
 B = "triton"
 
@@ -123,22 +122,20 @@ def _rope_kernel(pos_ptr, q_ptr, k_ptr, cs_ptr, qo_ptr, ko_ptr, sq0, sq1, sk0, s
     cos = tl.load(cs_ptr + pos * scs + d, mask=dm, other=0.0)[None, :]
     sin = tl.load(cs_ptr + pos * scs + HALF + d, mask=dm, other=0.0)[None, :]
     h = tl.arange(0, BLOCK_H)
-    # q heads
-    m = (h < HQ)[:, None] & dm[None, :]
-    base = q_ptr + t * sq0 + h[:, None] * sq1 + d[None, :]
+    _rope_heads(q_ptr + t * sq0, sq1, qo_ptr + t * (HQ * 2 * HALF), h, HQ, d, dm, cos, sin, HALF)
+    _rope_heads(k_ptr + t * sk0, sk1, ko_ptr + t * (HK * 2 * HALF), h, HK, d, dm, cos, sin, HALF)
+
+
+@triton.jit
+def _rope_heads(src, s_head, dst, h, H, d, dm, cos, sin, HALF: tl.constexpr):
+    """Neox RoPE of one token's H heads (src rows s_head apart) into contiguous dst rows."""
+    m = (h < H)[:, None] & dm[None, :]
+    base = src + h[:, None] * s_head + d[None, :]
     x1 = tl.load(base, mask=m, other=0.0).to(tl.float32)
     x2 = tl.load(base + HALF, mask=m, other=0.0).to(tl.float32)
-    ob = qo_ptr + t * (HQ * 2 * HALF) + h[:, None] * (2 * HALF) + d[None, :]
-    tl.store(ob, (x1 * cos - x2 * sin).to(qo_ptr.dtype.element_ty), mask=m)
-    tl.store(ob + HALF, (x2 * cos + x1 * sin).to(qo_ptr.dtype.element_ty), mask=m)
-    # k heads
-    m = (h < HK)[:, None] & dm[None, :]
-    base = k_ptr + t * sk0 + h[:, None] * sk1 + d[None, :]
-    x1 = tl.load(base, mask=m, other=0.0).to(tl.float32)
-    x2 = tl.load(base + HALF, mask=m, other=0.0).to(tl.float32)
-    ob = ko_ptr + t * (HK * 2 * HALF) + h[:, None] * (2 * HALF) + d[None, :]
-    tl.store(ob, (x1 * cos - x2 * sin).to(ko_ptr.dtype.element_ty), mask=m)
-    tl.store(ob + HALF, (x2 * cos + x1 * sin).to(ko_ptr.dtype.element_ty), mask=m)
+    ob = dst + h[:, None] * (2 * HALF) + d[None, :]
+    tl.store(ob, (x1 * cos - x2 * sin).to(dst.dtype.element_ty), mask=m)
+    tl.store(ob + HALF, (x2 * cos + x1 * sin).to(dst.dtype.element_ty), mask=m)
 
 
 @register("rotary_embedding", B)
@@ -197,6 +194,17 @@ def kv_cache_write(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_ca
 # ---- attention prologue: q/k RMSNorm + RoPE + KV-cache write, one kernel -----------------------
 
 @triton.jit
+def _scale_heads(x1, x2, rs, w_ptr, rows, d, dm, act, HALF: tl.constexpr):
+    """The RMSNorm of the selected rows (halves x1 | x2, 1/rms in rs) times the weight, rounded to
+    the activation dtype as the separate rms_norm kernel rounds; other rows unchanged."""
+    w1 = tl.load(w_ptr + d, mask=dm, other=0.0).to(tl.float32)[None, :]
+    w2 = tl.load(w_ptr + HALF + d, mask=dm, other=0.0).to(tl.float32)[None, :]
+    x1 = tl.where(rows[:, None], (x1 * rs * w1).to(act).to(tl.float32), x1)
+    x2 = tl.where(rows[:, None], (x2 * rs * w2).to(act).to(tl.float32), x2)
+    return x1, x2
+
+
+@triton.jit
 def _qkv_prologue_kernel(qkv_ptr, pos_ptr, cs_ptr, qw_ptr, kw_ptr, q_ptr, kc_ptr, vc_ptr, slot_ptr,
                          s_qkv, s_cs, page, skc0, skc1, skc2, svc0, svc1, svc2, eps,
                          HQ: tl.constexpr, HK: tl.constexpr, D: tl.constexpr, HALF: tl.constexpr,
@@ -225,15 +233,9 @@ def _qkv_prologue_kernel(qkv_ptr, pos_ptr, cs_ptr, qw_ptr, kw_ptr, q_ptr, kc_ptr
         var = (tl.sum(x1 * x1, axis=1) + tl.sum(x2 * x2, axis=1)) / D
         rs = tl.rsqrt(var + eps)[:, None]
         if Q_NORM:
-            w1 = tl.load(qw_ptr + d, mask=dm, other=0.0).to(tl.float32)[None, :]
-            w2 = tl.load(qw_ptr + HALF + d, mask=dm, other=0.0).to(tl.float32)[None, :]
-            x1 = tl.where(is_q[:, None], (x1 * rs * w1).to(act).to(tl.float32), x1)
-            x2 = tl.where(is_q[:, None], (x2 * rs * w2).to(act).to(tl.float32), x2)
+            x1, x2 = _scale_heads(x1, x2, rs, qw_ptr, is_q, d, dm, act, HALF)
         if K_NORM:
-            w1 = tl.load(kw_ptr + d, mask=dm, other=0.0).to(tl.float32)[None, :]
-            w2 = tl.load(kw_ptr + HALF + d, mask=dm, other=0.0).to(tl.float32)[None, :]
-            x1 = tl.where(is_k[:, None], (x1 * rs * w1).to(act).to(tl.float32), x1)
-            x2 = tl.where(is_k[:, None], (x2 * rs * w2).to(act).to(tl.float32), x2)
+            x1, x2 = _scale_heads(x1, x2, rs, kw_ptr, is_k, d, dm, act, HALF)
     pos = tl.load(pos_ptr + t).to(tl.int64)
     cos = tl.load(cs_ptr + pos * s_cs + d, mask=dm, other=0.0)[None, :]
     sin = tl.load(cs_ptr + pos * s_cs + HALF + d, mask=dm, other=0.0)[None, :]
@@ -272,7 +274,7 @@ def qkv_prologue_heads_per_program(tokens: int, heads: int) -> int:
 
     In Triton's interpreter (CPU) a program costs the same whatever its size: one per token.
     """
-    if os.environ.get("TRITON_INTERPRET") == "1":
+    if INTERPRET:
         return triton.next_power_of_2(heads)
     bh = 1
     while bh < 16 and tokens * triton.cdiv(heads, bh) > QKV_PROLOGUE_MAX_PROGRAMS:
