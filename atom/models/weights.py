@@ -310,26 +310,21 @@ def load_weights(model: nn.Module, weight_map: WeightMap, tensors: Iterable[tupl
     Returns the number of tensors loaded; `progress` (if given) follows along, errors included.
     """
     progress = progress if progress is not None else LoadProgress()
-    loaded, fills = progress.loaded, weight_map.fills
     batch = CopyBatch()
     try:
         for name, tensor in tensors:
-            if name.endswith(_IGNORED_SUFFIXES):
+            if is_ignored(name):
                 continue
             slot = weight_map.lookup(name)
             if slot is None:
                 raise ValueError(f"weight {name!r} is not a parameter of this {type(model).__name__}")
             check_and_copy(name, slot, tensor, check_finite, batch)
-            covered = fills.get(name)
-            if covered is None:
-                loaded.add(name)
-            else:
-                loaded.update(covered)
+            progress.loaded.update(weight_map.covered_by(name))
             progress.count += 1
     finally:
         batch.flush()  # what was accepted before an error lands too, as with one copy per tensor
     if require_all:
-        _check_complete(weight_map, loaded)
+        _check_complete(weight_map, progress.loaded)
     return progress.count
 
 

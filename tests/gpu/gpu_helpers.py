@@ -36,3 +36,19 @@ def triton_ops():
         pytest.skip(f"triton backend unavailable: {exc}")
     from atom.ops import implementations
     return implementations
+
+
+def sampling_meta(device, rows, temps, k=0, raw=None, seeds=None, counters=None):
+    """SamplingMetadata without filters: per-row temperatures, random seeds / counters unless given."""
+    import random
+
+    from atom.ops.metadata import SamplingMetadata
+    temps = torch.tensor(temps, dtype=torch.float32, device=device)
+    raw = torch.tensor(raw if raw is not None else [False] * rows, device=device)
+    return SamplingMetadata(
+        temperature=temps, top_k=torch.zeros(rows, dtype=torch.int64, device=device),
+        top_p=torch.ones(rows, device=device), min_p=torch.zeros(rows, device=device),
+        seeds=torch.tensor(seeds or [random.getrandbits(63) for _ in range(rows)], device=device),
+        counters=torch.tensor(counters or [random.randint(0, 1 << 30) for _ in range(rows)], device=device),
+        raw_logprobs=raw, banned_rows=None, banned_tokens=None, need_filter=False,
+        all_greedy=bool((temps == 0).all()), any_raw=bool(raw.any()), num_top_logprobs=k)

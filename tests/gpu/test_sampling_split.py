@@ -14,7 +14,7 @@ import torch
 from atom.ops import torch_ops
 from atom.ops.metadata import SamplingMetadata
 
-from gpu_helpers import ON_CPU, device, triton_ops  # noqa: F401 (fixtures)
+from gpu_helpers import ON_CPU, device, sampling_meta, triton_ops  # noqa: F401 (fixtures)
 
 pytestmark = pytest.mark.gpu
 
@@ -30,17 +30,7 @@ def sampler(triton_ops):
 
 
 def make_meta(device, temps, raw=None, seeds=None, counters=None) -> SamplingMetadata:
-    rows = len(temps)
-    temps = torch.tensor(temps, dtype=torch.float32, device=device)
-    raw = torch.tensor(raw if raw is not None else [False] * rows, device=device)
-    return SamplingMetadata(
-        temperature=temps, top_k=torch.zeros(rows, dtype=torch.int64, device=device),
-        top_p=torch.ones(rows, device=device), min_p=torch.zeros(rows, device=device),
-        seeds=torch.tensor(seeds or [random.getrandbits(63) for _ in range(rows)], device=device),
-        counters=torch.tensor(counters or [random.randint(0, 1 << 30) for _ in range(rows)],
-                              device=device),
-        raw_logprobs=raw, banned_rows=None, banned_tokens=None, need_filter=False,
-        all_greedy=bool((temps == 0).all()), any_raw=bool(raw.any()), num_top_logprobs=0)
+    return sampling_meta(device, len(temps), temps, raw=raw, seeds=seeds, counters=counters)
 
 
 def check_all_agree(sampler, logits, meta):

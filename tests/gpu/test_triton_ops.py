@@ -10,7 +10,7 @@ import torch
 from atom.ops import torch_ops
 from atom.ops.metadata import AttentionMetadata, CascadeMetadata, SamplingMetadata
 
-from gpu_helpers import ON_CPU, act_dtypes, device, triton_ops  # noqa: F401 (fixtures)
+from gpu_helpers import ON_CPU, act_dtypes, device, sampling_meta, triton_ops  # noqa: F401 (fixtures)
 
 pytestmark = pytest.mark.gpu
 
@@ -261,18 +261,6 @@ def test_fused_moe_skips_negative_ids(triton_ops, device, dtype):
 
 
 # ---- sampling --------------------------------------------------------------------------------
-
-def sampling_meta(device, rows, temps, k=0, raw=None, seeds=None, counters=None):
-    temps = torch.tensor(temps, dtype=torch.float32, device=device)
-    raw = torch.tensor(raw if raw is not None else [False] * rows, device=device)
-    return SamplingMetadata(
-        temperature=temps, top_k=torch.zeros(rows, dtype=torch.int64, device=device),
-        top_p=torch.ones(rows, device=device), min_p=torch.zeros(rows, device=device),
-        seeds=torch.tensor(seeds or [random.getrandbits(63) for _ in range(rows)], device=device),
-        counters=torch.tensor(counters or [random.randint(0, 1 << 30) for _ in range(rows)], device=device),
-        raw_logprobs=raw, banned_rows=None, banned_tokens=None, need_filter=False,
-        all_greedy=bool((temps == 0).all()), any_raw=bool(raw.any()), num_top_logprobs=k)
-
 
 def test_uniform_noise_stream_matches_torch(triton_ops, device):
     """The kernel's uniforms are torch_ops.uniform_noise bit for bit, also for huge seeds/counters."""
