@@ -41,6 +41,11 @@ class EngineConfig:
     enable_sleep_mode: on CUDA, place weights and KV cache in CUDA virtual memory so that
         `RolloutEngine.sleep` really returns them to the driver while keeping their addresses
         (CUDA graphs stay valid); needs the cuda-python bindings. On CPU sleep always works.
+    lazy_kv_wake: with sleep mode on CUDA, `wake_up` maps only the first chunk (1/16) of the KV
+        pool and the rest as the scheduler first needs the blocks, so waking costs what the next
+        rollouts use rather than the whole pool. The memory is then claimed during generate; if
+        something else took it since the wake, the engine runs with the blocks it could back
+        (fewer sequences at once). False: wake maps the whole pool.
     load_format: "auto" (read the checkpoint's safetensors) or "dummy" (random weights from
         config.json alone: benchmarks; `model` then needs only a config.json).
     """
@@ -66,6 +71,7 @@ class EngineConfig:
     ep_mode: str = "allreduce"
     dist_timeout_s: float = 600.0
     enable_sleep_mode: bool = False
+    lazy_kv_wake: bool = True
     load_format: str = "auto"
 
     def __post_init__(self) -> None:

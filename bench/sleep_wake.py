@@ -3,8 +3,9 @@
     python bench/sleep_wake.py [--config path/to/config.json] [--out results.json]
 
 Measures, with `EngineConfig(enable_sleep_mode=True, load_format="dummy")`:
-* sleep(level=1) / wake_up(): seconds, and how much of the KV pool comes back in
-  torch.cuda.mem_get_info();
+* sleep(level=1) / wake_up(): seconds, how much of the KV memory held comes back in
+  torch.cuda.mem_get_info(), how much a (lazy) wake maps, and what backing the rest of the pool
+  costs later (the generate that needs it pays that);
 * sleep(level=2) discarding the weights: seconds, memory returned (KV + weights), memory
   still held while asleep (against the free memory measured before the engine existed);
 * sleep(level=2, offload_weights=True) / wake_up(): seconds per cycle (the first cycle also
@@ -137,12 +138,21 @@ def main() -> None:
     with section(report, "level1"):
         rows = []
         for _ in range(args.cycles):
+            held = memory.resident_bytes("kv_cache")  # the whole pool before the first sleep
             before = free_bytes()
             ts = timed(lambda: engine.sleep(level=1))
             freed = free_bytes() - before
             tw = timed(engine.wake_up)
-            rows.append({"sleep_s": round(ts, 4), "wake_s": round(tw, 4), "freed_frac_of_kv": round(freed / kv, 4)})
+            rows.append({"sleep_s": round(ts, 4), "wake_s": round(tw, 4), "kv_held_gib": round(held / GiB, 2),
+                         "freed_frac_of_held": round(freed / held, 4),
+                         "kv_mapped_after_wake_gib": round(memory.resident_bytes("kv_cache") / GiB, 2)})
         report["level1.cycles"] = rows
+        # Lazy wake defers mapping the rest of the pool to the generate that needs it: its cost.
+        t = time.perf_counter()
+        backed = memory.back_kv(memory.kv_num_blocks)
+        torch.cuda.synchronize()
+        report["level1.back_whole_pool_s"] = round(time.perf_counter() - t, 4)
+        report["level1.backed_blocks"] = [backed, memory.kv_num_blocks]
         report["level1.generate_equal_after_wake"] = gen() == expected
         graphs_after = len(dr.graphs) if dr is not None else 0
         report["level1.cuda_graphs_recaptured"] = graphs_after != n_graphs or (
@@ -151,14 +161,22 @@ def main() -> None:
     with section(report, "level2_discard"):
         rows = []
         for _ in range(args.cycles):
+            held = memory.resident_bytes()
             before = free_bytes()
             ts = timed(lambda: engine.sleep(level=2))
             asleep = free_bytes()
             tw = timed(engine.wake_up)
-            rows.append({"sleep_s": round(ts, 4), "wake_s": round(tw, 4),
-                         "freed_frac_of_kv_plus_weights": round((asleep - before) / (kv + w), 4),
+            rows.append({"sleep_s": round(ts, 4), "wake_s": round(tw, 4), "held_gib": round(held / GiB, 2),
+                         "freed_frac_of_held": round((asleep - before) / held, 4),
                          "held_while_asleep_gib": round((baseline - asleep) / GiB, 3)})
         report["level2_discard.cycles"] = rows
+        eager = engine._engine.config  # the same cycle with the whole KV pool mapped at wake
+        engine._engine.config = eager.replace(lazy_kv_wake=False)
+        try:
+            engine.sleep(level=2)
+            report["level2_discard.wake_s_whole_kv_pool"] = round(timed(engine.wake_up), 4)
+        finally:
+            engine._engine.config = eager
         pools = list(memory.pools.values())
         for p in pools:
             p.map_seconds = dict.fromkeys(p.map_seconds, 0.0)

@@ -2,7 +2,7 @@
 # GPU tests and benchmarks on the device machine; a short table last.
 #
 #   scripts/gpu_check.sh [tests] [tune] [bench W1,W2,...] [hf] [kernels] [small] [sleep]
-#     tests   : python3 -m pytest -m gpu -q tests/gpu tests/test_overlapped_decode.py
+#     tests   : python3 -m pytest -m gpu -q tests/gpu tests/test_overlapped_decode.py tests/test_sleep_wake.py
 #     bench   : python -m bench.rollout --workload W for each W (default: all four)
 #     hf      : the transformers generate baseline on decode-moe-bs1
 #     tune    : sweep decode-attention / fused-MoE tile configs (bench/kernels.py --tune); later
@@ -27,7 +27,7 @@ nvidia-smi --query-gpu=name,memory.used,memory.total,clocks.sm,clocks.mem --form
 while [ $# -gt 0 ]; do
   case "$1" in
     tests)
-      timeout "${TEST_TIMEOUT:-420}" $PY -m pytest -m gpu -q -rs ${PYTEST_X--x} --durations=8 tests/gpu tests/test_overlapped_decode.py 2>&1 | tee "$OUT/pytest.log" | tail -40
+      timeout "${TEST_TIMEOUT:-420}" $PY -m pytest -m gpu -q -rs ${PYTEST_X--x} --durations=8 tests/gpu tests/test_overlapped_decode.py tests/test_sleep_wake.py 2>&1 | tee "$OUT/pytest.log" | tail -40
       summary+=("tests: $(grep -E '[0-9]+ (passed|failed)' "$OUT/pytest.log" | tail -1)")
       ;;
     bench)
@@ -57,7 +57,7 @@ while [ $# -gt 0 ]; do
     sleep)
       timeout "${SLEEP_TIMEOUT:-240}" $PY bench/sleep_wake.py --config bench/models/qwen3-30b-a3b/config.json \
         --skip-offload --many 20 --out "$OUT/sleep_wake.json" > "$OUT/sleep_wake.log" 2>&1
-      grep -E "cycles|variants|per_expert_names.s|fused_v5_names.s|equal|drift|error" "$OUT/sleep_wake.log" | cut -c1-900
+      grep -E "cycles|whole|backed|variants|per_expert_names.s|fused_v5_names.s|equal|drift|error" "$OUT/sleep_wake.log" | cut -c1-900
       ;;
   esac
   shift

@@ -12,6 +12,7 @@ def seq_of(tokens: list[int], n: int = 1) -> Sequence:
 
 
 def run_prefill(bm: BlockManager, seq: Sequence) -> None:
+    assert bm.free_cached == sum(bm.blocks[i].key is not None for i in bm.free)
     matched = bm.match_prefix(seq)
     assert bm.can_start(seq, matched, len(seq) - len(matched) * bm.block_size)
     bm.start(seq, matched)
@@ -75,3 +76,71 @@ def test_invalidate_forgets_every_prefix():
     bm.release(a)
     bm.invalidate_cache()
     assert bm.match_prefix(seq_of(list(range(9)))) == []
+
+
+class Backing:
+    """Device memory for blocks [0, n), granted two blocks at a time up to `limit` (the rest of
+    the device taken by something else)."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit, self.calls = limit, []
+
+    def __call__(self, n: int) -> int:
+        self.calls.append(n)
+        return min(-(-n // 2) * 2, self.limit)
+
+
+def test_blocks_are_backed_on_demand_lowest_first():
+    bm = BlockManager(num_blocks=16, block_size=4)
+    backing = Backing(limit=16)
+    bm.set_backing(2, backing)
+    assert bm.num_free == 2 and bm.backed == 2
+    a = seq_of(list(range(10)))          # 3 blocks: one more must be backed
+    run_prefill(bm, a)
+    assert backing.calls == [3] and bm.backed == 4
+    assert sorted(a.block_table) == [0, 1, 2] and bm.num_free == 1
+    b = seq_of(list(range(100, 117)))    # 5 blocks
+    run_prefill(bm, b)
+    assert bm.backed == 8 and sorted(b.block_table) == [3, 4, 5, 6, 7]
+    bm.release(a)
+    bm.release(b)
+    assert bm.num_free == 8 and bm.backed == 8   # backing is kept until the next sleep
+
+
+def test_fresh_blocks_come_before_evicting_cached_ones():
+    bm = BlockManager(num_blocks=8, block_size=2)
+    bm.set_backing(2, Backing(limit=8))
+    a = seq_of([1, 2, 3, 4, 5])
+    run_prefill(bm, a)
+    cached = a.block_table[:2]
+    bm.release(a)
+    b = seq_of([9, 8, 7, 6, 5])          # nothing in common: new blocks are backed, the cache stays
+    run_prefill(bm, b)
+    assert not set(b.block_table) & set(cached)
+    assert bm.match_prefix(seq_of([1, 2, 3, 4, 5])) == cached
+
+
+def test_backing_refused_leaves_everything_consistent():
+    bm = BlockManager(num_blocks=16, block_size=4)
+    bm.set_backing(2, Backing(limit=4))  # the device has room for 4 blocks only
+    a = seq_of(list(range(12)))          # 3 blocks: fits
+    run_prefill(bm, a)
+    b = seq_of(list(range(50, 62)))      # 3 more: only 1 can be backed
+    assert not bm.can_start(b, [], len(b))
+    assert bm.backed == 4 and bm.num_free == 1 and b.block_table == []
+    bm.release(a)
+    assert bm.can_start(b, [], len(b))   # what was backed serves once it is free again
+    run_prefill(bm, b)
+    assert bm.backed == 4 and bm.num_free == 1
+
+
+def test_set_backing_needs_every_block_free():
+    import pytest
+    bm = BlockManager(num_blocks=4, block_size=2)
+    a = seq_of([1, 2, 3])
+    run_prefill(bm, a)
+    with pytest.raises(RuntimeError, match="in use"):
+        bm.set_backing(1, Backing(limit=4))
+    bm.release(a)
+    bm.set_backing(4)
+    assert bm.num_free == 4 and bm.match_prefix(seq_of([1, 2, 3])) == []

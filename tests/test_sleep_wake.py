@@ -141,6 +141,39 @@ def test_sleep_on_cuda_without_sleep_mode_is_refused_cleanly(path, monkeypatch):
     assert EngineMemory(torch.device("cpu"), sleep_mode=False).sleep_capable
 
 
+def test_kv_backed_on_demand_gives_the_same_rollouts(path, expected):
+    """What a lazily woken KV pool does on the GPU (KvVmmPool), with the device's part played by a
+    function: blocks are backed a few at a time, and no more than `limit` of them when the rest
+    of the device is taken."""
+    engine = make_engine(path)
+    bm = engine._engine.block_manager
+    asked = []
+
+    def device(limit):
+        def back(n):
+            asked.append(n)
+            return min(-(-n // 4) * 4, limit)
+        return back
+
+    bm.set_backing(4, device(limit=64))
+    assert same(rollout(engine), expected)
+    assert asked and 4 < bm.backed < bm.num_blocks
+    # Room for 3 blocks only: sequences wait their turn; the results stay the same.
+    roomy_steps = engine.stats.steps
+    bm.set_backing(1, device(limit=3))
+    got = rollout(engine)  # other batch shapes: the same tokens, logprobs to float rounding
+    assert [t for t, _, _ in got] == [t for t, _, _ in expected]
+    assert max(abs(a - b) for (_, x, _), (_, y, _) in zip(got, expected) for a, b in zip(x, y)) < 1e-4
+    assert bm.backed == 3 and engine.stats.steps > roomy_steps
+    # Room for 1 block: the 20-token prompt cannot run at all; a clear error, nothing held.
+    bm.set_backing(1, device(limit=1))
+    with pytest.raises(RuntimeError, match="only 1 of its 64 blocks could be given device memory"):
+        rollout(engine)
+    assert bm.num_free == 1 and all(b.ref_count == 0 for b in bm.blocks)
+    bm.set_backing(bm.num_blocks)
+    assert same(rollout(engine), expected)
+
+
 # ---- GPU: real CUDA virtual memory --------------------------------------------------------
 
 def _free() -> int:
@@ -149,21 +182,27 @@ def _free() -> int:
 
 
 @pytest.mark.gpu
-def test_cuda_sleep_returns_memory_and_keeps_addresses(path):
+@pytest.mark.parametrize("lazy_kv_wake", [True, False])
+def test_cuda_sleep_returns_memory_and_keeps_addresses(path, lazy_kv_wake):
     engine = RolloutEngine(path, **engine_kwargs(device="cuda", num_kv_blocks=None, kv_cache_memory_bytes=2 << 30,
-                                                 enable_sleep_mode=True, dtype="float32"))
+                                                 enable_sleep_mode=True, dtype="float32", lazy_kv_wake=lazy_kv_wake))
     expected = rollout(engine)
     memory = engine._engine.runner.memory
     kv, w = memory.nbytes("kv_cache"), memory.nbytes("weights")
+    assert memory.resident_bytes("kv_cache") == kv  # the whole pool is mapped at start-up
     ptrs = [t.data_ptr() for t in kv_tensors(engine)] + [p.data_ptr() for p in engine._engine.runner.model.parameters()]
     decode = getattr(engine._engine.runner, "decode_runner", None)  # CUDA graphs captured so far
     graphs = dict(decode.graphs) if decode is not None else {}
-    for level, released in ((1, kv), (2, kv + w)):
+    for level in (1, 2):
         engine._engine.block_manager.invalidate_cache()
+        held = memory.resident_bytes("kv_cache") + (w if level == 2 else 0)
+        assert level == 2 or held == kv
         before = _free()
         engine.sleep(level=level, offload_weights=level == 2)
-        assert _free() - before >= 0.95 * released
+        assert _free() - before >= 0.95 * held
         engine.wake_up()
+        kv_awake = memory.resident_bytes("kv_cache")
+        assert kv_awake <= kv / 8 if lazy_kv_wake else kv_awake == kv
         assert same(rollout(engine), expected)
     after = [t.data_ptr() for t in kv_tensors(engine)] + [p.data_ptr() for p in engine._engine.runner.model.parameters()]
     assert after == ptrs
@@ -171,9 +210,10 @@ def test_cuda_sleep_returns_memory_and_keeps_addresses(path):
         assert engine._engine.runner.decode_runner is decode
         assert all(decode.graphs.get(k) is g for k, g in graphs.items())
     # Discarding level 2, then a reload.
+    held = memory.resident_bytes()
     before = _free()
     engine.sleep(level=2)
-    assert _free() - before >= 0.95 * (kv + w)
+    assert _free() - before >= 0.95 * held and memory.resident_bytes() == 0
     engine.wake_up(["weights"])
     engine.update_weights(iter_checkpoint(path))
     engine.wake_up(["kv_cache"])
@@ -185,3 +225,47 @@ def test_cuda_sleep_returns_memory_and_keeps_addresses(path):
         engine.wake_up()
     assert abs(_free() - start) <= 0.01 * torch.cuda.mem_get_info()[1]
     assert same(rollout(engine), expected)
+
+
+def _close(got, want) -> bool:
+    """Same tokens; logprobs equal to float rounding (other batch shapes, other reduction splits)."""
+    return [t for t, _ in got] == [t for t, _ in want] and all(
+        abs(a - b) < 1e-4 for (_, x), (_, y) in zip(got, want) for a, b in zip(x, y))
+
+
+@pytest.mark.gpu
+def test_cuda_lazy_kv_wake_backs_blocks_as_needed_and_survives_a_full_device(make_tiny_model):
+    """After a wake the KV pool gets memory as blocks are first used; when another tenant took
+    the device meanwhile, generation runs in the blocks that could be backed."""
+    # 64 KiB per block and KV tensor (fp32): 32 blocks per 2 MiB granule.
+    path = make_tiny_model("qwen3", head_dim=128, num_attention_heads=8, num_key_value_heads=8)
+    engine = RolloutEngine(path, **engine_kwargs(device="cuda", num_kv_blocks=None, kv_cache_memory_bytes=1 << 30,
+                                                 enable_sleep_mode=True, dtype="float32", max_num_seqs=64))
+    memory, bm = engine._engine.runner.memory, engine._engine.block_manager
+    pool = memory.pools["kv_cache"]
+    pool.chunks = pool.span // pool.granularity  # back one granule at a time
+    prompts = [[(7 * i + j) % 250 + 2 for j in range(120)] for i in range(48)]  # 9 blocks each
+    sp = SamplingParams(temperature=0.0, max_tokens=16, logprobs=0, ignore_eos=True)
+
+    def run():
+        return [(c.token_ids, c.logprobs) for r in engine.generate(prompts, sp) for c in r.outputs]
+
+    want = run()
+    used = bm.next_fresh  # blocks this rollout took
+    engine.sleep(level=1)
+    engine.wake_up()
+    first = pool.backed_blocks
+    assert 0 < first < used and memory.resident_bytes("kv_cache") == pool.granularity * len(pool.offsets)
+    assert _close(run(), want) and first < used <= pool.backed_blocks
+    # Another tenant takes all but 64 MiB between wake and generate (less than backing
+    # on demand must leave free), so the rollout runs in the first granule's blocks.
+    engine.sleep(level=1)
+    engine.wake_up()
+    hog = torch.empty(_free() - (64 << 20), dtype=torch.uint8, device="cuda")
+    try:
+        assert _close(run(), want)
+        assert bm.backed == first
+    finally:
+        del hog
+        torch.cuda.empty_cache()
+    assert _close(run(), want) and bm.backed >= used

@@ -3,11 +3,17 @@
 A full block's key is hash(previous block's key, its tokens); the block also keeps its tokens,
 so a hash collision can never hand a request someone else's KV. Freed blocks stay cached
 (LRU order) until a new allocation needs them.
+
+Backing: only blocks [0, backed) have device memory behind them and sit in the free list. After
+a wake the KV pool is backed on demand (atom/engine/memory.py, KvVmmPool): when the free list
+runs short, `back(n)` asks for more and gets them, or fewer when the device is out of memory;
+then the scheduler waits and preempts as with a full pool.
 """
 from __future__ import annotations
 
 from collections import OrderedDict
 from dataclasses import dataclass
+from typing import Callable
 
 from atom.engine.sequence import Sequence
 
@@ -25,10 +31,17 @@ class BlockManager:
         self.block_size = block_size
         self.enable_prefix_caching = enable_prefix_caching
         self.blocks = [Block(i) for i in range(num_blocks)]
-        self.free: OrderedDict[int, None] = OrderedDict((i, None) for i in range(num_blocks))
+        # Free blocks that were used since the last wake: uncached ones at the front, cached ones
+        # behind them in LRU order. Blocks [next_fresh, num_blocks) were not used yet; they are
+        # handed out after the uncached free ones and before any cached block is evicted.
+        self.free: OrderedDict[int, None] = OrderedDict()
+        self.free_cached = 0  # how many of them hold a cached prefix
+        self.next_fresh = 0
         self.cached: dict[int, int] = {}          # chain key -> block id
         self.pending_copies: list[tuple[int, int]] = []  # (src, dst) KV copies the runner must do
         self.block_keys: dict[int, list[int]] = {}       # id(seq) -> chain keys of its full blocks
+        self.backed = num_blocks                         # blocks [0, backed) have memory behind them
+        self._back: Callable[[int], int] | None = None   # backs blocks [0, n); returns the blocks backed
 
     @property
     def num_blocks(self) -> int:
@@ -36,7 +49,30 @@ class BlockManager:
 
     @property
     def num_free(self) -> int:
-        return len(self.free)
+        """Free blocks with memory behind them (more may be backed on demand: `reserve`)."""
+        return len(self.free) + self.backed - self.next_fresh
+
+    # ---- backing -------------------------------------------------------------------------
+    def set_backing(self, backed: int, back: Callable[[int], int] | None = None) -> None:
+        """Start over with blocks [0, backed) backed (after a wake; every block must be free);
+        `back(n)` backs blocks [0, n) on demand and returns how many are backed then."""
+        if any(b.ref_count for b in self.blocks):
+            raise RuntimeError("set_backing: blocks are still in use")
+        self.invalidate_cache()
+        self.backed = min(backed, self.num_blocks)
+        self._back = back if self.backed < self.num_blocks else None
+        self.free = OrderedDict()
+        self.free_cached = self.next_fresh = 0
+
+    def reserve(self, n: int) -> bool:
+        """Whether n blocks are free, backing more blocks first if that is what it takes."""
+        # Like a fully backed pool: new blocks before evicting cached prefixes.
+        short = n - (self.num_free - self.free_cached)
+        if short > 0 and self._back is not None:
+            self.backed = max(self.backed, min(self._back(self.backed + short), self.num_blocks))
+            if self.backed == self.num_blocks:
+                self._back = None
+        return self.num_free >= n
 
     def blocks_needed(self, num_tokens: int) -> int:
         return -(-num_tokens // self.block_size)
@@ -94,19 +130,26 @@ class BlockManager:
         for block in self.blocks:
             block.key = block.tokens = None
         self.cached.clear()
+        self.free_cached = 0
         self.block_keys.clear()
 
     # ---- allocation ----------------------------------------------------------------------
     def _take_free(self, block_id: int | None = None) -> Block:
         if block_id is None:
-            block_id, _ = self.free.popitem(last=False)
+            head = next(iter(self.free), None)
+            if (head is None or self.blocks[head].key is not None) and self.next_fresh < self.backed:
+                block_id, self.next_fresh = self.next_fresh, self.next_fresh + 1
+            else:
+                block_id, _ = self.free.popitem(last=False)
             block = self.blocks[block_id]
             if block.key is not None:  # evict: the least recently freed cached block goes first
                 del self.cached[block.key]
                 block.key = block.tokens = None
+                self.free_cached -= 1
         else:
             del self.free[block_id]
             block = self.blocks[block_id]
+            self.free_cached -= block.key is not None
         block.ref_count = 1
         return block
 
@@ -114,7 +157,7 @@ class BlockManager:
         """Room for a waiting seq: fresh blocks plus matched blocks that sit in the free list."""
         fresh = self.blocks_needed(len(matched) * self.block_size + num_new_tokens) - len(matched)
         revived = sum(1 for b in matched if self.blocks[b].ref_count == 0)
-        return fresh + revived <= self.num_free
+        return self.reserve(fresh + revived)
 
     def start(self, seq: Sequence, matched: list[int]) -> None:
         """Give a waiting seq the matched prefix blocks; its computed count jumps past them."""
@@ -130,7 +173,7 @@ class BlockManager:
         self.block_keys[id(seq)] = [self.blocks[b].key for b in matched]
 
     def can_grow(self, seq: Sequence, num_new_tokens: int) -> bool:
-        return self.blocks_needed(seq.num_computed + num_new_tokens) - len(seq.block_table) <= self.num_free
+        return self.reserve(self.blocks_needed(seq.num_computed + num_new_tokens) - len(seq.block_table))
 
     def grow(self, seq: Sequence, num_new_tokens: int) -> None:
         """Make seq's block table cover its next num_new_tokens tokens."""
@@ -149,6 +192,8 @@ class BlockManager:
                 self.free[block_id] = None
                 if block.key is None:  # uncached blocks are reused before cached ones
                     self.free.move_to_end(block_id, last=False)
+                else:
+                    self.free_cached += 1
         seq.block_table = []
         seq.num_computed = 0
         self.block_keys.pop(id(seq), None)
@@ -157,7 +202,7 @@ class BlockManager:
         """Share parent's full blocks with child; copy the partial last block. False if no room."""
         full = parent.num_computed // self.block_size
         partial = parent.num_computed % self.block_size != 0
-        if partial and self.num_free < 1:
+        if partial and not self.reserve(1):
             return False
         for block_id in parent.block_table[:full]:
             self.blocks[block_id].ref_count += 1

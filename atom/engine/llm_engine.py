@@ -41,6 +41,13 @@ class LLMEngine:
         """Whether one sequence of num_tokens tokens fits the KV pool on its own."""
         return self.block_manager.blocks_needed(num_tokens) <= self.block_manager.num_blocks
 
+    def _no_room_message(self) -> str:
+        bm = self.block_manager
+        if bm.backed < bm.num_blocks:
+            return (f"the KV cache cannot hold even one waiting sequence: only {bm.backed} of its {bm.num_blocks} "
+                    "blocks could be given device memory after wake_up (something else holds the rest)")
+        return "the KV cache cannot hold even one waiting sequence; raise num_kv_blocks / kv_cache_memory_bytes"
+
     # ---- the loop ------------------------------------------------------------------------
     def run(self, requests: list[Request], detokenize: Callable[[list[int]], str] | None,
             on_progress: Callable[[int], None] | None = None) -> None:
@@ -63,8 +70,7 @@ class LLMEngine:
                 if inflight is None:
                     batch = self.scheduler.schedule()
                     if not batch.seqs and self.scheduler.has_work:
-                        raise RuntimeError("the KV cache cannot hold even one waiting sequence; "
-                                           "raise num_kv_blocks / kv_cache_memory_bytes")
+                        raise RuntimeError(self._no_room_message())
                     inflight = self.runner.launch_decode(batch, self.block_manager)
                     if inflight is not None:
                         self._advance(batch)

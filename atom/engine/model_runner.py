@@ -117,6 +117,7 @@ class ModelRunner:
                 free, total = torch.cuda.mem_get_info(self.device)
                 used = total - free
             budget = int(total * c.gpu_memory_utilization) - used - headroom
+            self.memory.keep_free = headroom
         else:
             budget = _CPU_KV_BUDGET
         blocks = budget // self.kv_bytes_per_block()

@@ -129,7 +129,7 @@ class Scheduler:
             return None
         bm = self.bm
         need = sum(1 for seq in seqs if bm.blocks_needed(seq.num_computed + 1) > len(seq.block_table))
-        if need > bm.num_free:
+        if not bm.reserve(need):
             return None
         for seq in seqs:
             bm.grow(seq, 1)

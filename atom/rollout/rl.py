@@ -93,7 +93,7 @@ class RLMixin:
             try:
                 memory.pools[WEIGHTS].release(offload=offload_weights)
             except BaseException:
-                memory.pools[KV_CACHE].restore(zero=True)
+                self._wake_kv(lazy=False)
                 raise
             if not memory.vmm:  # released storage would stay alive in the cached views
                 self._engine.runner.weight_map.forget_views()
@@ -122,9 +122,17 @@ class RLMixin:
         awake = sorted(wanted - asleep)
         if awake:
             raise RuntimeError(f"wake_up: {', '.join(awake)} not asleep (asleep: {', '.join(sorted(asleep))})")
-        for tag in TAGS:  # weights first
-            if tag in wanted:
-                memory.pools[tag].restore(zero=tag == KV_CACHE and _attention_reads_whole_blocks())
+        if WEIGHTS in wanted:  # weights first
+            memory.pools[WEIGHTS].restore(zero=False)
+        if KV_CACHE in wanted:
+            # Ranks of one engine schedule in lockstep: each must have the same blocks, so no lazy wake there.
+            self._wake_kv(lazy=self._engine.config.lazy_kv_wake and not self._engine.runner.parallel.is_parallel)
+
+    def _wake_kv(self, lazy: bool) -> None:
+        """Restore the KV pool (lazy: its first chunk; the block manager backs the rest on demand)."""
+        memory = self._engine.runner.memory
+        backed = memory.wake_kv(zero=_attention_reads_whole_blocks(), blocks=1 if lazy else None)
+        self._engine.block_manager.set_backing(backed, memory.back_kv)
 
     # ---- weights -------------------------------------------------------------------------
     def update_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]], *, partial: bool = False,
