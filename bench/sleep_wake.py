@@ -215,6 +215,32 @@ def main() -> None:
         init_dummy_weights(runner.model, engine.config.seed)
         report["update_weights.generate_equal_after_reinit"] = gen() == expected
 
+    with section(report, "wake_compare"):
+        # Lazy and whole-pool wakes alternated (driver mapping time varies from call to call),
+        # each level 2 with the weights discarded, with the driver's share; the lazy rows also
+        # time backing the rest of the pool afterwards.
+        pools = list(memory.pools.values())
+        lazy_config = engine._engine.config
+        rows = []
+        for i in range(2 * args.cycles):
+            lazy = i % 2 == 1
+            engine._engine.config = lazy_config.replace(lazy_kv_wake=lazy)
+            try:
+                engine.sleep(level=2)
+                for p in pools:
+                    p.map_seconds = dict.fromkeys(p.map_seconds, 0.0)
+                row = {"lazy": lazy, "wake_s": round(timed(engine.wake_up), 4)}
+                if lazy:
+                    row["back_rest_s"] = round(timed(lambda: memory.back_kv(memory.kv_num_blocks)), 4)
+                row.update({k: round(sum(p.map_seconds[k] for p in pools), 4) for k in pools[0].map_seconds})
+                rows.append(row)
+            finally:
+                engine._engine.config = lazy_config
+        report["wake_compare.cycles"] = rows
+        init_dummy_weights(runner.model, engine.config.seed)
+        wmap = runner.weight_map
+        engine.update_weights((n, wmap.lookup(n).target().clone()) for n in sorted(wmap.required_names()))
+
     with section(report, "many_cycles"):
         engine.sleep(level=1)  # one cycle first: it also hands torch's cached blocks back
         engine.wake_up()
