@@ -127,6 +127,13 @@ def main() -> None:
         engine._engine.block_manager.invalidate_cache()
         return [(c.token_ids, c.logprobs) for r in engine.generate(prompts, sp) for c in r.outputs]
 
+    def reload_discarded_weights():
+        """Regenerate the same (seeded) values in place, then a complete update_weights (each
+        tensor copied onto itself) marks them complete again."""
+        init_dummy_weights(runner.model, engine.config.seed)
+        wmap = runner.weight_map
+        engine.update_weights((n, wmap.lookup(n).target().clone()) for n in sorted(wmap.required_names()))
+
     t = time.perf_counter()
     expected = gen()
     report["first_generate_s"] = round(time.perf_counter() - t, 2)
@@ -184,11 +191,7 @@ def main() -> None:
         tw = timed(engine.wake_up)
         report["level2_discard.wake_driver_s"] = {"wake_s": round(tw, 4), **{
             k: round(sum(p.map_seconds[k] for p in pools), 4) for k in pools[0].map_seconds}}
-        # The weights were discarded: regenerate the same (seeded) values in place, then a
-        # complete update_weights (each tensor copied onto itself) marks them complete again.
-        init_dummy_weights(runner.model, engine.config.seed)
-        wmap = runner.weight_map
-        engine.update_weights((n, wmap.lookup(n).target().clone()) for n in sorted(wmap.required_names()))
+        reload_discarded_weights()
         report["level2_discard.generate_equal_after_reload"] = gen() == expected
 
     with section(report, "update_weights"):
@@ -237,9 +240,7 @@ def main() -> None:
             finally:
                 engine._engine.config = lazy_config
         report["wake_compare.cycles"] = rows
-        init_dummy_weights(runner.model, engine.config.seed)
-        wmap = runner.weight_map
-        engine.update_weights((n, wmap.lookup(n).target().clone()) for n in sorted(wmap.required_names()))
+        reload_discarded_weights()
 
     with section(report, "many_cycles"):
         engine.sleep(level=1)  # one cycle first: it also hands torch's cached blocks back
