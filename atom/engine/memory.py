@@ -377,7 +377,7 @@ class KvVmmPool(VmmPool):
     whole pool (mapping runs at ~1.8 ms/GiB on an H200: 0.12 s for a 67 GiB pool).
     """
 
-    chunks = 16  # the pool is backed in at most this many steps (fewer, larger driver calls)
+    chunks = 16  # a wake maps 1/chunks of the pool; each later step at least doubles what is backed
 
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
@@ -446,8 +446,8 @@ class KvVmmPool(VmmPool):
     def back(self, blocks: int, zero: bool = False, budget: int | None = None) -> int:
         """Give blocks [0, blocks) of every tensor physical memory; returns the blocks backed.
 
-        Maps whole chunks of the pool when the device has room for them, else just the granules
-        asked for, and never more than `budget` new bytes (fewer blocks then). Raises
+        Maps generously (see below) when the device has room, else just the granules asked
+        for, and never more than `budget` new bytes (fewer blocks then). Raises
         DeviceOutOfMemory when the driver has not even those (nothing changed then).
         """
         if self.released:
@@ -456,7 +456,10 @@ class KvVmmPool(VmmPool):
         if want <= self.backed_bytes:
             return self.backed_blocks
         exact = min(self.span, _round_up(want, self.granularity))
-        ample = min(self.span, _round_up(want, _round_up(-(-self.span // self.chunks), self.granularity)))
+        # Whole chunks, and at least double what is backed: a tensor ends up in at most
+        # log2(chunks) + 1 segments, so sleep (which unmaps segment by segment) stays quick.
+        chunk = _round_up(-(-self.span // self.chunks), self.granularity)
+        ample = min(self.span, max(_round_up(want, chunk), 2 * self.backed_bytes))
         if budget is not None:
             cap = self.backed_bytes + max(budget, 0) // len(self.offsets) // self.granularity * self.granularity
             exact, ample = min(exact, cap), min(ample, cap)
