@@ -1,6 +1,8 @@
 """Micro-benchmarks of the triton kernels at the benchmark models' shapes:
 `python -m bench.kernels`. Prints median time, achieved bandwidth and the share of the copy
-bandwidth each reaches (memory-bound kernels: bytes they must read + write)."""
+bandwidth each reaches (memory-bound kernels: bytes they must read + write).
+`python -m bench.kernels --tune FILE [--attention-only]` sweeps tile configs and writes the best;
+`python -m bench.rollout --tuned FILE` runs with them."""
 from __future__ import annotations
 
 import json
@@ -58,7 +60,7 @@ def apply_tuned(path: str) -> dict:
     return tuned
 
 
-def tune(out_path: str) -> None:
+def tune(out_path: str, with_moe: bool = True) -> None:
     """Sweep decode-attention and fused-MoE tile configs at the benchmark shapes; write the best."""
     import atom.ops.triton  # noqa: F401
     import atom.ops.triton.attention as attn
@@ -93,8 +95,14 @@ def tune(out_path: str) -> None:
 
     sweep(("split", "block_n", "warps", "stages"),
           [(512, 64, 4, 3), (256, 64, 4, 3), (512, 128, 8, 2), (256, 128, 8, 2), (512, 64, 8, 3), (1024, 64, 4, 3)])
-    sweep(("prefix_block_n", "prefix_warps", "prefix_stages"),
-          [(64, 8, 2), (128, 8, 2), (64, 4, 3), (128, 4, 2), (64, 8, 3)])
+    sweep(("prefix_split", "prefix_block_n", "prefix_warps", "prefix_stages"),
+          [(256, 64, 8, 2), (256, 128, 8, 2), (256, 64, 4, 3), (256, 128, 4, 2), (256, 64, 8, 3),
+           (512, 64, 0, 3), (512, 64, 0, 4), (1024, 64, 0, 3), (128, 64, 0, 2), (512, 128, 8, 3),
+           (1024, 128, 8, 3), (512, 32, 4, 4)])
+    if not with_moe:
+        json.dump({"attn": attn.DECODE_CFG}, open(out_path, "w"))
+        print("tuned ->", out_path, json.dumps({"attn": attn.DECODE_CFG}))
+        return
 
     fm = implementations("fused_moe")["triton"]
     route = implementations("moe_route")["triton"]
@@ -146,7 +154,7 @@ def tune(out_path: str) -> None:
 def main() -> None:
     import sys
     if len(sys.argv) > 2 and sys.argv[1] == "--tune":
-        return tune(sys.argv[2])
+        return tune(sys.argv[2], with_moe="--attention-only" not in sys.argv)
     if len(sys.argv) > 2 and sys.argv[1] == "--tuned":
         apply_tuned(sys.argv[2])
     ceil_path = os.environ.get("ATOM_BENCH_CEILINGS", "/tmp/atom_ceilings.json")

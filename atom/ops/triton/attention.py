@@ -326,4 +326,3 @@ def paged_attention_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
             out.stride(0), out.stride(1), n_prefix, n_own, D=d, BLOCK_S=triton.next_power_of_2(n_prefix + n_own),
             SPLIT=split, SPLIT_P=split_p, HAS_START=casc is not None, num_warps=4)
     return out
-    return out
