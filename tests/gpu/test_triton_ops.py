@@ -172,9 +172,20 @@ def test_decode_attention(triton_ops, device, dtype, hq, hk, d, page, decode_mod
     check(out, ref, dtype)
 
 
+@pytest.fixture(params=["small_prefix_split", "prefix_split"])
+def prefix_split(request, triton_ops, monkeypatch):
+    """Shared-prefix splits of either size class (on CPU shrunk so that a 40-token prompt spans several)."""
+    import atom.ops.triton.attention as attn
+    monkeypatch.setitem(attn.DECODE_CFG, "small_prefix_pairs", 1 << 40 if request.param == "small_prefix_split" else 1)
+    if ON_CPU:
+        monkeypatch.setitem(attn.DECODE_CFG, "small_prefix_split", 16)
+        monkeypatch.setitem(attn.DECODE_CFG, "prefix_split", 32)
+    return request.param
+
+
 @pytest.mark.parametrize("dtype", act_dtypes())
 @pytest.mark.parametrize("hq,hk,d,page", ATTN_SHAPES)
-def test_cascade_decode_attention(triton_ops, device, dtype, hq, hk, d, page, decode_mode):
+def test_cascade_decode_attention(triton_ops, device, dtype, hq, hk, d, page, decode_mode, prefix_split):
     """Groups sharing prefix blocks, read once per group; padded rows (seq_len 0) give zeros."""
     gen(hq * 13 + d + page)
     prompt = 40 if ON_CPU else 1024

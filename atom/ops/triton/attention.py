@@ -11,7 +11,8 @@ only on (batch, max context): CUDA-graph safe. Every (sequence, kv head, split) 
 packs the GROUP query heads that share a kv head into the M dimension of one tensor-core tile.
 With `meta.cascade`, the KV blocks that several sequences share (the n samples of one prompt)
 are read once per group: one program per (group, kv head, split) stacks every member's query
-heads into the M dimension. Both kinds write partial (output, log-sum-exp) pairs that a small
+heads into the M dimension; its splits (`prefix_split`) are 1024 tokens from 256 (group, kv head)
+pairs on, 256 below. Both kinds write partial (output, log-sum-exp) pairs that a small
 merge kernel combines; from DECODE_CFG["whole_own_pairs"] (sequence, kv head) pairs on, each
 own-part program covers the whole own part and folds the prefix partials in itself instead.
 """
@@ -31,7 +32,10 @@ LOG2E = 1.4426950408889634
 # sequence's own part, prefix_split = per split of a shared prefix; tiles, warps and stages of the
 # own-part kernel and of the shared-prefix kernel.
 DECODE_CFG = {"split": 256, "block_n": 64, "warps": 4, "stages": 2,
-              "prefix_split": 256, "prefix_block_n": 64, "prefix_warps": 0, "prefix_stages": 2,
+              "prefix_split": 1024, "prefix_block_n": 64, "prefix_warps": 0, "prefix_stages": 3,
+              # Fewer (group, kv head) pairs than this: `small_prefix_split`, so that a few groups
+              # with a long shared prompt still spread over the SMs.
+              "small_prefix_pairs": 256, "small_prefix_split": 256,
               # Batches with fewer (sequence, kv head) pairs than this use `small_split`: at batch 1
               # a 256-token split is ~4 dependent loop trips on a handful of SMs.
               "small_batch_pairs": 128, "small_split": 64,
@@ -49,6 +53,12 @@ def own_split(batch: int, kv_heads: int, max_seq_len: int) -> int:
     split = cfg["small_split"] if batch * kv_heads < cfg["small_batch_pairs"] else cfg["split"]
     floor = triton.cdiv(triton.cdiv(max(max_seq_len, 1), MAX_OWN_SPLITS), 64) * 64
     return max(split, floor)
+
+
+def prefix_split(groups: int, kv_heads: int) -> int:
+    """KV tokens per split of a shared prefix: by the size class of the (padded) group count."""
+    cfg = DECODE_CFG
+    return cfg["small_prefix_split"] if groups * kv_heads < cfg["small_prefix_pairs"] else cfg["prefix_split"]
 
 
 def _prec(dtype: torch.dtype) -> str:
@@ -288,7 +298,8 @@ def paged_attention_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     casc = getattr(meta, "cascade", None)
     cfg = DECODE_CFG
     whole = bsz * hk >= cfg["whole_own_pairs"]
-    split, split_p = own_split(bsz, hk, meta.max_seq_len), cfg["prefix_split"]
+    split = own_split(bsz, hk, meta.max_seq_len)
+    split_p = prefix_split(casc.group_rows.shape[0], hk) if casc is not None else 1
     n_prefix = triton.cdiv(casc.max_prefix_len, split_p) if casc is not None else 0
     n_own = 1 if whole else max(1, triton.cdiv(max(meta.max_seq_len, 1), split))
     n_parts = n_prefix if whole else n_prefix + n_own
