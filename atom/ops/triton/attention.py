@@ -35,7 +35,7 @@ DECODE_CFG = {"split": 256, "block_n": 64, "warps": 4, "stages": 2,
               "prefix_split": 1024, "prefix_block_n": 64, "prefix_warps": 0, "prefix_stages": 3,
               # Fewer (group, kv head) pairs than this: `small_prefix_split`, so that a few groups
               # with a long shared prompt still spread over the SMs.
-              "small_prefix_pairs": 256, "small_prefix_split": 256,
+              "small_prefix_pairs": 256, "small_prefix_split": 256, "small_prefix_stages": 2,
               # Batches with fewer (sequence, kv head) pairs than this use `small_split`: at batch 1
               # a 256-token split is ~4 dependent loop trips on a handful of SMs.
               "small_batch_pairs": 128, "small_split": 64,
@@ -55,10 +55,13 @@ def own_split(batch: int, kv_heads: int, max_seq_len: int) -> int:
     return max(split, floor)
 
 
-def prefix_split(groups: int, kv_heads: int) -> int:
-    """KV tokens per split of a shared prefix: by the size class of the (padded) group count."""
+def prefix_split(groups: int, kv_heads: int) -> tuple[int, int]:
+    """(KV tokens per split, pipeline stages) of the shared-prefix kernel, by the size class of
+    the (padded) group count."""
     cfg = DECODE_CFG
-    return cfg["small_prefix_split"] if groups * kv_heads < cfg["small_prefix_pairs"] else cfg["prefix_split"]
+    if groups * kv_heads < cfg["small_prefix_pairs"]:
+        return cfg["small_prefix_split"], cfg["small_prefix_stages"]
+    return cfg["prefix_split"], cfg["prefix_stages"]
 
 
 def _prec(dtype: torch.dtype) -> str:
@@ -299,7 +302,7 @@ def paged_attention_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     cfg = DECODE_CFG
     whole = bsz * hk >= cfg["whole_own_pairs"]
     split = own_split(bsz, hk, meta.max_seq_len)
-    split_p = prefix_split(casc.group_rows.shape[0], hk) if casc is not None else 1
+    split_p, stages_p = prefix_split(casc.group_rows.shape[0], hk) if casc is not None else (1, 1)
     n_prefix = triton.cdiv(casc.max_prefix_len, split_p) if casc is not None else 0
     n_own = 1 if whole else max(1, triton.cdiv(max(meta.max_seq_len, 1), split))
     n_parts = n_prefix if whole else n_prefix + n_own
@@ -322,7 +325,7 @@ def paged_attention_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
             meta.block_tables.stride(0), po.stride(0), po.stride(1), po.stride(2), pl.stride(0), pl.stride(1),
             rows.stride(0), scale_log2, GROUP=group, MAX_N=max_n, BLOCK_M=block_m, D=d,
             BLOCK_N=cfg["prefix_block_n"] if d <= 128 else 32, PAGE=page, SPLIT=split_p, PREC=prec,
-            num_warps=cfg["prefix_warps"] or (4 if block_m <= 64 else 8), num_stages=cfg["prefix_stages"])
+            num_warps=cfg["prefix_warps"] or (4 if block_m <= 64 else 8), num_stages=stages_p)
     _decode_split_kernel[(bsz, hk, n_own)](
         q, k_cache, v_cache, meta.block_tables, meta.seq_lens, start, po, pl, out,
         q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
