@@ -4,10 +4,10 @@ A full block's key is hash(previous block's key, its tokens); the block also kee
 so a hash collision can never hand a request someone else's KV. Freed blocks stay cached
 (LRU order) until a new allocation needs them.
 
-Backing: only blocks [0, backed) have device memory behind them and sit in the free list. After
-a wake the KV pool is backed on demand (atom/engine/memory.py, KvVmmPool): when the free list
-runs short, `back(n)` asks for more and gets them, or fewer when the device is out of memory;
-then the scheduler waits and preempts as with a full pool.
+Backing: only blocks [0, backed) have device memory behind them and can be handed out. After a
+wake the KV pool is backed on demand (atom/engine/memory.py, KvVmmPool): when the free blocks
+run short, `reserve` asks `back(n)` for more and gets them, or fewer when the device is out of
+memory; then the scheduler waits and preempts as with a full pool.
 """
 from __future__ import annotations
 

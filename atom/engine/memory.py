@@ -12,6 +12,9 @@ module, list and CUDA graph that holds them stays valid:
   physical segments (the memory goes back to the driver: `torch.cuda.mem_get_info` sees it);
   wake creates and maps new ones at the same virtual addresses, so the tensors' data pointers,
   and CUDA graphs captured on them, never change.
+* `KvVmmPool`: the KV cache's VmmPool. Each KV tensor starts on an allocation granule, so after
+  a wake the pool can map only its first blocks and back the rest as the block manager needs
+  them (`EngineConfig.lazy_kv_wake`).
 * `TensorPool` (CPU, or any device without sleep mode): releases by pointing each tensor at an
   empty storage (`Tensor.set_()`) and restores by giving it a fresh one; data pointers change,
   which is harmless where nothing was captured.
