@@ -4,8 +4,10 @@
 
 Measures, with `EngineConfig(enable_sleep_mode=True, load_format="dummy")`:
 * sleep(level=1) / wake_up(): seconds, how much of the KV memory held comes back in
-  torch.cuda.mem_get_info(), how much a (lazy) wake maps, and what backing the rest of the pool
-  costs later (the generate that needs it pays that);
+  torch.cuda.mem_get_info(), how much a (lazy) wake maps, and sleep after the pool was backed
+  step by step as a rollout backs it;
+* lazy and whole-pool level-2 wakes alternated, with the driver's share and what backing the
+  rest of the pool costs later (the generate that needs it pays that);
 * sleep(level=2) discarding the weights: seconds, memory returned (KV + weights), memory
   still held while asleep (against the free memory measured before the engine existed);
 * sleep(level=2, offload_weights=True) / wake_up(): seconds per cycle (the first cycle also
@@ -154,12 +156,6 @@ def main() -> None:
                          "freed_frac_of_held": round(freed / held, 4),
                          "kv_mapped_after_wake_gib": round(memory.resident_bytes("kv_cache") / GiB, 2)})
         report["level1.cycles"] = rows
-        # Lazy wake defers mapping the rest of the pool to the generate that needs it: its cost.
-        t = time.perf_counter()
-        backed = memory.back_kv(memory.kv_num_blocks)
-        torch.cuda.synchronize()
-        report["level1.back_whole_pool_s"] = round(time.perf_counter() - t, 4)
-        report["level1.backed_blocks"] = [backed, memory.kv_num_blocks]
         # A rollout backs the pool step by step (the block manager asks for a few blocks more at
         # a time): sleep then unmaps every segment that growth created. Same calls, without
         # running the 700k-token rollout that fills 67 GiB.
@@ -188,20 +184,6 @@ def main() -> None:
                          "freed_frac_of_held": round((asleep - before) / held, 4),
                          "held_while_asleep_gib": round((baseline - asleep) / GiB, 3)})
         report["level2_discard.cycles"] = rows
-        eager = engine._engine.config  # the same cycle with the whole KV pool mapped at wake
-        engine._engine.config = eager.replace(lazy_kv_wake=False)
-        try:
-            engine.sleep(level=2)
-            report["level2_discard.wake_s_whole_kv_pool"] = round(timed(engine.wake_up), 4)
-        finally:
-            engine._engine.config = eager
-        pools = list(memory.pools.values())
-        for p in pools:
-            p.map_seconds = dict.fromkeys(p.map_seconds, 0.0)
-        engine.sleep(level=2)
-        tw = timed(engine.wake_up)
-        report["level2_discard.wake_driver_s"] = {"wake_s": round(tw, 4), **{
-            k: round(sum(p.map_seconds[k] for p in pools), 4) for k in pools[0].map_seconds}}
         reload_discarded_weights()
         report["level2_discard.generate_equal_after_reload"] = gen() == expected
 
@@ -234,12 +216,12 @@ def main() -> None:
         # each level 2 with the weights discarded, with the driver's share; the lazy rows also
         # time backing the rest of the pool afterwards.
         pools = list(memory.pools.values())
-        lazy_config = engine._engine.config
+        config = engine._engine.config
         rows = []
-        for i in range(2 * args.cycles):
-            lazy = i % 2 == 1
-            engine._engine.config = lazy_config.replace(lazy_kv_wake=lazy)
-            try:
+        try:
+            for i in range(2 * args.cycles):
+                lazy = i % 2 == 1
+                engine._engine.config = config.replace(lazy_kv_wake=lazy)
                 engine.sleep(level=2)
                 for p in pools:
                     p.map_seconds = dict.fromkeys(p.map_seconds, 0.0)
@@ -248,8 +230,8 @@ def main() -> None:
                     row["back_rest_s"] = round(timed(lambda: memory.back_kv(memory.kv_num_blocks)), 4)
                 row.update({k: round(sum(p.map_seconds[k] for p in pools), 4) for k in pools[0].map_seconds})
                 rows.append(row)
-            finally:
-                engine._engine.config = lazy_config
+        finally:
+            engine._engine.config = config
         report["wake_compare.cycles"] = rows
         reload_discarded_weights()
 

@@ -57,7 +57,7 @@ while [ $# -gt 0 ]; do
     sleep)
       timeout "${SLEEP_TIMEOUT:-240}" $PY bench/sleep_wake.py --config bench/models/qwen3-30b-a3b/config.json \
         --skip-offload --many 20 --out "$OUT/sleep_wake.json" > "$OUT/sleep_wake.log" 2>&1
-      grep -E "cycles|whole|backed|variants|per_expert_names.s|fused_v5_names.s|equal|drift|error" "$OUT/sleep_wake.log" | cut -c1-900
+      grep -E "cycles|stepwise|variants|per_expert_names.s|fused_v5_names.s|equal|drift|error" "$OUT/sleep_wake.log" | cut -c1-900
       ;;
   esac
   shift

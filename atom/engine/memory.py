@@ -441,8 +441,7 @@ class KvVmmPool(VmmPool):
         try:
             self.back(self.num_blocks if blocks is None else max(blocks, 1), zero)
         except BaseException:
-            super().release()
-            self.segments, self.backed_bytes = [], 0
+            self.release()
             raise
         torch.cuda.synchronize(self.device)
 
