@@ -21,6 +21,7 @@ export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 TOKENIZERS_PAR
 export ATOM_BENCH_CEILINGS="$OUT/ceilings.json" PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 PY=${PYTHON:-python3}
 [ $# -eq 0 ] && set -- tests bench
+SECTIONS="tests tune bench hf kernels small sleep"
 WORKLOADS="decode-moe-bs1,grpo-dense-small,grpo-moe,grpo-dense-8b"
 summary=()
 nvidia-smi --query-gpu=name,memory.used,memory.total,clocks.sm,clocks.mem --format=csv,noheader 2>/dev/null
@@ -31,7 +32,8 @@ while [ $# -gt 0 ]; do
       summary+=("tests: $(grep -E '[0-9]+ (passed|failed)' "$OUT/pytest.log" | tail -1)")
       ;;
     bench)
-      if [ $# -gt 1 ] && [[ "$2" != tests && "$2" != hf && "$2" != kernels && "$2" != bench && "$2" != tune ]]; then WORKLOADS=$2; shift; fi
+      # The next word is a workload list unless it names another section.
+      if [ $# -gt 1 ] && ! [[ " $SECTIONS " == *" $2 "* ]]; then WORKLOADS=$2; shift; fi
       for w in ${WORKLOADS//,/ }; do
         timeout "${BENCH_TIMEOUT:-300}" $PY -m bench.rollout --workload "$w" --json "$OUT/bench.jsonl" ${BENCH_ARGS:-} \
           > "$OUT/bench_$w.log" 2>&1
