@@ -112,13 +112,13 @@ def test_bad_updates_are_named_and_leave_the_old_weights(moe_pair):
             engine.update_weights(iter(bad), check_finite=True)
         # The first tensor was bad: nothing was copied, the engine still serves version 0.
         assert engine.weights_complete and engine.weight_version == 0
-    with pytest.raises(ValueError, match="version must be an int"):
-        engine.update_weights(iter(pairs), version="v2")  # refused before any tensor is read
+    with pytest.raises(TypeError, match="version must be an int or a str"):
+        engine.update_weights(iter(pairs), version=2.5)  # refused before any tensor is read
     for n, p in engine._engine.runner.model.named_parameters():
         assert torch.equal(p, params[n]), n
     # Nothing changed, so the prefix cache was kept; drop it so that the prompts are computed
     # the way they were the first time (cached prefixes change the float summation order).
-    engine._engine.block_manager.invalidate_cache()
+    assert engine.reset_prefix_cache()
     assert same(rollout(engine), before)
 
 

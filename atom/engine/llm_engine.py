@@ -111,6 +111,9 @@ class LLMEngine:
     def num_free_kv_blocks(self) -> int:
         return self.block_manager.num_free
 
+    def reset_prefix_cache(self) -> None:
+        self.block_manager.invalidate_cache()
+
     def is_live(self, request_id: str) -> bool:
         return request_id in self.requests
 

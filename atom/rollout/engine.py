@@ -138,7 +138,8 @@ class RolloutEngine(RLMixin):
     def step(self) -> list[RolloutOutput]:
         """Run one engine step; returns an output for every request it advanced (finished=False
         while running, cumulative), including requests a batch `generate` advanced meanwhile."""
-        return [self._output(r) for r in self._step_requests()]
+        with self._lock:  # outputs read live requests: no other thread may step meanwhile
+            return [self._output(r) for r in self._step_requests()]
 
     def _step_requests(self) -> list[Request]:
         with self._lock:
