@@ -162,10 +162,9 @@ def test_update_refused_while_weights_asleep_or_busy(make_tiny_model):
     engine.wake_up(["weights"])
     engine.update_weights(iter_checkpoint(path))  # KV cache still asleep: updates are fine
     engine.wake_up()
-    engine._busy = True
-    try:
-        with pytest.raises(RuntimeError, match="already running"):
-            engine.update_weights(iter_checkpoint(path))
-    finally:
-        engine._busy = False
+    engine.add_request("live", [3, 4, 5], SamplingParams(max_tokens=4))
+    with pytest.raises(RuntimeError, match="requests are in flight"):
+        engine.update_weights(iter_checkpoint(path))
     assert engine.weight_version == 1
+    engine.pause_generation("keep")
+    assert engine.update_weights(iter_checkpoint(path)) == 2  # paused: allowed
