@@ -8,10 +8,7 @@ import json
 import math
 import os
 import struct
-from typing import TYPE_CHECKING, Any
-
-if TYPE_CHECKING:
-    from atom.models.hf_config import ModelArgs
+from typing import Any
 
 _REQUIRED_POSITIVE = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads")
 _OPTIONAL_POSITIVE = ("num_key_value_heads", "head_dim", "max_position_embeddings", "num_experts_per_tok",
@@ -51,8 +48,8 @@ def check_config(cfg: Any, path: str) -> None:
         raise ValueError(f"{path}: mlp_only_layers={layers!r} must be a list of layer indices")
 
 
-def check_args(args: "ModelArgs", model_dir: str) -> None:
-    """Consistency of the fields read, then the sizes against the checkpoint's tensors."""
+def check_args(args, model_dir: str) -> None:
+    """(args: the ModelArgs read from it.) Consistency of the fields read, then the sizes against the checkpoint's tensors."""
     where = os.path.join(model_dir, "config.json")
     if args.num_attention_heads % args.num_key_value_heads:
         raise ValueError(f"{where}: num_attention_heads={args.num_attention_heads} is not a multiple of "
@@ -76,7 +73,7 @@ def check_args(args: "ModelArgs", model_dir: str) -> None:
                          f"checkpoint holds {held:,}: the config does not describe these weights")
 
 
-def min_parameters(args: "ModelArgs") -> int:
+def min_parameters(args) -> int:
     """A lower bound on the parameters any decoder with this config has: the embedding, one norm
     per layer, and each layer's MLP (two of its matrices; a MoE layer counted as the smaller of
     its experts and a dense MLP, so that the bound holds whichever way a family splits layers)."""
