@@ -277,7 +277,7 @@ class UpdateCheck:
     def __init__(self, weight_map: WeightMap, model_name: str) -> None:
         self.weight_map = weight_map
         self.model_name = model_name
-        self.filled: set[str] = set()  # checkpoint names filled so far
+        self.filled: dict[str, str] = {}  # checkpoint name filled so far -> the name that filled it
 
     def accept(self, name: str, shape: tuple[int, ...]) -> WeightSlot | None:
         """The slot `name` goes to (None: a derived tensor that is skipped)."""
@@ -290,17 +290,17 @@ class UpdateCheck:
         if tuple(shape) != expected:
             raise ValueError(f"weight {name!r}: shape {tuple(shape)} does not match the model's {expected}")
         covers = self.weight_map.covered_by(name)
-        again = [c for c in covers if c in self.filled]
-        if again:
-            if again[0] == name:
+        again = next((c for c in covers if c in self.filled), None)
+        if again is not None:
+            earlier = self.filled[again]
+            if earlier == name:
                 raise ValueError(f"weight {name!r} appears twice in one update")
-            raise ValueError(f"weight {name!r} fills {again[0]!r}, which an earlier tensor of this update "
-                             "already filled")
-        self.filled.update(covers)
+            raise ValueError(f"weight {name!r} fills {again!r}, which {earlier!r} of this update already filled")
+        self.filled.update(dict.fromkeys(covers, name))
         return slot
 
     def missing(self) -> list[str]:
-        return sorted(self.weight_map.required_names() - self.filled)
+        return sorted(self.weight_map.required_names() - self.filled.keys())
 
 
 def check_tensor(name: str, tensor: torch.Tensor, check_finite: bool = False) -> None:
