@@ -34,8 +34,6 @@ def test_n_above_max_num_seqs_is_refused_at_once(tiny_qwen3_path, n):
                                          r"max_num_seqs=8"):
         engine.generate([[5, 6, 7], [8, 9]], SamplingParams(n=n, max_tokens=2))
     assert time.perf_counter() - t0 < 1.0  # checked before any loop over the samples
-    bm = engine._engine.block_manager
-    assert bm.num_free == bm.num_blocks and not engine._engine.scheduler.has_work
     # Nothing was drawn from the seed stream: the next unseeded call samples what a twin samples.
     assert _unseeded_draw(engine) == _unseeded_draw(twin)
     assert len(engine.generate([[5, 6, 7]], SamplingParams(n=8, max_tokens=2))[0].outputs) == 8
