@@ -145,8 +145,12 @@ def test_resume_skips_done_prompts_and_repairs_a_torn_line(model_path, prompts_f
     other.write_text(json.dumps({"prompt_token_ids": [9, 9]}) + "\n")
     with pytest.raises(JobError, match="does not match the prompt file"):
         run(compose_job(*job_overrides(model_path, other, out, "sampling.n=2")))
-    # ... unless asked to start anew.
-    run(compose_job(*job_overrides(model_path, other, out, "output.resume=false")))
+    # Starting anew (output.resume=false) replaces results of the same settings only, never others.
+    before = out.read_bytes()
+    with pytest.raises(JobError, match="another model or sampling settings"):
+        run(compose_job(*job_overrides(model_path, other, out, "output.resume=false")))
+    assert out.read_bytes() == before
+    run(compose_job(*job_overrides(model_path, other, out, "sampling.n=2", "output.resume=false")))
     assert len(read_results(out)) == 1
 
 

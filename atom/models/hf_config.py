@@ -6,6 +6,8 @@ import json
 import os
 from dataclasses import dataclass, field
 
+from atom.models.config_checks import check_args, check_config
+
 
 @dataclass
 class ModelArgs:
@@ -54,14 +56,18 @@ def load_model_args(model_dir: str) -> ModelArgs:
     if not os.path.isfile(path):
         raise ValueError(f"no config.json in {model_dir!r}: not a HF checkpoint directory")
     with open(path) as f:
-        cfg = json.load(f)
+        try:
+            cfg = json.load(f)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}: not valid JSON ({e})") from None
+    check_config(cfg, path)
     archs = cfg.get("architectures") or []
     if len(archs) != 1:
         raise ValueError(f"{path}: expected exactly one entry in 'architectures', got {archs}")
     heads = cfg["num_attention_heads"]
     eos = cfg.get("eos_token_id")
     eos_ids = [] if eos is None else ([eos] if isinstance(eos, int) else list(eos))
-    return ModelArgs(
+    args = ModelArgs(
         architecture=archs[0],
         vocab_size=cfg["vocab_size"],
         hidden_size=cfg["hidden_size"],
@@ -84,3 +90,5 @@ def load_model_args(model_dir: str) -> ModelArgs:
         decoder_sparse_step=cfg.get("decoder_sparse_step", 1) or 1,
         mlp_only_layers=list(cfg.get("mlp_only_layers") or []),
     )
+    check_args(args, model_dir)
+    return args

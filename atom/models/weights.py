@@ -5,7 +5,7 @@ so each incoming tensor is placed in O(1) whatever the checkpoint's size.
 
 Under tensor / expert parallelism (atom.distributed) a slot also says which part of the full HF
 tensor this rank keeps (`shard`), and a slot whose tensor only other ranks hold has no `param`:
-callers always pass full HF tensors and each rank narrows them (`check_and_copy`), or reads only
+callers always pass full HF tensors and each rank narrows them (`copy_into`), or reads only
 its slices from safetensors (`load_checkpoint`).
 """
 from __future__ import annotations
@@ -14,6 +14,7 @@ import glob
 import json
 import os
 from dataclasses import dataclass
+from collections.abc import ItemsView
 from typing import Iterable, Iterator
 
 import torch
@@ -252,19 +253,70 @@ class CopyBatch:
         self.dst, self.src, self.nbytes = [], [], 0
 
 
-def check_and_copy(name: str, slot: WeightSlot, tensor: torch.Tensor, check_finite: bool = False,
-                   batch: CopyBatch | None = None) -> None:
-    """Copy one HF tensor into its slot (now, or queued in `batch`), casting dtype and device;
-    ValueError naming it if wrong."""
+def check_pair(item, index: int) -> tuple[str, torch.Tensor]:
+    """Item `index` of an update as (name, tensor); TypeError naming it when it is anything else."""
+    if not isinstance(item, (tuple, list)) or len(item) != 2:
+        what = f"a {type(item).__name__} of length {len(item)}" if isinstance(item, (tuple, list)) else \
+            type(item).__name__
+        raise TypeError(f"weight update item {index}: expected a (name, tensor) pair, got {what}")
+    name, tensor = item
+    if not isinstance(name, str):
+        raise TypeError(f"weight update item {index}: the name must be a str, got {type(name).__name__} "
+                        f"{name!r:.60}")
+    if not isinstance(tensor, torch.Tensor):
+        raise TypeError(f"weight {name!r}: expected a torch.Tensor, got {type(tensor).__name__}")
+    return name, tensor
+
+
+class UpdateCheck:
+    """Follows one update (or checkpoint load) name by name: each name must be a parameter of the
+    model, have its shape, and fill checkpoint tensors no earlier name of the same update filled
+    (a repeated name, or per-expert and fused expert tensors for the same expert, would otherwise
+    let the last copy win silently). Raises ValueError naming the tensor."""
+
+    def __init__(self, weight_map: WeightMap, model_name: str) -> None:
+        self.weight_map = weight_map
+        self.model_name = model_name
+        self.filled: dict[str, str] = {}  # checkpoint name filled so far -> the name that filled it
+
+    def accept(self, name: str, shape: tuple[int, ...]) -> WeightSlot | None:
+        """The slot `name` goes to (None: a derived tensor that is skipped)."""
+        if is_ignored(name):
+            return None
+        slot = self.weight_map.lookup(name)
+        if slot is None:
+            raise ValueError(f"weight {name!r} is not a parameter of this {self.model_name}")
+        expected = tuple(slot.shape())
+        if tuple(shape) != expected:
+            raise ValueError(f"weight {name!r}: shape {tuple(shape)} does not match the model's {expected}")
+        covers = self.weight_map.covered_by(name)
+        again = next((c for c in covers if c in self.filled), None)
+        if again is not None:
+            earlier = self.filled[again]
+            if earlier == name:
+                raise ValueError(f"weight {name!r} appears twice in one update")
+            raise ValueError(f"weight {name!r} fills {again!r}, which {earlier!r} of this update already filled")
+        self.filled.update(dict.fromkeys(covers, name))
+        return slot
+
+    def missing(self) -> list[str]:
+        return sorted(self.weight_map.required_names() - self.filled.keys())
+
+
+def check_tensor(name: str, tensor: torch.Tensor, check_finite: bool = False) -> None:
+    """ValueError unless `tensor` holds floating data (and, with check_finite, only finite values)."""
+    if tensor.is_meta:
+        raise ValueError(f"weight {name!r} is a meta tensor (a shape without data); materialize it first")
     if not tensor.is_floating_point():
         raise ValueError(f"weight {name!r}: expected a floating tensor, got {tensor.dtype}")
-    target = slot.target()
-    expected = slot.shape()
-    if tensor.shape != expected:
-        raise ValueError(f"weight {name!r}: shape {tuple(tensor.shape)} does not match the model's {tuple(expected)}")
     # Checked in full on every rank, so that all ranks of a sharded engine accept or refuse alike.
     if check_finite and not torch.isfinite(tensor).all():
         raise ValueError(f"weight {name!r}: contains non-finite values (nan or inf)")
+
+
+def copy_into(slot: WeightSlot, tensor: torch.Tensor, batch: CopyBatch | None = None) -> None:
+    """Copy one checked full HF tensor into this rank's part of its slot (now, or queued in `batch`)."""
+    target = slot.target()
     if target is None:  # held by other ranks only
         return
     if slot.shard:
@@ -275,12 +327,31 @@ def check_and_copy(name: str, slot: WeightSlot, tensor: torch.Tensor, check_fini
         batch.copy(target, tensor)
 
 
+def _inside(model_dir: str, name) -> str:
+    """model_dir/name, refused unless it names a file inside model_dir. Checked on the path as
+    written, without following links: checkpoints in the HF cache are links into its blob store."""
+    if not isinstance(name, str) or not name or os.path.isabs(name):
+        raise ValueError(f"{model_dir}: checkpoint file {name!r} in the index is not a relative path")
+    root = os.path.normpath(model_dir)
+    path = os.path.normpath(os.path.join(root, name))
+    if os.path.dirname(path) != root and not path.startswith(root + os.sep):
+        raise ValueError(f"{model_dir}: checkpoint file {name!r} in the index lies outside the checkpoint "
+                         "directory")
+    return path
+
+
 def checkpoint_files(model_dir: str) -> list[str]:
+    """The checkpoint's safetensors files: those its index names (each inside model_dir), else *.safetensors."""
     index = os.path.join(model_dir, "model.safetensors.index.json")
     if os.path.isfile(index):
         with open(index) as f:
-            files = sorted(set(json.load(f)["weight_map"].values()))
-        return [os.path.join(model_dir, f) for f in files]
+            try:
+                weight_map = json.load(f)["weight_map"]
+            except (json.JSONDecodeError, KeyError, TypeError):
+                raise ValueError(f"{index}: not a safetensors index (no 'weight_map')") from None
+        if not isinstance(weight_map, dict):
+            raise ValueError(f"{index}: 'weight_map' must map tensor names to file names")
+        return sorted({_inside(model_dir, f) for f in weight_map.values()})
     files = sorted(glob.glob(os.path.join(model_dir, "*.safetensors")))
     if not files:
         raise ValueError(f"no *.safetensors files in {model_dir!r}")
@@ -305,31 +376,44 @@ class LoadProgress:
 
 def load_weights(model: nn.Module, weight_map: WeightMap, tensors: Iterable[tuple[str, torch.Tensor]],
                  check_finite: bool = False, require_all: bool = True, progress: LoadProgress | None = None) -> int:
-    """Place every tensor; unknown names, bad shapes and (if require_all) missing ones raise ValueError.
+    """Place every tensor; a malformed pair raises TypeError, an unknown name, a bad shape or dtype, a
+    name filled twice and (if require_all) missing tensors raise ValueError naming the tensor.
 
-    Returns the number of tensors loaded; `progress` (if given) follows along, errors included.
+    A list, tuple or dict view is checked whole before the first copy, so a bad tensor anywhere in
+    it changes nothing; other iterables stream (one tensor in memory at a time) and are checked as
+    they come. Returns the number of tensors loaded; `progress` (if given) follows along, errors included.
     """
     progress = progress if progress is not None else LoadProgress()
+    if isinstance(tensors, (list, tuple, ItemsView)):
+        tensors = list(tensors)
+        dry = UpdateCheck(weight_map, type(model).__name__)
+        for i, item in enumerate(tensors):
+            name, tensor = check_pair(item, i)
+            if dry.accept(name, tuple(tensor.shape)) is not None:
+                check_tensor(name, tensor, check_finite)
+        if require_all:
+            _check_complete(dry.missing())
+        check_finite = False  # done
+    check = UpdateCheck(weight_map, type(model).__name__)
     batch = CopyBatch()
     try:
-        for name, tensor in tensors:
-            if is_ignored(name):
-                continue
-            slot = weight_map.lookup(name)
+        for i, item in enumerate(tensors):
+            name, tensor = check_pair(item, i)
+            slot = check.accept(name, tuple(tensor.shape))
             if slot is None:
-                raise ValueError(f"weight {name!r} is not a parameter of this {type(model).__name__}")
-            check_and_copy(name, slot, tensor, check_finite, batch)
+                continue
+            check_tensor(name, tensor, check_finite)
+            copy_into(slot, tensor, batch)
             progress.loaded.update(weight_map.covered_by(name))
             progress.count += 1
     finally:
         batch.flush()  # what was accepted before an error lands too, as with one copy per tensor
     if require_all:
-        _check_complete(weight_map, progress.loaded)
+        _check_complete(check.missing())
     return progress.count
 
 
-def _check_complete(weight_map: WeightMap, loaded: set[str]) -> None:
-    missing = sorted(weight_map.required_names() - loaded)
+def _check_complete(missing: list[str]) -> None:
     if missing:
         shown = ", ".join(missing[:8]) + (f" and {len(missing) - 8} more" if len(missing) > 8 else "")
         raise ValueError(f"checkpoint is missing {len(missing)} tensor(s): {shown}")
@@ -338,26 +422,21 @@ def _check_complete(weight_map: WeightMap, loaded: set[str]) -> None:
 def load_checkpoint(model: nn.Module, weight_map: WeightMap, model_dir: str) -> int:
     """`load_weights(model, weight_map, iter_checkpoint(model_dir))` for sharded models: each rank
     reads only the slices it keeps (safetensors get_slice) and skips tensors it does not hold."""
-    loaded: set[str] = set()
+    check = UpdateCheck(weight_map, type(model).__name__)
     count = 0
     for path in checkpoint_files(model_dir):
         with safe_open(path, framework="pt") as f:
             for name in f.keys():
-                if is_ignored(name):
-                    continue
-                slot = weight_map.lookup(name)
-                if slot is None:
-                    raise ValueError(f"weight {name!r} is not a parameter of this {type(model).__name__}")
                 part = f.get_slice(name)
-                shape, dtype = tuple(part.get_shape()), part.get_dtype()
-                if shape != tuple(slot.shape()):
-                    raise ValueError(f"weight {name!r}: shape {shape} does not match the model's {tuple(slot.shape())}")
+                slot = check.accept(name, tuple(part.get_shape()))
+                if slot is None:
+                    continue
+                dtype = part.get_dtype()
                 if not dtype.startswith(("F", "BF")):
                     raise ValueError(f"weight {name!r}: expected a floating tensor, got {dtype}")
                 target = slot.target()
                 if target is not None:
                     target.copy_(slot.read(part), non_blocking=True)
-                loaded.update(weight_map.covered_by(name))
                 count += 1
-    _check_complete(weight_map, loaded)
+    _check_complete(check.missing())
     return count
