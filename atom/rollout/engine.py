@@ -215,6 +215,28 @@ class RolloutEngine(RLMixin):
         with self._lock:
             self._engine.resume(recompute_kv=recompute_kv)
 
+    # ---- engine groups (TP / EP): requests enter on rank 0 ------------------------------
+    def follow(self) -> None:
+        """Ranks 1.. of an engine group whose requests enter on rank 0 (add_request, step, the
+        asynchronous front end): run them in lockstep with rank 0 until it calls
+        stop_followers(). The SPMD batch generate (every rank calls it) needs no follow."""
+        with self._lock:
+            self._engine.follow()
+
+    def stop_followers(self) -> None:
+        """Rank 0 of an engine group: end the other ranks' follow() (live requests are aborted)."""
+        with self._lock:
+            self._engine.stop_followers()
+
+    def _idle_tick(self) -> None:
+        """Rank 0 of an idle engine group: let the followers hear from it before they time out."""
+        with self._lock:
+            self._engine.heartbeat()
+
+    @property
+    def _tick_s(self) -> float | None:
+        return self.config.dist_timeout_s / 4 if self.config.tensor_parallel_size * self.config.expert_parallel_size > 1 else None
+
     @property
     def is_paused(self) -> bool:
         return self._engine.pause_mode is not None
