@@ -212,11 +212,15 @@ def test_job_schema_mirrors_the_engine_api():
 
     names = lambda cls: {f.name for f in dataclasses.fields(cls)}  # noqa: E731
     assert names(SamplingConfig) == names(SamplingParams)
+    assert names(EngineJobConfig) == names(EngineConfig) - {"model", "tokenizer"}  # sleep-mode fields too
     engine_defaults = {f.name: f.default for f in dataclasses.fields(EngineConfig)}
     for f in dataclasses.fields(EngineJobConfig):
-        assert f.name in engine_defaults, f.name
         if f.default is not dataclasses.MISSING:
             assert f.default == engine_defaults[f.name], f.name
+    # Overrides of every derived field are type-checked by Hydra at composition.
+    assert compose_job("engine.lazy_kv_wake=false").engine.lazy_kv_wake is False
+    with pytest.raises(Exception, match="enable_sleep_mode"):
+        compose_job("engine.enable_sleep_mode=maybe")
 
 
 def _cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
