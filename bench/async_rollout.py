@@ -89,14 +89,14 @@ def cpu_tiny(args) -> dict:
     return compare(engine, sets, sp, sp, expand=1)
 
 
-def gpu_engine(name: str):
+def gpu_engine(name: str, max_num_seqs: int | None = None):
     from atom import RolloutEngine
     from bench.rollout import HERE, load_workloads
     w = load_workloads()[name]
-    seqs = w["num_prompts"] * w["n"]
+    seqs = max_num_seqs or min(w["num_prompts"] * w["n"], 1024)
     engine = RolloutEngine(str(HERE / "models" / w["model"]), load_format="dummy", dtype="bfloat16",
-                           max_model_len=w["prompt_len"] + w["output_len"], max_num_seqs=min(seqs, 1024),
-                           cuda_graph_max_batch_size=min(seqs, 1024))
+                           max_model_len=w["prompt_len"] + w["output_len"], max_num_seqs=seqs,
+                           cuda_graph_max_batch_size=seqs)
     return engine, w
 
 
@@ -126,7 +126,7 @@ def late_join(args) -> dict:
     """Steps between a request's arrival and its first token (its prefill step is the last one)."""
     from atom import AsyncRolloutEngine
     from bench.rollout import make_prompts
-    engine, w = gpu_engine(args.workload)
+    engine, w = gpu_engine(args.workload, max_num_seqs=1024)  # seats for the late arrivals
     engine.generate(make_prompts(w, w["seed"] + 100), gpu_params(w, w["n"], 4))
     front = AsyncRolloutEngine(engine)
     waits = []
