@@ -27,6 +27,9 @@ class SamplingParams:
     logprobs_mode: "processed" (distribution the token was drawn from: after temperature and
         top-k/top-p/min-p filtering, renormalised) or "raw" (log_softmax of the unscaled logits).
     prompt_logprobs: None, or k >= 0 for the logprob of each prompt token plus its top-k alternatives.
+    return_routed_experts: return, per completion, the experts every MoE layer chose for every
+        token the engine ran (Completion.routed_experts); needs
+        EngineConfig(enable_return_routed_experts=True). Such prompts skip the prefix cache.
     """
 
     n: int = 1
@@ -43,6 +46,7 @@ class SamplingParams:
     logprobs: int | None = None
     logprobs_mode: str = "processed"
     prompt_logprobs: int | None = None
+    return_routed_experts: bool = False
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -101,6 +105,8 @@ class SamplingParams:
         if self.prompt_logprobs is not None and (not is_int(self.prompt_logprobs) or self.prompt_logprobs < 0
                                                  or (vocab_size is not None and self.prompt_logprobs > vocab_size)):
             raise bad("prompt_logprobs", f"None or an integer in [0, {vocab_size or 'vocab_size'}]")
+        if not isinstance(self.return_routed_experts, bool):
+            raise bad("return_routed_experts", "a bool")
 
     @property
     def effective_top_k(self) -> int:

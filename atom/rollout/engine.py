@@ -12,7 +12,7 @@ from tqdm.auto import tqdm
 
 from atom.config import EngineConfig
 from atom.engine.llm_engine import LLMEngine
-from atom.engine.sequence import Request, Sequence
+from atom.engine.sequence import Request, Sequence, routed_experts
 from atom.outputs import Completion, EngineStats, RolloutOutput
 from atom.rollout.inputs import normalize_prompts, prompt_type_error, sampling_params_list
 from atom.rollout.rl import RLMixin
@@ -248,6 +248,9 @@ class RolloutEngine(RLMixin):
             sp.validate(self.vocab_size, max_num_seqs=self.config.max_num_seqs)
             if sp.stop and self.tokenizer is None:
                 raise ValueError("SamplingParams.stop needs a tokenizer; this checkpoint has none")
+            if sp.return_routed_experts and not self.config.enable_return_routed_experts:
+                raise ValueError("SamplingParams.return_routed_experts needs "
+                                 "EngineConfig(enable_return_routed_experts=True)")
             # A private copy per call: the caller may change its object later, the run must not see it.
             frozen.setdefault(id(sp), dataclasses.replace(sp))
         return [frozen[id(sp)] for sp in params]
@@ -320,4 +323,4 @@ class RolloutEngine(RLMixin):
             index=seq.sample_index, token_ids=ids, text=text, logprobs=seq.logprobs,
             top_logprobs=seq.top_logprobs, finish_reason=seq.finish_reason if done else None,
             stop_reason=seq.stop_reason, weight_version=spans[-1][0] if spans else self.weight_version,
-            weight_versions=spans)
+            weight_versions=spans, routed_experts=routed_experts(seq) if seq.params.return_routed_experts else None)
