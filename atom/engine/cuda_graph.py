@@ -353,7 +353,11 @@ class DecodeRunner:
         tm["forward+sample"] += time.perf_counter() - t1
         tm["steps"] += 1
         tm["overlapped"] += lag
-        return InFlight(batch, result, *_copy_to_host(result))
+        routed = self.runner.routed_rows(n)
+        if routed is not None:  # queued before the event _copy_to_host records
+            routed = routed.to("cpu", copy=True) if routed.device.type == "cpu" else \
+                torch.empty(routed.shape, dtype=routed.dtype, pin_memory=True).copy_(routed, non_blocking=True)
+        return InFlight(batch, result, *_copy_to_host(result), routed)
 
     def collect(self, inflight: "InFlight"):
         """Wait for a launched step's samples and turn them into a StepOutput. Waits on the
@@ -362,7 +366,8 @@ class DecodeRunner:
         if inflight.ready is not None:
             inflight.ready.synchronize()
         rows = [(seq, seq.sample_index) for seq in inflight.batch.seqs]
-        return StepOutput(sampled=sampled_tokens(rows, inflight.host))
+        routed = None if inflight.routed is None else inflight.routed.numpy()
+        return StepOutput(sampled=sampled_tokens(rows, inflight.host), routed=routed)
 
 
 def _copy_to_host(result: SamplerOutput) -> tuple[SamplerOutput, torch.cuda.Event | None]:
@@ -386,6 +391,7 @@ class InFlight:
     result: SamplerOutput        # on the device: the next step reads its tokens there
     host: SamplerOutput          # pinned copy, valid once `ready` has fired
     ready: torch.cuda.Event | None  # None on the CPU
+    routed: torch.Tensor | None = None  # host copy of the step's routed experts (when captured)
 
 
 # ---- KV-cache sizing ---------------------------------------------------------------------------

@@ -47,6 +47,23 @@ class ModelRunner:
         self.weight_map = WeightMap(self.model)
         self.k_caches: list[torch.Tensor] = []
         self.v_caches: list[torch.Tensor] = []
+        self.routed_buf = self._routing_capture() if config.enable_return_routed_experts else None
+
+    def _routing_capture(self) -> torch.Tensor:
+        """A static [tokens, moe_layers, top_k] buffer every MoE layer writes its chosen experts
+        into, each step (inside CUDA graphs too: its address never changes)."""
+        layers = self.model.moe_layers()
+        if not layers:
+            raise ValueError("enable_return_routed_experts: this model has no MoE layers")
+        rows = max(self.config.max_num_batched_tokens, self.config.max_num_seqs)
+        buf = torch.full((rows, len(layers), layers[0].top_k), -1, dtype=torch.int16, device=self.device)
+        for i, layer in enumerate(layers):
+            layer.routed_out = buf[:, i, :]
+        return buf
+
+    def routed_rows(self, n: int) -> torch.Tensor | None:
+        """The last step's routing of its first n tokens (on the device), or None when not captured."""
+        return None if self.routed_buf is None else self.routed_buf[:n]
 
     # ---- weights -------------------------------------------------------------------------
     @torch.inference_mode()
@@ -168,6 +185,8 @@ class ModelRunner:
                     sample_index.append(start + n - 1)
             start += n
         out = StepOutput()
+        if self.routed_buf is not None:  # a copy: the buffer is rewritten by the next step
+            out.routed = self.routed_buf[:len(input_ids)].to("cpu", copy=True).numpy()
         if not prompt_index and not sample_index:
             return out
         rows = torch.tensor(prompt_index + sample_index, device=self.device)

@@ -45,14 +45,22 @@ class SparseMoE(nn.Module):
             self.dispatcher = None
         self.intermediate_size = inter  # this rank's share
         self.gate = Linear(hidden_size, num_experts)  # the router is replicated
+        self.routed_out: torch.Tensor | None = None  # [tokens, top_k] view the runner reads (routing capture)
         self.w13 = nn.Parameter(torch.empty(local_experts, 2 * inter, hidden_size), requires_grad=False)
         self.w2 = nn.Parameter(torch.empty(local_experts, hidden_size, inter), requires_grad=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.mode is None:  # routing + experts in one op (few kernels at small batch)
+            if self.routed_out is not None:
+                self._record(ops.moe_route(self.gate(x), self.top_k, self.renormalize)[1])
             return ops.moe_forward(x, self.gate(x), self.w13, self.w2, self.top_k, self.renormalize)
         weights, ids = ops.moe_route(self.gate(x), self.top_k, self.renormalize)
+        if self.routed_out is not None:
+            self._record(ids)
         return self._forward_parallel(x, weights, ids)
+
+    def _record(self, ids: torch.Tensor) -> None:
+        self.routed_out[: ids.shape[0]].copy_(ids)
 
     def idle(self, dtype: torch.dtype, device: torch.device) -> None:
         """Join this layer's all_to_all with no tokens (alltoall mode, a rank with no requests this
