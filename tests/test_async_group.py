@@ -18,13 +18,13 @@ PROMPTS = [[5 + i, 9, 40 + 3 * i, 7, 100 + i, 2 + i] for i in range(6)]
 def params():
     from atom import SamplingParams
     return [SamplingParams(temperature=0.0 if i % 2 else 1.0, seed=i, n=1 + i % 2, max_tokens=6 + i,
-                           logprobs=0, ignore_eos=True) for i in range(len(PROMPTS))]
+                           logprobs=0, ignore_eos=True, return_routed_experts=i < 3) for i in range(len(PROMPTS))]
 
 
 def kwargs(tp: int, ep: int, mode: str) -> dict:
     return dict(device="cpu", dtype="float32", num_kv_blocks=64, kv_block_size=4, max_num_seqs=8,
                 max_model_len=64, tensor_parallel_size=tp, expert_parallel_size=ep, ep_mode=mode,
-                dist_timeout_s=60)
+                dist_timeout_s=60, enable_return_routed_experts=True)
 
 
 def _rank(rank: int, world: int, port: int, path: str, layout: tuple, out: str) -> None:
@@ -52,6 +52,8 @@ def _rank(rank: int, world: int, port: int, path: str, layout: tuple, out: str) 
         with open(out, "w") as f:
             json.dump({"tokens": [[c.token_ids for c in o.outputs] for o in outs],
                        "logprobs": [[c.logprobs for c in o.outputs] for o in outs],
+                       "routed": [[None if c.routed_experts is None else c.routed_experts.tolist() for c in o.outputs]
+                                  for o in outs],
                        "aborted": {k: (None if v is None else v.outputs[0].finish_reason) for k, v in aborted.items()},
                        "free": engine.num_free_kv_blocks, "total": engine.num_kv_blocks}, f)
     import torch.distributed as dist
@@ -79,5 +81,8 @@ def test_async_requests_on_rank0_of_an_engine_group(make_tiny_model, tmp_path, l
     for a, b in zip(got["logprobs"], [[c.logprobs for c in o.outputs] for o in single]):
         for x, y in zip(a, b):
             assert x == pytest.approx(y, abs=1e-5)
+    assert got["routed"] == [[None if c.routed_experts is None else c.routed_experts.tolist() for c in o.outputs]
+                             for o in single]
+    assert got["routed"][0][0] is not None and got["routed"][4][0] is None
     assert got["aborted"] == {"long": "abort", "nope": None}
     assert got["free"] == got["total"]

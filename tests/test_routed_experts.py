@@ -146,3 +146,27 @@ def test_replay_gradient_matches_a_hand_written_router(path):
     p = torch.softmax(h @ w.T, -1).gather(-1, replay)
     (p / p.sum(-1, keepdim=True)).pow(2).sum().backward()
     torch.testing.assert_close(g, w.grad)
+
+
+def test_rollout_job_writes_routed_experts(path, tmp_path):
+    import json
+
+    from hydra import compose, initialize_config_dir
+
+    from atom.rollout.job import run
+    from test_rollout_job import CONFIG_DIR
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt_token_ids": [5 + i, 9, 11, 40]}) + "\n" for i in range(3)))
+    out = tmp_path / "r.jsonl"
+    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
+        cfg = compose("rollout", overrides=[
+            "model=tiny_qwen3_moe", f"model.path={path}", f"data.path={prompts}", f"output.path={out}",
+            "engine=cpu", "engine.num_kv_blocks=32", "sampling.max_tokens=5", "sampling.ignore_eos=true",
+            "sampling.return_routed_experts=true", "engine.enable_return_routed_experts=true", "output.progress=false"])
+    run(cfg)
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert len(rows) == 3
+    for r in rows:
+        c = r["completions"][0]
+        ids = r["prompt_token_ids"] + c["token_ids"]
+        np.testing.assert_array_equal(np.sort(np.array(c["routed_experts"]), -1), hf_routing(path, ids))

@@ -120,6 +120,8 @@ def record(p: Prompt, out, want_top: bool, cfg_hash: str) -> dict[str, Any]:
              "finish_reason": c.finish_reason, "stop_reason": c.stop_reason, "weight_version": c.weight_version}
         if want_top:
             d["top_logprobs"] = [{str(t): lp for t, lp in top.items()} for top in c.top_logprobs]
+        if c.routed_experts is not None:  # [positions, moe_layers, top_k]
+            d["routed_experts"] = c.routed_experts.tolist()
         completions.append(d)
     rec = {"index": p.index, "prompt_hash": p.hash, "config_hash": cfg_hash, "prompt": p.prompt,
            "prompt_token_ids": list(out.prompt_token_ids), "completions": completions}
