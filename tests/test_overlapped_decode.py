@@ -111,3 +111,20 @@ def test_requests_arrive_abort_and_pause_while_a_step_is_in_flight(tiny_qwen3_pa
     assert_same([done["late"]], [alone])
     assert len(done["bulk"].outputs) == 4 and all(len(c.token_ids) == 60 for c in done["bulk"].outputs)
     assert engine.num_free_kv_blocks == engine.num_kv_blocks
+
+
+def test_a_request_arriving_during_a_512_sequence_decode_waits_at_most_one_step(tiny_llama_path):
+    engine = RolloutEngine(tiny_llama_path, device="cpu", max_num_seqs=600, num_kv_blocks=1200, max_model_len=64)
+    engine._engine.runner.use_decode_runner = True  # the overlapped loop, as on a GPU
+    engine.add_request("bulk", [5, 6, 7, 8], SamplingParams(n=512, temperature=1.0, max_tokens=40, ignore_eos=True))
+    for _ in range(6):
+        engine.step()
+    assert engine._engine._inflight is not None and len(engine._engine.scheduler.running) == 512
+    engine.add_request("late", [9, 10, 11], SamplingParams(max_tokens=3, ignore_eos=True))
+    for waited in range(1, 5):
+        if any(o.request_id == "late" for o in engine.step()):
+            break
+    # Step 1 reads the decode in flight and launches nothing after it (a request waits); step 2
+    # runs the late prefill with the 512 decodes and returns its first token: one step of waiting.
+    assert waited <= 2, waited
+    engine.abort_all()
