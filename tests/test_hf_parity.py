@@ -1,4 +1,5 @@
-"""Issue 2, test 1: tokens and logprobs equal HF transformers (fp32) for Llama, Qwen3, Qwen3-MoE."""
+"""Issue 2, test 1: tokens and logprobs equal HF transformers (fp32) for Llama, Qwen3, Qwen3-MoE;
+issue 17: Mixtral, GPT-OSS and DeepSeek-V3 on tiny configs that exercise each family's features."""
 from __future__ import annotations
 
 import pytest
@@ -14,8 +15,10 @@ MODELS = [
     ("qwen3_moe", {"num_experts_per_tok": 2, "norm_topk_prob": True}),
     ("qwen3_moe", {"num_experts_per_tok": 4, "norm_topk_prob": False}),
     ("qwen3_moe", {"num_experts_per_tok": 4, "norm_topk_prob": True, "num_experts": 6}),
+    ("mixtral", {}),
+    ("gpt_oss", {}),  # sliding window 6 < prompts, sinks, swiglu_limit reached, YaRN, biases
 ]
-IDS = ["llama", "qwen3", "moe-top2-norm", "moe-top4-nonorm", "moe-6x-top4-norm"]
+IDS = ["llama", "qwen3", "moe-top2-norm", "moe-top4-nonorm", "moe-6x-top4-norm", "mixtral", "gpt-oss"]
 # Lengths straddle the 16-token KV block; a 16-token step budget forces chunked prefill.
 LENGTHS = [5, 16, 37]
 MAX_NEW = 12

@@ -78,7 +78,7 @@ class DecodeRunner:
         self.capacity = cfg.max_num_seqs
         backend = ops.backend_of
         is_moe = runner.args.num_experts > 0
-        needed = _GRAPH_OPS + (_GRAPH_OPS_MOE if is_moe else ())
+        needed = _GRAPH_OPS + (_GRAPH_OPS_MOE if is_moe else ()) + tuple(getattr(self.model, "graph_ops", ()))
         self.graph_capable = all(backend.get(name) != "torch" for name in needed)
         # Padding only pays where graphs may be used; eager-only runs keep exact sizes.
         self.ladder = batch_ladder(self.capacity) if self.graph_capable else []

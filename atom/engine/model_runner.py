@@ -68,10 +68,10 @@ class ModelRunner:
     # ---- weights -------------------------------------------------------------------------
     @torch.inference_mode()
     def load_checkpoint(self, model_dir: str) -> None:
-        if self.parallel.is_parallel:  # each rank reads only its shards
+        if self.parallel.is_parallel and not self.model.stream_load:  # each rank reads only its shards
             load_checkpoint(self.model, self.weight_map, model_dir)
         else:
-            load_weights(self.model, self.weight_map, iter_checkpoint(model_dir))
+            load_weights(self.model, self.weight_map, self.model.convert_checkpoint(iter_checkpoint(model_dir)))
 
     @torch.inference_mode()
     def init_dummy_weights(self) -> None:

@@ -1,0 +1,136 @@
+"""Issue 17: the MoE families RL is run on (Mixtral, GPT-OSS, DeepSeek-V3) through the engine's
+RL features: update_weights from a trainer's HF model, sleep / wake, prefix caching, TP / EP.
+
+fp32 parity with HF transformers of the plain generate path is in tests/test_hf_parity.py."""
+from __future__ import annotations
+
+import json
+import random
+
+import pytest
+import torch
+
+import parallel_checks
+from _rl_util import changed_model
+from atom import RolloutEngine, SamplingParams
+from conftest import TINY_VOCAB
+from helpers import random_prompts
+from test_parallel import _spawn
+
+# family -> tiny-model overrides that exercise its features (see tests/test_hf_parity.py)
+FAMILIES = {
+    "mixtral": {},
+    "gpt_oss": {},
+}
+ENGINE = dict(device="cpu", num_kv_blocks=96, kv_block_size=8, max_num_seqs=4, max_num_batched_tokens=24)
+GREEDY = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True, logprobs=2, logprobs_mode="raw")
+
+
+@pytest.fixture(scope="module", params=list(FAMILIES), ids=list(FAMILIES))
+def family(request, make_tiny_model):
+    return request.param, make_tiny_model(request.param, **FAMILIES[request.param])
+
+
+@torch.no_grad()
+def assert_matches_hf(model, prompts, outs) -> None:
+    """Greedy tokens equal the HF model's, raw logprobs within 1e-4."""
+    for prompt, out in zip(prompts, outs):
+        done = out.outputs[0]
+        want = model.generate(torch.tensor([prompt]), max_new_tokens=len(done.token_ids), do_sample=False,
+                              eos_token_id=None, pad_token_id=0)[0, len(prompt):].tolist()
+        assert done.token_ids == want
+        ref = model(torch.tensor([prompt + done.token_ids])).logits[0].float().log_softmax(-1)[len(prompt) - 1:-1]
+        lp = ref.gather(-1, torch.tensor(done.token_ids)[:, None]).squeeze(-1)
+        torch.testing.assert_close(torch.tensor(done.logprobs), lp, atol=1e-4, rtol=0)
+
+
+def test_update_weights_from_trainer_model_restores_parity(family):
+    """The trainer changes every weight; its named_parameters (transformers-v5 names, fused
+    experts, shuffled) through update_weights give the changed model's tokens and logprobs."""
+    arch, path = family
+    engine = RolloutEngine(path, **ENGINE)
+    prompts = random_prompts([7, 21], TINY_VOCAB, seed=11)
+    before = engine.generate(prompts, GREEDY)
+    trainer = changed_model(path, scale=0.1)
+    pairs = [(n, p.detach()) for n, p in trainer.named_parameters()]
+    random.Random(0).shuffle(pairs)
+    assert engine.update_weights(iter(pairs)) == 1
+    after = engine.generate(prompts, GREEDY)
+    assert [o.outputs[0].token_ids for o in after] != [o.outputs[0].token_ids for o in before]
+    assert_matches_hf(trainer, prompts, after)
+
+
+def test_sleep_wake_and_prefix_cache_keep_outputs(family):
+    arch, path = family
+    engine = RolloutEngine(path, **ENGINE)
+    prompts = random_prompts([30, 30], TINY_VOCAB, seed=12)
+    prompts[1][:24] = prompts[0][:24]  # three shared 8-token blocks
+    first = engine.generate(prompts[:1], GREEDY)
+    cached = engine.stats.prompt_tokens_cached
+    second = engine.generate(prompts, GREEDY)
+    assert engine.stats.prompt_tokens_cached - cached >= 24
+    engine.sleep(level=2, offload_weights=True)
+    engine.wake_up()
+    third = engine.generate(prompts, GREEDY)
+    for a, b in ((first[0], second[0]), (second[0], third[0]), (second[1], third[1])):
+        assert a.outputs[0].token_ids == b.outputs[0].token_ids
+        torch.testing.assert_close(torch.tensor(a.outputs[0].logprobs), torch.tensor(b.outputs[0].logprobs),
+                                   atol=1e-5, rtol=0)
+
+
+def test_tp2_ep2_and_alltoall_match_single_process(family, make_tiny_model, tmp_path):
+    """TP=2 + EP=2 (allreduce) and EP=2 alltoall on gloo: tokens identical to one process,
+    logprobs within 1e-4 (the parity bound; sums split over ranks round differently); update_weights leaves each rank its shard of the new checkpoint."""
+    arch, path = family
+    overrides = FAMILIES[arch]
+    updated = make_tiny_model(arch, seed=1, **overrides)
+    names = [f"{arch}_tp2_ep2", f"{arch}_ep2_alltoall"]
+    argv = ["--models", json.dumps({arch: path}), "--update-models", json.dumps({arch: updated}),
+            "--out", str(tmp_path), "--atol", "1e-4", "--scenarios", ",".join(names)]
+    _spawn(parallel_checks.spawned_checks, (argv,))
+    results = {r["scenario"]: r for r in json.loads((tmp_path / "rank0.json").read_text())}
+    assert set(results) == set(names)
+    for name in names:
+        assert results[name]["weight_version"] == 1
+
+
+def test_gpt_oss_mxfp4_checkpoint_is_dequantised_at_load(tmp_path):
+    """Expert weights stored as MXFP4 blocks + scales (the released GPT-OSS format, sharded
+    across files): the engine matches an HF model whose experts hold transformers' own
+    dequantisation of the same bytes."""
+    from safetensors.torch import save_file
+    from transformers.integrations.mxfp4 import convert_moe_packed_tensors
+
+    from conftest import build_tiny_model
+    model = build_tiny_model("gpt_oss")
+    state = {k: v.contiguous() for k, v in model.state_dict().items()}
+    g = torch.Generator().manual_seed(3)
+    quantized = {}
+    for name in [k for k in state if k.endswith(("experts.gate_up_proj", "experts.down_proj"))]:
+        e, rows_in, rows_out = state.pop(name).shape  # HF bf16 layout [E, in, out]
+        blocks = torch.randint(0, 256, (e, rows_out, rows_in // 32, 16), generator=g, dtype=torch.uint8)
+        scales = torch.randint(121, 126, (e, rows_out, rows_in // 32), generator=g, dtype=torch.uint8)
+        quantized[f"{name}_blocks"], quantized[f"{name}_scales"] = blocks, scales
+        with torch.no_grad():
+            model.get_parameter(name).copy_(convert_moe_packed_tensors(blocks, scales, dtype=torch.float32))
+    model.config.architectures = ["GptOssForCausalLM"]
+    model.config.save_pretrained(tmp_path)
+    names = sorted(state) + sorted(quantized)
+    files = {"model-00001-of-00002.safetensors": names[::2], "model-00002-of-00002.safetensors": names[1::2]}
+    tensors = {**state, **quantized}
+    for fname, keys in files.items():
+        save_file({k: tensors[k] for k in keys}, str(tmp_path / fname))
+    index = {"metadata": {}, "weight_map": {k: f for f, keys in files.items() for k in keys}}
+    (tmp_path / "model.safetensors.index.json").write_text(json.dumps(index))
+    prompts = random_prompts([9, 26], TINY_VOCAB, seed=13)
+    outs = RolloutEngine(str(tmp_path), **ENGINE).generate(prompts, GREEDY)
+    assert_matches_hf(model, prompts, outs)
+
+
+def test_gpt_oss_mxfp4_pairs_must_be_complete():
+    from atom.models.gpt_oss import dequantize_mxfp4
+    blocks = torch.zeros(2, 4, 1, 16, dtype=torch.uint8)
+    with pytest.raises(ValueError, match="no x.experts.down_proj_scales"):
+        list(dequantize_mxfp4([("x.experts.down_proj_blocks", blocks)]))
+    with pytest.raises(ValueError, match="do not fit together"):
+        list(dequantize_mxfp4([("a_blocks", blocks), ("a_scales", torch.zeros(2, 4, 2, dtype=torch.uint8))]))
