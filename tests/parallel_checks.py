@@ -33,7 +33,7 @@ SCENARIOS = {
     "ep4_alltoall": ("qwen3_moe", 1, 4, "alltoall"),
 }
 # The MoE families of issue 17 (tests/test_families.py): TP=2 + EP=2, and EP=2 alltoall.
-FAMILIES = ("mixtral", "gpt_oss")
+FAMILIES = ("mixtral", "gpt_oss", "deepseek_v3", "deepseek_v3_no_qlora")  # keys of --models
 for _arch in FAMILIES:
     SCENARIOS[f"{_arch}_tp2_ep2"] = (_arch, 2, 2, "allreduce")
     SCENARIOS[f"{_arch}_ep2_alltoall"] = (_arch, 1, 2, "alltoall")

@@ -5,6 +5,7 @@ fp32 parity with HF transformers of the plain generate path is in tests/test_hf_
 from __future__ import annotations
 
 import json
+import math
 import random
 
 import pytest
@@ -17,10 +18,12 @@ from conftest import TINY_VOCAB
 from helpers import random_prompts
 from test_parallel import _spawn
 
-# family -> tiny-model overrides that exercise its features (see tests/test_hf_parity.py)
+# name -> (tiny arch, overrides) exercising the family's features (see tests/test_hf_parity.py)
 FAMILIES = {
-    "mixtral": {},
-    "gpt_oss": {},
+    "mixtral": ("mixtral", {}),
+    "gpt_oss": ("gpt_oss", {}),
+    "deepseek_v3": ("deepseek_v3", {}),
+    "deepseek_v3_no_qlora": ("deepseek_v3", {"q_lora_rank": None, "n_group": 2, "topk_group": 1}),
 }
 ENGINE = dict(device="cpu", num_kv_blocks=96, kv_block_size=8, max_num_seqs=4, max_num_batched_tokens=24)
 GREEDY = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True, logprobs=2, logprobs_mode="raw")
@@ -28,7 +31,8 @@ GREEDY = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True, logprobs=2
 
 @pytest.fixture(scope="module", params=list(FAMILIES), ids=list(FAMILIES))
 def family(request, make_tiny_model):
-    return request.param, make_tiny_model(request.param, **FAMILIES[request.param])
+    arch, overrides = FAMILIES[request.param]
+    return request.param, make_tiny_model(arch, **overrides)
 
 
 @torch.no_grad()
@@ -81,17 +85,17 @@ def test_sleep_wake_and_prefix_cache_keep_outputs(family):
 def test_tp2_ep2_and_alltoall_match_single_process(family, make_tiny_model, tmp_path):
     """TP=2 + EP=2 (allreduce) and EP=2 alltoall on gloo: tokens identical to one process,
     logprobs within 1e-4 (the parity bound; sums split over ranks round differently); update_weights leaves each rank its shard of the new checkpoint."""
-    arch, path = family
-    overrides = FAMILIES[arch]
+    name, path = family
+    arch, overrides = FAMILIES[name]
     updated = make_tiny_model(arch, seed=1, **overrides)
-    names = [f"{arch}_tp2_ep2", f"{arch}_ep2_alltoall"]
-    argv = ["--models", json.dumps({arch: path}), "--update-models", json.dumps({arch: updated}),
+    names = [f"{name}_tp2_ep2", f"{name}_ep2_alltoall"]
+    argv = ["--models", json.dumps({name: path}), "--update-models", json.dumps({name: updated}),
             "--out", str(tmp_path), "--atol", "1e-4", "--scenarios", ",".join(names)]
     _spawn(parallel_checks.spawned_checks, (argv,))
     results = {r["scenario"]: r for r in json.loads((tmp_path / "rank0.json").read_text())}
     assert set(results) == set(names)
-    for name in names:
-        assert results[name]["weight_version"] == 1
+    for scenario in names:
+        assert results[scenario]["weight_version"] == 1
 
 
 def test_gpt_oss_mxfp4_checkpoint_is_dequantised_at_load(tmp_path):
@@ -134,3 +138,67 @@ def test_gpt_oss_mxfp4_pairs_must_be_complete():
         list(dequantize_mxfp4([("x.experts.down_proj_blocks", blocks)]))
     with pytest.raises(ValueError, match="do not fit together"):
         list(dequantize_mxfp4([("a_blocks", blocks), ("a_scales", torch.zeros(2, 4, 2, dtype=torch.uint8))]))
+
+
+def test_deepseek_mtp_layers_are_skipped_and_correction_bias_is_optional(make_tiny_model, tmp_path):
+    """A checkpoint with num_nextn_predict_layers=1 carries model.layers.{N}.*: not loaded, the
+    outputs are those of the same checkpoint without them. e_score_correction_bias is an HF
+    buffer (not in named_parameters): a complete update may leave it out, or carry it."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+    path = make_tiny_model("deepseek_v3")
+    mtp = tmp_path / "mtp"
+    shutil.copytree(path, mtp)
+    cfg = json.loads((mtp / "config.json").read_text())
+    cfg["num_nextn_predict_layers"] = 1
+    (mtp / "config.json").write_text(json.dumps(cfg))
+    tensors = load_file(str(mtp / "model.safetensors"))
+    n = cfg["num_hidden_layers"]
+    extra = {k.replace(f"model.layers.{n - 1}.", f"model.layers.{n}."): v + 1 for k, v in tensors.items()
+             if k.startswith(f"model.layers.{n - 1}.")}
+    extra[f"model.layers.{n}.eh_proj.weight"] = torch.zeros(4, 4)
+    save_file({**tensors, **extra}, str(mtp / "model.safetensors"))
+    prompts = random_prompts([9, 20], TINY_VOCAB, seed=14)
+    want = RolloutEngine(path, **ENGINE).generate(prompts, GREEDY)
+    engine = RolloutEngine(str(mtp), **ENGINE)
+    got = engine.generate(prompts, GREEDY)
+    assert [o.outputs[0].token_ids for o in got] == [o.outputs[0].token_ids for o in want]
+    trainer = changed_model(path, scale=0.1)
+    assert not any("e_score_correction_bias" in name for name, _ in trainer.named_parameters())
+    engine.update_weights((name, p.detach()) for name, p in trainer.named_parameters())
+    bias = {name: b for name, b in trainer.named_buffers() if name.endswith("e_score_correction_bias")}
+    assert len(bias) == cfg["num_hidden_layers"] - cfg["first_k_dense_replace"]
+    engine.update_weights(iter(bias.items()), partial=True)
+    assert_matches_hf(trainer, prompts, engine.generate(prompts, GREEDY))
+
+
+def _meta_models(config_path: str):
+    """(our model, HF's) built on the meta device from a real config.json (no memory, no weights)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from atom.models.hf_config import load_model_args
+    from atom.models.registry import model_class
+    import os
+    args = load_model_args(os.path.dirname(config_path))
+    with torch.device("meta"):
+        ours = model_class(args.architecture)(args)
+        theirs = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(os.path.dirname(config_path)))
+    return args, ours, theirs
+
+
+@pytest.mark.parametrize("name", ["moonlight-16b-a3b", "gpt-oss-20b"])
+def test_real_configs_build_with_hf_parameter_counts(name):
+    """The shapes of the real checkpoints (Moonlight-16B-A3B, gpt-oss-20b): as many parameters as
+    HF's model of the same config.json, and MLA's KV cache per token is kv_lora_rank +
+    qk_rope_head_dim per layer, not 2 * heads * head_dim."""
+    args, ours, theirs = _meta_models(f"/work/shared/models/{name}/config.json")
+    n_ours = sum(p.numel() for p in ours.parameters())
+    n_hf = sum(p.numel() for p in theirs.parameters())
+    n_hf += sum(b.numel() for n, b in theirs.named_buffers() if n.endswith("e_score_correction_bias"))
+    assert n_ours == n_hf
+    per_token = sum(math.prod(s) for a in ours.attention_layers() for s in a.kv_cache_shapes(1).values())
+    if args.kv_lora_rank:
+        assert per_token == args.num_hidden_layers * (args.kv_lora_rank + args.qk_rope_head_dim)
+    else:
+        assert per_token == args.num_hidden_layers * 2 * args.num_key_value_heads * args.head_dim

@@ -1,6 +1,8 @@
 """Owns the model and its KV cache on one device; turns a scheduled batch into sampled tokens."""
 from __future__ import annotations
 
+import math
+
 import torch
 
 from atom.config import EngineConfig
@@ -81,9 +83,11 @@ class ModelRunner:
 
     # ---- KV cache ------------------------------------------------------------------------
     def kv_bytes_per_block(self) -> int:
-        a = self.args
+        """Bytes of one block in every layer's cache tensors (K and V, or MLA's latent rows)."""
         elem = torch.empty((), dtype=self.dtype).element_size()
-        return 2 * a.num_hidden_layers * self.config.kv_block_size * self.num_kv_heads * a.head_dim * elem
+        bs = self.config.kv_block_size
+        return sum(math.prod(shape) for attn in self.model.attention_layers()
+                   for shape in attn.kv_cache_shapes(bs).values()) * elem
 
     def num_kv_blocks(self) -> int:
         c = self.config
@@ -114,14 +118,15 @@ class ModelRunner:
         return int(blocks)
 
     def allocate_kv_cache(self, num_blocks: int) -> None:
-        a, bs = self.args, self.config.kv_block_size
-        shape = (num_blocks, bs, self.num_kv_heads, a.head_dim)
+        """Each attention layer's cache tensors (`kv_cache_shapes`): k_caches holds every one but
+        the V caches (MLA layers have a single latent cache)."""
+        bs = self.config.kv_block_size
         self.k_caches, self.v_caches = [], []
         for attn in self.model.attention_layers():
-            attn.k_cache = self.memory.kv_zeros(shape, self.dtype)
-            attn.v_cache = self.memory.kv_zeros(shape, self.dtype)
-            self.k_caches.append(attn.k_cache)
-            self.v_caches.append(attn.v_cache)
+            for name, shape in attn.kv_cache_shapes(bs).items():
+                cache = self.memory.kv_zeros((num_blocks, *shape), self.dtype)
+                setattr(attn, name, cache)
+                (self.v_caches if name == "v_cache" else self.k_caches).append(cache)
 
     def _flush_copies(self, block_manager: BlockManager) -> None:
         """KV copies the block manager asked for (a fork's partial last block), before the step."""

@@ -113,6 +113,7 @@ class CausalLM(nn.Module):
     checkpoint_renames: tuple[tuple[str, str], ...] = ()
     stream_load = False  # True: sharded ranks read whole tensors through convert_checkpoint too
     graph_ops: tuple[str, ...] = ()  # family decode ops a CUDA graph needs from a non-torch backend
+    optional_weights: tuple[str, ...] = ()  # regexes of names a complete weight update may leave out
 
     def __init__(self, args: ModelArgs, parallel=None) -> None:
         super().__init__()

@@ -169,6 +169,9 @@ class WeightMap:
                     seen[id(p)] = name
                     self._add(name, _tp_slot(module, pname, p))
         self._rename(getattr(model, "checkpoint_renames", ()))
+        # Names a complete update may leave out (DeepSeek's e_score_correction_bias, an HF buffer).
+        for pattern in getattr(model, "optional_weights", ()):
+            self.optional.update(n for n in self.slots if re.search(pattern, n))
         # Checkpoint tensors a family does not load (DeepSeek's multi-token-prediction layers).
         skips = model.checkpoint_skips() if hasattr(model, "checkpoint_skips") else ()
         self.skip = re.compile("|".join(f"(?:{s})" for s in skips)) if skips else None

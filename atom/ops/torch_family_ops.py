@@ -136,3 +136,66 @@ def moe_route_grouped(router_logits: torch.Tensor, correction_bias: torch.Tensor
     if renormalize:
         weights = weights / (weights.sum(-1, keepdim=True) + 1e-20)
     return weights * scaling, ids
+
+
+# ---- multi-head latent attention (DeepSeek-V3) ------------------------------------------------
+
+@register("mla_cache_write", B)
+def mla_cache_write(latent: torch.Tensor, k_pe: torch.Tensor, kv_cache: torch.Tensor,
+                    slot_mapping: torch.Tensor) -> None:
+    """latent [T, L] | k_pe [T, R] (roped) into kv_cache [num_blocks, block_size, 1, L + R] at
+    slot_mapping (-1 = skip): the compressed KV of MLA, one row per token for all heads."""
+    keep = slot_mapping >= 0
+    row = torch.cat((latent, k_pe), dim=-1)[keep].to(kv_cache.dtype)
+    kv_cache.view(-1, kv_cache.shape[-1])[slot_mapping[keep]] = row
+
+
+@register("mla_attention_prefill", B)
+def mla_attention_prefill(q_nope: torch.Tensor, q_pe: torch.Tensor, kv_cache: torch.Tensor,
+                          w_kv_b: torch.Tensor, meta: AttentionMetadata, scale: float) -> torch.Tensor:
+    """Causal MLA of each sequence's new tokens over its cached latents, latents expanded to
+    per-head K/V: k = [latent @ W_uk_h, k_pe], v = latent @ W_uv_h.
+
+    q_nope [T, H, N], q_pe [T, H, R]; kv_cache [num_blocks, block_size, 1, L + R]; w_kv_b
+    [H * (N + V), L] (kv_b_proj's weight, this rank's heads). Returns [T, H, V]."""
+    heads, nope, rope = q_nope.shape[1], q_nope.shape[2], q_pe.shape[2]
+    v_dim = w_kv_b.shape[0] // heads - nope
+    lat_dim = kv_cache.shape[-1] - rope
+    out = q_nope.new_empty(q_nope.shape[0], heads, v_dim)
+    starts, lens = meta.query_start_loc.tolist(), meta.seq_lens.tolist()
+    w = w_kv_b.float().view(heads, nope + v_dim, lat_dim)
+    for b, ctx in enumerate(lens):
+        s, e = starts[b], starts[b + 1]
+        if e == s:
+            continue
+        kv = _gather_kv(kv_cache, meta.block_tables[b], ctx)[:, 0].float()
+        latent, k_pe = kv[:, :lat_dim], kv[:, lat_dim:]
+        k_nope = torch.einsum("kl,hnl->khn", latent, w[:, :nope])
+        v = torch.einsum("kl,hvl->khv", latent, w[:, nope:])
+        scores = (torch.einsum("qhn,khn->hqk", q_nope[s:e].float(), k_nope)
+                  + torch.einsum("qhr,kr->hqk", q_pe[s:e].float(), k_pe)) * scale
+        q_pos = torch.arange(ctx - (e - s), ctx, device=q_nope.device)
+        scores.masked_fill_(torch.arange(ctx, device=q_nope.device)[None, None, :] > q_pos[None, :, None],
+                            float("-inf"))
+        out[s:e] = torch.einsum("hqk,khv->qhv", scores.softmax(-1), v).to(out.dtype)
+    return out
+
+
+@register("mla_attention_decode", B)
+def mla_attention_decode(q_latent: torch.Tensor, q_pe: torch.Tensor, kv_cache: torch.Tensor,
+                         meta: AttentionMetadata, scale: float) -> torch.Tensor:
+    """MLA decode in the absorbed form: attention straight over the cached latents.
+
+    q_latent [B, H, L] = q_nope @ W_uk (the key up-projection folded into the query), q_pe
+    [B, H, R]; scores = q_latent . latent + q_pe . k_pe; returns softmax . latent [B, H, L]
+    (the caller applies W_uv)."""
+    _, block_size, _, width_lr = kv_cache.shape
+    batch, width = meta.block_tables.shape
+    lat_dim = q_latent.shape[-1]
+    kv = kv_cache[meta.block_tables].reshape(batch, width * block_size, width_lr).float()
+    latent, k_pe = kv[..., :lat_dim], kv[..., lat_dim:]
+    scores = (torch.einsum("bhl,bkl->bhk", q_latent.float(), latent)
+              + torch.einsum("bhr,bkr->bhk", q_pe.float(), k_pe)) * scale
+    valid = torch.arange(width * block_size, device=q_latent.device)[None, :] < meta.seq_lens[:, None]
+    scores.masked_fill_(~valid[:, None, :], float("-inf"))
+    return torch.einsum("bhk,bkl->bhl", scores.softmax(-1), latent).to(q_latent.dtype)
