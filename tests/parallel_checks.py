@@ -32,9 +32,11 @@ SCENARIOS = {
     "tp4_ep2": ("qwen3_moe", 4, 2, "allreduce"),
     "ep4_alltoall": ("qwen3_moe", 1, 4, "alltoall"),
 }
-# The MoE families of issue 17 (tests/test_families.py): TP=2 + EP=2, and EP=2 alltoall.
+# The MoE families of issue 17 (tests/test_families.py): TP=2 (experts' intermediate dim split
+# in two), TP=2 + EP=2, and EP=2 alltoall.
 FAMILIES = ("mixtral", "gpt_oss", "deepseek_v3", "deepseek_v3_no_qlora")  # keys of --models
 for _arch in FAMILIES:
+    SCENARIOS[f"{_arch}_tp2"] = (_arch, 2, 1, "allreduce")
     SCENARIOS[f"{_arch}_tp2_ep2"] = (_arch, 2, 2, "allreduce")
     SCENARIOS[f"{_arch}_ep2_alltoall"] = (_arch, 1, 2, "alltoall")
 TWO_RANKS = ("tp2_dense", "tp2_moe", "ep2_allreduce", "ep2_alltoall", "tp2_ep2")
