@@ -51,6 +51,7 @@ class SelfAttention(nn.Module):
 
     def forward(self, positions: torch.Tensor, x: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
         n = x.shape[0]
+        meta = self.attn.layer_meta(meta)
         # One op after the qkv GEMM: q/k RMSNorm (Qwen3), RoPE, K/V into the paged cache; returns q.
         q = ops.qkv_prologue(
             self.qkv_proj(x), positions, self.rotary.cos_sin_cache,

@@ -33,9 +33,15 @@ class PagedAttention(nn.Module):
 
     def write_kv(self, k: torch.Tensor, v: torch.Tensor, meta: AttentionMetadata) -> None:
         """k, v: [T, kv_heads, head_dim] into the cache at meta.slot_mapping (-1 = skip)."""
-        ops.kv_cache_write(k, v, self.k_cache, self.v_cache, meta.slot_mapping)
+        ops.kv_cache_write(k, v, self.k_cache, self.v_cache, self.layer_meta(meta).slot_mapping)
+
+    def layer_meta(self, meta: AttentionMetadata) -> AttentionMetadata:
+        """The metadata this layer reads and writes the cache with: a sliding layer's own tables
+        when the runner gave it a window group, else the step's."""
+        return meta.window if self.window is not None and meta.window is not None else meta
 
     def forward(self, q: torch.Tensor, meta: AttentionMetadata, sinks: torch.Tensor | None = None) -> torch.Tensor:
+        """q: [T, Hq, D]; meta: from layer_meta."""
         if self.window is None and sinks is None:
             attend = ops.paged_attention_decode if meta.is_decode else ops.paged_attention_prefill
             return attend(q, self.k_cache, self.v_cache, meta, self.scale)
