@@ -208,30 +208,29 @@ def test_real_configs_build_with_hf_parameter_counts(name):
 
 def test_sliding_layers_give_back_blocks(make_tiny_model):
     """GPT-OSS (sliding and full layers alternate): sliding layer j shares cache tensors with full
-    layer j, and keeps only the blocks its window still sees. Two 70-token sequences need 18
-    blocks each for the full layers and 3 for their windows: they run together in a 44-block
-    pool (keeping every sliding block would take 72), with HF's tokens and logprobs, also for
-    n=3 forked samples."""
+    layer j (a block costs half the layers' bytes), and keeps only the blocks its window still
+    sees. Two 70-token sequences need 18 blocks each for the full layers and 3 for their windows:
+    they run together in a 44-block pool (keeping every sliding block would take 72), with HF's
+    tokens and logprobs, also for n=3 forked samples."""
     path = make_tiny_model("gpt_oss")
+    cfg = json.loads(open(f"{path}/config.json").read())
+    per_layer = 2 * 4 * cfg["num_key_value_heads"] * cfg["head_dim"] * 4  # K and V of 4 tokens, fp32
+    budget = RolloutEngine(path, device="cpu", kv_block_size=4, kv_cache_memory_bytes=per_layer * 1000)
+    assert budget.num_kv_blocks == 1000 // (cfg["num_hidden_layers"] // 2)
     engine = RolloutEngine(path, device="cpu", num_kv_blocks=44, kv_block_size=4, max_num_seqs=4,
                            max_num_batched_tokens=32)
-    runner, bm = engine._engine.runner, engine._engine.block_manager
-    args = runner.args
-    assert runner.kv_window == args.sliding_window == 6
-    per_layer = 2 * 4 * args.num_key_value_heads * args.head_dim * 4  # K and V, 4 tokens, fp32
-    assert runner.kv_bytes_per_block() == per_layer * args.num_hidden_layers // 2
-    held = []
-    computed = bm.computed
-
-    def spy(seq):
-        computed(seq)
-        held.append(bm.num_blocks - bm.num_free)
-
-    bm.computed = spy
     prompts = random_prompts([20, 14], TINY_VOCAB, seed=15)
     sp = SamplingParams(temperature=0, max_tokens=50, ignore_eos=True, logprobs=0, logprobs_mode="raw")
-    outs = engine.generate(prompts, sp)
+    for i, prompt in enumerate(prompts):
+        engine.add_request(str(i), prompt, sp)
+    held, done = [], {}
+    while engine.has_unfinished_requests():
+        for out in engine.step():
+            if out.finished:
+                done[int(out.request_id)] = out
+        held.append(engine.num_kv_blocks - engine.num_free_kv_blocks)
     assert max(held) <= 2 * (18 + 3) and engine.stats.preemptions == 0
+    outs = [done[0], done[1]]
     model = changed_model(path, scale=0.0)
     assert_matches_hf(model, prompts, outs)
     sampled = engine.generate(prompts[:1], SamplingParams(n=3, temperature=0.8, seed=4, max_tokens=30,
