@@ -129,6 +129,8 @@ class CausalLM(nn.Module):
         self.lm_head = lm_head(args.vocab_size, args.hidden_size, None if parallel is None else parallel.tp)
         if args.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
+        if any(args.is_sliding_layer(i) for i in range(args.num_hidden_layers)):
+            self.graph_ops = (*self.graph_ops, "sliding_sink_attention_decode")  # Mixtral with a window
 
     # ---- what a family may change -----------------------------------------------------------
     def build_rotary(self, args: ModelArgs) -> RotaryEmbedding:
