@@ -241,3 +241,24 @@ def test_sliding_layers_give_back_blocks(make_tiny_model):
             ref = (model(torch.tensor([ids])).logits[0] / 0.8).log_softmax(-1)[len(prompts[0]) - 1:-1]
             want = ref.gather(-1, torch.tensor(c.token_ids)[:, None]).squeeze(-1)
             torch.testing.assert_close(torch.tensor(c.logprobs), want, atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("arch,change,match", [
+    ("gpt_oss", {"layer_types": ["sliding_attention"] * 3}, "layer_types lists 3 layers"),
+    ("gpt_oss", {"layer_types": ["sliding_attention", "chunked", "x", "y"]}, "layer_types must be a list"),
+    ("gpt_oss", {"sliding_window": -1}, "sliding_window=-1"),
+    ("gpt_oss", {"swiglu_limit": 0}, "swiglu_limit must be > 0"),
+    ("deepseek_v3", {"kv_lora_rank": 2.5}, "kv_lora_rank=2.5"),
+    ("deepseek_v3", {"scoring_func": "softmax"}, "scoring_func='softmax'"),
+    ("deepseek_v3", {"n_group": 3}, "n_group=3 must divide"),
+    ("deepseek_v3", {"topk_group": 1, "num_experts_per_tok": 3}, "topk_group=1 groups must hold"),
+])
+def test_bad_family_configs_are_clear_errors(make_tiny_model, tmp_path, arch, change, match):
+    import shutil
+    bad = tmp_path / "bad"
+    shutil.copytree(make_tiny_model(arch), bad)
+    cfg = json.loads((bad / "config.json").read_text())
+    cfg.update(change)
+    (bad / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ValueError, match=match):
+        RolloutEngine(str(bad), device="cpu")
