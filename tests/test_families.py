@@ -8,6 +8,7 @@ import json
 import math
 import random
 
+import numpy as np
 import pytest
 import torch
 
@@ -262,3 +263,24 @@ def test_bad_family_configs_are_clear_errors(make_tiny_model, tmp_path, arch, ch
     (bad / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(ValueError, match=match):
         RolloutEngine(str(bad), device="cpu")
+
+
+def test_routed_expert_capture_equals_hf_routers(family):
+    """return_routed_experts records each family's own routing (biased router, grouped sigmoid
+    with correction bias): the experts HF's routers pick, layer by layer (MoE layers only)."""
+    name, path = family
+    model = changed_model(path, scale=0.0)
+    picks = []
+    hooks = [m.register_forward_hook(lambda mod, inp, out: picks.append(out[2]))
+             for m in model.modules() if type(m).__name__.lower().endswith("topkrouter")]
+    engine = RolloutEngine(path, enable_return_routed_experts=True, **ENGINE)
+    prompt = random_prompts([19], TINY_VOCAB, seed=16)[0]
+    out = engine.generate([prompt], SamplingParams(temperature=0, max_tokens=6, ignore_eos=True,
+                                                   return_routed_experts=True))[0].outputs[0]
+    with torch.no_grad():
+        model(torch.tensor([prompt + out.token_ids]))
+    for h in hooks:
+        h.remove()
+    want = torch.stack([p.reshape(-1, p.shape[-1]) for p in picks], 1)[:len(prompt) + len(out.token_ids) - 1]
+    assert out.routed_experts.shape == tuple(want.shape) and len(picks) == len(hooks)
+    np.testing.assert_array_equal(np.sort(out.routed_experts, -1), want.sort(-1).values.numpy())
