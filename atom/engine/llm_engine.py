@@ -14,13 +14,13 @@ from typing import Callable, Iterable
 
 from atom.config import EngineConfig
 from atom.distributed.dp import my_requests, share_results
-from atom.engine.block_manager import BlockManager
 from atom.engine.group_sync import GroupPlan, GroupSync, apply_report, new_request_copy, report
 from atom.engine.messages import ScheduledBatch, StepOutput
 from atom.engine.model_runner import ModelRunner
 from atom.engine.scheduler import Scheduler
 from atom.engine.sequence import Request, Sequence, SeqStatus
 from atom.engine.stops import StopChecker
+from atom.engine.window_blocks import make_block_manager
 from atom.models.hf_config import ModelArgs, load_model_args
 from atom.outputs import EngineStats
 
@@ -45,7 +45,8 @@ class LLMEngine:
             self.runner.load_checkpoint(config.model)
         num_blocks = self.runner.num_kv_blocks()
         self.runner.allocate_kv_cache(num_blocks)
-        self.block_manager = BlockManager(num_blocks, config.kv_block_size, config.enable_prefix_caching)
+        self.block_manager = make_block_manager(num_blocks, config.kv_block_size, config.enable_prefix_caching,
+                                                self.runner.kv_window)
         self.stats = EngineStats()
         stop = StopChecker(self.args.eos_token_ids, self.max_model_len, detokenize)
         self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, config.max_num_batched_tokens,

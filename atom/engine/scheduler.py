@@ -121,7 +121,7 @@ class Scheduler:
         if not seqs:
             return None
         bm = self.bm
-        need = sum(1 for seq in seqs if bm.blocks_needed(seq.num_computed + 1) > len(seq.block_table))
+        need = sum(bm.blocks_to_grow(seq, 1) for seq in seqs)
         if not bm.reserve(need):
             return None
         for seq in seqs:

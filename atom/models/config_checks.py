@@ -13,7 +13,12 @@ from typing import Any
 _REQUIRED_POSITIVE = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads")
 _OPTIONAL_POSITIVE = ("num_key_value_heads", "head_dim", "max_position_embeddings", "num_experts_per_tok",
                       "moe_intermediate_size", "decoder_sparse_step", "num_experts", "num_local_experts",
-                      "intermediate_size")
+                      "intermediate_size",
+                      # issue-17 families: sliding windows (Mixtral, GPT-OSS), MLA and routing (DeepSeek-V3)
+                      "sliding_window", "q_lora_rank", "kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim",
+                      "v_head_dim", "n_routed_experts", "n_shared_experts", "n_group", "topk_group",
+                      "first_k_dense_replace", "num_nextn_predict_layers")
+_LAYER_TYPES = ("full_attention", "sliding_attention")
 _OPTIONAL_REAL = ("rms_norm_eps", "rope_theta")
 _MAX_HEADER_BYTES = 100 << 20  # safetensors' own limit on a file's JSON header
 
@@ -43,6 +48,9 @@ def check_config(cfg: Any, path: str) -> None:
     eos = cfg.get("eos_token_id")
     if eos is not None and not _is_int(eos) and not (isinstance(eos, list) and all(_is_int(t) for t in eos)):
         raise ValueError(f"{path}: eos_token_id={eos!r} must be an integer or a list of integers")
+    types = cfg.get("layer_types")
+    if types is not None and not (isinstance(types, list) and all(t in _LAYER_TYPES for t in types)):
+        raise ValueError(f"{path}: layer_types must be a list of {list(_LAYER_TYPES)}, got {types!r}")
     layers = cfg.get("mlp_only_layers")
     if layers is not None and not (isinstance(layers, list) and all(_is_int(x) for x in layers)):
         raise ValueError(f"{path}: mlp_only_layers={layers!r} must be a list of layer indices")
@@ -71,6 +79,9 @@ def check_args(args, model_dir: str) -> None:
                          f"{args.vocab_size}, hidden_size={args.hidden_size}, num_hidden_layers="
                          f"{args.num_hidden_layers}, intermediate_size={args.intermediate_size}), but the "
                          f"checkpoint holds {held:,}: the config does not describe these weights")
+    if args.layer_types and len(args.layer_types) != args.num_hidden_layers:
+        raise ValueError(f"{where}: layer_types lists {len(args.layer_types)} layers, num_hidden_layers="
+                         f"{args.num_hidden_layers}")
 
 
 def min_parameters(args) -> int:

@@ -13,16 +13,17 @@ from __future__ import annotations
 import glob
 import json
 import os
+import re
 from dataclasses import dataclass
 from collections.abc import ItemsView
-from typing import Iterable, Iterator
+from typing import Callable, Iterable, Iterator
 
 import torch
 from safetensors import safe_open
 from torch import nn
 
 from atom.models.layers.linear import Linear
-from atom.models.layers.mlp import SparseMoE
+from atom.models.layers.mlp import FusedExpertTensor, SparseMoE
 
 # Tensors some checkpoints carry that are derived, not learned.
 _IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
@@ -47,6 +48,8 @@ class WeightSlot:
     rows: int | None = None
     shard: tuple[Narrow, ...] = ()
     full_shape: tuple[int, ...] | None = None
+    # HF layout -> ours, applied to the full tensor before `shard` (GPT-OSS's transposed experts).
+    convert: Callable[[torch.Tensor], torch.Tensor] | None = None
 
     def target(self) -> torch.Tensor | None:
         """This rank's destination (None: not held here).
@@ -77,6 +80,8 @@ class WeightSlot:
 
     def select(self, tensor: torch.Tensor) -> torch.Tensor:
         """This rank's part of a full HF tensor."""
+        if self.convert is not None:
+            tensor = self.convert(tensor)
         for dim, start, length, parts in self.shard:
             if parts == 1:
                 tensor = tensor.narrow(dim, start, length)
@@ -86,7 +91,7 @@ class WeightSlot:
 
     def read(self, safetensors_slice) -> torch.Tensor:
         """This rank's part straight from a safetensors `get_slice` handle (reads only that part)."""
-        if any(parts > 1 for *_, parts in self.shard):
+        if self.convert is not None or any(parts > 1 for *_, parts in self.shard):
             return self.select(safetensors_slice[:])
         index = [slice(None)] * len(self.shape())
         for dim, start, length, _ in self.shard:
@@ -147,7 +152,13 @@ class WeightMap:
                             self._add(f"{parent}{shard}.{pname}", _tp_slot(module, pname, p, off, rows, shard))
                     seen[id(p)] = f"{prefix}{pname}"
             elif isinstance(module, SparseMoE):
-                self._add_experts(prefix, module)
+                fused = module.fused_tensors() if hasattr(module, "fused_tensors") else None
+                held = {"w13", "w2"} if fused is None else self._add_fused(prefix, module, fused)
+                if fused is None:
+                    self._add_experts(prefix, module)
+                for pname, p in module.named_parameters(recurse=False):  # replicated extras (routing bias)
+                    if pname not in held:
+                        self._add(f"{prefix}{pname}", WeightSlot(p))
             else:
                 for pname, p in module.named_parameters(recurse=False):
                     name = f"{prefix}{pname}"
@@ -157,6 +168,41 @@ class WeightMap:
                         continue
                     seen[id(p)] = name
                     self._add(name, _tp_slot(module, pname, p))
+        self._rename(getattr(model, "checkpoint_renames", ()))
+        # Names a complete update may leave out (DeepSeek's e_score_correction_bias, an HF buffer).
+        for pattern in getattr(model, "optional_weights", ()):
+            self.optional.update(n for n in self.slots if re.search(pattern, n))
+        # Checkpoint tensors a family does not load (DeepSeek's multi-token-prediction layers).
+        skips = model.checkpoint_skips() if hasattr(model, "checkpoint_skips") else ()
+        self.skip = re.compile("|".join(f"(?:{s})" for s in skips)) if skips else None
+
+    def _rename(self, renames: tuple[tuple[str, str], ...]) -> None:
+        """A family whose checkpoint names differ from our module tree's (Mixtral's
+        block_sparse_moe.experts.E.w1): its names become the required ones, ours stay accepted."""
+        if not renames:
+            return
+
+        def rename(name: str) -> str:
+            for pattern, repl in renames:
+                name = re.sub(pattern, repl, name)
+            return name
+
+        for name in list(self.slots):
+            new = rename(name)
+            if new != name:
+                slot = self.slots.pop(name)
+                self.slots[new] = slot
+                self.alternatives[name] = slot
+                self.fills[name] = [new]
+                if name in self.optional:
+                    self.optional.discard(name)
+                    self.optional.add(new)
+        for name, filled in self.fills.items():
+            self.fills[name] = [rename(n) for n in filled]
+
+    def skipped(self, name: str) -> bool:
+        """Whether a checkpoint tensor is deliberately not loaded (derived, or a part we do not run)."""
+        return is_ignored(name) or (self.skip is not None and self.skip.match(name) is not None)
 
     def _add(self, name: str, slot: WeightSlot) -> None:
         self.slots[name] = slot
@@ -200,6 +246,19 @@ class WeightMap:
                            (experts, (1, moe.tp_rank * inter, inter, 2)))
         down = _sharded(moe.w2, (moe.num_experts, hidden, full_inter), (experts, (2, moe.tp_rank * inter, inter, 1)))
         return gate_up, down
+
+    def _add_fused(self, prefix: str, moe: SparseMoE, tensors: list[FusedExpertTensor]) -> set[str]:
+        """A checkpoint with every expert in one tensor (GPT-OSS); returns the parameters filled."""
+        for t in tensors:
+            p = getattr(moe, t.param)
+            shard: list[Narrow] = []
+            if p.shape[0] != moe.num_experts:
+                shard.append((0, moe.expert_start, p.shape[0], 1))
+            if moe.tp_size > 1 and t.inter_dim is not None:
+                inter = moe.intermediate_size
+                shard.append((t.inter_dim, moe.tp_rank * inter, inter, t.parts))
+            self._add(f"{prefix}{t.name}", WeightSlot(p, shard=tuple(shard), full_shape=t.hf_shape, convert=t.convert))
+        return {t.param for t in tensors}
 
     def lookup(self, name: str) -> WeightSlot | None:
         slot = self.slots.get(name)
@@ -280,8 +339,8 @@ class UpdateCheck:
         self.filled: dict[str, str] = {}  # checkpoint name filled so far -> the name that filled it
 
     def accept(self, name: str, shape: tuple[int, ...]) -> WeightSlot | None:
-        """The slot `name` goes to (None: a derived tensor that is skipped)."""
-        if is_ignored(name):
+        """The slot `name` goes to (None: a derived tensor, or one the family does not load)."""
+        if self.weight_map.skipped(name):
             return None
         slot = self.weight_map.lookup(name)
         if slot is None:
@@ -319,7 +378,7 @@ def copy_into(slot: WeightSlot, tensor: torch.Tensor, batch: CopyBatch | None = 
     target = slot.target()
     if target is None:  # held by other ranks only
         return
-    if slot.shard:
+    if slot.shard or slot.convert is not None:
         tensor = slot.select(tensor)
     if batch is None:
         target.copy_(tensor, non_blocking=True)
