@@ -25,3 +25,16 @@ def test_unknown_override_and_op_are_clear_errors():
         table.configure(torch.device("cpu"), {"rms_norm": "nonexistent"})
     with pytest.raises(AttributeError, match="no op named"):
         table.no_such_op
+
+
+def test_callers_ask_capabilities_not_backend_names():
+    from atom.ops import ops
+    from atom.ops.registry import OpTable
+    table = OpTable()  # CPU: the torch reference everywhere
+    assert table.supports("paged_attention_decode", "reads_whole_blocks")
+    assert not table.supports("paged_attention_decode", "cascade")
+    assert not table.supports("qkv_prologue", "graph_safe")
+    assert table.supports("fused_moe", "skips_negative_ids")
+    assert not table.supports("no_such_op", "graph_safe")
+    with pytest.raises(ValueError, match="unknown capability"):
+        ops.supports("fused_moe", "fast")

@@ -40,7 +40,7 @@ from atom.ops.metadata import AttentionMetadata, CascadeMetadata, SamplerOutput,
 
 log = logging.getLogger(__name__)
 
-# Ops that must not be the torch reference inside a CUDA graph (they sync with the host).
+# Ops a decode graph runs: each must be graph_safe (no host sync) for graphs to be captured.
 _GRAPH_OPS = ("paged_attention_decode", "qkv_prologue")  # qkv_prologue writes the KV cache
 _GRAPH_OPS_MOE = ("moe_forward",)  # the non-parallel MoE path (graphs are off under EP)
 
@@ -76,17 +76,16 @@ class DecodeRunner:
         self.max_model_len = max_model_len
         self.max_blocks = -(-max_model_len // self.page)
         self.capacity = cfg.max_num_seqs
-        backend = ops.backend_of
         is_moe = runner.args.num_experts > 0
         needed = _GRAPH_OPS + (_GRAPH_OPS_MOE if is_moe else ()) + tuple(getattr(self.model, "graph_ops", ()))
-        self.graph_capable = all(backend.get(name) != "torch" for name in needed)
+        self.graph_capable = all(ops.supports(name, "graph_safe") for name in needed)
         # Padding only pays where graphs may be used; eager-only runs keep exact sizes.
         self.ladder = batch_ladder(self.capacity) if self.graph_capable else []
         use_graphs = self.device.type == "cuda" and self.graph_capable and not cfg.enforce_eager
         self.graph_max = min(cfg.cuda_graph_max_batch_size, self.capacity) if use_graphs else 0
         layer0 = self.model.attention_layers()[0]
         group = max(1, layer0.num_heads // layer0.num_kv_heads)
-        self.cascade = backend.get("paged_attention_decode") != "torch"
+        self.cascade = ops.supports("paged_attention_decode", "cascade")
         self.max_n = max(2, min(16, 64 // group))
         _, total = self._layout(self.capacity)
         pin = self.device.type == "cuda"

@@ -94,7 +94,7 @@ class GptOssMoE(SparseMoE):
 
     @property
     def experts_skip_negative_ids(self) -> bool:
-        return getattr(ops.fused_moe_biased, "skips_negative_ids", False)
+        return ops.supports("fused_moe_biased", "skips_negative_ids")
 
     def fused_tensors(self) -> list[FusedExpertTensor]:
         e, i, h = self.num_experts, self.full_inter, self.hidden

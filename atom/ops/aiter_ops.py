@@ -45,9 +45,10 @@ except Exception as exc:  # pragma: no cover - depends on the machine
     raise ImportError(f"aiter is not usable: {exc}") from exc
 
 from atom.ops.metadata import AttentionMetadata
-from atom.ops.registry import implementations, register
+from atom.ops.registry import declare_backend, implementations, register
 
 B = "aiter"
+declare_backend(B, "graph_safe")
 _HALF = (torch.bfloat16, torch.float16)
 
 

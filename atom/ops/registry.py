@@ -1,8 +1,17 @@
 """One registry of named ops; a backend per op, chosen from the device and the config.
 
 Model code calls `ops.NAME(...)` and never names a backend. Backends register with
-`@register("NAME", "BACKEND")`; `configure(device, overrides)` picks, for each op, the
-override if given, else the first backend of the device's preference list that has it.
+`@register("NAME", "BACKEND", *capabilities)`; `configure(device, overrides)` picks, for each op,
+the override if given, else the first backend of the device's preference list that has it.
+
+Callers ask what the chosen implementation can do, never which backend it is:
+`ops.supports("paged_attention_decode", "cascade")`. Capabilities:
+  graph_safe          no host synchronisation: may run inside a CUDA graph (every op of a backend
+                      that declares it with `declare_backend`)
+  cascade             paged decode attention reads the shared-prefix groups (CascadeMetadata)
+  reads_whole_blocks  paged attention reads every slot of a sequence's blocks (masking the unused
+                      ones), so freshly mapped KV memory must be zeroed
+  skips_negative_ids  fused MoE skips expert id -1 (an expert another rank holds)
 """
 from __future__ import annotations
 
@@ -12,6 +21,9 @@ from typing import Callable
 import torch
 
 _IMPLS: dict[str, dict[str, Callable]] = {}
+_CAPS: dict[tuple[str, str], frozenset[str]] = {}      # (op, backend) -> capabilities
+_BACKEND_CAPS: dict[str, frozenset[str]] = {}          # capabilities of every op of a backend
+CAPABILITIES = ("graph_safe", "cascade", "reads_whole_blocks", "skips_negative_ids")
 
 # Backends by preference per platform; a backend module that fails to import is skipped.
 _PREFERENCE = {
@@ -26,11 +38,21 @@ _BACKEND_MODULES = {
 }
 
 
-def register(name: str, backend: str) -> Callable[[Callable], Callable]:
+def register(name: str, backend: str, *capabilities: str) -> Callable[[Callable], Callable]:
+    unknown = set(capabilities) - set(CAPABILITIES)
+    if unknown:
+        raise ValueError(f"register({name!r}, {backend!r}): unknown capabilities {sorted(unknown)}")
+
     def deco(fn: Callable) -> Callable:
         _IMPLS.setdefault(name, {})[backend] = fn
+        _CAPS[(name, backend)] = frozenset(capabilities)
         return fn
     return deco
+
+
+def declare_backend(backend: str, *capabilities: str) -> None:
+    """Capabilities every op of `backend` has (e.g. the triton backend: graph_safe)."""
+    _BACKEND_CAPS[backend] = frozenset(capabilities)
 
 
 def _platform(device: torch.device) -> str:
@@ -78,11 +100,25 @@ class OpTable:
             chosen[name], backend_of[name] = _IMPLS[name][backend], backend
         self._chosen, self.backend_of = chosen, backend_of
 
+    def supports(self, name: str, capability: str) -> bool:
+        """Whether the chosen implementation of op `name` has `capability` (see the module doc)."""
+        if capability not in CAPABILITIES:
+            raise ValueError(f"unknown capability {capability!r}; known: {CAPABILITIES}")
+        backend = self.backend_of.get(name)
+        if backend is None:
+            return False
+        return capability in capabilities(name, backend)
+
     def __getattr__(self, name: str) -> Callable:
         try:
             return self.__dict__["_chosen"][name]
         except KeyError:
             raise AttributeError(f"no op named {name!r}; known ops: {sorted(_IMPLS)}") from None
+
+
+def capabilities(name: str, backend: str) -> frozenset[str]:
+    """What the `backend` implementation of op `name` declares it can do."""
+    return _CAPS.get((name, backend), frozenset()) | _BACKEND_CAPS.get(backend, frozenset())
 
 
 def implementations(name: str) -> dict[str, Callable]:

@@ -24,7 +24,7 @@ def _softmax_with_sinks(scores: torch.Tensor, sinks: torch.Tensor | None) -> tor
     return torch.cat((scores, sink), dim=-1).softmax(-1)[..., :-1]
 
 
-@register("sliding_sink_attention_prefill", B)
+@register("sliding_sink_attention_prefill", B, "reads_whole_blocks")
 def sliding_sink_attention_prefill(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                                    meta: AttentionMetadata, scale: float, window: int | None,
                                    sinks: torch.Tensor | None) -> torch.Tensor:
@@ -52,7 +52,7 @@ def sliding_sink_attention_prefill(q: torch.Tensor, k_cache: torch.Tensor, v_cac
     return out
 
 
-@register("sliding_sink_attention_decode", B)
+@register("sliding_sink_attention_decode", B, "reads_whole_blocks")
 def sliding_sink_attention_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                                   meta: AttentionMetadata, scale: float, window: int | None,
                                   sinks: torch.Tensor | None) -> torch.Tensor:
@@ -86,7 +86,7 @@ def clamped_swiglu(x: torch.Tensor, limit: float | None, alpha: float) -> torch.
     return ((up + 1) * gate * torch.sigmoid(gate * alpha)).to(x.dtype)
 
 
-@register("fused_moe_biased", B)
+@register("fused_moe_biased", B, "skips_negative_ids")
 def fused_moe_biased(x: torch.Tensor, w13: torch.Tensor, b13: torch.Tensor, w2: torch.Tensor,
                      b2: torch.Tensor | None, topk_weights: torch.Tensor, topk_ids: torch.Tensor,
                      limit: float | None, alpha: float) -> torch.Tensor:
@@ -112,7 +112,6 @@ def fused_moe_biased(x: torch.Tensor, w13: torch.Tensor, b13: torch.Tensor, w2: 
     return out.to(x.dtype)
 
 
-fused_moe_biased.skips_negative_ids = True
 
 
 @register("moe_route_grouped", B)
@@ -150,7 +149,7 @@ def mla_cache_write(latent: torch.Tensor, k_pe: torch.Tensor, kv_cache: torch.Te
     kv_cache.view(-1, kv_cache.shape[-1])[slot_mapping[keep]] = row
 
 
-@register("mla_attention_prefill", B)
+@register("mla_attention_prefill", B, "reads_whole_blocks")
 def mla_attention_prefill(q_nope: torch.Tensor, q_pe: torch.Tensor, kv_cache: torch.Tensor,
                           w_kv_b: torch.Tensor, meta: AttentionMetadata, scale: float) -> torch.Tensor:
     """Causal MLA of each sequence's new tokens over its cached latents, latents expanded to
@@ -181,7 +180,7 @@ def mla_attention_prefill(q_nope: torch.Tensor, q_pe: torch.Tensor, kv_cache: to
     return out
 
 
-@register("mla_attention_decode", B)
+@register("mla_attention_decode", B, "reads_whole_blocks")
 def mla_attention_decode(q_latent: torch.Tensor, q_pe: torch.Tensor, kv_cache: torch.Tensor,
                          meta: AttentionMetadata, scale: float) -> torch.Tensor:
     """MLA decode in the absorbed form: attention straight over the cached latents.

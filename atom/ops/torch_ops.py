@@ -82,7 +82,7 @@ def _gather_kv(cache: torch.Tensor, block_table: torch.Tensor, length: int) -> t
     return cache[blocks].reshape(-1, *cache.shape[2:])[:length]
 
 
-@register("paged_attention_prefill", B)
+@register("paged_attention_prefill", B, "reads_whole_blocks")
 def paged_attention_prefill(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                             meta: AttentionMetadata, scale: float) -> torch.Tensor:
     """Causal attention of each sequence's new tokens over its cached prefix and themselves.
@@ -108,7 +108,7 @@ def paged_attention_prefill(q: torch.Tensor, k_cache: torch.Tensor, v_cache: tor
     return out
 
 
-@register("paged_attention_decode", B)
+@register("paged_attention_decode", B, "reads_whole_blocks")
 def paged_attention_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                            meta: AttentionMetadata, scale: float) -> torch.Tensor:
     """One new token per sequence: q [B, Hq, D]; all sequences at once over padded block tables."""
@@ -147,13 +147,13 @@ def moe_route(router_logits: torch.Tensor, top_k: int,
     return weights, ids
 
 
-@register("fused_moe", B)
+@register("fused_moe", B, "skips_negative_ids")
 def fused_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights: torch.Tensor,
               topk_ids: torch.Tensor) -> torch.Tensor:
     """Sum over the chosen experts of weight * down(silu(gate(x)) * up(x)).
 
     x: [T, H]; w13: [E, 2I, H] (gate rows then up rows); w2: [E, H, I]. An id of -1 is skipped
-    (expert parallelism: an expert another rank holds); see `skips_negative_ids` below.
+    (expert parallelism: an expert another rank holds): the "skips_negative_ids" capability.
     """
     out = torch.zeros(x.shape[0], w2.shape[1], dtype=torch.float32, device=x.device)
     flat_ids = topk_ids.reshape(-1)
@@ -170,7 +170,6 @@ def fused_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights
 
 
 # Backends whose fused_moe skips id -1 set this; the others get weight-0 pairs on a valid expert.
-fused_moe.skips_negative_ids = True
 
 
 @register("moe_forward", B)

@@ -221,9 +221,13 @@ class RLMixin:
         return self._engine.weight_version
 
 
+_ATTENTION_OPS = ("paged_attention_decode", "paged_attention_prefill", "sliding_sink_attention_decode",
+                  "sliding_sink_attention_prefill", "mla_attention_decode", "mla_attention_prefill")
+
+
 def _attention_reads_whole_blocks() -> bool:
     """Whether woken KV memory must be zeroed: the torch reference decode reads whole blocks (and
     masks scores, so a NaN left in unwritten slots would leak through 0 * NaN); the triton kernels
     load only slots below each sequence's length, all written before they are read."""
     from atom.ops import ops
-    return any(ops.backend_of.get(name) == "torch" for name in ("paged_attention_decode", "paged_attention_prefill"))
+    return any(ops.supports(name, "reads_whole_blocks") for name in _ATTENTION_OPS)

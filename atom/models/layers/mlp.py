@@ -97,7 +97,7 @@ class SparseMoE(nn.Module):
 
     @property
     def experts_skip_negative_ids(self) -> bool:
-        return getattr(ops.fused_moe, "skips_negative_ids", False)
+        return ops.supports("fused_moe", "skips_negative_ids")
 
     def idle(self, dtype: torch.dtype, device: torch.device) -> None:
         """Join this layer's all_to_all with no tokens (alltoall mode, a rank with no requests this

@@ -21,6 +21,10 @@ INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 if not INTERPRET and not torch.cuda.is_available():
     raise ImportError("the triton backend needs a CUDA device")
 
+from atom.ops.registry import declare_backend  # noqa: E402
+
+declare_backend("triton", "graph_safe")  # no kernel syncs with the host
+
 from atom.ops.triton import attention, elementwise, linear, moe, moe_small, sampling  # noqa: E402,F401
 
 __all__ = ["attention", "elementwise", "linear", "moe", "moe_small", "sampling", "INTERPRET"]

@@ -288,7 +288,7 @@ def _merge_kernel(po_ptr, pl_ptr, sl_ptr, start_ptr, o_ptr, sp0, sp1, sp2, sl0, 
     tl.store(o_ptr + b.to(tl.int64) * so0 + h * so1 + d, out.to(o_ptr.dtype.element_ty))
 
 
-@register("paged_attention_decode", B)
+@register("paged_attention_decode", B, "cascade")
 def paged_attention_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                            meta: AttentionMetadata, scale: float) -> torch.Tensor:
     bsz, hq, d = q.shape

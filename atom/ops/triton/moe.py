@@ -240,7 +240,7 @@ def _launch(a, w, out, sorted_ids, tile_expert, total, max_tiles, tw, n, k, num_
                            num_warps=c["num_warps"], num_stages=c["num_stages"])
 
 
-@register("fused_moe", B)
+@register("fused_moe", B, "skips_negative_ids")
 def fused_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights: torch.Tensor,
               topk_ids: torch.Tensor) -> torch.Tensor:
     t, h = x.shape
@@ -287,4 +287,3 @@ def _topk_sum_kernel(y_ptr, ids_ptr, out_ptr, H, E, TOPK: tl.constexpr, BLOCK: t
     tl.store(out_ptr + t * H + cols, acc.to(out_ptr.dtype.element_ty), mask=cm)
 
 
-fused_moe.skips_negative_ids = True  # read by atom/models/layers/mlp.py (expert parallelism)
