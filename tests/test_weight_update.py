@@ -162,10 +162,8 @@ def test_update_refused_while_weights_asleep_or_busy(make_tiny_model):
     engine.wake_up(["weights"])
     engine.update_weights(iter_checkpoint(path))  # KV cache still asleep: updates are fine
     engine.wake_up()
-    engine._busy = True
-    try:
-        with pytest.raises(RuntimeError, match="already running"):
-            engine.update_weights(iter_checkpoint(path))
-    finally:
-        engine._busy = False
+    engine.add_request("live", [5, 6, 7], SamplingParams(max_tokens=4))  # a request in flight
+    with pytest.raises(RuntimeError, match="requests are in flight"):
+        engine.update_weights(iter_checkpoint(path))
+    engine.abort("live")
     assert engine.weight_version == 1
