@@ -15,6 +15,7 @@ from atom.engine.llm_engine import LLMEngine
 from atom.engine.sequence import Request, Sequence
 from atom.outputs import Completion, EngineStats, RolloutOutput
 from atom.rollout.rl import RLMixin
+from atom.rollout.transfer import TransferMixin
 from atom.sampling_params import SamplingParams
 
 Prompt = str | list[int] | list[dict]
@@ -28,7 +29,7 @@ def _load_tokenizer(path: str):
     return AutoTokenizer.from_pretrained(path)
 
 
-class RolloutEngine(RLMixin):
+class RolloutEngine(RLMixin, TransferMixin):
     """Generates completions with per-token logprobs from a HF checkpoint.
 
     Example::
@@ -37,7 +38,8 @@ class RolloutEngine(RLMixin):
         outs = engine.generate(["Hello"], SamplingParams(n=8, temperature=1.0, logprobs=0))
 
     RL: `sleep` / `wake_up` / `is_sleeping` release device memory between rollouts and
-    `update_weights` loads new weights in place (see atom/rollout/rl.py).
+    `update_weights` loads new weights in place (see atom/rollout/rl.py); weights also arrive as
+    per-tensor broadcasts or IPC handles (atom/rollout/transfer.py).
 
     Requests one at a time: `add_request(request_id, prompt, params)`, `step()`, `abort(ids)`,
     `pause_generation(mode)` / `resume_generation()` (the core the asynchronous front end,
@@ -54,6 +56,7 @@ class RolloutEngine(RLMixin):
         self._batch_ids = itertools.count()
         self._unclaimed: dict[str, Request] = {}  # requests a batch call's steps touched, for `step`
         self._init_rl()
+        self._init_transfer()
 
     # ---- properties ----------------------------------------------------------------------
     @property

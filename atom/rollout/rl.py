@@ -34,6 +34,7 @@ import torch
 
 from atom.engine.memory import KV_CACHE, TAGS, WEIGHTS
 from atom.weights_sync.apply import apply_weights
+from atom.weights_sync.validate import TensorSpec, spec_problems, summarize
 
 
 class RLMixin:
@@ -64,6 +65,21 @@ class RLMixin:
         if self._engine.has_unfinished and self._engine.pause_mode is None:
             return "requests are in flight; call pause_generation() first (or wait until they finish)"
         return ""
+
+    def weight_update_problem(self, specs: list[TensorSpec], partial: bool = True) -> str:
+        """'' when an update of these tensors (name, shape, dtype) can be applied now, else why
+        not: requests in flight, weights released, or each bad tensor named."""
+        problem = self.quiet_problem()
+        if problem:
+            return problem
+        if WEIGHTS in self.sleeping_tags:
+            return "the weights are released (sleep); call wake_up(['weights']) first"
+        return summarize(spec_problems(self._engine.weight_map, specs, partial))
+
+    @property
+    def engine_rank(self) -> int:
+        """This process's rank in its engine group (0 unless the engine is split over ranks)."""
+        return self._engine.engine_rank
 
     def _check_quiet(self, what: str) -> None:
         problem = self.quiet_problem()
