@@ -73,14 +73,16 @@ class TransferMixin:
         before any is loaded; a bad name, shape or dtype (or the engine's state) is reported as
         ValueError after the broadcasts were taken off the wire, so the group stays in step and
         nothing changed. Returns the weight version (unchanged unless weight_version is given).
+        A dtype name or shape that cannot be parsed raises at once, before anything is
+        received (the trainer's broadcast then times out: rebuild the group).
         flush_cache is accepted for SGLang's signature: the prefix cache is always emptied.
         """
+        specs = tensor_specs(names, dtypes, shapes)
         with self._lock:
             group = self._weight_group
             if group is None:
                 raise RuntimeError("update_weights_from_distributed: no weight-update group; call "
                                    "init_weights_update_group first")
-            specs = tensor_specs(names, dtypes, shapes)
             problem = self.weight_update_problem(specs, partial)
             received = receive_tensors(group, self._weight_src, specs, timeout)
             if problem:
