@@ -154,6 +154,7 @@ def _ipc_engine(engine, conn, changed_dir: str, device: str) -> None:
     while True:
         kind, payload = conn.recv()
         if kind == "stop":
+            engine.release_ipc_buffers()  # before the trainer exits: its buffers are mapped here
             conn.send("bye")
             return
         if kind == "tensor" and not checked:  # every bucket landed: the changed weights serve
@@ -238,6 +239,9 @@ def test_transfer_checks_refuse_before_anything_lands(make_tiny_model):
         {"format": FORMAT, "buffer": good, "tensors": [["model.norm.weight", "float32", [64], 0]]},
         weight_version=3) == 3
     assert not same(_rollout(engine), want)
+    assert engine.get_weights_by_name("model.norm.weight", truncate_size=3).tolist() == [2.0, 2.0, 2.0]
+    with pytest.raises(ValueError, match="not a parameter"):
+        engine.get_weights_by_name("model.nonsense")
 
 
 # ---- GPU: CUDA IPC, NCCL -------------------------------------------------------------------------------

@@ -76,6 +76,19 @@ class RLMixin:
             return "the weights are released (sleep); call wake_up(['weights']) first"
         return summarize(spec_problems(self._engine.weight_map, specs, partial))
 
+    def get_weights_by_name(self, name: str, truncate_size: int = 100) -> torch.Tensor:
+        """The first `truncate_size` values (flattened) of an HF-named weight as this engine holds
+        it, on the CPU (SGLang's check that a sync landed). Under TP/EP: this rank's shard."""
+        slot = self._engine.weight_map.lookup(name)
+        if slot is None:
+            raise ValueError(f"get_weights_by_name: {name!r} is not a parameter of this model")
+        with self._lock:
+            t = slot.target()
+            if t is None:
+                raise ValueError(f"get_weights_by_name: {name!r} is held by other ranks of this engine")
+            flat = t.view(-1) if t.is_contiguous() else t.reshape(-1)
+            return flat[:truncate_size].detach().cpu().clone()
+
     @property
     def engine_rank(self) -> int:
         """This process's rank in its engine group (0 unless the engine is split over ranks)."""

@@ -119,11 +119,18 @@ class IpcBucketSender:
         payload, as in the example, always has).
     dtype: cast every tensor to this dtype (e.g. torch.bfloat16 from fp32 masters).
 
+    The engine keeps the last two buffers it opened mapped, so later syncs skip opening them;
+    `RolloutEngine.release_ipc_buffers()` lets go of them (before the trainer exits, or to give
+    their memory back).
+
     Example (trainer and engine in two processes on one GPU)::
 
         sender = IpcBucketSender(bucket_bytes=1 << 30, device="cuda")
         for payload in sender.payloads(model.named_parameters()):
             engine_rpc("update_weights_from_ipc", payload)   # returns once the engine has copied it
+
+    With num_buffers=2 the trainer may pack bucket k+1 while the engine copies bucket k: send
+    payload k+1 only after the engine's answer for payload k (bench/ipc_weights.py does this).
     """
 
     def __init__(self, bucket_bytes: int = 1 << 30, device: torch.device | str | None = None,
