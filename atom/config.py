@@ -95,6 +95,11 @@ class EngineConfig:
                 raise ValueError(f"EngineConfig.{name} must be an int >= 1, got {getattr(self, name)!r}")
         if not self.dist_timeout_s > 0:
             raise ValueError(f"EngineConfig.dist_timeout_s must be > 0, got {self.dist_timeout_s}")
+        if self.device.startswith("cuda") and not torch.cuda.is_available():
+            why = ("this torch is a CPU-only build" if torch.version.cuda is None and torch.version.hip is None
+                   else "no CUDA device is visible")
+            raise ValueError(f"EngineConfig.device={self.device!r}, but {why} (torch {torch.__version__}); install "
+                             "a CUDA build of torch (README, Set-up) or use device='cpu' or 'auto'")
         from atom.distributed.parallel_state import EngineLayout
         EngineLayout.build(self.tensor_parallel_size, self.expert_parallel_size, self.ep_mode)  # ValueError if invalid
 
