@@ -108,9 +108,9 @@ class RLMixin:
             raise RuntimeError(f"generate: the engine is sleeping ({', '.join(sorted(asleep))} released); "
                                "call wake_up() first")
         if self._stale:
-            total = len(self._engine.runner.weight_map.required_names())
+            total = len(self._engine.weight_map.required_names())
             raise RuntimeError(f"generate: the weights are incomplete ({self._stale_reason}; {len(self._stale)} of "
-                               f"{total} tensors not loaded); call update_weights with every tensor first")
+                               f"{total} tensors still need an update); call update_weights with every tensor first")
 
     def _mark_stale(self, reason: str) -> None:
         self._stale = set(self._engine.runner.weight_map.required_names())
@@ -259,7 +259,10 @@ class RLMixin:
         except BaseException as e:
             if getattr(e, "weights_changed", False):
                 self._engine.block_manager.invalidate_cache()
-                self._mark_stale(f"an update failed after overwriting some parameters: {e}")
+                total = len(self._engine.weight_map.required_names())
+                loaded = len(getattr(e, "names_loaded", ()))
+                self._mark_stale(f"an update failed after overwriting {loaded} of {total} tensors, the others hold "
+                                 f"the weights from before: {e}")
             raise
         self._engine.block_manager.invalidate_cache()
         if partial:
