@@ -48,6 +48,9 @@ class EngineConfig:
         (fewer sequences at once). False: wake maps the whole pool.
     load_format: "auto" (read the checkpoint's safetensors) or "dummy" (random weights from
         config.json alone: benchmarks; `model` then needs only a config.json).
+    cpu_threads: threads of a CPU engine (torch's intra-op threads, for the whole process):
+        0 (default) the cores the machine's load leaves free (unless OMP_NUM_THREADS is set),
+        n > 0 exactly n, -1 leave torch's setting. See atom/engine/cpu_threads.py.
     """
 
     model: str = ""
@@ -73,6 +76,7 @@ class EngineConfig:
     enable_sleep_mode: bool = False
     lazy_kv_wake: bool = True
     load_format: str = "auto"
+    cpu_threads: int = 0
 
     def __post_init__(self) -> None:
         if not self.model:
@@ -93,6 +97,9 @@ class EngineConfig:
         for name in ("tensor_parallel_size", "expert_parallel_size"):
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
                 raise ValueError(f"EngineConfig.{name} must be an int >= 1, got {getattr(self, name)!r}")
+        if not isinstance(self.cpu_threads, int) or self.cpu_threads < -1:
+            raise ValueError(f"EngineConfig.cpu_threads must be -1 (keep), 0 (auto) or a thread count, "
+                             f"got {self.cpu_threads!r}")
         if not self.dist_timeout_s > 0:
             raise ValueError(f"EngineConfig.dist_timeout_s must be > 0, got {self.dist_timeout_s}")
         if self.device.startswith("cuda") and not torch.cuda.is_available():

@@ -11,6 +11,7 @@ from typing import Iterable, Sequence as Seq
 from tqdm.auto import tqdm
 
 from atom.config import EngineConfig
+from atom.engine.cpu_threads import apply_cpu_threads
 from atom.engine.llm_engine import LLMEngine
 from atom.engine.sequence import Request, Sequence
 from atom.outputs import Completion, EngineStats, RolloutOutput
@@ -49,6 +50,8 @@ class RolloutEngine(RLMixin, TransferMixin):
     def __init__(self, model: str | EngineConfig, **overrides) -> None:
         config = model.replace(**overrides) if isinstance(model, EngineConfig) else EngineConfig(model=model, **overrides)
         self.config = config
+        if config.torch_device().type == "cpu":
+            apply_cpu_threads(config.cpu_threads)
         self.tokenizer = _load_tokenizer(config.tokenizer if config.tokenizer is not None else config.model)
         self._engine = LLMEngine(config, self._detokenize if self.tokenizer is not None else None)
         self._rng = random.Random(config.seed)

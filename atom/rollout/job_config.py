@@ -76,6 +76,7 @@ class EngineJobConfig:
     ep_mode: str = "allreduce"
     dist_timeout_s: float = 600.0
     load_format: str = "auto"
+    cpu_threads: int = 0
 
 
 @dataclass
