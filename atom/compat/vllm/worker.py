@@ -29,9 +29,14 @@ class Model:
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
         """Load (HF name, tensor) pairs into the running model, any subset of them (as vLLM's
         load_weights does); returns the names loaded. The weight version does not change."""
-        pairs = list(weights)
-        self._rollout.update_weights(pairs, partial=True, version=self._rollout.weight_version)
-        return {name for name, _ in pairs}
+        names: set[str] = set()
+
+        def streamed():  # one tensor at a time, as the caller hands them over
+            for name, tensor in weights:
+                names.add(name)
+                yield name, tensor
+        self._rollout.update_weights(streamed(), partial=True, version=self._rollout.weight_version)
+        return names
 
 
 class ModelRunner:
