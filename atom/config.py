@@ -51,6 +51,9 @@ class EngineConfig:
         SGLang's name). Costs a small device buffer and a copy per step; nothing when False.
     load_format: "auto" (read the checkpoint's safetensors) or "dummy" (random weights from
         config.json alone: benchmarks; `model` then needs only a config.json).
+    cpu_threads: threads of a CPU engine (torch's intra-op threads, for the whole process):
+        0 (default) the cores the machine's load leaves free (unless OMP_NUM_THREADS is set),
+        n > 0 exactly n, -1 leave torch's setting. See atom/engine/cpu_threads.py.
     """
 
     model: str = ""
@@ -77,6 +80,7 @@ class EngineConfig:
     lazy_kv_wake: bool = True
     enable_return_routed_experts: bool = False
     load_format: str = "auto"
+    cpu_threads: int = 0
 
     def __post_init__(self) -> None:
         if not self.model:
@@ -97,8 +101,16 @@ class EngineConfig:
         for name in ("tensor_parallel_size", "expert_parallel_size"):
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
                 raise ValueError(f"EngineConfig.{name} must be an int >= 1, got {getattr(self, name)!r}")
+        if not isinstance(self.cpu_threads, int) or self.cpu_threads < -1:
+            raise ValueError(f"EngineConfig.cpu_threads must be -1 (keep), 0 (auto) or a thread count, "
+                             f"got {self.cpu_threads!r}")
         if not self.dist_timeout_s > 0:
             raise ValueError(f"EngineConfig.dist_timeout_s must be > 0, got {self.dist_timeout_s}")
+        if self.device.startswith("cuda") and not torch.cuda.is_available():
+            why = ("this torch is a CPU-only build" if torch.version.cuda is None and torch.version.hip is None
+                   else "no CUDA device is visible")
+            raise ValueError(f"EngineConfig.device={self.device!r}, but {why} (torch {torch.__version__}); install "
+                             "a CUDA build of torch (README, Set-up) or use device='cpu' or 'auto'")
         from atom.distributed.parallel_state import EngineLayout
         EngineLayout.build(self.tensor_parallel_size, self.expert_parallel_size, self.ep_mode)  # ValueError if invalid
 

@@ -3,15 +3,17 @@
     python bench/sleep_wake.py [--config path/to/config.json] [--out results.json]
 
 Measures, with `EngineConfig(enable_sleep_mode=True, load_format="dummy")`:
-* sleep(level=1) / wake_up(): seconds, how much of the KV memory held comes back in
-  torch.cuda.mem_get_info(), how much a (lazy) wake maps, and sleep after the pool was backed
-  step by step as a rollout backs it;
+* release_memory_occupation(["kv_cache"]) / wake_up() (the KV cache alone; atom's level 1
+  before the levels took vLLM's meaning): seconds, how much of the KV memory held comes back
+  in torch.cuda.mem_get_info(), how much a (lazy) wake maps, and the release after the pool
+  was backed step by step as a rollout backs it;
 * lazy and whole-pool level-2 wakes alternated, with the driver's share and what backing the
   rest of the pool costs later (the generate that needs it pays that);
 * sleep(level=2) discarding the weights: seconds, memory returned (KV + weights), memory
   still held while asleep (against the free memory measured before the engine existed);
-* sleep(level=2, offload_weights=True) / wake_up(): seconds per cycle (the first cycle also
-  allocates the pinned host buffer, later ones reuse it);
+* sleep(level=1) / wake_up() (vLLM's level 1: weights offloaded to pinned host memory, KV
+  cache dropped): seconds per cycle (the first cycle also allocates the pinned host buffer,
+  later ones reuse it);
 * update_weights of every parameter from GPU tensors: HF per-expert names and transformers-v5
   fused expert names;
 * greedy generations after every wake equal the ones before the first sleep (CUDA graphs
@@ -88,7 +90,7 @@ def main() -> None:
     ap.add_argument("--config", default="/work/shared/models/qwen3-30b-a3b/config.json")
     ap.add_argument("--out", default=None)
     ap.add_argument("--cycles", type=int, default=3)
-    ap.add_argument("--many", type=int, default=30, help="level-1 cycles for the memory-drift check")
+    ap.add_argument("--many", type=int, default=30, help="KV-cache release cycles for the memory-drift check")
     ap.add_argument("--gpu-memory-utilization", type=float, default=0.9)
     ap.add_argument("--skip-offload", action="store_true")
     args = ap.parse_args()
@@ -136,6 +138,9 @@ def main() -> None:
         wmap = runner.weight_map
         engine.update_weights((n, wmap.lookup(n).target().clone()) for n in sorted(wmap.required_names()))
 
+    def release_kv():
+        engine.release_memory_occupation(["kv_cache"])
+
     t = time.perf_counter()
     expected = gen()
     report["first_generate_s"] = round(time.perf_counter() - t, 2)
@@ -144,32 +149,32 @@ def main() -> None:
     report["cuda_graphs_before_sleep"] = n_graphs
     report["generate_again_equal"] = gen() == expected
 
-    with section(report, "level1"):
+    with section(report, "release_kv"):
         rows = []
         for _ in range(args.cycles):
             held = memory.resident_bytes("kv_cache")  # the whole pool before the first sleep
             before = free_bytes()
-            ts = timed(lambda: engine.sleep(level=1))
+            ts = timed(release_kv)
             freed = free_bytes() - before
             tw = timed(engine.wake_up)
             rows.append({"sleep_s": round(ts, 4), "wake_s": round(tw, 4), "kv_held_gib": round(held / GiB, 2),
                          "freed_frac_of_held": round(freed / held, 4),
                          "kv_mapped_after_wake_gib": round(memory.resident_bytes("kv_cache") / GiB, 2)})
-        report["level1.cycles"] = rows
+        report["release_kv.cycles"] = rows
         # A rollout backs the pool step by step (the block manager asks for a few blocks more at
         # a time): sleep then unmaps every segment that growth created. Same calls, without
         # running the 700k-token rollout that fills 67 GiB.
-        engine.sleep(level=1)
+        release_kv()
         engine.wake_up()
         for k in range(1, 257):
             memory.back_kv(memory.kv_num_blocks * k // 256)
         kv_pool = memory.pools["kv_cache"]
-        report["level1.after_stepwise_backing"] = {
+        report["release_kv.after_stepwise_backing"] = {
             "segments": len(kv_pool.segments), "held_gib": round(memory.resident_bytes("kv_cache") / GiB, 2),
-            "sleep_s": round(timed(lambda: engine.sleep(level=1)), 4), "wake_s": round(timed(engine.wake_up), 4)}
-        report["level1.generate_equal_after_wake"] = gen() == expected
+            "sleep_s": round(timed(release_kv), 4), "wake_s": round(timed(engine.wake_up), 4)}
+        report["release_kv.generate_equal_after_wake"] = gen() == expected
         graphs_after = len(dr.graphs) if dr is not None else 0
-        report["level1.cuda_graphs_recaptured"] = graphs_after != n_graphs or (
+        report["release_kv.cuda_graphs_recaptured"] = graphs_after != n_graphs or (
             dr is not None and dr._graph_key != (runner.k_caches[0].data_ptr(), next(runner.model.parameters()).data_ptr()))
 
     with section(report, "level2_discard"):
@@ -236,26 +241,26 @@ def main() -> None:
         reload_discarded_weights()
 
     with section(report, "many_cycles"):
-        engine.sleep(level=1)  # one cycle first: it also hands torch's cached blocks back
+        release_kv()  # one cycle first: it also hands torch's cached blocks back
         engine.wake_up()
         start = free_bytes()
         t = time.perf_counter()
         for _ in range(args.many):
-            engine.sleep(level=1)
+            release_kv()
             engine.wake_up()
         report["many_cycles.n"] = args.many
         report["many_cycles.mean_cycle_s"] = round((time.perf_counter() - t) / max(args.many, 1), 4)
         report["many_cycles.drift_mib"] = round((start - free_bytes()) / (1 << 20), 1)
         report["many_cycles.generate_equal"] = gen() == expected
     if not args.skip_offload:
-        with section(report, "level2_offload"):
+        with section(report, "level1_offload"):
             rows = []
             for _ in range(args.cycles):
-                ts = timed(lambda: engine.sleep(level=2, offload_weights=True))
+                ts = timed(lambda: engine.sleep(level=1))
                 tw = timed(engine.wake_up)
                 rows.append({"sleep_s": round(ts, 3), "wake_s": round(tw, 3)})
-            report["level2_offload.cycles"] = rows
-            report["level2_offload.generate_equal_after_wake"] = gen() == expected
+            report["level1_offload.cycles"] = rows
+            report["level1_offload.generate_equal_after_wake"] = gen() == expected
             memory.pools["weights"].drop_host_copy()
 
     print(json.dumps(report.data, indent=1))

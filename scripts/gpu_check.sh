@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # GPU tests and benchmarks on the device machine; a short table last.
 #
-#   scripts/gpu_check.sh [tests] [tune] [bench W1,W2,...] [hf] [kernels] [small] [sleep]
+#   scripts/gpu_check.sh [tests] [tune] [bench W1,W2,...] [hf] [kernels] [small] [sleep] [ipc]
 #     tests   : python3 -m pytest -m gpu -q tests/gpu tests/test_overlapped_decode.py tests/test_sleep_wake.py
+#               tests/test_weight_transfer.py
 #     bench   : python -m bench.rollout --workload W for each W (default: all four)
 #     hf      : the transformers generate baseline on decode-moe-bs1
 #     tune    : sweep decode-attention / fused-MoE tile configs (bench/kernels.py --tune); later
@@ -13,6 +14,7 @@
 #     async   : the asynchronous front end (bench/async_rollout.py): grpo-moe as concurrent requests
 #               against the batch call, a request arriving during a 512-sequence decode
 #     arrival : agent-async-moe (requests 5 ms apart through the async API)
+#     ipc     : weight sync by CUDA IPC from a trainer process, 30B shape (bench/ipc_weights.py; goal < 0.5 s)
 # Logs and JSON results go to $OUT (or ./gpu_out when OUT is unset).
 # On the lent H200 a device call may run 10 minutes: `tests small` and `bench` are one call each
 # (the four workloads take ~75 s apiece with build and warm-up).
@@ -24,14 +26,14 @@ export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 TOKENIZERS_PAR
 export ATOM_BENCH_CEILINGS="$OUT/ceilings.json" PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 PY=${PYTHON:-python3}
 [ $# -eq 0 ] && set -- tests bench
-SECTIONS="tests tune bench hf kernels small sleep async arrival"
+SECTIONS="tests tune bench hf kernels small sleep async arrival ipc"
 WORKLOADS="decode-moe-bs1,grpo-dense-small,grpo-moe,grpo-dense-8b"
 summary=()
 nvidia-smi --query-gpu=name,memory.used,memory.total,clocks.sm,clocks.mem --format=csv,noheader 2>/dev/null
 while [ $# -gt 0 ]; do
   case "$1" in
     tests)
-      timeout "${TEST_TIMEOUT:-420}" $PY -m pytest -m gpu -q -rs ${PYTEST_X--x} --durations=8 tests/gpu tests/test_overlapped_decode.py tests/test_sleep_wake.py 2>&1 | tee "$OUT/pytest.log" | tail -40
+      timeout "${TEST_TIMEOUT:-420}" $PY -m pytest -m gpu -q -rs ${PYTEST_X--x} --durations=8 tests/gpu tests/test_overlapped_decode.py tests/test_sleep_wake.py tests/test_weight_transfer.py 2>&1 | tee "$OUT/pytest.log" | tail -40
       summary+=("tests: $(grep -E '[0-9]+ (passed|failed)' "$OUT/pytest.log" | tail -1)")
       ;;
     bench)
@@ -75,6 +77,10 @@ while [ $# -gt 0 ]; do
       timeout "${SLEEP_TIMEOUT:-240}" $PY bench/sleep_wake.py --config bench/models/qwen3-30b-a3b/config.json \
         --skip-offload --many 20 --out "$OUT/sleep_wake.json" > "$OUT/sleep_wake.log" 2>&1
       grep -E "cycles|stepwise|variants|per_expert_names.s|fused_v5_names.s|equal|drift|error" "$OUT/sleep_wake.log" | cut -c1-900
+      ;;
+    ipc)
+      timeout "${IPC_TIMEOUT:-300}" $PY -m bench.ipc_weights --config bench/models/qwen3-30b-a3b/config.json \
+        --out "$OUT/ipc_weights.json" 2>&1 | tee "$OUT/ipc_weights.log" | tail -30
       ;;
   esac
   shift

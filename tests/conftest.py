@@ -234,3 +234,22 @@ def tiny_qwen3_path(make_tiny_model) -> str:
 @pytest.fixture(scope="session")
 def tiny_qwen3_moe_path(make_tiny_model) -> str:
     return make_tiny_model("qwen3_moe")
+
+
+@pytest.fixture(scope="session")
+def tiny_chat_model_path(tmp_path_factory, smollm2_path) -> str:
+    """A tiny random Llama with SmolLM2's tokenizer and chat template (vocab 49152): text and
+    chat prompts at tiny-model speed (the vLLM compatibility layer, TRL)."""
+    import json
+    import shutil
+
+    with open(os.path.join(smollm2_path, "config.json")) as f:
+        ref = json.load(f)
+    model = build_tiny_model("llama", vocab_size=ref["vocab_size"], bos_token_id=ref["bos_token_id"],
+                             eos_token_id=ref["eos_token_id"], pad_token_id=ref.get("pad_token_id"))
+    path = tmp_path_factory.mktemp("tiny_chat_llama")
+    model.save_pretrained(str(path), safe_serialization=True)
+    for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "special_tokens_map.json"):
+        if os.path.isfile(os.path.join(smollm2_path, name)):
+            shutil.copy(os.path.join(smollm2_path, name), path / name)
+    return str(path)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -116,8 +117,22 @@ def test_bad_engine_config(tiny_qwen3_path):
         RolloutEngine(EngineConfig(model=tiny_qwen3_path), max_num_sequences=4)
     with pytest.raises(ValueError, match="exceeds the model's max_position_embeddings"):
         RolloutEngine(tiny_qwen3_path, max_model_len=10_000)
-    with pytest.raises(ValueError, match="no config.json"):
+    with pytest.raises(ValueError, match="'/nonexistent/checkpoint': no such directory"):
         RolloutEngine("/nonexistent/checkpoint")
+    with pytest.raises(ValueError, match="no config.json"):
+        RolloutEngine(os.path.dirname(tiny_qwen3_path))  # a directory, but no checkpoint
+    with pytest.raises(ValueError, match="is a file, not a checkpoint directory"):
+        RolloutEngine(os.path.join(tiny_qwen3_path, "config.json"))
+
+
+def test_cuda_on_a_cpu_only_torch_is_one_clear_error(tiny_qwen3_path, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(torch.version, "cuda", None)
+    monkeypatch.setattr(torch.version, "hip", None)
+    for device in ("cuda", "cuda:1"):
+        with pytest.raises(ValueError, match=f"device='{device}', but this torch is a CPU-only build") as e:
+            RolloutEngine(tiny_qwen3_path, device=device)
+        assert "\n" not in str(e.value) and "install a CUDA build of torch" in str(e.value)
 
 
 def test_kv_too_small_for_one_sequence(tiny_qwen3_path):

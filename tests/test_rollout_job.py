@@ -255,3 +255,4 @@ def test_cli_bad_input_is_one_error_line(tmp_path):
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: ") and "bad.jsonl:2:" in lines[0], proc.stderr
     assert not out.exists()
+    assert not (tmp_path / "run").exists()  # a job that wrote nothing leaves no folder

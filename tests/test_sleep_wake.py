@@ -34,11 +34,17 @@ def test_state_machine_errors_leave_state_unchanged(path):
         engine.sleep(level=3)
     with pytest.raises(ValueError, match="level"):
         engine.sleep(level=True)
-    with pytest.raises(ValueError, match="offload_weights"):
-        engine.sleep(level=1, offload_weights=True)
+    with pytest.raises(TypeError):
+        engine.sleep(level=2, offload_weights=True)  # level 1 is the offloading sleep now
+    with pytest.raises(ValueError, match="offload_weights needs the 'weights' tag"):
+        engine.release_memory_occupation(["kv_cache"], offload_weights=True)
+    with pytest.raises(ValueError, match="unknown tag"):
+        engine.release_memory_occupation(["activations"])
+    with pytest.raises(ValueError, match="tags is empty"):
+        engine.release_memory_occupation([])
     assert not engine.is_sleeping
 
-    engine.sleep(level=1)
+    engine.release_memory_occupation(["kv_cache"])  # what `sleep(level=1)` did before: weights stay
     assert engine.is_sleeping and engine.sleeping_tags == {"kv_cache"}
     with pytest.raises(RuntimeError, match="sleeping"):
         engine.generate(PROMPTS, SP)
@@ -46,6 +52,8 @@ def test_state_machine_errors_leave_state_unchanged(path):
         engine.sleep(level=1)
     with pytest.raises(RuntimeError, match="already sleeping"):
         engine.sleep(level=2)
+    with pytest.raises(RuntimeError, match="kv_cache already released"):
+        engine.release_memory_occupation()
     with pytest.raises(RuntimeError, match="weights not asleep"):
         engine.wake_up(["weights"])
     with pytest.raises(ValueError, match="unknown tag"):
@@ -53,7 +61,11 @@ def test_state_machine_errors_leave_state_unchanged(path):
     with pytest.raises(ValueError, match="tags is empty"):
         engine.wake_up([])
     assert engine.sleeping_tags == {"kv_cache"}
-    engine.wake_up("kv_cache")
+    engine.release_memory_occupation("weights", offload_weights=True)  # the other pool, later
+    assert engine.sleeping_tags == {"kv_cache", "weights"} and engine.weights_complete
+    engine.resume_memory_occupation("kv_cache")
+    assert engine.sleeping_tags == {"weights"}
+    engine.wake_up()
     assert not engine.is_sleeping
     with pytest.raises(RuntimeError, match="not sleeping"):
         engine.wake_up()
@@ -83,39 +95,50 @@ def test_sleep_during_generate_is_refused(path):
     assert not engine.is_sleeping and engine.weight_version == 0
 
 
-@pytest.mark.parametrize("how", ["level1", "level2_offload", "level2_discard"])
+# How each call leaves the pools: (released tags, weights kept).
+SLEEPS = {
+    "level1": (lambda e: e.sleep(level=1), {"weights", "kv_cache"}, True),          # vLLM: offload + drop KV
+    "level2": (lambda e: e.sleep(level=2), {"weights", "kv_cache"}, False),         # vLLM: drop both
+    "release_kv": (lambda e: e.release_memory_occupation(["kv_cache"]), {"kv_cache"}, True),   # SGLang tags
+    "release_all": (lambda e: e.release_memory_occupation(), {"weights", "kv_cache"}, False),
+    "release_weights_offload": (lambda e: e.release_memory_occupation(["weights"], offload_weights=True),
+                                {"weights"}, True),
+}
+
+
+@pytest.mark.parametrize("how", sorted(SLEEPS))
 def test_generation_after_wake_equals_before(path, expected, how):
     engine = make_engine(path)
     assert same(rollout(engine), expected)
     kv_before = [t for t in kv_tensors(engine)]
-    weights_before = {n: p.detach().clone() for n, p in engine._engine.runner.model.named_parameters()}
+    weights_before = {n: (p, p.detach().clone()) for n, p in engine._engine.runner.model.named_parameters()}
     memory = engine._engine.runner.memory
     kv_bytes, w_bytes = memory.nbytes("kv_cache"), memory.nbytes("weights")
     assert kv_bytes > 0 and w_bytes > 0
-    if how == "level1":
-        engine.sleep(level=1)
-        assert memory.resident_bytes("kv_cache") == 0 and memory.resident_bytes("weights") == w_bytes
-        engine.wake_up()
-    else:
-        engine.sleep(level=2, offload_weights=how == "level2_offload")
-        assert memory.resident_bytes() == 0
+    sleep, released, kept = SLEEPS[how]
+    sleep(engine)
+    assert engine.sleeping_tags == released and engine.weights_complete == kept
+    assert memory.resident_bytes("kv_cache") == (0 if "kv_cache" in released else kv_bytes)
+    assert memory.resident_bytes("weights") == (0 if "weights" in released else w_bytes)
+    if "weights" in released:
         engine.wake_up(["weights"])
-        assert engine.sleeping_tags == {"kv_cache"}
-        if how == "level2_discard":
-            assert not engine.weights_complete
-            engine.wake_up(["kv_cache"])
+        assert engine.sleeping_tags == released - {"weights"}
+        if not kept:
+            if "kv_cache" in released:
+                engine.resume_memory_occupation(["kv_cache"])
             with pytest.raises(RuntimeError, match="incomplete"):
                 engine.generate(PROMPTS, SP)
             engine.update_weights(iter_checkpoint(path))
-        else:
-            assert engine.weights_complete
-            engine.wake_up(["kv_cache"])
-    assert not engine.is_sleeping
+    if engine.is_sleeping:
+        engine.wake_up()
+    assert not engine.is_sleeping and engine.weights_complete
     # The very same tensor objects (modules, lists and CUDA graphs that hold them stay valid).
     assert all(a is b for a, b in zip(kv_before, kv_tensors(engine)))
-    assert all(float(t.abs().sum()) == 0.0 for t in kv_tensors(engine))  # fresh KV is zeroed
-    for n, p in engine._engine.runner.model.named_parameters():
-        assert torch.equal(p, weights_before[n]), n
+    if "kv_cache" in released:
+        assert all(float(t.abs().sum()) == 0.0 for t in kv_tensors(engine))  # fresh KV is zeroed
+    for n, p in engine._engine.runner.model.named_parameters():  # the same Parameter objects, same values
+        assert p is weights_before[n][0] and torch.equal(p, weights_before[n][1]), n
+    engine.reset_prefix_cache()  # a kept KV cache still holds the prompts: same batch shapes as `expected`
     assert same(rollout(engine), expected)
 
 
@@ -124,7 +147,10 @@ def test_many_cycles_leave_memory_where_it_started(path, expected):
     memory = engine._engine.runner.memory
     start = memory.resident_bytes()
     for i in range(200):
-        engine.sleep(level=1 + i % 2, offload_weights=i % 2 == 1)
+        if i % 2:
+            engine.sleep(level=1)
+        else:
+            engine.release_memory_occupation(["kv_cache"])
         assert memory.resident_bytes("kv_cache") == 0
         engine.wake_up()
         assert memory.resident_bytes() == start
@@ -193,12 +219,15 @@ def test_cuda_sleep_returns_memory_and_keeps_addresses(path, lazy_kv_wake):
     ptrs = [t.data_ptr() for t in kv_tensors(engine)] + [p.data_ptr() for p in engine._engine.runner.model.parameters()]
     decode = getattr(engine._engine.runner, "decode_runner", None)  # CUDA graphs captured so far
     graphs = dict(decode.graphs) if decode is not None else {}
-    for level in (1, 2):
+    for kv_only in (True, False):  # release_memory_occupation(["kv_cache"]), then sleep(level=1) (offload)
         engine._engine.block_manager.invalidate_cache()
-        held = memory.resident_bytes("kv_cache") + (w if level == 2 else 0)
-        assert level == 2 or held == kv
+        held = memory.resident_bytes("kv_cache") + (0 if kv_only else w)
+        assert not kv_only or held == kv
         before = _free()
-        engine.sleep(level=level, offload_weights=level == 2)
+        if kv_only:
+            engine.release_memory_occupation(["kv_cache"])
+        else:
+            engine.sleep(level=1)
         assert _free() - before >= 0.95 * held
         engine.wake_up()
         kv_awake = memory.resident_bytes("kv_cache")
@@ -221,7 +250,7 @@ def test_cuda_sleep_returns_memory_and_keeps_addresses(path, lazy_kv_wake):
     # Many cycles: device memory ends where it started.
     start = _free()
     for _ in range(200):
-        engine.sleep(level=1)
+        engine.release_memory_occupation(["kv_cache"])
         engine.wake_up()
     assert abs(_free() - start) <= 0.01 * torch.cuda.mem_get_info()[1]
     assert same(rollout(engine), expected)
@@ -252,7 +281,7 @@ def test_cuda_lazy_kv_wake_backs_blocks_as_needed_and_survives_a_full_device(mak
 
     want = run()
     used = bm.next_fresh  # blocks this rollout took
-    engine.sleep(level=1)
+    engine.release_memory_occupation(["kv_cache"])
     engine.wake_up()
     first = pool.backed_blocks
     assert 0 < first < used and memory.resident_bytes("kv_cache") == pool.granularity * len(pool.offsets)
@@ -261,7 +290,7 @@ def test_cuda_lazy_kv_wake_backs_blocks_as_needed_and_survives_a_full_device(mak
     assert len(pool.segments) <= len(pool.offsets) * ((pool.chunks - 1).bit_length() + 1)
     # Another tenant takes all but 64 MiB between wake and generate (less than backing
     # on demand must leave free), so the rollout runs in the first granule's blocks.
-    engine.sleep(level=1)
+    engine.release_memory_occupation(["kv_cache"])
     engine.wake_up()
     hog = torch.empty(_free() - (64 << 20), dtype=torch.uint8, device="cuda")
     try:

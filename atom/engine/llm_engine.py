@@ -142,6 +142,16 @@ class LLMEngine:
     def reset_prefix_cache(self) -> None:
         self.block_manager.invalidate_cache()
 
+    @property
+    def weight_map(self):
+        """HF name -> parameter slot (what weight updates are checked against)."""
+        return self.runner.weight_map
+
+    @property
+    def engine_rank(self) -> int:
+        """This process's rank in its engine group (0 for a single-process engine)."""
+        return self.runner.parallel.engine.rank
+
     def is_live(self, request_id: str) -> bool:
         return request_id in self.requests
 

@@ -98,6 +98,9 @@ def _rope_theta(cfg: dict) -> float:
 
 
 def load_model_args(model_dir: str) -> ModelArgs:
+    if not os.path.isdir(model_dir):
+        what = "is a file, not a checkpoint directory" if os.path.exists(model_dir) else "no such directory"
+        raise ValueError(f"model {model_dir!r}: {what}")
     path = os.path.join(model_dir, "config.json")
     if not os.path.isfile(path):
         raise ValueError(f"no config.json in {model_dir!r}: not a HF checkpoint directory")

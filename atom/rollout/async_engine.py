@@ -141,11 +141,19 @@ class AsyncRolloutEngine:
         """RolloutEngine.update_weights on the loop thread (needs no live requests, or a pause)."""
         return await self._call(lambda: self.engine.update_weights(named_tensors, **kwargs))
 
-    async def sleep(self, level: int = 1, **kwargs) -> None:
-        await self._call(lambda: self.engine.sleep(level, **kwargs))
+    async def sleep(self, level: int = 1) -> None:
+        """RolloutEngine.sleep: level 1 offloads the weights and drops the KV cache, 2 drops both."""
+        await self._call(lambda: self.engine.sleep(level))
 
     async def wake_up(self, tags=None) -> None:
         await self._call(lambda: self.engine.wake_up(tags))
+
+    async def release_memory_occupation(self, tags=None, *, offload_weights: bool = False) -> None:
+        """RolloutEngine.release_memory_occupation (SGLang's call: release the named pools)."""
+        await self._call(lambda: self.engine.release_memory_occupation(tags, offload_weights=offload_weights))
+
+    async def resume_memory_occupation(self, tags=None) -> None:
+        await self._call(lambda: self.engine.resume_memory_occupation(tags))
 
     async def call(self, fn: Callable[[RolloutEngine], Any]) -> Any:
         """Run fn(engine) on the loop thread between steps (anything else the engine offers)."""

@@ -11,11 +11,13 @@ from typing import Iterable, Sequence as Seq
 from tqdm.auto import tqdm
 
 from atom.config import EngineConfig
+from atom.engine.cpu_threads import apply_cpu_threads
 from atom.engine.llm_engine import LLMEngine
 from atom.engine.sequence import Request, Sequence, routed_experts
 from atom.outputs import Completion, EngineStats, RolloutOutput
 from atom.rollout.inputs import normalize_prompts, prompt_type_error, sampling_params_list
 from atom.rollout.rl import RLMixin
+from atom.rollout.transfer import TransferMixin
 from atom.sampling_params import SamplingParams
 
 Prompt = str | list[int] | list[dict]
@@ -29,7 +31,7 @@ def _load_tokenizer(path: str):
     return AutoTokenizer.from_pretrained(path)
 
 
-class RolloutEngine(RLMixin):
+class RolloutEngine(RLMixin, TransferMixin):
     """Generates completions with per-token logprobs from a HF checkpoint.
 
     Example::
@@ -38,7 +40,8 @@ class RolloutEngine(RLMixin):
         outs = engine.generate(["Hello"], SamplingParams(n=8, temperature=1.0, logprobs=0))
 
     RL: `sleep` / `wake_up` / `is_sleeping` release device memory between rollouts and
-    `update_weights` loads new weights in place (see atom/rollout/rl.py).
+    `update_weights` loads new weights in place (see atom/rollout/rl.py); weights also arrive as
+    per-tensor broadcasts or IPC handles (atom/rollout/transfer.py).
 
     Requests one at a time: `add_request(request_id, prompt, params)`, `step()`, `abort(ids)`,
     `pause_generation(mode)` / `resume_generation()` (the core the asynchronous front end,
@@ -48,6 +51,8 @@ class RolloutEngine(RLMixin):
     def __init__(self, model: str | EngineConfig, **overrides) -> None:
         config = model.replace(**overrides) if isinstance(model, EngineConfig) else EngineConfig(model=model, **overrides)
         self.config = config
+        if config.torch_device().type == "cpu":
+            apply_cpu_threads(config.cpu_threads)
         self.tokenizer = _load_tokenizer(config.tokenizer if config.tokenizer is not None else config.model)
         self._engine = LLMEngine(config, self._detokenize if self.tokenizer is not None else None)
         self._rng = random.Random(config.seed)
@@ -55,6 +60,7 @@ class RolloutEngine(RLMixin):
         self._batch_ids = itertools.count()
         self._unclaimed: dict[str, Request] = {}  # requests a batch call's steps touched, for `step`
         self._init_rl()
+        self._init_transfer()
 
     # ---- properties ----------------------------------------------------------------------
     @property

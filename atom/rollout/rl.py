@@ -1,14 +1,17 @@
 """RolloutEngine's RL side: sleep / wake_up (give device memory back between rollouts) and
 hot weight updates. Mixed into `RolloutEngine`; see README.md (RL features).
 
-State machine:
+State machine (the pools are "weights" and "kv_cache"):
 * awake: generate, update_weights, sleep all allowed.
-* sleep(level=1): the KV cache is released ("kv_cache" asleep); weights stay.
-* sleep(level=2): KV cache and weights released ("weights" and "kv_cache" asleep); with
-  offload_weights=True the weights wait in pinned host memory and come back on wake,
-  otherwise they are discarded and the next update_weights must bring a complete set.
-* wake_up(tags): restores the named tags (default: all asleep), weights first, so a trainer
-  can `wake_up(["weights"])`, `update_weights(...)`, then `wake_up(["kv_cache"])`.
+* sleep(level=1) (vLLM's meaning): the weights wait in pinned host memory and come back on
+  wake; the KV cache is dropped.
+* sleep(level=2): weights and KV cache dropped; the next update_weights must bring a complete
+  set (generate refuses until then).
+* release_memory_occupation(tags, offload_weights=False) (SGLang's meaning): release the named
+  pools only, e.g. tags=["kv_cache"] keeps the weights on the device.
+* wake_up(tags) / resume_memory_occupation(tags): restores the named tags (default: all
+  asleep), weights first, so a trainer can `wake_up(["weights"])`, `update_weights(...)`,
+  then `wake_up(["kv_cache"])`.
 * generate needs everything awake and complete weights; sleep needs everything awake; a call
   in the wrong state raises RuntimeError and changes nothing.
 * update_weights, sleep and wake_up need the engine quiet: no live requests, or generation
@@ -31,6 +34,7 @@ import torch
 
 from atom.engine.memory import KV_CACHE, TAGS, WEIGHTS
 from atom.weights_sync.apply import apply_weights
+from atom.weights_sync.validate import TensorSpec, spec_problems, summarize
 
 
 class RLMixin:
@@ -62,6 +66,34 @@ class RLMixin:
             return "requests are in flight; call pause_generation() first (or wait until they finish)"
         return ""
 
+    def weight_update_problem(self, specs: list[TensorSpec], partial: bool = True) -> str:
+        """'' when an update of these tensors (name, shape, dtype) can be applied now, else why
+        not: requests in flight, weights released, or each bad tensor named."""
+        problem = self.quiet_problem()
+        if problem:
+            return problem
+        if WEIGHTS in self.sleeping_tags:
+            return "the weights are released (sleep); call wake_up(['weights']) first"
+        return summarize(spec_problems(self._engine.weight_map, specs, partial))
+
+    def get_weights_by_name(self, name: str, truncate_size: int = 100) -> torch.Tensor:
+        """The first `truncate_size` values (flattened) of an HF-named weight as this engine holds
+        it, on the CPU (SGLang's check that a sync landed). Under TP/EP: this rank's shard."""
+        slot = self._engine.weight_map.lookup(name)
+        if slot is None:
+            raise ValueError(f"get_weights_by_name: {name!r} is not a parameter of this model")
+        with self._lock:
+            t = slot.target()
+            if t is None:
+                raise ValueError(f"get_weights_by_name: {name!r} is held by other ranks of this engine")
+            flat = t.view(-1) if t.is_contiguous() else t.reshape(-1)
+            return flat[:truncate_size].detach().cpu().clone()
+
+    @property
+    def engine_rank(self) -> int:
+        """This process's rank in its engine group (0 unless the engine is split over ranks)."""
+        return self._engine.engine_rank
+
     def _check_quiet(self, what: str) -> None:
         problem = self.quiet_problem()
         if problem:
@@ -76,9 +108,9 @@ class RLMixin:
             raise RuntimeError(f"generate: the engine is sleeping ({', '.join(sorted(asleep))} released); "
                                "call wake_up() first")
         if self._stale:
-            total = len(self._engine.runner.weight_map.required_names())
+            total = len(self._engine.weight_map.required_names())
             raise RuntimeError(f"generate: the weights are incomplete ({self._stale_reason}; {len(self._stale)} of "
-                               f"{total} tensors not loaded); call update_weights with every tensor first")
+                               f"{total} tensors still need an update); call update_weights with every tensor first")
 
     def _mark_stale(self, reason: str) -> None:
         self._stale = set(self._engine.runner.weight_map.required_names())
@@ -95,42 +127,69 @@ class RLMixin:
             return True
 
     # ---- sleep / wake --------------------------------------------------------------------
-    def sleep(self, level: int = 1, offload_weights: bool = False) -> None:
-        """Release device memory: level 1 the KV cache, level 2 the weights too.
+    def sleep(self, level: int = 1) -> None:
+        """Release device memory, with vLLM's meaning of the levels:
 
-        offload_weights (level 2 only): keep the weights in pinned host memory and bring them
-        back on wake_up; otherwise they are discarded and the next update_weights must carry a
-        complete set. The prefix cache is emptied (its KV is gone).
+        level 1: the weights go to (pinned) host memory and come back on wake_up; the KV cache
+            is dropped.
+        level 2: the weights and the KV cache are both dropped; the next update_weights must
+            bring a complete set (generate refuses until then).
+        The prefix cache is emptied (its KV is gone). For one pool at a time, see
+        release_memory_occupation.
         """
-        with self._lock:
-            self._sleep(level, offload_weights)
-
-    def _sleep(self, level: int, offload_weights: bool) -> None:
-        self._check_quiet("sleep")
         if isinstance(level, bool) or level not in (1, 2):
-            raise ValueError(f"sleep: level must be 1 or 2, got {level!r}")
-        if offload_weights and level != 2:
-            raise ValueError("sleep: offload_weights applies to level 2 (level 1 keeps the weights)")
+            raise ValueError(f"sleep: level must be 1 (offload the weights, drop the KV cache) or 2 (drop both), "
+                             f"got {level!r}")
+        with self._lock:
+            asleep = self.sleeping_tags
+            if asleep:
+                raise RuntimeError(f"sleep: the engine is already sleeping ({', '.join(sorted(asleep))} released); "
+                                   "call wake_up() first")
+            self._release("sleep", set(TAGS), offload_weights=level == 1)
+
+    def release_memory_occupation(self, tags: Sequence[str] | str | None = None, *,
+                                  offload_weights: bool = False) -> None:
+        """Release the named pools ("weights", "kv_cache"; default both), as SGLang's call does.
+
+        Weights are dropped (the next update_weights must bring them) unless offload_weights,
+        which keeps them in pinned host memory until resume_memory_occupation / wake_up
+        (SGLang's enable_weights_cpu_backup). A pool that is already released: RuntimeError.
+        """
+        what = "release_memory_occupation"
+        with self._lock:
+            wanted = _parse_tags(what, tags)
+            if offload_weights and WEIGHTS not in wanted:
+                raise ValueError(f"{what}: offload_weights needs the 'weights' tag")
+            already = sorted(wanted & self.sleeping_tags)
+            if already:
+                raise RuntimeError(f"{what}: {', '.join(already)} already released; resume it first")
+            self._release(what, wanted, offload_weights)
+
+    def resume_memory_occupation(self, tags: Sequence[str] | str | None = None) -> None:
+        """Take released pools back (SGLang's name for wake_up): default every released one."""
+        self.wake_up(tags)
+
+    def _release(self, what: str, tags: set[str], offload_weights: bool) -> None:
+        self._check_quiet(what)
         memory = self._engine.runner.memory
         if not memory.sleep_capable:
-            raise RuntimeError("sleep on CUDA needs EngineConfig(enable_sleep_mode=True) (weights and KV cache "
+            raise RuntimeError(f"{what} on CUDA needs EngineConfig(enable_sleep_mode=True) (weights and KV cache "
                                "in CUDA virtual memory, so CUDA graphs stay valid across sleep/wake)")
-        if memory.asleep():
-            raise RuntimeError(f"sleep: the engine is already sleeping ({', '.join(sorted(memory.asleep()))} "
-                               "released); call wake_up() first")
-        self._engine.release_kv()  # kept requests (paused) recompute their KV after the wake
-        self._engine.block_manager.invalidate_cache()
-        memory.pools[KV_CACHE].release()
-        if level == 2:
+        if KV_CACHE in tags:
+            self._engine.release_kv()  # kept requests (paused) recompute their KV after the wake
+            self._engine.block_manager.invalidate_cache()
+            memory.pools[KV_CACHE].release()
+        if WEIGHTS in tags:
             try:
                 memory.pools[WEIGHTS].release(offload=offload_weights)
             except BaseException:
-                self._wake_kv(lazy=False)
+                if KV_CACHE in tags:
+                    self._wake_kv(lazy=False)
                 raise
             if not memory.vmm:  # released storage would stay alive in the cached views
                 self._engine.runner.weight_map.forget_views()
             if not offload_weights:
-                self._mark_stale("discarded by sleep(level=2)")
+                self._mark_stale(f"discarded by {what}")
 
     def wake_up(self, tags: Sequence[str] | str | None = None) -> None:
         """Restore released memory: the given tags ("weights", "kv_cache"), default all asleep.
@@ -145,14 +204,7 @@ class RLMixin:
         self._check_quiet("wake_up")
         memory = self._engine.runner.memory
         asleep = memory.asleep()
-        if isinstance(tags, str):
-            tags = [tags]
-        wanted = set(asleep) if tags is None else set(tags)
-        if tags is not None and not wanted:
-            raise ValueError("wake_up: tags is empty; pass None to wake everything that sleeps")
-        unknown = sorted(wanted - set(TAGS))
-        if unknown:
-            raise ValueError(f"wake_up: unknown tag(s) {unknown}; known: {list(TAGS)}")
+        wanted = set(asleep) if tags is None else _parse_tags("wake_up", tags)
         if not asleep:
             raise RuntimeError("wake_up: the engine is not sleeping")
         awake = sorted(wanted - asleep)
@@ -198,7 +250,7 @@ class RLMixin:
             named_tensors = named_tensors.items()
         memory = self._engine.runner.memory
         if WEIGHTS in memory.asleep():
-            raise RuntimeError("update_weights: the weights are released (sleep level 2); "
+            raise RuntimeError("update_weights: the weights are released (sleep); "
                                "call wake_up(['weights']) first")
         runner = self._engine.runner
         try:
@@ -207,7 +259,10 @@ class RLMixin:
         except BaseException as e:
             if getattr(e, "weights_changed", False):
                 self._engine.block_manager.invalidate_cache()
-                self._mark_stale(f"an update failed after overwriting some parameters: {e}")
+                total = len(self._engine.weight_map.required_names())
+                loaded = len(getattr(e, "names_loaded", ()))
+                self._mark_stale(f"an update failed after overwriting {loaded} of {total} tensors, the others hold "
+                                 f"the weights from before: {e}")
             raise
         self._engine.block_manager.invalidate_cache()
         if partial:
@@ -219,6 +274,21 @@ class RLMixin:
         old = self._engine.weight_version
         self._engine.weight_version = version if version is not None else (old + 1 if isinstance(old, int) else 1)
         return self._engine.weight_version
+
+
+def _parse_tags(what: str, tags: Sequence[str] | str | None) -> set[str]:
+    """The set of pool tags a call names (None: all of them); ValueError for an empty or unknown one."""
+    if tags is None:
+        return set(TAGS)
+    if isinstance(tags, str):
+        tags = [tags]
+    wanted = set(tags)
+    if not wanted:
+        raise ValueError(f"{what}: tags is empty; pass None for every pool")
+    unknown = sorted(wanted - set(TAGS), key=str)
+    if unknown:
+        raise ValueError(f"{what}: unknown tag(s) {unknown}; known: {list(TAGS)}")
+    return wanted
 
 
 _ATTENTION_OPS = ("paged_attention_decode", "paged_attention_prefill", "sliding_sink_attention_decode",

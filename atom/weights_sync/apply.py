@@ -17,8 +17,9 @@ def apply_weights(model: torch.nn.Module, weight_map: WeightMap, named_tensors: 
     Raises ValueError naming the offending tensor on an unknown name, a wrong shape, a
     non-floating or (check_finite) non-finite tensor, or, unless `partial`, when required
     tensors are missing at the end. Errors of the iterable itself (a transfer that broke off)
-    propagate as they are. Either way the exception gets `weights_changed`: whether some
-    parameters were already overwritten when it happened.
+    propagate as they are. Either way the exception gets `weights_changed` (whether some
+    parameters were already overwritten when it happened) and `names_loaded` (the checkpoint
+    names that were).
     """
     progress = LoadProgress()
     # ~19k tensor views of a MoE update would trigger full garbage collections of the
@@ -26,10 +27,13 @@ def apply_weights(model: torch.nn.Module, weight_map: WeightMap, named_tensors: 
     gc_was_enabled = gc.isenabled()
     gc.disable()
     try:
-        load_weights(model, weight_map, named_tensors, check_finite=check_finite, require_all=not partial,
+        load_weights(model, weight_map, named_tensors, check_finite=check_finite, require_all=False,
                      progress=progress)
+        if not partial:
+            _check_complete(weight_map, progress.loaded)
     except BaseException as e:
         e.weights_changed = progress.count > 0
+        e.names_loaded = set(progress.loaded)
         raise
     finally:
         if gc_was_enabled:
@@ -38,3 +42,11 @@ def apply_weights(model: torch.nn.Module, weight_map: WeightMap, named_tensors: 
         if params is not None and params.device.type == "cuda":
             torch.cuda.current_stream(params.device).synchronize()  # copies were non_blocking
     return progress.loaded
+
+
+def _check_complete(weight_map: WeightMap, loaded: set[str]) -> None:
+    missing = sorted(weight_map.required_names() - loaded)
+    if missing:
+        shown = ", ".join(missing[:8]) + (f" and {len(missing) - 8} more" if len(missing) > 8 else "")
+        raise ValueError(f"the update is missing {len(missing)} tensor(s): {shown} (pass partial=True for a "
+                         "deliberate partial update)")

@@ -1,0 +1,98 @@
+"""vLLM's output shapes (RequestOutput, CompletionOutput, Logprob), built from atom's outputs."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable
+
+from atom.outputs import Completion, RolloutOutput
+
+Decode = Callable[[int], str | None]
+
+
+@dataclass
+class Logprob:
+    """One token's log-probability, as vLLM reports it.
+
+    rank: 1 for the most likely token. Exact for the top-k alternatives; a sampled token outside
+    them gets k + 1 (a lower bound: atom does not rank beyond the top k), or None when k = 0.
+    """
+
+    logprob: float
+    rank: int | None = None
+    decoded_token: str | None = None
+
+
+@dataclass
+class CompletionOutput:
+    index: int
+    text: str
+    token_ids: list[int]
+    cumulative_logprob: float | None
+    logprobs: list[dict[int, Logprob]] | None
+    finish_reason: str | None = None
+    stop_reason: int | str | None = None
+    lora_request: None = None
+
+    def finished(self) -> bool:
+        return self.finish_reason is not None
+
+
+@dataclass
+class RequestOutput:
+    request_id: str
+    prompt: str | None
+    prompt_token_ids: list[int]
+    prompt_logprobs: list[dict[int, Logprob] | None] | None
+    outputs: list[CompletionOutput]
+    finished: bool
+    metrics: None = None
+    lora_request: None = None
+    encoder_prompt: None = None
+    encoder_prompt_token_ids: None = None
+    num_cached_tokens: int | None = None
+    kv_transfer_params: None = None
+    multi_modal_placeholders: dict = field(default_factory=dict)
+
+
+def position_logprobs(token: int, logprob: float, top: dict[int, float] | None, k: int,
+                      decode: Decode) -> dict[int, Logprob]:
+    """vLLM's per-position dict: the chosen token first, then the top-k alternatives, ranked."""
+    ranked = sorted((top or {}).items(), key=lambda kv: -kv[1])[:k] if k else []
+    ranks = {tid: r for r, (tid, _) in enumerate(ranked, 1)}
+    out = {token: Logprob(logprob, ranks.get(token, k + 1 if k else None), decode(token))}
+    for tid, lp in ranked:
+        if tid != token:
+            out[tid] = Logprob(lp, ranks[tid], decode(tid))
+    return out
+
+
+def completion_output(c: Completion, k: int | None, decode: Decode, stop_in_text: bool,
+                      detokenize: bool) -> CompletionOutput:
+    text = c.text if detokenize else ""
+    if stop_in_text and detokenize and c.finish_reason == "stop" and isinstance(c.stop_reason, str):
+        text += c.stop_reason
+    if k is None:
+        logprobs, cumulative = None, None
+    else:
+        tops = c.top_logprobs or [None] * len(c.token_ids)
+        logprobs = [position_logprobs(t, lp, top, k, decode) for t, lp, top in zip(c.token_ids, c.logprobs, tops)]
+        cumulative = float(sum(c.logprobs))
+    return CompletionOutput(index=c.index, text=text, token_ids=list(c.token_ids), cumulative_logprob=cumulative,
+                            logprobs=logprobs, finish_reason=c.finish_reason, stop_reason=c.stop_reason)
+
+
+def request_output(out: RolloutOutput, request_id: str, prompt: str | None, k: int | None, prompt_k: int | None,
+                   decode: Decode, stop_in_text: bool, detokenize: bool) -> RequestOutput:
+    prompt_logprobs = None
+    if out.prompt_logprobs is not None:
+        prompt_logprobs = [None if d is None else _prompt_position(tok, d, prompt_k or 0, decode)
+                           for tok, d in zip(out.prompt_token_ids, out.prompt_logprobs)]
+    return RequestOutput(
+        request_id=request_id, prompt=prompt, prompt_token_ids=list(out.prompt_token_ids),
+        prompt_logprobs=prompt_logprobs, finished=out.finished,
+        outputs=[completion_output(c, k, decode, stop_in_text, detokenize) for c in out.outputs])
+
+
+def _prompt_position(token: int, d: dict[int, float], k: int, decode: Decode) -> dict[int, Logprob]:
+    # atom's entry holds the actual token and the top-k alternatives: the k best of them are the top k.
+    return position_logprobs(token, d[token], d, k, decode)

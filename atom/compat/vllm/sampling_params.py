@@ -1,0 +1,98 @@
+"""vLLM's SamplingParams, mapped onto atom's.
+
+Every field vLLM's `SamplingParams` takes is accepted under its vLLM name. Fields that atom's
+own `atom.SamplingParams` has are passed through (so they gain support here as soon as atom's
+sampler does); the few that only shape the output (`detokenize`,
+`include_stop_str_in_output`, `output_kind`) are handled by this layer; any other field set to
+something but its neutral value raises a ValueError naming it, instead of being ignored.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any
+
+from atom.sampling_params import SamplingParams as AtomSamplingParams
+
+_ATOM_FIELDS = frozenset(f.name for f in dataclasses.fields(AtomSamplingParams))
+# Fields this layer applies to the outputs itself.
+_OUTPUT_FIELDS = frozenset({"detokenize", "include_stop_str_in_output", "output_kind"})
+
+
+@dataclass
+class StructuredOutputsParams:
+    """vLLM's constrained-decoding options; atom has no constrained decoding (setting one raises)."""
+
+    json: Any = None
+    regex: str | None = None
+    choice: list[str] | None = None
+    grammar: str | None = None
+    json_object: bool | None = None
+
+
+@dataclass
+class SamplingParams:
+    """vLLM's sampling parameters (same names, same defaults); see the module docstring."""
+
+    n: int = 1
+    best_of: int | None = None
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    min_p: float = 0.0
+    seed: int | None = None
+    stop: str | list[str] | None = None
+    stop_token_ids: list[int] | None = None
+    bad_words: list[str] | None = None
+    ignore_eos: bool = False
+    max_tokens: int | None = 16
+    min_tokens: int = 0
+    logprobs: int | None = None
+    prompt_logprobs: int | None = None
+    detokenize: bool = True
+    skip_special_tokens: bool = True
+    spaces_between_special_tokens: bool = True
+    logits_processors: Any = None
+    include_stop_str_in_output: bool = False
+    truncate_prompt_tokens: int | None = None
+    output_kind: Any = None
+    structured_outputs: StructuredOutputsParams | None = None
+    guided_decoding: Any = None
+    logit_bias: dict[int, float] | None = None
+    allowed_token_ids: list[int] | None = None
+    extra_args: dict[str, Any] | None = None
+
+    def __post_init__(self) -> None:
+        self.to_atom(max_tokens=1 if self.max_tokens is None else None)  # ValueError now, as vLLM raises
+
+    def clone(self) -> "SamplingParams":
+        return dataclasses.replace(self)
+
+    def to_atom(self, logprobs_mode: str = "raw", max_tokens: int | None = None) -> AtomSamplingParams:
+        """atom's SamplingParams for this request.
+
+        logprobs_mode: "raw" or "processed" (the LLM's logprobs_mode).
+        max_tokens: used when this object's max_tokens is None (vLLM: up to max_model_len).
+        """
+        values: dict[str, Any] = {}
+        unsupported: list[str] = []
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if f.name in _OUTPUT_FIELDS:
+                continue
+            if f.name in _ATOM_FIELDS:
+                values[f.name] = value
+            elif value != f.default and not (f.name == "best_of" and value in (None, self.n)):
+                unsupported.append(f"{f.name}={value!r}")
+        if unsupported:
+            raise ValueError(f"SamplingParams: {', '.join(unsupported)} not supported by atom (leave "
+                             f"{'it' if len(unsupported) == 1 else 'them'} at vLLM's default)")
+        values["stop"] = [] if self.stop is None else self.stop
+        values["stop_token_ids"] = [] if self.stop_token_ids is None else self.stop_token_ids
+        if values.get("max_tokens") is None:
+            values["max_tokens"] = max_tokens if max_tokens is not None else 1
+        values["logprobs_mode"] = logprobs_mode
+        return AtomSamplingParams(**values)

@@ -1,0 +1,134 @@
+"""What frameworks reach for inside vLLM's engine: the driver worker, its model runner and the
+model's `load_weights`, and the worker methods they call through `LLM.collective_rpc`.
+
+`llm.llm_engine.model_executor.driver_worker.model_runner.model.load_weights(pairs)` (TRL's
+colocate path, verl, NeMo-RL) streams HF-named tensors into the engine. The weight-transfer
+methods are those of the frameworks' own vLLM worker extensions, with the same arguments:
+
+* OpenRLHF: `init_process_group(master_address, master_port, rank_offset, world_size,
+  group_name, backend)`, `update_weight(name, dtype, shape)` (trainer = rank 0);
+* TRL (vllm-serve): `init_communicator(host, port, world_size)`, `update_named_param(name,
+  dtype, shape)`, `close_communicator()` (trainer = the last rank);
+* CUDA IPC of trainer tensors: `update_weights_from_ipc_handles` / `update_weight_cuda_ipc`.
+"""
+from __future__ import annotations
+
+from typing import Any, Iterable
+
+import torch
+
+from atom.weights_sync.tensor_sync import parse_dtype
+
+
+class Model:
+    """The engine's model as vLLM's workers expose it: `load_weights` is what callers need."""
+
+    def __init__(self, engine) -> None:
+        self._rollout = engine
+
+    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
+        """Load (HF name, tensor) pairs into the running model, any subset of them (as vLLM's
+        load_weights does); returns the names loaded. The weight version does not change."""
+        names: set[str] = set()
+
+        def streamed():  # one tensor at a time, as the caller hands them over
+            for name, tensor in weights:
+                names.add(name)
+                yield name, tensor
+        self._rollout.update_weights(streamed(), partial=True, version=self._rollout.weight_version)
+        return names
+
+
+class ModelRunner:
+    def __init__(self, engine) -> None:
+        self.model = Model(engine)
+
+
+class Worker:
+    """vLLM's (driver) worker over one RolloutEngine; `worker_extension_cls` is mixed in front."""
+
+    def __init__(self, engine, rank: int = 0) -> None:
+        self.rollout_engine = engine
+        self.model_runner = ModelRunner(engine)
+        self.rank = rank
+        self.local_rank = rank
+        self.device = engine.config.torch_device()
+
+    # ---- vLLM's own worker methods -------------------------------------------------------
+    def sleep(self, level: int = 1) -> None:
+        self.rollout_engine.sleep(level)
+
+    def wake_up(self, tags: list[str] | None = None) -> None:
+        self.rollout_engine.wake_up(tags)
+
+    def reset_prefix_cache(self) -> bool:
+        return self.rollout_engine.reset_prefix_cache()
+
+    def report_device_id(self) -> str:
+        """The device's UUID (CUDA), as NeMo-RL and verl match trainer and engine GPUs; "cpu" on CPU."""
+        if self.device.type != "cuda":
+            return "cpu"
+        return str(torch.cuda.get_device_properties(self.device).uuid)
+
+    # ---- OpenRLHF --------------------------------------------------------------------------
+    def init_process_group(self, master_address: str, master_port: int, rank_offset: int, world_size: int,
+                           group_name: str = "atom_weight_sync", backend: str = "nccl", use_ray: bool = False) -> None:
+        if use_ray:
+            raise ValueError("init_process_group: use_ray=True (a Ray collective group) is not supported; "
+                             "atom joins a torch process group")
+        self.rollout_engine.init_weights_update_group(master_address, master_port, rank_offset + self.rank,
+                                                      world_size, group_name=group_name, backend=backend, src=0)
+
+    def update_weight(self, name: str, dtype, shape, empty_cache: bool = False) -> None:
+        self.rollout_engine.update_weights_from_distributed([name], [dtype], [shape], flush_cache=True)
+
+    def update_weight_cuda_ipc(self, name: str, dtype, shape, ipc_handles: dict, empty_cache: bool = False) -> None:
+        """OpenRLHF's IPC path: ipc_handles maps device UUIDs to `reduce_tensor` handles."""
+        handle = ipc_handles.get(self.report_device_id(), None) if isinstance(ipc_handles, dict) else ipc_handles
+        if handle is None:
+            raise ValueError(f"update_weight_cuda_ipc: no handle for this device ({self.report_device_id()})")
+        func, args = handle
+        tensor = func(*args)
+        self.rollout_engine.update_weights_from_tensor([(name, _checked(name, tensor, dtype, shape))])
+
+    # ---- TRL (vllm-serve's worker extension) --------------------------------------------------
+    def init_communicator(self, host: str, port: int, world_size: int, client_device_uuid: str | None = None) -> None:
+        self.rollout_engine.init_weights_update_group(host, port, self.rank, world_size, backend=_backend(self.device),
+                                                      src=world_size - 1)
+
+    def update_named_param(self, name: str, dtype, shape) -> None:
+        self.rollout_engine.update_weights_from_distributed([name], [dtype], [shape], flush_cache=True)
+
+    def close_communicator(self) -> None:
+        self.rollout_engine.destroy_weights_update_group()
+
+    # ---- IPC of trainer tensors (NeMo-RL / verl shape) ----------------------------------------
+    def update_weights_from_ipc_handles(self, ipc_handles: Any) -> bool:
+        """Buckets packed by atom.weights_sync.ipc (bytes, or a per-device dict of them)."""
+        if isinstance(ipc_handles, dict):
+            ipc_handles = ipc_handles[self.report_device_id()]
+        self.rollout_engine.update_weights_from_ipc(ipc_handles)
+        return True
+
+
+def _backend(device: torch.device) -> str:
+    return "nccl" if device.type == "cuda" else "gloo"
+
+
+def _checked(name: str, tensor: torch.Tensor, dtype, shape) -> torch.Tensor:
+    if tuple(tensor.shape) != tuple(shape) or tensor.dtype != parse_dtype(dtype):
+        raise ValueError(f"weight {name!r}: the handle holds {tuple(tensor.shape)} {tensor.dtype}, the call "
+                         f"announced {tuple(shape)} {parse_dtype(dtype)}")
+    return tensor
+
+
+def make_worker(engine, extension_cls: Any = None) -> Worker:
+    """A Worker, with the extension class (or its dotted name) mixed in front as vLLM does."""
+    if extension_cls is None:
+        return Worker(engine)
+    if isinstance(extension_cls, str):
+        import importlib
+        module, _, name = extension_cls.rpartition(".")
+        extension_cls = getattr(importlib.import_module(module), name)
+    cls = type(f"{extension_cls.__name__}Worker", (extension_cls, Worker), {})
+    return cls(engine)
