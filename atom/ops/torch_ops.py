@@ -130,6 +130,12 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     return F.linear(x, weight, bias)
 
 
+@register("logits", B)
+def logits(hidden: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """The LM head: hidden [T, H] @ weight [V, H].T, in float32 (sampling wants the precision)."""
+    return F.linear(hidden, weight).float()
+
+
 @register("silu_and_mul", B)
 def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
     gate, up = x.chunk(2, dim=-1)
