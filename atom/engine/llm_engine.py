@@ -17,6 +17,7 @@ from atom.distributed.dp import my_requests, share_results
 from atom.engine.group_sync import GroupPlan, GroupSync, apply_report, new_request_copy, report
 from atom.engine.messages import ScheduledBatch, StepOutput
 from atom.engine.model_runner import ModelRunner
+from atom.engine.rl_state import EngineRLState
 from atom.engine.scheduler import Scheduler
 from atom.engine.sequence import Request, Sequence, SeqStatus
 from atom.engine.stops import StopChecker
@@ -28,8 +29,8 @@ _DEFAULT_MAX_MODEL_LEN = 8192
 PAUSE_MODES = ("abort", "wait", "keep")
 
 
-class LLMEngine:
-    """Runs requests to completion, a step at a time."""
+class LLMEngine(EngineRLState):
+    """Runs requests to completion, a step at a time (and holds the RL state: rl_state.py)."""
 
     def __init__(self, config: EngineConfig, detokenize: Callable[[list[int]], str] | None = None) -> None:
         self.config = config

@@ -303,10 +303,9 @@ class RolloutEngine(RLMixin, TransferMixin):
         ids = self._prompt_ids(f"prompt {index}", prompt)
         longest = min(len(ids) + params.max_tokens, self.max_model_len)
         if not self._engine.max_tokens_fit(longest):
-            bm = self._engine.block_manager
             raise ValueError(f"prompt {index}: {longest} tokens (prompt {len(ids)} + max_tokens={params.max_tokens}, "
                              f"at most max_model_len={self.max_model_len}) do not fit the KV cache of "
-                             f"{bm.num_blocks} blocks of {bm.block_size} tokens; lower max_tokens or raise "
+                             f"{self.num_kv_blocks} blocks of {self.config.kv_block_size} tokens; lower max_tokens or raise "
                              "num_kv_blocks / kv_cache_memory_bytes")
         return Request(index, prompt, ids, params, seed=0)
 
