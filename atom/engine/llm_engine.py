@@ -140,6 +140,15 @@ class LLMEngine(EngineRLState):
     def num_free_kv_blocks(self) -> int:
         return self.block_manager.num_free
 
+    @property
+    def num_running(self) -> int:
+        return len(self.scheduler.running)
+
+    @property
+    def step_in_flight(self) -> bool:
+        """A decode step is queued on the device and its tokens are not read yet (overlap)."""
+        return self._inflight is not None
+
     def reset_prefix_cache(self) -> None:
         self.block_manager.invalidate_cache()
 
@@ -315,6 +324,7 @@ class LLMEngine(EngineRLState):
         queued = None if nxt is None else self.runner.launch_decode(nxt, self.block_manager, self._inflight)
         if queued is not None:
             self.scheduler.advance(nxt)
+            self.stats.overlapped_steps += 1
         out = self.runner.collect(self._inflight)
         self._inflight = queued
         self._finish_step(batch, out)

@@ -31,8 +31,10 @@ class ModelRunner:
         from atom.distributed import init_parallel
         self.parallel = init_parallel(config, args)
         self.device = config.torch_device()
-        # Decode steps go through static buffers, CUDA graphs and the overlapped loop on one GPU.
-        self.use_decode_runner = self.device.type == "cuda" and not self.parallel.is_parallel
+        # Decode steps go through static buffers, CUDA graphs and the overlapped loop on one GPU
+        # (config.overlap_decode=True: on the CPU too, without graphs).
+        on = config.overlap_decode if config.overlap_decode is not None else self.device.type == "cuda"
+        self.use_decode_runner = on and not self.parallel.is_parallel
         self._decode_runner = None
         self.dtype = config.torch_dtype(args.torch_dtype)
         ops.configure(self.device, config.op_backends)

@@ -88,6 +88,17 @@ class RolloutEngine(RLMixin, TransferMixin):
         return self._engine.num_free_kv_blocks
 
     @property
+    def step_in_flight(self) -> bool:
+        """Whether a decode step is queued on the device with its tokens not read yet (the
+        overlapped loop; abort / pause / weight calls read it first)."""
+        return self._engine.step_in_flight
+
+    @property
+    def num_running_sequences(self) -> int:
+        """Sequences that hold KV blocks right now (the n samples of a request count one each)."""
+        return self._engine.num_running
+
+    @property
     def vocab_size(self) -> int:
         return self._engine.args.vocab_size
 
