@@ -1,0 +1,293 @@
+"""ReplicaPool: engine replicas as Ray actors, one front for generate, weights, sleep and stats."""
+from __future__ import annotations
+
+import dataclasses
+import random
+import time
+from typing import Any, Callable, Iterable, Sequence
+
+import torch
+
+from atom.config import EngineConfig
+from atom.outputs import EngineStats, RolloutOutput
+from atom.ray.batch import run_sharded
+from atom.ray.config import PoolConfig
+from atom.ray.replicas import READY, STALE, FailureEvent, Replica, ReplicaSet, task_error
+from atom.ray.routing import AsyncRouting
+from atom.ray.weights import PushResult, WeightBroadcast
+from atom.sampling_params import SamplingParams
+
+_RESYNC_RETRY_S = 5.0
+
+
+class ReplicaPool(AsyncRouting):
+    """N engine replicas on a Ray cluster behind the RolloutEngine calls.
+
+    Example::
+
+        ray.init()                                   # or ray.init(address="auto")
+        pool = ReplicaPool(PoolConfig(EngineConfig(model=ckpt), num_replicas=4))
+        outs = pool.generate(prompts, SamplingParams(n=8, temperature=1.0, logprobs=0))
+        pool.push(trainer_model, version=step)      # one broadcast to every replica
+        out = await pool.generate_async(prompt, params, request_id="conv7:turn2")
+
+    Seeds: requests without a seed get one from random.Random(config.seed) in call order, as
+    one RolloutEngine would draw them, so the outputs equal one engine's whatever the replica
+    count, sharding or failures. A replica that dies is restarted by Ray, resynchronised to the
+    pool's weight version and served again; its in-flight work goes to the other replicas.
+    """
+
+    def __init__(self, config: PoolConfig | EngineConfig | str, **pool_options) -> None:
+        if not isinstance(config, PoolConfig):
+            engine = config if isinstance(config, EngineConfig) else EngineConfig(model=config)
+            config = PoolConfig(engine=engine, **pool_options)
+        elif pool_options:
+            config = dataclasses.replace(config, **pool_options)
+        self.config = config
+        seed = config.seed if config.seed is not None else config.engine.seed
+        self._rng = random.Random(seed)
+        self.weight_version = 0
+        self._source: tuple | None = None      # what resynchronises a stale replica (see push)
+        self._sleeping: set[str] = set()
+        self._resync_tried: dict[int, float] = {}
+        self._rset = ReplicaSet(config, on_event=self._on_failure)
+        self._rset.on_started = lambda rep: self._admit(rep.id)
+        self._bcast = self.weight_broadcast(all_replicas=True)
+        info = self._rset.replicas[0].info
+        self.max_model_len, self.vocab_size = info["max_model_len"], info["vocab_size"]
+        self._init_routing()
+
+    # ---- state ---------------------------------------------------------------------------
+    @property
+    def num_replicas(self) -> int:
+        return len(self._rset.replicas)
+
+    @property
+    def failures(self) -> list[FailureEvent]:
+        """Every replica failure so far (deaths, failed transfers, restarts given up), oldest first."""
+        return list(self._rset.failures)
+
+    def replica_states(self) -> dict[int, dict[str, Any]]:
+        """Per replica: status (ready / stale / starting / restarting / dead), weight version, restarts."""
+        return {i: {"status": r.status, "weight_version": r.weight_version, "restarts": r.restarts}
+                for i, r in self._rset.replicas.items()}
+
+    def _on_failure(self, event: FailureEvent) -> None:
+        self._bcast.close()  # the group's members changed: the next push builds a new one
+
+    # ---- health: admit (re)started replicas, resynchronise stale ones ----------------------
+    def _heal(self) -> None:
+        self._rset.poll()
+        now = time.monotonic()
+        for rid in self._rset.ids(STALE):
+            if now - self._resync_tried.get(rid, -1e9) > _RESYNC_RETRY_S:
+                self._admit(rid)
+
+    def _admit(self, rid: int) -> None:
+        """A started replica serves once its weights are at the pool's version (resync if needed)."""
+        rep = self._rset.replicas[rid]
+        self._resync_tried[rid] = time.monotonic()
+        if self._sleeping and not self._sleep_like_pool(rep):
+            return
+        if rep.weight_version != self.weight_version and self._source is not None and "weights" not in self._sleeping:
+            self._resync(rep)
+        rep.status = READY if rep.weight_version == self.weight_version else STALE
+
+    def _sleep_like_pool(self, rep: Replica) -> bool:
+        level = 2 if "weights" in self._sleeping else 1
+        try:
+            self._rset.call([rep.id], "sleep", level)
+        except Exception as e:  # noqa: BLE001
+            self._rset.record(rep.id, "could not sleep like the pool", e)
+            return False
+        return True
+
+    def _resync(self, rep: Replica) -> None:
+        source, rename, dtype = self._source
+        one = WeightBroadcast({rep.id: rep.ranks}, self.config.sync_backend, self.config.weight_sync_timeout_s)
+        try:
+            result = one.push(source() if callable(source) and not isinstance(source, torch.nn.Module) else source,
+                              version=self.weight_version, rename=rename, dtype=dtype)
+        except Exception as e:  # noqa: BLE001
+            self._rset.record(rep.id, "resynchronisation failed", task_error(e))
+            return
+        finally:
+            one.close()
+        if rep.id in result.updated:
+            rep.weight_version = result.version
+        else:
+            self._rset.record(rep.id, "resynchronisation failed", result.failed.get(rep.id, "?"))
+
+    def refresh(self) -> None:
+        """Re-read every replica's weight version (after a push from a trainer actor through
+        `weight_broadcast()`): the highest is the pool's; replicas behind it stop serving."""
+        self._heal()
+        live = self._rset.ids(READY, STALE)
+        states = self._rset.call(live, "ping")
+        for rid, st in states.items():
+            self._rset.replicas[rid].weight_version = st["weight_version"]
+        if states:
+            self.weight_version = max(st["weight_version"] for st in states.values())
+        for rid in states:
+            rep = self._rset.replicas[rid]
+            if rep.status in (READY, STALE):
+                rep.status = READY if rep.weight_version == self.weight_version else STALE
+
+    # ---- batch generate --------------------------------------------------------------------
+    def generate(self, prompts, sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
+                 use_tqdm: bool = False, on_progress: Callable[[int], None] | None = None) -> list[RolloutOutput]:
+        """RolloutEngine.generate over the replicas: outputs in input order.
+
+        on_progress(k): called as each shard's k prompts complete. use_tqdm: a progress bar over prompts.
+        """
+        prompts = self._as_list(prompts)
+        checked = self._per_prompt_params(sampling_params, len(prompts))
+        state = self._rng.getstate()
+        params = self._seeded(checked)
+        bar = None
+        if use_tqdm:
+            from tqdm.auto import tqdm
+            bar = tqdm(total=len(prompts), desc="rollout", unit="prompt")
+
+        def progress(k: int) -> None:
+            if bar is not None:
+                bar.update(k)
+            if on_progress is not None:
+                on_progress(k)
+        try:
+            self._heal()
+            return run_sharded(self._rset, prompts, params, self.config.shard_size, self._heal, progress)
+        except (ValueError, RuntimeError):
+            self._rng.setstate(state)  # a rejected call leaves the seed stream alone
+            raise
+        finally:
+            if bar is not None:
+                bar.close()
+
+    @staticmethod
+    def _as_list(prompts) -> list:
+        if isinstance(prompts, str) or (isinstance(prompts, list) and prompts and isinstance(prompts[0], dict)):
+            return [prompts]
+        return list(prompts)
+
+    def _per_prompt_params(self, sampling_params, count: int) -> list[SamplingParams]:
+        if sampling_params is None:
+            sampling_params = SamplingParams()
+        params = [sampling_params] * count if isinstance(sampling_params, SamplingParams) else list(sampling_params)
+        if len(params) != count:
+            raise ValueError(f"got {len(params)} SamplingParams for {count} prompts")
+        for sp in params:
+            if not isinstance(sp, SamplingParams):
+                raise ValueError(f"sampling_params entries must be SamplingParams, got {type(sp).__name__}")
+            sp.validate(self.vocab_size)
+        return params
+
+    def _seeded(self, params: list[SamplingParams]) -> list[SamplingParams]:
+        """Private copies with every seed set, drawn as RolloutEngine draws them (request order)."""
+        return [dataclasses.replace(sp, seed=sp.seed if sp.seed is not None else self._rng.getrandbits(63))
+                for sp in params]
+
+    def tokenize(self, prompt) -> list[int]:
+        """The token ids `generate` would run for one prompt; the ValueError it would raise."""
+        return self.tokenize_many([prompt])[0]
+
+    def tokenize_many(self, prompts: list) -> list[list[int]]:
+        """tokenize for many prompts in one call to a replica; raises for the first bad one."""
+        self._heal()
+        rids = self._rset.ids(READY)
+        if not rids:
+            self._rset.check_alive()
+            raise RuntimeError("ReplicaPool.tokenize: no replica is ready yet")
+        out = self._rset.call(rids[:1], "tokenize", list(prompts))[rids[0]]
+        for item in out:
+            if isinstance(item, str):
+                raise ValueError(item)
+        return out
+
+    # ---- weights ---------------------------------------------------------------------------
+    def weight_broadcast(self, all_replicas: bool = False) -> WeightBroadcast:
+        """A WeightBroadcast to the pool's replicas (ready and stale ones; all with all_replicas),
+        for a trainer that is a Ray actor: pass it to the actor and call `push` there, then call
+        `pool.refresh()` in the driver."""
+        reps = self._rset.replicas
+        rids = list(reps) if all_replicas else self._rset.ids(READY, STALE)
+        return WeightBroadcast({rid: reps[rid].ranks for rid in rids}, self.config.sync_backend,
+                               self.config.weight_sync_timeout_s)
+
+    def push(self, source: torch.nn.Module | Callable[[], Iterable] | Iterable, *, version: int | None = None,
+             rename: Callable[[str], str | None] | None = None, dtype: torch.dtype | None = None,
+             partial: bool = False) -> PushResult:
+        """Broadcast new weights to every live replica from this process; returns who got them.
+
+        source: a trainer model (its parameters, HF names after `rename`), a callable returning
+            (HF name, tensor) pairs, or the pairs themselves. A model or callable is kept (by
+            reference) to resynchronise replicas that restart later: it must hold the pushed
+            weights while the pool serves them (true between optimizer steps).
+        version: default the pool's version + 1. Replicas that failed keep their old weights
+            and serve nothing until resynchronised (`PushResult.failed` names them).
+        """
+        self._check_no_async_work("push")
+        self._heal()
+        version = self.weight_version + 1 if version is None else int(version)
+        targets = self._rset.ids(READY, STALE)
+        if not targets:
+            self._rset.check_alive()
+            raise RuntimeError("ReplicaPool.push: no replica is up yet")
+        pairs = source() if callable(source) and not isinstance(source, torch.nn.Module) else source
+        result = self._bcast.push(pairs, version=version, replica_ids=targets, rename=rename, dtype=dtype,
+                                  partial=partial)
+        if result.updated:
+            self.weight_version = result.version
+        for rid in result.updated:
+            self._rset.replicas[rid].weight_version = result.version
+        for rid, why in result.failed.items():
+            self._rset.record(rid, "weight transfer failed", why)
+        for rid, rep in self._rset.replicas.items():
+            if rep.status in (READY, STALE):
+                rep.status = READY if rep.weight_version == self.weight_version else STALE
+        if not partial and (isinstance(source, torch.nn.Module) or callable(source)):
+            self._source = (source, rename, dtype)
+        return result
+
+    # ---- sleep / wake / stats fan-out -------------------------------------------------------
+    def sleep(self, level: int = 1, offload_weights: bool = False) -> None:
+        """RolloutEngine.sleep on every live replica."""
+        self._check_no_async_work("sleep")
+        self._heal()
+        self._rset.call(self._rset.ids(READY, STALE), "sleep", level, offload_weights)
+        self._sleeping = {"kv_cache", "weights"} if level == 2 else {"kv_cache"}
+
+    def wake_up(self, tags: Sequence[str] | str | None = None) -> None:
+        """RolloutEngine.wake_up on every live replica."""
+        self._heal()
+        self._rset.call(self._rset.ids(READY, STALE), "wake_up", tags)
+        self._sleeping -= set(self._sleeping if tags is None else ([tags] if isinstance(tags, str) else tags))
+
+    @property
+    def is_sleeping(self) -> bool:
+        return bool(self._sleeping)
+
+    def replica_stats(self) -> dict[int, dict[str, Any]]:
+        """Each live replica's engine counters, weight version and sleep state."""
+        return self._rset.call(self._rset.ids(READY, STALE), "stats")
+
+    @property
+    def stats(self) -> EngineStats:
+        """EngineStats summed over the live replicas (a restarted replica starts from zero)."""
+        fields = [f.name for f in dataclasses.fields(EngineStats)]
+        total = EngineStats()
+        for st in self.replica_stats().values():
+            for f in fields:
+                setattr(total, f, getattr(total, f) + st[f])
+        return total
+
+    def shutdown(self) -> None:
+        """Kill the replicas' actors and release the placement group (if the pool made it)."""
+        self._bcast.close()
+        self._rset.shutdown()
+
+    def __enter__(self) -> "ReplicaPool":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.shutdown()
