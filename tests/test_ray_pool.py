@@ -7,6 +7,7 @@ within float noise: batch composition differs), and HF transformers for the push
 from __future__ import annotations
 
 import asyncio
+import os
 import threading
 import time
 
@@ -24,9 +25,15 @@ PROMPTS = [[5 + i, 6 + i, 7 + i, 8, 9 + 2 * i] for i in range(8)]
 SAMPLED = SamplingParams(n=2, temperature=1.0, max_tokens=8, logprobs=0, ignore_eos=True)
 
 
+TESTS = os.path.dirname(os.path.abspath(__file__))
+
+
 @pytest.fixture(scope="module")
 def cluster():
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
+    # Workers import this module (the Trainer actor) and its helpers: put tests/ on their path.
+    path = os.pathsep.join(p for p in (TESTS, os.environ.get("PYTHONPATH", "")) if p)
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False,
+             runtime_env={"env_vars": {"PYTHONPATH": path}})
     yield
     ray.shutdown()
 
@@ -67,3 +74,83 @@ def test_two_replicas_match_one_engine(cluster, model_path):
         with pytest.raises(ValueError, match="prompt 9: token id 999"):
             pool.generate(PROMPTS + [[1, 2], [999]], SAMPLED)
         assert_same(flat(pool.generate(PROMPTS[:3], SAMPLED)), flat(engine.generate(PROMPTS[:3], SAMPLED)))
+
+
+def hf_logprobs(model, prompt: list[int], tokens: list[int]) -> list[float]:
+    """log p(token | prefix) under a transformers model: the oracle for the pushed weights."""
+    ids = torch.tensor([prompt + tokens])
+    with torch.no_grad():
+        logp = torch.log_softmax(model(ids).logits[0].double(), dim=-1)
+    return [logp[len(prompt) - 1 + i, t].item() for i, t in enumerate(tokens)]
+
+
+@ray.remote(num_cpus=0.5)
+class Trainer:
+    """A trainer Ray actor: builds its model and pushes it through the pool's WeightBroadcast."""
+
+    def __init__(self, path: str, seed: int) -> None:
+        torch.set_num_threads(1)
+        self.model = changed_model(path, seed=seed)
+
+    def push(self, broadcast, version: int):
+        return broadcast.push(self.model, version=version)
+
+
+def test_one_push_updates_every_replica(cluster, model_path):
+    greedy = SamplingParams(temperature=0.0, max_tokens=6, logprobs=0, ignore_eos=True)
+    with pool_of(model_path, num_replicas=2, shard_size=4) as pool:
+        trainer = changed_model(model_path, seed=3)  # the driver is the trainer
+        before = pool.replica_stats()
+        result = pool.push(trainer, version=3)
+        assert result.ok and sorted(result.updated) == [0, 1] and result.version == 3
+        assert {s["weight_version"] for s in pool.replica_stats().values()} == {3}
+        outs = pool.generate(PROMPTS, greedy)
+        after = pool.replica_stats()
+        assert all(after[r]["generated_tokens"] > before[r]["generated_tokens"] for r in (0, 1))  # both served
+        for prompt, out in zip(PROMPTS, outs):
+            c = out.outputs[0]
+            assert c.weight_version == 3
+            assert c.logprobs == pytest.approx(hf_logprobs(trainer, prompt, c.token_ids), abs=1e-4)
+        # A trainer Ray actor pushes through the pool's (picklable) WeightBroadcast; the driver refreshes.
+        actor = Trainer.remote(model_path, 4)
+        result = ray.get(actor.push.remote(pool.weight_broadcast(), 4))
+        assert result.ok and sorted(result.updated) == [0, 1]
+        pool.refresh()
+        assert pool.weight_version == 4
+        want = flat(make_engine(model_path).generate(PROMPTS, greedy))  # v0 weights: must differ
+        engine4 = make_engine(model_path)
+        engine4.update_weights(ray.get(actor.__ray_call__.remote(lambda self: {
+            n: p.detach().clone() for n, p in self.model.named_parameters()})))
+        got = flat(pool.generate(PROMPTS, greedy))
+        assert_same(got, flat(engine4.generate(PROMPTS, greedy)))
+        assert [t for t, _ in got] != [t for t, _ in want]
+        ray.kill(actor)
+
+
+def test_killed_replica_loses_nothing(cluster, model_path):
+    params = SamplingParams(n=2, temperature=1.0, max_tokens=48, logprobs=0, ignore_eos=True, seed=11)
+    prompts = PROMPTS * 2
+    trainer = changed_model(model_path, seed=5)
+    reference = make_engine(model_path)
+    reference.update_weights(trainer.named_parameters())
+    want = flat(reference.generate(prompts, params))
+    with pool_of(model_path, num_replicas=2, shard_size=2) as pool:
+        assert pool.push(trainer, version=1).ok
+        victim = pool.replica_actors(0)[0]
+        box: dict = {}
+        worker = threading.Thread(target=lambda: box.update(outs=pool.generate(prompts, params)))
+        worker.start()
+        deadline = time.monotonic() + 20
+        while not ray.get(victim.ping.remote())["busy"]:  # kill it while it generates
+            assert time.monotonic() < deadline
+            time.sleep(0.005)
+        ray.kill(victim, no_restart=False)
+        worker.join(timeout=120)
+        assert_same(flat(box["outs"]), want)
+        events = [(e.replica, e.what) for e in pool.failures]
+        assert (0, "died during generate") in events
+        pool.wait_until_ready(timeout=60)  # Ray restarted it; the pool resynchronised its weights
+        states = pool.replica_states()
+        assert states[0] == {"status": "ready", "weight_version": 1, "restarts": 1}
+        assert_same(flat(pool.generate(prompts, params)), want)
+        assert pool.replica_stats()[0]["generated_tokens"] > 0  # the restarted replica served again

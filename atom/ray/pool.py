@@ -12,7 +12,7 @@ from atom.config import EngineConfig
 from atom.outputs import EngineStats, RolloutOutput
 from atom.ray.batch import run_sharded
 from atom.ray.config import PoolConfig
-from atom.ray.replicas import READY, STALE, FailureEvent, Replica, ReplicaSet, task_error
+from atom.ray.replicas import READY, RESTARTING, STALE, STARTING, FailureEvent, Replica, ReplicaSet, task_error
 from atom.ray.routing import AsyncRouting
 from atom.ray.weights import PushResult, WeightBroadcast
 from atom.sampling_params import SamplingParams
@@ -72,6 +72,27 @@ class ReplicaPool(AsyncRouting):
         return {i: {"status": r.status, "weight_version": r.weight_version, "restarts": r.restarts}
                 for i, r in self._rset.replicas.items()}
 
+    def replica_actors(self, replica_id: int) -> list:
+        """The Ray actor handles of one replica's ranks (rank 0 first): for custom calls and fault injection."""
+        return list(self._rset.replicas[replica_id].ranks)
+
+    def wait_until_ready(self, timeout: float | None = None) -> None:
+        """Block until every replica that is not given up serves (restarted ones resynchronised).
+
+        RuntimeError when no replica is left, TimeoutError after `timeout` seconds.
+        """
+        deadline = time.monotonic() + (self.config.ready_timeout_s if timeout is None else timeout)
+        while True:
+            self._heal()
+            self._rset.check_alive()
+            waiting = self._rset.ids(STARTING, RESTARTING, STALE)
+            if not waiting:
+                return
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"ReplicaPool.wait_until_ready: replicas {waiting} not ready: "
+                                   f"{ {r: self._rset.replicas[r].status for r in waiting} }")
+            self._rset.wait_for_any(timeout=0.2)
+
     def _on_failure(self, event: FailureEvent) -> None:
         self._bcast.close()  # the group's members changed: the next push builds a new one
 
@@ -122,14 +143,16 @@ class ReplicaPool(AsyncRouting):
         """Re-read every replica's weight version (after a push from a trainer actor through
         `weight_broadcast()`): the highest is the pool's; replicas behind it stop serving."""
         self._heal()
-        live = self._rset.ids(READY, STALE)
-        states = self._rset.call(live, "ping")
+        self._reread_versions(self._rset.ids(READY, STALE), adopt_highest=True)
+
+    def _reread_versions(self, rids: list[int], adopt_highest: bool = False) -> None:
+        states = self._rset.call([r for r in rids if self._rset.replicas[r].status in (READY, STALE)], "ping")
         for rid, st in states.items():
-            self._rset.replicas[rid].weight_version = st["weight_version"]
-        if states:
-            self.weight_version = max(st["weight_version"] for st in states.values())
-        for rid in states:
-            rep = self._rset.replicas[rid]
+            if st["weight_version"] is not None:
+                self._rset.replicas[rid].weight_version = st["weight_version"]
+        if adopt_highest and states:
+            self.weight_version = max(self._rset.replicas[r].weight_version for r in states)
+        for rep in self._rset.replicas.values():
             if rep.status in (READY, STALE):
                 rep.status = READY if rep.weight_version == self.weight_version else STALE
 
@@ -242,11 +265,11 @@ class ReplicaPool(AsyncRouting):
             self._rset.replicas[rid].weight_version = result.version
         for rid, why in result.failed.items():
             self._rset.record(rid, "weight transfer failed", why)
-        for rid, rep in self._rset.replicas.items():
-            if rep.status in (READY, STALE):
-                rep.status = READY if rep.weight_version == self.weight_version else STALE
-        if not partial and (isinstance(source, torch.nn.Module) or callable(source)):
+        self._reread_versions(sorted(result.failed))
+        if result.updated and not partial and (isinstance(source, torch.nn.Module) or callable(source)):
             self._source = (source, rename, dtype)
+        elif not result.updated:
+            self._source = None  # nobody serves what the source now holds: it cannot resynchronise
         return result
 
     # ---- sleep / wake / stats fan-out -------------------------------------------------------

@@ -61,7 +61,7 @@ class EngineRank:
 
     async def ping(self) -> dict[str, Any]:
         """Cheap liveness check; answers even while a generate runs."""
-        return {"pid": os.getpid(), "started": self.engine is not None,
+        return {"pid": os.getpid(), "started": self.engine is not None, "busy": self._lock.locked(),
                 "weight_version": None if self.engine is None else self.engine.weight_version,
                 "weights_complete": None if self.engine is None else self.engine.weights_complete,
                 "sync_failure": self.sync_failure}

@@ -43,6 +43,7 @@ class Replica:
     restarts: int = 0
     pending: list = field(default_factory=list)   # refs of start / ping calls in flight
     since: float = field(default_factory=time.monotonic)
+    retry_at: float = 0.0     # restarting: when to ask again whether the actors are back
     info: dict = field(default_factory=dict)       # max_model_len, vocab_size from start()
 
 
@@ -199,6 +200,8 @@ class ReplicaSet:
         import ray
 
         for rep in self.replicas.values():
+            if rep.status == RESTARTING and not rep.pending and time.monotonic() >= rep.retry_at:
+                rep.pending = [a.ping.remote() for a in rep.ranks]
             if rep.status not in (RESTARTING, STARTING) or not rep.pending:
                 continue
             done, _ = ray.wait(rep.pending, num_returns=len(rep.pending), timeout=0)
@@ -208,13 +211,8 @@ class ReplicaSet:
                 continue
             try:
                 results = ray.get(rep.pending)
-            except Exception as e:  # noqa: BLE001 - any failure here costs a restart
-                rep.pending = []
-                if isinstance(task_error(e), ray.exceptions.ActorDiedError) or rep.restarts >= self.config.max_restarts:
-                    self._give_up(rep, f"{'restart' if rep.status == RESTARTING else 'start'} failed: {task_error(e)}")
-                else:
-                    rep.status = STARTING  # let fail() restart it
-                    self.fail(rep.id, "failed to start", task_error(e))
+            except Exception as e:  # noqa: BLE001
+                self._poll_failed(rep, e)
                 continue
             if rep.status == RESTARTING:
                 self._start(rep)
@@ -225,11 +223,27 @@ class ReplicaSet:
                 if self.on_started is not None:
                     self.on_started(rep)
 
+    def _poll_failed(self, rep: Replica, e: BaseException) -> None:
+        import ray.exceptions as rex
+
+        rep.pending = []
+        if isinstance(e, rex.ActorDiedError):  # out of Ray restarts
+            self._give_up(rep, f"its actor is gone: {task_error(e)}")
+        elif isinstance(e, rex.ActorUnavailableError):  # still restarting: ask again shortly
+            rep.status, rep.retry_at = RESTARTING, time.monotonic() + 0.1
+        elif rep.restarts >= self.config.max_restarts:
+            self._give_up(rep, f"start failed: {task_error(e)}")
+        else:
+            rep.status = STARTING  # not dead yet: fail() restarts it
+            self.fail(rep.id, "failed to start", task_error(e))
+
     def wait_for_any(self, timeout: float) -> None:
         """Block until some starting / restarting replica's calls finish (or timeout)."""
         import ray
 
         pending = [ref for r in self.replicas.values() if r.status in (RESTARTING, STARTING) for ref in r.pending]
+        if any(r.status == RESTARTING and not r.pending for r in self.replicas.values()):
+            timeout = min(timeout, 0.1)  # one is due to be asked again (poll)
         if pending:
             ray.wait(pending, num_returns=1, timeout=timeout)
         else:
