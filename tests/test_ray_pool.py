@@ -32,9 +32,9 @@ TESTS = os.path.dirname(os.path.abspath(__file__))
 def cluster():
     # Workers import this module (the Trainer actor) and its helpers: put tests/ on their path.
     path = os.pathsep.join(p for p in (TESTS, os.environ.get("PYTHONPATH", "")) if p)
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False,
-             runtime_env={"env_vars": {"PYTHONPATH": path}})
-    yield
+    ctx = ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False,
+                   runtime_env={"env_vars": {"PYTHONPATH": path}})
+    yield ctx.address_info["gcs_address"]
     ray.shutdown()
 
 
@@ -154,3 +154,69 @@ def test_killed_replica_loses_nothing(cluster, model_path):
         assert states[0] == {"status": "ready", "weight_version": 1, "restarts": 1}
         assert_same(flat(pool.generate(prompts, params)), want)
         assert pool.replica_stats()[0]["generated_tokens"] > 0  # the restarted replica served again
+
+
+# ---- the Hydra job on the cluster: killed and resumed twice ---------------------------------------
+
+def _job_args(model_path, prompts, out, *extra) -> list[str]:
+    return ["model=tiny_llama", f"model.path={model_path}", f"data.path={prompts}", f"output.path={out}",
+            "engine=cpu", "engine.num_kv_blocks=64", "engine.max_num_seqs=16", "engine.max_model_len=128",
+            "output.progress=false", "sampling.n=2", "sampling.max_tokens=24", "sampling.ignore_eos=true",
+            "data.batch_size=2", *extra]
+
+
+def _lines(path) -> list[dict]:
+    import json
+    if not path.exists():
+        return []
+    return [json.loads(x) for x in path.read_text().splitlines() if x.strip()]
+
+
+def _kill_when(proc, out, at_least: int, total: int) -> int:
+    """SIGKILL the job once `out` has at least `at_least` lines; returns the lines it left."""
+    deadline = time.monotonic() + 90
+    while len(_lines(out)) < at_least:
+        assert proc.poll() is None, f"the job exited early: {proc.stderr.read()[-3000:]}"
+        assert time.monotonic() < deadline, "the job wrote nothing in time"
+        time.sleep(0.02)
+    proc.kill()
+    proc.wait()
+    done = len(_lines(out))
+    assert done < total, "the job finished before it was killed: make it longer"
+    return done
+
+
+def test_sharded_job_killed_and_resumed_twice(cluster, model_path, tmp_path):
+    import json
+    import subprocess
+    import sys
+
+    from hydra import compose, initialize_config_dir
+
+    from atom.rollout.job import run
+    total = 24
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt_token_ids": [3 + i % 50, 4 + i, 5, 6 + 2 * i]}) + "\n"
+                               for i in range(total)))
+    single = tmp_path / "single.jsonl"
+    with initialize_config_dir(config_dir=os.path.join(os.path.dirname(TESTS), "configs"), version_base="1.3"):
+        run(compose("rollout", overrides=_job_args(model_path, prompts, single)))
+    out = tmp_path / "ray.jsonl"
+    cmd = [sys.executable, "-m", "atom.rollout", *_job_args(model_path, prompts, out, "ray.num_replicas=2",
+                                                                f"ray.address={cluster}", "ray.num_cpus_per_rank=0.5")]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([os.path.dirname(TESTS), os.environ.get("PYTHONPATH", "")])}
+    done = 0
+    for _ in range(2):  # killed twice, each time after some more lines
+        proc = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        done = _kill_when(proc, out, done + 2, total)
+    proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert f"{done} already done" in proc.stdout + proc.stderr
+    rows = _lines(out)
+    assert sorted(r["index"] for r in rows) == list(range(total))  # exactly one line per prompt
+    want = {r["index"]: r for r in _lines(single)}
+    for r in rows:
+        w = want[r["index"]]
+        assert [c["token_ids"] for c in r["completions"]] == [c["token_ids"] for c in w["completions"]]
+        for c, d in zip(r["completions"], w["completions"]):
+            assert c["logprobs"] == pytest.approx(d["logprobs"], abs=1e-4)

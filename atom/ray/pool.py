@@ -50,6 +50,7 @@ class ReplicaPool(AsyncRouting):
         self._source: tuple | None = None      # what resynchronises a stale replica (see push)
         self._sleeping: set[str] = set()
         self._resync_tried: dict[int, float] = {}
+        self._final_stats: EngineStats | None = None
         self._rset = ReplicaSet(config, on_event=self._on_failure)
         self._rset.on_started = lambda rep: self._admit(rep.id)
         self._bcast = self.weight_broadcast(all_replicas=True)
@@ -296,7 +297,10 @@ class ReplicaPool(AsyncRouting):
 
     @property
     def stats(self) -> EngineStats:
-        """EngineStats summed over the live replicas (a restarted replica starts from zero)."""
+        """EngineStats summed over the live replicas (a restarted replica starts from zero); after
+        shutdown, the totals at shutdown."""
+        if self._final_stats is not None:
+            return self._final_stats
         fields = [f.name for f in dataclasses.fields(EngineStats)]
         total = EngineStats()
         for st in self.replica_stats().values():
@@ -306,6 +310,11 @@ class ReplicaPool(AsyncRouting):
 
     def shutdown(self) -> None:
         """Kill the replicas' actors and release the placement group (if the pool made it)."""
+        if self._final_stats is None:
+            try:
+                self._final_stats = self.stats
+            except Exception:  # noqa: BLE001 - no replica left to ask
+                self._final_stats = EngineStats()
         self._bcast.close()
         self._rset.shutdown()
 

@@ -35,6 +35,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import MissingMandatoryValue, OmegaConfBaseException
 
+from atom.rollout import ray_job
 from atom.rollout.job_config import RolloutJobConfig
 
 log = logging.getLogger("atom.rollout")
@@ -119,6 +120,13 @@ def _engine_config(job: RolloutJobConfig, model_path: str):
         return EngineConfig(model=model_path, tokenizer=job.model.tokenizer, **dataclasses.asdict(job.engine))
     except (ValueError, TypeError) as e:
         raise JobError(f"engine: {e}") from None
+
+
+def _check_ray(job: RolloutJobConfig) -> None:
+    try:
+        ray_job.check(job)
+    except ray_job.RayJobError as e:
+        raise JobError(str(e)) from None
 
 
 def _check_model_path(job: RolloutJobConfig) -> str | None:
@@ -337,6 +345,20 @@ def _check_prompts_for(engine, prompts: list[Prompt]) -> None:
             raise JobError(f"{p.where}: {str(e).removeprefix('prompt: ')}") from None
 
 
+def _start_engine(job: RolloutJobConfig, engine_cfg, todo: list[Prompt]):
+    """One RolloutEngine, or replicas on Ray (`ray.num_replicas`), with every prompt checked."""
+    try:
+        engine = ray_job.make_engine(job, engine_cfg)
+    except (ValueError, FileNotFoundError) as e:
+        raise JobError(f"engine: {e}") from None
+    try:
+        _check_prompts_for(engine, todo)
+    except JobError:
+        ray_job.close(engine)
+        raise
+    return engine
+
+
 def _open_results(out: Path, keep_bytes: int | None):
     """The results file, open for appending after its first `keep_bytes` bytes (None: a new file)."""
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -363,6 +385,7 @@ def run(cfg: DictConfig | RolloutJobConfig) -> JobSummary:
     base_params = _sampling_params(job)
     model_path = _check_model_path(job)
     _engine_config(job, model_path or "<default>")  # validates the engine fields
+    _check_ray(job)
     all_prompts = load_prompts(job.data)
     out = resolve_output_path(job)
     if out.exists() and not out.is_file():
@@ -388,15 +411,10 @@ def run(cfg: DictConfig | RolloutJobConfig) -> JobSummary:
 
         model_path = str(ensure_default_checkpoint())
     engine_cfg = _engine_config(job, model_path)
-    from atom.rollout.engine import RolloutEngine
 
     log.info("model %s (%s), %d prompts x n=%d -> %s", job.model.name, model_path, len(todo),
              base_params.n, out)
-    try:
-        engine = RolloutEngine(engine_cfg)
-    except (ValueError, FileNotFoundError) as e:
-        raise JobError(f"engine: {e}") from None
-    _check_prompts_for(engine, todo)
+    engine = _start_engine(job, engine_cfg, todo)
     # Under tensor / expert parallelism (torchrun) every rank runs generate (SPMD); rank 0 writes.
     writer = not (torch.distributed.is_available() and torch.distributed.is_initialized()) \
         or torch.distributed.get_rank() == 0
@@ -409,14 +427,16 @@ def run(cfg: DictConfig | RolloutJobConfig) -> JobSummary:
     t0 = time.perf_counter()
     bar = tqdm(total=len(prompts), initial=skipped, unit="prompt", desc="rollout",
                disable=not (job.output.progress and writer), dynamic_ncols=True)
+    progress = ray_job.ChunkProgress(bar)  # a pool advances the bar as each shard completes
     f = None  # opened when the first chunk is ready: a failing engine leaves an old file as it was
     try:
         with contextlib.ExitStack() as stack:
+            stack.callback(ray_job.close, engine)
             for start in range(0, len(todo), job.data.batch_size):
                 chunk = todo[start: start + job.data.batch_size]
                 params = [dataclasses.replace(base_params, seed=_seed_for(base_seed, p.index)) for p in chunk]
                 try:
-                    results = engine.generate([p.prompt for p in chunk], params, use_tqdm=False)
+                    results = ray_job.generate(engine, [p.prompt for p in chunk], params, progress)
                 except ValueError as e:
                     raise JobError(_engine_error(e, chunk)) from None
                 lines = []
@@ -433,7 +453,7 @@ def run(cfg: DictConfig | RolloutJobConfig) -> JobSummary:
                 n_generated += len(chunk)
                 bar.set_postfix(tokens=n_tokens, tok_s=f"{n_tokens / max(time.perf_counter() - t0, 1e-9):.1f}",
                                 refresh=False)
-                bar.update(len(chunk))
+                progress.finish(len(chunk))
     except KeyboardInterrupt:
         log.warning("interrupted: %d prompts are in %s; rerun the same job to resume",
                     skipped + n_generated, out)
