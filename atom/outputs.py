@@ -10,9 +10,14 @@ class Completion:
 
     logprobs: one float per generated token (empty when SamplingParams.logprobs is None).
     top_logprobs: per generated token, {token_id: logprob} of the top-k alternatives (k > 0 only).
-    finish_reason: "stop" (EOS, stop token or stop string) or "length" (max_tokens / max_model_len).
+    finish_reason: "stop" (EOS, stop token or stop string), "length" (max_tokens / max_model_len),
+        "abort" (aborted: the tokens so far), or None while it is still running.
     stop_reason: the stop string or stop token id that ended it; None for EOS and length.
-    weight_version: the engine's weight version that produced every token of this completion.
+    weight_version: the engine's weight version when the completion ended (the version of its
+        last token).
+    weight_versions: which weight version produced which tokens, as (version, first_token,
+        end_token) spans over token_ids; one span unless weights changed mid-generation
+        (pause_generation(mode="keep") + update_weights + resume_generation).
     """
 
     index: int
@@ -20,9 +25,10 @@ class Completion:
     text: str
     logprobs: list[float] = field(default_factory=list)
     top_logprobs: list[dict[int, float]] = field(default_factory=list)
-    finish_reason: str = "length"
+    finish_reason: str | None = "length"
     stop_reason: str | int | None = None
-    weight_version: int = 0
+    weight_version: int | str = 0
+    weight_versions: list[tuple[int | str, int, int]] = field(default_factory=list)
 
 
 @dataclass
@@ -31,12 +37,17 @@ class RolloutOutput:
 
     prompt_logprobs: None unless asked; else one entry per prompt token, None for the first,
         {token_id: logprob} holding the actual token and the top-k alternatives for the others.
+    request_id: the id given to add_request / AsyncRolloutEngine.generate (batch calls: an
+        internal id).
+    finished: False for the partial outputs that streaming and `step` report along the way.
     """
 
     prompt: str | list[int] | list[dict]
     prompt_token_ids: list[int]
     outputs: list[Completion]
     prompt_logprobs: list[dict[int, float] | None] | None = None
+    request_id: str = ""
+    finished: bool = True
 
 
 @dataclass

@@ -79,7 +79,7 @@ def test_sleep_during_generate_is_refused(path):
         engine.generate(PROMPTS, SamplingParams(max_tokens=2))
     finally:
         runner.execute = execute
-    assert errors and all("already running a generate" in e for e in errors)
+    assert errors and all("requests are in flight" in e for e in errors)
     assert not engine.is_sleeping and engine.weight_version == 0
 
 

@@ -74,6 +74,11 @@ class BlockManager:
                 self._back = None
         return self.num_free >= n
 
+    def take_copies(self) -> list[tuple[int, int]]:
+        """The (src, dst) KV block copies queued by forks, for the runner to do before the next step."""
+        copies, self.pending_copies = self.pending_copies, []
+        return copies
+
     def blocks_needed(self, num_tokens: int) -> int:
         return -(-num_tokens // self.block_size)
 

@@ -33,7 +33,7 @@ import numpy as np
 import torch
 
 from atom.engine.sampler import sampling_metadata
-from atom.engine.scheduler import ScheduledBatch
+from atom.engine.messages import ScheduledBatch, StepOutput, sampled_tokens
 from atom.engine.sequence import stream_counter
 from atom.ops import ops
 from atom.ops.metadata import AttentionMetadata, CascadeMetadata, SamplerOutput, SamplingMetadata
@@ -359,8 +359,6 @@ class DecodeRunner:
         """Wait for a launched step's samples and turn them into a StepOutput. Waits on the
         step's own event: a blocking read of `result` would also wait for the step queued
         after it, and the host work that should overlap the device would not."""
-        from atom.engine.model_runner import StepOutput, sampled_tokens
-
         if inflight.ready is not None:
             inflight.ready.synchronize()
         rows = [(seq, seq.sample_index) for seq in inflight.batch.seqs]

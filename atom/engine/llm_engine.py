@@ -1,24 +1,36 @@
-"""The step loop: schedule -> run the model -> append tokens, fork samples, check stops."""
+"""The engine core: requests arrive at any time, every `step` runs one batch of the step pipeline
+(schedule -> run the model -> scheduler.update), requests can be aborted, and generation can be
+paused around weight updates.
+
+One thread drives a core at a time (RolloutEngine holds a lock; AsyncRolloutEngine runs it on
+its own loop thread). On one GPU a pure decode step is launched before the previous one's
+tokens are read (overlap); the core keeps that step in flight across `step` calls and drains
+it before anything that changes the running set from outside (abort of a running request,
+pause, weights, sleep).
+"""
 from __future__ import annotations
 
-from typing import Callable
+from typing import Callable, Iterable
 
 from atom.config import EngineConfig
 from atom.distributed.dp import my_requests, share_results
 from atom.engine.block_manager import BlockManager
-from atom.engine.model_runner import ModelRunner, SampledToken, StepOutput
-from atom.engine.scheduler import ScheduledBatch, Scheduler
+from atom.engine.messages import ScheduledBatch, StepOutput
+from atom.engine.model_runner import ModelRunner
+from atom.engine.scheduler import Scheduler
 from atom.engine.sequence import Request, Sequence, SeqStatus
+from atom.engine.stops import StopChecker
 from atom.models.hf_config import ModelArgs, load_model_args
 from atom.outputs import EngineStats
 
 _DEFAULT_MAX_MODEL_LEN = 8192
+PAUSE_MODES = ("abort", "wait", "keep")
 
 
 class LLMEngine:
-    """Runs requests to completion. Single-threaded: one `run` at a time."""
+    """Runs requests to completion, a step at a time."""
 
-    def __init__(self, config: EngineConfig) -> None:
+    def __init__(self, config: EngineConfig, detokenize: Callable[[list[int]], str] | None = None) -> None:
         self.config = config
         self.args: ModelArgs = load_model_args(config.model)
         limit = self.args.max_position_embeddings
@@ -34,12 +46,221 @@ class LLMEngine:
         self.runner.allocate_kv_cache(num_blocks)
         self.block_manager = BlockManager(num_blocks, config.kv_block_size, config.enable_prefix_caching)
         self.stats = EngineStats()
-        self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, config.max_num_batched_tokens, self.stats)
-        self._detokenize: Callable[[list[int]], str] | None = None
+        stop = StopChecker(self.args.eos_token_ids, self.max_model_len, detokenize)
+        self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, config.max_num_batched_tokens,
+                                   self.stats, stop)
+        self.weight_version: int | str = 0
+        self.requests: dict[str, Request] = {}  # live requests by id (held ones included)
+        self._held: list[Request] = []           # arrived while paused: admitted on resume
+        self._inflight = None                    # a launched decode step whose tokens are unread
+        self._pause_mode: str | None = None
+        self._outbox: dict[int, Request] = {}   # requests touched since the last `step` returned
 
+    # ---- requests ------------------------------------------------------------------------
     def max_tokens_fit(self, num_tokens: int) -> bool:
         """Whether one sequence of num_tokens tokens fits the KV pool on its own."""
         return self.block_manager.blocks_needed(num_tokens) <= self.block_manager.num_blocks
+
+    def add_request(self, req: Request) -> None:
+        """Queue a validated request; it joins the next step (or waits while paused)."""
+        if req.request_id in self.requests:
+            raise ValueError(f"request_id {req.request_id!r} is already in use by a live request")
+        req.sequences = [Sequence(req, 0, req.prompt_token_ids)]
+        if req.params.prompt_logprobs is not None:
+            req.prompt_logprobs = [None] * len(req.prompt_token_ids)
+        self.requests[req.request_id] = req
+        if self._pause_mode is not None:
+            self._held.append(req)
+        else:
+            self.scheduler.add(req.sequences[0])
+
+    def abort(self, request_ids: Iterable[str]) -> list[Request]:
+        """Finish the named live requests now with finish_reason "abort" (their KV freed at
+        once); returns them, with the tokens generated so far. Unknown or finished ids are skipped."""
+        found = [self.requests[i] for i in dict.fromkeys(request_ids) if i in self.requests]
+        if not found:
+            return []
+        if self._inflight is not None and any(s.status is SeqStatus.RUNNING for r in found for s in r.sequences):
+            self.drain()  # its tokens land first; then the running set changes
+        for req in found:
+            self._abort(req)
+            self._outbox.pop(id(req), None)
+        return found
+
+    def _abort(self, req: Request) -> None:
+        for seq in req.sequences:
+            self.scheduler.finish(seq, "abort")
+        if req in self._held:
+            self._held.remove(req)
+        # Samples never forked (aborted during the prompt) come back as empty completions.
+        for j in range(len(req.sequences), req.params.n):
+            seq = Sequence(req, j, req.prompt_token_ids)
+            seq.status, seq.finish_reason, seq.fork_pending = SeqStatus.FINISHED, "abort", False
+            req.sequences.append(seq)
+        req.num_finished = req.params.n
+        self.requests.pop(req.request_id, None)
+
+    def abort_all(self) -> list[Request]:
+        return self.abort(list(self.requests))
+
+    @property
+    def num_kv_blocks(self) -> int:
+        return self.block_manager.num_blocks
+
+    @property
+    def num_free_kv_blocks(self) -> int:
+        return self.block_manager.num_free
+
+    def is_live(self, request_id: str) -> bool:
+        return request_id in self.requests
+
+    @property
+    def has_unfinished(self) -> bool:
+        return bool(self.requests)
+
+    # ---- pause / resume ------------------------------------------------------------------
+    def pause(self, mode: str = "abort") -> list[Request]:
+        """Stop generating: "abort" finishes every live request now (returned); "wait" lets the
+        admitted ones run to completion (`step` goes on until `paused`); "keep" freezes them
+        where they are, KV and all. Requests added while paused wait for `resume`."""
+        if mode not in PAUSE_MODES:
+            raise ValueError(f"pause: mode must be one of {PAUSE_MODES}, got {mode!r}")
+        self._pause_mode = mode
+        if mode == "abort":
+            return self.abort_all()
+        if mode == "keep":
+            self.drain()
+        return []
+
+    @property
+    def paused(self) -> bool:
+        """Paused and quiet: nothing runs until resume (a "wait" pause gets there when the
+        admitted requests are done)."""
+        if self._pause_mode is None:
+            return False
+        return self._inflight is None and (self._pause_mode == "keep" or not self.scheduler.has_work)
+
+    @property
+    def pause_mode(self) -> str | None:
+        return self._pause_mode
+
+    def resume(self, recompute_kv: bool = False) -> None:
+        """Continue after pause. recompute_kv: kept requests drop the KV computed under the old
+        weights and recompute it (prompt and generated tokens) under the current ones before
+        their next token, so every later token is sampled from exactly the new policy."""
+        if self._pause_mode is None:
+            return
+        if recompute_kv:
+            self.scheduler.preempt_all()
+        self._pause_mode = None
+        for req in self._held:
+            self.scheduler.add(req.sequences[0])
+        self._held = []
+
+    def release_kv(self) -> None:
+        """Free the KV of kept requests (before sleep): they are recomputed when they run again."""
+        self.drain()
+        self.scheduler.preempt_all()
+
+    # ---- the loop ------------------------------------------------------------------------
+    def step(self) -> list[Request]:
+        """Run one step; returns the live requests touched since the last call (new tokens or
+        finished; a finished request has `finished` set and has left the core). Aborted
+        requests are not in it: `abort` returned them."""
+        if not self.paused:
+            self._step()
+        out = list(self._outbox.values())
+        self._outbox = {}
+        return out
+
+    def _step(self) -> None:
+        if self._pause_mode == "keep" or (self._inflight is None and not self.scheduler.has_work):
+            self.drain()
+            return
+        if self._inflight is None:
+            batch = self.scheduler.schedule()
+            if not batch.seqs:
+                raise RuntimeError(self._no_room_message())
+            inflight = self.runner.launch_decode(batch, self.block_manager)
+            if inflight is not None:
+                self.scheduler.advance(batch)
+                self._inflight = inflight
+                return
+            self._finish_step(batch, self.runner.execute(batch, self.block_manager))
+            return
+        # Overlap: queue the next decode step before reading this one's tokens, then do this
+        # step's host work while the device runs the next.
+        batch = self._inflight.batch
+        nxt = self.scheduler.continue_decode(batch, self.max_model_len)
+        queued = None if nxt is None else self.runner.launch_decode(nxt, self.block_manager, self._inflight)
+        if queued is not None:
+            self.scheduler.advance(nxt)
+        out = self.runner.collect(self._inflight)
+        self._inflight = queued
+        self._finish_step(batch, out)
+
+    def drain(self) -> None:
+        """Read the step in flight, launching nothing after it (before weights or memory change)."""
+        if self._inflight is not None:
+            inflight, self._inflight = self._inflight, None
+            self._finish_step(inflight.batch, self.runner.collect(inflight))
+
+    def _finish_step(self, batch: ScheduledBatch, out: StepOutput) -> None:
+        touched = self.scheduler.update(batch, out, self.weight_version)
+        self.stats.steps += 1
+        for seq in touched:
+            req = seq.request
+            self._outbox[id(req)] = req
+            if req.finished:
+                self.requests.pop(req.request_id, None)
+
+    def run(self, requests: list[Request], on_progress: Callable[[int], None] | None = None) -> list[Request]:
+        """Generate every request's n completions (the SPMD batch call: every rank gets the same
+        requests); on any error, free everything and re-raise.
+
+        Data-parallel attention (ep_mode="alltoall"): this rank runs its share of the requests, in
+        lockstep with the other ranks, then every rank gets every result (atom/distributed/dp.py).
+        Returns the other live requests (added with add_request) that this call's steps touched.
+        """
+        dp = self.runner.parallel.dp
+        foreign: dict[int, Request] = {}
+        mine = my_requests(requests, dp)
+        for req in mine:
+            self.add_request(req)
+        pending = {r.request_id for r in mine}
+        try:
+            while pending if dp.size == 1 else dp.any(bool(pending) or self._inflight is not None, self.runner.device):
+                if not pending and self._inflight is None:
+                    self.runner.execute(ScheduledBatch([], []), self.block_manager)  # idle rank: join the MoE collectives
+                    continue
+                touched = self.step()
+                done = [r for r in touched if r.finished and r.request_id in pending]
+                foreign.update((id(r), r) for r in touched if r.request_id not in pending)
+                pending.difference_update(r.request_id for r in done)
+                if on_progress is not None and done:
+                    on_progress(sum(r.params.n for r in done))
+            if not self.requests:
+                self.drain()  # a step launched for sequences that then stopped: nothing may stay queued
+        except BaseException:
+            self.fail()
+            raise
+        if dp.size > 1:
+            arrived = share_results(requests, dp)
+            if on_progress is not None and arrived:
+                on_progress(arrived)
+        return list(foreign.values())
+
+    def fail(self) -> None:
+        """After an error: wait for queued device work (its blocks are about to be reused), then
+        abort every live request."""
+        self._inflight = None
+        self._outbox = {}
+        try:
+            self.runner.synchronize()
+        finally:
+            for req in list(self.requests.values()):
+                self._abort(req)
+            self._held = []
 
     def _no_room_message(self) -> str:
         bm = self.block_manager
@@ -47,154 +268,3 @@ class LLMEngine:
             return (f"the KV cache cannot hold even one waiting sequence: only {bm.backed} of its {bm.num_blocks} "
                     "blocks could be given device memory after wake_up (something else holds the rest)")
         return "the KV cache cannot hold even one waiting sequence; raise num_kv_blocks / kv_cache_memory_bytes"
-
-    # ---- the loop ------------------------------------------------------------------------
-    def run(self, requests: list[Request], detokenize: Callable[[list[int]], str] | None,
-            on_progress: Callable[[int], None] | None = None) -> None:
-        """Generate every request's n completions; on any error, free everything and re-raise.
-
-        Data-parallel attention (ep_mode="alltoall"): this rank runs its share of the requests, in
-        lockstep with the other ranks, then every rank gets every result (atom/distributed/dp.py).
-        """
-        self._detokenize = detokenize
-        dp = self.runner.parallel.dp
-        for req in my_requests(requests, dp):
-            req.sequences = [Sequence(req, 0, req.prompt_token_ids)]
-            if req.params.prompt_logprobs is not None:
-                req.prompt_logprobs = [None] * len(req.prompt_token_ids)
-            self.scheduler.add(req.sequences[0])
-        inflight = None
-        try:
-            while inflight is not None or (
-                    self.scheduler.has_work if dp.size == 1 else dp.any(self.scheduler.has_work, self.runner.device)):
-                if inflight is None:
-                    batch = self.scheduler.schedule()
-                    if not batch.seqs and self.scheduler.has_work:
-                        raise RuntimeError(self._no_room_message())
-                    inflight = self.runner.launch_decode(batch, self.block_manager)
-                    if inflight is not None:
-                        self._advance(batch)
-                        continue
-                    out = self.runner.execute(batch, self.block_manager)
-                else:
-                    # Overlap: queue the next decode step before reading this one's tokens, then
-                    # do this step's host work while the device runs the next.
-                    batch = inflight.batch
-                    nxt = self.scheduler.continue_decode(batch, self.max_model_len)
-                    queued = None if nxt is None else self.runner.launch_decode(nxt, self.block_manager, inflight)
-                    if queued is not None:
-                        self._advance(nxt)
-                    out = self.runner.collect(inflight)
-                    inflight = queued
-                finished = self._postprocess(batch, out)
-                self.stats.steps += 1
-                if on_progress is not None and finished:
-                    on_progress(finished)
-        except BaseException:
-            try:
-                self.runner.synchronize()  # queued steps finish before their blocks are reused
-            finally:
-                self.abort_all()
-            raise
-        if dp.size > 1:
-            arrived = share_results(requests, dp)
-            if on_progress is not None and arrived:
-                on_progress(arrived)
-
-    def abort_all(self) -> None:
-        for seq in list(self.scheduler.running):
-            self.scheduler.finish(seq)
-        self.scheduler.waiting.clear()
-        self.block_manager.pending_copies.clear()
-
-    # ---- after a step --------------------------------------------------------------------
-    def _advance(self, batch: ScheduledBatch) -> None:
-        """The batch's tokens are computed (or queued to be): move each sequence on."""
-        for seq, n in zip(batch.seqs, batch.num_new_tokens):
-            lo, hi = seq.num_computed, seq.num_computed + n
-            prompt_part = max(0, min(hi, seq.num_prompt_tokens) - lo)
-            self.stats.prompt_tokens_computed += prompt_part
-            self.stats.recomputed_tokens += max(0, min(hi, len(seq) - 1) - max(lo, seq.num_prompt_tokens))
-            seq.num_computed = hi
-            self.block_manager.computed(seq)
-
-    def _postprocess(self, batch: ScheduledBatch, out: StepOutput) -> int:
-        """Apply a step's results; overlapped steps were advanced at launch."""
-        if not out.overlapped:
-            self._advance(batch)
-        for seq, first, entries in out.prompt_logprobs:
-            seq.request.prompt_logprobs[first + 1: first + 1 + len(entries)] = entries
-        finished = 0
-        # Siblings fork before the parent appends its own token: a parent that finishes at once
-        # releases its blocks.
-        sampled = out.sampled
-        if any(st.seq.fork_pending for st in sampled):
-            sampled = sorted(sampled, key=lambda st: not (st.seq.fork_pending and st.sample_index > 0))
-        for st in sampled:
-            if st.seq.status is SeqStatus.FINISHED:
-                continue  # stopped on the token before this overlapped step: its row is dropped
-            if st.seq.fork_pending and st.sample_index > 0:
-                finished += self._start_sibling(st)
-            else:
-                finished += self._append(st.seq, st)
-        # A forking prefill forks when it samples: after its last prompt chunk, not its first.
-        for st in out.sampled:
-            st.seq.fork_pending = False
-        return finished
-
-    def _start_sibling(self, st: SampledToken) -> int:
-        parent = st.seq
-        child = Sequence(parent.request, st.sample_index, parent.token_ids[: parent.num_prompt_tokens])
-        child.fork_pending = False
-        parent.request.sequences.append(child)
-        if self._append(child, st, schedule=False):
-            return 1
-        if self.block_manager.fork(parent, child):
-            self.stats.prompt_tokens_cached += child.num_prompt_tokens
-            child.status = SeqStatus.RUNNING
-            self.scheduler.running.append(child)
-        else:
-            self.scheduler.add(child)
-        return 0
-
-    def _append(self, seq: Sequence, st: SampledToken, schedule: bool = True) -> int:
-        """Append a sampled token; returns 1 when that finishes the sequence."""
-        seq.token_ids.append(st.token_id)
-        if seq.params.logprobs is not None:
-            seq.logprobs.append(st.logprob)
-            if st.top is not None:
-                seq.top_logprobs.append(st.top)
-        self.stats.generated_tokens += 1
-        if not self._check_stop(seq, st.token_id):
-            return 0
-        seq.status = SeqStatus.FINISHED
-        if schedule:
-            self.scheduler.finish(seq)
-        return 1
-
-    def _check_stop(self, seq: Sequence, token: int) -> bool:
-        p = seq.params
-        # Stops count only once min_tokens tokens came before this one (the sampler masked them until then).
-        if seq.num_output_tokens > p.min_tokens:
-            if token in p.stop_token_ids:
-                seq.finish_reason, seq.stop_reason = "stop", token
-                return True
-            if not p.ignore_eos and token in self.args.eos_token_ids:
-                seq.finish_reason = "stop"
-                return True
-            if p.stop and self._detokenize is not None and self._stop_string_in_tail(seq):
-                text = self._detokenize(seq.output_token_ids)
-                at, s = min((text.find(s), s) for s in p.stop if s in text)
-                seq.finish_reason, seq.stop_reason, seq.stop_text_len = "stop", s, at
-                return True
-        if seq.num_output_tokens >= p.max_tokens or len(seq) >= self.max_model_len:
-            seq.finish_reason = "length"
-            return True
-        return False
-
-    def _stop_string_in_tail(self, seq: Sequence) -> bool:
-        """A new stop string must end in the newest token, so decoding a short tail finds it
-        (every token but special ones adds at least a character): O(1) per step, not O(length)."""
-        window = max(len(s) for s in seq.params.stop) + 8
-        tail = self._detokenize(seq.output_token_ids[-window:])
-        return any(s in tail for s in seq.params.stop)

@@ -1,55 +1,22 @@
 """Owns the model and its KV cache on one device; turns a scheduled batch into sampled tokens."""
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-
 import torch
 
 from atom.config import EngineConfig
 from atom.engine.block_manager import BlockManager
 from atom.engine.memory import EngineMemory
 from atom.engine.sampler import prompt_logprobs, sampling_metadata
-from atom.engine.scheduler import ScheduledBatch
+from atom.engine.messages import ScheduledBatch, StepOutput, sampled_tokens
 from atom.engine.sequence import Sequence
 from atom.models.decoder import CausalLM
 from atom.models.hf_config import ModelArgs
 from atom.models.registry import model_class
 from atom.models.weights import WeightMap, iter_checkpoint, load_checkpoint, load_weights
 from atom.ops import ops
-from atom.ops.metadata import AttentionMetadata, SamplerOutput
+from atom.ops.metadata import AttentionMetadata
 
 _CPU_KV_BUDGET = 512 << 20
-
-
-@dataclass
-class SampledToken:
-    seq: Sequence
-    sample_index: int
-    token_id: int
-    logprob: float
-    top: dict[int, float] | None
-
-
-@dataclass
-class StepOutput:
-    sampled: list[SampledToken] = field(default_factory=list)
-    # (seq, first prompt position scored, one dict per position)
-    prompt_logprobs: list[tuple[Sequence, int, list[dict[int, float]]]] = field(default_factory=list)
-    overlapped: bool = False  # launched ahead (LLMEngine advanced its sequences at launch)
-
-
-def sampled_tokens(rows: list[tuple[Sequence, int]], result: SamplerOutput) -> list[SampledToken]:
-    """The host-side view of a sampler result, one per (sequence, sample index) row: the step's
-    one device-to-host sync."""
-    tokens, lps = result.token_ids.tolist(), result.logprobs.tolist()
-    want_top = any(seq.params.logprobs for seq, _ in rows)
-    top_ids, top_lps = (result.top_ids.tolist(), result.top_logprobs.tolist()) if want_top else ([], [])
-    out = []
-    for r, (seq, j) in enumerate(rows):
-        k = seq.params.logprobs or 0
-        top = dict(zip(top_ids[r][:k], top_lps[r][:k])) if k > 0 else None
-        out.append(SampledToken(seq, j, tokens[r], lps[r], top))
-    return out
 
 
 class ModelRunner:
@@ -141,9 +108,9 @@ class ModelRunner:
 
     def _flush_copies(self, block_manager: BlockManager) -> None:
         """KV copies the block manager asked for (a fork's partial last block), before the step."""
-        if block_manager.pending_copies:
-            self.copy_blocks(block_manager.pending_copies)
-            block_manager.pending_copies.clear()
+        copies = block_manager.take_copies()
+        if copies:
+            self.copy_blocks(copies)
 
     def copy_blocks(self, pairs: list[tuple[int, int]]) -> None:
         src = torch.tensor([s for s, _ in pairs], device=self.device)

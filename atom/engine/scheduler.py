@@ -1,34 +1,25 @@
 """Continuous batching with chunked prefill: each step mixes decodes and prefill chunks under a
-token budget; when KV blocks run out the newest running sequence is preempted (freed, recomputed later)."""
+token budget; when KV blocks run out the newest running sequence is preempted (freed, recomputed later).
+
+The scheduler is the one owner of sequence state: it admits, grows, preempts and finishes
+sequences (`schedule`), and applies a step's results (`advance` when the step is launched,
+`update` when its tokens are known: append, fork the n samples, check stops)."""
 from __future__ import annotations
 
 from collections import deque
-from dataclasses import dataclass
 
 from atom.engine.block_manager import BlockManager
+from atom.engine.messages import SampledToken, ScheduledBatch, StepOutput
 from atom.engine.sequence import Sequence, SeqStatus
+from atom.engine.stops import StopChecker
 from atom.outputs import EngineStats
-
-
-@dataclass
-class ScheduledBatch:
-    seqs: list[Sequence]
-    num_new_tokens: list[int]
-
-    @property
-    def is_decode(self) -> bool:
-        return all(n == 1 for n in self.num_new_tokens)
-
-    def samples(self, i: int) -> bool:
-        """Whether seq i reaches its last token this step (so the step samples its next one)."""
-        seq = self.seqs[i]
-        return seq.num_computed + self.num_new_tokens[i] == len(seq)
 
 
 class Scheduler:
     def __init__(self, block_manager: BlockManager, max_num_seqs: int, max_num_batched_tokens: int,
-                 stats: EngineStats) -> None:
+                 stats: EngineStats, stop: StopChecker) -> None:
         self.bm = block_manager
+        self.stop = stop
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
         self.stats = stats
@@ -135,6 +126,88 @@ class Scheduler:
             bm.grow(seq, 1)
         return ScheduledBatch(seqs, [1] * len(seqs))
 
-    def finish(self, seq: Sequence) -> None:
-        self.running.remove(seq)
-        self.bm.release(seq)
+    def finish(self, seq: Sequence, reason: str | None = None) -> None:
+        """End seq now (reason overrides its finish_reason, e.g. "abort"); its blocks are freed at once."""
+        if seq.status is SeqStatus.FINISHED:
+            return
+        if seq.status is SeqStatus.RUNNING:
+            self.running.remove(seq)
+            self.bm.release(seq)
+        elif seq in self.waiting:  # a sibling that just sampled its first token is in neither list
+            self.waiting.remove(seq)
+        if reason is not None:
+            seq.finish_reason = reason
+        seq.status = SeqStatus.FINISHED
+        seq.request.num_finished += 1
+
+    def preempt_all(self) -> None:
+        """Free every running sequence's KV (sleep, or recompute under new weights); they are
+        recomputed, in their order, when scheduled again."""
+        for seq in reversed(list(self.running)):
+            self._preempt(seq)
+
+    # ---- after a step --------------------------------------------------------------------
+    def advance(self, batch: ScheduledBatch) -> None:
+        """The batch's tokens are computed (or queued to be): move each sequence on."""
+        for seq, n in zip(batch.seqs, batch.num_new_tokens):
+            lo, hi = seq.num_computed, seq.num_computed + n
+            prompt_part = max(0, min(hi, seq.num_prompt_tokens) - lo)
+            self.stats.prompt_tokens_computed += prompt_part
+            self.stats.recomputed_tokens += max(0, min(hi, len(seq) - 1) - max(lo, seq.num_prompt_tokens))
+            seq.num_computed = hi
+            self.bm.computed(seq)
+
+    def update(self, batch: ScheduledBatch, out: StepOutput, version) -> list[Sequence]:
+        """Apply a step's results (tokens from weights `version`); returns the sequences it
+        touched (appended to, forked or finished). Overlapped steps were advanced at launch."""
+        if not out.overlapped:
+            self.advance(batch)
+        for seq, first, entries in out.prompt_logprobs:
+            seq.request.prompt_logprobs[first + 1: first + 1 + len(entries)] = entries
+        touched = []
+        # Siblings fork before the parent appends its own token: a parent that finishes at once
+        # releases its blocks.
+        sampled = out.sampled
+        if any(st.seq.fork_pending for st in sampled):
+            sampled = sorted(sampled, key=lambda st: not (st.seq.fork_pending and st.sample_index > 0))
+        for st in sampled:
+            if st.seq.status is SeqStatus.FINISHED:
+                continue  # stopped on the token before this overlapped step, or aborted: row dropped
+            if st.seq.fork_pending and st.sample_index > 0:
+                touched.append(self._start_sibling(st, version))
+            else:
+                self._append(st.seq, st, version)
+                touched.append(st.seq)
+        # A forking prefill forks when it samples: after its last prompt chunk, not its first.
+        for st in out.sampled:
+            st.seq.fork_pending = False
+        return touched
+
+    def _start_sibling(self, st: SampledToken, version) -> Sequence:
+        parent = st.seq
+        child = Sequence(parent.request, st.sample_index, parent.token_ids[: parent.num_prompt_tokens])
+        child.fork_pending = False
+        parent.request.sequences.append(child)
+        if self._append(child, st, version):
+            return child
+        if self.bm.fork(parent, child):
+            self.stats.prompt_tokens_cached += child.num_prompt_tokens
+            child.status = SeqStatus.RUNNING
+            self.running.append(child)
+        else:
+            self.add(child)
+        return child
+
+    def _append(self, seq: Sequence, st: SampledToken, version) -> bool:
+        """Append a sampled token; True when that finishes the sequence."""
+        seq.token_ids.append(st.token_id)
+        seq.record_version(version)
+        if seq.params.logprobs is not None:
+            seq.logprobs.append(st.logprob)
+            if st.top is not None:
+                seq.top_logprobs.append(st.top)
+        self.stats.generated_tokens += 1
+        if not self.stop(seq, st.token_id):
+            return False
+        self.finish(seq)
+        return True

@@ -15,7 +15,11 @@ class SeqStatus(enum.Enum):
 
 @dataclass
 class Request:
-    """One prompt of a generate call; its n completions are Sequences forked after prefill."""
+    """One prompt submitted to the engine; its n completions are Sequences forked after prefill.
+
+    index: position in a batch generate call (output order); request_id: the caller's key (unique
+    among live requests). The engine core owns the request from add_request until it finishes.
+    """
 
     index: int
     prompt: object
@@ -24,6 +28,12 @@ class Request:
     seed: int
     sequences: list["Sequence"] = field(default_factory=list)
     prompt_logprobs: list[dict[int, float] | None] | None = None
+    request_id: str = ""
+    num_finished: int = 0  # sequences finished (n when the request is done)
+
+    @property
+    def finished(self) -> bool:
+        return self.num_finished >= self.params.n
 
 
 class Sequence:
@@ -45,6 +55,8 @@ class Sequence:
         self.finish_reason: str | None = None
         self.stop_reason: str | int | None = None
         self.stop_text_len: int | None = None  # text cut where a stop string begins
+        # Which weight version produced which output tokens: [version, first, end) spans.
+        self.weight_spans: list[list] = []
         # The first sequence of a request with n > 1 samples all n first tokens from its one
         # prefill, then forks the others off its KV blocks.
         self.fork_pending = request.params.n > 1 and sample_index == 0
@@ -63,6 +75,14 @@ class Sequence:
     @property
     def num_uncomputed(self) -> int:
         return len(self.token_ids) - self.num_computed
+
+    def record_version(self, version) -> None:
+        """The newest output token came from weights `version`: extend or open a span."""
+        n = self.num_output_tokens
+        if self.weight_spans and self.weight_spans[-1][0] == version:
+            self.weight_spans[-1][2] = n
+        else:
+            self.weight_spans.append([version, n - 1, n])
 
 
 def stream_counter(sample_index: int, num_output_tokens: int) -> int:

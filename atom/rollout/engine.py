@@ -2,15 +2,17 @@
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import os
 import random
-from typing import Sequence as Seq
+import threading
+from typing import Iterable, Sequence as Seq
 
 from tqdm.auto import tqdm
 
 from atom.config import EngineConfig
 from atom.engine.llm_engine import LLMEngine
-from atom.engine.sequence import Request
+from atom.engine.sequence import Request, Sequence
 from atom.outputs import Completion, EngineStats, RolloutOutput
 from atom.rollout.rl import RLMixin
 from atom.sampling_params import SamplingParams
@@ -36,16 +38,21 @@ class RolloutEngine(RLMixin):
 
     RL: `sleep` / `wake_up` / `is_sleeping` release device memory between rollouts and
     `update_weights` loads new weights in place (see atom/rollout/rl.py).
+
+    Requests one at a time: `add_request(request_id, prompt, params)`, `step()`, `abort(ids)`,
+    `pause_generation(mode)` / `resume_generation()` (the core the asynchronous front end,
+    atom.AsyncRolloutEngine, drives). Thread-safe: calls from several threads take turns.
     """
 
     def __init__(self, model: str | EngineConfig, **overrides) -> None:
         config = model.replace(**overrides) if isinstance(model, EngineConfig) else EngineConfig(model=model, **overrides)
         self.config = config
-        self._engine = LLMEngine(config)
         self.tokenizer = _load_tokenizer(config.tokenizer if config.tokenizer is not None else config.model)
+        self._engine = LLMEngine(config, self._detokenize if self.tokenizer is not None else None)
         self._rng = random.Random(config.seed)
-        self._busy = False
-        self.weight_version = 0
+        self._lock = threading.RLock()
+        self._batch_ids = itertools.count()
+        self._unclaimed: dict[str, Request] = {}  # requests a batch call's steps touched, for `step`
         self._init_rl()
 
     # ---- properties ----------------------------------------------------------------------
@@ -55,8 +62,23 @@ class RolloutEngine(RLMixin):
         return self._engine.stats
 
     @property
+    def weight_version(self) -> int | str:
+        """The version of the weights serving now (update_weights sets it)."""
+        return self._engine.weight_version
+
+    @property
     def max_model_len(self) -> int:
         return self._engine.max_model_len
+
+    @property
+    def num_kv_blocks(self) -> int:
+        """Size of the KV pool in blocks (of kv_block_size tokens)."""
+        return self._engine.num_kv_blocks
+
+    @property
+    def num_free_kv_blocks(self) -> int:
+        """KV blocks no sequence holds right now (cached prefixes count as free: they are evictable)."""
+        return self._engine.num_free_kv_blocks
 
     @property
     def vocab_size(self) -> int:
@@ -70,29 +92,130 @@ class RolloutEngine(RLMixin):
         prompts: strings, token-id lists, or chat conversations ([{"role", "content"}, ...]).
         sampling_params: one SamplingParams for all prompts, or one per prompt (default: SamplingParams()).
         Raises ValueError on invalid input (nothing is started) and RuntimeError in the wrong state.
+        Requests added with add_request progress too; their outputs wait for the next `step`.
         """
-        self._check_ready("generate")
-        self._check_can_generate()
-        if isinstance(prompts, str) or (isinstance(prompts, list) and prompts and isinstance(prompts[0], dict)):
-            prompts = [prompts]
-        prompts = list(prompts)
-        params = self._per_prompt_params(sampling_params, len(prompts))
-        requests = [self._make_request(i, p, sp) for i, (p, sp) in enumerate(zip(prompts, params))]
-        for req in requests:  # only once every prompt passed: a rejected call leaves the stream alone
-            req.seed = req.params.seed if req.params.seed is not None else self._rng.getrandbits(63)
-        bar = tqdm(total=sum(r.params.n for r in requests), desc="rollout", unit="seq", disable=not use_tqdm)
-        self._busy = True
-        try:
-            self._engine.run(requests, self._detokenize if self.tokenizer is not None else None,
-                             bar.update)
-        finally:
-            self._busy = False
-            bar.close()
-        return [self._output(r) for r in requests]
+        with self._lock:
+            self._check_can_generate()
+            if isinstance(prompts, str) or (isinstance(prompts, list) and prompts and isinstance(prompts[0], dict)):
+                prompts = [prompts]
+            prompts = list(prompts)
+            params = self._per_prompt_params(sampling_params, len(prompts))
+            requests = [self._make_request(i, p, sp) for i, (p, sp) in enumerate(zip(prompts, params))]
+            call = next(self._batch_ids)
+            for req in requests:  # only once every prompt passed: a rejected call leaves the stream alone
+                req.seed = req.params.seed if req.params.seed is not None else self._rng.getrandbits(63)
+                req.request_id = f"\0batch-{call}-{req.index}"  # never a caller's id
+            bar = tqdm(total=sum(r.params.n for r in requests), desc="rollout", unit="seq", disable=not use_tqdm)
+            try:
+                for req in self._engine.run(requests, bar.update):
+                    self._unclaimed[req.request_id] = req
+            finally:
+                bar.close()
+            return [self._output(r) for r in requests]
 
-    def _check_ready(self, what: str) -> None:
-        if self._busy:
-            raise RuntimeError(f"{what}: the engine is already running a generate call")
+    # ---- requests one at a time ----------------------------------------------------------
+    def add_request(self, request_id: str, prompt: Prompt, sampling_params: SamplingParams | None = None) -> None:
+        """Queue one prompt under `request_id` (unique among live requests); `step` runs it.
+
+        Raises ValueError for an invalid prompt or parameters, or a request_id already live.
+        """
+        with self._lock:
+            self._add(request_id, prompt, sampling_params)
+
+    def _add(self, request_id: str, prompt: Prompt, sampling_params: SamplingParams | None) -> Request:
+        if not isinstance(request_id, str) or not request_id or request_id.startswith("\0"):
+            raise TypeError(f"request_id must be a non-empty string, got {request_id!r}")
+        self._check_can_generate(paused_ok=True)
+        (params,) = self._per_prompt_params(sampling_params, 1)
+        req = self._make_request(0, prompt, params)
+        req.request_id = request_id
+        if self._engine.is_live(request_id):  # before a seed is drawn: a rejected call changes nothing
+            raise ValueError(f"request_id {request_id!r} is already in use by a live request")
+        req.seed = params.seed if params.seed is not None else self._rng.getrandbits(63)
+        self._engine.add_request(req)
+        return req
+
+    def step(self) -> list[RolloutOutput]:
+        """Run one engine step; returns an output for every request it advanced (finished=False
+        while running, cumulative), including requests a batch `generate` advanced meanwhile."""
+        return [self._output(r) for r in self._step_requests()]
+
+    def _step_requests(self) -> list[Request]:
+        with self._lock:
+            touched = {id(r): r for r in self._unclaimed.values()}
+            self._unclaimed = {}
+            if self._engine.has_unfinished:
+                self._check_can_generate(paused_ok=True)
+                try:
+                    touched.update((id(r), r) for r in self._engine.step())
+                except BaseException:
+                    self._engine.fail()
+                    raise
+            return list(touched.values())
+
+    def has_unfinished_requests(self) -> bool:
+        """Whether requests added with add_request are still running, waiting or held."""
+        return self._engine.has_unfinished
+
+    def abort(self, request_ids: str | Iterable[str]) -> dict[str, RolloutOutput | None]:
+        """Abort live requests: each comes back with its tokens, logprobs and text so far and
+        finish_reason "abort", its KV blocks freed at once. Unknown or already finished ids map
+        to None (nothing happens to them)."""
+        ids = [request_ids] if isinstance(request_ids, str) else list(request_ids)
+        with self._lock:
+            done = {r.request_id: self._output(r) for r in self._engine.abort(ids)}
+        return {i: done.get(i) for i in ids}
+
+    def abort_all(self) -> list[RolloutOutput]:
+        """Abort every live request (see abort)."""
+        with self._lock:
+            return [self._output(r) for r in self._engine.abort_all()]
+
+    def pause_generation(self, mode: str = "abort") -> list[RolloutOutput]:
+        """Stop generating, for a weight update or a sleep in between:
+
+        * "abort": abort every live request (their partial outputs are returned);
+        * "wait": run the admitted requests to completion first (their outputs come from `step`);
+        * "keep": freeze them where they are, KV cache included; resume_generation continues them.
+
+        While paused, update_weights, sleep and wake_up are allowed, and new requests wait.
+        """
+        with self._lock:
+            aborted = self._pause_begin(mode)
+            while not self._engine.paused:
+                for req in self._engine.step():
+                    self._unclaimed[req.request_id] = req
+            return aborted
+
+    # The asynchronous front end's view of the core (called on its loop thread).
+    def _pause_begin(self, mode: str) -> list[RolloutOutput]:
+        with self._lock:
+            return [self._output(r) for r in self._engine.pause(mode)]
+
+    def _pause_reached(self) -> bool:
+        return self._engine.paused
+
+    def _has_work(self) -> bool:
+        return self._engine.has_unfinished and not self._engine.paused
+
+    def _has_unclaimed(self) -> bool:
+        return bool(self._unclaimed)
+
+    def resume_generation(self, recompute_kv: bool = False) -> None:
+        """Continue after pause_generation; requests that arrived meanwhile start.
+
+        recompute_kv=False (default, as vLLM and SGLang do): kept requests continue on the KV
+        their tokens got under the old weights, so later tokens come from the new weights
+        reading old-weight keys and values (no extra work). True: their KV (prompt and tokens
+        so far) is recomputed under the new weights first, so every later token is drawn from
+        exactly the new policy; costs one prefill of each kept sequence.
+        """
+        with self._lock:
+            self._engine.resume(recompute_kv=recompute_kv)
+
+    @property
+    def is_paused(self) -> bool:
+        return self._engine.pause_mode is not None
 
     def _per_prompt_params(self, sampling_params, count: int) -> list[SamplingParams]:
         if sampling_params is None:
@@ -165,15 +288,19 @@ class RolloutEngine(RLMixin):
         return self.tokenizer.decode(ids, skip_special_tokens=True)
 
     def _output(self, req: Request) -> RolloutOutput:
-        completions = []
-        for seq in sorted(req.sequences, key=lambda s: s.sample_index):
-            ids = seq.output_token_ids
-            text = self._detokenize(ids) if self.tokenizer is not None else ""
-            if seq.stop_text_len is not None:
-                text = text[: seq.stop_text_len]
-            completions.append(Completion(
-                index=seq.sample_index, token_ids=ids, text=text, logprobs=seq.logprobs,
-                top_logprobs=seq.top_logprobs, finish_reason=seq.finish_reason,
-                stop_reason=seq.stop_reason, weight_version=self.weight_version))
+        completions = [self._completion(seq) for seq in sorted(req.sequences, key=lambda s: s.sample_index)]
         return RolloutOutput(prompt=req.prompt, prompt_token_ids=req.prompt_token_ids, outputs=completions,
-                             prompt_logprobs=req.prompt_logprobs)
+                             prompt_logprobs=req.prompt_logprobs, request_id=req.request_id, finished=req.finished)
+
+    def _completion(self, seq: Sequence) -> Completion:
+        ids = seq.output_token_ids
+        text = self._detokenize(ids) if self.tokenizer is not None else ""
+        if seq.stop_text_len is not None:
+            text = text[: seq.stop_text_len]
+        spans = [tuple(s) for s in seq.weight_spans]
+        done = seq.finish_reason is not None and seq.status.value == "finished"
+        return Completion(
+            index=seq.sample_index, token_ids=ids, text=text, logprobs=seq.logprobs,
+            top_logprobs=seq.top_logprobs, finish_reason=seq.finish_reason if done else None,
+            stop_reason=seq.stop_reason, weight_version=spans[-1][0] if spans else self.weight_version,
+            weight_versions=spans)

@@ -11,6 +11,9 @@ State machine:
   can `wake_up(["weights"])`, `update_weights(...)`, then `wake_up(["kv_cache"])`.
 * generate needs everything awake and complete weights; sleep needs everything awake; a call
   in the wrong state raises RuntimeError and changes nothing.
+* update_weights, sleep and wake_up need the engine quiet: no live requests, or generation
+  paused (pause_generation). Sleeping while requests are kept frees their KV; they recompute
+  it after wake_up and resume_generation.
 
 Failed updates: `update_weights` streams, so a failure can come after some parameters were
 overwritten. Then the engine marks its weights incomplete and refuses to generate until an
@@ -31,7 +34,7 @@ from atom.weights_sync.apply import apply_weights
 
 
 class RLMixin:
-    """Needs `self._engine` (LLMEngine), `self._busy` and `self.weight_version`."""
+    """Needs `self._engine` (LLMEngine) and `self._lock` (the RolloutEngine's call lock)."""
 
     def _init_rl(self) -> None:
         self._stale: set[str] = set()   # required checkpoint names whose parameters are not valid
@@ -53,7 +56,21 @@ class RLMixin:
         """False after a discarding sleep or a failed update, until a complete update succeeds."""
         return not self._stale
 
-    def _check_can_generate(self) -> None:
+    def quiet_problem(self) -> str:
+        """'' when weights and memory may change now (no live requests, or generation paused), else why not."""
+        if self._engine.has_unfinished and self._engine.pause_mode is None:
+            return "requests are in flight; call pause_generation() first (or wait until they finish)"
+        return ""
+
+    def _check_quiet(self, what: str) -> None:
+        problem = self.quiet_problem()
+        if problem:
+            raise RuntimeError(f"{what}: {problem}")
+        self._engine.drain()
+
+    def _check_can_generate(self, paused_ok: bool = False) -> None:
+        if not paused_ok and self._engine.pause_mode is not None:
+            raise RuntimeError("generate: generation is paused; call resume_generation() first")
         asleep = self.sleeping_tags
         if asleep:
             raise RuntimeError(f"generate: the engine is sleeping ({', '.join(sorted(asleep))} released); "
@@ -75,7 +92,11 @@ class RLMixin:
         back on wake_up; otherwise they are discarded and the next update_weights must carry a
         complete set. The prefix cache is emptied (its KV is gone).
         """
-        self._check_ready("sleep")
+        with self._lock:
+            self._sleep(level, offload_weights)
+
+    def _sleep(self, level: int, offload_weights: bool) -> None:
+        self._check_quiet("sleep")
         if isinstance(level, bool) or level not in (1, 2):
             raise ValueError(f"sleep: level must be 1 or 2, got {level!r}")
         if offload_weights and level != 2:
@@ -87,6 +108,7 @@ class RLMixin:
         if memory.asleep():
             raise RuntimeError(f"sleep: the engine is already sleeping ({', '.join(sorted(memory.asleep()))} "
                                "released); call wake_up() first")
+        self._engine.release_kv()  # kept requests (paused) recompute their KV after the wake
         self._engine.block_manager.invalidate_cache()
         memory.pools[KV_CACHE].release()
         if level == 2:
@@ -106,7 +128,11 @@ class RLMixin:
         Weights come back before the KV cache; woken weights hold their offloaded values, or
         nothing useful after a discarding sleep (update_weights next).
         """
-        self._check_ready("wake_up")
+        with self._lock:
+            self._wake_up(tags)
+
+    def _wake_up(self, tags: Sequence[str] | str | None) -> None:
+        self._check_quiet("wake_up")
         memory = self._engine.runner.memory
         asleep = memory.asleep()
         if isinstance(tags, str):
@@ -136,7 +162,7 @@ class RLMixin:
 
     # ---- weights -------------------------------------------------------------------------
     def update_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]], *, partial: bool = False,
-                       check_finite: bool = False, version: int | None = None) -> int:
+                       check_finite: bool = False, version: int | str | None = None) -> int | str:
         """Load new weights in place; returns the new `weight_version`.
 
         named_tensors: (HF name, tensor) pairs in any order, consumed one at a time (a generator
@@ -144,15 +170,20 @@ class RLMixin:
             device. Per-expert and transformers-v5 fused expert names are both accepted.
         partial: accept an update of some tensors only (otherwise every required one must come).
         check_finite: reject tensors holding nan/inf.
-        version: the new weight_version (default: the current one + 1).
+        version: the new weight_version, an int or a string as vLLM / SGLang use (default: the
+            current one + 1, or 1 after a string version).
 
         ValueError names the offending tensor (unknown name, wrong shape, non-finite, missing).
         If parameters were already overwritten when an update fails, the engine refuses to
         generate until a complete update succeeds. The prefix cache is emptied by any update.
         """
-        self._check_ready("update_weights")
-        if version is not None and (isinstance(version, bool) or not isinstance(version, int)):
-            raise ValueError(f"update_weights: version must be an int, got {version!r}")
+        with self._lock:
+            return self._update_weights(named_tensors, partial, check_finite, version)
+
+    def _update_weights(self, named_tensors, partial: bool, check_finite: bool, version) -> int | str:
+        if version is not None and (isinstance(version, bool) or not isinstance(version, (int, str))):
+            raise TypeError(f"update_weights: version must be an int or a str, got {version!r}")
+        self._check_quiet("update_weights")
         if isinstance(named_tensors, Mapping):  # a state_dict
             named_tensors = named_tensors.items()
         memory = self._engine.runner.memory
@@ -160,7 +191,6 @@ class RLMixin:
             raise RuntimeError("update_weights: the weights are released (sleep level 2); "
                                "call wake_up(['weights']) first")
         runner = self._engine.runner
-        self._busy = True
         try:
             done = apply_weights(runner.model, runner.weight_map, named_tensors, partial=partial,
                                  check_finite=check_finite)
@@ -169,8 +199,6 @@ class RLMixin:
                 self._engine.block_manager.invalidate_cache()
                 self._mark_stale(f"an update failed after overwriting some parameters: {e}")
             raise
-        finally:
-            self._busy = False
         self._engine.block_manager.invalidate_cache()
         if partial:
             self._stale -= done
@@ -178,8 +206,9 @@ class RLMixin:
             self._stale = set()
         if not self._stale:
             self._stale_reason = ""
-        self.weight_version = int(version) if version is not None else self.weight_version + 1
-        return self.weight_version
+        old = self._engine.weight_version
+        self._engine.weight_version = version if version is not None else (old + 1 if isinstance(old, int) else 1)
+        return self._engine.weight_version
 
 
 def _attention_reads_whole_blocks() -> bool:

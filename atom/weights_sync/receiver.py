@@ -42,8 +42,9 @@ class WeightReceiver:
         """'' when the engine can take this update as described, else why not (names the tensors)."""
         engine = self.engine
         runner = engine._engine.runner
-        if engine._busy:
-            return "the engine is running a generate call"
+        busy = engine.quiet_problem()
+        if busy:
+            return busy
         if WEIGHTS in runner.memory.asleep():
             return "the engine's weights are released (sleep level 2); call wake_up(['weights']) first"
         wmap = runner.weight_map

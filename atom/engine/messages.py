@@ -1,0 +1,54 @@
+"""The typed messages between the steps of the engine loop: the scheduler's batch, the runner's
+results. The scheduler owns sequence state; the runner only reads it and returns a StepOutput."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from atom.engine.sequence import Sequence
+from atom.ops.metadata import SamplerOutput
+
+
+@dataclass
+class ScheduledBatch:
+    seqs: list[Sequence]
+    num_new_tokens: list[int]
+
+    @property
+    def is_decode(self) -> bool:
+        return all(n == 1 for n in self.num_new_tokens)
+
+    def samples(self, i: int) -> bool:
+        """Whether seq i reaches its last token this step (so the step samples its next one)."""
+        seq = self.seqs[i]
+        return seq.num_computed + self.num_new_tokens[i] == len(seq)
+
+
+@dataclass
+class SampledToken:
+    seq: Sequence
+    sample_index: int
+    token_id: int
+    logprob: float
+    top: dict[int, float] | None
+
+
+@dataclass
+class StepOutput:
+    sampled: list[SampledToken] = field(default_factory=list)
+    # (seq, first prompt position scored, one dict per position)
+    prompt_logprobs: list[tuple[Sequence, int, list[dict[int, float]]]] = field(default_factory=list)
+    overlapped: bool = False  # launched ahead (the scheduler advanced its sequences at launch)
+
+
+def sampled_tokens(rows: list[tuple[Sequence, int]], result: SamplerOutput) -> list[SampledToken]:
+    """The host-side view of a sampler result, one per (sequence, sample index) row: the step's
+    one device-to-host sync."""
+    tokens, lps = result.token_ids.tolist(), result.logprobs.tolist()
+    want_top = any(seq.params.logprobs for seq, _ in rows)
+    top_ids, top_lps = (result.top_ids.tolist(), result.top_logprobs.tolist()) if want_top else ([], [])
+    out = []
+    for r, (seq, j) in enumerate(rows):
+        k = seq.params.logprobs or 0
+        top = dict(zip(top_ids[r][:k], top_lps[r][:k])) if k > 0 else None
+        out.append(SampledToken(seq, j, tokens[r], lps[r], top))
+    return out
