@@ -220,3 +220,54 @@ def test_sharded_job_killed_and_resumed_twice(cluster, model_path, tmp_path):
         assert [c["token_ids"] for c in r["completions"]] == [c["token_ids"] for c in w["completions"]]
         for c, d in zip(r["completions"], w["completions"]):
             assert c["logprobs"] == pytest.approx(d["logprobs"], abs=1e-4)
+
+
+def test_async_routing_sticky_pause_and_a_killed_replica(cluster, model_path):
+    params = [SamplingParams(n=2, temperature=1.0, max_tokens=40, logprobs=0, ignore_eos=True, seed=100 + i)
+              for i in range(len(PROMPTS))]
+    want = flat(make_engine(model_path).generate(PROMPTS, params))
+
+    async def scenario(pool):
+        # Concurrent requests spread over both replicas; a conversation's turns stay on one replica.
+        outs = await asyncio.gather(*(pool.generate_async(p, sp, request_id=f"conv{i}:turn1")
+                                      for i, (p, sp) in enumerate(zip(PROMPTS, params))))
+        assert_same(flat(outs), want)
+        assert {pool.replica_of(f"conv{i}:turn1") for i in range(len(PROMPTS))} == {0, 1}
+        turn2 = await pool.generate_async(PROMPTS[3] + outs[3].outputs[0].token_ids[:4],
+                                          SamplingParams(max_tokens=4, temperature=0.0), request_id="conv3:turn2")
+        assert pool.replica_of("conv3:turn2") == pool.replica_of("conv3:turn1") and turn2.outputs[0].token_ids
+        # Pause (keep) mid-flight, push new weights to both, resume: every request completes, its
+        # tokens before the pause from v0, after it from v1.
+        long = SamplingParams(temperature=1.0, max_tokens=100, ignore_eos=True, seed=5)
+        tasks = [asyncio.ensure_future(pool.generate_async(p, long)) for p in PROMPTS]
+        for actor in (pool.replica_actors(0)[0], pool.replica_actors(1)[0]):
+            while not (await actor.ping.remote())["busy"]:
+                await asyncio.sleep(0.005)
+        await pool.pause_generation("keep")
+        result = pool.push(changed_model(model_path, seed=9), version=1)
+        assert result.ok and sorted(result.updated) == [0, 1]
+        await pool.resume_generation()
+        spans = []
+        for out in await asyncio.gather(*tasks):
+            c = out.outputs[0]
+            assert len(c.token_ids) == 100 and c.finish_reason == "length" and c.weight_version == 1
+            spans.append([v for v, _, _ in c.weight_versions])
+        assert all(s in ([0, 1], [1]) for s in spans) and [0, 1] in spans
+        # A replica killed while it serves: its requests go to the other one, outputs unchanged.
+        v1 = make_engine(model_path)
+        v1.update_weights(changed_model(model_path, seed=9).named_parameters())
+        want_v1 = flat(v1.generate(PROMPTS, params))
+        tasks = [asyncio.ensure_future(pool.generate_async(p, sp)) for p, sp in zip(PROMPTS, params)]
+        victim = pool.replica_actors(1)[0]
+        while not await victim.ping.remote():
+            await asyncio.sleep(0.005)
+        while not (await victim.ping.remote())["busy"]:
+            await asyncio.sleep(0.005)
+        ray.kill(victim, no_restart=False)
+        assert_same(flat(await asyncio.gather(*tasks)), want_v1)
+        assert (1, "died during generate") in [(e.replica, e.what) for e in pool.failures]
+
+    with pool_of(model_path, num_replicas=2) as pool:
+        asyncio.run(scenario(pool))
+        pool.wait_until_ready(timeout=60)
+        assert pool.replica_states()[1] == {"status": "ready", "weight_version": 1, "restarts": 1}

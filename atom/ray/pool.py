@@ -77,6 +77,10 @@ class ReplicaPool(AsyncRouting):
         """The Ray actor handles of one replica's ranks (rank 0 first): for custom calls and fault injection."""
         return list(self._rset.replicas[replica_id].ranks)
 
+    def replica_of(self, request_id: str) -> int | None:
+        """The replica a request_id's sticky key is bound to (None: not seen, or forgotten)."""
+        return self._router.bound_to(request_id)
+
     def wait_until_ready(self, timeout: float | None = None) -> None:
         """Block until every replica that is not given up serves (restarted ones resynchronised).
 
@@ -111,6 +115,8 @@ class ReplicaPool(AsyncRouting):
         self._resync_tried[rid] = time.monotonic()
         if self._sleeping and not self._sleep_like_pool(rep):
             return
+        if self._paused is not None and self._rset.W == 1:  # a restarted replica waits like the others
+            self._rset.call([rid], "pause_generation", self._paused)
         if rep.weight_version != self.weight_version and self._source is not None and "weights" not in self._sleeping:
             self._resync(rep)
         rep.status = READY if rep.weight_version == self.weight_version else STALE
@@ -238,7 +244,7 @@ class ReplicaPool(AsyncRouting):
         return WeightBroadcast({rid: reps[rid].ranks for rid in rids}, self.config.sync_backend,
                                self.config.weight_sync_timeout_s)
 
-    def push(self, source: torch.nn.Module | Callable[[], Iterable] | Iterable, *, version: int | None = None,
+    def push(self, source: torch.nn.Module | Callable[[], Iterable] | Iterable, *, version: int | str | None = None,
              rename: Callable[[str], str | None] | None = None, dtype: torch.dtype | None = None,
              partial: bool = False) -> PushResult:
         """Broadcast new weights to every live replica from this process; returns who got them.
@@ -250,9 +256,10 @@ class ReplicaPool(AsyncRouting):
         version: default the pool's version + 1. Replicas that failed keep their old weights
             and serve nothing until resynchronised (`PushResult.failed` names them).
         """
-        self._check_no_async_work("push")
+        self._check_quiet("push")
         self._heal()
-        version = self.weight_version + 1 if version is None else int(version)
+        if version is None:
+            version = self.weight_version + 1 if isinstance(self.weight_version, int) else 1
         targets = self._rset.ids(READY, STALE)
         if not targets:
             self._rset.check_alive()
@@ -276,13 +283,14 @@ class ReplicaPool(AsyncRouting):
     # ---- sleep / wake / stats fan-out -------------------------------------------------------
     def sleep(self, level: int = 1, offload_weights: bool = False) -> None:
         """RolloutEngine.sleep on every live replica."""
-        self._check_no_async_work("sleep")
+        self._check_quiet("sleep")
         self._heal()
         self._rset.call(self._rset.ids(READY, STALE), "sleep", level, offload_weights)
         self._sleeping = {"kv_cache", "weights"} if level == 2 else {"kv_cache"}
 
     def wake_up(self, tags: Sequence[str] | str | None = None) -> None:
         """RolloutEngine.wake_up on every live replica."""
+        self._check_quiet("wake_up")
         self._heal()
         self._rset.call(self._rset.ids(READY, STALE), "wake_up", tags)
         self._sleeping -= set(self._sleeping if tags is None else ([tags] if isinstance(tags, str) else tags))

@@ -47,6 +47,7 @@ class EngineRank:
         self.config, self.rank, self.world = config, rank, world
         self.num_threads = num_threads
         self.engine = None
+        self.aengine = None  # AsyncRolloutEngine over `engine`: per-request calls (one-rank replicas)
         self._lock = asyncio.Lock()
         self._receiver = None  # WeightReceiver of the current weight-sync group
         self.sync_failure = ""  # why the last weight update failed here ("" when it did not)
@@ -61,7 +62,8 @@ class EngineRank:
 
     async def ping(self) -> dict[str, Any]:
         """Cheap liveness check; answers even while a generate runs."""
-        return {"pid": os.getpid(), "started": self.engine is not None, "busy": self._lock.locked(),
+        busy = self._lock.locked() or (self.engine is not None and self.engine.has_unfinished_requests())
+        return {"pid": os.getpid(), "started": self.engine is not None, "busy": busy,
                 "weight_version": None if self.engine is None else self.engine.weight_version,
                 "weights_complete": None if self.engine is None else self.engine.weights_complete,
                 "sync_failure": self.sync_failure}
@@ -84,6 +86,9 @@ class EngineRank:
                                         timeout=datetime.timedelta(seconds=self.config.dist_timeout_s))
         from atom.rollout.engine import RolloutEngine
         self.engine = RolloutEngine(self.config)
+        if self.world == 1:  # ranks of one engine must see the same requests at the same steps: batch calls only
+            from atom.rollout.async_engine import AsyncRolloutEngine
+            self.aengine = AsyncRolloutEngine(self.engine)
         return {"max_model_len": self.engine.max_model_len, "vocab_size": self.engine.vocab_size,
                 "weight_version": self.engine.weight_version}
 
@@ -96,6 +101,24 @@ class EngineRank:
     async def generate(self, prompts: list, params: list) -> list:
         """RolloutEngine.generate on a batch (one SamplingParams per prompt)."""
         return await self._run(lambda: self._need_engine().generate(prompts, params))
+
+    async def generate_one(self, prompt, params, request_id: str):
+        """One request through the AsyncRolloutEngine: it joins the running batch at the next step."""
+        return await self._need_async().generate(prompt, params, request_id=request_id)
+
+    async def abort(self, request_ids: list[str]) -> dict:
+        return await self._need_async().abort(request_ids)
+
+    async def pause_generation(self, mode: str = "abort") -> None:
+        await self._need_async().pause_generation(mode)
+
+    async def resume_generation(self, recompute_kv: bool = False) -> None:
+        await self._need_async().resume_generation(recompute_kv=recompute_kv)
+
+    def _need_async(self):
+        if self.aengine is None:
+            raise RuntimeError(f"engine rank {self.rank}: per-request calls need a one-rank replica (started)")
+        return self.aengine
 
     async def tokenize(self, prompts: list) -> list:
         """Per prompt: its token ids, or the ValueError message `generate` would raise for it."""
@@ -120,11 +143,6 @@ class EngineRank:
 
     async def wake_up(self, tags: Sequence[str] | None = None) -> None:
         await self._run(lambda: self._need_engine().wake_up(tags))
-
-    async def update_weights(self, named_tensors: list, partial: bool = False, version: int | None = None) -> int:
-        """In-process update from tensors shipped through Ray's object store (resynchronisation)."""
-        return await self._run(lambda: self._need_engine().update_weights(named_tensors, partial=partial,
-                                                                          version=version))
 
     # ---- weight sync ---------------------------------------------------------------------
     async def join_weight_sync(self, master_addr: str, master_port: int, rank: int, world_size: int,

@@ -39,7 +39,7 @@ class Replica:
     id: int
     ranks: list               # Ray actor handles, rank 0 first
     status: str = STARTING
-    weight_version: int = 0
+    weight_version: int | str = 0
     restarts: int = 0
     pending: list = field(default_factory=list)   # refs of start / ping calls in flight
     since: float = field(default_factory=time.monotonic)

@@ -28,7 +28,7 @@ log = logging.getLogger("atom.ray")
 class PushResult:
     """What one broadcast did. updated: replica ids now at `version`; failed: replica id -> why."""
 
-    version: int | None
+    version: int | str | None
     updated: list[int] = field(default_factory=list)
     failed: dict[int, str] = field(default_factory=dict)
 
@@ -87,7 +87,7 @@ class WeightBroadcast:
         self._group, self._members = None, ()
 
     # ---- push ----------------------------------------------------------------------------
-    def push(self, source: torch.nn.Module | Iterable[tuple[str, torch.Tensor]], *, version: int | None = None,
+    def push(self, source: torch.nn.Module | Iterable[tuple[str, torch.Tensor]], *, version: int | str | None = None,
              replica_ids: list[int] | None = None, rename: Callable[[str], str | None] | None = None,
              dtype: torch.dtype | None = None, partial: bool = False) -> PushResult:
         """Send `source` (a model, or (HF name, tensor) pairs) to the replicas in one broadcast.
@@ -142,7 +142,7 @@ class WeightBroadcast:
             alive.append(rid)
         return alive
 
-    def _send(self, source, version, rename, dtype, partial) -> int | None:
+    def _send(self, source, version, rename, dtype, partial) -> int | str | None:
         from atom.weights_sync import push as push_model
 
         sender = WeightSender(self._group, bucket_bytes=self.bucket_bytes)
