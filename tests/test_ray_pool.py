@@ -271,3 +271,24 @@ def test_async_routing_sticky_pause_and_a_killed_replica(cluster, model_path):
         asyncio.run(scenario(pool))
         pool.wait_until_ready(timeout=60)
         assert pool.replica_states()[1] == {"status": "ready", "weight_version": 1, "restarts": 1}
+
+
+def test_tensor_parallel_replica(cluster, make_tiny_model):
+    """One replica of two rank actors (TP=2, gloo): the pool sets up its group; outputs, async
+    requests and a push behave as with one engine."""
+    from atom.ray import PoolConfig, ReplicaPool
+    path = make_tiny_model("qwen3")
+    params = SamplingParams(n=2, temperature=1.0, max_tokens=8, logprobs=0, ignore_eos=True, seed=3)
+    reference = make_engine(path)
+    want = flat(reference.generate(PROMPTS, params))
+    config = EngineConfig(model=path, tensor_parallel_size=2, dist_timeout_s=60, **engine_kwargs())
+    with ReplicaPool(PoolConfig(config, num_replicas=1, num_cpus_per_rank=0.5)) as pool:
+        assert_same(flat(pool.generate(PROMPTS, params)), want)
+
+        async def requests():
+            return await asyncio.gather(*(pool.generate_async(p, params) for p in PROMPTS[:3]))
+        assert_same(flat(asyncio.run(requests())), want[:6])
+        trainer = changed_model(path, seed=2)
+        assert pool.push(trainer, version=7).updated == [0]
+        reference.update_weights(trainer.named_parameters())
+        assert_same(flat(pool.generate(PROMPTS, params)), flat(reference.generate(PROMPTS, params)))
