@@ -292,3 +292,36 @@ def test_tensor_parallel_replica(cluster, make_tiny_model):
         assert pool.push(trainer, version=7).updated == [0]
         reference.update_weights(trainer.named_parameters())
         assert_same(flat(pool.generate(PROMPTS, params)), flat(reference.generate(PROMPTS, params)))
+
+
+def test_replica_dying_mid_transfer_keeps_out_until_resynced(cluster, model_path, monkeypatch):
+    from atom.weights_sync.group import WeightSyncGroup
+    greedy = SamplingParams(temperature=0.0, max_tokens=6, logprobs=0, ignore_eos=True)
+    v1, v2 = changed_model(model_path, seed=21), changed_model(model_path, seed=22)
+    with pool_of(model_path, num_replicas=2, weight_sync_bucket_bytes=32 << 10, weight_sync_timeout_s=30) as pool:
+        assert pool.push(v1, version=1).ok
+        victim = pool.replica_actors(1)[0]
+        send = WeightSyncGroup.broadcast
+
+        def dies_after_bucket_1(self, tensor, *args, what="", **kwargs):
+            send(self, tensor, *args, what=what, **kwargs)
+            if what.startswith("sending bucket 1 of"):
+                ray.kill(victim, no_restart=False)  # the replica dies in the middle of the transfer
+                time.sleep(1.0)
+        monkeypatch.setattr(WeightSyncGroup, "broadcast", dies_after_bucket_1)
+        result = pool.push(v2, version=2)
+        monkeypatch.setattr(WeightSyncGroup, "broadcast", send)
+        assert 1 in result.failed and 1 not in result.updated
+        assert pool.replica_states()[1]["status"] != "ready"  # no requests for it now
+        assert (1, "weight transfer failed") in [(e.replica, e.what) for e in pool.failures]
+        # Replica 0 holds v1 or v2, whole either way (staged buckets): never a mix.
+        version0 = pool.replica_states()[0]["weight_version"]
+        assert version0 in (1, 2)
+        if version0 == 1:  # the broken group failed it too: it kept v1; push again
+            assert pool.push(v2, version=2).updated == [0]
+        pool.wait_until_ready(timeout=60)  # replica 1: restarted, then resynchronised to v2
+        assert {s["weight_version"] for s in pool.replica_states().values()} == {2}
+        reference = make_engine(model_path)
+        reference.update_weights(v2.named_parameters())
+        assert_same(flat(pool.generate(PROMPTS, greedy)), flat(reference.generate(PROMPTS, greedy)))
+        assert all(s["generated_tokens"] > 0 for s in pool.replica_stats().values())

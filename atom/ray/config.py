@@ -37,6 +37,7 @@ class PoolConfig:
         the same samples as one engine whatever the replica count.
     weight_sync_backend: "auto" (nccl for CUDA engines, gloo for CPU), "gloo" or "nccl".
     weight_sync_timeout_s: timeout of each step of a weight broadcast.
+    weight_sync_bucket_bytes: bytes per broadcast bucket (the receivers stage whole updates).
     ready_timeout_s: how long to wait for a replica to start (or restart) before giving up on it.
     actor_options: extra `ray.remote` options for the rank actors (e.g. runtime_env).
     """
@@ -55,6 +56,7 @@ class PoolConfig:
     seed: int | None = None
     weight_sync_backend: str = "auto"
     weight_sync_timeout_s: float = 600.0
+    weight_sync_bucket_bytes: int = 1 << 30
     ready_timeout_s: float = 600.0
     actor_options: dict | None = None
 

@@ -132,7 +132,7 @@ class ReplicaPool(AsyncRouting):
 
     def _resync(self, rep: Replica) -> None:
         source, rename, dtype = self._source
-        one = WeightBroadcast({rep.id: rep.ranks}, self.config.sync_backend, self.config.weight_sync_timeout_s)
+        one = self._broadcast_to([rep.id])
         try:
             result = one.push(source() if callable(source) and not isinstance(source, torch.nn.Module) else source,
                               version=self.weight_version, rename=rename, dtype=dtype)
@@ -154,8 +154,11 @@ class ReplicaPool(AsyncRouting):
 
     def _reread_versions(self, rids: list[int], adopt_highest: bool = False) -> None:
         states = self._rset.call([r for r in rids if self._rset.replicas[r].status in (READY, STALE)], "ping")
-        for rid, st in states.items():
-            if st["weight_version"] is not None:
+        for rid, st in list(states.items()):
+            if not st["started"]:  # Ray restarted the actor (it died meanwhile): start it again
+                self._rset.fail(rid, "found restarted", "its engine is gone")
+                del states[rid]
+            else:
                 self._rset.replicas[rid].weight_version = st["weight_version"]
         if adopt_highest and states:
             self.weight_version = max(self._rset.replicas[r].weight_version for r in states)
@@ -239,10 +242,12 @@ class ReplicaPool(AsyncRouting):
         """A WeightBroadcast to the pool's replicas (ready and stale ones; all with all_replicas),
         for a trainer that is a Ray actor: pass it to the actor and call `push` there, then call
         `pool.refresh()` in the driver."""
-        reps = self._rset.replicas
-        rids = list(reps) if all_replicas else self._rset.ids(READY, STALE)
-        return WeightBroadcast({rid: reps[rid].ranks for rid in rids}, self.config.sync_backend,
-                               self.config.weight_sync_timeout_s)
+        return self._broadcast_to(list(self._rset.replicas) if all_replicas else self._rset.ids(READY, STALE))
+
+    def _broadcast_to(self, rids: list[int]) -> WeightBroadcast:
+        c = self.config
+        return WeightBroadcast({rid: self._rset.replicas[rid].ranks for rid in rids}, c.sync_backend,
+                               c.weight_sync_timeout_s, c.weight_sync_bucket_bytes)
 
     def push(self, source: torch.nn.Module | Callable[[], Iterable] | Iterable, *, version: int | str | None = None,
              rename: Callable[[str], str | None] | None = None, dtype: torch.dtype | None = None,
@@ -267,18 +272,34 @@ class ReplicaPool(AsyncRouting):
         pairs = source() if callable(source) and not isinstance(source, torch.nn.Module) else source
         result = self._bcast.push(pairs, version=version, replica_ids=targets, rename=rename, dtype=dtype,
                                   partial=partial)
-        if result.updated:
-            self.weight_version = result.version
-        for rid in result.updated:
-            self._rset.replicas[rid].weight_version = result.version
-        for rid, why in result.failed.items():
-            self._rset.record(rid, "weight transfer failed", why)
-        self._reread_versions(sorted(result.failed))
+        self._settle_push(result, version)
         if result.updated and not partial and (isinstance(source, torch.nn.Module) or callable(source)):
             self._source = (source, rename, dtype)
         elif not result.updated:
             self._source = None  # nobody serves what the source now holds: it cannot resynchronise
         return result
+
+    def _settle_push(self, result: PushResult, version) -> None:
+        """Adopt the version if any replica holds it; failed replicas are asked what they hold.
+
+        A replica reports a version only after applying the complete update (buckets are staged),
+        so one that applied it and then lost the group on the final status exchange is updated.
+        """
+        for rid, why in result.failed.items():
+            self._rset.record(rid, "weight transfer failed", why)
+        for rid in result.updated:
+            self._rset.replicas[rid].weight_version = version
+        self._reread_versions(sorted(result.failed))
+        for rid in sorted(result.failed):
+            if self._rset.replicas[rid].status in (READY, STALE) and self._rset.replicas[rid].weight_version == version:
+                result.failed.pop(rid)
+                result.updated.append(rid)
+        result.updated.sort()
+        if result.updated:
+            self.weight_version = result.version = version
+        for rep in self._rset.replicas.values():
+            if rep.status in (READY, STALE):
+                rep.status = READY if rep.weight_version == self.weight_version else STALE
 
     # ---- sleep / wake / stats fan-out -------------------------------------------------------
     def sleep(self, level: int = 1, offload_weights: bool = False) -> None:

@@ -11,6 +11,7 @@ broken group is closed and the next push builds a new one.
 """
 from __future__ import annotations
 
+import gc
 import logging
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable
@@ -82,9 +83,11 @@ class WeightBroadcast:
 
     def close(self) -> None:
         """Leave the group (the replicas drop theirs on their next join)."""
-        if self._group is not None:
-            self._group.close()
+        if self._group is None:
+            return
+        self._group.close()
         self._group, self._members = None, ()
+        gc.collect()  # drop the process group now: its connections close, peers stop waiting
 
     # ---- push ----------------------------------------------------------------------------
     def push(self, source: torch.nn.Module | Iterable[tuple[str, torch.Tensor]], *, version: int | str | None = None,
@@ -120,7 +123,10 @@ class WeightBroadcast:
             self._drain(receives)
             raise
         except WeightSyncError as e:
-            sent_error = e
+            # Keep only the text: the traceback's frames hold the group, and its connections must
+            # close now so that the receivers still waiting on them fail at once, not after a timeout.
+            sent_error = str(e)
+        if sent_error is not None:
             self.close()
         self._collect(members, receives, result, sent_error)
         return result
@@ -159,13 +165,14 @@ class WeightBroadcast:
             except Exception:  # noqa: BLE001 - the refusal is raised on the sender side
                 pass
 
-    def _collect(self, members, receives, result: PushResult, sent_error: BaseException | None) -> None:
+    def _collect(self, members, receives, result: PushResult, sent_error: str | None) -> None:
         import ray
 
         per_replica: dict[int, list] = {}
         for (rid, _), ref in zip(members, receives):
             try:
-                per_replica.setdefault(rid, []).append(ray.get(ref, timeout=self.timeout_s))
+                # no timeout here: every step of a receive is bounded by the group's timeout
+                per_replica.setdefault(rid, []).append(ray.get(ref))
             except Exception as e:  # noqa: BLE001 - a dead rank, or the broken group
                 text = str(getattr(e, "cause", None) or e).strip().splitlines()
                 per_replica.setdefault(rid, []).append(RuntimeError(text[-1] if text else type(e).__name__))
