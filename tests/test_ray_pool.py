@@ -325,3 +325,18 @@ def test_replica_dying_mid_transfer_keeps_out_until_resynced(cluster, model_path
         reference.update_weights(v2.named_parameters())
         assert_same(flat(pool.generate(PROMPTS, greedy)), flat(reference.generate(PROMPTS, greedy)))
         assert all(s["generated_tokens"] > 0 for s in pool.replica_stats().values())
+
+
+def test_grpo_ray_example_learns_through_a_replica_kill(cluster):
+    import importlib.util
+    path = os.path.join(os.path.dirname(TESTS), "examples", "grpo_ray.py")
+    spec = importlib.util.spec_from_file_location("grpo_ray", path)
+    example = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(example)
+    history = example.main(steps=6, kill_at=1, verbose=False)
+    rewards = history["reward"]
+    assert sum(rewards[-2:]) / 2 > sum(rewards[:2]) / 2 + 0.2, rewards
+    assert max(history["logprob_diff"]) < 1e-4  # every replica serves the trainer's weights
+    assert history["weight_version"] == list(range(6)) and history["failures"] >= 1
+    assert {s["status"] for s in history["final_states"].values()} == {"ready"}
+    assert {s["weight_version"] for s in history["final_states"].values()} == {6}
