@@ -340,3 +340,30 @@ def test_grpo_ray_example_learns_through_a_replica_kill(cluster):
     assert history["weight_version"] == list(range(6)) and history["failures"] >= 1
     assert {s["status"] for s in history["final_states"].values()} == {"ready"}
     assert {s["weight_version"] for s in history["final_states"].values()} == {6}
+
+
+def test_raises_only_when_no_replica_is_left(cluster, model_path):
+    greedy = SamplingParams(temperature=0.0, max_tokens=4)
+    with pool_of(model_path, num_replicas=1, max_restarts=0) as pool:
+        assert len(pool.generate(PROMPTS[:2], greedy)) == 2
+        ray.kill(pool.replica_actors(0)[0], no_restart=True)
+        with pytest.raises(RuntimeError, match="no replica left"):
+            pool.generate(PROMPTS[:2], greedy)
+        assert pool.replica_states()[0]["status"] == "dead"
+        assert [e.what for e in pool.failures] == ["died during generate", "gave up"]
+
+
+def test_ray_job_rejects_a_bad_prompt_before_writing(cluster, model_path, tmp_path):
+    from hydra import compose, initialize_config_dir
+
+    from atom.rollout.job import JobError, run
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text('{"prompt_token_ids": [3, 4, 5]}\n{"prompt_token_ids": [3, 999]}\n')
+    out = tmp_path / "out.jsonl"
+    with initialize_config_dir(config_dir=os.path.join(os.path.dirname(TESTS), "configs"), version_base="1.3"):
+        cfg = compose("rollout", overrides=_job_args(model_path, prompts, out, "ray.num_replicas=1",
+                                                     "ray.num_cpus_per_rank=0.5"))
+    with pytest.raises(JobError, match=r"prompts.jsonl:2: token id 999 is outside the vocabulary"):
+        run(cfg)
+    assert not out.exists()
+    assert ray.is_initialized()  # the job joined this cluster and leaves it running

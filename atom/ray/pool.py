@@ -226,16 +226,23 @@ class ReplicaPool(AsyncRouting):
 
     def tokenize_many(self, prompts: list) -> list[list[int]]:
         """tokenize for many prompts in one call to a replica; raises for the first bad one."""
+        out = self._tokenize_or_problem(prompts)
+        for item in out:
+            if isinstance(item, str):
+                raise ValueError(item)
+        return out
+
+    def prompt_problems(self, prompts: list) -> list[str]:
+        """Per prompt: the ValueError message `generate` would raise for it, or "" (one call)."""
+        return [item if isinstance(item, str) else "" for item in self._tokenize_or_problem(prompts)]
+
+    def _tokenize_or_problem(self, prompts: list) -> list:
         self._heal()
         rids = self._rset.ids(READY)
         if not rids:
             self._rset.check_alive()
             raise RuntimeError("ReplicaPool.tokenize: no replica is ready yet")
-        out = self._rset.call(rids[:1], "tokenize", list(prompts))[rids[0]]
-        for item in out:
-            if isinstance(item, str):
-                raise ValueError(item)
-        return out
+        return self._rset.call(rids[:1], "tokenize", list(prompts))[rids[0]]
 
     # ---- weights ---------------------------------------------------------------------------
     def weight_broadcast(self, all_replicas: bool = False) -> WeightBroadcast:

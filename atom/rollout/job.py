@@ -338,11 +338,9 @@ def _engine_error(e: ValueError, chunk: list[Prompt]) -> str:
 
 def _check_prompts_for(engine, prompts: list[Prompt]) -> None:
     """Catch what the engine would reject only later, in some chunk, before anything is written."""
-    for p in prompts:
-        try:
-            engine.tokenize(p.prompt)
-        except ValueError as e:
-            raise JobError(f"{p.where}: {str(e).removeprefix('prompt: ')}") from None
+    for p, problem in zip(prompts, ray_job.prompt_problems(engine, [p.prompt for p in prompts])):
+        if problem:
+            raise JobError(f"{p.where}: {problem.removeprefix('prompt: ')}")
 
 
 def _start_engine(job: RolloutJobConfig, engine_cfg, todo: list[Prompt]):

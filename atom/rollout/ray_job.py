@@ -81,6 +81,22 @@ def generate(engine, prompts: list, params: list, on_progress: Callable[[int], N
     return engine.generate(prompts, params, on_progress=on_progress)
 
 
+def prompt_problems(engine, prompts: list) -> list[str]:
+    """Per prompt: the ValueError message `generate` would raise for it, or "" (a pool checks them
+    all in one call to a replica)."""
+    many = getattr(engine, "prompt_problems", None)
+    if many is not None:
+        return many(prompts)
+    problems = []
+    for p in prompts:
+        try:
+            engine.tokenize(p)
+            problems.append("")
+        except ValueError as e:
+            problems.append(str(e))
+    return problems
+
+
 class ChunkProgress:
     """Advances the job's bar: a pool reports each shard as it completes, the rest at the chunk's end."""
 
