@@ -74,6 +74,13 @@ def test_two_replicas_match_one_engine(cluster, model_path):
         with pytest.raises(ValueError, match="prompt 9: token id 999"):
             pool.generate(PROMPTS + [[1, 2], [999]], SAMPLED)
         assert_same(flat(pool.generate(PROMPTS[:3], SAMPLED)), flat(engine.generate(PROMPTS[:3], SAMPLED)))
+        pool.sleep(level=1)  # fanned out; a refused generate leaves the seed stream alone
+        assert pool.is_sleeping and all(s["is_sleeping"] for s in pool.replica_stats().values())
+        with pytest.raises(RuntimeError, match="sleeping"):
+            pool.generate(PROMPTS[:3], SAMPLED)
+        pool.wake_up()
+        assert not any(s["is_sleeping"] for s in pool.replica_stats().values())
+        assert_same(flat(pool.generate(PROMPTS[:3], SAMPLED)), flat(engine.generate(PROMPTS[:3], SAMPLED)))
 
 
 def hf_logprobs(model, prompt: list[int], tokens: list[int]) -> list[float]:

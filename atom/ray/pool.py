@@ -52,7 +52,7 @@ class ReplicaPool(AsyncRouting):
         self._resync_tried: dict[int, float] = {}
         self._final_stats: EngineStats | None = None
         self._rset = ReplicaSet(config, on_event=self._on_failure)
-        self._rset.on_started = lambda rep: self._admit(rep.id)
+        self._rset.on_started = lambda rep: self._admit(rep.id, fresh=True)
         self._bcast = self.weight_broadcast(all_replicas=True)
         info = self._rset.replicas[0].info
         self.max_model_len, self.vocab_size = info["max_model_len"], info["vocab_size"]
@@ -109,13 +109,14 @@ class ReplicaPool(AsyncRouting):
             if now - self._resync_tried.get(rid, -1e9) > _RESYNC_RETRY_S:
                 self._admit(rid)
 
-    def _admit(self, rid: int) -> None:
-        """A started replica serves once its weights are at the pool's version (resync if needed)."""
+    def _admit(self, rid: int, fresh: bool = False) -> None:
+        """A started replica serves once its weights are at the pool's version (resync if needed);
+        a freshly (re)started one first takes the pool's sleep and pause state."""
         rep = self._rset.replicas[rid]
         self._resync_tried[rid] = time.monotonic()
-        if self._sleeping and not self._sleep_like_pool(rep):
+        if fresh and self._sleeping and not self._sleep_like_pool(rep):
             return
-        if self._paused is not None and self._rset.W == 1:  # a restarted replica waits like the others
+        if fresh and self._paused is not None and self._rset.W == 1:  # it waits like the others
             self._rset.call([rid], "pause_generation", self._paused)
         if rep.weight_version != self.weight_version and self._source is not None and "weights" not in self._sleeping:
             self._resync(rep)
@@ -146,13 +147,18 @@ class ReplicaPool(AsyncRouting):
         else:
             self._rset.record(rep.id, "resynchronisation failed", result.failed.get(rep.id, "?"))
 
-    def refresh(self) -> None:
-        """Re-read every replica's weight version (after a push from a trainer actor through
-        `weight_broadcast()`): the highest is the pool's; replicas behind it stop serving."""
+    def refresh(self, version: int | str | None = None) -> None:
+        """Re-read every replica's weight version after a push from a trainer actor through
+        `weight_broadcast()`. The pool's version becomes `version` (the PushResult's), or else the
+        highest one reported (the most reported one for string versions); replicas not at it
+        stop serving until resynchronised."""
         self._heal()
-        self._reread_versions(self._rset.ids(READY, STALE), adopt_highest=True)
+        self._reread_versions(self._rset.ids(READY, STALE), adopt=True)
+        if version is not None:
+            self.weight_version = version
+            self._reread_versions([])
 
-    def _reread_versions(self, rids: list[int], adopt_highest: bool = False) -> None:
+    def _reread_versions(self, rids: list[int], adopt: bool = False) -> None:
         states = self._rset.call([r for r in rids if self._rset.replicas[r].status in (READY, STALE)], "ping")
         for rid, st in list(states.items()):
             if not st["started"]:  # Ray restarted the actor (it died meanwhile): start it again
@@ -160,8 +166,10 @@ class ReplicaPool(AsyncRouting):
                 del states[rid]
             else:
                 self._rset.replicas[rid].weight_version = st["weight_version"]
-        if adopt_highest and states:
-            self.weight_version = max(self._rset.replicas[r].weight_version for r in states)
+        if adopt and states:
+            seen = [self._rset.replicas[r].weight_version for r in states]
+            ints = all(isinstance(v, int) for v in seen)
+            self.weight_version = max(seen) if ints else max(set(seen), key=seen.count)
         for rep in self._rset.replicas.values():
             if rep.status in (READY, STALE):
                 rep.status = READY if rep.weight_version == self.weight_version else STALE
