@@ -374,3 +374,26 @@ def test_ray_job_rejects_a_bad_prompt_before_writing(cluster, model_path, tmp_pa
         run(cfg)
     assert not out.exists()
     assert ray.is_initialized()  # the job joined this cluster and leaves it running
+
+
+def test_replicas_on_the_trainers_placement_group(cluster, model_path):
+    """Colocation: the replicas go into the bundles of a placement group made for the trainer,
+    next to a trainer actor in the same bundle (fractional resources)."""
+    from ray.util.placement_group import placement_group, remove_placement_group
+    from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+    pg = placement_group([{"CPU": 1}, {"CPU": 1}], strategy="PACK")
+    ray.get(pg.ready(), timeout=60)
+    try:
+        trainer = Trainer.options(num_cpus=0.5, scheduling_strategy=PlacementGroupSchedulingStrategy(
+            pg, placement_group_bundle_index=0)).remote(model_path, 6)
+        with pool_of(model_path, num_replicas=2, placement_group=pg, bundle_indices=[0, 1]) as pool:
+            ids = ray.get([a.__ray_call__.remote(lambda self: ray.get_runtime_context().get_placement_group_id())
+                           for r in (0, 1) for a in pool.replica_actors(r)])
+            assert set(ids) == {pg.id.hex()}
+            result = ray.get(trainer.push.remote(pool.weight_broadcast(), 1))
+            assert result.ok and result.updated == [0, 1]
+            pool.refresh(result.version)
+            assert pool.weight_version == 1 and len(pool.generate(PROMPTS[:2], SAMPLED)) == 2
+        ray.kill(trainer)
+    finally:
+        remove_placement_group(pg)

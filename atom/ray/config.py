@@ -16,7 +16,8 @@ class PoolConfig:
     engine: the EngineConfig every replica builds (its tensor / expert parallel sizes give the
         ranks per replica, one Ray actor each).
     num_replicas: engines serving requests side by side.
-    num_gpus_per_rank: GPUs each rank actor takes (None: 1 on CUDA engines, 0 on CPU engines);
+    num_gpus_per_rank: GPUs each rank actor takes (None: 1 when the engine's device is cuda, or is
+        "auto" on a cluster with GPUs; else 0);
         a fraction (e.g. 0.5) shares a GPU with a trainer actor in the same bundle, as
         OpenRLHF's hybrid engine colocates vLLM with its trainer.
     num_cpus_per_rank: CPUs each rank actor takes (logical, for Ray's scheduler; torch uses
@@ -35,7 +36,8 @@ class PoolConfig:
     seed: the pool draws the seed of each request that brings none from random.Random(seed)
         in call order, exactly as one RolloutEngine would (None: engine.seed); so a pool gives
         the same samples as one engine whatever the replica count.
-    weight_sync_backend: "auto" (nccl for CUDA engines, gloo for CPU), "gloo" or "nccl".
+    weight_sync_backend: "auto" (nccl when the replicas have GPUs and the pushing process has
+        CUDA, else gloo), "gloo" or "nccl".
     weight_sync_timeout_s: timeout of each step of a weight broadcast.
     weight_sync_bucket_bytes: bytes per broadcast bucket (the receivers stage whole updates).
     ready_timeout_s: how long to wait for a replica to start (or restart) before giving up on it.
@@ -93,20 +95,3 @@ class PoolConfig:
         from atom.distributed.parallel_state import EngineLayout
         e = self.engine
         return EngineLayout.build(e.tensor_parallel_size, e.expert_parallel_size, e.ep_mode).world
-
-    @property
-    def on_gpu(self) -> bool:
-        return self.engine.device.startswith("cuda") or (
-            self.engine.device == "auto" and (self.num_gpus_per_rank or 0) > 0)
-
-    @property
-    def gpus_per_rank(self) -> float:
-        if self.num_gpus_per_rank is not None:
-            return self.num_gpus_per_rank
-        return 1.0 if self.on_gpu else 0.0
-
-    @property
-    def sync_backend(self) -> str:
-        if self.weight_sync_backend != "auto":
-            return self.weight_sync_backend
-        return "nccl" if self.gpus_per_rank > 0 else "gloo"

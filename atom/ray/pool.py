@@ -261,8 +261,8 @@ class ReplicaPool(AsyncRouting):
 
     def _broadcast_to(self, rids: list[int]) -> WeightBroadcast:
         c = self.config
-        return WeightBroadcast({rid: self._rset.replicas[rid].ranks for rid in rids}, c.sync_backend,
-                               c.weight_sync_timeout_s, c.weight_sync_bucket_bytes)
+        return WeightBroadcast({rid: self._rset.replicas[rid].ranks for rid in rids}, c.weight_sync_backend,
+                               c.weight_sync_timeout_s, c.weight_sync_bucket_bytes, replicas_on_gpu=self._rset.gpus > 0)
 
     def push(self, source: torch.nn.Module | Callable[[], Iterable] | Iterable, *, version: int | str | None = None,
              rename: Callable[[str], str | None] | None = None, dtype: torch.dtype | None = None,

@@ -48,13 +48,15 @@ class WeightBroadcast:
 
     replicas: replica id -> its rank actors (rank 0 first). Picklable: hand it to a trainer Ray
     actor and call `push` there (its process becomes rank 0); the group is built on first use
-    and rebuilt whenever the members change or a transfer broke it.
+    and rebuilt whenever the members change or a transfer broke it. backend "auto": nccl when
+    the replicas are on GPUs and the pushing process has CUDA, else gloo.
     """
 
-    def __init__(self, replicas: dict[int, list], backend: str = "gloo", timeout_s: float = 600.0,
-                 bucket_bytes: int = DEFAULT_BUCKET_BYTES) -> None:
+    def __init__(self, replicas: dict[int, list], backend: str = "auto", timeout_s: float = 600.0,
+                 bucket_bytes: int = DEFAULT_BUCKET_BYTES, replicas_on_gpu: bool = False) -> None:
         self.replicas = dict(replicas)
         self.backend, self.timeout_s, self.bucket_bytes = backend, timeout_s, bucket_bytes
+        self.replicas_on_gpu = replicas_on_gpu
         self._group = None
         self._members: tuple = ()
 
@@ -72,10 +74,13 @@ class WeightBroadcast:
         if self._group is not None and key == self._members:
             return members
         self.close()
+        backend = self.backend
+        if backend == "auto":
+            backend = "nccl" if self.replicas_on_gpu and torch.cuda.is_available() else "gloo"
         addr, port = _node_ip(), free_port()
-        joins = [a.join_weight_sync.remote(addr, port, i + 1, len(members) + 1, self.backend, self.timeout_s)
+        joins = [a.join_weight_sync.remote(addr, port, i + 1, len(members) + 1, backend, self.timeout_s)
                  for i, (_, a) in enumerate(members)]
-        self._group = init_weight_sync_group(addr, port, 0, len(members) + 1, backend=self.backend,
+        self._group = init_weight_sync_group(addr, port, 0, len(members) + 1, backend=backend,
                                              timeout=self.timeout_s)
         ray.get(joins, timeout=self.timeout_s)
         self._members = key
