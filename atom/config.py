@@ -46,6 +46,9 @@ class EngineConfig:
         rollouts use rather than the whole pool. The memory is then claimed during generate; if
         something else took it since the wake, the engine runs with the blocks it could back
         (fewer sequences at once). False: wake maps the whole pool.
+    enable_return_routed_experts: record which experts every MoE layer chose for every token, so
+        that requests with SamplingParams(return_routed_experts=True) get them back (vLLM's and
+        SGLang's name). Costs a small device buffer and a copy per step; nothing when False.
     load_format: "auto" (read the checkpoint's safetensors) or "dummy" (random weights from
         config.json alone: benchmarks; `model` then needs only a config.json).
     """
@@ -72,6 +75,7 @@ class EngineConfig:
     dist_timeout_s: float = 600.0
     enable_sleep_mode: bool = False
     lazy_kv_wake: bool = True
+    enable_return_routed_experts: bool = False
     load_format: str = "auto"
 
     def __post_init__(self) -> None:

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 
 @dataclass
@@ -18,6 +19,10 @@ class Completion:
     weight_versions: which weight version produced which tokens, as (version, first_token,
         end_token) spans over token_ids; one span unless weights changed mid-generation
         (pause_generation(mode="keep") + update_weights + resume_generation).
+    routed_experts: with SamplingParams(return_routed_experts=True), a numpy int32 array
+        [prompt + generated tokens - 1, moe_layers, top_k]: the experts each MoE layer chose for each
+        position the engine ran (all but the last token), the prompt's included (as SGLang returns
+        them); feed it to atom.fidelity.routing_replay in the trainer. None otherwise.
     """
 
     index: int
@@ -29,6 +34,7 @@ class Completion:
     stop_reason: str | int | None = None
     weight_version: int | str = 0
     weight_versions: list[tuple[int | str, int, int]] = field(default_factory=list)
+    routed_experts: Any = None
 
 
 @dataclass

@@ -4,14 +4,19 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 LOGPROBS_MODES = ("processed", "raw")
+# Smallest temperature besides 0 (greedy): logits / temperature must stay finite in float32, and
+# processed logprobs meaningful; vLLM raises smaller ones to the same 1e-2 (with a warning), atom
+# refuses them, so that the logprobs it reports are those of the temperature the caller asked for.
+MIN_TEMPERATURE = 1e-2
 
 
 @dataclass
 class SamplingParams:
     """How to sample one prompt's completions.
 
-    n: completions per prompt (they share the prompt's KV blocks).
-    temperature: 0 means greedy.
+    n: completions per prompt (they share the prompt's KV blocks and run together, so an engine
+        takes at most its EngineConfig.max_num_seqs).
+    temperature: 0 means greedy; otherwise at least MIN_TEMPERATURE (1e-2).
     top_p: nucleus mass in (0, 1]; top_k: -1 or 0 disables; min_p: in [0, 1].
     max_tokens / min_tokens: bounds on generated tokens (EOS and stops are masked before min_tokens).
     stop: strings that end a completion (not included in `text`).
@@ -22,6 +27,9 @@ class SamplingParams:
     logprobs_mode: "processed" (distribution the token was drawn from: after temperature and
         top-k/top-p/min-p filtering, renormalised) or "raw" (log_softmax of the unscaled logits).
     prompt_logprobs: None, or k >= 0 for the logprob of each prompt token plus its top-k alternatives.
+    return_routed_experts: return, per completion, the experts every MoE layer chose for every
+        token the engine ran (Completion.routed_experts); needs
+        EngineConfig(enable_return_routed_experts=True). Such prompts skip the prefix cache.
     """
 
     n: int = 1
@@ -38,6 +46,7 @@ class SamplingParams:
     logprobs: int | None = None
     logprobs_mode: str = "processed"
     prompt_logprobs: int | None = None
+    return_routed_experts: bool = False
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -51,7 +60,8 @@ class SamplingParams:
             setattr(self, name, list(value))
         self.validate()
 
-    def validate(self, vocab_size: int | None = None) -> None:
+    def validate(self, vocab_size: int | None = None, max_num_seqs: int | None = None) -> None:
+        """ValueError naming the first invalid field; vocab_size / max_num_seqs: the engine's limits."""
         def bad(name: str, allowed: str) -> ValueError:
             return ValueError(f"SamplingParams.{name}={getattr(self, name)!r} is invalid: must be {allowed}")
 
@@ -63,8 +73,12 @@ class SamplingParams:
 
         if not is_int(self.n) or self.n < 1:
             raise bad("n", "an integer >= 1")
-        if not is_num(self.temperature) or not 0.0 <= self.temperature < float("inf"):
-            raise bad("temperature", "a finite number >= 0 (0 = greedy)")
+        if max_num_seqs is not None and self.n > max_num_seqs:
+            raise bad("n", f"at most the engine's max_num_seqs={max_num_seqs} (the n samples of a prompt run "
+                           "together)")
+        if (not is_num(self.temperature) or not 0.0 <= self.temperature < float("inf")
+                or 0.0 < self.temperature < MIN_TEMPERATURE):
+            raise bad("temperature", f"0 (greedy) or a finite number >= {MIN_TEMPERATURE}")
         if not is_num(self.top_p) or not 0.0 < self.top_p <= 1.0:
             raise bad("top_p", "in (0, 1]")
         if not is_int(self.top_k) or (self.top_k < -1):
@@ -91,6 +105,8 @@ class SamplingParams:
         if self.prompt_logprobs is not None and (not is_int(self.prompt_logprobs) or self.prompt_logprobs < 0
                                                  or (vocab_size is not None and self.prompt_logprobs > vocab_size)):
             raise bad("prompt_logprobs", f"None or an integer in [0, {vocab_size or 'vocab_size'}]")
+        if not isinstance(self.return_routed_experts, bool):
+            raise bad("return_routed_experts", "a bool")
 
     @property
     def effective_top_k(self) -> int:

@@ -258,7 +258,7 @@ def profile_window(llm, first: int, last: int):
     from torch.profiler import ProfilerActivity, profile
     prof = profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA])
     window = {"wall_s": 0.0}
-    post, count = llm._postprocess, [0]
+    post, count = llm._finish_step, [0]
 
     def counted(*a, **k):
         out = post(*a, **k)
@@ -272,7 +272,7 @@ def profile_window(llm, first: int, last: int):
             window["wall_s"] = time.perf_counter() - window["t0"]
             prof.stop()
         return out
-    llm._postprocess = counted
+    llm._finish_step = counted
     return prof, window
 
 
@@ -292,7 +292,7 @@ def instrument(llm) -> dict:
         setattr(obj, name, timed)
     wrap(llm.scheduler, "schedule", "schedule")
     wrap(llm.runner, "execute", "execute")
-    wrap(llm, "_postprocess", "postprocess")
+    wrap(llm, "_finish_step", "postprocess")
     return timers
 
 

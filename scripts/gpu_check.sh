@@ -10,6 +10,9 @@
 #     kernels : micro-benchmarks of the triton kernels (bench/kernels.py)
 #     small   : small-batch kernels against the paths they replace (bench/small_batch.py)
 #     sleep   : sleep / wake / update_weights timings, 30B shape (bench/sleep_wake.py, no offload cycles)
+#     async   : the asynchronous front end (bench/async_rollout.py): grpo-moe as concurrent requests
+#               against the batch call, a request arriving during a 512-sequence decode
+#     arrival : agent-async-moe (requests 5 ms apart through the async API)
 # Logs and JSON results go to $OUT (or ./gpu_out when OUT is unset).
 # On the lent H200 a device call may run 10 minutes: `tests small` and `bench` are one call each
 # (the four workloads take ~75 s apiece with build and warm-up).
@@ -21,7 +24,7 @@ export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 TOKENIZERS_PAR
 export ATOM_BENCH_CEILINGS="$OUT/ceilings.json" PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 PY=${PYTHON:-python3}
 [ $# -eq 0 ] && set -- tests bench
-SECTIONS="tests tune bench hf kernels small sleep"
+SECTIONS="tests tune bench hf kernels small sleep async arrival"
 WORKLOADS="decode-moe-bs1,grpo-dense-small,grpo-moe,grpo-dense-8b"
 summary=()
 nvidia-smi --query-gpu=name,memory.used,memory.total,clocks.sm,clocks.mem --format=csv,noheader 2>/dev/null
@@ -55,6 +58,18 @@ while [ $# -gt 0 ]; do
       ;;
     small)
       timeout "${SMALL_TIMEOUT:-240}" $PY -m bench.small_batch 2>&1 | tee "$OUT/small.log" | tail -60
+      ;;
+    async)
+      for mode in "concurrent grpo-moe" "late-join grpo-moe"; do
+        timeout "${ASYNC_TIMEOUT:-300}" $PY -m bench.async_rollout $mode --repeats "${ASYNC_REPEATS:-1}" \
+          --json "$OUT/async.jsonl" > "$OUT/async_${mode// /_}.log" 2>&1 || summary+=("async $mode: FAILED")
+        grep -E "run:|RESULT" "$OUT/async_${mode// /_}.log" | cut -c1-300
+      done
+      ;;
+    arrival)
+      timeout "${ASYNC_TIMEOUT:-300}" $PY -m bench.async_rollout arrival agent-async-moe --repeats 1 \
+        --json "$OUT/async.jsonl" > "$OUT/async_arrival.log" 2>&1 || summary+=("arrival: FAILED")
+      grep -E "run:|RESULT" "$OUT/async_arrival.log" | cut -c1-300
       ;;
     sleep)
       timeout "${SLEEP_TIMEOUT:-240}" $PY bench/sleep_wake.py --config bench/models/qwen3-30b-a3b/config.json \

@@ -44,3 +44,11 @@ def changed_model(path: str, seed: int = 1, scale: float = 0.05):
         for _, p in sorted(model.named_parameters()):
             p.add_(scale * torch.randn(p.shape, generator=gen))
     return model.eval()
+
+
+def rollout_from_scratch(engine) -> list[tuple[list[int], list[float], int]]:
+    """rollout() with the prefix cache empty, as on a fresh engine (sleep(1) / wake_up() empties it):
+    bitwise equal to an earlier rollout exactly when the weights are."""
+    engine.sleep(level=1)
+    engine.wake_up()
+    return rollout(engine)

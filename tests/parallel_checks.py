@@ -32,6 +32,13 @@ SCENARIOS = {
     "tp4_ep2": ("qwen3_moe", 4, 2, "allreduce"),
     "ep4_alltoall": ("qwen3_moe", 1, 4, "alltoall"),
 }
+# The MoE families of issue 17 (tests/test_families.py): TP=2 (experts' intermediate dim split
+# in two), TP=2 + EP=2, and EP=2 alltoall.
+FAMILIES = ("mixtral", "gpt_oss", "deepseek_v3", "deepseek_v3_no_qlora")  # keys of --models
+for _arch in FAMILIES:
+    SCENARIOS[f"{_arch}_tp2"] = (_arch, 2, 1, "allreduce")
+    SCENARIOS[f"{_arch}_tp2_ep2"] = (_arch, 2, 2, "allreduce")
+    SCENARIOS[f"{_arch}_ep2_alltoall"] = (_arch, 1, 2, "alltoall")
 TWO_RANKS = ("tp2_dense", "tp2_moe", "ep2_allreduce", "ep2_alltoall", "tp2_ep2")
 FOUR_RANKS = ("tp2_ep4", "tp4_ep2", "ep4_alltoall", "tp2_dense")
 # Scenarios that also check update_weights (full HF tensors in, each rank keeps its shard).
@@ -137,7 +144,7 @@ def run_scenario(name: str, models: dict, device: str, atol: float, update_to: d
     local = sharded._engine.runner.model
     result["param_elems_here"] = sum(p.numel() for p in local.parameters())
     result["param_elems_single"] = sum(p.numel() for p in single._engine.runner.model.parameters())
-    if update_to is not None and name in UPDATE_SCENARIOS:
+    if update_to is not None and (name in UPDATE_SCENARIOS or arch in FAMILIES):
         new_path = update_to[arch]
         version = sharded.update_weights(iter_checkpoint(new_path))
         check_shards_equal(sharded, new_path, (tp, ep, mode), sharded._engine.runner.parallel.layout.rank)

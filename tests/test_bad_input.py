@@ -47,11 +47,23 @@ def assert_still_serves(engine):
     ([[3, 4]], SamplingParams(stop_token_ids=[TINY_VOCAB + 5]), "SamplingParams.stop_token_ids"),
     ([[3, 4]], SamplingParams(logprobs=TINY_VOCAB + 1), "SamplingParams.logprobs"),
     ([[3, 4], [5]], [SamplingParams()], "got 1 SamplingParams for 2 prompts"),
-    ([3.5], None, "prompt 0: expected a string, a list of token ids or a chat conversation"),
-    ([1, 2, 3], None, r"a token-id prompt is a list inside the list of prompts"),
 ])
 def test_bad_generate_input_is_rejected_and_engine_survives(engine, prompts, params, match):
     with pytest.raises(ValueError, match=match):
+        engine.generate(prompts, params)
+    assert_still_serves(engine)
+
+
+@pytest.mark.parametrize("prompts,params,match", [
+    ([3.5], None, "prompt 0: expected a string, a list of token ids or a chat conversation"),
+    ([1, 2, 3], None, r"a token-id prompt is a list inside the list of prompts"),
+    (None, None, "generate: prompts must be a prompt .* or a list of prompts, got NoneType"),
+    ([[3, 4]], "greedy", "sampling_params must be a SamplingParams, a list of them .* got str"),
+    ([[3, 4]], [None], r"sampling_params\[0\] must be a SamplingParams, got NoneType"),
+    ([[3, "4"]], None, "prompt 0: .*a token-id list holds ints only; found str '4'"),
+])
+def test_wrong_types_are_type_errors_and_engine_survives(engine, prompts, params, match):
+    with pytest.raises(TypeError, match=match):
         engine.generate(prompts, params)
     assert_still_serves(engine)
 

@@ -1,4 +1,5 @@
-"""Issue 2, test 1: tokens and logprobs equal HF transformers (fp32) for Llama, Qwen3, Qwen3-MoE."""
+"""Issue 2, test 1: tokens and logprobs equal HF transformers (fp32) for Llama, Qwen3, Qwen3-MoE;
+issue 17: Mixtral, GPT-OSS and DeepSeek-V3 on tiny configs that exercise each family's features."""
 from __future__ import annotations
 
 import pytest
@@ -11,11 +12,23 @@ from helpers import hf_greedy, hf_logits, random_prompts
 MODELS = [
     ("llama", {}),
     ("qwen3", {}),
+    ("llama", {"rope_parameters": {"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0,
+                                   "original_max_position_embeddings": 32}}),
     ("qwen3_moe", {"num_experts_per_tok": 2, "norm_topk_prob": True}),
     ("qwen3_moe", {"num_experts_per_tok": 4, "norm_topk_prob": False}),
     ("qwen3_moe", {"num_experts_per_tok": 4, "norm_topk_prob": True, "num_experts": 6}),
+    ("mixtral", {}),
+    ("mixtral", {"sliding_window": 6}),  # every layer slides (HF Mixtral's sliding_window)
+    ("gpt_oss", {}),  # sliding window 6 < prompts, sinks, swiglu_limit reached, YaRN, biases
+    # MLA + q_lora, 4 groups (top 2), 2 dense-first layers, shared expert, YaRN with mscale
+    ("deepseek_v3", {}),
+    # q_lora off, non-interleaved RoPE, no renormalisation, 2 groups (top 1), 1 dense layer, plain RoPE
+    ("deepseek_v3", {"q_lora_rank": None, "rope_interleave": False, "norm_topk_prob": False, "n_group": 2,
+                     "topk_group": 1, "first_k_dense_replace": 1, "n_shared_experts": 2,
+                     "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0}}),
 ]
-IDS = ["llama", "qwen3", "moe-top2-norm", "moe-top4-nonorm", "moe-6x-top4-norm"]
+IDS = ["llama", "qwen3", "llama-yarn", "moe-top2-norm", "moe-top4-nonorm", "moe-6x-top4-norm", "mixtral",
+       "mixtral-sliding", "gpt-oss", "deepseek-v3", "deepseek-v3-no-qlora"]
 # Lengths straddle the 16-token KV block; a 16-token step budget forces chunked prefill.
 LENGTHS = [5, 16, 37]
 MAX_NEW = 12

@@ -43,9 +43,9 @@ def test_unsupported_rope_scaling_is_a_clear_error(tmp_path, tiny_llama_path):
     bad = Path(tmp_path / "bad")
     shutil.copytree(tiny_llama_path, bad)
     cfg = json.loads((bad / "config.json").read_text())
-    cfg["rope_parameters"] = {"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0}
+    cfg["rope_parameters"] = {"rope_type": "longrope", "rope_theta": 10000.0, "factor": 4.0}
     (bad / "config.json").write_text(json.dumps(cfg))
-    with pytest.raises(ValueError, match="rope type 'yarn' is not supported"):
+    with pytest.raises(ValueError, match="rope type 'longrope' is not supported"):
         RolloutEngine(str(bad))
 
 

@@ -78,3 +78,53 @@ def test_stop_on_the_token_in_flight_drops_the_extra_row(make_tiny_model):
     fast, stats, _ = generate(eos_path, [prompt], sp, overlapped=True)
     assert fast[0].outputs[0].token_ids == tokens[:pos + 1] == plain[0].outputs[0].token_ids
     assert stats.generated_tokens == pos + 1
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+def test_requests_arrive_abort_and_pause_while_a_step_is_in_flight(tiny_qwen3_path, device):
+    """The async core on the overlapped loop: a seeded late arrival equals running alone, an abort
+    with a step in flight frees every block, pause(keep) drains the queued step and resumes."""
+    engine = RolloutEngine(tiny_qwen3_path, device=device, kv_cache_memory_bytes=64 << 20)
+    engine._engine.runner.use_decode_runner = True
+    late = SamplingParams(n=2, temperature=1.0, seed=9, max_tokens=16, logprobs=1, ignore_eos=True)
+    prompt = random_prompts([19], TINY_VOCAB, seed=52)[0]
+    alone = engine.generate([prompt], late)[0]
+    engine.add_request("bulk", random_prompts([25], TINY_VOCAB, seed=53)[0],
+                       SamplingParams(n=4, temperature=1.0, seed=1, max_tokens=60, ignore_eos=True))
+    engine.add_request("gone", [5, 6, 7], SamplingParams(max_tokens=60, ignore_eos=True))
+    for _ in range(8):
+        engine.step()
+    assert engine._engine._inflight is not None  # a decode step is queued while we act
+    aborted = engine.abort("gone")["gone"].outputs[0]
+    assert aborted.finish_reason == "abort" and 0 < len(aborted.token_ids) < 60
+    engine.add_request("late", prompt, late)
+    for _ in range(3):
+        engine.step()
+    engine.pause_generation("keep")
+    assert engine._engine._inflight is None
+    engine.resume_generation()
+    done = {}
+    while engine.has_unfinished_requests():
+        for out in engine.step():
+            if out.finished:
+                done[out.request_id] = out
+    assert_same([done["late"]], [alone])
+    assert len(done["bulk"].outputs) == 4 and all(len(c.token_ids) == 60 for c in done["bulk"].outputs)
+    assert engine.num_free_kv_blocks == engine.num_kv_blocks
+
+
+def test_a_request_arriving_during_a_512_sequence_decode_waits_at_most_one_step(tiny_llama_path):
+    engine = RolloutEngine(tiny_llama_path, device="cpu", max_num_seqs=600, num_kv_blocks=1200, max_model_len=64)
+    engine._engine.runner.use_decode_runner = True  # the overlapped loop, as on a GPU
+    engine.add_request("bulk", [5, 6, 7, 8], SamplingParams(n=512, temperature=1.0, max_tokens=40, ignore_eos=True))
+    for _ in range(6):
+        engine.step()
+    assert engine._engine._inflight is not None and len(engine._engine.scheduler.running) == 512
+    engine.add_request("late", [9, 10, 11], SamplingParams(max_tokens=3, ignore_eos=True))
+    for waited in range(1, 5):
+        if any(o.request_id == "late" for o in engine.step()):
+            break
+    # Step 1 reads the decode in flight and launches nothing after it (a request waits); step 2
+    # runs the late prefill with the 512 decodes and returns its first token: one step of waiting.
+    assert waited <= 2, waited
+    engine.abort_all()

@@ -101,7 +101,7 @@ def _fused_v5(path: str):
 @pytest.mark.parametrize("tp,ep,mode", [(2, 1, "allreduce"), (1, 2, "allreduce"), (2, 2, "allreduce"),
                                         (1, 2, "alltoall"), (4, 2, "allreduce")])
 def test_each_rank_keeps_exactly_its_shard(models, tp, ep, mode):
-    """Sharded safetensors reads (get_slice), full tensors narrowed by check_and_copy (the
+    """Sharded safetensors reads (get_slice), full tensors narrowed by copy_into (the
     update_weights path), and v5 fused expert tensors all give each rank the same shard, and the
     shards put back together are the single-process parameters."""
     path = models["qwen3_moe"]

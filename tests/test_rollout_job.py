@@ -145,8 +145,12 @@ def test_resume_skips_done_prompts_and_repairs_a_torn_line(model_path, prompts_f
     other.write_text(json.dumps({"prompt_token_ids": [9, 9]}) + "\n")
     with pytest.raises(JobError, match="does not match the prompt file"):
         run(compose_job(*job_overrides(model_path, other, out, "sampling.n=2")))
-    # ... unless asked to start anew.
-    run(compose_job(*job_overrides(model_path, other, out, "output.resume=false")))
+    # Starting anew (output.resume=false) replaces results of the same settings only, never others.
+    before = out.read_bytes()
+    with pytest.raises(JobError, match="another model or sampling settings"):
+        run(compose_job(*job_overrides(model_path, other, out, "output.resume=false")))
+    assert out.read_bytes() == before
+    run(compose_job(*job_overrides(model_path, other, out, "sampling.n=2", "output.resume=false")))
     assert len(read_results(out)) == 1
 
 
@@ -208,11 +212,15 @@ def test_job_schema_mirrors_the_engine_api():
 
     names = lambda cls: {f.name for f in dataclasses.fields(cls)}  # noqa: E731
     assert names(SamplingConfig) == names(SamplingParams)
+    assert names(EngineJobConfig) == names(EngineConfig) - {"model", "tokenizer"}  # sleep-mode fields too
     engine_defaults = {f.name: f.default for f in dataclasses.fields(EngineConfig)}
     for f in dataclasses.fields(EngineJobConfig):
-        assert f.name in engine_defaults, f.name
         if f.default is not dataclasses.MISSING:
             assert f.default == engine_defaults[f.name], f.name
+    # Overrides of every derived field are type-checked by Hydra at composition.
+    assert compose_job("engine.lazy_kv_wake=false").engine.lazy_kv_wake is False
+    with pytest.raises(Exception, match="enable_sleep_mode"):
+        compose_job("engine.enable_sleep_mode=maybe")
 
 
 def _cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:

@@ -112,13 +112,13 @@ def test_bad_updates_are_named_and_leave_the_old_weights(moe_pair):
             engine.update_weights(iter(bad), check_finite=True)
         # The first tensor was bad: nothing was copied, the engine still serves version 0.
         assert engine.weights_complete and engine.weight_version == 0
-    with pytest.raises(ValueError, match="version must be an int"):
-        engine.update_weights(iter(pairs), version="v2")  # refused before any tensor is read
+    with pytest.raises(TypeError, match="version must be an int or a str"):
+        engine.update_weights(iter(pairs), version=2.5)  # refused before any tensor is read
     for n, p in engine._engine.runner.model.named_parameters():
         assert torch.equal(p, params[n]), n
     # Nothing changed, so the prefix cache was kept; drop it so that the prompts are computed
     # the way they were the first time (cached prefixes change the float summation order).
-    engine._engine.block_manager.invalidate_cache()
+    assert engine.reset_prefix_cache()
     assert same(rollout(engine), before)
 
 
@@ -162,10 +162,9 @@ def test_update_refused_while_weights_asleep_or_busy(make_tiny_model):
     engine.wake_up(["weights"])
     engine.update_weights(iter_checkpoint(path))  # KV cache still asleep: updates are fine
     engine.wake_up()
-    engine._busy = True
-    try:
-        with pytest.raises(RuntimeError, match="already running"):
-            engine.update_weights(iter_checkpoint(path))
-    finally:
-        engine._busy = False
+    engine.add_request("live", [3, 4, 5], SamplingParams(max_tokens=4))
+    with pytest.raises(RuntimeError, match="requests are in flight"):
+        engine.update_weights(iter_checkpoint(path))
     assert engine.weight_version == 1
+    engine.pause_generation("keep")
+    assert engine.update_weights(iter_checkpoint(path)) == 2  # paused: allowed

@@ -5,7 +5,8 @@ from __future__ import annotations
 from atom.distributed.parallel_state import ParallelGroup
 from atom.engine.sequence import Request, Sequence, SeqStatus
 
-_SEQ_FIELDS = ("logprobs", "top_logprobs", "finish_reason", "stop_reason", "stop_text_len")
+_SEQ_FIELDS = ("logprobs", "top_logprobs", "finish_reason", "stop_reason", "stop_text_len", "weight_spans",
+               "routed_chunks")
 
 
 def my_requests(requests: list[Request], dp: ParallelGroup) -> list[Request]:

@@ -148,7 +148,7 @@ class BlockManager:
                 block_id, _ = self.free.popitem(last=False)
             block = self.blocks[block_id]
             if block.key is not None:  # evict: the least recently freed cached block goes first
-                del self.cached[block.key]
+                self._forget_key(block)
                 block.key = block.tokens = None
                 self.free_cached -= 1
         else:
@@ -157,6 +157,19 @@ class BlockManager:
             self.free_cached -= block.key is not None
         block.ref_count = 1
         return block
+
+    def _forget_key(self, block: Block) -> None:
+        del self.cached[block.key]
+
+    def _unref(self, block_id: int) -> None:
+        block = self.blocks[block_id]
+        block.ref_count -= 1
+        if block.ref_count == 0:
+            self.free[block_id] = None
+            if block.key is None:  # uncached blocks are reused before cached ones
+                self.free.move_to_end(block_id, last=False)
+            else:
+                self.free_cached += 1
 
     def can_start(self, seq: Sequence, matched: list[int], num_new_tokens: int) -> bool:
         """Room for a waiting seq: fresh blocks plus matched blocks that sit in the free list."""
@@ -177,8 +190,12 @@ class BlockManager:
         seq.num_computed = len(matched) * self.block_size
         self.block_keys[id(seq)] = [self.blocks[b].key for b in matched]
 
+    def blocks_to_grow(self, seq: Sequence, num_new_tokens: int) -> int:
+        """Free blocks `grow(seq, num_new_tokens)` takes."""
+        return max(0, self.blocks_needed(seq.num_computed + num_new_tokens) - len(seq.block_table))
+
     def can_grow(self, seq: Sequence, num_new_tokens: int) -> bool:
-        return self.reserve(self.blocks_needed(seq.num_computed + num_new_tokens) - len(seq.block_table))
+        return self.reserve(self.blocks_to_grow(seq, num_new_tokens))
 
     def grow(self, seq: Sequence, num_new_tokens: int) -> None:
         """Make seq's block table cover its next num_new_tokens tokens."""
@@ -191,14 +208,7 @@ class BlockManager:
 
     def release(self, seq: Sequence) -> None:
         for block_id in reversed(seq.block_table):
-            block = self.blocks[block_id]
-            block.ref_count -= 1
-            if block.ref_count == 0:
-                self.free[block_id] = None
-                if block.key is None:  # uncached blocks are reused before cached ones
-                    self.free.move_to_end(block_id, last=False)
-                else:
-                    self.free_cached += 1
+            self._unref(block_id)
         seq.block_table = []
         seq.num_computed = 0
         self.block_keys.pop(id(seq), None)

@@ -78,7 +78,7 @@ class DecodeRunner:
         self.capacity = cfg.max_num_seqs
         backend = ops.backend_of
         is_moe = runner.args.num_experts > 0
-        needed = _GRAPH_OPS + (_GRAPH_OPS_MOE if is_moe else ())
+        needed = _GRAPH_OPS + (_GRAPH_OPS_MOE if is_moe else ()) + tuple(getattr(self.model, "graph_ops", ()))
         self.graph_capable = all(backend.get(name) != "torch" for name in needed)
         # Padding only pays where graphs may be used; eager-only runs keep exact sizes.
         self.ladder = batch_ladder(self.capacity) if self.graph_capable else []
@@ -353,7 +353,11 @@ class DecodeRunner:
         tm["forward+sample"] += time.perf_counter() - t1
         tm["steps"] += 1
         tm["overlapped"] += lag
-        return InFlight(batch, result, *_copy_to_host(result))
+        routed = self.runner.routed_rows(n)
+        if routed is not None:  # queued before the event _copy_to_host records
+            routed = routed.to("cpu", copy=True) if routed.device.type == "cpu" else \
+                torch.empty(routed.shape, dtype=routed.dtype, pin_memory=True).copy_(routed, non_blocking=True)
+        return InFlight(batch, result, *_copy_to_host(result), routed)
 
     def collect(self, inflight: "InFlight"):
         """Wait for a launched step's samples and turn them into a StepOutput. Waits on the
@@ -362,7 +366,8 @@ class DecodeRunner:
         if inflight.ready is not None:
             inflight.ready.synchronize()
         rows = [(seq, seq.sample_index) for seq in inflight.batch.seqs]
-        return StepOutput(sampled=sampled_tokens(rows, inflight.host))
+        routed = None if inflight.routed is None else inflight.routed.numpy()
+        return StepOutput(sampled=sampled_tokens(rows, inflight.host), routed=routed)
 
 
 def _copy_to_host(result: SamplerOutput) -> tuple[SamplerOutput, torch.cuda.Event | None]:
@@ -386,6 +391,7 @@ class InFlight:
     result: SamplerOutput        # on the device: the next step reads its tokens there
     host: SamplerOutput          # pinned copy, valid once `ready` has fired
     ready: torch.cuda.Event | None  # None on the CPU
+    routed: torch.Tensor | None = None  # host copy of the step's routed experts (when captured)
 
 
 # ---- KV-cache sizing ---------------------------------------------------------------------------
@@ -403,14 +409,13 @@ def activation_bytes(runner, max_num_batched_tokens: int, max_num_seqs: int) -> 
     a = runner.args
     t = max_num_batched_tokens
     blocks = -(-t // page) + 1
-    saved = [(attn.k_cache, attn.v_cache) for attn in layers]
+    saved = [{name: getattr(attn, name) for name in attn.kv_cache_shapes(page)} for attn in layers]
     torch.cuda.synchronize(dev)
     torch.cuda.empty_cache()
     try:
-        shape = (blocks, page, runner.num_kv_heads, a.head_dim)
         for attn in layers:
-            attn.k_cache = torch.zeros(shape, dtype=runner.dtype, device=dev)
-            attn.v_cache = torch.zeros(shape, dtype=runner.dtype, device=dev)
+            for name, shape in attn.kv_cache_shapes(page).items():
+                setattr(attn, name, torch.zeros((blocks, *shape), dtype=runner.dtype, device=dev))
         torch.cuda.reset_peak_memory_stats(dev)
         base = torch.cuda.memory_allocated(dev)
         ids = torch.randint(0, a.vocab_size, (t,), device=dev)
@@ -430,8 +435,9 @@ def activation_bytes(runner, max_num_batched_tokens: int, max_num_seqs: int) -> 
         torch.cuda.synchronize(dev)
         peak = torch.cuda.max_memory_allocated(dev) - base
     finally:
-        for attn, (k, v) in zip(layers, saved):
-            attn.k_cache, attn.v_cache = k, v
+        for attn, caches in zip(layers, saved):
+            for name, cache in caches.items():
+                setattr(attn, name, cache)
         torch.cuda.empty_cache()
     graph_bs = 0 if runner.config.enforce_eager else min(runner.config.cuda_graph_max_batch_size, max_num_seqs)
     graphs = 2 * graph_bs * a.vocab_size * 4 + (256 << 20)

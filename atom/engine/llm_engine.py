@@ -14,12 +14,13 @@ from typing import Callable, Iterable
 
 from atom.config import EngineConfig
 from atom.distributed.dp import my_requests, share_results
-from atom.engine.block_manager import BlockManager
+from atom.engine.group_sync import GroupPlan, GroupSync, apply_report, new_request_copy, report
 from atom.engine.messages import ScheduledBatch, StepOutput
 from atom.engine.model_runner import ModelRunner
 from atom.engine.scheduler import Scheduler
 from atom.engine.sequence import Request, Sequence, SeqStatus
 from atom.engine.stops import StopChecker
+from atom.engine.window_blocks import make_block_manager
 from atom.models.hf_config import ModelArgs, load_model_args
 from atom.outputs import EngineStats
 
@@ -44,7 +45,8 @@ class LLMEngine:
             self.runner.load_checkpoint(config.model)
         num_blocks = self.runner.num_kv_blocks()
         self.runner.allocate_kv_cache(num_blocks)
-        self.block_manager = BlockManager(num_blocks, config.kv_block_size, config.enable_prefix_caching)
+        self.block_manager = make_block_manager(num_blocks, config.kv_block_size, config.enable_prefix_caching,
+                                                self.runner.kv_window)
         self.stats = EngineStats()
         stop = StopChecker(self.args.eos_token_ids, self.max_model_len, detokenize)
         self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, config.max_num_batched_tokens,
@@ -55,6 +57,9 @@ class LLMEngine:
         self._inflight = None                    # a launched decode step whose tokens are unread
         self._pause_mode: str | None = None
         self._outbox: dict[int, Request] = {}   # requests touched since the last `step` returned
+        par = self.runner.parallel
+        # Engine groups: requests enter on rank 0 and reach the others before each step (group_sync.py).
+        self.group = GroupSync(par.engine, par.dp.size, par.dp.rank) if par.is_parallel else None
 
     # ---- requests ------------------------------------------------------------------------
     def max_tokens_fit(self, num_tokens: int) -> bool:
@@ -62,9 +67,28 @@ class LLMEngine:
         return self.block_manager.blocks_needed(num_tokens) <= self.block_manager.num_blocks
 
     def add_request(self, req: Request) -> None:
-        """Queue a validated request; it joins the next step (or waits while paused)."""
+        """Queue a validated request; it joins the next step (or waits while paused). In an
+        engine group only rank 0 takes requests; the others run `follow`."""
         if req.request_id in self.requests:
             raise ValueError(f"request_id {req.request_id!r} is already in use by a live request")
+        if self.group is None:
+            self._admit(req)
+            return
+        if not self.group.is_leader:
+            raise RuntimeError("add_request: in an engine group requests enter on rank 0; the other ranks "
+                               "call follow()")
+        dest = self.group.assign() if self.group.dp_size > 1 else 0
+        self.group.log.append(("add", dest, new_request_copy(req)))
+        self._admit(req)
+        if dest != self.group.dp_rank:  # another rank runs it: keep a mirror (no KV here)
+            req.sequences[0].status = SeqStatus.WAITING
+            self.group.remote[req.request_id] = req
+            if req in self._held:
+                self._held.remove(req)
+            else:
+                self.scheduler.waiting.remove(req.sequences[0])
+
+    def _admit(self, req: Request) -> None:
         req.sequences = [Sequence(req, 0, req.prompt_token_ids)]
         if req.params.prompt_logprobs is not None:
             req.prompt_logprobs = [None] * len(req.prompt_token_ids)
@@ -80,6 +104,8 @@ class LLMEngine:
         found = [self.requests[i] for i in dict.fromkeys(request_ids) if i in self.requests]
         if not found:
             return []
+        if self.group is not None and self.group.is_leader:
+            self.group.log.append(("abort", [r.request_id for r in found]))
         if self._inflight is not None and any(s.status is SeqStatus.RUNNING for r in found for s in r.sequences):
             self.drain()  # its tokens land first; then the running set changes
         for req in found:
@@ -99,6 +125,8 @@ class LLMEngine:
             req.sequences.append(seq)
         req.num_finished = req.params.n
         self.requests.pop(req.request_id, None)
+        if self.group is not None:
+            self.group.remote.pop(req.request_id, None)
 
     def abort_all(self) -> list[Request]:
         return self.abort(list(self.requests))
@@ -110,6 +138,9 @@ class LLMEngine:
     @property
     def num_free_kv_blocks(self) -> int:
         return self.block_manager.num_free
+
+    def reset_prefix_cache(self) -> None:
+        self.block_manager.invalidate_cache()
 
     def is_live(self, request_id: str) -> bool:
         return request_id in self.requests
@@ -125,6 +156,8 @@ class LLMEngine:
         where they are, KV and all. Requests added while paused wait for `resume`."""
         if mode not in PAUSE_MODES:
             raise ValueError(f"pause: mode must be one of {PAUSE_MODES}, got {mode!r}")
+        if self.group is not None and self.group.is_leader:
+            self.group.log.append(("pause", mode))
         self._pause_mode = mode
         if mode == "abort":
             return self.abort_all()
@@ -138,7 +171,8 @@ class LLMEngine:
         admitted requests are done)."""
         if self._pause_mode is None:
             return False
-        return self._inflight is None and (self._pause_mode == "keep" or not self.scheduler.has_work)
+        admitted = len(self.requests) - len(self._held)  # remote requests (mirrors) count too
+        return self._inflight is None and (self._pause_mode == "keep" or admitted == 0)
 
     @property
     def pause_mode(self) -> str | None:
@@ -150,11 +184,15 @@ class LLMEngine:
         their next token, so every later token is sampled from exactly the new policy."""
         if self._pause_mode is None:
             return
+        if self.group is not None and self.group.is_leader:
+            self.group.log.append(("resume", recompute_kv))
         if recompute_kv:
             self.scheduler.preempt_all()
         self._pause_mode = None
+        remote = self.group.remote if self.group is not None else {}
         for req in self._held:
-            self.scheduler.add(req.sequences[0])
+            if req.request_id not in remote:
+                self.scheduler.add(req.sequences[0])
         self._held = []
 
     def release_kv(self) -> None:
@@ -167,11 +205,82 @@ class LLMEngine:
         """Run one step; returns the live requests touched since the last call (new tokens or
         finished; a finished request has `finished` set and has left the core). Aborted
         requests are not in it: `abort` returned them."""
+        if self.group is not None:
+            return self._leader_step()
         if not self.paused:
             self._step()
+        return self._take_outbox()
+
+    def _take_outbox(self) -> list[Request]:
         out = list(self._outbox.values())
         self._outbox = {}
         return out
+
+    # ---- engine groups (group_sync.py) ---------------------------------------------------
+    def _leader_step(self, stop: bool = False) -> list[Request]:
+        if not self.group.is_leader:
+            raise RuntimeError("step: in an engine group only rank 0 steps; the other ranks call follow()")
+        plan = GroupPlan(self.group.log, step=bool(self.requests) and not self.paused and not stop, stop=stop)
+        self.group.log = []
+        plan, news = self.group.exchange(plan, [])
+        for rank_news in news[1:]:
+            for req in apply_report(self.group.remote, rank_news):
+                self._outbox[id(req)] = req
+                if req.finished:
+                    self.requests.pop(req.request_id, None)
+                    self.group.remote.pop(req.request_id, None)
+        if plan.step:
+            self._group_step()
+        return self._take_outbox()
+
+    def _group_step(self) -> None:
+        """This rank's part of a group step: its own batch, or (alltoall) an idle step that joins
+        the MoE collectives when it has nothing to run."""
+        if self.scheduler.has_work and not self.paused:
+            self._step()
+        elif self.group.dp_size > 1:
+            self.runner.execute(ScheduledBatch([], []), self.block_manager)
+
+    def follow(self) -> None:
+        """Ranks 1.. of an engine group: run the requests rank 0 takes, step by step, until rank 0
+        calls stop_followers (or a collective fails: CollectiveError)."""
+        if self.group is None or self.group.is_leader:
+            raise RuntimeError("follow: only ranks other than 0 of an engine group follow")
+        while True:
+            news = report(self._take_outbox()) if self.group.dp_size > 1 else []
+            plan, _ = self.group.exchange(None, news)
+            if plan.stop:
+                return
+            for cmd in plan.commands:
+                self._apply(cmd)
+            if plan.step:
+                self._group_step()
+
+    def _apply(self, cmd: tuple) -> None:
+        kind = cmd[0]
+        if kind == "add":
+            if cmd[1] == self.group.dp_rank:
+                self._admit(cmd[2])
+        elif kind == "abort":
+            for rid in cmd[1]:
+                if rid in self.requests:
+                    self._abort(self.requests[rid])
+        elif kind == "pause":
+            self.pause(cmd[1])
+        elif kind == "resume":
+            self.resume(cmd[1])
+
+    def stop_followers(self) -> None:
+        """Rank 0 of an engine group: end the other ranks' follow() (live requests are aborted)."""
+        if self.group is not None and self.group.is_leader:
+            self.abort_all()
+            self._leader_step(stop=True)
+
+    def heartbeat(self) -> None:
+        """Rank 0 of an idle engine group: pass the calls made since the last step to the others
+        without stepping, so that they do not time out waiting."""
+        if self.group is not None and self.group.is_leader and (self.paused or not self.requests):
+            self._leader_step()
 
     def _step(self) -> None:
         if self._pause_mode == "keep" or (self._inflight is None and not self.scheduler.has_work):
@@ -226,14 +335,18 @@ class LLMEngine:
         foreign: dict[int, Request] = {}
         mine = my_requests(requests, dp)
         for req in mine:
-            self.add_request(req)
+            if req.request_id in self.requests:
+                raise ValueError(f"request_id {req.request_id!r} is already in use by a live request")
+            self._admit(req)
         pending = {r.request_id for r in mine}
         try:
             while pending if dp.size == 1 else dp.any(bool(pending) or self._inflight is not None, self.runner.device):
                 if not pending and self._inflight is None:
                     self.runner.execute(ScheduledBatch([], []), self.block_manager)  # idle rank: join the MoE collectives
                     continue
-                touched = self.step()
+                if not self.paused:
+                    self._step()
+                touched = self._take_outbox()
                 done = [r for r in touched if r.finished and r.request_id in pending]
                 foreign.update((id(r), r) for r in touched if r.request_id not in pending)
                 pending.difference_update(r.request_id for r in done)

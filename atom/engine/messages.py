@@ -12,6 +12,7 @@ from atom.ops.metadata import SamplerOutput
 class ScheduledBatch:
     seqs: list[Sequence]
     num_new_tokens: list[int]
+    starts: list[int] | None = None  # each sequence's first position in this step (set when advanced)
 
     @property
     def is_decode(self) -> bool:
@@ -38,6 +39,8 @@ class StepOutput:
     # (seq, first prompt position scored, one dict per position)
     prompt_logprobs: list[tuple[Sequence, int, list[dict[int, float]]]] = field(default_factory=list)
     overlapped: bool = False  # launched ahead (the scheduler advanced its sequences at launch)
+    # [tokens, moe_layers, top_k] experts each token of the step went to (enable_return_routed_experts)
+    routed: "numpy.ndarray | None" = None
 
 
 def sampled_tokens(rows: list[tuple[Sequence, int]], result: SamplerOutput) -> list[SampledToken]:

@@ -1,6 +1,8 @@
 """Owns the model and its KV cache on one device; turns a scheduled batch into sampled tokens."""
 from __future__ import annotations
 
+import math
+
 import torch
 
 from atom.config import EngineConfig
@@ -9,6 +11,7 @@ from atom.engine.memory import EngineMemory
 from atom.engine.sampler import prompt_logprobs, sampling_metadata
 from atom.engine.messages import ScheduledBatch, StepOutput, sampled_tokens
 from atom.engine.sequence import Sequence
+from atom.engine.window_blocks import kv_cache_owners
 from atom.models.decoder import CausalLM
 from atom.models.hf_config import ModelArgs
 from atom.models.registry import model_class
@@ -41,20 +44,42 @@ class ModelRunner:
             finally:
                 torch.set_default_dtype(prev)
         self.num_kv_heads = self.model.attention_layers()[0].num_kv_heads  # this rank's (tensor parallelism)
+        # Hybrid sliding / full models: layer pairs share cache tensors and sliding layers give
+        # back the blocks they no longer see (atom/engine/window_blocks.py; kv_window: the window).
+        self.cache_owners, self.kv_window = kv_cache_owners(self.model.attention_layers())
+        if self.kv_window is not None:  # the decode runner's static buffers have no window tables
+            self.use_decode_runner = False
         # Weights and KV cache live in pools that sleep/wake can release and restore in place.
         self.memory = EngineMemory(self.device, config.enable_sleep_mode)
         self.memory.adopt_weights(self.model)
         self.weight_map = WeightMap(self.model)
         self.k_caches: list[torch.Tensor] = []
         self.v_caches: list[torch.Tensor] = []
+        self.routed_buf = self._routing_capture() if config.enable_return_routed_experts else None
+
+    def _routing_capture(self) -> torch.Tensor:
+        """A static [tokens, moe_layers, top_k] buffer every MoE layer writes its chosen experts
+        into, each step (inside CUDA graphs too: its address never changes)."""
+        layers = self.model.moe_layers()
+        if not layers:
+            raise ValueError("enable_return_routed_experts: this model has no MoE layers")
+        rows = max(self.config.max_num_batched_tokens, self.config.max_num_seqs)
+        buf = torch.full((rows, len(layers), layers[0].top_k), -1, dtype=torch.int16, device=self.device)
+        for i, layer in enumerate(layers):
+            layer.routed_out = buf[:, i, :]
+        return buf
+
+    def routed_rows(self, n: int) -> torch.Tensor | None:
+        """The last step's routing of its first n tokens (on the device), or None when not captured."""
+        return None if self.routed_buf is None else self.routed_buf[:n]
 
     # ---- weights -------------------------------------------------------------------------
     @torch.inference_mode()
     def load_checkpoint(self, model_dir: str) -> None:
-        if self.parallel.is_parallel:  # each rank reads only its shards
+        if self.parallel.is_parallel and not self.model.stream_load:  # each rank reads only its shards
             load_checkpoint(self.model, self.weight_map, model_dir)
         else:
-            load_weights(self.model, self.weight_map, iter_checkpoint(model_dir))
+            load_weights(self.model, self.weight_map, self.model.convert_checkpoint(iter_checkpoint(model_dir)))
 
     @torch.inference_mode()
     def init_dummy_weights(self) -> None:
@@ -64,9 +89,11 @@ class ModelRunner:
 
     # ---- KV cache ------------------------------------------------------------------------
     def kv_bytes_per_block(self) -> int:
-        a = self.args
+        """Bytes of one block in every layer's cache tensors (K and V, or MLA's latent rows)."""
         elem = torch.empty((), dtype=self.dtype).element_size()
-        return 2 * a.num_hidden_layers * self.config.kv_block_size * self.num_kv_heads * a.head_dim * elem
+        bs = self.config.kv_block_size
+        return sum(math.prod(shape) for owners in self.cache_owners
+                   for shape in owners[0].kv_cache_shapes(bs).values()) * elem
 
     def num_kv_blocks(self) -> int:
         c = self.config
@@ -89,7 +116,10 @@ class ModelRunner:
             budget = _CPU_KV_BUDGET
         blocks = budget // self.kv_bytes_per_block()
         if self.device.type == "cpu" and c.kv_cache_memory_bytes is None:
-            blocks = min(blocks, c.max_num_seqs * -(-self.max_model_len // c.kv_block_size))
+            per_seq = -(-self.max_model_len // c.kv_block_size)
+            if self.kv_window is not None:
+                per_seq += -(-self.kv_window // c.kv_block_size) + 1
+            blocks = min(blocks, c.max_num_seqs * per_seq)
         if blocks < 1:
             raise RuntimeError(f"no memory left for the KV cache (budget {budget} bytes)")
         if self.parallel.is_parallel:  # the ranks' schedulers must agree on the pool size
@@ -97,14 +127,16 @@ class ModelRunner:
         return int(blocks)
 
     def allocate_kv_cache(self, num_blocks: int) -> None:
-        a, bs = self.args, self.config.kv_block_size
-        shape = (num_blocks, bs, self.num_kv_heads, a.head_dim)
+        """Each attention layer's cache tensors (`kv_cache_shapes`): k_caches holds every one but
+        the V caches (MLA layers have a single latent cache)."""
+        bs = self.config.kv_block_size
         self.k_caches, self.v_caches = [], []
-        for attn in self.model.attention_layers():
-            attn.k_cache = self.memory.kv_zeros(shape, self.dtype)
-            attn.v_cache = self.memory.kv_zeros(shape, self.dtype)
-            self.k_caches.append(attn.k_cache)
-            self.v_caches.append(attn.v_cache)
+        for owners in self.cache_owners:
+            for name, shape in owners[0].kv_cache_shapes(bs).items():
+                cache = self.memory.kv_zeros((num_blocks, *shape), self.dtype)
+                for attn in owners:
+                    setattr(attn, name, cache)
+                (self.v_caches if name == "v_cache" else self.k_caches).append(cache)
 
     def _flush_copies(self, block_manager: BlockManager) -> None:
         """KV copies the block manager asked for (a fork's partial last block), before the step."""
@@ -119,7 +151,8 @@ class ModelRunner:
             cache[dst] = cache[src]
 
     # ---- one step ------------------------------------------------------------------------
-    def _attention_metadata(self, batch: ScheduledBatch) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata]:
+    def _attention_metadata(self, batch: ScheduledBatch,
+                            block_manager: BlockManager) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata]:
         bs = self.config.kv_block_size
         ids, positions, slots, starts, seq_lens = [], [], [], [0], []
         for seq, n in zip(batch.seqs, batch.num_new_tokens):
@@ -138,6 +171,15 @@ class ModelRunner:
         meta = AttentionMetadata(slot_mapping=t(slots), query_start_loc=t(starts), seq_lens=t(seq_lens),
                                  block_tables=t(tables), is_decode=batch.is_decode,
                                  max_query_len=max(batch.num_new_tokens), max_seq_len=max(seq_lens))
+        if self.kv_window is not None:  # the sliding layers' tables (given-back entries read block 0, masked)
+            wtables = [[max(b, 0) for b in block_manager.window_table(s)] for s in batch.seqs]
+            wslots = [wt[p // bs] * bs + p % bs for wt, s, n in zip(wtables, batch.seqs, batch.num_new_tokens)
+                      for p in range(s.num_computed, s.num_computed + n)]
+            width = max(len(w) for w in wtables)
+            meta.window = AttentionMetadata(
+                slot_mapping=t(wslots), query_start_loc=meta.query_start_loc, seq_lens=meta.seq_lens,
+                block_tables=t([w + [0] * (width - len(w)) for w in wtables]), is_decode=meta.is_decode,
+                max_query_len=meta.max_query_len, max_seq_len=meta.max_seq_len)
         return t(ids), t(positions), meta
 
     @torch.inference_mode()
@@ -145,7 +187,7 @@ class ModelRunner:
         if not batch.seqs:  # data-parallel attention: idle here, busy elsewhere
             return self._idle_step()
         self._flush_copies(block_manager)
-        input_ids, positions, meta = self._attention_metadata(batch)
+        input_ids, positions, meta = self._attention_metadata(batch, block_manager)
         hidden = self.model(input_ids, positions, meta)
 
         # Which hidden rows need logits: prompt positions whose next token is scored, and the last
@@ -168,6 +210,8 @@ class ModelRunner:
                     sample_index.append(start + n - 1)
             start += n
         out = StepOutput()
+        if self.routed_buf is not None:  # a copy: the buffer is rewritten by the next step
+            out.routed = self.routed_buf[:len(input_ids)].to("cpu", copy=True).numpy()
         if not prompt_index and not sample_index:
             return out
         rows = torch.tensor(prompt_index + sample_index, device=self.device)

@@ -71,7 +71,9 @@ class Scheduler:
             seats = seq.params.n if seq.fork_pending else 1
             if self.running and len(self.running) + seats > self.max_num_seqs:
                 break
-            wants_prompt_logprobs = seq.params.prompt_logprobs is not None and seq.num_output_tokens == 0
+            # Prompt logprobs and routed experts are only known for positions this engine computes.
+            wants_prompt_logprobs = seq.num_output_tokens == 0 and (
+                seq.params.prompt_logprobs is not None or seq.params.return_routed_experts)
             matched = [] if wants_prompt_logprobs else self.bm.match_prefix(seq)
             ahead = [] if wants_prompt_logprobs or not self.bm.enable_prefix_caching else self.bm.keys_ahead(seq, matched)
             if ahead and ahead[0] in computing:
@@ -119,7 +121,7 @@ class Scheduler:
         if not seqs:
             return None
         bm = self.bm
-        need = sum(1 for seq in seqs if bm.blocks_needed(seq.num_computed + 1) > len(seq.block_table))
+        need = sum(bm.blocks_to_grow(seq, 1) for seq in seqs)
         if not bm.reserve(need):
             return None
         for seq in seqs:
@@ -149,6 +151,7 @@ class Scheduler:
     # ---- after a step --------------------------------------------------------------------
     def advance(self, batch: ScheduledBatch) -> None:
         """The batch's tokens are computed (or queued to be): move each sequence on."""
+        batch.starts = [seq.num_computed for seq in batch.seqs]
         for seq, n in zip(batch.seqs, batch.num_new_tokens):
             lo, hi = seq.num_computed, seq.num_computed + n
             prompt_part = max(0, min(hi, seq.num_prompt_tokens) - lo)
@@ -162,6 +165,8 @@ class Scheduler:
         touched (appended to, forked or finished). Overlapped steps were advanced at launch."""
         if not out.overlapped:
             self.advance(batch)
+        if out.routed is not None:
+            self._keep_routing(batch, out.routed)
         for seq, first, entries in out.prompt_logprobs:
             seq.request.prompt_logprobs[first + 1: first + 1 + len(entries)] = entries
         touched = []
@@ -183,10 +188,21 @@ class Scheduler:
             st.seq.fork_pending = False
         return touched
 
+    @staticmethod
+    def _keep_routing(batch: ScheduledBatch, routed) -> None:
+        """Rows of the step's [tokens, moe_layers, top_k] routing go to the sequences that asked,
+        by position (views, no copies; a recomputed position's later rows win)."""
+        row = 0
+        for seq, n, start in zip(batch.seqs, batch.num_new_tokens, batch.starts):
+            if seq.params.return_routed_experts:
+                seq.routed_chunks.append((start, routed[row: row + n]))
+            row += n
+
     def _start_sibling(self, st: SampledToken, version) -> Sequence:
         parent = st.seq
         child = Sequence(parent.request, st.sample_index, parent.token_ids[: parent.num_prompt_tokens])
         child.fork_pending = False
+        child.routed_chunks = list(parent.routed_chunks)  # the shared prompt's routing
         parent.request.sequences.append(child)
         if self._append(child, st, version):
             return child

@@ -1,8 +1,12 @@
-"""One decoder-only transformer covering Llama, Qwen3 (q/k RMSNorm) and Qwen3-MoE (sparse MLP).
+"""One decoder-only transformer covering Llama, Qwen3 (q/k RMSNorm) and Qwen3-MoE (sparse MLP);
+other families (atom/models/mixtral.py, gpt_oss.py, deepseek_v3.py) subclass `CausalLM` and
+override its `build_*` hooks for the layers they do differently.
 
 forward takes tensors only: token ids, positions and the step's attention metadata.
 """
 from __future__ import annotations
+
+from typing import Iterable
 
 import torch
 from torch import nn
@@ -19,9 +23,14 @@ from atom.ops.metadata import AttentionMetadata
 
 
 class SelfAttention(nn.Module):
-    """Under tensor parallelism (tp) this rank holds num_heads / tp query and KV heads."""
+    """Under tensor parallelism (tp) this rank holds num_heads / tp query and KV heads.
 
-    def __init__(self, args: ModelArgs, qk_norm: bool, rotary: RotaryEmbedding, tp=None) -> None:
+    window: sliding-window layer (None: full attention); sinks: a learned per-head logit in the
+    softmax (GPT-OSS), split with the query heads under tensor parallelism.
+    """
+
+    def __init__(self, args: ModelArgs, qk_norm: bool, rotary: RotaryEmbedding, tp=None,
+                 window: int | None = None, sinks: bool = False) -> None:
         super().__init__()
         d, ways, kv = args.head_dim, 1 if tp is None else tp.size, args.num_key_value_heads
         # More ranks than KV heads: each KV head is replicated on ways / kv consecutive ranks.
@@ -36,29 +45,28 @@ class SelfAttention(nn.Module):
         self.k_norm = RMSNorm(d, args.rms_norm_eps) if qk_norm else None
         self.eps = args.rms_norm_eps
         self.rotary = rotary
-        self.attn = PagedAttention(self.num_heads, self.num_kv_heads, d)
+        self.attn = PagedAttention(self.num_heads, self.num_kv_heads, d, window)
+        self.tp_shard_dims, self.tp_rank, self.tp_size = {"sinks": 0}, (0 if tp is None else tp.rank), ways
+        self.sinks = nn.Parameter(torch.empty(self.num_heads), requires_grad=False) if sinks else None
 
     def forward(self, positions: torch.Tensor, x: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
         n = x.shape[0]
+        meta = self.attn.layer_meta(meta)
         # One op after the qkv GEMM: q/k RMSNorm (Qwen3), RoPE, K/V into the paged cache; returns q.
         q = ops.qkv_prologue(
             self.qkv_proj(x), positions, self.rotary.cos_sin_cache,
             None if self.q_norm is None else self.q_norm.weight, None if self.k_norm is None else self.k_norm.weight,
             self.eps, self.num_heads, self.num_kv_heads, self.head_dim,
             self.attn.k_cache, self.attn.v_cache, meta.slot_mapping)
-        return self.o_proj(self.attn(q, meta).reshape(n, self.num_heads * self.head_dim))
+        return self.o_proj(self.attn(q, meta, self.sinks).reshape(n, self.num_heads * self.head_dim))
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, args: ModelArgs, layer: int, qk_norm: bool, rotary: RotaryEmbedding, parallel=None) -> None:
+    def __init__(self, args: ModelArgs, layer: int, family: "CausalLM", rotary: RotaryEmbedding,
+                 parallel=None) -> None:
         super().__init__()
-        tp = None if parallel is None else parallel.tp
-        self.self_attn = SelfAttention(args, qk_norm, rotary, tp)
-        if args.is_moe_layer(layer):
-            self.mlp = SparseMoE(args.hidden_size, args.moe_intermediate_size, args.num_experts,
-                                 args.num_experts_per_tok, args.norm_topk_prob, parallel)
-        else:
-            self.mlp = GatedMLP(args.hidden_size, args.intermediate_size, tp)
+        self.self_attn = family.build_attention(args, layer, rotary, parallel)
+        self.mlp = family.build_mlp(args, layer, parallel)
         self.input_layernorm = RMSNorm(args.hidden_size, args.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(args.hidden_size, args.rms_norm_eps)
 
@@ -74,11 +82,11 @@ class DecoderLayer(nn.Module):
 
 
 class DecoderBody(nn.Module):
-    def __init__(self, args: ModelArgs, qk_norm: bool, parallel=None) -> None:
+    def __init__(self, args: ModelArgs, family: "CausalLM", parallel=None) -> None:
         super().__init__()
-        rotary = RotaryEmbedding(args.head_dim, args.max_position_embeddings, args.rope_theta)
+        rotary = family.build_rotary(args)
         self.embed_tokens = embedding(args.vocab_size, args.hidden_size, None if parallel is None else parallel.tp)
-        self.layers = nn.ModuleList(DecoderLayer(args, i, qk_norm, rotary, parallel)
+        self.layers = nn.ModuleList(DecoderLayer(args, i, family, rotary, parallel)
                                     for i in range(args.num_hidden_layers))
         self.norm = RMSNorm(args.hidden_size, args.rms_norm_eps)
 
@@ -94,9 +102,19 @@ class CausalLM(nn.Module):
 
     parallel: an atom.distributed ParallelState (None: one process). Its shapes are this rank's
     shards; ParallelState.unconnected(...) builds them without any process group.
+
+    A family differs from the Llama / Qwen3 layer in `build_rotary`, `build_attention` and
+    `build_mlp`; `checkpoint_renames` (regex, replacement) turn our parameter names into its
+    checkpoint's (WeightMap accepts both), `checkpoint_skips` are checkpoint name prefixes
+    (regexes) that are not loaded, and `convert_checkpoint` may rewrite the checkpoint's
+    (name, tensor) stream (e.g. dequantise) before it is loaded.
     """
 
     qk_norm = False
+    checkpoint_renames: tuple[tuple[str, str], ...] = ()
+    stream_load = False  # True: sharded ranks read whole tensors through convert_checkpoint too
+    graph_ops: tuple[str, ...] = ()  # family decode ops a CUDA graph needs from a non-torch backend
+    optional_weights: tuple[str, ...] = ()  # regexes of names a complete weight update may leave out
 
     def __init__(self, args: ModelArgs, parallel=None) -> None:
         super().__init__()
@@ -107,11 +125,34 @@ class CausalLM(nn.Module):
             from atom.distributed.parallel_state import check_shardable
             check_shardable(args, parallel.layout)
         self.parallel = parallel
-        self.model = DecoderBody(args, self.qk_norm, parallel)
+        self.model = DecoderBody(args, self, parallel)
         self.lm_head = lm_head(args.vocab_size, args.hidden_size, None if parallel is None else parallel.tp)
         if args.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
+        if any(args.is_sliding_layer(i) for i in range(args.num_hidden_layers)):
+            self.graph_ops = (*self.graph_ops, "sliding_sink_attention_decode")  # Mixtral with a window
 
+    # ---- what a family may change -----------------------------------------------------------
+    def build_rotary(self, args: ModelArgs) -> RotaryEmbedding:
+        return RotaryEmbedding(args.head_dim, args.max_position_embeddings, args.rope_theta, args.rope_scaling)
+
+    def build_attention(self, args: ModelArgs, layer: int, rotary: RotaryEmbedding, parallel) -> nn.Module:
+        window = args.sliding_window if args.is_sliding_layer(layer) else None
+        return SelfAttention(args, self.qk_norm, rotary, None if parallel is None else parallel.tp, window)
+
+    def build_mlp(self, args: ModelArgs, layer: int, parallel) -> nn.Module:
+        if args.is_moe_layer(layer):
+            return SparseMoE(args.hidden_size, args.moe_intermediate_size, args.num_experts,
+                             args.num_experts_per_tok, args.norm_topk_prob, parallel)
+        return GatedMLP(args.hidden_size, args.intermediate_size, None if parallel is None else parallel.tp)
+
+    def checkpoint_skips(self) -> tuple[str, ...]:
+        return ()
+
+    def convert_checkpoint(self, tensors: Iterable[tuple[str, torch.Tensor]]) -> Iterable[tuple[str, torch.Tensor]]:
+        return tensors
+
+    # ---- running ----------------------------------------------------------------------------
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
         """Hidden states [T, H] of every token of the step."""
         return self.model(input_ids, positions, meta)

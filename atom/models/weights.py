@@ -5,7 +5,7 @@ so each incoming tensor is placed in O(1) whatever the checkpoint's size.
 
 Under tensor / expert parallelism (atom.distributed) a slot also says which part of the full HF
 tensor this rank keeps (`shard`), and a slot whose tensor only other ranks hold has no `param`:
-callers always pass full HF tensors and each rank narrows them (`check_and_copy`), or reads only
+callers always pass full HF tensors and each rank narrows them (`copy_into`), or reads only
 its slices from safetensors (`load_checkpoint`).
 """
 from __future__ import annotations
@@ -13,15 +13,17 @@ from __future__ import annotations
 import glob
 import json
 import os
+import re
 from dataclasses import dataclass
-from typing import Iterable, Iterator
+from collections.abc import ItemsView
+from typing import Callable, Iterable, Iterator
 
 import torch
 from safetensors import safe_open
 from torch import nn
 
 from atom.models.layers.linear import Linear
-from atom.models.layers.mlp import SparseMoE
+from atom.models.layers.mlp import FusedExpertTensor, SparseMoE
 
 # Tensors some checkpoints carry that are derived, not learned.
 _IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
@@ -46,6 +48,8 @@ class WeightSlot:
     rows: int | None = None
     shard: tuple[Narrow, ...] = ()
     full_shape: tuple[int, ...] | None = None
+    # HF layout -> ours, applied to the full tensor before `shard` (GPT-OSS's transposed experts).
+    convert: Callable[[torch.Tensor], torch.Tensor] | None = None
 
     def target(self) -> torch.Tensor | None:
         """This rank's destination (None: not held here).
@@ -76,6 +80,8 @@ class WeightSlot:
 
     def select(self, tensor: torch.Tensor) -> torch.Tensor:
         """This rank's part of a full HF tensor."""
+        if self.convert is not None:
+            tensor = self.convert(tensor)
         for dim, start, length, parts in self.shard:
             if parts == 1:
                 tensor = tensor.narrow(dim, start, length)
@@ -85,7 +91,7 @@ class WeightSlot:
 
     def read(self, safetensors_slice) -> torch.Tensor:
         """This rank's part straight from a safetensors `get_slice` handle (reads only that part)."""
-        if any(parts > 1 for *_, parts in self.shard):
+        if self.convert is not None or any(parts > 1 for *_, parts in self.shard):
             return self.select(safetensors_slice[:])
         index = [slice(None)] * len(self.shape())
         for dim, start, length, _ in self.shard:
@@ -146,7 +152,13 @@ class WeightMap:
                             self._add(f"{parent}{shard}.{pname}", _tp_slot(module, pname, p, off, rows, shard))
                     seen[id(p)] = f"{prefix}{pname}"
             elif isinstance(module, SparseMoE):
-                self._add_experts(prefix, module)
+                fused = module.fused_tensors() if hasattr(module, "fused_tensors") else None
+                held = {"w13", "w2"} if fused is None else self._add_fused(prefix, module, fused)
+                if fused is None:
+                    self._add_experts(prefix, module)
+                for pname, p in module.named_parameters(recurse=False):  # replicated extras (routing bias)
+                    if pname not in held:
+                        self._add(f"{prefix}{pname}", WeightSlot(p))
             else:
                 for pname, p in module.named_parameters(recurse=False):
                     name = f"{prefix}{pname}"
@@ -156,6 +168,41 @@ class WeightMap:
                         continue
                     seen[id(p)] = name
                     self._add(name, _tp_slot(module, pname, p))
+        self._rename(getattr(model, "checkpoint_renames", ()))
+        # Names a complete update may leave out (DeepSeek's e_score_correction_bias, an HF buffer).
+        for pattern in getattr(model, "optional_weights", ()):
+            self.optional.update(n for n in self.slots if re.search(pattern, n))
+        # Checkpoint tensors a family does not load (DeepSeek's multi-token-prediction layers).
+        skips = model.checkpoint_skips() if hasattr(model, "checkpoint_skips") else ()
+        self.skip = re.compile("|".join(f"(?:{s})" for s in skips)) if skips else None
+
+    def _rename(self, renames: tuple[tuple[str, str], ...]) -> None:
+        """A family whose checkpoint names differ from our module tree's (Mixtral's
+        block_sparse_moe.experts.E.w1): its names become the required ones, ours stay accepted."""
+        if not renames:
+            return
+
+        def rename(name: str) -> str:
+            for pattern, repl in renames:
+                name = re.sub(pattern, repl, name)
+            return name
+
+        for name in list(self.slots):
+            new = rename(name)
+            if new != name:
+                slot = self.slots.pop(name)
+                self.slots[new] = slot
+                self.alternatives[name] = slot
+                self.fills[name] = [new]
+                if name in self.optional:
+                    self.optional.discard(name)
+                    self.optional.add(new)
+        for name, filled in self.fills.items():
+            self.fills[name] = [rename(n) for n in filled]
+
+    def skipped(self, name: str) -> bool:
+        """Whether a checkpoint tensor is deliberately not loaded (derived, or a part we do not run)."""
+        return is_ignored(name) or (self.skip is not None and self.skip.match(name) is not None)
 
     def _add(self, name: str, slot: WeightSlot) -> None:
         self.slots[name] = slot
@@ -199,6 +246,19 @@ class WeightMap:
                            (experts, (1, moe.tp_rank * inter, inter, 2)))
         down = _sharded(moe.w2, (moe.num_experts, hidden, full_inter), (experts, (2, moe.tp_rank * inter, inter, 1)))
         return gate_up, down
+
+    def _add_fused(self, prefix: str, moe: SparseMoE, tensors: list[FusedExpertTensor]) -> set[str]:
+        """A checkpoint with every expert in one tensor (GPT-OSS); returns the parameters filled."""
+        for t in tensors:
+            p = getattr(moe, t.param)
+            shard: list[Narrow] = []
+            if p.shape[0] != moe.num_experts:
+                shard.append((0, moe.expert_start, p.shape[0], 1))
+            if moe.tp_size > 1 and t.inter_dim is not None:
+                inter = moe.intermediate_size
+                shard.append((t.inter_dim, moe.tp_rank * inter, inter, t.parts))
+            self._add(f"{prefix}{t.name}", WeightSlot(p, shard=tuple(shard), full_shape=t.hf_shape, convert=t.convert))
+        return {t.param for t in tensors}
 
     def lookup(self, name: str) -> WeightSlot | None:
         slot = self.slots.get(name)
@@ -252,22 +312,73 @@ class CopyBatch:
         self.dst, self.src, self.nbytes = [], [], 0
 
 
-def check_and_copy(name: str, slot: WeightSlot, tensor: torch.Tensor, check_finite: bool = False,
-                   batch: CopyBatch | None = None) -> None:
-    """Copy one HF tensor into its slot (now, or queued in `batch`), casting dtype and device;
-    ValueError naming it if wrong."""
+def check_pair(item, index: int) -> tuple[str, torch.Tensor]:
+    """Item `index` of an update as (name, tensor); TypeError naming it when it is anything else."""
+    if not isinstance(item, (tuple, list)) or len(item) != 2:
+        what = f"a {type(item).__name__} of length {len(item)}" if isinstance(item, (tuple, list)) else \
+            type(item).__name__
+        raise TypeError(f"weight update item {index}: expected a (name, tensor) pair, got {what}")
+    name, tensor = item
+    if not isinstance(name, str):
+        raise TypeError(f"weight update item {index}: the name must be a str, got {type(name).__name__} "
+                        f"{name!r:.60}")
+    if not isinstance(tensor, torch.Tensor):
+        raise TypeError(f"weight {name!r}: expected a torch.Tensor, got {type(tensor).__name__}")
+    return name, tensor
+
+
+class UpdateCheck:
+    """Follows one update (or checkpoint load) name by name: each name must be a parameter of the
+    model, have its shape, and fill checkpoint tensors no earlier name of the same update filled
+    (a repeated name, or per-expert and fused expert tensors for the same expert, would otherwise
+    let the last copy win silently). Raises ValueError naming the tensor."""
+
+    def __init__(self, weight_map: WeightMap, model_name: str) -> None:
+        self.weight_map = weight_map
+        self.model_name = model_name
+        self.filled: dict[str, str] = {}  # checkpoint name filled so far -> the name that filled it
+
+    def accept(self, name: str, shape: tuple[int, ...]) -> WeightSlot | None:
+        """The slot `name` goes to (None: a derived tensor, or one the family does not load)."""
+        if self.weight_map.skipped(name):
+            return None
+        slot = self.weight_map.lookup(name)
+        if slot is None:
+            raise ValueError(f"weight {name!r} is not a parameter of this {self.model_name}")
+        expected = tuple(slot.shape())
+        if tuple(shape) != expected:
+            raise ValueError(f"weight {name!r}: shape {tuple(shape)} does not match the model's {expected}")
+        covers = self.weight_map.covered_by(name)
+        again = next((c for c in covers if c in self.filled), None)
+        if again is not None:
+            earlier = self.filled[again]
+            if earlier == name:
+                raise ValueError(f"weight {name!r} appears twice in one update")
+            raise ValueError(f"weight {name!r} fills {again!r}, which {earlier!r} of this update already filled")
+        self.filled.update(dict.fromkeys(covers, name))
+        return slot
+
+    def missing(self) -> list[str]:
+        return sorted(self.weight_map.required_names() - self.filled.keys())
+
+
+def check_tensor(name: str, tensor: torch.Tensor, check_finite: bool = False) -> None:
+    """ValueError unless `tensor` holds floating data (and, with check_finite, only finite values)."""
+    if tensor.is_meta:
+        raise ValueError(f"weight {name!r} is a meta tensor (a shape without data); materialize it first")
     if not tensor.is_floating_point():
         raise ValueError(f"weight {name!r}: expected a floating tensor, got {tensor.dtype}")
-    target = slot.target()
-    expected = slot.shape()
-    if tensor.shape != expected:
-        raise ValueError(f"weight {name!r}: shape {tuple(tensor.shape)} does not match the model's {tuple(expected)}")
     # Checked in full on every rank, so that all ranks of a sharded engine accept or refuse alike.
     if check_finite and not torch.isfinite(tensor).all():
         raise ValueError(f"weight {name!r}: contains non-finite values (nan or inf)")
+
+
+def copy_into(slot: WeightSlot, tensor: torch.Tensor, batch: CopyBatch | None = None) -> None:
+    """Copy one checked full HF tensor into this rank's part of its slot (now, or queued in `batch`)."""
+    target = slot.target()
     if target is None:  # held by other ranks only
         return
-    if slot.shard:
+    if slot.shard or slot.convert is not None:
         tensor = slot.select(tensor)
     if batch is None:
         target.copy_(tensor, non_blocking=True)
@@ -275,12 +386,31 @@ def check_and_copy(name: str, slot: WeightSlot, tensor: torch.Tensor, check_fini
         batch.copy(target, tensor)
 
 
+def _inside(model_dir: str, name) -> str:
+    """model_dir/name, refused unless it names a file inside model_dir. Checked on the path as
+    written, without following links: checkpoints in the HF cache are links into its blob store."""
+    if not isinstance(name, str) or not name or os.path.isabs(name):
+        raise ValueError(f"{model_dir}: checkpoint file {name!r} in the index is not a relative path")
+    root = os.path.normpath(model_dir)
+    path = os.path.normpath(os.path.join(root, name))
+    if os.path.dirname(path) != root and not path.startswith(root + os.sep):
+        raise ValueError(f"{model_dir}: checkpoint file {name!r} in the index lies outside the checkpoint "
+                         "directory")
+    return path
+
+
 def checkpoint_files(model_dir: str) -> list[str]:
+    """The checkpoint's safetensors files: those its index names (each inside model_dir), else *.safetensors."""
     index = os.path.join(model_dir, "model.safetensors.index.json")
     if os.path.isfile(index):
         with open(index) as f:
-            files = sorted(set(json.load(f)["weight_map"].values()))
-        return [os.path.join(model_dir, f) for f in files]
+            try:
+                weight_map = json.load(f)["weight_map"]
+            except (json.JSONDecodeError, KeyError, TypeError):
+                raise ValueError(f"{index}: not a safetensors index (no 'weight_map')") from None
+        if not isinstance(weight_map, dict):
+            raise ValueError(f"{index}: 'weight_map' must map tensor names to file names")
+        return sorted({_inside(model_dir, f) for f in weight_map.values()})
     files = sorted(glob.glob(os.path.join(model_dir, "*.safetensors")))
     if not files:
         raise ValueError(f"no *.safetensors files in {model_dir!r}")
@@ -305,31 +435,44 @@ class LoadProgress:
 
 def load_weights(model: nn.Module, weight_map: WeightMap, tensors: Iterable[tuple[str, torch.Tensor]],
                  check_finite: bool = False, require_all: bool = True, progress: LoadProgress | None = None) -> int:
-    """Place every tensor; unknown names, bad shapes and (if require_all) missing ones raise ValueError.
+    """Place every tensor; a malformed pair raises TypeError, an unknown name, a bad shape or dtype, a
+    name filled twice and (if require_all) missing tensors raise ValueError naming the tensor.
 
-    Returns the number of tensors loaded; `progress` (if given) follows along, errors included.
+    A list, tuple or dict view is checked whole before the first copy, so a bad tensor anywhere in
+    it changes nothing; other iterables stream (one tensor in memory at a time) and are checked as
+    they come. Returns the number of tensors loaded; `progress` (if given) follows along, errors included.
     """
     progress = progress if progress is not None else LoadProgress()
+    if isinstance(tensors, (list, tuple, ItemsView)):
+        tensors = list(tensors)
+        dry = UpdateCheck(weight_map, type(model).__name__)
+        for i, item in enumerate(tensors):
+            name, tensor = check_pair(item, i)
+            if dry.accept(name, tuple(tensor.shape)) is not None:
+                check_tensor(name, tensor, check_finite)
+        if require_all:
+            _check_complete(dry.missing())
+        check_finite = False  # done
+    check = UpdateCheck(weight_map, type(model).__name__)
     batch = CopyBatch()
     try:
-        for name, tensor in tensors:
-            if is_ignored(name):
-                continue
-            slot = weight_map.lookup(name)
+        for i, item in enumerate(tensors):
+            name, tensor = check_pair(item, i)
+            slot = check.accept(name, tuple(tensor.shape))
             if slot is None:
-                raise ValueError(f"weight {name!r} is not a parameter of this {type(model).__name__}")
-            check_and_copy(name, slot, tensor, check_finite, batch)
+                continue
+            check_tensor(name, tensor, check_finite)
+            copy_into(slot, tensor, batch)
             progress.loaded.update(weight_map.covered_by(name))
             progress.count += 1
     finally:
         batch.flush()  # what was accepted before an error lands too, as with one copy per tensor
     if require_all:
-        _check_complete(weight_map, progress.loaded)
+        _check_complete(check.missing())
     return progress.count
 
 
-def _check_complete(weight_map: WeightMap, loaded: set[str]) -> None:
-    missing = sorted(weight_map.required_names() - loaded)
+def _check_complete(missing: list[str]) -> None:
     if missing:
         shown = ", ".join(missing[:8]) + (f" and {len(missing) - 8} more" if len(missing) > 8 else "")
         raise ValueError(f"checkpoint is missing {len(missing)} tensor(s): {shown}")
@@ -338,26 +481,21 @@ def _check_complete(weight_map: WeightMap, loaded: set[str]) -> None:
 def load_checkpoint(model: nn.Module, weight_map: WeightMap, model_dir: str) -> int:
     """`load_weights(model, weight_map, iter_checkpoint(model_dir))` for sharded models: each rank
     reads only the slices it keeps (safetensors get_slice) and skips tensors it does not hold."""
-    loaded: set[str] = set()
+    check = UpdateCheck(weight_map, type(model).__name__)
     count = 0
     for path in checkpoint_files(model_dir):
         with safe_open(path, framework="pt") as f:
             for name in f.keys():
-                if is_ignored(name):
-                    continue
-                slot = weight_map.lookup(name)
-                if slot is None:
-                    raise ValueError(f"weight {name!r} is not a parameter of this {type(model).__name__}")
                 part = f.get_slice(name)
-                shape, dtype = tuple(part.get_shape()), part.get_dtype()
-                if shape != tuple(slot.shape()):
-                    raise ValueError(f"weight {name!r}: shape {shape} does not match the model's {tuple(slot.shape())}")
+                slot = check.accept(name, tuple(part.get_shape()))
+                if slot is None:
+                    continue
+                dtype = part.get_dtype()
                 if not dtype.startswith(("F", "BF")):
                     raise ValueError(f"weight {name!r}: expected a floating tensor, got {dtype}")
                 target = slot.target()
                 if target is not None:
                     target.copy_(slot.read(part), non_blocking=True)
-                loaded.update(weight_map.covered_by(name))
                 count += 1
-    _check_complete(weight_map, loaded)
+    _check_complete(check.missing())
     return count

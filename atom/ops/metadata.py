@@ -17,6 +17,8 @@ class AttentionMetadata:
     is_decode: every sequence has exactly one new token (the CUDA-graph path).
     max_query_len / max_seq_len: host-side bounds for kernels that size their grids.
     cascade: shared-prefix groups of a decode step (see CascadeMetadata), or None.
+    window: the sliding-window layers' own slots and block tables (hybrid models whose sliding
+        layers give back blocks: atom/engine/window_blocks.py), or None: they use these.
     """
 
     slot_mapping: torch.Tensor
@@ -27,6 +29,7 @@ class AttentionMetadata:
     max_query_len: int
     max_seq_len: int
     cascade: "CascadeMetadata | None" = None
+    window: "AttentionMetadata | None" = None
 
 
 @dataclass

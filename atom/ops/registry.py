@@ -20,7 +20,7 @@ _PREFERENCE = {
     "rocm": ("aiter", "triton", "torch"),
 }
 _BACKEND_MODULES = {
-    "torch": "atom.ops.torch_ops",
+    "torch": ("atom.ops.torch_ops", "atom.ops.torch_family_ops"),
     "triton": "atom.ops.triton",
     "aiter": "atom.ops.aiter_ops",
 }
@@ -42,8 +42,10 @@ def _platform(device: torch.device) -> str:
 def _load_backend(backend: str) -> bool:
     if backend not in _BACKEND_MODULES:
         return False
+    modules = _BACKEND_MODULES[backend]
     try:
-        importlib.import_module(_BACKEND_MODULES[backend])
+        for module in (modules,) if isinstance(modules, str) else modules:
+            importlib.import_module(module)
         return True
     except ImportError:
         return False

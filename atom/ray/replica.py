@@ -127,7 +127,7 @@ class EngineRank:
             for p in prompts:
                 try:
                     out.append(self._need_engine().tokenize(p))
-                except ValueError as e:
+                except (ValueError, TypeError) as e:
                     out.append(str(e))
             return out
         return await self._run(each)

@@ -212,9 +212,12 @@ class AsyncRolloutEngine:
             self._abort_everything()
 
     def _run_commands(self, block: bool) -> None:
+        tick = self.engine._tick_s  # an engine group's rank 0 keeps its followers from timing out
         try:
-            cmd = self._inbox.get() if block else self._inbox.get_nowait()
+            cmd = self._inbox.get(timeout=tick) if block else self._inbox.get_nowait()
         except queue.Empty:
+            if block:
+                self.engine._idle_tick()
             return
         while True:
             cmd()
@@ -290,6 +293,7 @@ class AsyncRolloutEngine:
         try:
             for out in self.engine.abort_all():
                 self._finish_stream(out)
+            self.engine.stop_followers()
         except Exception as e:
             self._fail_all(e)
         self._fail_all(EngineDeadError("the engine loop stopped"))  # anything left (e.g. not yet added)

@@ -12,8 +12,9 @@ from tqdm.auto import tqdm
 
 from atom.config import EngineConfig
 from atom.engine.llm_engine import LLMEngine
-from atom.engine.sequence import Request, Sequence
+from atom.engine.sequence import Request, Sequence, routed_experts
 from atom.outputs import Completion, EngineStats, RolloutOutput
+from atom.rollout.inputs import normalize_prompts, prompt_type_error, sampling_params_list
 from atom.rollout.rl import RLMixin
 from atom.sampling_params import SamplingParams
 
@@ -91,14 +92,14 @@ class RolloutEngine(RLMixin):
 
         prompts: strings, token-id lists, or chat conversations ([{"role", "content"}, ...]).
         sampling_params: one SamplingParams for all prompts, or one per prompt (default: SamplingParams()).
-        Raises ValueError on invalid input (nothing is started) and RuntimeError in the wrong state.
+        Raises TypeError (an argument of the wrong type) or ValueError (a bad value, a request larger than
+        the engine can ever run: n > max_num_seqs, a sequence the KV pool cannot hold) before anything
+        is started, and RuntimeError in the wrong state.
         Requests added with add_request progress too; their outputs wait for the next `step`.
         """
         with self._lock:
             self._check_can_generate()
-            if isinstance(prompts, str) or (isinstance(prompts, list) and prompts and isinstance(prompts[0], dict)):
-                prompts = [prompts]
-            prompts = list(prompts)
+            prompts = normalize_prompts(prompts)
             params = self._per_prompt_params(sampling_params, len(prompts))
             requests = [self._make_request(i, p, sp) for i, (p, sp) in enumerate(zip(prompts, params))]
             call = next(self._batch_ids)
@@ -138,7 +139,8 @@ class RolloutEngine(RLMixin):
     def step(self) -> list[RolloutOutput]:
         """Run one engine step; returns an output for every request it advanced (finished=False
         while running, cumulative), including requests a batch `generate` advanced meanwhile."""
-        return [self._output(r) for r in self._step_requests()]
+        with self._lock:  # outputs read live requests: no other thread may step meanwhile
+            return [self._output(r) for r in self._step_requests()]
 
     def _step_requests(self) -> list[Request]:
         with self._lock:
@@ -213,26 +215,42 @@ class RolloutEngine(RLMixin):
         with self._lock:
             self._engine.resume(recompute_kv=recompute_kv)
 
+    # ---- engine groups (TP / EP): requests enter on rank 0 ------------------------------
+    def follow(self) -> None:
+        """Ranks 1.. of an engine group whose requests enter on rank 0 (add_request, step, the
+        asynchronous front end): run them in lockstep with rank 0 until it calls
+        stop_followers(). The SPMD batch generate (every rank calls it) needs no follow."""
+        with self._lock:
+            self._engine.follow()
+
+    def stop_followers(self) -> None:
+        """Rank 0 of an engine group: end the other ranks' follow() (live requests are aborted)."""
+        with self._lock:
+            self._engine.stop_followers()
+
+    def _idle_tick(self) -> None:
+        """Rank 0 of an idle engine group: let the followers hear from it before they time out."""
+        with self._lock:
+            self._engine.heartbeat()
+
+    @property
+    def _tick_s(self) -> float | None:
+        return self.config.dist_timeout_s / 4 if self.config.tensor_parallel_size * self.config.expert_parallel_size > 1 else None
+
     @property
     def is_paused(self) -> bool:
         return self._engine.pause_mode is not None
 
     def _per_prompt_params(self, sampling_params, count: int) -> list[SamplingParams]:
-        if sampling_params is None:
-            sampling_params = SamplingParams()
-        if isinstance(sampling_params, SamplingParams):
-            params = [sampling_params] * count
-        else:
-            params = list(sampling_params)
-            if len(params) != count:
-                raise ValueError(f"got {len(params)} SamplingParams for {count} prompts")
+        params = sampling_params_list(sampling_params, count)
         frozen: dict[int, SamplingParams] = {}
         for sp in params:
-            if not isinstance(sp, SamplingParams):
-                raise ValueError(f"sampling_params entries must be SamplingParams, got {type(sp).__name__}")
-            sp.validate(self.vocab_size)
+            sp.validate(self.vocab_size, max_num_seqs=self.config.max_num_seqs)
             if sp.stop and self.tokenizer is None:
                 raise ValueError("SamplingParams.stop needs a tokenizer; this checkpoint has none")
+            if sp.return_routed_experts and not self.config.enable_return_routed_experts:
+                raise ValueError("SamplingParams.return_routed_experts needs "
+                                 "EngineConfig(enable_return_routed_experts=True)")
             # A private copy per call: the caller may change its object later, the run must not see it.
             frozen.setdefault(id(sp), dataclasses.replace(sp))
         return [frozen[id(sp)] for sp in params]
@@ -241,7 +259,8 @@ class RolloutEngine(RLMixin):
         """The token ids `generate` would run for one prompt (text, token ids or a chat).
 
         Raises the ValueError `generate` would raise for it (no tokenizer, empty, ids outside the
-        vocabulary, too long for max_model_len), so callers can check a data set up front.
+        vocabulary, too long for max_model_len), or TypeError for a value that is no prompt at all,
+        so callers can check a data set up front.
         """
         return self._prompt_ids("prompt", prompt)
 
@@ -272,16 +291,17 @@ class RolloutEngine(RLMixin):
             if bad:
                 raise ValueError(f"{label}: token id {bad[0]} is outside the vocabulary [0, {self.vocab_size})")
             return list(prompt)
-        hint = " (a token-id prompt is a list inside the list of prompts: [[1, 2, 3]])" if isinstance(prompt, int) else ""
-        raise ValueError(f"{label}: expected a string, a list of token ids or a chat conversation, "
-                         f"got {type(prompt).__name__}{hint}")
+        raise prompt_type_error(label, prompt)
 
     def _make_request(self, index: int, prompt: Prompt, params: SamplingParams) -> Request:
         ids = self._prompt_ids(f"prompt {index}", prompt)
         longest = min(len(ids) + params.max_tokens, self.max_model_len)
         if not self._engine.max_tokens_fit(longest):
-            raise ValueError(f"prompt {index}: {longest} tokens do not fit the KV cache of "
-                             f"{self._engine.block_manager.num_blocks} blocks")
+            bm = self._engine.block_manager
+            raise ValueError(f"prompt {index}: {longest} tokens (prompt {len(ids)} + max_tokens={params.max_tokens}, "
+                             f"at most max_model_len={self.max_model_len}) do not fit the KV cache of "
+                             f"{bm.num_blocks} blocks of {bm.block_size} tokens; lower max_tokens or raise "
+                             "num_kv_blocks / kv_cache_memory_bytes")
         return Request(index, prompt, ids, params, seed=0)
 
     def _detokenize(self, ids: list[int]) -> str:
@@ -303,4 +323,4 @@ class RolloutEngine(RLMixin):
             index=seq.sample_index, token_ids=ids, text=text, logprobs=seq.logprobs,
             top_logprobs=seq.top_logprobs, finish_reason=seq.finish_reason if done else None,
             stop_reason=seq.stop_reason, weight_version=spans[-1][0] if spans else self.weight_version,
-            weight_versions=spans)
+            weight_versions=spans, routed_experts=routed_experts(seq) if seq.params.return_routed_experts else None)

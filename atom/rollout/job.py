@@ -2,8 +2,9 @@
 
 `run(cfg)` takes a composed Hydra config (or a `RolloutJobConfig`) and:
   1. validates the whole config and prompt file before anything is built or written;
-  2. reads the results file (when resuming) and skips the prompts already there, repairing a torn
-     last line left by a crash;
+  2. checks the output path (a new file or a results file of this job: never the prompt file or
+     any other file, see job_results.py), skips the prompts already there (when resuming),
+     repairing a torn last line left by a crash;
   3. generates in chunks of `data.batch_size` prompts, appending each chunk's lines with
      flush + fsync, so an interrupted job loses nothing it has written;
   4. logs a summary (prompts, completions, generated tokens, tokens/s, prefix-cache hit rate,
@@ -37,24 +38,16 @@ from omegaconf.errors import MissingMandatoryValue, OmegaConfBaseException
 
 from atom.rollout import ray_job
 from atom.rollout.job_config import RolloutJobConfig
+from atom.rollout.job_errors import JobError
+from atom.rollout.job_prompts import Prompt, load_prompts, prompt_file, prompt_hash
+from atom.rollout.job_results import ResultsFile, open_results, record, scan_results
+
+__all__ = ["JobError", "JobSummary", "run", "to_job_config"]
 
 log = logging.getLogger("atom.rollout")
 
-DEFAULT_PROMPTS = Path(__file__).resolve().parent / "data" / "default_prompts.jsonl"
 DEFAULT_MODEL_NAME = "smollm2_135m"
 RESULTS_NAME = "rollouts.jsonl"
-
-
-class JobError(Exception):
-    """A problem with the job's config, input or output, reported as one line (`error: ...`)."""
-
-
-@dataclass
-class Prompt:
-    index: int
-    prompt: Any  # str | list[int] | list[dict]
-    hash: str
-    where: str   # "file:line" or "file: row N", for error messages
 
 
 @dataclass
@@ -108,7 +101,9 @@ def _sampling_params(job: RolloutJobConfig):
 
     fields = dataclasses.asdict(job.sampling)
     try:
-        return SamplingParams(**fields)
+        params = SamplingParams(**fields)
+        params.validate(max_num_seqs=job.engine.max_num_seqs)  # n: what the engine can run
+        return params
     except (ValueError, TypeError) as e:
         raise JobError(f"sampling: {e}") from None
 
@@ -120,13 +115,6 @@ def _engine_config(job: RolloutJobConfig, model_path: str):
         return EngineConfig(model=model_path, tokenizer=job.model.tokenizer, **dataclasses.asdict(job.engine))
     except (ValueError, TypeError) as e:
         raise JobError(f"engine: {e}") from None
-
-
-def _check_ray(job: RolloutJobConfig) -> None:
-    try:
-        ray_job.check(job)
-    except ray_job.RayJobError as e:
-        raise JobError(str(e)) from None
 
 
 def _check_model_path(job: RolloutJobConfig) -> str | None:
@@ -155,107 +143,7 @@ def resolve_output_path(job: RolloutJobConfig) -> Path:
 
 
 # ---------------------------------------------------------------------------------------------
-# prompts
-
-
-def prompt_hash(prompt: Any) -> str:
-    canon = json.dumps(prompt, sort_keys=True, ensure_ascii=False, separators=(",", ":"))
-    return hashlib.sha256(canon.encode()).hexdigest()[:16]
-
-
-def _is_token_ids(value: Any) -> bool:
-    return (isinstance(value, list) and len(value) > 0
-            and all(isinstance(t, int) and not isinstance(t, bool) and t >= 0 for t in value))
-
-
-def _prompt_of(row: Any, data, where: str) -> Any:
-    if not isinstance(row, dict):
-        raise JobError(f"{where}: expected a JSON object, got {type(row).__name__}")
-    keys = [k for k in (data.messages_key, data.prompt_key, data.token_ids_key) if k]
-    if data.messages_key and row.get(data.messages_key) is not None:
-        msgs = row[data.messages_key]
-        ok = (isinstance(msgs, list) and len(msgs) > 0 and all(
-            isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
-            for m in msgs))
-        if not ok:
-            raise JobError(f"{where}: {data.messages_key!r} must be a non-empty list of "
-                           f"{{\"role\": str, \"content\": str}} messages")
-        return [{"role": m["role"], "content": m["content"]} for m in msgs]
-    if data.prompt_key and row.get(data.prompt_key) is not None:
-        value = row[data.prompt_key]
-        if isinstance(value, str) and value:
-            return value
-        if _is_token_ids(value):
-            return [int(t) for t in value]
-        raise JobError(f"{where}: {data.prompt_key!r} must be a non-empty string or a list of token ids")
-    if data.token_ids_key and row.get(data.token_ids_key) is not None:
-        value = row[data.token_ids_key]
-        if _is_token_ids(value):
-            return [int(t) for t in value]
-        raise JobError(f"{where}: {data.token_ids_key!r} must be a non-empty list of token ids (ints >= 0)")
-    if not keys:
-        raise JobError("data: set at least one of data.messages_key, data.prompt_key, data.token_ids_key")
-    raise JobError(f"{where}: no prompt: none of the keys {keys} (data.messages_key / data.prompt_key / "
-                   f"data.token_ids_key)")
-
-
-def _format_of(path: Path, fmt: str) -> str:
-    if fmt in ("jsonl", "parquet"):
-        return fmt
-    if fmt != "auto":
-        raise JobError(f"data.format must be auto, jsonl or parquet, got {fmt!r}")
-    suffix = path.suffix.lower()
-    if suffix in (".jsonl", ".json", ".ndjson"):
-        return "jsonl"
-    if suffix in (".parquet", ".pq"):
-        return "parquet"
-    raise JobError(f"data.path {str(path)!r}: cannot tell the format from {suffix or 'no extension'!r}; "
-                   f"set data.format=jsonl or data.format=parquet")
-
-
-def load_prompts(data) -> list[Prompt]:
-    """Every prompt of the file, validated; raises JobError on the first bad row."""
-    path = Path(data.path).expanduser() if data.path else DEFAULT_PROMPTS
-    if not path.exists():
-        raise JobError(f"data.path {str(path)!r}: no such file")
-    if not path.is_file():
-        raise JobError(f"data.path {str(path)!r}: not a file")
-    if data.batch_size < 1:
-        raise JobError(f"data.batch_size must be >= 1, got {data.batch_size}")
-    if data.limit is not None and data.limit < 1:
-        raise JobError(f"data.limit must be >= 1 or null, got {data.limit}")
-    fmt = _format_of(path, data.format)
-    prompts: list[Prompt] = []
-    if fmt == "jsonl":
-        with open(path, encoding="utf-8") as f:
-            for lineno, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                try:
-                    row = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise JobError(f"{path}:{lineno}: not valid JSON ({e.msg})") from None
-                where = f"{path}:{lineno}"
-                p = _prompt_of(row, data, where)
-                prompts.append(Prompt(len(prompts), p, prompt_hash(p), where))
-    else:
-        import pyarrow.parquet as pq
-
-        try:
-            rows = pq.read_table(path).to_pylist()
-        except Exception as e:  # noqa: BLE001 - pyarrow raises several types for a bad file
-            raise JobError(f"data.path {str(path)!r}: cannot read as Parquet ({e})") from None
-        for rowno, row in enumerate(rows):
-            where = f"{path}: row {rowno}"
-            p = _prompt_of(row, data, where)
-            prompts.append(Prompt(len(prompts), p, prompt_hash(p), where))
-    if not prompts:
-        raise JobError(f"data.path {str(path)!r}: no prompts (empty file)")
-    return prompts
-
-
-# ---------------------------------------------------------------------------------------------
-# results file
+# results and engine errors
 
 
 def config_hash(job: RolloutJobConfig) -> str:
@@ -265,68 +153,7 @@ def config_hash(job: RolloutJobConfig) -> str:
                         "sampling": dataclasses.asdict(job.sampling), "seed": base_seed})
 
 
-def read_done(out: Path, prompts: list[Prompt], cfg_hash: str) -> tuple[set[int], int]:
-    """Indices already in the results file, and the byte length of its intact part.
-
-    A torn tail (an unterminated or unparsable last line, as a crash mid-write leaves) is not
-    counted and gets cut off before appending; a bad line followed by good ones is an error.
-    """
-    done: set[int] = set()
-    if not out.exists():
-        return done, 0
-    raw = out.read_bytes()
-    good_end = 0
-    pos = 0
-    bad_line: int | None = None
-    for lineno, line in enumerate(raw.split(b"\n"), 1):
-        end = pos + len(line) + 1
-        terminated = end <= len(raw)
-        pos = end
-        if not line.strip():
-            if terminated and bad_line is None:
-                good_end = end
-            continue
-        rec = None
-        if terminated:
-            try:
-                rec = json.loads(line)
-            except (json.JSONDecodeError, UnicodeDecodeError):
-                rec = None
-        if not isinstance(rec, dict) or not isinstance(rec.get("index"), int) or "prompt_hash" not in rec:
-            bad_line = bad_line or lineno
-            continue
-        if bad_line is not None:
-            raise JobError(f"{out}:{bad_line}: not a result line; fix or remove the file, or set "
-                           f"output.resume=false")
-        idx = rec["index"]
-        if rec.get("config_hash") != cfg_hash:
-            raise JobError(f"{out}:{lineno}: written by a job with another model or sampling settings; "
-                           f"use another output.path or output.resume=false")
-        if not 0 <= idx < len(prompts) or prompts[idx].hash != rec["prompt_hash"]:
-            raise JobError(f"{out}:{lineno}: result for prompt {idx} does not match the prompt file; "
-                           f"use another output.path or output.resume=false")
-        done.add(idx)
-        good_end = end
-    return done, good_end
-
-
-def _record(p: Prompt, out, want_top: bool, cfg_hash: str) -> dict:
-    completions = []
-    for c in out.outputs:
-        d = {"index": c.index, "text": c.text, "token_ids": list(c.token_ids), "logprobs": list(c.logprobs),
-             "finish_reason": c.finish_reason, "stop_reason": c.stop_reason, "weight_version": c.weight_version}
-        if want_top:
-            d["top_logprobs"] = [{str(t): lp for t, lp in top.items()} for top in c.top_logprobs]
-        completions.append(d)
-    rec = {"index": p.index, "prompt_hash": p.hash, "config_hash": cfg_hash, "prompt": p.prompt,
-           "prompt_token_ids": list(out.prompt_token_ids), "completions": completions}
-    if out.prompt_logprobs is not None:
-        rec["prompt_logprobs"] = [None if e is None else {str(t): lp for t, lp in e.items()}
-                                  for e in out.prompt_logprobs]
-    return rec
-
-
-def _engine_error(e: ValueError, chunk: list[Prompt]) -> str:
+def _engine_error(e: Exception, chunk: list[Prompt]) -> str:
     """The engine names a bad prompt by its position in the call: name it by its input line instead."""
     msg = str(e)
     m = re.match(r"prompt (\d+)\b:? ?", msg)
@@ -343,29 +170,11 @@ def _check_prompts_for(engine, prompts: list[Prompt]) -> None:
             raise JobError(f"{p.where}: {problem.removeprefix('prompt: ')}")
 
 
-def _start_engine(job: RolloutJobConfig, engine_cfg, todo: list[Prompt]):
-    """One RolloutEngine, or replicas on Ray (`ray.num_replicas`), with every prompt checked."""
+def _check_ray(job: RolloutJobConfig) -> None:
     try:
-        engine = ray_job.make_engine(job, engine_cfg)
-    except (ValueError, FileNotFoundError) as e:
-        raise JobError(f"engine: {e}") from None
-    try:
-        _check_prompts_for(engine, todo)
-    except JobError:
-        ray_job.close(engine)
-        raise
-    return engine
-
-
-def _open_results(out: Path, keep_bytes: int | None):
-    """The results file, open for appending after its first `keep_bytes` bytes (None: a new file)."""
-    out.parent.mkdir(parents=True, exist_ok=True)
-    if keep_bytes is None or not out.exists():
-        return open(out, "wb")
-    f = open(out, "r+b")
-    f.truncate(keep_bytes)  # cut a torn last line off
-    f.seek(keep_bytes)
-    return f
+        ray_job.check(job)
+    except ray_job.RayJobError as e:
+        raise JobError(str(e)) from None
 
 
 def _stats(engine) -> dict[str, int]:
@@ -377,74 +186,101 @@ def _stats(engine) -> dict[str, int]:
 # the job
 
 
-def run(cfg: DictConfig | RolloutJobConfig) -> JobSummary:
-    job = to_job_config(cfg)
-    # 1. everything that can be checked without the engine, before anything is built or written
+@dataclass
+class _Plan:
+    """Everything decided before the engine is built."""
+
+    job: RolloutJobConfig
+    model_path: str | None    # None: the embedded default model (converted on demand)
+    base_params: Any          # SamplingParams
+    base_seed: int
+    cfg_hash: str
+    results: ResultsFile
+    prompts: list[Prompt]     # the job's prompts (after data.limit)
+    todo: list[Prompt]        # those not in the results file yet
+
+    @property
+    def skipped(self) -> int:
+        return len(self.prompts) - len(self.todo)
+
+
+def _plan(job: RolloutJobConfig) -> _Plan:
+    """Check everything that can be checked without the engine, before anything is built or written."""
     base_params = _sampling_params(job)
     model_path = _check_model_path(job)
     _engine_config(job, model_path or "<default>")  # validates the engine fields
     _check_ray(job)
-    all_prompts = load_prompts(job.data)
-    out = resolve_output_path(job)
-    if out.exists() and not out.is_file():
-        raise JobError(f"output.path {str(out)!r}: not a file")
-
-    prompts = all_prompts[: job.data.limit] if job.data.limit else all_prompts
+    data_path = prompt_file(job.data)
     cfg_hash = config_hash(job)
-    done, good_end = read_done(out, all_prompts, cfg_hash) if job.output.resume else (set(), 0)
-    todo = [p for p in prompts if p.index not in done]
-    skipped = len(prompts) - len(todo)
+    results = scan_results(resolve_output_path(job), data_path, cfg_hash)
+    resume = job.output.resume
+    limit = job.data.limit
+    # Only the prompts the job uses are read, and those the results file names (to check them).
+    count = None if limit is None else max(limit, results.max_index + 1 if resume else 0)
+    read = load_prompts(job.data, count)
+    done = results.done_for(read) if resume else set()
+    prompts = read[:limit] if limit else read
     base_seed = job.sampling.seed if job.sampling.seed is not None else job.engine.seed
+    return _Plan(job, model_path, base_params, base_seed, cfg_hash, results, prompts,
+                 [p for p in prompts if p.index not in done])
 
-    if not todo:
-        summary = JobSummary(str(out), len(prompts), skipped, 0, 0, 0, 0.0, 0.0, 0.0, 0)
-        log.info("nothing to do: all %d prompts are already in %s", len(prompts), out)
-        return summary
-    if skipped:
-        log.info("resuming: %d of %d prompts already in %s", skipped, len(prompts), out)
 
-    # 2. the engine
+def _build_engine(plan: _Plan):
+    job = plan.job
+    model_path = plan.model_path
     if model_path is None:
         from atom.rollout.default_model import ensure_default_checkpoint
 
         model_path = str(ensure_default_checkpoint())
-    engine_cfg = _engine_config(job, model_path)
+    log.info("model %s (%s), %d prompts x n=%d -> %s", job.model.name, model_path, len(plan.todo),
+             plan.base_params.n, plan.results.path)
+    try:
+        engine = ray_job.make_engine(job, _engine_config(job, model_path))  # one engine, or replicas on Ray
+    except (ValueError, FileNotFoundError) as e:
+        raise JobError(f"engine: {e}") from None
+    try:
+        _check_prompts_for(engine, plan.todo)
+    except JobError:
+        ray_job.close(engine)
+        raise
+    return engine
 
-    log.info("model %s (%s), %d prompts x n=%d -> %s", job.model.name, model_path, len(todo),
-             base_params.n, out)
-    engine = _start_engine(job, engine_cfg, todo)
+
+def _generate(engine, plan: _Plan) -> tuple[int, int, int]:
+    """Generate the remaining prompts chunk by chunk, appending each chunk's lines durably.
+
+    Returns (prompts generated, completions, generated tokens)."""
+    from tqdm.auto import tqdm
+
+    job = plan.job
     # Under tensor / expert parallelism (torchrun) every rank runs generate (SPMD); rank 0 writes.
     writer = not (torch.distributed.is_available() and torch.distributed.is_initialized()) \
         or torch.distributed.get_rank() == 0
-
-    from tqdm.auto import tqdm
-
-    want_top = bool(base_params.logprobs)
-    stats0 = _stats(engine)
+    want_top = bool(plan.base_params.logprobs)
     n_completions = n_tokens = n_generated = 0
     t0 = time.perf_counter()
-    bar = tqdm(total=len(prompts), initial=skipped, unit="prompt", desc="rollout",
+    bar = tqdm(total=len(plan.prompts), initial=plan.skipped, unit="prompt", desc="rollout",
                disable=not (job.output.progress and writer), dynamic_ncols=True)
     progress = ray_job.ChunkProgress(bar)  # a pool advances the bar as each shard completes
     f = None  # opened when the first chunk is ready: a failing engine leaves an old file as it was
     try:
         with contextlib.ExitStack() as stack:
-            stack.callback(ray_job.close, engine)
-            for start in range(0, len(todo), job.data.batch_size):
-                chunk = todo[start: start + job.data.batch_size]
-                params = [dataclasses.replace(base_params, seed=_seed_for(base_seed, p.index)) for p in chunk]
+            for start in range(0, len(plan.todo), job.data.batch_size):
+                chunk = plan.todo[start: start + job.data.batch_size]
+                params = [dataclasses.replace(plan.base_params, seed=_seed_for(plan.base_seed, p.index))
+                          for p in chunk]
                 try:
                     results = ray_job.generate(engine, [p.prompt for p in chunk], params, progress)
-                except ValueError as e:
+                except (ValueError, TypeError) as e:
                     raise JobError(_engine_error(e, chunk)) from None
                 lines = []
                 for p, r in zip(chunk, results):
-                    lines.append(json.dumps(_record(p, r, want_top, cfg_hash), ensure_ascii=False))
+                    lines.append(json.dumps(record(p, r, want_top, plan.cfg_hash), ensure_ascii=False))
                     n_completions += len(r.outputs)
                     n_tokens += sum(len(c.token_ids) for c in r.outputs)
                 if writer:
                     if f is None:
-                        f = stack.enter_context(_open_results(out, good_end if job.output.resume else None))
+                        f = stack.enter_context(open_results(plan.results, job.output.resume))
                     f.write(("\n".join(lines) + "\n").encode("utf-8"))
                     f.flush()
                     os.fsync(f.fileno())
@@ -454,17 +290,36 @@ def run(cfg: DictConfig | RolloutJobConfig) -> JobSummary:
                 progress.finish(len(chunk))
     except KeyboardInterrupt:
         log.warning("interrupted: %d prompts are in %s; rerun the same job to resume",
-                    skipped + n_generated, out)
+                    plan.skipped + n_generated, plan.results.path)
         raise
     finally:
         bar.close()
+    return n_generated, n_completions, n_tokens
 
-    elapsed = time.perf_counter() - t0
-    stats1 = _stats(engine)
+
+def run(cfg: DictConfig | RolloutJobConfig) -> JobSummary:
+    """Run a rollout job (see the module docstring); returns its summary, raises JobError on bad input."""
+    job = to_job_config(cfg)
+    plan = _plan(job)
+    out = str(plan.results.path)
+    if not plan.todo:
+        log.info("nothing to do: all %d prompts are already in %s", len(plan.prompts), out)
+        return JobSummary(out, len(plan.prompts), plan.skipped, 0, 0, 0, 0.0, 0.0, 0.0, 0)
+    if plan.skipped:
+        log.info("resuming: %d of %d prompts already in %s", plan.skipped, len(plan.prompts), out)
+    engine = _build_engine(plan)
+    try:
+        stats0 = _stats(engine)
+        t0 = time.perf_counter()
+        n_generated, n_completions, n_tokens = _generate(engine, plan)
+        elapsed = time.perf_counter() - t0
+        stats1 = _stats(engine)
+    finally:
+        ray_job.close(engine)  # a pool's actors (and the local cluster the job started)
     computed = stats1["prompt_tokens_computed"] - stats0["prompt_tokens_computed"]
     cached = stats1["prompt_tokens_cached"] - stats0["prompt_tokens_cached"]
     summary = JobSummary(
-        output_path=str(out), prompts=len(prompts), skipped=skipped, generated_prompts=n_generated,
+        output_path=out, prompts=len(plan.prompts), skipped=plan.skipped, generated_prompts=n_generated,
         completions=n_completions, generated_tokens=n_tokens, elapsed_s=elapsed,
         tokens_per_s=n_tokens / elapsed if elapsed > 0 else 0.0,
         prefix_cache_hit_rate=cached / (cached + computed) if cached + computed else 0.0,

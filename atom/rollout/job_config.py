@@ -8,9 +8,13 @@ or a wrong type (`sampling.n=eight`) fails at start with Hydra's own message.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional
+from typing import Optional
 
 from hydra.core.config_store import ConfigStore
+
+from atom.config import EngineConfig
+from atom.rollout.schema import derive_schema
+from atom.sampling_params import SamplingParams
 
 
 @dataclass
@@ -27,55 +31,19 @@ class ModelConfig:
     tokenizer: Optional[str] = None
 
 
-@dataclass
-class SamplingConfig:
-    """Mirrors `atom.SamplingParams` (see atom/sampling_params.py for each field's meaning).
+SamplingConfig = derive_schema(
+    SamplingParams, "SamplingConfig",
+    """`atom.SamplingParams`, field for field (see atom/sampling_params.py for each field's meaning).
 
-    Differences: `logprobs` defaults to 0 (a rollout job records every sampled token's logprob), and
-    `seed` is the job's base seed: prompt i gets its own seed derived from (seed, i), so results do
-    not depend on chunking or resuming (null: derived from `engine.seed`).
-    """
+    Differences: `logprobs` defaults to 0 (a rollout job records every sampled token's logprob),
+    `max_tokens` to 256, and `seed` is the job's base seed: prompt i gets its own seed derived from
+    (seed, i), so results do not depend on chunking or resuming (null: derived from `engine.seed`).
+    """, defaults={"max_tokens": 256, "logprobs": 0})
 
-    n: int = 1
-    temperature: float = 1.0
-    top_p: float = 1.0
-    top_k: int = -1
-    min_p: float = 0.0
-    max_tokens: int = 256
-    min_tokens: int = 0
-    stop: List[str] = field(default_factory=list)
-    stop_token_ids: List[int] = field(default_factory=list)
-    ignore_eos: bool = False
-    seed: Optional[int] = None
-    logprobs: Optional[int] = 0
-    logprobs_mode: str = "processed"
-    prompt_logprobs: Optional[int] = None
-
-
-@dataclass
-class EngineJobConfig:
-    """The `atom.EngineConfig` fields a job sets (model/tokenizer come from `model`); see
-    atom/config.py for each field's meaning."""
-
-    device: str = "auto"
-    dtype: str = "auto"
-    max_model_len: Optional[int] = None
-    max_num_seqs: int = 256
-    max_num_batched_tokens: int = 8192
-    kv_block_size: int = 16
-    num_kv_blocks: Optional[int] = None
-    kv_cache_memory_bytes: Optional[int] = None
-    gpu_memory_utilization: float = 0.9
-    enable_prefix_caching: bool = True
-    enforce_eager: bool = False
-    cuda_graph_max_batch_size: int = 512
-    seed: int = 0
-    op_backends: Dict[str, str] = field(default_factory=dict)
-    tensor_parallel_size: int = 1
-    expert_parallel_size: int = 1
-    ep_mode: str = "allreduce"
-    dist_timeout_s: float = 600.0
-    load_format: str = "auto"
+EngineJobConfig = derive_schema(
+    EngineConfig, "EngineJobConfig",
+    """`atom.EngineConfig`, field for field, but model/tokenizer (they come from `model`); see
+    atom/config.py for each field's meaning.""", exclude=("model", "tokenizer"))
 
 
 @dataclass

@@ -92,7 +92,7 @@ def prompt_problems(engine, prompts: list) -> list[str]:
         try:
             engine.tokenize(p)
             problems.append("")
-        except ValueError as e:
+        except (ValueError, TypeError) as e:
             problems.append(str(e))
     return problems
 

@@ -84,6 +84,16 @@ class RLMixin:
         self._stale = set(self._engine.runner.weight_map.required_names())
         self._stale_reason = reason
 
+    def reset_prefix_cache(self) -> bool:
+        """Forget every cached prompt prefix (their KV blocks stay free for reuse). Returns False,
+        changing nothing, while requests are in flight (their blocks are in use), as vLLM does."""
+        with self._lock:
+            if self._engine.has_unfinished:
+                return False
+            self._engine.drain()
+            self._engine.reset_prefix_cache()
+            return True
+
     # ---- sleep / wake --------------------------------------------------------------------
     def sleep(self, level: int = 1, offload_weights: bool = False) -> None:
         """Release device memory: level 1 the KV cache, level 2 the weights too.

@@ -7,9 +7,10 @@ from typing import Iterator
 import torch
 
 from atom.engine.memory import WEIGHTS
-from atom.models.weights import is_ignored
-from atom.weights_sync.group import WeightSyncGroup
-from atom.weights_sync.protocol import MAGIC, PROTOCOL, UpdateMeta, decode_status, encode_status
+from atom.models.weights import UpdateCheck
+from atom.weights_sync.group import WeightSyncError, WeightSyncGroup
+from atom.weights_sync.protocol import (MAGIC, MAX_METADATA_BYTES, PROTOCOL, UpdateMeta, decode_status,
+                                        encode_status)
 
 _STAGING = ("auto", "host", "none")
 
@@ -24,7 +25,8 @@ class WeightReceiver:
         "none": no staging: each bucket is applied on arrival (no extra memory); a transfer
             that breaks off then leaves the engine refusing to generate until a complete
             update succeeds.
-    check_finite: reject the update if any received tensor holds nan/inf (needs staging).
+    check_finite: reject the update if any received tensor holds nan/inf (with staging, before
+        anything is copied).
     """
 
     def __init__(self, engine, group: WeightSyncGroup, *, staging: str = "auto", check_finite: bool = False) -> None:
@@ -47,27 +49,16 @@ class WeightReceiver:
             return busy
         if WEIGHTS in runner.memory.asleep():
             return "the engine's weights are released (sleep level 2); call wake_up(['weights']) first"
-        wmap = runner.weight_map
+        # The same checks as update_weights: known names and shapes, no checkpoint tensor filled twice.
+        check = UpdateCheck(runner.weight_map, type(runner.model).__name__)
         problems: list[str] = []
-        seen: set[str] = set()
-        covered: set[str] = set()
         for t in meta.tensors:
-            if t.name in seen:
-                problems.append(f"weight {t.name!r} appears twice")
-                continue
-            seen.add(t.name)
-            if is_ignored(t.name):
-                continue
-            slot = wmap.lookup(t.name)
-            if slot is None:
-                problems.append(f"weight {t.name!r} is not a parameter of this {type(runner.model).__name__}")
-                continue
-            if tuple(t.shape) != slot.shape():
-                problems.append(f"weight {t.name!r}: shape {tuple(t.shape)} does not match the model's {slot.shape()}")
-                continue
-            covered.update(wmap.covered_by(t.name))
+            try:
+                check.accept(t.name, t.shape)
+            except ValueError as e:
+                problems.append(str(e))
         if not meta.partial:
-            missing = sorted(wmap.required_names() - covered)
+            missing = check.missing()
             if missing:
                 shown = ", ".join(missing[:8]) + (f" and {len(missing) - 8} more" if len(missing) > 8 else "")
                 problems.append(f"the update is missing {len(missing)} tensor(s): {shown} (send partial=True for a "
@@ -85,8 +76,32 @@ class WeightReceiver:
         bucket_timeout: how long each later step may take (default: the group's timeout).
         Raises ValueError (bad metadata: nothing changed, the group stays usable),
         WeightSyncError / WeightSyncTimeout (the sender died or stalled: with staging the
-        previous weights keep serving; the group must be rebuilt).
+        previous weights keep serving; the group must be rebuilt). Any other failure while
+        applying the update is reported to the sender (its `send` raises WeightRejected naming
+        the cause) before it is raised here.
         """
+        meta = self._receive_meta(timeout, bucket_timeout)
+        buckets = _Buckets(self.group, meta, bucket_timeout)
+        try:
+            if self.staging == "none":
+                version = self._apply(meta, buckets.stream(meta))
+            else:
+                staged = [self._stage(buckets.next()) for _ in meta.buckets]
+                # Every view is built before anything is copied, and update_weights checks a list
+                # whole first: a bad update changes nothing.
+                version = self._apply(meta, list(self._unpack(meta, staged)))
+        except WeightSyncError:
+            raise  # the transfer broke off: the group is unusable, nobody to tell
+        except Exception as e:
+            buckets.drain()  # keep in step with the sender, which sends every bucket before it listens
+            self._report(encode_status(False, str(e) if isinstance(e, ValueError) else f"{type(e).__name__}: {e}"),
+                         bucket_timeout)
+            raise
+        self._report(encode_status(True, "", version), bucket_timeout)
+        return version
+
+    def _receive_meta(self, timeout, bucket_timeout) -> UpdateMeta:
+        """The update's header and metadata, checked here and exchanged with the other ranks' verdicts."""
         g = self.group
         header = torch.zeros(3, dtype=torch.int64, device=g.device)
         g.broadcast(header, timeout=timeout, what="waiting for an update header")
@@ -94,6 +109,9 @@ class WeightReceiver:
         if magic != MAGIC or protocol != PROTOCOL:
             raise RuntimeError(f"weight sync: bad header {header.tolist()} (expected magic {MAGIC:#x}, protocol "
                                f"{PROTOCOL}); is the sender an atom WeightSender of the same version?")
+        if not 0 <= n <= MAX_METADATA_BYTES:
+            raise RuntimeError(f"weight sync: the header announces {n} bytes of metadata (at most "
+                               f"{MAX_METADATA_BYTES}); the group is out of step and must be rebuilt")
         raw = torch.empty(n, dtype=torch.uint8, device=g.device)
         g.broadcast(raw, timeout=bucket_timeout, what="receiving the update metadata")
         try:
@@ -108,23 +126,7 @@ class WeightReceiver:
         others = [r for r, s in enumerate(statuses) if r > 0 and not decode_status(s)["ok"]]
         if others:
             raise ValueError(f"weight update refused by engine rank {others[0]}, nothing changed here either")
-
-        if self.staging == "none":
-            return self._apply(meta, self._stream(meta, bucket_timeout), bucket_timeout)
-        staged = [self._stage(self._recv_bucket(meta, b, bucket_timeout)) for b in range(len(meta.buckets))]
-        if self.check_finite:  # before anything is copied, so a bad update changes nothing
-            for name, t in self._unpack(meta, staged):
-                if t.is_floating_point() and not torch.isfinite(t).all():
-                    problem = f"weight {name!r}: contains non-finite values (nan or inf)"
-                    self.group.allgather_bytes(encode_status(False, problem), timeout=bucket_timeout,
-                                               what="reporting the result")
-                    raise ValueError(f"weight update refused, nothing changed: {problem}")
-        return self._apply(meta, self._unpack(meta, staged), bucket_timeout)
-
-    def _recv_bucket(self, meta: UpdateMeta, b: int, timeout) -> torch.Tensor:
-        buf = torch.empty(meta.buckets[b], dtype=torch.uint8, device=self.group.device)
-        self.group.broadcast(buf, timeout=timeout, what=f"receiving bucket {b + 1} of {len(meta.buckets)}")
-        return buf
+        return meta
 
     def _stage(self, buf: torch.Tensor) -> torch.Tensor:
         if self.staging == "host" and buf.device.type != "cpu":
@@ -134,26 +136,50 @@ class WeightReceiver:
         return buf
 
     @staticmethod
-    def _views(meta: UpdateMeta, b: int, buf: torch.Tensor, by_bucket) -> Iterator[tuple[str, torch.Tensor]]:
+    def _views(b: int, buf: torch.Tensor, by_bucket) -> Iterator[tuple[str, torch.Tensor]]:
         for t in by_bucket[b]:
             yield t.name, buf[t.offset: t.offset + t.nbytes].view(t.dtype).view(t.shape)
 
     def _unpack(self, meta: UpdateMeta, staged: list[torch.Tensor]) -> Iterator[tuple[str, torch.Tensor]]:
         by_bucket = meta.bucket_tensors()
         for b, buf in enumerate(staged):
-            yield from self._views(meta, b, buf, by_bucket)
+            yield from self._views(b, buf, by_bucket)
 
-    def _stream(self, meta: UpdateMeta, timeout) -> Iterator[tuple[str, torch.Tensor]]:
+    def _apply(self, meta: UpdateMeta, pairs) -> int:
+        return self.engine.update_weights(pairs, partial=meta.partial, check_finite=self.check_finite,
+                                          version=meta.version)
+
+    def _report(self, status: bytes, timeout) -> None:
+        self.group.allgather_bytes(status, timeout=timeout, what="reporting the result")
+
+
+class _Buckets:
+    """An update's buckets, received in order. Remembers how far it got, so that an update that
+    fails half-way still receives (and drops) the rest: the sender broadcasts every bucket
+    before it waits for the result, and the group's collectives must stay in step."""
+
+    def __init__(self, group: WeightSyncGroup, meta: UpdateMeta, timeout) -> None:
+        self.group, self.meta, self.timeout = group, meta, timeout
+        self.received = 0
+
+    def next(self) -> torch.Tensor:
+        b = self.received
+        buf = torch.empty(self.meta.buckets[b], dtype=torch.uint8, device=self.group.device)
+        self._broadcast(buf, b)
+        return buf
+
+    def stream(self, meta: UpdateMeta) -> Iterator[tuple[str, torch.Tensor]]:
         by_bucket = meta.bucket_tensors()
         for b in range(len(meta.buckets)):
-            yield from self._views(meta, b, self._recv_bucket(meta, b, timeout), by_bucket)
+            yield from WeightReceiver._views(b, self.next(), by_bucket)
 
-    def _apply(self, meta: UpdateMeta, pairs: Iterator[tuple[str, torch.Tensor]], timeout) -> int:
-        try:
-            version = self.engine.update_weights(pairs, partial=meta.partial, check_finite=self.check_finite,
-                                                 version=meta.version)
-        except ValueError as e:  # applying failed locally (e.g. non-finite): tell the sender, then raise
-            self.group.allgather_bytes(encode_status(False, str(e)), timeout=timeout, what="reporting the result")
-            raise
-        self.group.allgather_bytes(encode_status(True, "", version), timeout=timeout, what="reporting the result")
-        return version
+    def drain(self) -> None:
+        rest = self.meta.buckets[self.received:]
+        if rest:
+            scratch = torch.empty(max(rest), dtype=torch.uint8, device=self.group.device)
+            while self.received < len(self.meta.buckets):
+                self._broadcast(scratch[: self.meta.buckets[self.received]], self.received)
+
+    def _broadcast(self, buf: torch.Tensor, b: int) -> None:
+        self.group.broadcast(buf, timeout=self.timeout, what=f"receiving bucket {b + 1} of {len(self.meta.buckets)}")
+        self.received = b + 1

@@ -6,6 +6,7 @@ from typing import Callable, Iterable
 
 import torch
 
+from atom.models.weights import check_pair
 from atom.weights_sync.group import WeightSyncGroup
 from atom.weights_sync.protocol import (DEFAULT_BUCKET_BYTES, MAGIC, PROTOCOL, decode_status,
                                         plan_buckets)
@@ -17,6 +18,22 @@ def materialize(tensor) -> torch.Tensor:
     if full is not None and type(tensor).__name__ == "DTensor":
         tensor = full()
     return tensor.detach()
+
+
+def _entries(items: list[tuple[str, torch.Tensor]], dtype: torch.dtype | None) -> list[tuple]:
+    """(name, shape, wire dtype) of each tensor, refusing what the engines would refuse only later."""
+    entries, seen = [], set()
+    for name, t in items:
+        if name in seen:
+            raise ValueError(f"weight {name!r} appears twice in one update")
+        seen.add(name)
+        if t.is_meta:
+            raise ValueError(f"weight {name!r} is a meta tensor (a shape without data); materialize it first")
+        dt = dtype or t.dtype
+        if not dt.is_floating_point:
+            raise ValueError(f"weight {name!r}: only floating tensors can be sent, got {dt}")
+        entries.append((name, tuple(t.shape), dt))
+    return entries
 
 
 class WeightRejected(ValueError):
@@ -54,17 +71,13 @@ class WeightSender:
         on_accepted: called with True once every engine accepted the metadata (False when one
             refused), before any tensor is gathered; `push` uses it to release FSDP peers.
 
-        Raises WeightRejected (a ValueError) when an engine refuses the metadata or fails to
-        apply the update, WeightSyncError when the transfer breaks off.
+        Raises TypeError / ValueError for what cannot be sent (not a (str, tensor) pair, a name twice,
+        a meta or non-floating tensor) before anything is sent, WeightRejected (a ValueError) when an
+        engine refuses the metadata or fails to apply the update (naming the cause), WeightSyncError
+        when the transfer breaks off.
         """
-        items = [(str(name), t) for name, t in named_tensors]
-        entries = []
-        for name, t in items:
-            dt = dtype or t.dtype
-            if not dt.is_floating_point:
-                raise ValueError(f"weight {name!r}: only floating tensors can be sent, got {dt}")
-            entries.append((name, tuple(t.shape), dt))
-        meta = plan_buckets(entries, bucket_bytes or self.bucket_bytes, version, partial)
+        items = [check_pair(item, i) for i, item in enumerate(named_tensors)]
+        meta = plan_buckets(_entries(items, dtype), bucket_bytes or self.bucket_bytes, version, partial)
         g = self.group
         payload = meta.encode()
         header = torch.tensor([MAGIC, PROTOCOL, len(payload)], dtype=torch.int64, device=g.device)

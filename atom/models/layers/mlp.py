@@ -1,5 +1,8 @@
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import Callable
+
 import torch
 from torch import nn
 
@@ -18,6 +21,23 @@ class GatedMLP(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down_proj(ops.silu_and_mul(self.gate_up_proj(x)))
+
+
+@dataclass(frozen=True)
+class FusedExpertTensor:
+    """One HF tensor that holds every expert's copy of something, and where it goes.
+
+    A MoE module whose checkpoint has only such tensors (GPT-OSS) lists them in
+    `fused_tensors()`; WeightMap makes them the required names and shards them by rule: experts
+    on dim 0, this rank's intermediate rows on `inter_dim` (of `parts` equal blocks, 2 for gate|up).
+    """
+
+    name: str                      # after the MoE module's prefix, e.g. "experts.gate_up_proj"
+    param: str                     # the MoE module's attribute it fills
+    hf_shape: tuple[int, ...]      # shape of the full HF tensor
+    inter_dim: int | None          # dim of the converted tensor that holds the intermediate size
+    parts: int = 1
+    convert: Callable[[torch.Tensor], torch.Tensor] | None = None  # HF layout -> ours (all experts)
 
 
 class SparseMoE(nn.Module):
@@ -45,14 +65,39 @@ class SparseMoE(nn.Module):
             self.dispatcher = None
         self.intermediate_size = inter  # this rank's share
         self.gate = Linear(hidden_size, num_experts)  # the router is replicated
+        self.routed_out: torch.Tensor | None = None  # [tokens, top_k] view the runner reads (routing capture)
         self.w13 = nn.Parameter(torch.empty(local_experts, 2 * inter, hidden_size), requires_grad=False)
         self.w2 = nn.Parameter(torch.empty(local_experts, hidden_size, inter), requires_grad=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.mode is None:  # routing + experts in one op (few kernels at small batch)
-            return ops.moe_forward(x, self.gate(x), self.w13, self.w2, self.top_k, self.renormalize)
-        weights, ids = ops.moe_route(self.gate(x), self.top_k, self.renormalize)
+        if self.mode is None:
+            if self.routed_out is not None:  # routing capture: the family's own routing, recomputed
+                self._record(self.route(x)[1])
+            return self.forward_local(x)
+        weights, ids = self.route(x)
+        if self.routed_out is not None:
+            self._record(ids)
         return self._forward_parallel(x, weights, ids)
+
+    def _record(self, ids: torch.Tensor) -> None:
+        self.routed_out[: ids.shape[0]].copy_(ids)
+
+    # ---- what a family may change (GPT-OSS, DeepSeek-V3) ------------------------------------
+    def forward_local(self, x: torch.Tensor) -> torch.Tensor:
+        """No expert parallelism: routing + experts in one op (few kernels at small batch)."""
+        return ops.moe_forward(x, self.gate(x), self.w13, self.w2, self.top_k, self.renormalize)
+
+    def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(weights [T, k] float32, global expert ids [T, k])."""
+        return ops.moe_route(self.gate(x), self.top_k, self.renormalize)
+
+    def experts(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        """Weighted sum of this rank's experts (ids local, -1 = skip when the op can)."""
+        return ops.fused_moe(x, self.w13, self.w2, weights, ids)
+
+    @property
+    def experts_skip_negative_ids(self) -> bool:
+        return getattr(ops.fused_moe, "skips_negative_ids", False)
 
     def idle(self, dtype: torch.dtype, device: torch.device) -> None:
         """Join this layer's all_to_all with no tokens (alltoall mode, a rank with no requests this
@@ -73,9 +118,8 @@ class SparseMoE(nn.Module):
                 y = recv_x
             else:
                 ones = torch.ones(recv_ids.shape[0], 1, dtype=torch.float32, device=x.device)
-                y = ops.fused_moe(recv_x, self.w13, self.w2, ones, recv_ids[:, None])
+                y = self.experts(recv_x, ones, recv_ids[:, None])
             return self.dispatcher.combine(y, weights, handle)
         if local != self.num_experts:
-            can_skip = getattr(ops.fused_moe, "skips_negative_ids", False)
-            weights, ids = ep.local_routing(weights, ids, self.expert_start, local, can_skip)
-        return self.group.all_reduce(ops.fused_moe(x, self.w13, self.w2, weights, ids))
+            weights, ids = ep.local_routing(weights, ids, self.expert_start, local, self.experts_skip_negative_ids)
+        return self.group.all_reduce(self.experts(x, weights, ids))

@@ -1,0 +1,201 @@
+"""Torch reference ops of the issue-17 families: attention with sinks and a sliding window
+(GPT-OSS, Mixtral), experts with biases and the clamped SwiGLU (GPT-OSS), group-limited sigmoid
+routing (DeepSeek-V3). Registered by importing atom.ops.torch_ops (the torch backend).
+
+Backends without these ops get the torch op on every device (the registry falls back to it).
+"""
+from __future__ import annotations
+
+import torch
+
+from atom.ops.metadata import AttentionMetadata
+from atom.ops.registry import register
+from atom.ops.torch_ops import _gather_kv
+
+B = "torch"
+
+
+def _softmax_with_sinks(scores: torch.Tensor, sinks: torch.Tensor | None) -> torch.Tensor:
+    """softmax over the last dim of scores [H, ..., K], with one extra per-head logit (the sink)
+    in the denominator that attends to nothing (GPT-OSS); no sinks: a plain softmax."""
+    if sinks is None:
+        return scores.softmax(-1)
+    sink = sinks.float().reshape(-1, *([1] * (scores.dim() - 1))).expand(*scores.shape[:-1], 1)
+    return torch.cat((scores, sink), dim=-1).softmax(-1)[..., :-1]
+
+
+@register("sliding_sink_attention_prefill", B)
+def sliding_sink_attention_prefill(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                                   meta: AttentionMetadata, scale: float, window: int | None,
+                                   sinks: torch.Tensor | None) -> torch.Tensor:
+    """paged_attention_prefill where query position p sees keys (p - window, p] only (window None:
+    all of [0, p]) and each head h adds sinks[h] as a logit without a value (None: no sinks).
+
+    q: [T, Hq, D]; caches [num_blocks, block_size, Hk, D]; sinks [Hq] (float32 maths)."""
+    out = torch.empty_like(q)
+    starts, lens = meta.query_start_loc.tolist(), meta.seq_lens.tolist()
+    group = q.shape[1] // k_cache.shape[2]
+    for b, ctx in enumerate(lens):
+        s, e = starts[b], starts[b + 1]
+        if e == s:
+            continue
+        k = _gather_kv(k_cache, meta.block_tables[b], ctx).float().repeat_interleave(group, dim=1)
+        v = _gather_kv(v_cache, meta.block_tables[b], ctx).float().repeat_interleave(group, dim=1)
+        scores = torch.einsum("qhd,khd->hqk", q[s:e].float(), k) * scale
+        q_pos = torch.arange(ctx - (e - s), ctx, device=q.device)[:, None]
+        k_pos = torch.arange(ctx, device=q.device)[None, :]
+        hidden = k_pos > q_pos
+        if window is not None:
+            hidden |= k_pos <= q_pos - window
+        scores.masked_fill_(hidden[None], float("-inf"))
+        out[s:e] = torch.einsum("hqk,khd->qhd", _softmax_with_sinks(scores, sinks), v).to(q.dtype)
+    return out
+
+
+@register("sliding_sink_attention_decode", B)
+def sliding_sink_attention_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                                  meta: AttentionMetadata, scale: float, window: int | None,
+                                  sinks: torch.Tensor | None) -> torch.Tensor:
+    """paged_attention_decode (one new token per sequence, q [B, Hq, D]) with the window and the
+    sinks of sliding_sink_attention_prefill."""
+    _, block_size, kv_heads, dim = k_cache.shape
+    batch, width = meta.block_tables.shape
+    k = k_cache[meta.block_tables].reshape(batch, width * block_size, kv_heads, dim).float()
+    v = v_cache[meta.block_tables].reshape(batch, width * block_size, kv_heads, dim).float()
+    qg = q.float().reshape(batch, kv_heads, q.shape[1] // kv_heads, dim)
+    scores = torch.einsum("bhgd,bkhd->bhgk", qg, k) * scale
+    k_pos = torch.arange(width * block_size, device=q.device)[None, :]
+    valid = k_pos < meta.seq_lens[:, None]
+    if window is not None:
+        valid &= k_pos >= meta.seq_lens[:, None] - window
+    scores.masked_fill_(~valid[:, None, None, :], float("-inf"))
+    # Heads first for the sinks: [Hk, G, B, K] so that sinks [Hq] = [Hk * G] line up.
+    probs = _softmax_with_sinks(scores.permute(1, 2, 0, 3).reshape(q.shape[1], batch, -1), sinks)
+    probs = probs.reshape(kv_heads, -1, batch, probs.shape[-1]).permute(2, 0, 1, 3)
+    out = torch.einsum("bhgk,bkhd->bhgd", probs, v)
+    return out.reshape(q.shape).to(q.dtype)
+
+
+@register("clamped_swiglu", B)
+def clamped_swiglu(x: torch.Tensor, limit: float | None, alpha: float) -> torch.Tensor:
+    """GPT-OSS's expert activation on gate|up halves of x [..., 2I]: gate clamped above at limit,
+    up clamped to [-limit, limit] (None: no clamp), then (up + 1) * gate * sigmoid(alpha * gate)."""
+    gate, up = x.float().chunk(2, dim=-1)
+    if limit is not None:
+        gate, up = gate.clamp(max=limit), up.clamp(-limit, limit)
+    return ((up + 1) * gate * torch.sigmoid(gate * alpha)).to(x.dtype)
+
+
+@register("fused_moe_biased", B)
+def fused_moe_biased(x: torch.Tensor, w13: torch.Tensor, b13: torch.Tensor, w2: torch.Tensor,
+                     b2: torch.Tensor | None, topk_weights: torch.Tensor, topk_ids: torch.Tensor,
+                     limit: float | None, alpha: float) -> torch.Tensor:
+    """Sum over the chosen experts of weight * (down(clamped_swiglu(gate_up(x) + b13)) + b2).
+
+    x: [T, H]; w13: [E, 2I, H] (gate rows then up rows), b13: [E, 2I]; w2: [E, H, I], b2: [E, H]
+    (None: no down bias, e.g. on the ranks that do not add it under tensor parallelism). An id
+    of -1 is skipped (expert parallelism)."""
+    out = torch.zeros(x.shape[0], w2.shape[1], dtype=torch.float32, device=x.device)
+    flat_ids = topk_ids.reshape(-1)
+    token_of = torch.arange(x.shape[0], device=x.device).repeat_interleave(topk_ids.shape[1])
+    weight_of = topk_weights.reshape(-1).float()
+    for e in flat_ids.unique().tolist():
+        if e < 0:
+            continue
+        sel = (flat_ids == e).nonzero(as_tuple=True)[0]
+        tokens = token_of[sel]
+        h = clamped_swiglu(x[tokens] @ w13[e].t() + b13[e], limit, alpha)
+        y = h @ w2[e].t()
+        if b2 is not None:
+            y = y + b2[e]
+        out.index_add_(0, tokens, y.float() * weight_of[sel, None])
+    return out.to(x.dtype)
+
+
+fused_moe_biased.skips_negative_ids = True
+
+
+@register("moe_route_grouped", B)
+def moe_route_grouped(router_logits: torch.Tensor, correction_bias: torch.Tensor, top_k: int, num_groups: int,
+                      topk_groups: int, renormalize: bool, scaling: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """DeepSeek-V3 `noaux_tc` routing: sigmoid scores; experts are chosen by score + correction
+    bias within the `topk_groups` groups (of `num_groups` equal groups) whose two best biased
+    scores sum highest; weights are the chosen unbiased scores (renormalised if asked) times
+    `scaling`. Returns (weights [T, k] float32, ids [T, k] int64)."""
+    scores = router_logits.float().sigmoid()
+    biased = scores + correction_bias.float()
+    t, e = biased.shape
+    if num_groups > 1:
+        per_group = biased.view(t, num_groups, e // num_groups)
+        group_scores = per_group.topk(min(2, e // num_groups), dim=-1).values.sum(-1)
+        keep = torch.zeros_like(group_scores, dtype=torch.bool)
+        keep.scatter_(1, group_scores.topk(topk_groups, dim=-1).indices, True)
+        biased = biased.masked_fill(~keep.repeat_interleave(e // num_groups, dim=1), float("-inf"))
+    ids = biased.topk(top_k, dim=-1).indices
+    weights = scores.gather(1, ids)
+    if renormalize:
+        weights = weights / (weights.sum(-1, keepdim=True) + 1e-20)
+    return weights * scaling, ids
+
+
+# ---- multi-head latent attention (DeepSeek-V3) ------------------------------------------------
+
+@register("mla_cache_write", B)
+def mla_cache_write(latent: torch.Tensor, k_pe: torch.Tensor, kv_cache: torch.Tensor,
+                    slot_mapping: torch.Tensor) -> None:
+    """latent [T, L] | k_pe [T, R] (roped) into kv_cache [num_blocks, block_size, 1, L + R] at
+    slot_mapping (-1 = skip): the compressed KV of MLA, one row per token for all heads."""
+    keep = slot_mapping >= 0
+    row = torch.cat((latent, k_pe), dim=-1)[keep].to(kv_cache.dtype)
+    kv_cache.view(-1, kv_cache.shape[-1])[slot_mapping[keep]] = row
+
+
+@register("mla_attention_prefill", B)
+def mla_attention_prefill(q_nope: torch.Tensor, q_pe: torch.Tensor, kv_cache: torch.Tensor,
+                          w_kv_b: torch.Tensor, meta: AttentionMetadata, scale: float) -> torch.Tensor:
+    """Causal MLA of each sequence's new tokens over its cached latents, latents expanded to
+    per-head K/V: k = [latent @ W_uk_h, k_pe], v = latent @ W_uv_h.
+
+    q_nope [T, H, N], q_pe [T, H, R]; kv_cache [num_blocks, block_size, 1, L + R]; w_kv_b
+    [H * (N + V), L] (kv_b_proj's weight, this rank's heads). Returns [T, H, V]."""
+    heads, nope, rope = q_nope.shape[1], q_nope.shape[2], q_pe.shape[2]
+    v_dim = w_kv_b.shape[0] // heads - nope
+    lat_dim = kv_cache.shape[-1] - rope
+    out = q_nope.new_empty(q_nope.shape[0], heads, v_dim)
+    starts, lens = meta.query_start_loc.tolist(), meta.seq_lens.tolist()
+    w = w_kv_b.float().view(heads, nope + v_dim, lat_dim)
+    for b, ctx in enumerate(lens):
+        s, e = starts[b], starts[b + 1]
+        if e == s:
+            continue
+        kv = _gather_kv(kv_cache, meta.block_tables[b], ctx)[:, 0].float()
+        latent, k_pe = kv[:, :lat_dim], kv[:, lat_dim:]
+        k_nope = torch.einsum("kl,hnl->khn", latent, w[:, :nope])
+        v = torch.einsum("kl,hvl->khv", latent, w[:, nope:])
+        scores = (torch.einsum("qhn,khn->hqk", q_nope[s:e].float(), k_nope)
+                  + torch.einsum("qhr,kr->hqk", q_pe[s:e].float(), k_pe)) * scale
+        q_pos = torch.arange(ctx - (e - s), ctx, device=q_nope.device)
+        scores.masked_fill_(torch.arange(ctx, device=q_nope.device)[None, None, :] > q_pos[None, :, None],
+                            float("-inf"))
+        out[s:e] = torch.einsum("hqk,khv->qhv", scores.softmax(-1), v).to(out.dtype)
+    return out
+
+
+@register("mla_attention_decode", B)
+def mla_attention_decode(q_latent: torch.Tensor, q_pe: torch.Tensor, kv_cache: torch.Tensor,
+                         meta: AttentionMetadata, scale: float) -> torch.Tensor:
+    """MLA decode in the absorbed form: attention straight over the cached latents.
+
+    q_latent [B, H, L] = q_nope @ W_uk (the key up-projection folded into the query), q_pe
+    [B, H, R]; scores = q_latent . latent + q_pe . k_pe; returns softmax . latent [B, H, L]
+    (the caller applies W_uv)."""
+    _, block_size, _, width_lr = kv_cache.shape
+    batch, width = meta.block_tables.shape
+    lat_dim = q_latent.shape[-1]
+    kv = kv_cache[meta.block_tables].reshape(batch, width * block_size, width_lr).float()
+    latent, k_pe = kv[..., :lat_dim], kv[..., lat_dim:]
+    scores = (torch.einsum("bhl,bkl->bhk", q_latent.float(), latent)
+              + torch.einsum("bhr,bkr->bhk", q_pe.float(), k_pe)) * scale
+    valid = torch.arange(width * block_size, device=q_latent.device)[None, :] < meta.seq_lens[:, None]
+    scores.masked_fill_(~valid[:, None, :], float("-inf"))
+    return torch.einsum("bhk,bkl->bhl", scores.softmax(-1), latent).to(q_latent.dtype)
