@@ -35,6 +35,7 @@ _BACKEND_MODULES = {
     "torch": ("atom.ops.torch_ops", "atom.ops.torch_family_ops"),
     "triton": "atom.ops.triton",
     "aiter": "atom.ops.aiter_ops",
+    "invariant": "atom.ops.invariant_ops",   # never preferred: EngineConfig(batch_invariant=True) picks it
 }
 
 

@@ -52,7 +52,8 @@ class RolloutEngine(RLMixin, TransferMixin):
         config = model.replace(**overrides) if isinstance(model, EngineConfig) else EngineConfig(model=model, **overrides)
         self.config = config
         if config.torch_device().type == "cpu":
-            apply_cpu_threads(config.cpu_threads)
+            # Batch invariance needs one thread: BLAS splits work between threads by the batch's shape.
+            apply_cpu_threads(1 if config.batch_invariant else config.cpu_threads)
         self.tokenizer = _load_tokenizer(config.tokenizer if config.tokenizer is not None else config.model)
         self._engine = LLMEngine(config, self._detokenize if self.tokenizer is not None else None)
         self._rng = random.Random(config.seed)

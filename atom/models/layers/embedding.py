@@ -4,6 +4,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from atom.ops import ops
+
 
 class Embedding(nn.Module):
     def __init__(self, vocab_size: int, hidden_size: int) -> None:
@@ -22,7 +24,7 @@ class LMHead(nn.Module):
         self.weight = nn.Parameter(torch.empty(vocab_size, hidden_size), requires_grad=False)
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
-        return nn.functional.linear(hidden, self.weight).float()
+        return ops.lm_head(hidden, self.weight).float()
 
 
 def _vocab_shard(vocab_size: int, tp) -> int:
@@ -60,7 +62,7 @@ class ParallelLMHead(LMHead):
         self.tp, self.tp_rank, self.tp_size = tp, tp.rank, tp.size
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self.tp.all_gather(nn.functional.linear(hidden, self.weight).float(), dim=-1)
+        return self.tp.all_gather(ops.lm_head(hidden, self.weight).float(), dim=-1)
 
 
 def embedding(vocab_size: int, hidden_size: int, tp=None) -> Embedding:
