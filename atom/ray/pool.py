@@ -317,11 +317,11 @@ class ReplicaPool(AsyncRouting):
                 rep.status = READY if rep.weight_version == self.weight_version else STALE
 
     # ---- sleep / wake / stats fan-out -------------------------------------------------------
-    def sleep(self, level: int = 1, offload_weights: bool = False) -> None:
+    def sleep(self, level: int = 1) -> None:
         """RolloutEngine.sleep on every live replica."""
         self._check_quiet("sleep")
         self._heal()
-        self._rset.call(self._rset.ids(READY, STALE), "sleep", level, offload_weights)
+        self._rset.call(self._rset.ids(READY, STALE), "sleep", level)
         self._sleeping = {"kv_cache", "weights"} if level == 2 else {"kv_cache"}
 
     def wake_up(self, tags: Sequence[str] | str | None = None) -> None:

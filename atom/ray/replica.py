@@ -138,8 +138,8 @@ class EngineRank:
         return {**dataclasses.asdict(e.stats), "weight_version": e.weight_version,
                 "is_sleeping": e.is_sleeping, "weights_complete": e.weights_complete}
 
-    async def sleep(self, level: int = 1, offload_weights: bool = False) -> None:
-        await self._run(lambda: self._need_engine().sleep(level=level, offload_weights=offload_weights))
+    async def sleep(self, level: int = 1) -> None:
+        await self._run(lambda: self._need_engine().sleep(level=level))
 
     async def wake_up(self, tags: Sequence[str] | None = None) -> None:
         await self._run(lambda: self._need_engine().wake_up(tags))
