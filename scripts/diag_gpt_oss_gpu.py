@@ -28,10 +28,15 @@ def bad_steps(overrides):
 
 print("triton ops:", sorted(k for k, v in ops.backend_of.items() if v == "triton"))
 print("default:", bad_steps({}))
-for op in ["linear", "qkv_prologue", "rotary_embedding", "rms_norm", "fused_add_rms_norm", "silu_and_mul",
+for op in [] and ["linear", "qkv_prologue", "rotary_embedding", "rms_norm", "fused_add_rms_norm", "silu_and_mul",
            "moe_route", "fused_moe", "moe_forward", "sample", "kv_cache_write", "paged_attention_decode",
            "paged_attention_prefill"]:
     try:
         print(op, "-> torch:", bad_steps({op: "torch"}), flush=True)
     except Exception as e:
         print(op, "error", e)
+
+from atom.ops.registry import _IMPLS  # noqa: E402
+every = {name: "torch" for name, impls in _IMPLS.items() if "torch" in impls}
+print("all torch:", bad_steps(every), flush=True)
+print("all torch + eager:", bad_steps(every) if False else "-", flush=True)
