@@ -46,6 +46,15 @@ class EngineConfig:
         rollouts use rather than the whole pool. The memory is then claimed during generate; if
         something else took it since the wake, the engine runs with the blocks it could back
         (fewer sequences at once). False: wake maps the whole pool.
+    batch_invariant: a request's tokens and logprobs are bitwise identical whatever else is in the
+        batch, wherever it sits, however its prompt was chunked or cached, and whether a token was
+        computed in decode or in a prefill (so a trainer's one-forward recomputation can match).
+        CPU only for now (atom/ops/invariant_ops.py: GEMMs on >= 4 rows, attention per query token
+        over exactly its context); slower, and sets torch to one intra-op thread (process-wide:
+        multithreaded BLAS splits its work by the batch's shape).
+    overlap_decode: pure decode steps through the static-buffer decode path, step N+1 queued before
+        step N's tokens are read (atom/engine/cuda_graph.py). None: on a single GPU only. True on
+        the CPU runs the same host logic without graphs (tests of the GPU path's bookkeeping).
     enable_return_routed_experts: record which experts every MoE layer chose for every token, so
         that requests with SamplingParams(return_routed_experts=True) get them back (vLLM's and
         SGLang's name). Costs a small device buffer and a copy per step; nothing when False.
@@ -78,6 +87,8 @@ class EngineConfig:
     dist_timeout_s: float = 600.0
     enable_sleep_mode: bool = False
     lazy_kv_wake: bool = True
+    batch_invariant: bool = False
+    overlap_decode: bool | None = None
     enable_return_routed_experts: bool = False
     load_format: str = "auto"
     cpu_threads: int = 0

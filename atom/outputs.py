@@ -66,3 +66,4 @@ class EngineStats:
     preemptions: int = 0
     generated_tokens: int = 0
     steps: int = 0
+    overlapped_steps: int = 0         # decode steps queued before the previous step's tokens were read

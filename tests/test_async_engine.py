@@ -141,11 +141,20 @@ def test_pause_keep_update_resume_from_coroutines(tiny_llama_path):
 
 def test_shutdown_with_requests_in_flight_is_quick(tiny_llama_path):
     eng = AsyncRolloutEngine(tiny_llama_path, **KW)
+    started = asyncio.Semaphore(0)
+
+    async def one(i):
+        last = None
+        async for d in eng.stream(list(range(2 + i, 30)), SamplingParams(max_tokens=60, ignore_eos=True)):
+            if last is None:
+                started.release()
+            last = d
+        return last
 
     async def main():
-        tasks = [asyncio.create_task(eng.generate(list(range(2, 30)), SamplingParams(max_tokens=90, ignore_eos=True)))
-                 for _ in range(16)]
-        await asyncio.sleep(0.2)
+        tasks = [asyncio.create_task(one(i)) for i in range(16)]
+        for _ in range(16):  # every request has its first token: all are in flight
+            await started.acquire()
         t0 = time.perf_counter()
         await eng.shutdown()
         took = time.perf_counter() - t0
@@ -155,4 +164,5 @@ def test_shutdown_with_requests_in_flight_is_quick(tiny_llama_path):
         return took, outs
     took, outs = run(main())
     assert took < 1.0 and not eng.is_running
-    assert all(o.outputs[0].finish_reason == "abort" for o in outs)
+    reasons = [o.outputs[0].finish_reason for o in outs]
+    assert all(o.finished for o in outs) and set(reasons) <= {"abort", "length"} and "abort" in reasons

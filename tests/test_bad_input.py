@@ -35,8 +35,7 @@ def engine(tiny_qwen3_path):
 def assert_still_serves(engine):
     out = engine.generate([[5, 6, 7]], SamplingParams(temperature=0, max_tokens=3, ignore_eos=True))
     assert len(out[0].outputs[0].token_ids) == 3
-    bm = engine._engine.block_manager
-    assert bm.num_free == bm.num_blocks and not engine._engine.scheduler.has_work
+    assert engine.num_free_kv_blocks == engine.num_kv_blocks and not engine.has_unfinished_requests()
 
 
 @pytest.mark.parametrize("prompts,params,match", [

@@ -27,7 +27,7 @@ def check(out, ref, dtype=torch.float32):
 
 
 def test_cpu_backend_registered_for_the_hot_ops():
-    for name in ("linear", "logits", "rms_norm", "fused_add_rms_norm", "qkv_prologue", "kv_cache_write",
+    for name in ("linear", "lm_head", "rms_norm", "fused_add_rms_norm", "qkv_prologue", "kv_cache_write",
                  "paged_attention_decode", "paged_attention_prefill"):
         assert implementations(name)["cpu"] is getattr(cpu_ops, name)
 
@@ -45,7 +45,7 @@ def test_linear(rows, n, k, bias):
     check(cpu_ops.linear(x, w, b), torch_ops.linear(x, w, b))
     x3 = torch.randn(2, rows, 2 * k)[..., ::2]  # 3-d and strided, as views of activations come
     check(cpu_ops.linear(x3, w, b), torch_ops.linear(x3, w, b))
-    check(cpu_ops.logits(x, w), torch_ops.logits(x, w))
+    check(cpu_ops.lm_head(x, w), torch_ops.lm_head(x, w))
 
 
 def test_linear_without_a_packable_weight_is_plain_linear():

@@ -26,5 +26,4 @@ def test_siblings_fork_even_when_the_first_sample_stops_at_once(make_tiny_model)
     lengths = [len(c.token_ids) for c in out.outputs]
     assert lengths[0] == 1 and 5 in lengths                  # sample 0 stops at once, others run on
     assert engine.stats.prompt_tokens_computed == 40          # the prompt was still computed once
-    bm = engine._engine.block_manager
-    assert bm.num_free == bm.num_blocks
+    assert engine.num_free_kv_blocks == engine.num_kv_blocks

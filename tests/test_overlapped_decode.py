@@ -12,12 +12,10 @@ from helpers import random_prompts
 
 def generate(path, prompts, params, overlapped: bool, **config):
     config.setdefault("kv_cache_memory_bytes", 64 << 20)  # on a GPU, several engines share it
-    engine = RolloutEngine(path, **config)
-    engine._engine.runner.use_decode_runner = overlapped
+    engine = RolloutEngine(path, overlap_decode=overlapped, **config)
     outs = engine.generate(prompts, params)
-    bm = engine._engine.block_manager
-    assert bm.num_free == bm.num_blocks and not engine._engine.scheduler.has_work
-    overlapped_steps = engine._engine.runner.decode_runner.timers["overlapped"] if overlapped else 0
+    assert engine.num_free_kv_blocks == engine.num_kv_blocks and not engine.has_unfinished_requests()
+    overlapped_steps = engine.stats.overlapped_steps
     return outs, engine.stats, overlapped_steps
 
 
@@ -84,8 +82,7 @@ def test_stop_on_the_token_in_flight_drops_the_extra_row(make_tiny_model):
 def test_requests_arrive_abort_and_pause_while_a_step_is_in_flight(tiny_qwen3_path, device):
     """The async core on the overlapped loop: a seeded late arrival equals running alone, an abort
     with a step in flight frees every block, pause(keep) drains the queued step and resumes."""
-    engine = RolloutEngine(tiny_qwen3_path, device=device, kv_cache_memory_bytes=64 << 20)
-    engine._engine.runner.use_decode_runner = True
+    engine = RolloutEngine(tiny_qwen3_path, device=device, kv_cache_memory_bytes=64 << 20, overlap_decode=True)
     late = SamplingParams(n=2, temperature=1.0, seed=9, max_tokens=16, logprobs=1, ignore_eos=True)
     prompt = random_prompts([19], TINY_VOCAB, seed=52)[0]
     alone = engine.generate([prompt], late)[0]
@@ -94,14 +91,14 @@ def test_requests_arrive_abort_and_pause_while_a_step_is_in_flight(tiny_qwen3_pa
     engine.add_request("gone", [5, 6, 7], SamplingParams(max_tokens=60, ignore_eos=True))
     for _ in range(8):
         engine.step()
-    assert engine._engine._inflight is not None  # a decode step is queued while we act
+    assert engine.step_in_flight  # a decode step is queued while we act
     aborted = engine.abort("gone")["gone"].outputs[0]
     assert aborted.finish_reason == "abort" and 0 < len(aborted.token_ids) < 60
     engine.add_request("late", prompt, late)
     for _ in range(3):
         engine.step()
     engine.pause_generation("keep")
-    assert engine._engine._inflight is None
+    assert not engine.step_in_flight
     engine.resume_generation()
     done = {}
     while engine.has_unfinished_requests():
@@ -114,12 +111,12 @@ def test_requests_arrive_abort_and_pause_while_a_step_is_in_flight(tiny_qwen3_pa
 
 
 def test_a_request_arriving_during_a_512_sequence_decode_waits_at_most_one_step(tiny_llama_path):
-    engine = RolloutEngine(tiny_llama_path, device="cpu", max_num_seqs=600, num_kv_blocks=1200, max_model_len=64)
-    engine._engine.runner.use_decode_runner = True  # the overlapped loop, as on a GPU
+    engine = RolloutEngine(tiny_llama_path, device="cpu", max_num_seqs=600, num_kv_blocks=1200, max_model_len=64,
+                           overlap_decode=True)  # the overlapped loop, as on a GPU
     engine.add_request("bulk", [5, 6, 7, 8], SamplingParams(n=512, temperature=1.0, max_tokens=40, ignore_eos=True))
     for _ in range(6):
         engine.step()
-    assert engine._engine._inflight is not None and len(engine._engine.scheduler.running) == 512
+    assert engine.step_in_flight and engine.num_running_sequences == 512
     engine.add_request("late", [9, 10, 11], SamplingParams(max_tokens=3, ignore_eos=True))
     for waited in range(1, 5):
         if any(o.request_id == "late" for o in engine.step()):

@@ -22,7 +22,7 @@ def test_preemption_keeps_greedy_outputs(tiny_qwen3_moe_path):
         assert g.outputs[0].token_ids == w.outputs[0].token_ids
         assert max(abs(a - b) for a, b in zip(g.outputs[0].logprobs, w.outputs[0].logprobs)) < 1e-4
     # Everything was given back: the next call still works and nothing leaked.
-    assert tight._engine.block_manager.num_free == 12
+    assert tight.num_free_kv_blocks == 12
 
 
 def test_n_samples_under_pressure_match_unconstrained(tiny_qwen3_path):

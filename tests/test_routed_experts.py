@@ -60,8 +60,7 @@ def test_capture_equals_hf_routers(path, case):
 
 
 def test_capture_on_the_overlapped_decode_path_and_async(path):
-    engine = make(path)
-    engine._engine.runner.use_decode_runner = True  # the GPU decode path, run on the CPU
+    engine = make(path, overlap_decode=True)  # the GPU decode path, run on the CPU
     prompts = random_prompts([17, 26], TINY_VOCAB, seed=8)
     for out in engine.generate(prompts, SP):
         check(path, out)
@@ -78,7 +77,6 @@ def test_capture_on_the_overlapped_decode_path_and_async(path):
 def test_capture_off_costs_nothing_and_needs_the_engine_flag(path):
     assert make(path).generate([[3, 4, 5]], SamplingParams(max_tokens=3))[0].outputs[0].routed_experts is None
     plain = RolloutEngine(path, device="cpu", num_kv_blocks=16)
-    assert plain._engine.runner.routed_buf is None
     with pytest.raises(ValueError, match="enable_return_routed_experts"):
         plain.generate([[3, 4, 5]], SamplingParams(return_routed_experts=True))
     with pytest.raises(ValueError, match="return_routed_experts"):

@@ -17,6 +17,7 @@ from atom.distributed.dp import my_requests, share_results
 from atom.engine.group_sync import GroupPlan, GroupSync, apply_report, new_request_copy, report
 from atom.engine.messages import ScheduledBatch, StepOutput
 from atom.engine.model_runner import ModelRunner
+from atom.engine.rl_state import EngineRLState
 from atom.engine.scheduler import Scheduler
 from atom.engine.sequence import Request, Sequence, SeqStatus
 from atom.engine.stops import StopChecker
@@ -28,8 +29,8 @@ _DEFAULT_MAX_MODEL_LEN = 8192
 PAUSE_MODES = ("abort", "wait", "keep")
 
 
-class LLMEngine:
-    """Runs requests to completion, a step at a time."""
+class LLMEngine(EngineRLState):
+    """Runs requests to completion, a step at a time (and holds the RL state: rl_state.py)."""
 
     def __init__(self, config: EngineConfig, detokenize: Callable[[list[int]], str] | None = None) -> None:
         self.config = config
@@ -138,6 +139,15 @@ class LLMEngine:
     @property
     def num_free_kv_blocks(self) -> int:
         return self.block_manager.num_free
+
+    @property
+    def num_running(self) -> int:
+        return len(self.scheduler.running)
+
+    @property
+    def step_in_flight(self) -> bool:
+        """A decode step is queued on the device and its tokens are not read yet (overlap)."""
+        return self._inflight is not None
 
     def reset_prefix_cache(self) -> None:
         self.block_manager.invalidate_cache()
@@ -314,6 +324,7 @@ class LLMEngine:
         queued = None if nxt is None else self.runner.launch_decode(nxt, self.block_manager, self._inflight)
         if queued is not None:
             self.scheduler.advance(nxt)
+            self.stats.overlapped_steps += 1
         out = self.runner.collect(self._inflight)
         self._inflight = queued
         self._finish_step(batch, out)

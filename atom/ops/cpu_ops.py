@@ -77,9 +77,9 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     return torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "")
 
 
-@register("logits", B)
-def logits(hidden: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    return linear(hidden, weight).float()
+@register("lm_head", B)
+def lm_head(hidden: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    return linear(hidden, weight)
 
 
 # ---- norms ---------------------------------------------------------------------------------

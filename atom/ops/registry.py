@@ -37,6 +37,7 @@ _BACKEND_MODULES = {
     "cpu": "atom.ops.cpu_ops",
     "triton": "atom.ops.triton",
     "aiter": "atom.ops.aiter_ops",
+    "invariant": "atom.ops.invariant_ops",   # never preferred: EngineConfig(batch_invariant=True) picks it
 }
 
 

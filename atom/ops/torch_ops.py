@@ -130,10 +130,11 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     return F.linear(x, weight, bias)
 
 
-@register("logits", B)
-def logits(hidden: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """The LM head: hidden [T, H] @ weight [V, H].T, in float32 (sampling wants the precision)."""
-    return F.linear(hidden, weight).float()
+@register("lm_head", B)
+def lm_head(hidden: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """Logits of the rows that need them: hidden [T, H] @ weight [V, H].T (every backend uses this
+    one but the batch-invariant one: it is a single large GEMM)."""
+    return F.linear(hidden, weight)
 
 
 @register("silu_and_mul", B)
@@ -173,9 +174,6 @@ def fused_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights
         h = silu_and_mul(x[tokens] @ w13[e].t())
         out.index_add_(0, tokens, (h @ w2[e].t()).float() * weight_of[sel, None])
     return out.to(x.dtype)
-
-
-# Backends whose fused_moe skips id -1 set this; the others get weight-0 pairs on a valid expert.
 
 
 @register("moe_forward", B)

@@ -52,7 +52,8 @@ class RolloutEngine(RLMixin, TransferMixin):
         config = model.replace(**overrides) if isinstance(model, EngineConfig) else EngineConfig(model=model, **overrides)
         self.config = config
         if config.torch_device().type == "cpu":
-            apply_cpu_threads(config.cpu_threads)
+            # Batch invariance needs one thread: BLAS splits work between threads by the batch's shape.
+            apply_cpu_threads(1 if config.batch_invariant else config.cpu_threads)
         self.tokenizer = _load_tokenizer(config.tokenizer if config.tokenizer is not None else config.model)
         self._engine = LLMEngine(config, self._detokenize if self.tokenizer is not None else None)
         self._rng = random.Random(config.seed)
@@ -86,6 +87,17 @@ class RolloutEngine(RLMixin, TransferMixin):
     def num_free_kv_blocks(self) -> int:
         """KV blocks no sequence holds right now (cached prefixes count as free: they are evictable)."""
         return self._engine.num_free_kv_blocks
+
+    @property
+    def step_in_flight(self) -> bool:
+        """Whether a decode step is queued on the device with its tokens not read yet (the
+        overlapped loop; abort / pause / weight calls read it first)."""
+        return self._engine.step_in_flight
+
+    @property
+    def num_running_sequences(self) -> int:
+        """Sequences that hold KV blocks right now (the n samples of a request count one each)."""
+        return self._engine.num_running
 
     @property
     def vocab_size(self) -> int:
@@ -303,10 +315,9 @@ class RolloutEngine(RLMixin, TransferMixin):
         ids = self._prompt_ids(f"prompt {index}", prompt)
         longest = min(len(ids) + params.max_tokens, self.max_model_len)
         if not self._engine.max_tokens_fit(longest):
-            bm = self._engine.block_manager
             raise ValueError(f"prompt {index}: {longest} tokens (prompt {len(ids)} + max_tokens={params.max_tokens}, "
                              f"at most max_model_len={self.max_model_len}) do not fit the KV cache of "
-                             f"{bm.num_blocks} blocks of {bm.block_size} tokens; lower max_tokens or raise "
+                             f"{self.num_kv_blocks} blocks of {self.config.kv_block_size} tokens; lower max_tokens or raise "
                              "num_kv_blocks / kv_cache_memory_bytes")
         return Request(index, prompt, ids, params, seed=0)
 

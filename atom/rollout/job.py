@@ -36,6 +36,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import MissingMandatoryValue, OmegaConfBaseException
 
+from atom.rollout import ray_job
 from atom.rollout.job_config import RolloutJobConfig
 from atom.rollout.job_errors import JobError
 from atom.rollout.job_prompts import Prompt, load_prompts, prompt_file, prompt_hash
@@ -164,11 +165,16 @@ def _engine_error(e: Exception, chunk: list[Prompt]) -> str:
 
 def _check_prompts_for(engine, prompts: list[Prompt]) -> None:
     """Catch what the engine would reject only later, in some chunk, before anything is written."""
-    for p in prompts:
-        try:
-            engine.tokenize(p.prompt)
-        except (ValueError, TypeError) as e:
-            raise JobError(f"{p.where}: {str(e).removeprefix('prompt: ')}") from None
+    for p, problem in zip(prompts, ray_job.prompt_problems(engine, [p.prompt for p in prompts])):
+        if problem:
+            raise JobError(f"{p.where}: {problem.removeprefix('prompt: ')}")
+
+
+def _check_ray(job: RolloutJobConfig) -> None:
+    try:
+        ray_job.check(job)
+    except ray_job.RayJobError as e:
+        raise JobError(str(e)) from None
 
 
 def _stats(engine) -> dict[str, int]:
@@ -203,6 +209,7 @@ def _plan(job: RolloutJobConfig) -> _Plan:
     base_params = _sampling_params(job)
     model_path = _check_model_path(job)
     _engine_config(job, model_path or "<default>")  # validates the engine fields
+    _check_ray(job)
     data_path = prompt_file(job.data)
     cfg_hash = config_hash(job)
     results = scan_results(resolve_output_path(job), data_path, cfg_hash)
@@ -225,15 +232,17 @@ def _build_engine(plan: _Plan):
         from atom.rollout.default_model import ensure_default_checkpoint
 
         model_path = str(ensure_default_checkpoint())
-    from atom.rollout.engine import RolloutEngine
-
     log.info("model %s (%s), %d prompts x n=%d -> %s", job.model.name, model_path, len(plan.todo),
              plan.base_params.n, plan.results.path)
     try:
-        engine = RolloutEngine(_engine_config(job, model_path))
+        engine = ray_job.make_engine(job, _engine_config(job, model_path))  # one engine, or replicas on Ray
     except (ValueError, FileNotFoundError) as e:
         raise JobError(f"engine: {e}") from None
-    _check_prompts_for(engine, plan.todo)
+    try:
+        _check_prompts_for(engine, plan.todo)
+    except JobError:
+        ray_job.close(engine)
+        raise
     return engine
 
 
@@ -252,6 +261,7 @@ def _generate(engine, plan: _Plan) -> tuple[int, int, int]:
     t0 = time.perf_counter()
     bar = tqdm(total=len(plan.prompts), initial=plan.skipped, unit="prompt", desc="rollout",
                disable=not (job.output.progress and writer), dynamic_ncols=True)
+    progress = ray_job.ChunkProgress(bar)  # a pool advances the bar as each shard completes
     f = None  # opened when the first chunk is ready: a failing engine leaves an old file as it was
     try:
         with contextlib.ExitStack() as stack:
@@ -260,7 +270,7 @@ def _generate(engine, plan: _Plan) -> tuple[int, int, int]:
                 params = [dataclasses.replace(plan.base_params, seed=_seed_for(plan.base_seed, p.index))
                           for p in chunk]
                 try:
-                    results = engine.generate([p.prompt for p in chunk], params, use_tqdm=False)
+                    results = ray_job.generate(engine, [p.prompt for p in chunk], params, progress)
                 except (ValueError, TypeError) as e:
                     raise JobError(_engine_error(e, chunk)) from None
                 lines = []
@@ -277,7 +287,7 @@ def _generate(engine, plan: _Plan) -> tuple[int, int, int]:
                 n_generated += len(chunk)
                 bar.set_postfix(tokens=n_tokens, tok_s=f"{n_tokens / max(time.perf_counter() - t0, 1e-9):.1f}",
                                 refresh=False)
-                bar.update(len(chunk))
+                progress.finish(len(chunk))
     except KeyboardInterrupt:
         log.warning("interrupted: %d prompts are in %s; rerun the same job to resume",
                     plan.skipped + n_generated, plan.results.path)
@@ -298,11 +308,14 @@ def run(cfg: DictConfig | RolloutJobConfig) -> JobSummary:
     if plan.skipped:
         log.info("resuming: %d of %d prompts already in %s", plan.skipped, len(plan.prompts), out)
     engine = _build_engine(plan)
-    stats0 = _stats(engine)
-    t0 = time.perf_counter()
-    n_generated, n_completions, n_tokens = _generate(engine, plan)
-    elapsed = time.perf_counter() - t0
-    stats1 = _stats(engine)
+    try:
+        stats0 = _stats(engine)
+        t0 = time.perf_counter()
+        n_generated, n_completions, n_tokens = _generate(engine, plan)
+        elapsed = time.perf_counter() - t0
+        stats1 = _stats(engine)
+    finally:
+        ray_job.close(engine)  # a pool's actors (and the local cluster the job started)
     computed = stats1["prompt_tokens_computed"] - stats0["prompt_tokens_computed"]
     cached = stats1["prompt_tokens_cached"] - stats0["prompt_tokens_cached"]
     summary = JobSummary(

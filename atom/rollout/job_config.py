@@ -84,12 +84,36 @@ class OutputConfig:
 
 
 @dataclass
+class RayJobConfig:
+    """Run the job on engine replicas on a Ray cluster (`pip install 'atom[ray]'`); see atom/ray.
+
+    num_replicas: 0 runs one engine in this process (no Ray); N > 0 shards the prompts over N
+        replicas (each an engine of `engine.tensor_parallel_size` x ... ranks, one Ray actor each).
+    address: null starts a local cluster; "auto" joins the running one (`ray start --head`);
+        or a cluster address (host:port, ray://host:port).
+    num_cpus: CPUs of a local cluster (null: Ray's default, every core).
+    num_cpus_per_rank / num_gpus_per_rank / placement_strategy / max_restarts / shard_size:
+        the `atom.ray.PoolConfig` fields of the same names.
+    """
+
+    num_replicas: int = 0
+    address: Optional[str] = None
+    num_cpus: Optional[int] = None
+    num_cpus_per_rank: float = 1.0
+    num_gpus_per_rank: Optional[float] = None
+    placement_strategy: str = "PACK"
+    max_restarts: int = 3
+    shard_size: Optional[int] = None
+
+
+@dataclass
 class RolloutJobConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
     engine: EngineJobConfig = field(default_factory=EngineJobConfig)
     data: DataConfig = field(default_factory=DataConfig)
     output: OutputConfig = field(default_factory=OutputConfig)
+    ray: RayJobConfig = field(default_factory=RayJobConfig)
 
 
 def register_configs() -> None:

@@ -32,8 +32,7 @@ from typing import Iterable, Sequence
 
 import torch
 
-from atom.engine.memory import KV_CACHE, TAGS, WEIGHTS
-from atom.weights_sync.apply import apply_weights
+from atom.engine.memory import TAGS, WEIGHTS
 from atom.weights_sync.validate import TensorSpec, spec_problems, summarize
 
 
@@ -48,17 +47,21 @@ class RLMixin:
     @property
     def is_sleeping(self) -> bool:
         """True while any of the engine's memory (KV cache, weights) is released."""
-        return bool(self._engine.runner.memory.asleep())
+        return bool(self._engine.asleep)
 
     @property
     def sleeping_tags(self) -> set[str]:
         """Which of "weights" / "kv_cache" are released right now."""
-        return self._engine.runner.memory.asleep()
+        return self._engine.asleep
 
     @property
     def weights_complete(self) -> bool:
         """False after a discarding sleep or a failed update, until a complete update succeeds."""
         return not self._stale
+
+    def weight_check_targets(self):
+        """(weight map, model class name): what an incoming update is validated against."""
+        return self._engine.weight_map, self._engine.model_name
 
     def quiet_problem(self) -> str:
         """'' when weights and memory may change now (no live requests, or generation paused), else why not."""
@@ -113,7 +116,7 @@ class RLMixin:
                                f"{total} tensors still need an update); call update_weights with every tensor first")
 
     def _mark_stale(self, reason: str) -> None:
-        self._stale = set(self._engine.runner.weight_map.required_names())
+        self._stale = set(self._engine.weight_map.required_names())
         self._stale_reason = reason
 
     def reset_prefix_cache(self) -> bool:
@@ -171,25 +174,12 @@ class RLMixin:
 
     def _release(self, what: str, tags: set[str], offload_weights: bool) -> None:
         self._check_quiet(what)
-        memory = self._engine.runner.memory
-        if not memory.sleep_capable:
+        if not self._engine.sleep_capable:
             raise RuntimeError(f"{what} on CUDA needs EngineConfig(enable_sleep_mode=True) (weights and KV cache "
                                "in CUDA virtual memory, so CUDA graphs stay valid across sleep/wake)")
-        if KV_CACHE in tags:
-            self._engine.release_kv()  # kept requests (paused) recompute their KV after the wake
-            self._engine.block_manager.invalidate_cache()
-            memory.pools[KV_CACHE].release()
-        if WEIGHTS in tags:
-            try:
-                memory.pools[WEIGHTS].release(offload=offload_weights)
-            except BaseException:
-                if KV_CACHE in tags:
-                    self._wake_kv(lazy=False)
-                raise
-            if not memory.vmm:  # released storage would stay alive in the cached views
-                self._engine.runner.weight_map.forget_views()
-            if not offload_weights:
-                self._mark_stale(f"discarded by {what}")
+        self._engine.release_memory(tags, offload_weights)
+        if WEIGHTS in tags and not offload_weights:
+            self._mark_stale(f"discarded by {what}")
 
     def wake_up(self, tags: Sequence[str] | str | None = None) -> None:
         """Restore released memory: the given tags ("weights", "kv_cache"), default all asleep.
@@ -202,25 +192,14 @@ class RLMixin:
 
     def _wake_up(self, tags: Sequence[str] | str | None) -> None:
         self._check_quiet("wake_up")
-        memory = self._engine.runner.memory
-        asleep = memory.asleep()
+        asleep = self._engine.asleep
         wanted = set(asleep) if tags is None else _parse_tags("wake_up", tags)
         if not asleep:
             raise RuntimeError("wake_up: the engine is not sleeping")
         awake = sorted(wanted - asleep)
         if awake:
             raise RuntimeError(f"wake_up: {', '.join(awake)} not asleep (asleep: {', '.join(sorted(asleep))})")
-        if WEIGHTS in wanted:  # weights first
-            memory.pools[WEIGHTS].restore(zero=False)
-        if KV_CACHE in wanted:
-            # Ranks of one engine schedule in lockstep: each must have the same blocks, so no lazy wake there.
-            self._wake_kv(lazy=self._engine.config.lazy_kv_wake and not self._engine.runner.parallel.is_parallel)
-
-    def _wake_kv(self, lazy: bool) -> None:
-        """Restore the KV pool (lazy: its first chunk; the block manager backs the rest on demand)."""
-        memory = self._engine.runner.memory
-        backed = memory.wake_kv(zero=_attention_reads_whole_blocks(), blocks=1 if lazy else None)
-        self._engine.block_manager.set_backing(backed, memory.back_kv)
+        self._engine.restore_memory(wanted)
 
     # ---- weights -------------------------------------------------------------------------
     def update_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]], *, partial: bool = False,
@@ -248,23 +227,18 @@ class RLMixin:
         self._check_quiet("update_weights")
         if isinstance(named_tensors, Mapping):  # a state_dict
             named_tensors = named_tensors.items()
-        memory = self._engine.runner.memory
-        if WEIGHTS in memory.asleep():
+        if WEIGHTS in self._engine.asleep:
             raise RuntimeError("update_weights: the weights are released (sleep); "
                                "call wake_up(['weights']) first")
-        runner = self._engine.runner
         try:
-            done = apply_weights(runner.model, runner.weight_map, named_tensors, partial=partial,
-                                 check_finite=check_finite)
+            done = self._engine.apply_weights(named_tensors, partial=partial, check_finite=check_finite)
         except BaseException as e:
             if getattr(e, "weights_changed", False):
-                self._engine.block_manager.invalidate_cache()
                 total = len(self._engine.weight_map.required_names())
                 loaded = len(getattr(e, "names_loaded", ()))
                 self._mark_stale(f"an update failed after overwriting {loaded} of {total} tensors, the others hold "
                                  f"the weights from before: {e}")
             raise
-        self._engine.block_manager.invalidate_cache()
         if partial:
             self._stale -= done
         else:
@@ -290,14 +264,3 @@ def _parse_tags(what: str, tags: Sequence[str] | str | None) -> set[str]:
         raise ValueError(f"{what}: unknown tag(s) {unknown}; known: {list(TAGS)}")
     return wanted
 
-
-_ATTENTION_OPS = ("paged_attention_decode", "paged_attention_prefill", "sliding_sink_attention_decode",
-                  "sliding_sink_attention_prefill", "mla_attention_decode", "mla_attention_prefill")
-
-
-def _attention_reads_whole_blocks() -> bool:
-    """Whether woken KV memory must be zeroed: the torch reference decode reads whole blocks (and
-    masks scores, so a NaN left in unwritten slots would leak through 0 * NaN); the triton kernels
-    load only slots below each sequence's length, all written before they are read."""
-    from atom.ops import ops
-    return any(ops.supports(name, "reads_whole_blocks") for name in _ATTENTION_OPS)

@@ -43,14 +43,13 @@ class WeightReceiver:
     def _validate(self, meta: UpdateMeta) -> str:
         """'' when the engine can take this update as described, else why not (names the tensors)."""
         engine = self.engine
-        runner = engine._engine.runner
         busy = engine.quiet_problem()
         if busy:
             return busy
-        if WEIGHTS in runner.memory.asleep():
-            return "the engine's weights are released (sleep level 2); call wake_up(['weights']) first"
+        if WEIGHTS in engine.sleeping_tags:
+            return "the engine's weights are released (sleep); call wake_up(['weights']) first"
         # The same checks as update_weights: known names and shapes, no checkpoint tensor filled twice.
-        check = UpdateCheck(runner.weight_map, type(runner.model).__name__)
+        check = UpdateCheck(*engine.weight_check_targets())
         problems: list[str] = []
         for t in meta.tensors:
             try:

@@ -25,6 +25,13 @@ def family_path(request, make_tiny_model):
 
 
 def test_fp32_matches_hf(family_path):
+    import transformers
+    from packaging.version import Version
+    if "gpt_oss" in family_path and Version(transformers.__version__) < Version("5.24"):
+        # transformers 5.17 (the device image) and 5.24 (the venv) compute GPT-OSS differently
+        # (argmax agreement 7% on the tiny model, measured 2026-12-01); atom follows 5.24 on the CPU
+        # (tests/test_hf_parity.py) and its GPU path equals its CPU path (test_gpu_matches_cpu_sampling).
+        pytest.skip(f"GPT-OSS reference differs in transformers {transformers.__version__} < 5.24")
     _compare_with_hf(family_path, engine(family_path, dtype="float32"), 1e-3, near_tie=0.01)
 
 

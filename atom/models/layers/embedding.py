@@ -24,7 +24,7 @@ class LMHead(nn.Module):
         self.weight = nn.Parameter(torch.empty(vocab_size, hidden_size), requires_grad=False)
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
-        return ops.logits(hidden, self.weight)
+        return ops.lm_head(hidden, self.weight).float()
 
 
 def _vocab_shard(vocab_size: int, tp) -> int:
@@ -62,7 +62,7 @@ class ParallelLMHead(LMHead):
         self.tp, self.tp_rank, self.tp_size = tp, tp.rank, tp.size
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self.tp.all_gather(ops.logits(hidden, self.weight), dim=-1)
+        return self.tp.all_gather(ops.lm_head(hidden, self.weight).float(), dim=-1)
 
 
 def embedding(vocab_size: int, hidden_size: int, tp=None) -> Embedding:

@@ -1,0 +1,75 @@
+"""EngineConfig(batch_invariant=True) on the CPU: one request's tokens and logprobs are bitwise the
+same alone, in batches of several sizes and positions, chunked or not, cached or not, and a token
+computed in decode has the logprob a prompt-logprob prefill of the whole sequence gives it."""
+from __future__ import annotations
+
+import pytest
+
+from atom import RolloutEngine, SamplingParams
+from conftest import TINY_VOCAB
+from helpers import random_prompts
+
+SP = SamplingParams(temperature=1.0, seed=3, max_tokens=10, logprobs=2, ignore_eos=True)
+
+
+def engine(path, **kw):
+    kw.setdefault("num_kv_blocks", 128)
+    return RolloutEngine(path, device="cpu", batch_invariant=True, max_num_seqs=16, **kw)
+
+
+@pytest.fixture(scope="module", params=["qwen3", "qwen3_moe"])
+def path(request, make_tiny_model):
+    return make_tiny_model(request.param)
+
+
+def result(out):
+    c = out.outputs[0]
+    return c.token_ids, c.logprobs, [sorted(t.items()) for t in c.top_logprobs]
+
+
+def test_one_request_is_bitwise_the_same_in_any_batch(path):
+    target = random_prompts([29], TINY_VOCAB, seed=11)[0]
+    others = random_prompts([5, 40, 17, 23, 9, 33, 12], TINY_VOCAB, seed=12)
+    alone = result(engine(path).generate([target], SP)[0])
+    runs = {
+        "first of 4": engine(path).generate([target] + others[:3], SP)[0],
+        "last of 8": engine(path).generate(others + [target], SP)[-1],
+        "chunked prefill": engine(path, max_num_batched_tokens=7).generate(others[:2] + [target], SP)[-1],
+    }
+    cached = engine(path)
+    cached.generate([target[:24] + [3, 4]], SamplingParams(max_tokens=1))  # its first blocks, cached
+    runs["prefix from the cache"] = cached.generate([target, others[1]], SP)[0]
+    assert cached.stats.prompt_tokens_cached >= 16
+    for name, out in runs.items():
+        assert result(out) == alone, name
+
+
+def test_decode_logprobs_equal_a_prompt_logprob_prefill(path):
+    """What a trainer does: one forward over prompt + completion. The raw logprobs of the sampled
+    tokens must be the decode steps' to the bit."""
+    prompt = random_prompts([21], TINY_VOCAB, seed=13)[0]
+    eng = engine(path)
+    c = eng.generate([prompt], SamplingParams(temperature=1.0, seed=4, max_tokens=12, logprobs=0,
+                                              logprobs_mode="raw", ignore_eos=True))[0].outputs[0]
+    full = prompt + c.token_ids
+    again = eng.generate([full], SamplingParams(max_tokens=1, prompt_logprobs=0, logprobs_mode="raw"))[0]
+    recomputed = [again.prompt_logprobs[len(prompt) + i][t] for i, t in enumerate(c.token_ids)]
+    assert recomputed == c.logprobs
+
+
+def test_without_the_mode_batches_do_change_the_bits(path):
+    """The check above can fail: the default ops differ across batch sizes for the same request."""
+    target = random_prompts([29], TINY_VOCAB, seed=11)[0]
+    others = random_prompts([5, 40, 17, 23, 9, 33, 12], TINY_VOCAB, seed=12)
+    plain = dict(device="cpu", num_kv_blocks=128, max_num_seqs=16)
+    alone = result(RolloutEngine(path, **plain).generate([target], SP)[0])
+    batched = result(RolloutEngine(path, **plain).generate(others + [target], SP)[-1])
+    assert alone[0] == batched[0] and alone[1] != batched[1]
+
+
+def test_batch_invariant_is_cpu_only_for_now(path):
+    import torch
+    if torch.cuda.is_available():
+        with pytest.raises(ValueError, match="batch_invariant"):
+            RolloutEngine(path, device="cuda", batch_invariant=True)
+    assert engine(path).generate([[3, 4, 5]], SamplingParams(max_tokens=2))[0].outputs[0].token_ids
