@@ -138,7 +138,8 @@ def test_kv_cache_write():
     torch.manual_seed(3)
     kc, vc = torch.randn(10, 16, 2, 8), torch.randn(10, 16, 2, 8)
     k, v = torch.randn(30, 2, 8), torch.randn(30, 2, 8)
-    for slots in (torch.randperm(160)[:30], torch.cat([torch.full((5,), -1), torch.randperm(160)[:25]])):
+    for slots in (torch.randperm(160)[:30], torch.cat([torch.full((5,), -1), torch.randperm(160)[:25]]),
+                  torch.randperm(160)[:30].int()):  # int32: the static decode buffers' slots
         k1, v1, k2, v2 = kc.clone(), vc.clone(), kc.clone(), vc.clone()
         cpu_ops.kv_cache_write(k, v, k1, v1, slots)
         torch_ops.kv_cache_write(k, v, k2, v2, slots)

@@ -138,11 +138,12 @@ def qkv_prologue(qkv: torch.Tensor, positions: torch.Tensor, cos_sin_cache: torc
 def kv_cache_write(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                    slot_mapping: torch.Tensor) -> None:
     """k, v: [T, Hk, D] into caches [num_blocks, block_size, Hk, D] at slot_mapping (-1 = skip)."""
-    if bool((slot_mapping < 0).any()):
-        keep = slot_mapping >= 0
-        k, v, slot_mapping = k[keep], v[keep], slot_mapping[keep]
-    k_cache.view(-1, *k_cache.shape[2:]).index_copy_(0, slot_mapping, k.to(k_cache.dtype))
-    v_cache.view(-1, *v_cache.shape[2:]).index_copy_(0, slot_mapping, v.to(v_cache.dtype))
+    slots = slot_mapping.long()  # index_copy_ takes int64 only (static decode buffers hold int32)
+    if bool((slots < 0).any()):
+        keep = slots >= 0
+        k, v, slots = k[keep], v[keep], slots[keep]
+    k_cache.view(-1, *k_cache.shape[2:]).index_copy_(0, slots, k.to(k_cache.dtype))
+    v_cache.view(-1, *v_cache.shape[2:]).index_copy_(0, slots, v.to(v_cache.dtype))
 
 
 # ---- paged attention: index_select the blocks, then torch's fused attention ------------------
