@@ -27,8 +27,8 @@ def check(out, ref, dtype=torch.float32):
 
 
 def test_cpu_backend_registered_for_the_hot_ops():
-    for name in ("linear", "lm_head", "rms_norm", "fused_add_rms_norm", "qkv_prologue", "kv_cache_write",
-                 "paged_attention_decode", "paged_attention_prefill"):
+    for name in ("linear", "lm_head", "rms_norm", "fused_add_rms_norm", "silu_and_mul", "qkv_prologue",
+                 "kv_cache_write", "paged_attention_decode", "paged_attention_prefill"):
         assert implementations(name)["cpu"] is getattr(cpu_ops, name)
 
 
@@ -110,6 +110,14 @@ def test_rms_norms(dtype, rows, hidden):
     ref_out, ref_sum = torch_ops.fused_add_rms_norm(x, r, w, 1e-6)
     check(out, ref_out, dtype)
     assert torch.equal(summed, ref_sum)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("rows,inter", [(1, 48), (16, 1536)])
+def test_silu_and_mul(dtype, rows, inter):
+    torch.manual_seed(rows + inter)
+    x = (torch.randn(rows, 2 * inter) * 2).to(dtype)
+    check(cpu_ops.silu_and_mul(x), torch_ops.silu_and_mul(x), dtype)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

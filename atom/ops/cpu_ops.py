@@ -47,18 +47,17 @@ class _PackedWeights:
 
     def get(self, weight: torch.Tensor) -> torch.Tensor | None:
         """The packed copy of a float32 parameter (made now if missing or stale), else None."""
+        entry = getattr(weight, _PACKED_ATTR, None)
+        if entry is not None and entry[0] == self.epoch and entry[1] == weight.data_ptr():
+            return entry[2]
         if not self.enabled or weight.dtype != torch.float32 or not isinstance(weight, torch.nn.Parameter):
             return None
-        key = (self.epoch, weight.data_ptr(), tuple(weight.shape))
-        entry = getattr(weight, _PACKED_ATTR, None)
-        if entry is not None and entry[0] == key:
-            return entry[1]
         try:
             packed = torch.ops.mkldnn._reorder_linear_weight(weight.detach(), _PACK_BATCH)
         except RuntimeError:  # a build whose oneDNN cannot pack: plain F.linear from now on
             self.enabled = False
             return None
-        setattr(weight, _PACKED_ATTR, (key, packed))
+        setattr(weight, _PACKED_ATTR, (self.epoch, weight.data_ptr(), packed))
         ident = id(weight)
         self.holders[ident] = weakref.ref(weight, lambda _, ident=ident: self.holders.pop(ident, None))
         return packed
@@ -71,10 +70,10 @@ on_weights_changed(_PACKED.drop_all)
 @register("linear", B)
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """x @ weight.T + bias on the packed weight (a float32 parameter), else F.linear."""
-    packed = _PACKED.get(weight) if x.dtype == weight.dtype and x.numel() else None
+    packed = _PACKED.get(weight) if x.dtype == torch.float32 and x.numel() else None
     if packed is None:
         return F.linear(x, weight, bias)
-    return torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "")
+    return torch.ops.mkldnn._linear_pointwise.default(x, packed, bias, "none", [], "")
 
 
 @register("lm_head", B)
@@ -98,6 +97,15 @@ def fused_add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Te
     """Returns (rms_norm(x + residual), x + residual)."""
     summed = x + residual if x.dtype == torch.float32 else (x.float() + residual.float()).to(x.dtype)
     return rms_norm(summed, weight, eps), summed
+
+
+@register("silu_and_mul", B)
+def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
+    """silu(gate) * up with one temporary (float32: the reference's bits)."""
+    gate, up = x.chunk(2, dim=-1)
+    if x.dtype != torch.float32:
+        return F.silu(gate.float()).mul_(up.float()).to(x.dtype)
+    return F.silu(gate).mul_(up)
 
 
 # ---- attention prologue: q/k norms, RoPE on q and k at once, K/V into the cache -----------------
