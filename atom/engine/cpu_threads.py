@@ -3,7 +3,7 @@
 torch starts one OpenMP thread per core. When other work shares the cores, its threads wait on
 each other at every op: on the 2-core development machine with a load of ~9, generation with two
 threads took 14x as long as with one (152 s against 10.8 s, same tokens); with the CPU backend,
-one competing busy process made two threads 2.3x slower than one, two made them 3-6x slower,
+one competing busy process made two threads 2.3x slower than one, two made them 2.5-6.5x slower,
 while on the idle machine two threads were 1.5x faster (BENCHMARKS.md, "CPU threads"). So by
 default (`EngineConfig.cpu_threads=0`) a CPU engine uses the cores the rest of the machine leaves
 free: the core count minus the cores other processes keep busy, at least 1, at most torch's own
