@@ -52,12 +52,13 @@ class _PackedWeights:
             return entry[2]
         if not self.enabled or weight.dtype != torch.float32 or not isinstance(weight, torch.nn.Parameter):
             return None
+        epoch = self.epoch  # read before packing: a change meanwhile leaves this copy stale
         try:
             packed = torch.ops.mkldnn._reorder_linear_weight(weight.detach(), _PACK_BATCH)
         except RuntimeError:  # a build whose oneDNN cannot pack: plain F.linear from now on
             self.enabled = False
             return None
-        setattr(weight, _PACKED_ATTR, (self.epoch, weight.data_ptr(), packed))
+        setattr(weight, _PACKED_ATTR, (epoch, weight.data_ptr(), packed))
         ident = id(weight)
         self.holders[ident] = weakref.ref(weight, lambda _, ident=ident: self.holders.pop(ident, None))
         return packed
