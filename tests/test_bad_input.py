@@ -16,13 +16,24 @@ BAD_PARAMS = [
     ("n", 0), ("n", 1.5), ("temperature", -0.1), ("temperature", float("nan")), ("top_p", 0.0), ("top_p", 1.5),
     ("top_k", -2), ("top_k", 2.5), ("min_p", -0.1), ("min_p", 1.1), ("max_tokens", 0), ("min_tokens", -1),
     ("min_tokens", 99), ("stop", [""]), ("stop_token_ids", [-1]), ("ignore_eos", "yes"), ("seed", -5),
-    ("logprobs", -1), ("logprobs_mode", "softmax"), ("prompt_logprobs", -2), ("stop", 5), ("stop_token_ids", 5),
+    ("logprobs", -2), ("logprobs_mode", "softmax"), ("prompt_logprobs", -2), ("stop", 5), ("stop_token_ids", 5),
+    ("repetition_penalty", 0.0), ("presence_penalty", 2.5), ("frequency_penalty", -3), ("logit_bias", {3: float("inf")}),
+    ("logit_bias", {-1: 1.0}), ("allowed_token_ids", []), ("bad_words", [""]), ("detokenize", 0),
+    ("truncate_prompt_tokens", 0), ("max_tokens", 0), ("bad_words", "word"),
 ]
+# vLLM raises TypeError for these (atom's error is both a TypeError and a ValueError).
+TYPE_ERRORS = [("stop", 123), ("stop_token_ids", 5), ("logit_bias", [1, 2]), ("allowed_token_ids", 7)]
 
 
 @pytest.mark.parametrize("field,value", BAD_PARAMS, ids=[f"{f}={v!r}" for f, v in BAD_PARAMS])
 def test_invalid_sampling_params_name_the_field(field, value):
     with pytest.raises(ValueError, match=f"SamplingParams.{field}"):
+        SamplingParams(**{field: value})
+
+
+@pytest.mark.parametrize("field,value", TYPE_ERRORS, ids=[f"{f}={v!r}" for f, v in TYPE_ERRORS])
+def test_wrong_types_raise_type_error_as_vllm(field, value):
+    with pytest.raises(TypeError, match=f"SamplingParams.{field}"):
         SamplingParams(**{field: value})
 
 

@@ -41,7 +41,7 @@ class SamplingConfig:
     top_p: float = 1.0
     top_k: int = -1
     min_p: float = 0.0
-    max_tokens: int = 256
+    max_tokens: Optional[int] = 256
     min_tokens: int = 0
     stop: List[str] = field(default_factory=list)
     stop_token_ids: List[int] = field(default_factory=list)
@@ -50,6 +50,17 @@ class SamplingConfig:
     logprobs: Optional[int] = 0
     logprobs_mode: str = "processed"
     prompt_logprobs: Optional[int] = None
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0
+    logit_bias: Optional[Dict[int, float]] = None
+    allowed_token_ids: Optional[List[int]] = None
+    bad_words: List[str] = field(default_factory=list)
+    include_stop_str_in_output: bool = False
+    skip_special_tokens: bool = True
+    spaces_between_special_tokens: bool = True
+    detokenize: bool = True
+    truncate_prompt_tokens: Optional[int] = None
 
 
 @dataclass
@@ -76,6 +87,7 @@ class EngineJobConfig:
     ep_mode: str = "allreduce"
     dist_timeout_s: float = 600.0
     load_format: str = "auto"
+    max_logprobs: int = 20
 
 
 @dataclass
