@@ -55,7 +55,8 @@ class SamplingParams:
     include_stop_str_in_output: keep the stop string (or stop token / EOS text) in `text`.
     skip_special_tokens / spaces_between_special_tokens: how `text` is decoded.
     detokenize: False leaves `text` empty (no stop strings then).
-    truncate_prompt_tokens: keep only the last k prompt tokens (-1: the last max_model_len).
+    truncate_prompt_tokens: keep only the last k prompt tokens (-1: the last max_model_len - 1,
+        which leaves room for one generated token).
     """
 
     n: int = 1
@@ -63,7 +64,7 @@ class SamplingParams:
     top_p: float = 1.0
     top_k: int = -1
     min_p: float = 0.0
-    max_tokens: int = 16
+    max_tokens: int | None = 16
     min_tokens: int = 0
     stop: list[str] = field(default_factory=list)
     stop_token_ids: list[int] = field(default_factory=list)
@@ -98,8 +99,11 @@ class SamplingParams:
                 value = []
             if not isinstance(value, (list, tuple)):
                 raise SamplingParamsTypeError(f"SamplingParams.{name}={value!r} is invalid: must be a list")
-            # Repeats change nothing but cost work (vLLM drops them too).
-            setattr(self, name, list(dict.fromkeys(value)) if name != "stop" else list(value))
+            try:  # repeats change nothing but cost work (vLLM drops them too)
+                setattr(self, name, list(dict.fromkeys(value)) if name != "stop" else list(value))
+            except TypeError:
+                raise SamplingParamsTypeError(f"SamplingParams.{name}={value!r} is invalid: "
+                                              "must be a list of strings / ints") from None
         if self.allowed_token_ids is not None:
             if not isinstance(self.allowed_token_ids, (list, tuple, set, frozenset)):
                 raise SamplingParamsTypeError(f"SamplingParams.allowed_token_ids={self.allowed_token_ids!r} "

@@ -17,8 +17,10 @@ tokens are the previous step's samples, still on the device (the overlapped engi
   prompt, forked by the block manager) form groups of up to MAX_N rows; decode attention reads
   their shared prefix once per group.
 
-The only host sync of a step is reading back the sampled tokens and logprobs (rows whose
-min_tokens still bans tokens build their sampling tensors with pageable copies, which do wait).
+The only host sync of a step is reading back the sampled tokens and logprobs (steps with a row
+whose min_tokens still bans tokens, or that needs logits processing (penalties, logit bias,
+allowed / bad tokens) or a logits mode, build their sampling tensors with the generic builder's
+pageable copies, which do wait).
 Graphs hold the addresses of the KV cache and of the weights: if either changes (KV
 re-allocated, weights re-created) they are dropped and captured again.
 """
@@ -211,7 +213,7 @@ class DecodeRunner:
         n, page = len(seqs), self.page
         ids, pos, slots, lens = [], [], [], []
         seeds, counters, top_ks, temps, top_ps, min_ps, raws = [], [], [], [], [], [], []
-        banned, need_filter, num_top, want_ranks = False, False, 0, False
+        generic_rows, need_filter, num_top, want_ranks = False, False, 0, False
         bt = host["bt"]
         by_first: dict[int, list[int]] = {}
         for i, seq in enumerate(seqs):
@@ -219,7 +221,7 @@ class DecodeRunner:
             p = len(toks) - 1 + lag
             _, filters, top_k, top_p, min_p, temp, raw, k, generic = self._params(seq.params)
             out_len = p + 1 - seq.num_prompt_tokens
-            banned = banned or out_len < seq.params.min_tokens or generic
+            generic_rows = generic_rows or out_len < seq.params.min_tokens or generic
             want_ranks = want_ranks or seq.params.logprobs is not None
             need_filter = need_filter or filters
             seeds.append(seq.request.seed)
@@ -251,7 +253,7 @@ class DecodeRunner:
         if len(self._bt_cache) > 4 * self.capacity:
             live = {id(s) for s in seqs}
             self._bt_cache = {k: v for k, v in self._bt_cache.items() if k in live}
-        if banned:
+        if generic_rows:
             return None
         h = self.s_nps[parity]
         h["seeds"][:n], h["counters"][:n], h["top_k"][:n] = seeds, counters, top_ks
@@ -346,7 +348,7 @@ class DecodeRunner:
             row_of = {id(seq): r for r, seq in enumerate(prev.batch.seqs)}
             host["src"][:n] = [row_of[id(seq)] for seq in seqs]
             host["src"][n:] = 0
-        if meta_s is None:  # filters / banned tokens: the generic builder (before the forward:
+        if meta_s is None:  # banned tokens / logits processing: the generic builder (before the forward:
             rows = [(seq, seq.sample_index) for seq in seqs]  # its pageable copies wait for the GPU)
             meta_s = sampling_metadata(rows, self.runner.args.eos_token_ids, self.device, lag=lag)
         self.dev[:total].copy_(self.hosts[parity][:total], non_blocking=True)
@@ -433,7 +435,11 @@ def activation_bytes(runner, max_num_batched_tokens: int, max_num_seqs: int) -> 
         hidden = runner.model(ids, pos, meta)
         rows = min(t, max_num_seqs)
         logits = runner.model.compute_logits(hidden[:rows])
-        req = Request(0, None, [1], SamplingParams(temperature=1.0, max_tokens=1), seed=0)
+        # With every logits-processing pass on (penalties, bias, allowed tokens; ranks): its
+        # [rows, vocab] temporaries are the sampler's peak.
+        params = SamplingParams(temperature=1.0, max_tokens=1, logprobs=0, repetition_penalty=1.1,
+                                presence_penalty=0.1, logit_bias={0: 0.0}, allowed_token_ids=[0, 1])
+        req = Request(0, None, [1], params, seed=0)
         seq = Sequence(req, 0, [1])
         meta_s = sampling_metadata([(seq, 0)] * rows, a.eos_token_ids, dev)
         ops.sample(logits, meta_s)

@@ -120,7 +120,8 @@ def logits_processing(rows: list[tuple[Sequence, int]], device: torch.device) ->
         if p.penalized:
             if seq.token_history is None:
                 seq.token_history = TokenHistory(seq)
-            rep[r], pres[r], freq[r] = float(p.repetition_penalty), float(p.presence_penalty), float(p.frequency_penalty)
+            rep[r], pres[r] = float(p.repetition_penalty), float(p.presence_penalty)
+            freq[r] = float(p.frequency_penalty)
             pen_rows.append(r)
             prompts.append(seq.token_history.prompt)
             outputs.append(seq.token_history.outputs(seq))
@@ -140,6 +141,8 @@ def logits_processing(rows: list[tuple[Sequence, int]], device: torch.device) ->
         proc.bias_values = t(bias_v, torch.float32)
     if pen_rows:
         proc.repetition, proc.presence, proc.frequency = (t(x, torch.float32) for x in (rep, pres, freq))
+        proc.any_repetition = any(x != 1.0 for x in rep)
+        proc.any_counted = any(x != 0.0 for x in pres) or any(x != 0.0 for x in freq)
         proc.prompt_rows, proc.prompt_tokens = pairs(prompts)
         proc.output_rows, proc.output_tokens = pairs(outputs)
     return proc

@@ -73,6 +73,9 @@ class StopChecker:
         p = seq.params
         out = seq.output_token_ids
         window = max(len(s) for s in p.stop) + 8
+        tail = self.detokenize(out[-window:], p)
+        if not any(s in tail for s in p.stop):  # the common case: one decode per step
+            return False
         if find_stop(*new_text(self.detokenize, out[-window:], p), p.stop) is None:
             return False
         hit = find_stop(*new_text(self.detokenize, out, p), p.stop)

@@ -40,17 +40,28 @@ def _apply_penalties(logits: torch.Tensor, proc: LogitsProcessing) -> torch.Tens
     """Repetition over prompt + generated tokens (divide positive logits, multiply the others);
     frequency (per occurrence) and presence (once) over generated tokens. Rows without penalties
     have 1 / 0 / 0 and come out bit for bit unchanged."""
-    counts = torch.zeros_like(logits)
-    if proc.output_rows is not None and proc.output_rows.numel():
-        counts.index_put_((proc.output_rows, proc.output_tokens),
-                          torch.ones_like(proc.output_tokens, dtype=logits.dtype), accumulate=True)
-    generated = counts > 0
-    seen = generated.clone()
-    if proc.prompt_rows is not None and proc.prompt_rows.numel():
-        seen[proc.prompt_rows, proc.prompt_tokens] = True
-    rep = proc.repetition[:, None]
-    logits = torch.where(seen, torch.where(logits > 0, logits / rep, logits * rep), logits)
-    return logits - proc.frequency[:, None] * counts - proc.presence[:, None] * generated
+    has_outputs = proc.output_rows is not None and proc.output_rows.numel() > 0
+    counts = generated = None
+    if proc.any_counted:
+        counts = torch.zeros_like(logits)
+        if has_outputs:
+            counts.index_put_((proc.output_rows, proc.output_tokens),
+                              torch.ones_like(proc.output_tokens, dtype=logits.dtype), accumulate=True)
+        generated = counts > 0
+    if proc.any_repetition:
+        if generated is not None:
+            seen = generated.clone()
+        else:
+            seen = torch.zeros_like(logits, dtype=torch.bool)
+            if has_outputs:
+                seen[proc.output_rows, proc.output_tokens] = True
+        if proc.prompt_rows is not None and proc.prompt_rows.numel():
+            seen[proc.prompt_rows, proc.prompt_tokens] = True
+        rep = proc.repetition[:, None]
+        logits = torch.where(seen, torch.where(logits > 0, logits / rep, logits * rep), logits)
+    if proc.any_counted:
+        logits = logits - proc.frequency[:, None] * counts - proc.presence[:, None] * generated
+    return logits
 
 
 def report_source(raw: torch.Tensor, scaled: torch.Tensor, processed: torch.Tensor | None,

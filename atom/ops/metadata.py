@@ -58,6 +58,8 @@ class LogitsProcessing:
     prompt_rows / prompt_tokens: (row, token) of every distinct prompt token (repetition penalty).
     output_rows / output_tokens: (row, token) of every generated token, repeats kept (counts).
     All are int64 / float32 tensors on the logits' device, or None.
+    any_repetition / any_counted: host-side flags, whether some row has a repetition penalty /
+        a presence or frequency penalty (the others' passes are skipped).
     """
 
     allowed_rows: torch.Tensor | None = None
@@ -72,6 +74,8 @@ class LogitsProcessing:
     prompt_tokens: torch.Tensor | None = None
     output_rows: torch.Tensor | None = None
     output_tokens: torch.Tensor | None = None
+    any_repetition: bool = True
+    any_counted: bool = True
 
     def add_outputs(self, rows: torch.Tensor, tokens: torch.Tensor) -> None:
         """Count one more generated token per listed row (a token still in flight on the device)."""
@@ -81,7 +85,8 @@ class LogitsProcessing:
         self.output_tokens = tokens if self.output_tokens is None else torch.cat([self.output_tokens, tokens])
 
     def to(self, device) -> "LogitsProcessing":
-        return LogitsProcessing(**{k: None if v is None else v.to(device) for k, v in vars(self).items()})
+        moved = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in vars(self).items()}
+        return LogitsProcessing(**moved)
 
 
 @dataclass
