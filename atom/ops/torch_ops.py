@@ -7,6 +7,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from atom.ops.logits_processing import process_logits, report_source, token_ranks, top_count
 from atom.ops.metadata import AttentionMetadata, SamplerOutput, SamplingMetadata
 from atom.ops.registry import register
 
@@ -234,13 +235,11 @@ def filter_logits(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor
 def sample(logits: torch.Tensor, meta: SamplingMetadata) -> SamplerOutput:
     """Greedy or seeded Gumbel-max sampling for every row at once, with logprobs.
 
-    Processed logprobs come from the distribution the token is drawn from (temperature, then
-    the filters, renormalised); greedy rows use temperature 1 for them.
+    Processed logprobs come from the distribution the token is drawn from (logits processing,
+    temperature, then the filters, renormalised); greedy rows use temperature 1 for them.
     """
-    logits = logits.float()
-    raw = logits.log_softmax(-1) if meta.any_raw else None
-    if meta.banned_rows is not None:
-        logits = logits.index_put((meta.banned_rows, meta.banned_tokens), torch.tensor(float("-inf")))
+    raw = logits.float()
+    logits = process_logits(raw, meta)
     temperature = torch.where(meta.temperature > 0, meta.temperature, torch.ones_like(meta.temperature))
     scaled = logits / temperature[:, None]
     if meta.need_filter:
@@ -251,7 +250,8 @@ def sample(logits: torch.Tensor, meta: SamplingMetadata) -> SamplerOutput:
         gumbel = -torch.log(-torch.log(uniform_noise(meta.seeds, meta.counters, logits.shape[-1])))
         sampled = (processed + gumbel).argmax(-1)
         token_ids = torch.where(meta.temperature > 0, sampled, token_ids)
-    source = processed if raw is None else torch.where(meta.raw_logprobs[:, None], raw, processed)
+    source = processed if not (meta.any_raw or meta.any_logits) else report_source(raw, scaled, processed, meta)
     token_logprobs = source.gather(-1, token_ids[:, None]).squeeze(-1)
-    top_logprobs, top_ids = source.topk(meta.num_top_logprobs, dim=-1)
-    return SamplerOutput(token_ids, token_logprobs, top_ids, top_logprobs)
+    top_logprobs, top_ids = source.topk(top_count(meta, logits.shape[-1]), dim=-1)
+    ranks = token_ranks(raw, scaled, token_ids, meta) if meta.want_ranks else None
+    return SamplerOutput(token_ids, token_logprobs, top_ids, top_logprobs, ranks)
