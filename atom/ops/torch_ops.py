@@ -4,6 +4,8 @@ Clarity over speed: loops over sequences and experts are fine here.
 """
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 import torch.nn.functional as F
 
@@ -163,7 +165,15 @@ def fused_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights
     x: [T, H]; w13: [E, 2I, H] (gate rows then up rows); w2: [E, H, I]. An id of -1 is skipped
     (expert parallelism: an expert another rank holds): the "skips_negative_ids" capability.
     """
-    out = torch.zeros(x.shape[0], w2.shape[1], dtype=torch.float32, device=x.device)
+    return expert_sum(x, w2.shape[1], topk_weights, topk_ids,
+                      lambda e, h: silu_and_mul(h @ w13[e].t()) @ w2[e].t())
+
+
+def expert_sum(x: torch.Tensor, out_dim: int, topk_weights: torch.Tensor, topk_ids: torch.Tensor,
+               expert: Callable[[int, torch.Tensor], torch.Tensor]) -> torch.Tensor:
+    """Sum over each token's chosen experts of weight * expert(e, its rows of x), accumulated in
+    float32 expert by expert (ascending ids: a token's order never depends on the batch); -1 skipped."""
+    out = torch.zeros(x.shape[0], out_dim, dtype=torch.float32, device=x.device)
     flat_ids = topk_ids.reshape(-1)
     token_of = torch.arange(x.shape[0], device=x.device).repeat_interleave(topk_ids.shape[1])
     weight_of = topk_weights.reshape(-1).float()
@@ -172,8 +182,7 @@ def fused_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights
             continue
         sel = (flat_ids == e).nonzero(as_tuple=True)[0]
         tokens = token_of[sel]
-        h = silu_and_mul(x[tokens] @ w13[e].t())
-        out.index_add_(0, tokens, (h @ w2[e].t()).float() * weight_of[sel, None])
+        out.index_add_(0, tokens, expert(e, x[tokens]).float() * weight_of[sel, None])
     return out.to(x.dtype)
 
 
