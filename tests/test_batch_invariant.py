@@ -58,10 +58,14 @@ def test_decode_logprobs_equal_a_prompt_logprob_prefill(path):
 
 
 def test_without_the_mode_batches_do_change_the_bits(path):
-    """The check above can fail: the default ops differ across batch sizes for the same request."""
+    """The check above can fail: the reference ops differ across batch sizes for the same request.
+    (The CPU backend's oneDNN GEMMs happen to give this tiny model the same bits in any batch,
+    but not every shape: a single row at K=1536 differs. Nothing promises it.)"""
+    from atom.ops.invariant_ops import INVARIANT_OPS
     target = random_prompts([29], TINY_VOCAB, seed=11)[0]
     others = random_prompts([5, 40, 17, 23, 9, 33, 12], TINY_VOCAB, seed=12)
-    plain = dict(device="cpu", num_kv_blocks=128, max_num_seqs=16)
+    plain = dict(device="cpu", num_kv_blocks=128, max_num_seqs=16,
+                 op_backends={name: "torch" for name in INVARIANT_OPS})
     alone = result(RolloutEngine(path, **plain).generate([target], SP)[0])
     batched = result(RolloutEngine(path, **plain).generate(others + [target], SP)[-1])
     assert alone[0] == batched[0] and alone[1] != batched[1]

@@ -1,4 +1,4 @@
-"""EngineConfig.cpu_threads: a CPU engine computes with the cores the machine's load leaves free."""
+"""EngineConfig.cpu_threads: a CPU engine computes with the cores other processes leave free."""
 from __future__ import annotations
 
 import os
@@ -22,31 +22,35 @@ def threads(monkeypatch):
     torch.set_num_threads(before)
 
 
+def busy(monkeypatch, cores: float) -> None:
+    monkeypatch.setattr(cpu_threads, "busy_cores_of_others", lambda window=0.3: cores)
+
+
 @pytest.mark.parametrize("load, expected", [(0.2, 8), (3.4, 5), (7.6, 1), (30.0, 1)])
 def test_auto_uses_the_free_cores(threads, load, expected):
-    threads.setattr(os, "getloadavg", lambda: (load, load, load))
+    busy(threads, load)
     cpu_threads.apply_cpu_threads(0)
     assert torch.get_num_threads() == expected
 
 
-def test_explicit_settings_win(threads):
-    threads.setattr(os, "getloadavg", lambda: (7.9, 7.9, 7.9))
-    cpu_threads.apply_cpu_threads(3)
-    assert torch.get_num_threads() == 3
-    cpu_threads.apply_cpu_threads(-1)  # keep
-    assert torch.get_num_threads() == 3
-    threads.setenv("OMP_NUM_THREADS", "3")  # the user's own choice stays
+def test_without_proc_stat_the_load_average_stands_in(threads):
+    threads.setattr(cpu_threads, "_sample", lambda: None)
+    threads.setattr(os, "getloadavg", lambda: (3.4, 3.4, 3.4))
+    assert cpu_threads.busy_cores_of_others() is None
     cpu_threads.apply_cpu_threads(0)
-    assert torch.get_num_threads() == 3
-    with pytest.raises(ValueError, match="cpu_threads"):
-        EngineConfig(model="x", cpu_threads=-2)
+    assert torch.get_num_threads() == 5
 
 
-def test_a_cpu_engine_applies_it_once_per_process(threads, tiny_llama_path):
-    from atom import RolloutEngine
-    threads.setattr(os, "getloadavg", lambda: (6.0, 6.0, 6.0))
-    RolloutEngine(tiny_llama_path, device="cpu", num_kv_blocks=16)
-    assert torch.get_num_threads() == 2
-    threads.setattr(os, "getloadavg", lambda: (0.0, 0.0, 0.0))  # the load changed: later engines keep 2
-    RolloutEngine(tiny_llama_path, device="cpu", num_kv_blocks=16)
-    assert torch.get_num_threads() == 2
+def test_busy_cores_are_the_machines_minus_this_process(monkeypatch):
+    """1.5 s of the machine's CPU time in a 0.5 s window of which this process used 0.25 s:
+    the others kept 2.5 cores busy."""
+    samples = iter([(1000.0, 3.0, 10.0), (1001.5, 3.25, 10.5)])
+    monkeypatch.setattr(cpu_threads, "_sample", lambda: next(samples))
+    assert cpu_threads.busy_cores_of_others(window=0.01) == pytest.approx(2.5)
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/stat"), reason="Linux only")
+def test_busy_cores_measured_here():
+    """The real measure: a number of cores between 0 and the machine's."""
+    busy = cpu_threads.busy_cores_of_others(window=0.05)
+    assert busy is not None and 0.0 <= busy <= (os.cpu_count() or 1) + 0.5

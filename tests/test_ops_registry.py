@@ -7,10 +7,14 @@ import torch
 from atom.ops import OpTable, implementations
 
 
-def test_cpu_uses_torch_backend_for_every_op():
+def test_cpu_prefers_the_cpu_backend_then_the_torch_reference():
     table = OpTable()
     table.configure(torch.device("cpu"))
-    assert set(table.backend_of.values()) == {"torch"}
+    assert set(table.backend_of.values()) == {"cpu", "torch"}
+    for name, backend in table.backend_of.items():
+        assert backend == ("cpu" if "cpu" in implementations(name) else "torch"), name
+    table.configure(torch.device("cpu"), {"linear": "torch", "paged_attention_decode": "torch"})
+    assert table.backend_of["linear"] == table.backend_of["paged_attention_decode"] == "torch"
     for name in ("rms_norm", "fused_add_rms_norm", "rotary_embedding", "kv_cache_write", "paged_attention_prefill",
                  "paged_attention_decode", "silu_and_mul", "moe_route", "fused_moe", "sample"):
         assert "torch" in implementations(name)
@@ -30,7 +34,7 @@ def test_unknown_override_and_op_are_clear_errors():
 def test_callers_ask_capabilities_not_backend_names():
     from atom.ops import ops
     from atom.ops.registry import OpTable
-    table = OpTable()  # CPU: the torch reference everywhere
+    table = OpTable()  # CPU: the cpu backend, then the torch reference
     assert table.supports("paged_attention_decode", "reads_whole_blocks")
     assert not table.supports("paged_attention_decode", "cascade")
     assert not table.supports("qkv_prologue", "graph_safe")

@@ -27,6 +27,8 @@ from typing import Iterable
 
 import torch
 
+from atom.ops import weights_changed
+
 WEIGHTS, KV_CACHE = "weights", "kv_cache"
 TAGS = (WEIGHTS, KV_CACHE)
 
@@ -92,6 +94,8 @@ class TensorPool:
             t.set_()
         self._saved = saved if offload else None
         self.released = True
+        if self.tag == WEIGHTS:
+            weights_changed()  # e.g. the CPU backend's packed weight copies go too
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
 
@@ -112,6 +116,8 @@ class TensorPool:
             t.set_(fresh.untyped_storage(), 0, shape, stride)
         self._saved = None
         self.released = False
+        if self.tag == WEIGHTS:
+            weights_changed()
 
 
 # ---- CUDA virtual memory management ------------------------------------------------------------

@@ -16,7 +16,7 @@ from atom.models.decoder import CausalLM
 from atom.models.hf_config import ModelArgs
 from atom.models.registry import model_class
 from atom.models.weights import WeightMap, iter_checkpoint, load_checkpoint, load_weights
-from atom.ops import ops
+from atom.ops import ops, weights_changed
 from atom.ops.metadata import AttentionMetadata
 
 _CPU_KV_BUDGET = 512 << 20
@@ -88,16 +88,20 @@ class ModelRunner:
     # ---- weights -------------------------------------------------------------------------
     @torch.inference_mode()
     def load_checkpoint(self, model_dir: str) -> None:
-        if self.parallel.is_parallel and not self.model.stream_load:  # each rank reads only its shards
-            load_checkpoint(self.model, self.weight_map, model_dir)
-        else:
-            load_weights(self.model, self.weight_map, self.model.convert_checkpoint(iter_checkpoint(model_dir)))
+        try:
+            if self.parallel.is_parallel and not self.model.stream_load:  # each rank reads only its shards
+                load_checkpoint(self.model, self.weight_map, model_dir)
+            else:
+                load_weights(self.model, self.weight_map, self.model.convert_checkpoint(iter_checkpoint(model_dir)))
+        finally:
+            weights_changed()
 
     @torch.inference_mode()
     def init_dummy_weights(self) -> None:
         """load_format="dummy": small random weights instead of a checkpoint (benchmarks)."""
         from atom.models.dummy import init_dummy_weights
         init_dummy_weights(self.model, self.config.seed)
+        weights_changed()
 
     # ---- KV cache ------------------------------------------------------------------------
     def kv_bytes_per_block(self) -> int:

@@ -23,16 +23,18 @@ import torch
 _IMPLS: dict[str, dict[str, Callable]] = {}
 _CAPS: dict[tuple[str, str], frozenset[str]] = {}      # (op, backend) -> capabilities
 _BACKEND_CAPS: dict[str, frozenset[str]] = {}          # capabilities of every op of a backend
+_WEIGHT_LISTENERS: list[Callable[[], None]] = []   # see weights_changed
 CAPABILITIES = ("graph_safe", "cascade", "reads_whole_blocks", "skips_negative_ids")
 
 # Backends by preference per platform; a backend module that fails to import is skipped.
 _PREFERENCE = {
-    "cpu": ("torch",),
+    "cpu": ("cpu", "torch"),
     "cuda": ("triton", "torch"),
     "rocm": ("aiter", "triton", "torch"),
 }
 _BACKEND_MODULES = {
     "torch": ("atom.ops.torch_ops", "atom.ops.torch_family_ops"),
+    "cpu": "atom.ops.cpu_ops",
     "triton": "atom.ops.triton",
     "aiter": "atom.ops.aiter_ops",
     "invariant": "atom.ops.invariant_ops",   # never preferred: EngineConfig(batch_invariant=True) picks it
@@ -49,6 +51,19 @@ def register(name: str, backend: str, *capabilities: str) -> Callable[[Callable]
         _CAPS[(name, backend)] = frozenset(capabilities)
         return fn
     return deco
+
+
+def on_weights_changed(fn: Callable[[], None]) -> Callable[[], None]:
+    """Register a backend's callback for `weights_changed` (it drops what it derived from weights)."""
+    _WEIGHT_LISTENERS.append(fn)
+    return fn
+
+
+def weights_changed() -> None:
+    """Parameters were written in place or given new memory (a load, an update, sleep / wake):
+    backends that keep forms derived from weights (the CPU backend's packed copies) drop them."""
+    for fn in _WEIGHT_LISTENERS:
+        fn()
 
 
 def declare_backend(backend: str, *capabilities: str) -> None:

@@ -7,6 +7,7 @@ from typing import Iterable
 import torch
 
 from atom.models.weights import LoadProgress, WeightMap, load_weights
+from atom.ops import weights_changed
 
 
 @torch.no_grad()
@@ -36,6 +37,7 @@ def apply_weights(model: torch.nn.Module, weight_map: WeightMap, named_tensors: 
         e.names_loaded = set(progress.loaded)
         raise
     finally:
+        weights_changed()  # backends drop what they derived from the old weights
         if gc_was_enabled:
             gc.enable()
         params = next(model.parameters(), None)
