@@ -63,6 +63,8 @@ class EngineConfig:
     cpu_threads: threads of a CPU engine (torch's intra-op threads, for the whole process):
         0 (default) the cores the machine's load leaves free (unless OMP_NUM_THREADS is set),
         n > 0 exactly n, -1 leave torch's setting. See atom/engine/cpu_threads.py.
+    max_logprobs: the most logprobs / prompt_logprobs a request may ask for (vLLM's limit and
+        default, 20); -1: no limit (whole-vocabulary logprobs=-1 needs it).
     """
 
     model: str = ""
@@ -92,6 +94,7 @@ class EngineConfig:
     enable_return_routed_experts: bool = False
     load_format: str = "auto"
     cpu_threads: int = 0
+    max_logprobs: int = 20
 
     def __post_init__(self) -> None:
         if not self.model:
@@ -107,6 +110,8 @@ class EngineConfig:
             raise ValueError(f"EngineConfig.num_kv_blocks must be >= 1 or None, got {self.num_kv_blocks}")
         if self.max_model_len is not None and self.max_model_len < 2:
             raise ValueError(f"EngineConfig.max_model_len must be >= 2 or None, got {self.max_model_len}")
+        if not isinstance(self.max_logprobs, int) or self.max_logprobs < -1:
+            raise ValueError(f"EngineConfig.max_logprobs must be -1 (no limit) or an int >= 0, got {self.max_logprobs!r}")
         if self.load_format not in ("auto", "dummy"):
             raise ValueError(f"EngineConfig.load_format must be 'auto' or 'dummy', got {self.load_format!r}")
         for name in ("tensor_parallel_size", "expert_parallel_size"):

@@ -9,8 +9,15 @@ from typing import Any
 class Completion:
     """One sampled continuation of a prompt.
 
-    logprobs: one float per generated token (empty when SamplingParams.logprobs is None).
-    top_logprobs: per generated token, {token_id: logprob} of the top-k alternatives (k > 0 only).
+    logprobs: one float per generated token (empty when SamplingParams.logprobs is None); logits
+        instead in the "*_logits" logprobs modes. Which distribution: SamplingParams.logprobs_mode
+        (atom's default "processed" is the one the token was drawn from, vLLM's default is "raw").
+    top_logprobs: per generated token, {token_id: logprob} of the top-k alternatives, best first
+        (k > 0 only; k = -1: the whole vocabulary). Their ranks are 1, 2, ... in that order.
+    logprob_ranks: per generated token, the rank of the sampled token among all tokens (1 = the
+        best; tokens of equal value count as better, as vLLM counts), with logprobs only.
+        Decoded strings of any of these ids: RolloutEngine.decode_tokens.
+    cumulative_logprob: the sum of `logprobs` (None when SamplingParams.logprobs is None).
     finish_reason: "stop" (EOS, stop token or stop string), "length" (max_tokens / max_model_len),
         "abort" (aborted: the tokens so far), or None while it is still running.
     stop_reason: the stop string or stop token id that ended it; None for EOS and length.
@@ -34,6 +41,8 @@ class Completion:
     stop_reason: str | int | None = None
     weight_version: int | str = 0
     weight_versions: list[tuple[int | str, int, int]] = field(default_factory=list)
+    logprob_ranks: list[int] = field(default_factory=list)
+    cumulative_logprob: float | None = None
     routed_experts: Any = None
 
 
@@ -43,6 +52,8 @@ class RolloutOutput:
 
     prompt_logprobs: None unless asked; else one entry per prompt token, None for the first,
         {token_id: logprob} holding the actual token and the top-k alternatives for the others.
+    prompt_logprob_ranks: with prompt_logprobs, the rank of each actual prompt token (None for
+        the first).
     request_id: the id given to add_request / AsyncRolloutEngine.generate (batch calls: an
         internal id).
     finished: False for the partial outputs that streaming and `step` report along the way.
@@ -54,6 +65,7 @@ class RolloutOutput:
     prompt_logprobs: list[dict[int, float] | None] | None = None
     request_id: str = ""
     finished: bool = True
+    prompt_logprob_ranks: list[int | None] | None = None
 
 
 @dataclass

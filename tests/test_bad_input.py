@@ -17,13 +17,24 @@ BAD_PARAMS = [
     ("n", 0), ("n", 1.5), ("temperature", -0.1), ("temperature", float("nan")), ("top_p", 0.0), ("top_p", 1.5),
     ("top_k", -2), ("top_k", 2.5), ("min_p", -0.1), ("min_p", 1.1), ("max_tokens", 0), ("min_tokens", -1),
     ("min_tokens", 99), ("stop", [""]), ("stop_token_ids", [-1]), ("ignore_eos", "yes"), ("seed", -5),
-    ("logprobs", -1), ("logprobs_mode", "softmax"), ("prompt_logprobs", -2), ("stop", 5), ("stop_token_ids", 5),
+    ("logprobs", -2), ("logprobs_mode", "softmax"), ("prompt_logprobs", -2), ("stop", 5), ("stop_token_ids", 5),
+    ("repetition_penalty", 0.0), ("presence_penalty", 2.5), ("frequency_penalty", -3), ("logit_bias", {3: float("inf")}),
+    ("logit_bias", {-1: 1.0}), ("allowed_token_ids", []), ("bad_words", [""]), ("detokenize", 0),
+    ("truncate_prompt_tokens", 0), ("max_tokens", 0), ("bad_words", "word"),
 ]
+# vLLM raises TypeError for these (atom's error is both a TypeError and a ValueError).
+TYPE_ERRORS = [("stop", 123), ("stop_token_ids", 5), ("logit_bias", [1, 2]), ("allowed_token_ids", 7)]
 
 
 @pytest.mark.parametrize("field,value", BAD_PARAMS, ids=[f"{f}={v!r}" for f, v in BAD_PARAMS])
 def test_invalid_sampling_params_name_the_field(field, value):
     with pytest.raises(ValueError, match=f"SamplingParams.{field}"):
+        SamplingParams(**{field: value})
+
+
+@pytest.mark.parametrize("field,value", TYPE_ERRORS, ids=[f"{f}={v!r}" for f, v in TYPE_ERRORS])
+def test_wrong_types_raise_type_error_as_vllm(field, value):
+    with pytest.raises(TypeError, match=f"SamplingParams.{field}"):
         SamplingParams(**{field: value})
 
 
@@ -46,6 +57,11 @@ def assert_still_serves(engine):
     (["text prompt"], None, "text prompts need a tokenizer"),
     ([[3, 4]], SamplingParams(stop_token_ids=[TINY_VOCAB + 5]), "SamplingParams.stop_token_ids"),
     ([[3, 4]], SamplingParams(logprobs=TINY_VOCAB + 1), "SamplingParams.logprobs"),
+    ([[3, 4]], SamplingParams(logprobs=21), "SamplingParams.logprobs=21 .*max_logprobs=20"),
+    ([[3, 4]], SamplingParams(prompt_logprobs=-1), "SamplingParams.prompt_logprobs=-1 .*max_logprobs=20"),
+    ([[3, 4]], SamplingParams(allowed_token_ids=[3, TINY_VOCAB]), "SamplingParams.allowed_token_ids"),
+    ([[3, 4]], SamplingParams(logit_bias={TINY_VOCAB: 1.0}), "SamplingParams.logit_bias"),
+    ([[3, 4]], SamplingParams(stop=["x"]), "SamplingParams.stop needs a tokenizer"),
     ([[3, 4], [5]], [SamplingParams()], "got 1 SamplingParams for 2 prompts"),
 ])
 def test_bad_generate_input_is_rejected_and_engine_survives(engine, prompts, params, match):

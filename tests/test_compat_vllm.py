@@ -114,10 +114,14 @@ def test_prompt_forms_and_text_options(llm):
 
 
 def test_unsupported_options_fail_clearly(tiny_chat_model_path, llm):
-    with pytest.raises(ValueError, match="repetition_penalty=1.3 not supported"):
-        SamplingParams(repetition_penalty=1.3)
-    with pytest.raises(ValueError, match="bad_words"):
-        SamplingParams(bad_words=["x"])
+    # vLLM's options atom has pass through (the mapping reads atom's fields)...
+    sp = SamplingParams(repetition_penalty=1.3, bad_words=["x"], logit_bias={5: 1.0})
+    assert sp.to_atom().repetition_penalty == 1.3 and sp.to_atom().bad_words == ["x"]
+    # ...the rest is refused by name unless left at vLLM's default.
+    with pytest.raises(ValueError, match="best_of=3 not supported"):
+        SamplingParams(n=1, best_of=3)
+    with pytest.raises(ValueError, match="extra_args"):
+        SamplingParams(extra_args={"x": 1})
     SamplingParams(repetition_penalty=1.0, presence_penalty=0.0, best_of=1)  # neutral values pass
     with pytest.raises(ValueError, match="top_p"):
         SamplingParams(top_p=0.0)

@@ -5,8 +5,8 @@ from __future__ import annotations
 from atom.distributed.parallel_state import ParallelGroup
 from atom.engine.sequence import Request, Sequence, SeqStatus
 
-_SEQ_FIELDS = ("logprobs", "top_logprobs", "finish_reason", "stop_reason", "stop_text_len", "weight_spans",
-               "routed_chunks")
+_SEQ_FIELDS = ("logprobs", "top_logprobs", "logprob_ranks", "finish_reason", "stop_reason", "stop_text_len",
+               "weight_spans", "routed_chunks")
 
 
 def my_requests(requests: list[Request], dp: ParallelGroup) -> list[Request]:
@@ -19,7 +19,7 @@ def share_results(requests: list[Request], dp: ParallelGroup) -> int:
     many sequences arrived. Collective over dp."""
     if dp.size == 1:
         return 0
-    mine = [(req.index, req.prompt_logprobs,
+    mine = [(req.index, req.prompt_logprobs, req.prompt_logprob_ranks,
              [(s.sample_index, s.token_ids, *(getattr(s, f) for f in _SEQ_FIELDS)) for s in req.sequences])
             for req in my_requests(requests, dp)]
     by_index = {req.index: req for req in requests}
@@ -27,9 +27,9 @@ def share_results(requests: list[Request], dp: ParallelGroup) -> int:
     for r, results in enumerate(dp.all_gather_object(mine)):
         if r == dp.rank:
             continue
-        for index, prompt_logprobs, seqs in results:
+        for index, prompt_logprobs, prompt_ranks, seqs in results:
             req = by_index[index]
-            req.prompt_logprobs = prompt_logprobs
+            req.prompt_logprobs, req.prompt_logprob_ranks = prompt_logprobs, prompt_ranks
             req.sequences = []
             for sample_index, token_ids, *values in seqs:
                 seq = Sequence(req, sample_index, token_ids)

@@ -17,8 +17,10 @@ tokens are the previous step's samples, still on the device (the overlapped engi
   prompt, forked by the block manager) form groups of up to MAX_N rows; decode attention reads
   their shared prefix once per group.
 
-The only host sync of a step is reading back the sampled tokens and logprobs (rows whose
-min_tokens still bans tokens build their sampling tensors with pageable copies, which do wait).
+The only host sync of a step is reading back the sampled tokens and logprobs (steps with a row
+whose min_tokens still bans tokens, or that needs logits processing (penalties, logit bias,
+allowed / bad tokens) or a logits mode, build their sampling tensors with the generic builder's
+pageable copies, which do wait).
 Graphs hold the addresses of the KV cache and of the weights: if either changes (KV
 re-allocated, weights re-created) they are dropped and captured again.
 """
@@ -159,6 +161,8 @@ class DecodeRunner:
                 return False
             if p.prompt_logprobs is not None and seq.num_computed < seq.num_prompt_tokens - 1:
                 return False
+            if lag and any(len(word) > 1 for word in p.bad_words_token_ids):
+                return False  # a bad word's prefix may end in the token still in flight
         return True
 
     def _padded(self, n: int) -> int:
@@ -182,13 +186,16 @@ class DecodeRunner:
         return c[1], c[2]
 
     def _params(self, p) -> tuple:
-        """(params, filters, top_k, top_p, min_p, temperature, raw, top logprobs) of a SamplingParams,
-        cached (the engine gives each call private copies, so a cached object never changes)."""
+        """(params, filters, top_k, top_p, min_p, temperature, raw, top logprobs, generic) of a
+        SamplingParams, cached (the engine gives each call private copies, so a cached object never
+        changes). generic: options this fast path leaves to the generic builder (logits
+        processing, logits modes, whole-vocabulary logprobs)."""
         c = self._param_cache.get(id(p))
         if c is None or c[0] is not p:
             filters = p.effective_top_k > 0 or p.top_p < 1.0 or p.min_p > 0.0
+            generic = p.processes_logits or p.reports_logits or (p.logprobs is not None and p.logprobs < 0)
             c = (p, filters, p.effective_top_k, float(p.top_p), float(p.min_p), float(p.temperature),
-                 p.logprobs_mode == "raw", p.logprobs or 0)
+                 p.reports_raw, p.logprobs or 0, generic)
             if len(self._param_cache) > 4096:
                 self._param_cache.clear()
             self._param_cache[id(p)] = c
@@ -196,7 +203,8 @@ class DecodeRunner:
 
     def _fill(self, seqs, bs: int, host: dict, lag: int, parity: int):
         """Writes the step's attention and sampling inputs; returns the SamplingMetadata, or None
-        when a row still has tokens banned by min_tokens (then the generic builder runs).
+        when a row still has tokens banned by min_tokens or needs logits processing (then the
+        generic builder runs).
 
         lag = 1: each sequence's last token is still in flight (sampled by the step before, not
         yet appended): positions move one on, and the token ids come from the device.
@@ -204,15 +212,16 @@ class DecodeRunner:
         n, page = len(seqs), self.page
         ids, pos, slots, lens = [], [], [], []
         seeds, counters, top_ks, temps, top_ps, min_ps, raws = [], [], [], [], [], [], []
-        banned, need_filter, num_top = False, False, 0
+        generic_rows, need_filter, num_top, want_ranks = False, False, 0, False
         bt = host["bt"]
         by_first: dict[int, list[int]] = {}
         for i, seq in enumerate(seqs):
             toks, table = seq.token_ids, seq.block_table
             p = len(toks) - 1 + lag
-            _, filters, top_k, top_p, min_p, temp, raw, k = self._params(seq.params)
+            _, filters, top_k, top_p, min_p, temp, raw, k, generic = self._params(seq.params)
             out_len = p + 1 - seq.num_prompt_tokens
-            banned = banned or out_len < seq.params.min_tokens
+            generic_rows = generic_rows or out_len < seq.params.min_tokens or generic
+            want_ranks = want_ranks or seq.params.logprobs is not None
             need_filter = need_filter or filters
             seeds.append(seq.request.seed)
             counters.append(stream_counter(seq.sample_index, out_len))
@@ -243,7 +252,7 @@ class DecodeRunner:
         if len(self._bt_cache) > 4 * self.capacity:
             live = {id(s) for s in seqs}
             self._bt_cache = {k: v for k, v in self._bt_cache.items() if k in live}
-        if banned:
+        if generic_rows:
             return None
         h = self.s_nps[parity]
         h["seeds"][:n], h["counters"][:n], h["top_k"][:n] = seeds, counters, top_ks
@@ -254,7 +263,7 @@ class DecodeRunner:
             temperature=d["temperature"][:n], top_k=d["top_k"][:n], top_p=d["top_p"][:n], min_p=d["min_p"][:n],
             seeds=d["seeds"][:n], counters=d["counters"][:n], raw_logprobs=d["raw"][:n], banned_rows=None,
             banned_tokens=None, need_filter=need_filter, all_greedy=all(t == 0.0 for t in temps),
-            any_raw=any(raws), num_top_logprobs=num_top)
+            any_raw=any(raws), num_top_logprobs=num_top, want_ranks=want_ranks)
 
     def _groups(self, seqs, by_first: dict[int, list[int]], bs: int, host: dict) -> None:
         plen, grows, row_prefix = host["plen"], host["grows"], host["row_prefix"]
@@ -338,12 +347,14 @@ class DecodeRunner:
             row_of = {id(seq): r for r, seq in enumerate(prev.batch.seqs)}
             host["src"][:n] = [row_of[id(seq)] for seq in seqs]
             host["src"][n:] = 0
-        if meta_s is None:  # filters / banned tokens: the generic builder (before the forward:
+        if meta_s is None:  # banned tokens / logits processing: the generic builder (before the forward:
             rows = [(seq, seq.sample_index) for seq in seqs]  # its pageable copies wait for the GPU)
             meta_s = sampling_metadata(rows, self.runner.args.eos_token_ids, self.device, lag=lag)
         self.dev[:total].copy_(self.hosts[parity][:total], non_blocking=True)
         if prev is not None:
             ids_dev.copy_(prev.result.token_ids.index_select(0, src_dev.long()))
+            if meta_s.processing is not None:  # the tokens in flight count for the penalties
+                meta_s.processing.add_outputs(torch.arange(n, device=self.device), ids_dev[:n].long())
         t1 = time.perf_counter()
         logits = self._run(bs)
         result = ops.sample(logits[:n], meta_s)
@@ -375,8 +386,10 @@ def _copy_to_host(result: SamplerOutput) -> tuple[SamplerOutput, torch.cuda.Even
     copies queued on it are done.) On the CPU the result is already there."""
     if result.token_ids.device.type != "cuda":
         return result, None
-    host = SamplerOutput(*(torch.empty(t.shape, dtype=t.dtype, pin_memory=True).copy_(t, non_blocking=True)
-                           for t in (result.token_ids, result.logprobs, result.top_ids, result.top_logprobs)))
+    host = SamplerOutput(*(None if t is None else
+                           torch.empty(t.shape, dtype=t.dtype, pin_memory=True).copy_(t, non_blocking=True)
+                           for t in (result.token_ids, result.logprobs, result.top_ids, result.top_logprobs,
+                                     result.ranks)))
     ready = torch.cuda.Event()
     ready.record()
     return host, ready
@@ -426,7 +439,11 @@ def activation_bytes(runner, max_num_batched_tokens: int, max_num_seqs: int) -> 
         hidden = runner.model(ids, pos, meta)
         rows = min(t, max_num_seqs)
         logits = runner.model.compute_logits(hidden[:rows])
-        req = Request(0, None, [1], SamplingParams(temperature=1.0, max_tokens=1), seed=0)
+        # With every logits-processing pass on (penalties, bias, allowed tokens; ranks): its
+        # [rows, vocab] temporaries are the sampler's peak.
+        params = SamplingParams(temperature=1.0, max_tokens=1, logprobs=0, repetition_penalty=1.1,
+                                presence_penalty=0.1, logit_bias={0: 0.0}, allowed_token_ids=[0, 1])
+        req = Request(0, None, [1], params, seed=0)
         seq = Sequence(req, 0, [1])
         meta_s = sampling_metadata([(seq, 0)] * rows, a.eos_token_ids, dev)
         ops.sample(logits, meta_s)

@@ -93,6 +93,7 @@ class LLMEngine(EngineRLState):
         req.sequences = [Sequence(req, 0, req.prompt_token_ids)]
         if req.params.prompt_logprobs is not None:
             req.prompt_logprobs = [None] * len(req.prompt_token_ids)
+            req.prompt_logprob_ranks = [None] * len(req.prompt_token_ids)
         self.requests[req.request_id] = req
         if self._pause_mode is not None:
             self._held.append(req)

@@ -31,13 +31,14 @@ class SampledToken:
     token_id: int
     logprob: float
     top: dict[int, float] | None
+    rank: int | None = None  # of the sampled token among the row's values (1 = best)
 
 
 @dataclass
 class StepOutput:
     sampled: list[SampledToken] = field(default_factory=list)
-    # (seq, first prompt position scored, one dict per position)
-    prompt_logprobs: list[tuple[Sequence, int, list[dict[int, float]]]] = field(default_factory=list)
+    # (seq, first prompt position scored, one dict per position, the rank of each actual token)
+    prompt_logprobs: list[tuple[Sequence, int, list[dict[int, float]], list[int]]] = field(default_factory=list)
     overlapped: bool = False  # launched ahead (the scheduler advanced its sequences at launch)
     # [tokens, moe_layers, top_k] experts each token of the step went to (enable_return_routed_experts)
     routed: "numpy.ndarray | None" = None
@@ -49,9 +50,12 @@ def sampled_tokens(rows: list[tuple[Sequence, int]], result: SamplerOutput) -> l
     tokens, lps = result.token_ids.tolist(), result.logprobs.tolist()
     want_top = any(seq.params.logprobs for seq, _ in rows)
     top_ids, top_lps = (result.top_ids.tolist(), result.top_logprobs.tolist()) if want_top else ([], [])
+    ranks = result.ranks.tolist() if result.ranks is not None else None
     out = []
     for r, (seq, j) in enumerate(rows):
         k = seq.params.logprobs or 0
+        if k < 0:  # the whole vocabulary
+            k = len(top_ids[r])
         top = dict(zip(top_ids[r][:k], top_lps[r][:k])) if k > 0 else None
-        out.append(SampledToken(seq, j, tokens[r], lps[r], top))
+        out.append(SampledToken(seq, j, tokens[r], lps[r], top, ranks[r] if ranks is not None else None))
     return out

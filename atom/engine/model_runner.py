@@ -234,7 +234,7 @@ class ModelRunner:
         logits = self.model.compute_logits(hidden[rows])
         for seq, first, r0, r1 in prompt_rows:
             targets = seq.token_ids[first + 1: first + 1 + (r1 - r0)]
-            out.prompt_logprobs.append((seq, first, prompt_logprobs(logits[r0:r1], seq, targets)))
+            out.prompt_logprobs.append((seq, first, *prompt_logprobs(logits[r0:r1], seq, targets)))
         if sample_rows:
             meta_s = sampling_metadata(sample_rows, self.args.eos_token_ids, self.device)
             result = ops.sample(logits[len(prompt_index):], meta_s)

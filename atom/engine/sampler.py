@@ -1,10 +1,12 @@
 """Builds the per-row sampling tensors of a step and turns logits into prompt logprobs."""
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 from atom.engine.sequence import Sequence, stream_counter
-from atom.ops.metadata import SamplingMetadata
+from atom.ops.logits_processing import report_source, token_ranks
+from atom.ops.metadata import LogitsProcessing, SamplingMetadata
 from atom.ops.torch_ops import filter_logits
 
 
@@ -12,10 +14,11 @@ def sampling_metadata(rows: list[tuple[Sequence, int]], eos_ids: list[int],
                       device: torch.device, lag: int = 0) -> SamplingMetadata:
     """rows: (sequence, sample index) per logits row; the sample index picks the random stream
     (a forking prefill samples all n first tokens from one row of logits). lag: tokens each
-    sequence has in flight (sampled, not yet appended) in an overlapped decode step."""
-    temps, top_ks, top_ps, min_ps, seeds, counters, raw = [], [], [], [], [], [], []
+    sequence has in flight (sampled, not yet appended) in an overlapped decode step; the caller
+    adds those to the penalty counts on the device (LogitsProcessing.add_outputs)."""
+    temps, top_ks, top_ps, min_ps, seeds, counters, raw, logits_mode = [], [], [], [], [], [], [], []
     banned_rows, banned_tokens = [], []
-    num_top = 0
+    num_top, want_ranks, processing = 0, False, False
     for r, (seq, sample_index) in enumerate(rows):
         p = seq.params
         temps.append(float(p.temperature))
@@ -25,12 +28,16 @@ def sampling_metadata(rows: list[tuple[Sequence, int]], eos_ids: list[int],
         seeds.append(seq.request.seed)
         num_output = seq.num_output_tokens + lag
         counters.append(stream_counter(sample_index, num_output))
-        raw.append(p.logprobs_mode == "raw")
-        num_top = max(num_top, p.logprobs or 0)
-        if num_output < p.min_tokens:
-            stops = set(p.stop_token_ids) | (set() if p.ignore_eos else set(eos_ids))
-            banned_rows += [r] * len(stops)
-            banned_tokens += sorted(stops)
+        raw.append(p.reports_raw)
+        logits_mode.append(p.reports_logits)
+        if p.logprobs is not None:
+            want_ranks = True
+            num_top = -1 if p.logprobs < 0 or num_top < 0 else max(num_top, p.logprobs)
+        processing = processing or p.processes_logits
+        banned = _banned_tokens(seq, num_output, lag, eos_ids)
+        if banned:
+            banned_rows += [r] * len(banned)
+            banned_tokens += banned
 
     def t(values, dtype):
         return torch.tensor(values, dtype=dtype).to(device, non_blocking=True)
@@ -43,31 +50,142 @@ def sampling_metadata(rows: list[tuple[Sequence, int]], eos_ids: list[int],
         banned_tokens=t(banned_tokens, torch.int64) if banned_rows else None,
         need_filter=any(k > 0 for k in top_ks) or any(x < 1.0 for x in top_ps) or any(x > 0 for x in min_ps),
         all_greedy=all(x == 0.0 for x in temps), any_raw=any(raw), num_top_logprobs=num_top,
+        report_logits=t(logits_mode, torch.bool) if any(logits_mode) else None,
+        processing=logits_processing(rows, device) if processing else None, want_ranks=want_ranks,
     )
 
 
-def prompt_logprobs(logits: torch.Tensor, seq: Sequence, targets: list[int]) -> list[dict[int, float]]:
-    """One {token: logprob} per row: the actual next prompt token plus the top-k alternatives,
-    under the same processing the request's samples get (raw, or temperature + filters)."""
+def _banned_tokens(seq: Sequence, num_output: int, lag: int, eos_ids: list[int]) -> list[int]:
+    """Tokens this row may not sample now: EOS and stop token ids for the first min_tokens tokens
+    (EOS even with ignore_eos, as vLLM does), and the last token of every bad word whose other
+    tokens the sequence just generated."""
     p = seq.params
-    logits = logits.float()
-    if p.logprobs_mode == "processed":
+    if num_output >= p.min_tokens and not p.bad_words_token_ids:
+        return []
+    out: set[int] = set()
+    if num_output < p.min_tokens:
+        out.update(p.stop_token_ids)
+        out.update(eos_ids)
+    if p.bad_words_token_ids:
+        generated = seq.num_output_tokens
+        for word in p.bad_words_token_ids:
+            prefix = len(word) - 1
+            if prefix and lag:
+                raise RuntimeError("multi-token bad words need every generated token on the host (no overlap)")
+            if prefix > generated:
+                continue
+            if not prefix or seq.token_ids[len(seq.token_ids) - prefix:] == word[:-1]:
+                out.add(word[-1])
+    return sorted(out)
+
+
+class TokenHistory:
+    """numpy copies of one sequence's tokens for the penalties: its distinct prompt tokens, and its
+    generated tokens, grown as they arrive (O(new tokens) per step, not O(length))."""
+
+    def __init__(self, seq: Sequence) -> None:
+        self.prompt = np.unique(np.asarray(seq.token_ids[: seq.num_prompt_tokens], dtype=np.int64))
+        self.out = np.empty(64, dtype=np.int64)
+        self.n = 0
+
+    def outputs(self, seq: Sequence) -> np.ndarray:
+        total = seq.num_output_tokens
+        if total < self.n:  # never happens (tokens are only appended); rebuild rather than lie
+            self.n = 0
+        if total > len(self.out):
+            grown = np.empty(max(total, 2 * len(self.out)), dtype=np.int64)
+            grown[: self.n] = self.out[: self.n]
+            self.out = grown
+        if total > self.n:
+            self.out[self.n: total] = seq.token_ids[seq.num_prompt_tokens + self.n:]
+            self.n = total
+        return self.out[:total]
+
+
+def logits_processing(rows: list[tuple[Sequence, int]], device: torch.device) -> LogitsProcessing:
+    """The LogitsProcessing tensors of a step: (row, token) pairs for allowed tokens and logit bias,
+    per-row penalties with the prompt / generated tokens they count."""
+    allowed_r, allowed_t, bias_r, bias_t, bias_v = [], [], [], [], []
+    pen_rows, prompts, outputs = [], [], []
+    rep, pres, freq = [1.0] * len(rows), [0.0] * len(rows), [0.0] * len(rows)
+    for r, (seq, _) in enumerate(rows):
+        p = seq.params
+        if p.allowed_token_ids is not None:
+            allowed_r += [r] * len(p.allowed_token_ids)
+            allowed_t += p.allowed_token_ids
+        if p.logit_bias:
+            bias_r += [r] * len(p.logit_bias)
+            bias_t += list(p.logit_bias)
+            bias_v += [float(v) for v in p.logit_bias.values()]
+        if p.penalized:
+            if seq.token_history is None:
+                seq.token_history = TokenHistory(seq)
+            rep[r], pres[r] = float(p.repetition_penalty), float(p.presence_penalty)
+            freq[r] = float(p.frequency_penalty)
+            pen_rows.append(r)
+            prompts.append(seq.token_history.prompt)
+            outputs.append(seq.token_history.outputs(seq))
+
+    def t(values, dtype):
+        return torch.as_tensor(values, dtype=dtype).to(device, non_blocking=True)
+
+    def pairs(arrays):
+        rows_of = np.repeat(np.asarray(pen_rows, dtype=np.int64), [len(a) for a in arrays])
+        return t(rows_of, torch.int64), t(np.concatenate(arrays), torch.int64)
+
+    proc = LogitsProcessing()
+    if allowed_r:
+        proc.allowed_rows, proc.allowed_tokens = t(allowed_r, torch.int64), t(allowed_t, torch.int64)
+    if bias_r:
+        proc.bias_rows, proc.bias_tokens = t(bias_r, torch.int64), t(bias_t, torch.int64)
+        proc.bias_values = t(bias_v, torch.float32)
+    if pen_rows:
+        proc.repetition, proc.presence, proc.frequency = (t(x, torch.float32) for x in (rep, pres, freq))
+        proc.any_repetition = any(x != 1.0 for x in rep)
+        proc.any_counted = any(x != 0.0 for x in pres) or any(x != 0.0 for x in freq)
+        proc.prompt_rows, proc.prompt_tokens = pairs(prompts)
+        proc.output_rows, proc.output_tokens = pairs(outputs)
+    return proc
+
+
+def prompt_logprobs(logits: torch.Tensor, seq: Sequence,
+                    targets: list[int]) -> tuple[list[dict[int, float]], list[int]]:
+    """One {token: logprob} per row, the actual next prompt token plus the top-k alternatives
+    (k = -1: the whole vocabulary), under the processing the request's samples get (raw, or
+    temperature + filters; logits instead of logprobs in the "*_logits" modes); and the rank of
+    each actual token."""
+    p = seq.params
+    raw = logits.float()
+    n, vocab = raw.shape
+    scaled = raw
+    if not p.reports_raw:
         if p.temperature > 0:
-            logits = logits / p.temperature
-        n = logits.shape[0]
+            scaled = scaled / p.temperature
         if p.effective_top_k > 0 or p.top_p < 1.0 or p.min_p > 0:
-            logits = filter_logits(logits, torch.full((n,), p.effective_top_k, device=logits.device),
-                                   torch.full((n,), p.top_p, device=logits.device),
-                                   torch.full((n,), p.min_p, device=logits.device))
-    logprobs = logits.log_softmax(-1)
-    target = torch.tensor(targets, device=logits.device)
-    chosen = logprobs.gather(-1, target[:, None]).squeeze(-1).tolist()
-    k = p.prompt_logprobs or 0
-    top_vals, top_ids = logprobs.topk(k, dim=-1)
+            scaled = filter_logits(scaled, torch.full((n,), p.effective_top_k, device=raw.device),
+                                   torch.full((n,), p.top_p, device=raw.device),
+                                   torch.full((n,), p.min_p, device=raw.device))
+    meta = _row_modes(p, n, raw.device)
+    values = report_source(raw, scaled, None, meta)
+    target = torch.tensor(targets, device=raw.device)
+    chosen = values.gather(-1, target[:, None]).squeeze(-1).tolist()
+    ranks = token_ranks(raw, scaled, target, meta).tolist()
+    k = vocab if p.prompt_logprobs is not None and p.prompt_logprobs < 0 else (p.prompt_logprobs or 0)
+    top_vals, top_ids = values.topk(k, dim=-1)
     top_vals, top_ids = top_vals.tolist(), top_ids.tolist()
     out = []
     for r, tok in enumerate(targets):
         entry = dict(zip(top_ids[r], top_vals[r]))
         entry[tok] = chosen[r]
         out.append(entry)
-    return out
+    return out, ranks
+
+
+def _row_modes(p, n: int, device) -> SamplingMetadata:
+    """A SamplingMetadata carrying only what report_source / token_ranks read, for n rows of one request."""
+    full = torch.full((n,), True, device=device)
+    return SamplingMetadata(
+        temperature=None, top_k=None, top_p=None, min_p=None, seeds=None, counters=None,
+        raw_logprobs=full if p.reports_raw else ~full, banned_rows=None, banned_tokens=None,
+        need_filter=False, all_greedy=False, any_raw=p.reports_raw, num_top_logprobs=0,
+        report_logits=full if p.reports_logits else None)

@@ -117,7 +117,8 @@ class Scheduler:
         if len(live) != len(self.running):  # some wait for token budget: the scheduler decides
             return None
         seqs = [seq for seq in live
-                if seq.num_output_tokens + 1 < seq.params.max_tokens and len(seq) + 1 < max_model_len]
+                if (seq.params.max_tokens is None or seq.num_output_tokens + 1 < seq.params.max_tokens)
+                and len(seq) + 1 < max_model_len]
         if not seqs:
             return None
         bm = self.bm
@@ -167,8 +168,9 @@ class Scheduler:
             self.advance(batch)
         if out.routed is not None:
             self._keep_routing(batch, out.routed)
-        for seq, first, entries in out.prompt_logprobs:
+        for seq, first, entries, ranks in out.prompt_logprobs:
             seq.request.prompt_logprobs[first + 1: first + 1 + len(entries)] = entries
+            seq.request.prompt_logprob_ranks[first + 1: first + 1 + len(ranks)] = ranks
         touched = []
         # Siblings fork before the parent appends its own token: a parent that finishes at once
         # releases its blocks.
@@ -220,6 +222,8 @@ class Scheduler:
         seq.record_version(version)
         if seq.params.logprobs is not None:
             seq.logprobs.append(st.logprob)
+            if st.rank is not None:
+                seq.logprob_ranks.append(st.rank)
             if st.top is not None:
                 seq.top_logprobs.append(st.top)
         self.stats.generated_tokens += 1

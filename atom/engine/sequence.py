@@ -28,6 +28,7 @@ class Request:
     seed: int
     sequences: list["Sequence"] = field(default_factory=list)
     prompt_logprobs: list[dict[int, float] | None] | None = None
+    prompt_logprob_ranks: list[int | None] | None = None  # rank of each prompt token (None for the first)
     request_id: str = ""
     num_finished: int = 0  # sequences finished (n when the request is done)
 
@@ -52,6 +53,8 @@ class Sequence:
         self.status = SeqStatus.WAITING
         self.logprobs: list[float] = []
         self.top_logprobs: list[dict[int, float]] = []
+        self.logprob_ranks: list[int] = []  # rank of each sampled token (with logprobs)
+        self.token_history = None  # the sampler's numpy copy of the tokens (penalties only)
         self.finish_reason: str | None = None
         self.stop_reason: str | int | None = None
         self.stop_text_len: int | None = None  # text cut where a stop string begins

@@ -52,18 +52,8 @@ def fused_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights
               topk_ids: torch.Tensor) -> torch.Tensor:
     """torch_ops.fused_moe with each expert's GEMMs on at least 4 rows (the per-token sum keeps
     the reference's order: by expert id)."""
-    out = torch.zeros(x.shape[0], w2.shape[1], dtype=torch.float32, device=x.device)
-    flat_ids = topk_ids.reshape(-1)
-    token_of = torch.arange(x.shape[0], device=x.device).repeat_interleave(topk_ids.shape[1])
-    weight_of = topk_weights.reshape(-1).float()
-    for e in flat_ids.unique().tolist():
-        if e < 0:
-            continue
-        sel = (flat_ids == e).nonzero(as_tuple=True)[0]
-        tokens = token_of[sel]
-        h = torch_ops.silu_and_mul(linear(x[tokens], w13[e]))
-        out.index_add_(0, tokens, linear(h, w2[e]).float() * weight_of[sel, None])
-    return out.to(x.dtype)
+    return torch_ops.expert_sum(x, w2.shape[1], topk_weights, topk_ids,
+                                lambda e, h: linear(torch_ops.silu_and_mul(linear(h, w13[e])), w2[e]))
 
 
 @register("moe_forward", B)

@@ -51,15 +51,61 @@ class CascadeMetadata:
 
 
 @dataclass
+class LogitsProcessing:
+    """Per-row changes to the logits before temperature, in vLLM's order: allowed tokens, then the
+    banned (row, token) pairs of SamplingMetadata, then logit bias, then the penalties.
+
+    allowed_rows / allowed_tokens: (row, token) pairs; a row listed here keeps only its tokens.
+    bias_rows / bias_tokens / bias_values: logit_bias entries, added.
+    repetition / presence / frequency: [B] penalties (1 / 0 / 0 = off), or None when no row has one.
+    prompt_rows / prompt_tokens: (row, token) of every distinct prompt token (repetition penalty).
+    output_rows / output_tokens: (row, token) of every generated token, repeats kept (counts).
+    All are int64 / float32 tensors on the logits' device, or None.
+    any_repetition / any_counted: host-side flags, whether some row has a repetition penalty /
+        a presence or frequency penalty (the others' passes are skipped).
+    """
+
+    allowed_rows: torch.Tensor | None = None
+    allowed_tokens: torch.Tensor | None = None
+    bias_rows: torch.Tensor | None = None
+    bias_tokens: torch.Tensor | None = None
+    bias_values: torch.Tensor | None = None
+    repetition: torch.Tensor | None = None
+    presence: torch.Tensor | None = None
+    frequency: torch.Tensor | None = None
+    prompt_rows: torch.Tensor | None = None
+    prompt_tokens: torch.Tensor | None = None
+    output_rows: torch.Tensor | None = None
+    output_tokens: torch.Tensor | None = None
+    any_repetition: bool = True
+    any_counted: bool = True
+
+    def add_outputs(self, rows: torch.Tensor, tokens: torch.Tensor) -> None:
+        """Count one more generated token per listed row (a token still in flight on the device)."""
+        if self.repetition is None:
+            return
+        self.output_rows = rows if self.output_rows is None else torch.cat([self.output_rows, rows])
+        self.output_tokens = tokens if self.output_tokens is None else torch.cat([self.output_tokens, tokens])
+
+    def to(self, device) -> "LogitsProcessing":
+        moved = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in vars(self).items()}
+        return LogitsProcessing(**moved)
+
+
+@dataclass
 class SamplingMetadata:
     """Per-row sampling settings of one step, as tensors on the logits' device.
 
     temperature: [B] float, 0 = greedy. top_k: [B] int, 0 = off. top_p, min_p: [B] float.
     seeds, counters: [B] int64; a row's random numbers are a pure function of
         (seed, counter, token id), so a request samples the same whatever shares its batch.
-    raw_logprobs: [B] bool, report log_softmax of the unscaled logits instead of the processed ones.
-    banned_rows / banned_tokens: pairs masked to -inf before sampling (min_tokens), or None.
-    need_filter / all_greedy / num_top_logprobs: host-side flags so no op needs to sync.
+    raw_logprobs: [B] bool, report values of the unprocessed logits instead of the processed ones.
+    banned_rows / banned_tokens: pairs masked to -inf before sampling (min_tokens, bad words), or None.
+    need_filter / all_greedy / num_top_logprobs: host-side flags so no op needs to sync;
+        num_top_logprobs -1 = the whole vocabulary.
+    report_logits: [B] bool, report logits instead of logprobs (the "*_logits" modes), or None.
+    processing: penalties, logit bias and allowed tokens (None when no row has any).
+    want_ranks: also return each sampled token's rank.
     """
 
     temperature: torch.Tensor
@@ -75,13 +121,23 @@ class SamplingMetadata:
     all_greedy: bool
     any_raw: bool
     num_top_logprobs: int
+    report_logits: torch.Tensor | None = None
+    processing: LogitsProcessing | None = None
+    want_ranks: bool = False
+
+    @property
+    def any_logits(self) -> bool:
+        return self.report_logits is not None
 
 
 @dataclass
 class SamplerOutput:
-    """token_ids, logprobs: [B]; top_ids, top_logprobs: [B, K] (K = num_top_logprobs, may be 0)."""
+    """token_ids, logprobs: [B]; top_ids, top_logprobs: [B, K] (K = num_top_logprobs, may be 0);
+    ranks: [B] rank of each sampled token (1 = the best; tokens of equal value count as better,
+    as vLLM counts), or None when not asked for. `logprobs` holds logits for rows in a logits mode."""
 
     token_ids: torch.Tensor
     logprobs: torch.Tensor
     top_ids: torch.Tensor
     top_logprobs: torch.Tensor
+    ranks: torch.Tensor | None = None

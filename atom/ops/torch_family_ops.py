@@ -10,6 +10,7 @@ import torch
 
 from atom.ops.metadata import AttentionMetadata
 from atom.ops.registry import register
+from atom.ops import torch_ops
 from atom.ops.torch_ops import _gather_kv
 
 B = "torch"
@@ -95,21 +96,10 @@ def fused_moe_biased(x: torch.Tensor, w13: torch.Tensor, b13: torch.Tensor, w2: 
     x: [T, H]; w13: [E, 2I, H] (gate rows then up rows), b13: [E, 2I]; w2: [E, H, I], b2: [E, H]
     (None: no down bias, e.g. on the ranks that do not add it under tensor parallelism). An id
     of -1 is skipped (expert parallelism)."""
-    out = torch.zeros(x.shape[0], w2.shape[1], dtype=torch.float32, device=x.device)
-    flat_ids = topk_ids.reshape(-1)
-    token_of = torch.arange(x.shape[0], device=x.device).repeat_interleave(topk_ids.shape[1])
-    weight_of = topk_weights.reshape(-1).float()
-    for e in flat_ids.unique().tolist():
-        if e < 0:
-            continue
-        sel = (flat_ids == e).nonzero(as_tuple=True)[0]
-        tokens = token_of[sel]
-        h = clamped_swiglu(x[tokens] @ w13[e].t() + b13[e], limit, alpha)
-        y = h @ w2[e].t()
-        if b2 is not None:
-            y = y + b2[e]
-        out.index_add_(0, tokens, y.float() * weight_of[sel, None])
-    return out.to(x.dtype)
+    def expert(e: int, h: torch.Tensor) -> torch.Tensor:
+        y = clamped_swiglu(h @ w13[e].t() + b13[e], limit, alpha) @ w2[e].t()
+        return y if b2 is None else y + b2[e]
+    return torch_ops.expert_sum(x, w2.shape[1], topk_weights, topk_ids, expert)
 
 
 

@@ -4,9 +4,12 @@ Clarity over speed: loops over sequences and experts are fine here.
 """
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 import torch.nn.functional as F
 
+from atom.ops.logits_processing import process_logits, report_source, token_ranks, top_count
 from atom.ops.metadata import AttentionMetadata, SamplerOutput, SamplingMetadata
 from atom.ops.registry import register
 
@@ -162,7 +165,15 @@ def fused_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights
     x: [T, H]; w13: [E, 2I, H] (gate rows then up rows); w2: [E, H, I]. An id of -1 is skipped
     (expert parallelism: an expert another rank holds): the "skips_negative_ids" capability.
     """
-    out = torch.zeros(x.shape[0], w2.shape[1], dtype=torch.float32, device=x.device)
+    return expert_sum(x, w2.shape[1], topk_weights, topk_ids,
+                      lambda e, h: silu_and_mul(h @ w13[e].t()) @ w2[e].t())
+
+
+def expert_sum(x: torch.Tensor, out_dim: int, topk_weights: torch.Tensor, topk_ids: torch.Tensor,
+               expert: Callable[[int, torch.Tensor], torch.Tensor]) -> torch.Tensor:
+    """Sum over each token's chosen experts of weight * expert(e, its rows of x), accumulated in
+    float32 expert by expert (ascending ids: a token's order never depends on the batch); -1 skipped."""
+    out = torch.zeros(x.shape[0], out_dim, dtype=torch.float32, device=x.device)
     flat_ids = topk_ids.reshape(-1)
     token_of = torch.arange(x.shape[0], device=x.device).repeat_interleave(topk_ids.shape[1])
     weight_of = topk_weights.reshape(-1).float()
@@ -171,8 +182,7 @@ def fused_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights
             continue
         sel = (flat_ids == e).nonzero(as_tuple=True)[0]
         tokens = token_of[sel]
-        h = silu_and_mul(x[tokens] @ w13[e].t())
-        out.index_add_(0, tokens, (h @ w2[e].t()).float() * weight_of[sel, None])
+        out.index_add_(0, tokens, expert(e, x[tokens]).float() * weight_of[sel, None])
     return out.to(x.dtype)
 
 
@@ -234,13 +244,11 @@ def filter_logits(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor
 def sample(logits: torch.Tensor, meta: SamplingMetadata) -> SamplerOutput:
     """Greedy or seeded Gumbel-max sampling for every row at once, with logprobs.
 
-    Processed logprobs come from the distribution the token is drawn from (temperature, then
-    the filters, renormalised); greedy rows use temperature 1 for them.
+    Processed logprobs come from the distribution the token is drawn from (logits processing,
+    temperature, then the filters, renormalised); greedy rows use temperature 1 for them.
     """
-    logits = logits.float()
-    raw = logits.log_softmax(-1) if meta.any_raw else None
-    if meta.banned_rows is not None:
-        logits = logits.index_put((meta.banned_rows, meta.banned_tokens), torch.tensor(float("-inf")))
+    raw = logits.float()
+    logits = process_logits(raw, meta)
     temperature = torch.where(meta.temperature > 0, meta.temperature, torch.ones_like(meta.temperature))
     scaled = logits / temperature[:, None]
     if meta.need_filter:
@@ -251,7 +259,8 @@ def sample(logits: torch.Tensor, meta: SamplingMetadata) -> SamplerOutput:
         gumbel = -torch.log(-torch.log(uniform_noise(meta.seeds, meta.counters, logits.shape[-1])))
         sampled = (processed + gumbel).argmax(-1)
         token_ids = torch.where(meta.temperature > 0, sampled, token_ids)
-    source = processed if raw is None else torch.where(meta.raw_logprobs[:, None], raw, processed)
+    source = processed if not (meta.any_raw or meta.any_logits) else report_source(raw, scaled, processed, meta)
     token_logprobs = source.gather(-1, token_ids[:, None]).squeeze(-1)
-    top_logprobs, top_ids = source.topk(meta.num_top_logprobs, dim=-1)
-    return SamplerOutput(token_ids, token_logprobs, top_ids, top_logprobs)
+    top_logprobs, top_ids = source.topk(top_count(meta, logits.shape[-1]), dim=-1)
+    ranks = token_ranks(raw, scaled, token_ids, meta) if meta.want_ranks else None
+    return SamplerOutput(token_ids, token_logprobs, top_ids, top_logprobs, ranks)

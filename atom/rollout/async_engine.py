@@ -262,7 +262,7 @@ class AsyncRolloutEngine:
             stream.sent_tokens[c.index], stream.sent_text[c.index] = len(c.token_ids), len(c.text)
             deltas.append(dataclasses.replace(
                 c, token_ids=c.token_ids[t0:], text=c.text[x0:], logprobs=c.logprobs[t0:],
-                top_logprobs=c.top_logprobs[t0:]))
+                top_logprobs=c.top_logprobs[t0:], logprob_ranks=c.logprob_ranks[t0:]))
         return dataclasses.replace(full, outputs=deltas)
 
     def _add(self, rid: str, prompt, params, stream: _Stream) -> None:

@@ -18,6 +18,7 @@ from atom.outputs import Completion, EngineStats, RolloutOutput
 from atom.rollout.inputs import normalize_prompts, prompt_type_error, sampling_params_list
 from atom.rollout.rl import RLMixin
 from atom.rollout.transfer import TransferMixin
+from atom.rollout.text import bad_words_token_ids, completion_text
 from atom.sampling_params import SamplingParams
 
 Prompt = str | list[int] | list[dict]
@@ -264,14 +265,29 @@ class RolloutEngine(RLMixin, TransferMixin):
         frozen: dict[int, SamplingParams] = {}
         for sp in params:
             sp.validate(self.vocab_size, max_num_seqs=self.config.max_num_seqs)
-            if sp.stop and self.tokenizer is None:
-                raise ValueError("SamplingParams.stop needs a tokenizer; this checkpoint has none")
             if sp.return_routed_experts and not self.config.enable_return_routed_experts:
                 raise ValueError("SamplingParams.return_routed_experts needs "
                                  "EngineConfig(enable_return_routed_experts=True)")
-            # A private copy per call: the caller may change its object later, the run must not see it.
-            frozen.setdefault(id(sp), dataclasses.replace(sp))
+            if id(sp) not in frozen:
+                frozen[id(sp)] = self._private_params(sp)
         return [frozen[id(sp)] for sp in params]
+
+    def _private_params(self, sp: SamplingParams) -> SamplingParams:
+        """A private copy of validated params for one call (the caller may change its object later;
+        the run must not see it), with what needs this engine checked and resolved: the logprobs
+        limit, the tokenizer for stop strings and bad words, bad words' token ids."""
+        limit = self.config.max_logprobs if self.config.max_logprobs >= 0 else self.vocab_size
+        for name in ("logprobs", "prompt_logprobs"):
+            k = getattr(sp, name)
+            if k is not None and (self.vocab_size if k < 0 else k) > limit:
+                raise ValueError(f"SamplingParams.{name}={k} is invalid: must be at most max_logprobs={limit} "
+                                 "(EngineConfig.max_logprobs; -1 there allows the whole vocabulary)")
+        for name in ("stop", "bad_words"):
+            if getattr(sp, name) and self.tokenizer is None:
+                raise ValueError(f"SamplingParams.{name} needs a tokenizer; this checkpoint has none")
+        private = dataclasses.replace(sp)
+        private.bad_words_token_ids = bad_words_token_ids(self.tokenizer, sp.bad_words, self.vocab_size)
+        return private
 
     def tokenize(self, prompt: Prompt) -> list[int]:
         """The token ids `generate` would run for one prompt (text, token ids or a chat).
@@ -282,8 +298,10 @@ class RolloutEngine(RLMixin, TransferMixin):
         """
         return self._prompt_ids("prompt", prompt)
 
-    def _prompt_ids(self, label: str, prompt: Prompt) -> list[int]:
+    def _prompt_ids(self, label: str, prompt: Prompt, truncate: int | None = None) -> list[int]:
         ids = self._raw_ids(label, prompt)
+        if truncate is not None:  # SamplingParams.truncate_prompt_tokens: keep the last tokens
+            ids = ids[-(self.max_model_len - 1 if truncate == -1 else truncate):]
         if not ids:
             raise ValueError(f"{label} is empty")
         if len(ids) >= self.max_model_len:
@@ -312,8 +330,9 @@ class RolloutEngine(RLMixin, TransferMixin):
         raise prompt_type_error(label, prompt)
 
     def _make_request(self, index: int, prompt: Prompt, params: SamplingParams) -> Request:
-        ids = self._prompt_ids(f"prompt {index}", prompt)
-        longest = min(len(ids) + params.max_tokens, self.max_model_len)
+        ids = self._prompt_ids(f"prompt {index}", prompt, params.truncate_prompt_tokens)
+        longest = self.max_model_len if params.max_tokens is None else min(len(ids) + params.max_tokens,
+                                                                            self.max_model_len)
         if not self._engine.max_tokens_fit(longest):
             raise ValueError(f"prompt {index}: {longest} tokens (prompt {len(ids)} + max_tokens={params.max_tokens}, "
                              f"at most max_model_len={self.max_model_len}) do not fit the KV cache of "
@@ -321,23 +340,34 @@ class RolloutEngine(RLMixin, TransferMixin):
                              "num_kv_blocks / kv_cache_memory_bytes")
         return Request(index, prompt, ids, params, seed=0)
 
-    def _detokenize(self, ids: list[int]) -> str:
-        return self.tokenizer.decode(ids, skip_special_tokens=True)
+    def _detokenize(self, ids: list[int], params: SamplingParams | None = None) -> str:
+        if params is None:
+            return self.tokenizer.decode(ids, skip_special_tokens=True)
+        return self.tokenizer.decode(ids, skip_special_tokens=params.skip_special_tokens,
+                                     spaces_between_special_tokens=params.spaces_between_special_tokens)
+
+    def decode_tokens(self, token_ids: Iterable[int]) -> list[str]:
+        """Each token id decoded on its own (special tokens kept), as vLLM's Logprob.decoded_token:
+        the strings of the sampled tokens and of the top_logprobs alternatives."""
+        if self.tokenizer is None:
+            raise ValueError("decode_tokens needs a tokenizer; this checkpoint has none")
+        return [self.tokenizer.decode([t]) for t in token_ids]
 
     def _output(self, req: Request) -> RolloutOutput:
         completions = [self._completion(seq) for seq in sorted(req.sequences, key=lambda s: s.sample_index)]
         return RolloutOutput(prompt=req.prompt, prompt_token_ids=req.prompt_token_ids, outputs=completions,
-                             prompt_logprobs=req.prompt_logprobs, request_id=req.request_id, finished=req.finished)
+                             prompt_logprobs=req.prompt_logprobs, request_id=req.request_id, finished=req.finished,
+                             prompt_logprob_ranks=req.prompt_logprob_ranks)
 
     def _completion(self, seq: Sequence) -> Completion:
         ids = seq.output_token_ids
-        text = self._detokenize(ids) if self.tokenizer is not None else ""
-        if seq.stop_text_len is not None:
-            text = text[: seq.stop_text_len]
-        spans = [tuple(s) for s in seq.weight_spans]
         done = seq.finish_reason is not None and seq.status.value == "finished"
+        text = completion_text(self._detokenize, seq, done) if self.tokenizer is not None else ""
+        spans = [tuple(s) for s in seq.weight_spans]
         return Completion(
             index=seq.sample_index, token_ids=ids, text=text, logprobs=seq.logprobs,
             top_logprobs=seq.top_logprobs, finish_reason=seq.finish_reason if done else None,
             stop_reason=seq.stop_reason, weight_version=spans[-1][0] if spans else self.weight_version,
-            weight_versions=spans, routed_experts=routed_experts(seq) if seq.params.return_routed_experts else None)
+            weight_versions=spans, logprob_ranks=seq.logprob_ranks,
+            cumulative_logprob=float(sum(seq.logprobs)) if seq.params.logprobs is not None else None,
+            routed_experts=routed_experts(seq) if seq.params.return_routed_experts else None)

@@ -8,9 +8,10 @@ hashes of (row key, token id) computed in uint32, the same uniforms, -log(-log(u
 libdevice's log as torch's CUDA log. So CPU and GPU draw the same tokens from equal logits,
 except where two candidates tie to the last bit of rounding.
 
-Rows with top-k / top-p / min-p filters or banned tokens take the torch reference path (the
-filters need a sort of the vocabulary); top-k logprobs come from a torch top-k over the row's
-log-softmax.
+Rows with top-k / top-p / min-p filters take the torch reference path (the filters need a sort
+of the vocabulary). Logits processing (allowed / banned tokens, logit bias, penalties) runs first
+as batched torch ops (atom/ops/logits_processing.py) and the kernel samples from its result;
+top-k logprobs, logits modes and ranks come from torch over the row's values.
 
 Small batches (fewer than SPLIT_BELOW_ROWS rows, vocabulary of at least SPLIT_MIN_VOCAB) split
 each row into SPLIT_CHUNK-token chunks instead, so that the whole GPU works on a few rows (one
@@ -40,6 +41,7 @@ import triton
 import triton.language as tl
 
 from atom.ops import torch_ops
+from atom.ops.logits_processing import process_logits, report_source, token_ranks, top_count
 from atom.ops.metadata import SamplerOutput, SamplingMetadata
 from atom.ops.registry import register
 
@@ -301,10 +303,13 @@ def _launch_split(logits, temp, seeds, counters, tokens, lps, raw, all_greedy: b
 def sample(logits: torch.Tensor, meta: SamplingMetadata,
            split: bool | None = None) -> SamplerOutput:
     """split: None picks the path from the shape (use_split); True / False forces the split /
-    one-program path (tests and benchmarks)."""
-    if meta.need_filter or meta.banned_rows is not None:
+    one-program path (tests and benchmarks). Logits processing (penalties, bias, allowed and
+    banned tokens) runs first as batched torch ops; the kernel samples from what it returns."""
+    if meta.need_filter:
         return torch_ops.sample(logits, meta)
-    logits = logits.float()
+    raw_logits = logits.float()
+    logits = process_logits(raw_logits, meta)
+    processed_in = logits is not raw_logits
     if logits.stride(-1) != 1:
         logits = logits.contiguous()
     rows, vocab = logits.shape
@@ -322,15 +327,38 @@ def sample(logits: torch.Tensor, meta: SamplingMetadata,
                                     vocab, logits.stride(0), ALL_GREEDY=meta.all_greedy,
                                     NEED_RAW=meta.any_raw, PRECISE_LOG=_PRECISE_LOG, BLOCK=2048,
                                     num_warps=8)
-    token_lps = torch.where(meta.raw_logprobs, raw, lps) if meta.any_raw else lps
-    k = meta.num_top_logprobs
+    return _report(raw_logits, logits, processed_in, tokens, lps, raw, meta)
+
+
+def _report(raw_logits: torch.Tensor, logits: torch.Tensor, processed_in: bool, tokens: torch.Tensor,
+            lps: torch.Tensor, raw: torch.Tensor, meta: SamplingMetadata) -> SamplerOutput:
+    """The kernel's token logprobs (processed, and raw of what it was given), corrected where the
+    kernel could not know: raw values when the logits were processed before it, logits modes;
+    then top-k alternatives and ranks from torch over the same values torch_ops reports."""
+    rows, vocab = logits.shape
+    k = top_count(meta, vocab)
+    need_values = meta.any_logits or (meta.any_raw and processed_in)
+    if not (need_values or k > 0 or meta.want_ranks):
+        token_lps = torch.where(meta.raw_logprobs, raw, lps) if meta.any_raw else lps
+        empty = torch.empty(rows, 0, device=logits.device)
+        return SamplerOutput(tokens, token_lps, empty.long(), empty)
+    temperature = torch.where(meta.temperature > 0, meta.temperature, torch.ones_like(meta.temperature))
+    scaled = logits / temperature[:, None]
+    token_lps = torch.where(meta.raw_logprobs, raw, lps) if meta.any_raw and not processed_in else lps
+    source = None
+    if need_values or k > 0:
+        source = report_source(raw_logits, scaled, None, meta)
+    if need_values:
+        # Kernel values stay where they are right (processed logprobs; raw ones of unprocessed logits).
+        exact = source.gather(-1, tokens[:, None]).squeeze(-1)
+        redo = meta.raw_logprobs if meta.any_raw and processed_in else torch.zeros_like(meta.raw_logprobs)
+        if meta.any_logits:
+            redo = redo | meta.report_logits
+        token_lps = torch.where(redo, exact, token_lps)
     if k > 0:
-        temperature = torch.where(meta.temperature > 0, meta.temperature, torch.ones_like(meta.temperature))
-        source = (logits / temperature[:, None]).log_softmax(-1)
-        if meta.any_raw:
-            source = torch.where(meta.raw_logprobs[:, None], logits.log_softmax(-1), source)
         top_lps, top_ids = source.topk(k, dim=-1)
     else:
-        top_lps = torch.empty(rows, 0, dtype=torch.float32, device=dev)
-        top_ids = torch.empty(rows, 0, dtype=torch.int64, device=dev)
-    return SamplerOutput(tokens, token_lps, top_ids, top_lps)
+        top_lps = torch.empty(rows, 0, dtype=torch.float32, device=logits.device)
+        top_ids = torch.empty(rows, 0, dtype=torch.int64, device=logits.device)
+    ranks = token_ranks(raw_logits, scaled, tokens, meta) if meta.want_ranks else None
+    return SamplerOutput(tokens, token_lps, top_ids, top_lps, ranks)
