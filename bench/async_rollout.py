@@ -16,12 +16,12 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import sys
 import tempfile
 import time
 
 import numpy as np
+from bench.report import emit
 
 
 def tiny_llama_dir() -> str:
@@ -156,10 +156,7 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     result = {"cpu-tiny": cpu_tiny, "concurrent": concurrent, "arrival": arrival, "late-join": late_join}[args.mode](args)
     result = {"mode": args.mode, "workload": None if args.mode == "cpu-tiny" else args.workload, **result}
-    print("RESULT " + json.dumps(result))
-    if args.json:
-        with open(args.json, "a") as f:
-            f.write(json.dumps(result) + "\n")
+    emit(result, args.json)
     return 0
 
 

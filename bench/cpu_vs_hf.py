@@ -26,6 +26,7 @@ import statistics
 import sys
 import time
 from pathlib import Path
+from bench.report import emit
 
 NEW_TOKENS = 64
 
@@ -133,10 +134,7 @@ def main(argv=None) -> int:
     results = {name: compare(engine, hf, name, sets[name], args.rounds) for name in args.sets.split(",")}
     result = {"threads": threads, "load_before": load_before, "load_after": os.getloadavg()[0],
               "op_backends": overrides, **results}
-    print("RESULT " + json.dumps(result))
-    if args.json:
-        with open(args.json, "a") as f:
-            f.write(json.dumps(result) + "\n")
+    emit(result, args.json)
     return 0
 
 

@@ -8,11 +8,11 @@ short warm-up call. Run it in its own process (the model takes the GPU memory of
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 
 from bench.rollout import HERE, load_workloads, make_prompts
+from bench.report import emit
 
 
 def main(argv=None) -> int:
@@ -43,14 +43,11 @@ def main(argv=None) -> int:
         torch.cuda.synchronize()
         secs = time.perf_counter() - t0
     generated = int(out.sequences.shape[0] * (out.sequences.shape[1] - prompts.shape[1]))
-    result = {"workload": opts.workload, "engine": f"transformers generate", "generated_tokens": generated,
+    result = {"workload": opts.workload, "engine": "transformers generate", "generated_tokens": generated,
               "seconds": round(secs, 3), "tok_per_s": round(generated / secs, 1), "build_s": round(build_s, 1),
               "gpu": torch.cuda.get_device_name()}
     print(f"HF {opts.workload}: {generated} tokens in {secs:.2f} s = {generated / secs:,.1f} tok/s")
-    print("RESULT " + json.dumps(result))
-    if opts.json:
-        with open(opts.json, "a") as f:
-            f.write(json.dumps(result) + "\n")
+    emit(result, opts.json)
     return 0
 
 

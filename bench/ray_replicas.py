@@ -13,10 +13,10 @@ smoke run: --device cpu --num-prompts 4 --prompt-len 16 --output-len 4 --replica
 from __future__ import annotations
 
 import argparse
-import json
 import time
 
 from bench.rollout import HERE, load_workloads, make_prompts
+from bench.report import emit
 
 
 def _trainer_actor(model_dir: str, gpus: float):
@@ -114,10 +114,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{opts.workload} x {n} replicas: {result['generated_tokens']} tokens in {result['seconds']:.2f} s = "
               f"{result['tok_per_s']:,.0f} tok/s (efficiency {result['scaling_efficiency']:.0%})"
               + (f"; push to all: {result['push_s']:.2f} s" if "push_s" in result else ""))
-        print("RESULT " + json.dumps(result))
-        if opts.json:
-            with open(opts.json, "a") as f:
-                f.write(json.dumps(result) + "\n")
+        emit(result, opts.json)
     ray.shutdown()
     return 0
 

@@ -21,6 +21,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+from bench.report import emit
 
 HERE = Path(__file__).resolve().parent
 
@@ -244,10 +245,7 @@ def main(argv: list[str] | None = None) -> int:
           f"physical limit {limit['total_s']:.2f} s (decode {limit['decode_s']:.2f} + prefill "
           f"{limit['prefill_s']:.2f}) -> {limit['total_s'] / secs:.1%} of it")
     print("phases (s):", result["phases_s"], "decode runner:", result["decode_runner_s"], "graphs:", result["graphs"])
-    print("RESULT " + json.dumps(result))
-    if opts.json:
-        with open(opts.json, "a") as f:
-            f.write(json.dumps(result) + "\n")
+    emit(result, opts.json)
     return 0
 
 
