@@ -149,6 +149,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--tensor-parallel-size", type=int, default=1)
     ap.add_argument("--expert-parallel-size", type=int, default=1)
     ap.add_argument("--ep-mode", default="allreduce", choices=["allreduce", "alltoall"])
+    # What the options cost: routed-expert capture (issue 18) and extra sampling options (issue 15).
+    ap.add_argument("--routed-experts", action="store_true", help="capture the routed experts of every token")
+    ap.add_argument("--sampling", action="append", default=[], metavar="KEY=JSON",
+                    help="an extra SamplingParams option, e.g. repetition_penalty=1.1")
     opts = ap.parse_args(argv)
 
     import torch
@@ -171,18 +175,21 @@ def main(argv: list[str] | None = None) -> int:
                        max_num_batched_tokens=opts.max_num_batched_tokens, cuda_graph_max_batch_size=max_num_seqs,
                        enforce_eager=opts.enforce_eager, op_backends=dict(o.split("=", 1) for o in opts.op),
                        tensor_parallel_size=opts.tensor_parallel_size, expert_parallel_size=opts.expert_parallel_size,
-                       ep_mode=opts.ep_mode)
+                       ep_mode=opts.ep_mode, enable_return_routed_experts=opts.routed_experts)
+    extra = {k: json.loads(v) for k, v in (o.split("=", 1) for o in opts.sampling)}
+    if opts.routed_experts:
+        extra["return_routed_experts"] = True
     t0 = time.perf_counter()
     engine = RolloutEngine(cfg)
     build_s = time.perf_counter() - t0
     runner = engine._engine.runner
     params = SamplingParams(n=w["n"], temperature=w["temperature"], top_p=w["top_p"], max_tokens=w["output_len"],
-                            ignore_eos=True, logprobs=w["logprobs"], seed=None)
+                            ignore_eos=True, logprobs=w["logprobs"], seed=None, **extra)
     warm_s = 0.0
     if not opts.no_warmup:  # other prompts (no prefix-cache hits later), few tokens: compiles and captures
         t0 = time.perf_counter()
         warm = SamplingParams(n=w["n"], temperature=w["temperature"], top_p=w["top_p"], max_tokens=4,
-                              ignore_eos=True, logprobs=w["logprobs"])
+                              ignore_eos=True, logprobs=w["logprobs"], **extra)
         engine.generate(make_prompts(w, w["seed"] + 1), warm)
         torch.cuda.synchronize()
         warm_s = time.perf_counter() - t0
@@ -226,7 +233,7 @@ def main(argv: list[str] | None = None) -> int:
     mb = model_bytes(runner.model)
     limit = physical_limit(w, runner.args, mb, ceil, max_num_seqs)
     result = {
-        "workload": opts.workload, "engine": "atom", "generated_tokens": generated, "seconds": round(secs, 3),
+        "workload": opts.workload, "engine": "+".join(["atom", *sorted(extra)]), "generated_tokens": generated, "seconds": round(secs, 3),
         "tok_per_s": round(generated / secs, 1), "fraction_of_limit": round(limit["total_s"] / secs, 3),
         "limit_s": round(limit["total_s"], 3), "limit_decode_s": round(limit["decode_s"], 3),
         "limit_prefill_s": round(limit["prefill_s"], 3), "build_s": round(build_s, 1), "warmup_s": round(warm_s, 1),
