@@ -25,6 +25,12 @@ mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 export ATOM_BENCH_CEILINGS="$OUT/ceilings.json" PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 PY=${PYTHON:-python3}
+# Wheels carried in .whl/ (run's `carry`; the device reaches no index) go ahead of the device
+# image's packages: transformers 5.24, the oracle of the CPU tests, for the GPT-OSS reference.
+if compgen -G ".whl/*.whl" > /dev/null; then
+  WHEELS=$(mktemp -d)
+  $PY -m pip install -q --no-deps --target "$WHEELS" .whl/*.whl && export PYTHONPATH="$WHEELS:$PYTHONPATH"
+fi
 [ $# -eq 0 ] && set -- tests bench
 SECTIONS="tests tune bench hf kernels small sleep async arrival ipc"
 WORKLOADS="decode-moe-bs1,grpo-dense-small,grpo-moe,grpo-dense-8b"
