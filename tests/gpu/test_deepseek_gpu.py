@@ -36,14 +36,29 @@ def cpu_engine(path):
     return RolloutEngine(path, device="cpu", dtype="float32", max_num_batched_tokens=32)
 
 
-def decode_runner_checks(eng, prefix_calls: list[int]) -> None:
+def decode_runner_checks(runners: list, prefix_calls: list[int]) -> None:
     from atom.ops import ops
     assert all(ops.backend_of[name] == "triton" for name in MLA_OPS)
-    runner = eng._engine.runner.decode_runner
-    assert runner is not None and runner.cascade, "the decode runner builds shared-prefix groups for MLA"
+    assert runners, "decode steps went through the decode runner"
+    runner = runners[-1]
+    assert runner.cascade, "the decode runner builds shared-prefix groups for MLA"
     assert prefix_calls, "the shared-prefix kernel ran"
     if not ON_CPU:
         assert runner.graph_capable and runner.graphs, "DeepSeek-V3 decode runs in CUDA graphs"
+
+
+@pytest.fixture
+def runners(monkeypatch):
+    """The decode runners engines build from now on (atom/engine/cuda_graph.py)."""
+    from atom.engine import cuda_graph
+    made: list = []
+    init = cuda_graph.DecodeRunner.__init__
+
+    def record(self, *args, **kwargs):
+        init(self, *args, **kwargs)
+        made.append(self)
+    monkeypatch.setattr(cuda_graph.DecodeRunner, "__init__", record)
+    return made
 
 
 @pytest.fixture
@@ -60,14 +75,14 @@ def prefix_calls(monkeypatch):
     return calls
 
 
-def test_sampled_tokens_match_cpu(ds_path, prefix_calls):
+def test_sampled_tokens_match_cpu(ds_path, runners, prefix_calls):
     """float32, 4 samples a prompt (seeded): the same tokens as the CPU engine, logprobs to 1e-3."""
     prompts = random_prompts(LENGTHS, TINY_VOCAB, seed=5)
     params = SamplingParams(n=4, temperature=0.8, max_tokens=10 if ON_CPU else 24, ignore_eos=True, logprobs=0,
                             seed=3)
     eng = triton_engine(ds_path)
     got = eng.generate(prompts, params)
-    decode_runner_checks(eng, prefix_calls)
+    decode_runner_checks(runners, prefix_calls)
     want = cpu_engine(ds_path).generate(prompts, params)
     for g, w in zip(got, want):
         for a, b in zip(g.outputs, w.outputs):
@@ -76,7 +91,7 @@ def test_sampled_tokens_match_cpu(ds_path, prefix_calls):
 
 
 @pytest.mark.parametrize("dtype", ["float32"] if ON_CPU else ["float32", "bfloat16"])
-def test_greedy_decode_matches_cpu_prefill(ds_path, dtype, prefix_calls):
+def test_greedy_decode_matches_cpu_prefill(ds_path, dtype, runners, prefix_calls):
     """Greedy n=2 decode (absorbed MLA, Triton) teacher-forced against the CPU engine's prompt
     logprobs of the same tokens (expanded MLA, torch, float32): each token is the reference's
     best but at a near-tie, logprobs agree (mean |diff| 1e-4 float32, 3e-2 bf16)."""
@@ -85,7 +100,7 @@ def test_greedy_decode_matches_cpu_prefill(ds_path, dtype, prefix_calls):
                             logprobs_mode="raw")
     eng = triton_engine(ds_path, dtype)
     outs = eng.generate(prompts, params)
-    decode_runner_checks(eng, prefix_calls)
+    decode_runner_checks(runners, prefix_calls)
     near_tie, mean_tol = (0.01, 1e-4) if dtype == "float32" else (0.25, 3e-2)
     ref = cpu_engine(ds_path)
     diffs = []
@@ -102,13 +117,13 @@ def test_greedy_decode_matches_cpu_prefill(ds_path, dtype, prefix_calls):
 
 
 @pytest.mark.skipif(ON_CPU, reason="CUDA graphs need a GPU")
-def test_cuda_graphs_on_off_identical(ds_path):
+def test_cuda_graphs_on_off_identical(ds_path, runners):
     prompts = random_prompts([3, 20, 33, 50, 9], TINY_VOCAB, seed=4)
     params = SamplingParams(n=3, temperature=1.0, max_tokens=16, ignore_eos=True, logprobs=2, seed=7)
     results = []
     for eager in (False, True):
         eng = triton_engine(ds_path, "bfloat16", enforce_eager=eager)
         outs = eng.generate(prompts, params)
-        assert bool(eng._engine.runner.decode_runner.graphs) != eager
+        assert bool(runners[-1].graphs) != eager
         results.append([(c.token_ids, c.logprobs, c.top_logprobs) for o in outs for c in o.outputs])
     assert results[0] == results[1]

@@ -143,3 +143,19 @@ def test_mla_cascade_decode(triton_ops, device, dtype, heads, lat, rope, page, d
     meta.seq_lens[-1] = 0  # a padded row of a CUDA-graph batch: zeros, never NaN
     out = tri(q_latent, q_pe, cache, meta, scale)
     assert torch.equal(out[-1], torch.zeros_like(out[-1]))
+
+
+def test_deepseek_decode_ops_are_graph_safe_on_cuda(triton_ops):
+    """The decode runner captures CUDA graphs only when every op a decode step runs is graph_safe
+    (atom/engine/cuda_graph.py): on CUDA, DeepSeek-V3's (MLA on triton, grouped routing in torch
+    without a host sync) all are, and its decode attention reads shared-prefix groups."""
+    from atom.engine.cuda_graph import _GRAPH_OPS, _GRAPH_OPS_MOE
+    from atom.models.deepseek_v3 import DeepseekV3ForCausalLM
+    from atom.ops.registry import OpTable
+    table = OpTable()
+    table.configure(torch.device("cuda"))  # the registry's choice for a CUDA device (no device needed)
+    needed = _GRAPH_OPS + _GRAPH_OPS_MOE + DeepseekV3ForCausalLM.graph_ops
+    assert {table.backend_of[name] for name in ("mla_attention_decode", "mla_cache_write")} == {"triton"}
+    assert [name for name in needed if not table.supports(name, "graph_safe")] == []
+    assert table.supports(DeepseekV3ForCausalLM.decode_attention_op, "cascade")
+    assert not table.supports("mla_attention_prefill", "graph_safe")  # prefill stays eager (torch)
