@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
 # GPU tests and benchmarks on the device machine; a short table last.
 #
-#   scripts/gpu_check.sh [tests] [tune] [bench W1,W2,...] [hf] [kernels] [small] [sleep] [ipc]
+#   scripts/gpu_check.sh [tests] [tune] [bench W1,W2,...] [hf] [kernels] [mla] [small] [sleep] [ipc]
 #     tests   : python3 -m pytest -m gpu over tests/gpu tests/test_overlapped_decode.py tests/test_sleep_wake.py
-#               tests/test_weight_transfer.py, in three concurrent processes (logs pytest_{0,1,2}.log)
+#               tests/test_weight_transfer.py, in four concurrent processes (logs pytest_{0,1,2,3}.log)
 #     bench   : python -m bench.rollout --workload W for each W (default: all four)
 #     hf      : the transformers generate baseline on decode-moe-bs1
 #     tune    : sweep decode-attention / fused-MoE tile configs (bench/kernels.py --tune), then the
@@ -34,11 +34,12 @@ nvidia-smi --query-gpu=name,memory.used,memory.total,clocks.sm,clocks.mem --form
 while [ $# -gt 0 ]; do
   case "$1" in
     tests)
-      # Three pytest processes share the GPU (the suite is bound by Triton compiles on the host's
+      # Four pytest processes share the GPU (the suite is bound by Triton compiles on the host's
       # 16 cores, not by the device): about a third of the 530 s a single process takes.
       groups=("tests/gpu/test_moe_small.py"
-              "tests/gpu/test_engine_gpu.py tests/gpu/test_families_gpu.py tests/gpu/test_deepseek_gpu.py tests/gpu/test_sampling_options_gpu.py tests/test_overlapped_decode.py tests/test_sleep_wake.py tests/test_weight_transfer.py"
-              "tests/gpu/test_triton_ops.py tests/gpu/test_mla_triton.py tests/gpu/test_attn_prologue.py tests/gpu/test_linear.py tests/gpu/test_sampling_split.py")
+              "tests/gpu/test_engine_gpu.py tests/gpu/test_families_gpu.py tests/gpu/test_sampling_options_gpu.py tests/test_overlapped_decode.py tests/test_sleep_wake.py tests/test_weight_transfer.py"
+              "tests/gpu/test_triton_ops.py tests/gpu/test_attn_prologue.py tests/gpu/test_linear.py tests/gpu/test_sampling_split.py"
+              "tests/gpu/test_mla_triton.py tests/gpu/test_deepseek_gpu.py")
       for i in "${!groups[@]}"; do
         timeout "${TEST_TIMEOUT:-420}" $PY -m pytest -m gpu -q -rs ${PYTEST_X--x} --durations=5 ${groups[$i]} \
           > "$OUT/pytest_$i.log" 2>&1 &

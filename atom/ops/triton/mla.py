@@ -260,7 +260,7 @@ def mla_attention_decode(q_latent: torch.Tensor, q_pe: torch.Tensor, kv_cache: t
         split_p = cfg["small_prefix_split"] if small else cfg["prefix_split"]
         n_prefix = triton.cdiv(casc.max_prefix_len, split_p)
     n_parts = n_prefix if whole else n_prefix + n_own
-    shape = (bsz, heads, max(n_parts, 1))
+    shape = (bsz, heads, n_parts) if n_parts else (1, 1, 1)  # whole own parts, no prefix: no partials
     po = torch.empty((*shape, lat_dim), dtype=torch.float32, device=q_latent.device)
     pl = torch.empty(shape, dtype=torch.float32, device=q_latent.device)
     dims = dict(L=lat_dim, R=rope, BLOCK_L=_pow2(lat_dim), BLOCK_R=_pow2(rope), PAGE=page, PREC=_prec(q_latent.dtype))
