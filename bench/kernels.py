@@ -52,9 +52,11 @@ def paged(bsz, prompt, gen, n, hq, hk, d, page=16, dtype=torch.bfloat16, cascade
 def apply_tuned(path: str) -> dict:
     """Load a --tune result into the kernels' config tables (this process)."""
     import atom.ops.triton.attention as attn
+    import atom.ops.triton.mla as mla
     import atom.ops.triton.moe as moe
     tuned = json.load(open(path))
     attn.DECODE_CFG.update(tuned.get("attn", {}))
+    mla.MLA_CFG.update(tuned.get("mla", {}))  # bench/mla_kernels.py --tune
     for bound, up, down in tuned.get("moe", []):
         moe._CONFIGS[:] = [(b, up, down) if b == bound else (b, u, d) for b, u, d in moe._CONFIGS]
     return tuned

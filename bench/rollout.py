@@ -9,7 +9,12 @@ Prints generated tokens, seconds, tokens/s and the fraction of the physical limi
   decode: bytes a step must read (weights it touches + KV of every sequence, a shared prompt read
           once per group) over the measured device copy bandwidth (bytes read + written / s);
   prefill: FLOPs over the measured bf16 matmul rate.
-The limit is the sum over the steps of an ideal schedule (all sequences at once when they fit).
+The limit is the sum over the steps of an ideal schedule (all sequences at once when they fit);
+bench/limits.py says how each family's weights and KV are counted (MLA's latent rows, sliding
+windows, experts).
+
+A smoke run on the CPU at a small scale (same code path, a shrunk config, no ceilings cache):
+  python -m bench.rollout --workload grpo-mla-moe --device cpu --model-dir DIR --set num_prompts=2 ...
 """
 from __future__ import annotations
 
@@ -21,6 +26,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+from bench.limits import active_bytes_per_token, model_bytes, physical_limit
 from bench.report import emit
 
 HERE = Path(__file__).resolve().parent
@@ -29,6 +35,25 @@ HERE = Path(__file__).resolve().parent
 def load_workloads() -> dict:
     data = json.loads((HERE / "workloads.json").read_text())
     return {k: v for k, v in data.items() if not k.startswith("_")}
+
+
+def cpu_ceilings() -> dict:
+    """The CPU's copy bandwidth and bf16 matmul rate (small buffers, best of a few: a smoke run's
+    fraction of the limit, never cached next to the GPU's)."""
+    import torch
+
+    def best(fn, reps=5):
+        times = []
+        for _ in range(reps):
+            t = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t)
+        return min(times)
+    src = torch.randn(1 << 24)
+    dst = torch.empty_like(src)
+    a = torch.randn(512, 512, dtype=torch.bfloat16)
+    return {"copy_bytes_per_s": 2 * src.numel() * 4 / best(lambda: dst.copy_(src)),
+            "bf16_flops_per_s": 2 * 512 ** 3 / best(lambda: a @ a), "gpu": "cpu"}
 
 
 def measure_ceilings(cache: str | None) -> dict:
@@ -70,57 +95,18 @@ def measure_ceilings(cache: str | None) -> dict:
     return out
 
 
-def model_bytes(model) -> dict:
-    """Parameter bytes by role: dense (read every step), per-layer expert stacks, embedding."""
-    import torch
-
-    seen, dense, experts, embed = set(), 0, [], 0
-    for name, p in model.named_parameters():
-        if id(p) in seen:
-            continue
-        seen.add(id(p))
-        nbytes = p.numel() * p.element_size()
-        if name.endswith(("w13", "w2")):
-            experts.append((name, nbytes, p.shape[0]))
-        elif "embed_tokens" in name:
-            embed = nbytes
-        else:
-            dense += nbytes
-    tied = model.lm_head.weight is model.model.embed_tokens.weight
-    return {"dense": dense + (embed if tied else 0), "experts": experts, "embed": embed, "tied": tied,
-            "dtype_bytes": torch.empty((), dtype=next(model.parameters()).dtype).element_size()}
+SIZE_KEYS = ("num_prompts", "n", "prompt_len", "output_len")
 
 
-def physical_limit(w: dict, args, mb: dict, ceil: dict, max_num_seqs: int) -> dict:
-    """Seconds an ideal engine needs: decode bytes / copy bandwidth + prefill FLOPs / matmul rate."""
-    bw, rate = ceil["copy_bytes_per_s"], ceil["bf16_flops_per_s"]
-    layers, hk, d = args.num_hidden_layers, args.num_key_value_heads, args.head_dim
-    kv_token = 2 * layers * hk * d * mb["dtype_bytes"]
-    total_seqs = w["num_prompts"] * w["n"]
-    per_wave = max(1, min(total_seqs, max_num_seqs) // w["n"]) * w["n"]
-    decode_s = 0.0
-    left = total_seqs
-    while left > 0:
-        b = min(per_wave, left)
-        groups = b // w["n"]
-        for j in range(w["output_len"]):
-            kv = groups * w["prompt_len"] * kv_token + b * j * kv_token
-            weights = mb["dense"]
-            for _, nbytes, e in mb["experts"]:
-                touched = e * (1 - (1 - args.num_experts_per_tok / e) ** b)
-                weights += nbytes * touched / e
-            decode_s += (weights + kv) / bw
-        left -= b
-    # Prefill: 2 FLOPs per weight per token (experts: top-k of E), causal attention 2 * 2 * ctx/2.
-    # Per prompt token: every dense weight but the LM head (applied to the last token only).
-    active_params = (mb["dense"] - args.vocab_size * args.hidden_size * mb["dtype_bytes"]) / mb["dtype_bytes"]
-    for _, nbytes, e in mb["experts"]:
-        active_params += nbytes / mb["dtype_bytes"] * args.num_experts_per_tok / e
-    tokens = w["num_prompts"] * w["prompt_len"]
-    attn = 4 * layers * args.num_attention_heads * d * w["num_prompts"] * w["prompt_len"] ** 2 / 2
-    prefill_s = (2 * active_params * tokens + attn) / rate
-    return {"decode_s": decode_s, "prefill_s": prefill_s, "total_s": decode_s + prefill_s,
-            "kv_bytes_per_token": kv_token}
+def resized(w: dict, overrides: list[str]) -> dict:
+    """The workload with KEY=INT size changes (a smoke run at a small scale)."""
+    w = dict(w)
+    for item in overrides:
+        key, _, value = item.partition("=")
+        if key not in SIZE_KEYS or not value.isdigit() or int(value) < 1:
+            raise SystemExit(f"--set {item!r}: want KEY=INT with KEY one of {SIZE_KEYS} and INT >= 1")
+        w[key] = int(value)
+    return w
 
 
 def make_prompts(w: dict, seed: int) -> list[list[int]]:
@@ -153,6 +139,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--routed-experts", action="store_true", help="capture the routed experts of every token")
     ap.add_argument("--sampling", action="append", default=[], metavar="KEY=JSON",
                     help="an extra SamplingParams option, e.g. repetition_penalty=1.1")
+    # Smoke runs at a small scale (e.g. on the CPU with a shrunk config; tests/test_bench_limits.py).
+    ap.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
+    ap.add_argument("--model-dir", default=None, help="a config directory instead of bench/models/<model>")
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=INT", dest="overrides",
+                    help=f"change a workload size: {', '.join(SIZE_KEYS)}")
     opts = ap.parse_args(argv)
 
     import torch
@@ -160,17 +151,20 @@ def main(argv: list[str] | None = None) -> int:
     from atom import RolloutEngine, SamplingParams
     from atom.config import EngineConfig
 
-    w = load_workloads()[opts.workload]
+    w = resized(load_workloads()[opts.workload], opts.overrides)
+    cuda = opts.device == "cuda"
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
     if opts.tuned and os.path.isfile(opts.tuned):
         from bench.kernels import apply_tuned
         apply_tuned(opts.tuned)
     rank = int(os.environ.get("RANK", "0"))
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # torchrun: one GPU per rank
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-    ceil = measure_ceilings(opts.ceilings)
+    ceil = measure_ceilings(opts.ceilings) if cuda else cpu_ceilings()
     total_seqs = w["num_prompts"] * w["n"]
     max_num_seqs = opts.max_num_seqs or min(total_seqs, 1024)
-    cfg = EngineConfig(model=str(HERE / "models" / w["model"]), load_format="dummy", dtype="bfloat16",
+    cfg = EngineConfig(model=opts.model_dir or str(HERE / "models" / w["model"]), device=opts.device,
+                       load_format="dummy", dtype="bfloat16",
                        max_model_len=w["prompt_len"] + w["output_len"], max_num_seqs=max_num_seqs,
                        max_num_batched_tokens=opts.max_num_batched_tokens, cuda_graph_max_batch_size=max_num_seqs,
                        enforce_eager=opts.enforce_eager, op_backends=dict(o.split("=", 1) for o in opts.op),
@@ -191,7 +185,7 @@ def main(argv: list[str] | None = None) -> int:
         warm = SamplingParams(n=w["n"], temperature=w["temperature"], top_p=w["top_p"], max_tokens=4,
                               ignore_eos=True, logprobs=w["logprobs"], **extra)
         engine.generate(make_prompts(w, w["seed"] + 1), warm)
-        torch.cuda.synchronize()
+        sync()
         warm_s = time.perf_counter() - t0
     prompts = make_prompts(w, w["seed"])
     phases = instrument(engine._engine)
@@ -199,12 +193,12 @@ def main(argv: list[str] | None = None) -> int:
     if dr is not None:
         dr.timers.update({k: 0 for k in dr.timers})
     stats0 = dict(vars(engine.stats))
-    torch.cuda.synchronize()
+    sync()
     t0 = time.perf_counter()
     if opts.torch_profile and opts.profile_steps:
         prof, window = profile_window(engine._engine, *map(int, opts.profile_steps.split(":")))
         outs = engine.generate(prompts, params)
-        torch.cuda.synchronize()
+        sync()
         secs = time.perf_counter() - t0
         busy = sum(e.self_device_time_total for e in prof.key_averages()) / 1e6
         table = prof.key_averages().table(sort_by="self_device_time_total", row_limit=45, max_name_column_width=70)
@@ -217,14 +211,14 @@ def main(argv: list[str] | None = None) -> int:
         from torch.profiler import ProfilerActivity, profile
         with profile(activities=[ProfilerActivity.CUDA]) as prof:
             outs = engine.generate(prompts, params)
-            torch.cuda.synchronize()
+            sync()
         secs = time.perf_counter() - t0
         table = prof.key_averages().table(sort_by="self_device_time_total", row_limit=45, max_name_column_width=70)
         Path(opts.torch_profile).write_text(table)
         print(table)
     else:
         outs = engine.generate(prompts, params)
-        torch.cuda.synchronize()
+        sync()
         secs = time.perf_counter() - t0
     stats = {k: v - stats0.get(k, 0) for k, v in vars(engine.stats).items() if isinstance(v, (int, float))}
     generated = sum(len(c.token_ids) for o in outs for c in o.outputs)
@@ -232,6 +226,9 @@ def main(argv: list[str] | None = None) -> int:
     assert all(len(c.logprobs) == w["output_len"] for o in outs for c in o.outputs)
     mb = model_bytes(runner.model)
     limit = physical_limit(w, runner.args, mb, ceil, max_num_seqs)
+    weights = {"dense": mb["dense"], "experts": sum(nbytes for _, nbytes, _ in mb["experts"]),
+               "active_per_token": round(active_bytes_per_token(runner.args, mb)),
+               "kv_per_token": limit["kv_bytes_per_token"]}
     result = {
         "workload": opts.workload, "engine": "+".join(["atom", *sorted(extra)]), "generated_tokens": generated, "seconds": round(secs, 3),
         "tok_per_s": round(generated / secs, 1), "fraction_of_limit": round(limit["total_s"] / secs, 3),
@@ -239,7 +236,8 @@ def main(argv: list[str] | None = None) -> int:
         "limit_prefill_s": round(limit["prefill_s"], 3), "build_s": round(build_s, 1), "warmup_s": round(warm_s, 1),
         "max_num_seqs": max_num_seqs, "num_kv_blocks": engine._engine.block_manager.num_blocks,
         "enforce_eager": opts.enforce_eager, "backends": sorted(set(runner_backends().values())),
-        "ceilings": ceil, "stats": stats, "gpu": torch.cuda.get_device_name(),
+        "ceilings": ceil, "stats": stats, "gpu": torch.cuda.get_device_name() if cuda else "cpu",
+        "model_bytes": weights, "workload_sizes": {k: w[k] for k in SIZE_KEYS},
         "tensor_parallel_size": opts.tensor_parallel_size, "expert_parallel_size": opts.expert_parallel_size,
         "ep_mode": opts.ep_mode,
         "phases_s": {k: round(v, 3) for k, v in phases.items()},

@@ -31,6 +31,7 @@ import sys
 import tempfile
 import time
 import traceback
+from pathlib import Path
 
 import torch
 
@@ -87,7 +88,7 @@ def section(report: Report, name: str):
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--config", default="/work/shared/models/qwen3-30b-a3b/config.json")
+    ap.add_argument("--config", default=str(Path(__file__).resolve().parent / "models" / "qwen3-30b-a3b" / "config.json"))
     ap.add_argument("--out", default=None)
     ap.add_argument("--cycles", type=int, default=3)
     ap.add_argument("--many", type=int, default=30, help="KV-cache release cycles for the memory-drift check")

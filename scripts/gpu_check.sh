@@ -1,14 +1,15 @@
 #!/usr/bin/env bash
 # GPU tests and benchmarks on the device machine; a short table last.
 #
-#   scripts/gpu_check.sh [tests] [tune] [bench W1,W2,...] [hf] [kernels] [small] [sleep] [ipc]
+#   scripts/gpu_check.sh [tests] [tune] [bench W1,W2,...] [hf] [kernels] [mla] [small] [sleep] [ipc]
 #     tests   : python3 -m pytest -m gpu over tests/gpu tests/test_overlapped_decode.py tests/test_sleep_wake.py
-#               tests/test_weight_transfer.py, in three concurrent processes (logs pytest_{0,1,2}.log)
+#               tests/test_weight_transfer.py, in four concurrent processes (logs pytest_{0,1,2,3}.log)
 #     bench   : python -m bench.rollout --workload W for each W (default: all four)
 #     hf      : the transformers generate baseline on decode-moe-bs1
-#     tune    : sweep decode-attention / fused-MoE tile configs (bench/kernels.py --tune); later
-#               bench steps of the same run use the result
+#     tune    : sweep decode-attention / fused-MoE tile configs (bench/kernels.py --tune), then the
+#               MLA decode's (bench/mla_kernels.py --tune, same file); later bench steps of the same run use the result
 #     kernels : micro-benchmarks of the triton kernels (bench/kernels.py)
+#     mla     : the MLA decode kernel at the Moonlight shape (bench/mla_kernels.py), after `tune` with its configs
 #     small   : small-batch kernels against the paths they replace (bench/small_batch.py)
 #     sleep   : sleep / wake / update_weights timings, 30B shape (bench/sleep_wake.py, no offload cycles)
 #     async   : the asynchronous front end (bench/async_rollout.py): grpo-moe as concurrent requests
@@ -32,18 +33,19 @@ if compgen -G ".whl/*.whl" > /dev/null; then
   $PY -m pip install -q --no-deps --target "$WHEELS" .whl/*.whl && export PYTHONPATH="$WHEELS:$PYTHONPATH"
 fi
 [ $# -eq 0 ] && set -- tests bench
-SECTIONS="tests tune bench hf kernels small sleep async arrival ipc"
+SECTIONS="tests tune bench hf kernels mla small sleep async arrival ipc"
 WORKLOADS="decode-moe-bs1,grpo-dense-small,grpo-moe,grpo-dense-8b"
 summary=()
 nvidia-smi --query-gpu=name,memory.used,memory.total,clocks.sm,clocks.mem --format=csv,noheader 2>/dev/null
 while [ $# -gt 0 ]; do
   case "$1" in
     tests)
-      # Three pytest processes share the GPU (the suite is bound by Triton compiles on the host's
+      # Four pytest processes share the GPU (the suite is bound by Triton compiles on the host's
       # 16 cores, not by the device): about a third of the 530 s a single process takes.
       groups=("tests/gpu/test_moe_small.py"
               "tests/gpu/test_engine_gpu.py tests/gpu/test_families_gpu.py tests/gpu/test_sampling_options_gpu.py tests/test_overlapped_decode.py tests/test_sleep_wake.py tests/test_weight_transfer.py"
-              "tests/gpu/test_triton_ops.py tests/gpu/test_attn_prologue.py tests/gpu/test_linear.py tests/gpu/test_sampling_split.py")
+              "tests/gpu/test_triton_ops.py tests/gpu/test_attn_prologue.py tests/gpu/test_linear.py tests/gpu/test_sampling_split.py"
+              "tests/gpu/test_mla_triton.py tests/gpu/test_deepseek_gpu.py")
       for i in "${!groups[@]}"; do
         timeout "${TEST_TIMEOUT:-420}" $PY -m pytest -m gpu -q -rs ${PYTEST_X--x} --durations=5 ${groups[$i]} \
           > "$OUT/pytest_$i.log" 2>&1 &
@@ -71,10 +73,14 @@ while [ $# -gt 0 ]; do
       ;;
     tune)
       timeout "${TUNE_TIMEOUT:-150}" $PY -m bench.kernels --tune "$OUT/tuned.json" 2>&1 | tee "$OUT/tune.log" | tail -12
-      [ -f "$OUT/tuned.json" ] && BENCH_ARGS="${BENCH_ARGS:-} --tuned $OUT/tuned.json"
+      timeout "${TUNE_TIMEOUT:-150}" $PY -m bench.mla_kernels --tune "$OUT/tuned.json" 2>&1 | tee "$OUT/tune_mla.log" | tail -6
+      [ -f "$OUT/tuned.json" ] && BENCH_ARGS="${BENCH_ARGS:-} --tuned $OUT/tuned.json" && TUNED_ARG="--tuned $OUT/tuned.json"
       ;;
     kernels)
       timeout "${KERNEL_TIMEOUT:-240}" $PY -m bench.kernels 2>&1 | tee "$OUT/kernels.log" | tail -30
+      ;;
+    mla)
+      timeout "${KERNEL_TIMEOUT:-240}" $PY -m bench.mla_kernels ${TUNED_ARG:-} 2>&1 | tee "$OUT/mla_kernels.log" | tail -12
       ;;
     small)
       timeout "${SMALL_TIMEOUT:-240}" $PY -m bench.small_batch 2>&1 | tee "$OUT/small.log" | tail -60

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import random
 
 import numpy as np
@@ -18,6 +19,8 @@ from atom import RolloutEngine, SamplingParams
 from conftest import TINY_VOCAB
 from helpers import random_prompts
 from test_parallel import _spawn
+
+BENCH_MODELS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench", "models")
 
 # name -> (tiny arch, overrides) exercising the family's features (see tests/test_hf_parity.py)
 FAMILIES = {
@@ -182,7 +185,6 @@ def _meta_models(config_path: str):
 
     from atom.models.hf_config import load_model_args
     from atom.models.registry import model_class
-    import os
     args = load_model_args(os.path.dirname(config_path))
     with torch.device("meta"):
         ours = model_class(args.architecture)(args)
@@ -195,7 +197,7 @@ def test_real_configs_build_with_hf_parameter_counts(name):
     """The shapes of the real checkpoints (Moonlight-16B-A3B, gpt-oss-20b): as many parameters as
     HF's model of the same config.json, and MLA's KV cache per token is kv_lora_rank +
     qk_rope_head_dim per layer, not 2 * heads * head_dim."""
-    args, ours, theirs = _meta_models(f"/work/shared/models/{name}/config.json")
+    args, ours, theirs = _meta_models(f"{BENCH_MODELS}/{name}/config.json")
     n_ours = sum(p.numel() for p in ours.parameters())
     n_hf = sum(p.numel() for p in theirs.parameters())
     n_hf += sum(b.numel() for n, b in theirs.named_buffers() if n.endswith("e_score_correction_bias"))

@@ -87,7 +87,7 @@ class DecodeRunner:
         self.graph_max = min(cfg.cuda_graph_max_batch_size, self.capacity) if use_graphs else 0
         layer0 = self.model.attention_layers()[0]
         group = max(1, layer0.num_heads // layer0.num_kv_heads)
-        self.cascade = ops.supports("paged_attention_decode", "cascade")
+        self.cascade = ops.supports(self.model.decode_attention_op, "cascade")
         self.max_n = max(2, min(16, 64 // group))
         _, total = self._layout(self.capacity)
         pin = self.device.type == "cuda"

@@ -113,7 +113,8 @@ class CausalLM(nn.Module):
     qk_norm = False
     checkpoint_renames: tuple[tuple[str, str], ...] = ()
     stream_load = False  # True: sharded ranks read whole tensors through convert_checkpoint too
-    graph_ops: tuple[str, ...] = ()  # family decode ops a CUDA graph needs from a non-torch backend
+    graph_ops: tuple[str, ...] = ()  # family decode ops that must be graph_safe for CUDA graphs
+    decode_attention_op = "paged_attention_decode"  # whose "cascade" capability the decode runner asks
     optional_weights: tuple[str, ...] = ()  # regexes of names a complete weight update may leave out
 
     def __init__(self, args: ModelArgs, parallel=None) -> None:

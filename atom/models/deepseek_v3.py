@@ -72,7 +72,8 @@ class DeepseekV3ForCausalLM(CausalLM):
     checkpoint_renames = ((r"\.mlp\.e_score_correction_bias$", ".mlp.gate.e_score_correction_bias"),)
     # e_score_correction_bias is a buffer in HF models: trainers' named_parameters() do not carry it.
     optional_weights = (r"\.mlp\.gate\.e_score_correction_bias$",)
-    graph_ops = ("mla_cache_write", "mla_attention_decode", "fused_moe")
+    graph_ops = ("mla_cache_write", "mla_attention_decode", "fused_moe", "moe_route_grouped")
+    decode_attention_op = "mla_attention_decode"
 
     def __init__(self, args: ModelArgs, parallel=None) -> None:
         _check_routing(args)

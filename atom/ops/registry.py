@@ -7,7 +7,7 @@ the override if given, else the first backend of the device's preference list th
 Callers ask what the chosen implementation can do, never which backend it is:
 `ops.supports("paged_attention_decode", "cascade")`. Capabilities:
   graph_safe          no host synchronisation: may run inside a CUDA graph (every op of a backend
-                      that declares it with `declare_backend`)
+                      that declares it with `declare_backend`, or one op registered with it)
   cascade             paged decode attention reads the shared-prefix groups (CascadeMetadata)
   reads_whole_blocks  paged attention reads every slot of a sequence's blocks (masking the unused
                       ones), so freshly mapped KV memory must be zeroed

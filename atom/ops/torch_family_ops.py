@@ -104,7 +104,7 @@ def fused_moe_biased(x: torch.Tensor, w13: torch.Tensor, b13: torch.Tensor, w2: 
 
 
 
-@register("moe_route_grouped", B)
+@register("moe_route_grouped", B, "graph_safe")  # no host sync: sizes never depend on values
 def moe_route_grouped(router_logits: torch.Tensor, correction_bias: torch.Tensor, top_k: int, num_groups: int,
                       topk_groups: int, renormalize: bool, scaling: float) -> tuple[torch.Tensor, torch.Tensor]:
     """DeepSeek-V3 `noaux_tc` routing: sigmoid scores; experts are chosen by score + correction
@@ -119,7 +119,8 @@ def moe_route_grouped(router_logits: torch.Tensor, correction_bias: torch.Tensor
         group_scores = per_group.topk(min(2, e // num_groups), dim=-1).values.sum(-1)
         keep = torch.zeros_like(group_scores, dtype=torch.bool)
         keep.scatter_(1, group_scores.topk(topk_groups, dim=-1).indices, True)
-        biased = biased.masked_fill(~keep.repeat_interleave(e // num_groups, dim=1), float("-inf"))
+        keep = keep[:, :, None].expand(t, num_groups, e // num_groups).reshape(t, e)
+        biased = biased.masked_fill(~keep, float("-inf"))
     ids = biased.topk(top_k, dim=-1).indices
     weights = scores.gather(1, ids)
     if renormalize:

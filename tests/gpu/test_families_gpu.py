@@ -1,8 +1,9 @@
 """Issue 17 on the GPU: Mixtral, GPT-OSS and DeepSeek-V3 tiny models against HF transformers.
 
-The families' own ops (sinks / sliding-window attention, biased clamped experts, grouped
-routing, MLA) have only the torch reference so far: on CUDA the registry picks it, and decode
-runs without CUDA graphs for the ops that are not graph-safe (`graph_ops` of the model class)."""
+GPT-OSS's and Mixtral-with-a-window's own ops (sinks / sliding-window attention, biased clamped
+experts) have only the torch reference so far: on CUDA the registry picks it, and decode runs
+without CUDA graphs for the ops that are not graph-safe (`graph_ops` of the model class).
+DeepSeek-V3 decodes with the Triton MLA ops in CUDA graphs (tests/gpu/test_deepseek_gpu.py)."""
 from __future__ import annotations
 
 import pytest

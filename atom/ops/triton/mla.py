@@ -1,0 +1,334 @@
+"""Multi-head latent attention (DeepSeek-V3 / Moonlight) decode over the paged latent cache, and
+the latent cache write, in Triton.
+
+Cache: [num_blocks, block_size, 1, L + R], one row per token for all heads: the latent c (L =
+kv_lora_rank) then the roped shared key k_pe (R = qk_rope_head_dim). The absorbed decode is
+multi-query attention with one KV "head" of width L + R whose values are its first L columns:
+score[h, t] = q_latent[h] . c_t + q_pe[h] . k_pe_t, out[h] = softmax(score[h]) . c (latent space;
+the caller applies W_uv).
+
+The programs follow the paged decode of atom/ops/triton/attention.py:
+* own part: one program per (sequence, block of BLOCK_H = 16 heads, split), the heads in the M
+  dimension of the tiles and the whole latent width in the accumulator ([16, L] fp32);
+* shared prefix (`meta.cascade`, the n samples of a prompt): one program per (group, split,
+  head block x value chunk) stacks the query heads of every member (up to the runner's MAX_N) in
+  M, so the prompt's latents are read once per group. A [64, 512] fp32 accumulator would not fit
+  the registers: each program keeps `prefix_dv` latent columns of the output and recomputes the
+  scores (the programs of a group's chunks run side by side and share the tiles through L2);
+* partial (output, log-sum-exp) pairs combined by a merge kernel, or, from
+  MLA_CFG["whole_own_pairs"] (sequence, head block) pairs on, folded in by own-part programs that
+  cover the whole own part.
+Grids depend on (batch, heads, max_seq_len, max_prefix_len, group rows) only: CUDA-graph safe.
+Dimensions below 16 (tiny test models) are padded with masked lanes (tl.dot's minimum).
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from atom.ops.metadata import AttentionMetadata
+from atom.ops.registry import register
+from atom.ops.triton.attention import LOG2E, MAX_OWN_SPLITS, _prec
+
+B = "triton"
+
+# Tile config (bench/kernels.py --tune-mla sweeps it).
+MLA_CFG = {"split": 256, "small_split": 64, "small_batch_pairs": 64, "block_n": 32, "warps": 4, "stages": 2,
+           "prefix_split": 1024, "small_prefix_split": 256, "small_prefix_pairs": 64, "prefix_block_n": 32,
+           "prefix_dv": 256, "prefix_heads": 16, "prefix_warps": 8, "prefix_stages": 2,
+           "whole_own_pairs": 256}
+BLOCK_H = 16  # query heads of one sequence per own-part program
+
+
+def _pow2(n: int) -> int:
+    return max(16, triton.next_power_of_2(n))
+
+
+# ---- one online-softmax step over a tile of latent rows --------------------------------------
+
+@triton.jit
+def _mla_tile(q_lat, q_pe, c_ptr, bt_row, n0, hi, scb, sct, scale_log2, m_i, l_i, acc, v0,
+              L: tl.constexpr, R: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_R: tl.constexpr,
+              BLOCK_DV: tl.constexpr, BLOCK_N: tl.constexpr, PAGE: tl.constexpr, PREC: tl.constexpr):
+    """Rows of q (q_lat [M, BLOCK_L], q_pe [M, BLOCK_R]) over cache tokens [n0, min(n0 + BLOCK_N,
+    hi)) of one block-table row; acc holds latent columns [v0, v0 + BLOCK_DV). Base-2 softmax."""
+    offs = n0 + tl.arange(0, BLOCK_N)
+    nm = offs < hi
+    blk = tl.load(bt_row + offs // PAGE, mask=nm, other=0).to(tl.int64)
+    row = blk * scb + (offs % PAGE).to(tl.int64) * sct
+    lat = tl.arange(0, BLOCK_L)
+    rp = tl.arange(0, BLOCK_R)
+    k = tl.load(c_ptr + row[None, :] + lat[:, None], mask=nm[None, :] & (lat < L)[:, None], other=0.0)
+    kpe = tl.load(c_ptr + row[None, :] + L + rp[:, None], mask=nm[None, :] & (rp < R)[:, None], other=0.0)
+    qk = tl.dot(q_lat, k, input_precision=PREC)
+    qk = tl.dot(q_pe, kpe, acc=qk, input_precision=PREC)
+    qk = tl.where(nm[None, :], qk * scale_log2, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(qk, 1))
+    alpha = tl.exp2(m_i - m_new)
+    p = tl.exp2(qk - m_new[:, None])
+    l_i = l_i * alpha + tl.sum(p, 1)
+    dv = v0 + tl.arange(0, BLOCK_DV)
+    v = tl.load(c_ptr + row[:, None] + dv[None, :], mask=nm[:, None] & (dv < L)[None, :], other=0.0)
+    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PREC)
+    return m_new, l_i, acc
+
+
+# ---- own part ---------------------------------------------------------------------------------
+
+@triton.jit
+def _mla_own_kernel(ql_ptr, qp_ptr, c_ptr, bt_ptr, sl_ptr, start_ptr, po_ptr, pl_ptr, o_ptr,
+                    sql0, sql1, sqp0, sqp1, scb, sct, sbt, sp0, sp1, sp2, sl0, sl1, so0, so1, s_off, scale_log2,
+                    H: tl.constexpr, BH: tl.constexpr, L: tl.constexpr, R: tl.constexpr, BLOCK_L: tl.constexpr,
+                    BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr, PAGE: tl.constexpr, SPLIT: tl.constexpr,
+                    HAS_START: tl.constexpr, PREC: tl.constexpr, WHOLE: tl.constexpr, SPLIT_P: tl.constexpr):
+    """One (sequence, head block, split) of the sequence's own tokens. WHOLE: the split is the
+    whole own part, the prefix partials are folded in here and the output stored."""
+    b = tl.program_id(0)
+    heads = tl.program_id(1) * BH + tl.arange(0, BH)
+    s = tl.program_id(2)
+    hm = heads < H
+    lat = tl.arange(0, BLOCK_L)
+    lm = lat < L
+    seq_len = tl.load(sl_ptr + b).to(tl.int32)
+    start = 0
+    if HAS_START:
+        start = tl.load(start_ptr + b).to(tl.int32)
+    lo = start + s * SPLIT
+    if WHOLE:
+        hi = seq_len
+    else:
+        hi = tl.minimum(lo + SPLIT, seq_len)
+    b64 = b.to(tl.int64)
+    if lo < hi:
+        rp = tl.arange(0, BLOCK_R)
+        q_lat = tl.load(ql_ptr + b64 * sql0 + heads[:, None] * sql1 + lat[None, :], mask=hm[:, None] & lm[None, :],
+                        other=0.0)
+        q_pe = tl.load(qp_ptr + b64 * sqp0 + heads[:, None] * sqp1 + rp[None, :],
+                       mask=hm[:, None] & (rp < R)[None, :], other=0.0)
+        m_i = tl.full([BH], float("-inf"), tl.float32)
+        l_i = tl.zeros([BH], tl.float32)
+        acc = tl.zeros([BH, BLOCK_L], tl.float32)
+        bt_row = bt_ptr + b64 * sbt
+        for n0 in range(lo, hi, BLOCK_N):
+            m_i, l_i, acc = _mla_tile(q_lat, q_pe, c_ptr, bt_row, n0, hi, scb, sct, scale_log2, m_i, l_i, acc, 0,
+                                      L, R, BLOCK_L, BLOCK_R, BLOCK_L, BLOCK_N, PAGE, PREC)
+        if WHOLE:
+            # out = sum_j o_j 2^lse_j / sum_j 2^lse_j over the prefix partials and the own part.
+            mx = m_i
+            w = l_i
+            for j in range(0, s_off):
+                ok = hm & (j * SPLIT_P < start)
+                lse = tl.load(pl_ptr + b64 * sl0 + heads * sl1 + j, mask=ok, other=float("-inf"))
+                o = tl.load(po_ptr + b64 * sp0 + heads[:, None] * sp1 + j * sp2 + lat[None, :],
+                            mask=ok[:, None] & lm[None, :], other=0.0)
+                m_new = tl.maximum(mx, lse)
+                a = tl.exp2(mx - m_new)
+                c = tl.exp2(lse - m_new)
+                acc = acc * a[:, None] + o * c[:, None]
+                w = w * a + c
+                mx = m_new
+            tl.store(o_ptr + b64 * so0 + heads[:, None] * so1 + lat[None, :],
+                     (acc / w[:, None]).to(o_ptr.dtype.element_ty), mask=hm[:, None] & lm[None, :])
+        else:
+            tl.store(po_ptr + b64 * sp0 + heads[:, None] * sp1 + (s_off + s) * sp2 + lat[None, :],
+                     acc / l_i[:, None], mask=hm[:, None] & lm[None, :])
+            tl.store(pl_ptr + b64 * sl0 + heads * sl1 + s_off + s, m_i + tl.log2(l_i), mask=hm)
+    elif WHOLE:  # a padded row (seq_len 0): zeros, never NaN
+        tl.store(o_ptr + b64 * so0 + heads[:, None] * so1 + lat[None, :],
+                 tl.zeros([BH, BLOCK_L], tl.float32).to(o_ptr.dtype.element_ty), mask=hm[:, None] & lm[None, :])
+
+
+# ---- shared prefix ----------------------------------------------------------------------------
+
+@triton.jit
+def _mla_prefix_kernel(ql_ptr, qp_ptr, c_ptr, bt_ptr, rows_ptr, plen_ptr, po_ptr, pl_ptr,
+                       sql0, sql1, sqp0, sqp1, scb, sct, sbt, sp0, sp1, sp2, sl0, sl1, srow, scale_log2,
+                       H: tl.constexpr, HB: tl.constexpr, MAX_N: tl.constexpr, N_DV: tl.constexpr,
+                       BLOCK_M: tl.constexpr, L: tl.constexpr, R: tl.constexpr, BLOCK_L: tl.constexpr,
+                       BLOCK_R: tl.constexpr, BLOCK_DV: tl.constexpr, BLOCK_N: tl.constexpr, PAGE: tl.constexpr,
+                       SPLIT: tl.constexpr, PREC: tl.constexpr):
+    """One (group, split, head block x value chunk) of a shared prefix: HB heads of every member
+    in one tile of BLOCK_M rows (member = row // HB)."""
+    g = tl.program_id(0)
+    s = tl.program_id(1)
+    z = tl.program_id(2)
+    hb = z // N_DV
+    v0 = (z % N_DV) * BLOCK_DV
+    plen = tl.load(plen_ptr + g).to(tl.int32)
+    lo = s * SPLIT
+    hi = tl.minimum(lo + SPLIT, plen)
+    if lo < hi:
+        r = tl.arange(0, BLOCK_M)
+        member = r // HB
+        heads = hb * HB + r % HB
+        mrow = tl.load(rows_ptr + g.to(tl.int64) * srow + member, mask=member < MAX_N, other=-1)
+        rm = (mrow >= 0) & (heads < H)
+        mrow = tl.where(rm, mrow, 0).to(tl.int64)
+        first = tl.load(rows_ptr + g.to(tl.int64) * srow).to(tl.int64)
+        lat = tl.arange(0, BLOCK_L)
+        rp = tl.arange(0, BLOCK_R)
+        q_lat = tl.load(ql_ptr + mrow[:, None] * sql0 + heads[:, None] * sql1 + lat[None, :],
+                        mask=rm[:, None] & (lat < L)[None, :], other=0.0)
+        q_pe = tl.load(qp_ptr + mrow[:, None] * sqp0 + heads[:, None] * sqp1 + rp[None, :],
+                       mask=rm[:, None] & (rp < R)[None, :], other=0.0)
+        m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+        l_i = tl.zeros([BLOCK_M], tl.float32)
+        acc = tl.zeros([BLOCK_M, BLOCK_DV], tl.float32)
+        bt_row = bt_ptr + first * sbt
+        for n0 in range(lo, hi, BLOCK_N):
+            m_i, l_i, acc = _mla_tile(q_lat, q_pe, c_ptr, bt_row, n0, hi, scb, sct, scale_log2, m_i, l_i, acc, v0,
+                                      L, R, BLOCK_L, BLOCK_R, BLOCK_DV, BLOCK_N, PAGE, PREC)
+        dv = v0 + tl.arange(0, BLOCK_DV)
+        tl.store(po_ptr + mrow[:, None] * sp0 + heads[:, None] * sp1 + s * sp2 + dv[None, :], acc / l_i[:, None],
+                 mask=rm[:, None] & (dv < L)[None, :])
+        tl.store(pl_ptr + mrow * sl0 + heads * sl1 + s, m_i + tl.log2(l_i), mask=rm & (v0 == 0))
+
+
+# ---- merge ------------------------------------------------------------------------------------
+
+@triton.jit
+def _mla_merge_kernel(po_ptr, pl_ptr, sl_ptr, start_ptr, o_ptr, sp0, sp1, sp2, sl0, sl1, so0, so1,
+                      n_prefix, n_own, L: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_S: tl.constexpr,
+                      SPLIT: tl.constexpr, SPLIT_P: tl.constexpr, HAS_START: tl.constexpr):
+    """One (sequence, head): the weighted sum of its valid partials (a row without any: zeros)."""
+    b = tl.program_id(0).to(tl.int64)
+    h = tl.program_id(1)
+    seq_len = tl.load(sl_ptr + b).to(tl.int32)
+    start = 0
+    if HAS_START:
+        start = tl.load(start_ptr + b).to(tl.int32)
+    s = tl.arange(0, BLOCK_S)
+    own = s - n_prefix
+    valid = ((s < n_prefix) & (s * SPLIT_P < start)) | ((s >= n_prefix) & (own < n_own) & (start + own * SPLIT < seq_len))
+    lse = tl.load(pl_ptr + b * sl0 + h * sl1 + s, mask=valid, other=float("-inf"))
+    mx = tl.max(lse, 0)
+    mx = tl.where(mx == float("-inf"), 0.0, mx)
+    total = tl.sum(tl.where(valid, tl.exp2(lse - mx), 0.0), 0)
+    lat = tl.arange(0, BLOCK_L)
+    acc = tl.zeros([BLOCK_L], tl.float32)
+    for j in range(0, n_prefix + n_own):  # one partial at a time: [parts, L] would not fit the registers
+        if j < n_prefix:
+            ok = j * SPLIT_P < start
+        else:
+            ok = start + (j - n_prefix) * SPLIT < seq_len
+        if ok:
+            wj = tl.exp2(tl.load(pl_ptr + b * sl0 + h * sl1 + j) - mx)
+            acc += wj * tl.load(po_ptr + b * sp0 + h * sp1 + j * sp2 + lat, mask=lat < L, other=0.0)
+    tl.store(o_ptr + b * so0 + h * so1 + lat, (acc / tl.maximum(total, 1e-30)).to(o_ptr.dtype.element_ty),
+             mask=lat < L)
+
+
+# ---- the op -----------------------------------------------------------------------------------
+
+def _own_split(pairs: int, max_seq_len: int) -> int:
+    """KV tokens per own-part split: by the batch's size class and the context bound only."""
+    split = MLA_CFG["small_split"] if pairs < MLA_CFG["small_batch_pairs"] else MLA_CFG["split"]
+    floor = triton.cdiv(triton.cdiv(max(max_seq_len, 1), MAX_OWN_SPLITS), 64) * 64
+    return max(split, floor)
+
+
+def _unit_stride(x: torch.Tensor) -> torch.Tensor:
+    return x if x.stride(-1) == 1 else x.contiguous()
+
+
+@register("mla_attention_decode", B, "cascade")
+def mla_attention_decode(q_latent: torch.Tensor, q_pe: torch.Tensor, kv_cache: torch.Tensor,
+                         meta: AttentionMetadata, scale: float) -> torch.Tensor:
+    """The torch op's absorbed MLA decode (q_latent [B, H, L], q_pe [B, H, R], kv_cache
+    [num_blocks, block_size, 1, L + R]; returns [B, H, L]), reading shared prefixes once per
+    group when `meta.cascade` is set; padded rows (seq_len 0) give zeros. Loads past a
+    sequence's length are masked, so unlike the torch op it needs no zeroed blocks."""
+    bsz, heads, lat_dim = q_latent.shape
+    rope = q_pe.shape[2]
+    if kv_cache.shape[-1] != lat_dim + rope or kv_cache.shape[2] != 1:
+        raise ValueError(f"mla_attention_decode: cache rows {tuple(kv_cache.shape)} do not hold a latent of "
+                         f"{lat_dim} and a rope key of {rope}")
+    out = torch.empty(q_latent.shape, dtype=q_latent.dtype, device=q_latent.device)
+    if bsz == 0:
+        return out
+    q_latent, q_pe = _unit_stride(q_latent), _unit_stride(q_pe)
+    cfg, page = MLA_CFG, kv_cache.shape[1]
+    casc = getattr(meta, "cascade", None)
+    n_hb = triton.cdiv(heads, BLOCK_H)
+    whole = bsz * n_hb >= cfg["whole_own_pairs"]
+    split = _own_split(bsz * n_hb, meta.max_seq_len)
+    n_own = 1 if whole else max(1, triton.cdiv(max(meta.max_seq_len, 1), split))
+    n_prefix, split_p = 0, 1
+    if casc is not None:
+        small = casc.group_rows.shape[0] * n_hb < cfg["small_prefix_pairs"]
+        split_p = cfg["small_prefix_split"] if small else cfg["prefix_split"]
+        n_prefix = triton.cdiv(casc.max_prefix_len, split_p)
+    n_parts = n_prefix if whole else n_prefix + n_own
+    shape = (bsz, heads, n_parts) if n_parts else (1, 1, 1)  # whole own parts, no prefix: no partials
+    po = torch.empty((*shape, lat_dim), dtype=torch.float32, device=q_latent.device)
+    pl = torch.empty(shape, dtype=torch.float32, device=q_latent.device)
+    dims = dict(L=lat_dim, R=rope, BLOCK_L=_pow2(lat_dim), BLOCK_R=_pow2(rope), PAGE=page, PREC=_prec(q_latent.dtype))
+    common = (q_latent.stride(0), q_latent.stride(1), q_pe.stride(0), q_pe.stride(1), kv_cache.stride(0),
+              kv_cache.stride(1), meta.block_tables.stride(0), po.stride(0), po.stride(1), po.stride(2),
+              pl.stride(0), pl.stride(1))
+    scale_log2 = scale * LOG2E
+    if n_prefix:
+        _launch_prefix(q_latent, q_pe, kv_cache, meta, po, pl, common, scale_log2, split_p, n_prefix, dims)
+    start = casc.row_prefix_len if casc is not None else meta.seq_lens
+    _mla_own_kernel[(bsz, n_hb, n_own)](
+        q_latent, q_pe, kv_cache, meta.block_tables, meta.seq_lens, start, po, pl, out, *common,
+        out.stride(0), out.stride(1), n_prefix, scale_log2, H=heads, BH=BLOCK_H, BLOCK_N=cfg["block_n"], SPLIT=split,
+        HAS_START=casc is not None, WHOLE=whole, SPLIT_P=split_p, num_warps=cfg["warps"], num_stages=cfg["stages"],
+        **dims)
+    if not whole:
+        _mla_merge_kernel[(bsz, heads)](
+            po, pl, meta.seq_lens, start, out, po.stride(0), po.stride(1), po.stride(2), pl.stride(0), pl.stride(1),
+            out.stride(0), out.stride(1), n_prefix, n_own, L=lat_dim, BLOCK_L=dims["BLOCK_L"],
+            BLOCK_S=triton.next_power_of_2(n_prefix + n_own), SPLIT=split, SPLIT_P=split_p,
+            HAS_START=casc is not None, num_warps=4)
+    return out
+
+
+def _launch_prefix(q_latent, q_pe, kv_cache, meta, po, pl, common, scale_log2, split_p, n_prefix, dims) -> None:
+    cfg, heads = MLA_CFG, q_latent.shape[1]
+    rows = meta.cascade.group_rows
+    max_n = rows.shape[1]
+    hb = min(heads, cfg["prefix_heads"])
+    block_dv = min(_pow2(cfg["prefix_dv"]), dims["BLOCK_L"])
+    n_dv = triton.cdiv(dims["L"], block_dv)
+    grid = (rows.shape[0], n_prefix, triton.cdiv(heads, hb) * n_dv)
+    _mla_prefix_kernel[grid](
+        q_latent, q_pe, kv_cache, meta.block_tables, rows, meta.cascade.group_prefix_len, po, pl, *common,
+        rows.stride(0), scale_log2, H=heads, HB=hb, MAX_N=max_n, N_DV=n_dv, BLOCK_M=_pow2(max_n * hb),
+        BLOCK_DV=block_dv, BLOCK_N=cfg["prefix_block_n"], SPLIT=split_p, num_warps=cfg["prefix_warps"],
+        num_stages=cfg["prefix_stages"], **dims)
+
+
+# ---- cache write ------------------------------------------------------------------------------
+
+@triton.jit
+def _mla_write_kernel(lat_ptr, pe_ptr, c_ptr, slot_ptr, sl0, sp0, scb, sct, L: tl.constexpr, R: tl.constexpr,
+                      BLOCK_L: tl.constexpr, BLOCK_R: tl.constexpr, PAGE: tl.constexpr):
+    t = tl.program_id(0).to(tl.int64)
+    slot = tl.load(slot_ptr + t).to(tl.int64)
+    if slot >= 0:
+        dst = c_ptr + (slot // PAGE) * scb + (slot % PAGE) * sct
+        lat = tl.arange(0, BLOCK_L)
+        rp = tl.arange(0, BLOCK_R)
+        x = tl.load(lat_ptr + t * sl0 + lat, mask=lat < L)
+        tl.store(dst + lat, x.to(c_ptr.dtype.element_ty), mask=lat < L)
+        y = tl.load(pe_ptr + t * sp0 + rp, mask=rp < R)
+        tl.store(dst + L + rp, y.to(c_ptr.dtype.element_ty), mask=rp < R)
+
+
+@register("mla_cache_write", B)
+def mla_cache_write(latent: torch.Tensor, k_pe: torch.Tensor, kv_cache: torch.Tensor,
+                    slot_mapping: torch.Tensor) -> None:
+    """The torch op's write (latent [T, L] | k_pe [T, R] into the row of each slot; -1 = skip),
+    without its boolean indexing (a host sync): CUDA-graph safe."""
+    t, lat_dim = latent.shape
+    rope = k_pe.shape[1]
+    if kv_cache.shape[-1] != lat_dim + rope:
+        raise ValueError(f"mla_cache_write: cache rows of {kv_cache.shape[-1]} values, latent {lat_dim} + rope {rope}")
+    if t == 0:
+        return
+    latent, k_pe = _unit_stride(latent), _unit_stride(k_pe)
+    _mla_write_kernel[(t,)](latent, k_pe, kv_cache, slot_mapping, latent.stride(0), k_pe.stride(0),
+                            kv_cache.stride(0), kv_cache.stride(1), L=lat_dim, R=rope, BLOCK_L=_pow2(lat_dim),
+                            BLOCK_R=_pow2(rope), PAGE=kv_cache.shape[1], num_warps=4)

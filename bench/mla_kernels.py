@@ -1,0 +1,141 @@
+"""MLA decode (atom/ops/triton/mla.py) at the Moonlight-16B-A3B shape (16 heads, kv_lora_rank 512,
+qk_rope_head_dim 64, bf16): `python -m bench.mla_kernels`. Prints median time, the bytes the
+attention must read (each prompt's latents once, every sequence's own ones), the fraction of the
+copy bandwidth that is, and the tensor-core FLOP rate (scores over L + R, output over L).
+`python -m bench.mla_kernels --tune FILE` sweeps MLA_CFG and writes {"mla": {...}}, which
+`python -m bench.rollout --tuned FILE` (bench.kernels.apply_tuned) loads."""
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+import torch
+
+from atom.ops import implementations
+from atom.ops.metadata import AttentionMetadata, CascadeMetadata
+from bench.kernels import bench
+
+HEADS, LAT, ROPE = 16, 512, 64
+
+
+def mla_batch(bsz: int, prompt: int, gen: int, n: int, max_n: int, heads: int = HEADS, cascade: bool = True,
+              page: int = 16, dev: str = "cuda"):
+    """bsz rows in prompts of n samples sharing `prompt` tokens, each with `gen` own tokens; groups
+    of at most max_n rows (the decode runner's grouping: 4 for 16 query heads)."""
+    prompts, pb, own = bsz // n, prompt // page, -(-gen // page) + 1
+    blocks = prompts * pb + bsz * own
+    cache = torch.randn(blocks, page, 1, LAT + ROPE, device=dev, dtype=torch.bfloat16)
+    perm = torch.randperm(blocks, device=dev).int()
+    prefix = [perm[p * pb:(p + 1) * pb] for p in range(prompts)]
+    at = prompts * pb
+    tables = []
+    for r in range(bsz):
+        tables.append(torch.cat([prefix[r // n], perm[at + r * own: at + (r + 1) * own]]))
+    seq_lens = torch.full((bsz,), prompt + gen, device=dev, dtype=torch.int32)
+    meta = AttentionMetadata(slot_mapping=torch.full((bsz,), -1, device=dev), query_start_loc=None,
+                             seq_lens=seq_lens, block_tables=torch.stack(tables), is_decode=True, max_query_len=1,
+                             max_seq_len=prompt + gen + 1)
+    if cascade and n > 1:
+        cap = max(1, bsz // 2)  # the runner's group capacity
+        rows = torch.full((cap, max_n), -1, dtype=torch.int32)
+        plen = torch.zeros(cap, dtype=torch.int32)
+        g = 0
+        for p in range(prompts):
+            for c0 in range(0, n, max_n):
+                members = list(range(p * n + c0, p * n + min(n, c0 + max_n)))
+                rows[g, :len(members)] = torch.tensor(members, dtype=torch.int32)
+                plen[g] = pb * page
+                g += 1
+        meta.cascade = CascadeMetadata(rows.to(dev), plen.to(dev),
+                                       torch.full((bsz,), pb * page, device=dev, dtype=torch.int32),
+                                       prompt + gen + 1)
+    q_lat = torch.randn(bsz, heads, LAT, device=dev, dtype=torch.bfloat16)
+    q_pe = torch.randn(bsz, heads, ROPE, device=dev, dtype=torch.bfloat16)
+    return q_lat, q_pe, cache, meta
+
+
+CASES = {  # name: (bsz, prompt, gen, n, max_n, heads)
+    "mla-decode bs512 shared (grpo-mla-moe)": (512, 1024, 512, 8, 4, HEADS),
+    "mla-decode bs64 shared": (64, 1024, 512, 8, 4, HEADS),
+    "mla-decode bs1": (1, 128, 384, 1, 4, HEADS),
+    "mla-decode 128 heads bs64 shared": (64, 1024, 512, 8, 2, 128),
+}
+
+
+def measure(dec, case, cascade=True) -> tuple[float, float, float]:
+    """(seconds, bytes needed, FLOPs) of one call."""
+    bsz, prompt, gen, n, max_n, heads = case
+    q_lat, q_pe, cache, meta = mla_batch(bsz, prompt, gen, n, max_n, heads, cascade)
+    t = bench(lambda: dec(q_lat, q_pe, cache, meta, 192 ** -0.5))
+    need = (bsz // n * prompt + bsz * gen) * (LAT + ROPE) * 2
+    flops = bsz * heads * (prompt + gen) * 2 * (2 * LAT + ROPE)
+    return t, need, flops
+
+
+def tune(out_path: str) -> None:
+    import atom.ops.triton.mla as mla
+    dec = implementations("mla_attention_decode")["triton"]
+    cases = [c for name, c in CASES.items() if "shared" in name]
+
+    def score(base=None):
+        times = [measure(dec, c)[0] for c in cases]
+        return times, (len(times) if base is None else sum(t / b for t, b in zip(times, base)))
+    base, _ = score()
+    for keys, cands in ((("prefix_dv", "prefix_block_n", "prefix_warps", "prefix_stages"),
+                         [(256, 32, 8, 2), (512, 32, 8, 1), (512, 16, 8, 2), (128, 32, 4, 2), (256, 64, 8, 2),
+                          (256, 32, 4, 2), (512, 32, 16, 2), (256, 16, 8, 3)]),
+                        (("block_n", "warps", "stages"),
+                         [(32, 4, 2), (16, 4, 2), (64, 4, 2), (32, 8, 2), (32, 4, 3), (64, 8, 2), (16, 2, 3)]),
+                        (("whole_own_pairs", "split", "prefix_split"),
+                         [(256, 256, 1024), (128, 256, 1024), (1024, 256, 1024), (256, 512, 512), (256, 256, 512)])):
+        best, best_score = None, 1.0
+        for cand in cands:
+            saved = dict(mla.MLA_CFG)
+            mla.MLA_CFG.update(dict(zip(keys, cand)))
+            try:
+                times, s = score(base)
+            except Exception as exc:  # a config that does not compile / fit
+                print("  skip", cand, type(exc).__name__)
+                s = None
+            if s is not None:
+                print(f"  {dict(zip(keys, cand))}: {[round(t * 1e6) for t in times]} us, score {s:.3f}")
+                if s < best_score - 0.02:
+                    best, best_score = dict(mla.MLA_CFG), s
+            mla.MLA_CFG.clear()
+            mla.MLA_CFG.update(saved)
+        if best is not None:
+            mla.MLA_CFG.update(best)
+            base = score()[0]
+        print("->", mla.MLA_CFG)
+    tuned = json.load(open(out_path)) if os.path.isfile(out_path) else {}
+    tuned["mla"] = mla.MLA_CFG
+    json.dump(tuned, open(out_path, "w"))
+    print("tuned ->", out_path, json.dumps({"mla": mla.MLA_CFG}))
+
+
+def main() -> None:
+    import atom.ops.triton  # noqa: F401
+    if len(sys.argv) > 2 and sys.argv[1] == "--tune":
+        return tune(sys.argv[2])
+    if len(sys.argv) > 2 and sys.argv[1] == "--tuned":
+        from bench.kernels import apply_tuned
+        apply_tuned(sys.argv[2])
+    ceil_path = os.environ.get("ATOM_BENCH_CEILINGS", "/tmp/atom_ceilings.json")
+    bw = json.load(open(ceil_path))["copy_bytes_per_s"] if os.path.isfile(ceil_path) else 4.3e12
+    impls = implementations("mla_attention_decode")
+    print(f"{'kernel':<48} {'us':>9} {'GB/s':>7} {'of copy bw':>10} {'TFLOP/s':>8}")
+    for name, case in CASES.items():
+        variants = [("", impls["triton"], True)]
+        if case[3] > 1:
+            variants.append((" no cascade", impls["triton"], False))
+        if case[0] <= 64:  # the torch reference: gathers every block, float32
+            variants.append((" (torch ref)", impls["torch"], False))
+        for suffix, fn, casc in variants:
+            t, need, flops = measure(fn, case, casc)
+            print(f"{name + suffix:<48} {t * 1e6:>9.1f} {need / t / 1e9:>7.0f} {need / t / bw:>10.1%} "
+                  f"{flops / t / 1e12:>8.1f}")
+
+
+if __name__ == "__main__":
+    main()

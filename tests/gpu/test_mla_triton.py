@@ -1,0 +1,161 @@
+"""The Triton MLA ops (atom/ops/triton/mla.py) against their torch references
+(atom/ops/torch_family_ops.py) on fresh random inputs: the latent cache write, and the absorbed
+decode in split and whole-own-part modes, with and without shared-prefix groups (the n samples of
+a prompt read its latents once per group). Small shapes run in Triton's interpreter
+(ATOM_GPU_TESTS_ON_CPU=1 TRITON_INTERPRET=1); the GPU adds Moonlight's and DeepSeek-V3's."""
+from __future__ import annotations
+
+import math
+import random
+
+import pytest
+import torch
+
+from atom.ops import torch_family_ops
+from atom.ops.metadata import AttentionMetadata, CascadeMetadata
+
+from gpu_helpers import ON_CPU, act_dtypes, device, triton_ops  # noqa: F401 (fixtures)
+
+pytestmark = pytest.mark.gpu
+
+TOL = {torch.bfloat16: 1.6e-2, torch.float16: 4e-3, torch.float32: 2e-5}
+
+# (heads, kv_lora_rank, qk_rope_head_dim, page): the tiny test model; dims that are not powers of
+# two with two head blocks; a mid size.
+SHAPES = [(4, 32, 8, 16), (20, 48, 24, 16), (16, 64, 16, 32)]
+if not ON_CPU:  # Moonlight-16B-A3B, its TP2 share, DeepSeek-V3 on one GPU
+    SHAPES += [(16, 512, 64, 16), (8, 512, 64, 16), (128, 512, 64, 16)]
+
+
+def check(out: torch.Tensor, ref: torch.Tensor, dtype: torch.dtype) -> None:
+    assert torch.isfinite(out).all(), "non-finite output"
+    err = ((out.double() - ref.double()).norm() / ref.double().norm()).item()
+    assert err < TOL[dtype], f"relative error {err:.3g} over {TOL[dtype]:.3g}"
+
+
+def latent_batch(device, dtype, seq_lens, heads, lat, rope, page, shared=None):
+    """Random latent cache rows, shuffled block tables and absorbed queries for one decode step.
+    shared: (rows, prefix_blocks) pairs: those rows share their first prefix_blocks blocks."""
+    need = [math.ceil(n / page) for n in seq_lens]
+    total = sum(need) + 3
+    perm = torch.randperm(total).tolist()
+    tables = [[perm.pop() for _ in range(n)] for n in need]
+    for rows, nb in shared or []:
+        for r in rows[1:]:
+            tables[r][:nb] = tables[rows[0]][:nb]
+    width = max(need)
+    bsz = len(seq_lens)
+    meta = AttentionMetadata(
+        slot_mapping=torch.full((bsz,), -1, device=device),
+        query_start_loc=torch.arange(bsz + 1, dtype=torch.int32, device=device),
+        seq_lens=torch.tensor(seq_lens, dtype=torch.int32, device=device),
+        block_tables=torch.tensor([t + [0] * (width - len(t)) for t in tables], dtype=torch.int32, device=device),
+        is_decode=True, max_query_len=1, max_seq_len=max(seq_lens))
+    cache = torch.randn(total, page, 1, lat + rope, device=device).to(dtype)
+    # q_pe as the model passes it: a strided view of a wider tensor.
+    q = torch.randn(bsz, heads, lat + rope, device=device)
+    q_latent, q_pe = (0.5 * q[..., :lat]).to(dtype), q[..., lat:].to(dtype)
+    return q_latent, q_pe, cache, meta, 2 * (lat + rope) ** -0.5
+
+
+@pytest.fixture(params=["split", "whole"])
+def decode_mode(request, triton_ops, monkeypatch):
+    """Split own parts + merge kernel, or one program per sequence's whole own part."""
+    import atom.ops.triton.mla as mla
+    monkeypatch.setitem(mla.MLA_CFG, "whole_own_pairs", 1 if request.param == "whole" else 1 << 40)
+    if ON_CPU:  # several own splits at the interpreter's short sequences
+        monkeypatch.setitem(mla.MLA_CFG, "small_split", 16)
+        monkeypatch.setitem(mla.MLA_CFG, "split", 32)
+    return request.param
+
+
+@pytest.mark.parametrize("dtype", act_dtypes())
+@pytest.mark.parametrize("lat,rope,page", [(32, 8, 16), (48, 24, 32), (512, 64, 16)])
+def test_mla_cache_write(triton_ops, device, dtype, lat, rope, page):
+    torch.manual_seed(lat + page)
+    blocks, t = 12, 40
+    cache = torch.randn(blocks, page, 1, lat + rope, device=device).to(dtype)
+    latent = torch.randn(t, lat, device=device).to(dtype)
+    k_pe = torch.randn(t, 3, rope, device=device).to(dtype)[:, 1]  # strided, as rope's output slice
+    slots = torch.randperm(blocks * page, device=device)[:t]
+    slots[::6] = -1
+    got, want = cache.clone(), cache.clone()
+    triton_ops("mla_cache_write")["triton"](latent, k_pe, got, slots)
+    torch_family_ops.mla_cache_write(latent, k_pe, want, slots)
+    assert torch.equal(got, want)
+    assert not torch.equal(got, cache)
+
+
+@pytest.mark.parametrize("dtype", act_dtypes())
+@pytest.mark.parametrize("heads,lat,rope,page", SHAPES)
+def test_mla_decode(triton_ops, device, dtype, heads, lat, rope, page, decode_mode):
+    torch.manual_seed(heads * 7 + lat + page)
+    seq_lens = [1, 2, 17, 70, 33] if ON_CPU else [1, 2, 17, 300, 1025, 4097, 2048, 513]
+    q_latent, q_pe, cache, meta, scale = latent_batch(device, dtype, seq_lens, heads, lat, rope, page)
+    out = triton_ops("mla_attention_decode")["triton"](q_latent, q_pe, cache, meta, scale)
+    check(out, torch_family_ops.mla_attention_decode(q_latent, q_pe, cache, meta, scale), dtype)
+
+
+@pytest.fixture(params=["small_prefix_split", "prefix_split+value_chunks"])
+def prefix_cfg(request, triton_ops, monkeypatch):
+    """Shared-prefix splits of either size class; the second also cuts the latent output into
+    chunks (CPU: 16 columns, GPU: 128) so that several value-chunk programs share a group."""
+    import atom.ops.triton.mla as mla
+    small = request.param == "small_prefix_split"
+    monkeypatch.setitem(mla.MLA_CFG, "small_prefix_pairs", 1 << 40 if small else 1)
+    if not small:
+        monkeypatch.setitem(mla.MLA_CFG, "prefix_dv", 16 if ON_CPU else 128)
+        monkeypatch.setitem(mla.MLA_CFG, "prefix_heads", 8)  # several head blocks for >8 heads
+    if ON_CPU:
+        monkeypatch.setitem(mla.MLA_CFG, "small_prefix_split", 16)
+        monkeypatch.setitem(mla.MLA_CFG, "prefix_split", 32)
+    return request.param
+
+
+@pytest.mark.parametrize("dtype", act_dtypes())
+@pytest.mark.parametrize("heads,lat,rope,page", SHAPES)
+def test_mla_cascade_decode(triton_ops, device, dtype, heads, lat, rope, page, decode_mode, prefix_cfg):
+    """Two prompts of n samples sharing their prompt's blocks, groups of at most max_n rows (the
+    decode runner's rule: 64 // heads, 2 to 16), a row of its own, a padded row (zeros)."""
+    torch.manual_seed(heads * 13 + lat + page)
+    random.seed(heads)
+    prompt = 40 if ON_CPU else 1024
+    n = 3 if ON_CPU else 8
+    seq_lens = [prompt + random.randint(1, 70 if ON_CPU else 900) for _ in range(2 * n + 2)]
+    nb = prompt // page
+    groups = [list(range(0, n)), list(range(n, 2 * n))]
+    q_latent, q_pe, cache, meta, scale = latent_batch(device, dtype, seq_lens, heads, lat, rope, page,
+                                                      shared=[(g, nb) for g in groups])
+    max_n = max(2, min(16, 64 // heads))
+    rows = [g[i:i + max_n] for g in groups for i in range(0, len(g), max_n)]
+    cap = len(seq_lens) // 2
+    grid_rows = torch.full((cap, max_n), -1, dtype=torch.int32)
+    plen = torch.zeros(cap, dtype=torch.int32)
+    row_prefix = torch.zeros(len(seq_lens), dtype=torch.int32)
+    for gi, members in enumerate(rows):
+        grid_rows[gi, :len(members)] = torch.tensor(members, dtype=torch.int32)
+        plen[gi] = nb * page
+        row_prefix[members] = nb * page
+    meta.cascade = CascadeMetadata(grid_rows.to(device), plen.to(device), row_prefix.to(device), meta.max_seq_len)
+    tri = triton_ops("mla_attention_decode")["triton"]
+    out = tri(q_latent, q_pe, cache, meta, scale)
+    check(out, torch_family_ops.mla_attention_decode(q_latent, q_pe, cache, meta, scale), dtype)
+    meta.seq_lens[-1] = 0  # a padded row of a CUDA-graph batch: zeros, never NaN
+    out = tri(q_latent, q_pe, cache, meta, scale)
+    assert torch.equal(out[-1], torch.zeros_like(out[-1]))
+
+
+def test_deepseek_decode_ops_are_graph_safe_on_cuda(triton_ops):
+    """The decode runner captures CUDA graphs only when every op a decode step runs is graph_safe
+    (atom/engine/cuda_graph.py): on CUDA, DeepSeek-V3's (MLA on triton, grouped routing in torch
+    without a host sync) all are, and its decode attention reads shared-prefix groups."""
+    from atom.engine.cuda_graph import _GRAPH_OPS, _GRAPH_OPS_MOE
+    from atom.models.deepseek_v3 import DeepseekV3ForCausalLM
+    from atom.ops.registry import OpTable
+    table = OpTable()
+    table.configure(torch.device("cuda"))  # the registry's choice for a CUDA device (no device needed)
+    needed = _GRAPH_OPS + _GRAPH_OPS_MOE + DeepseekV3ForCausalLM.graph_ops
+    assert {table.backend_of[name] for name in ("mla_attention_decode", "mla_cache_write")} == {"triton"}
+    assert [name for name in needed if not table.supports(name, "graph_safe")] == []
+    assert table.supports(DeepseekV3ForCausalLM.decode_attention_op, "cascade")
+    assert not table.supports("mla_attention_prefill", "graph_safe")  # prefill stays eager (torch)
