@@ -129,13 +129,18 @@ def run(impl, a) -> dict:
     timed("fork", do_fork)
     starts, ones = [a.prompt_len] * len(seqs), [1] * len(seqs)
 
+    walls = []
+
     def do_decode():
         for step in range(steps):
             rows = staging[step % 2]
             rows[:, 0, 0] = step  # (what the device wrote this step)
+            w = time.perf_counter()
             impl.record(seqs, [s + step for s in starts], ones, rows, False)
             impl.after_step()
+            walls.append(time.perf_counter() - w)
     timed("decode", do_decode)
+    out["step_wall_ms"] = (float(np.median(walls)) * 1e3, max(walls) * 1e3)
     for seq in seqs:  # finished: prompt + output tokens
         seq.token_ids += rng.integers(0, 1000, a.output_len).tolist()
         seq.status = SeqStatus.FINISHED
@@ -173,12 +178,14 @@ def main(argv: list[str] | None = None) -> int:
         gc.collect()
         r = run(impl, a)
         checks[name] = r.pop("check")
+        p50, worst = r.pop("step_wall_ms")
         steps = a.output_len - 1
         end = sum(r[k][1] for k in ("prefill", "fork", "outputs"))
         result[name] = {
             **{f"{k}_cpu_s": round(v[0], 3) for k, v in r.items()},
             **{f"{k}_wall_s": round(v[1], 3) for k, v in r.items()},
             "decode_cpu_ms_per_step": round(r["decode"][0] / steps * 1e3, 3),
+            "decode_step_wall_ms_p50": round(p50, 3), "decode_step_wall_ms_max": round(worst, 1),
             # Overlapped: the decode share is hidden; the rest adds to a rollout of steps x GPU step.
             "predicted_slowdown": round(end / (steps * a.gpu_step_ms / 1e3), 4),
             "predicted_slowdown_not_overlapped": round((end + r["decode"][1]) / (steps * a.gpu_step_ms / 1e3), 4)}

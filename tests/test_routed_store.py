@@ -154,7 +154,7 @@ def test_store_matches_the_reference_on_random_schedules(small_slabs, seed):
         rng.shuffle(batch)
         sim.decode(batch)
         if rng.random() < 0.5:
-            sim.store.drain(rng.choice([0, 1, 64, 1 << 20]))
+            sim.store.drain(rng.choice([0.0, 1.0]))
         if step == 5:  # a running sequence's output mid-way is a copy: later steps leave it alone
             seq = live[0]
             early[id(seq)] = (seq, sim.check(seq), sim.check(seq).copy() if seq.routed else None)
@@ -221,7 +221,7 @@ def test_owed_rows_are_written_by_drain_within_its_budget():
     for seq in seqs:
         sim.prefill(seq, 20)
     assert all(s.routed.owed for s in seqs)
-    sim.store.drain(budget_bytes=4 * L * K * 20)  # one sequence's prompt
+    sim.store.drain(seconds=0)  # the oldest sequence's rows, at least
     assert [bool(s.routed.owed) for s in seqs] == [False, True, True]
     np.testing.assert_array_equal(pickle.loads(pickle.dumps(seqs[1].routed)).array(20, copy=False),
                                   sim.ref.output(seqs[1])[:20])  # pickling writes owed rows first

@@ -10,8 +10,8 @@ What a step costs the host:
   steps later) goes into the ranges with one vectorised scatter per slab: no numpy call per
   sequence;
 * a prefill chunk's rows (an array the step owns) are owed, not copied, and a forked sample owes
-  the parent's prompt rows: `drain` writes owed rows a few MiB at a time from the overlapped
-  decode loop, while the GPU runs the next step; anything that reads or rewrites owed rows
+  the parent's prompt rows: `drain` writes owed rows for a few ms from the overlapped decode
+  loop, while the GPU runs the next step; anything that reads or rewrites owed rows
   writes them first (`RoutedRows.settle`).
 Writing rows is mostly first-touch page faults (slabs are anonymous mappings: the OS commits pages
 as they are written, in 4 KiB pages, so a range is sized for the sequence's max_tokens up front);
@@ -22,6 +22,7 @@ sequence and view using it are gone.
 from __future__ import annotations
 
 import mmap
+import time
 from collections import deque
 
 import numpy as np
@@ -31,7 +32,7 @@ from atom.engine.sequence import SeqStatus
 _MIN_SLAB_BYTES = 256 << 20  # slabs are address space until written: they may be large
 _MAX_SLAB_BYTES = 4 << 30
 _UNBOUNDED_ROWS = 1024     # first range beyond the current length when max_tokens is None (grows)
-_DRAIN_BYTES = 2 << 20     # owed rows written per overlapped decode step
+_DRAIN_SECONDS = 0.004     # writing owed rows per overlapped decode step (the GPU's step: ~30 ms)
 _SNO_SHIFT = 40            # addr = slab serial number << 40 | base row
 
 
@@ -166,12 +167,15 @@ class RoutedStore:
         slab[base: base + h.filled] = h.slab[h.base: h.base + h.filled]  # owed rows land later, here
         h.place(slab, sno, base, cap)
 
-    def drain(self, budget_bytes: int = _DRAIN_BYTES) -> None:
-        """Write owed rows, oldest first, about `budget_bytes` of them (the overlapped loop calls
-        this while the device runs the next step)."""
-        budget = budget_bytes // (4 * self.width)
-        while self._owing and budget > 0:
-            budget -= self._owing.popleft().settle()
+    def drain(self, seconds: float = _DRAIN_SECONDS) -> None:
+        """Write owed rows, oldest first, for about `seconds` (at least one sequence's): the
+        overlapped loop calls this while the device runs the next step. A time budget, since
+        what writing costs (mostly mapping fresh pages) differs by an order of magnitude between
+        hosts."""
+        end = time.perf_counter() + seconds
+        while self._owing:
+            if self._owing.popleft().settle() and time.perf_counter() >= end:
+                return
 
     # ---- one step ----------------------------------------------------------------------------
     def record(self, seqs: list, starts: list[int], counts: list[int], routed: np.ndarray,

@@ -60,7 +60,7 @@ class Sequence:
         self.stop_text_len: int | None = None  # text cut where a stop string begins
         # Which weight version produced which output tokens: [version, first, end) spans.
         self.weight_spans: list[list] = []
-        # Routed experts (return_routed_experts): its rows in the engine's RoutedStore (routing.py).
+        # Routed experts (return_routed_experts): a RoutedRows, its rows in the engine's store (routing.py).
         self.routed = None
         # The first sequence of a request with n > 1 samples all n first tokens from its one
         # prefill, then forks the others off its KV blocks.
