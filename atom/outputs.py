@@ -29,7 +29,9 @@ class Completion:
     routed_experts: with SamplingParams(return_routed_experts=True), a numpy int32 array
         [prompt + generated tokens - 1, moe_layers, top_k]: the experts each MoE layer chose for each
         position the engine ran (all but the last token), the prompt's included (as SGLang returns
-        them); feed it to atom.fidelity.routing_replay in the trainer. None otherwise.
+        them); feed it to atom.fidelity.routing_replay in the trainer. None otherwise. A finished
+        completion's array is a view of a host block shared with other completions (no copy when
+        requests finish): np.array(...) it to keep one alone for long.
     """
 
     index: int

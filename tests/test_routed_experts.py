@@ -3,6 +3,7 @@ replay in the trainer (atom.fidelity)."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 
 import numpy as np
 import pytest
@@ -45,9 +46,20 @@ def check(path, out):
 SP = SamplingParams(n=3, temperature=1.0, seed=5, max_tokens=12, ignore_eos=True, return_routed_experts=True)
 
 
-@pytest.mark.parametrize("case", ["plain", "chunked", "preempted", "cached_prefix"])
-def test_capture_equals_hf_routers(path, case):
+@pytest.fixture
+def small_slabs(monkeypatch):
+    """The host store's slabs hold a few sequences, max_tokens=None ranges start 2 rows long:
+    every step scatters into several slabs and ranges grow (atom/engine/routing.py)."""
+    from atom.engine import routing
+    monkeypatch.setattr(routing, "_MIN_SLAB_BYTES", 4 * 2 * TOP_K * 64)
+    monkeypatch.setattr(routing, "_UNBOUNDED_ROWS", 2)
+
+
+@pytest.mark.parametrize("case", ["plain", "chunked", "preempted", "cached_prefix", "slabs"])
+def test_capture_equals_hf_routers(path, case, request):
     kw = {"chunked": dict(max_num_batched_tokens=8), "preempted": dict(num_kv_blocks=7, max_num_seqs=4)}.get(case, {})
+    if case == "slabs":
+        request.getfixturevalue("small_slabs")
     engine = make(path, **kw)
     prompts = random_prompts([33, 20, 9], TINY_VOCAB, seed=7)
     if case == "cached_prefix":  # the same prompts computed once already: capture still covers them
@@ -59,10 +71,13 @@ def test_capture_equals_hf_routers(path, case):
         check(path, out)
 
 
-def test_capture_on_the_overlapped_decode_path_and_async(path):
+def test_capture_on_the_overlapped_decode_path_and_async(path, small_slabs):
     engine = make(path, overlap_decode=True)  # the GPU decode path, run on the CPU
     prompts = random_prompts([17, 26], TINY_VOCAB, seed=8)
     for out in engine.generate(prompts, SP):
+        check(path, out)
+    unbounded = dataclasses.replace(SP, max_tokens=None, ignore_eos=False)  # ranges grow
+    for out in engine.generate(prompts, unbounded):
         check(path, out)
     front = AsyncRolloutEngine(engine)
 
@@ -72,6 +87,34 @@ def test_capture_on_the_overlapped_decode_path_and_async(path):
     front.close()
     for out in outs:
         check(path, out)
+
+
+@pytest.mark.parametrize("overlap", [False, True])
+def test_capture_through_step_and_abort(path, overlap):
+    """Outputs of running requests (step API) are copies that later steps leave alone; an abort
+    mid-prompt returns the positions that ran and -1 for the others; one mid-decode, all of them."""
+    engine = make(path, max_num_batched_tokens=8, overlap_decode=overlap)
+    prompts = random_prompts([30, 12], TINY_VOCAB, seed=11)
+    engine.add_request("a", prompts[0], SP)
+    engine.add_request("b", prompts[1], SP)
+    engine.step()  # 8 tokens of a's prompt
+    mid = engine.abort("a")["a"].outputs[0]
+    assert mid.token_ids == [] and mid.routed_experts.shape == (29, 2, TOP_K)
+    np.testing.assert_array_equal(np.sort(mid.routed_experts[:8], -1), hf_routing(path, prompts[0])[:8])
+    assert (mid.routed_experts[8:] == -1).all()
+    seen = {}
+    for _ in range(8):
+        for out in engine.step():
+            for c in out.outputs:
+                if c.routed_experts is not None and c.token_ids:
+                    seen[c.index] = (c.routed_experts, c.routed_experts.copy(), prompts[1] + c.token_ids)
+    assert seen
+    for got, snapshot, ids in seen.values():
+        np.testing.assert_array_equal(np.sort(got, -1), hf_routing(path, ids))
+    done = engine.abort("b")["b"]
+    check(path, done)
+    for got, snapshot, _ in seen.values():
+        np.testing.assert_array_equal(got, snapshot)
 
 
 def test_capture_off_costs_nothing_and_needs_the_engine_flag(path):

@@ -6,7 +6,7 @@ from atom.distributed.parallel_state import ParallelGroup
 from atom.engine.sequence import Request, Sequence, SeqStatus
 
 _SEQ_FIELDS = ("logprobs", "top_logprobs", "logprob_ranks", "finish_reason", "stop_reason", "stop_text_len",
-               "weight_spans", "routed_chunks")
+               "weight_spans", "routed")
 
 
 def my_requests(requests: list[Request], dp: ParallelGroup) -> list[Request]:

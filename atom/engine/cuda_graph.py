@@ -105,6 +105,12 @@ class DecodeRunner:
         self.s_nps = [_sampling_views(h.numpy(), cap, lambda a, dt: a.view(dt)) for h in self.s_hosts]
         self.s_t = _sampling_views(self.s_dev, cap, lambda a, dt: a.view(_TORCH_DTYPES[dt]))
         self._param_cache: dict[int, tuple] = {}
+        # Routed experts (enable_return_routed_experts): each step's rows land in one of two pinned
+        # buffers used in turn, like the inputs (no allocation per step: a fresh pinned block
+        # costs a cudaHostAlloc); the scheduler reads them before the buffer's next turn.
+        routed = runner.routed_buf
+        self.routed_hosts = None if routed is None else [
+            torch.empty((cap, *routed.shape[1:]), dtype=routed.dtype, pin_memory=pin) for _ in range(2)]
         self.timers = {"fill": 0.0, "forward+sample": 0.0, "steps": 0, "overlapped": 0}
         self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         self.pool = None
@@ -363,10 +369,10 @@ class DecodeRunner:
         tm["forward+sample"] += time.perf_counter() - t1
         tm["steps"] += 1
         tm["overlapped"] += lag
-        routed = self.runner.routed_rows(n)
-        if routed is not None:  # queued before the event _copy_to_host records
-            routed = routed.to("cpu", copy=True) if routed.device.type == "cpu" else \
-                torch.empty(routed.shape, dtype=routed.dtype, pin_memory=True).copy_(routed, non_blocking=True)
+        routed = None
+        if self.routed_hosts is not None:  # queued before the event _copy_to_host records
+            routed = self.routed_hosts[parity][:n]
+            routed.copy_(self.runner.routed_rows(n), non_blocking=True)
         return InFlight(batch, result, *_copy_to_host(result), routed)
 
     def collect(self, inflight: "InFlight"):
@@ -403,7 +409,9 @@ class InFlight:
     result: SamplerOutput        # on the device: the next step reads its tokens there
     host: SamplerOutput          # pinned copy, valid once `ready` has fired
     ready: torch.cuda.Event | None  # None on the CPU
-    routed: torch.Tensor | None = None  # host copy of the step's routed experts (when captured)
+    # The step's routed experts (when captured): rows of a pinned staging buffer, valid once
+    # `ready` fired and until the second launch after this one reuses the buffer.
+    routed: torch.Tensor | None = None
 
 
 # ---- KV-cache sizing ---------------------------------------------------------------------------

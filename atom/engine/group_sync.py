@@ -18,7 +18,7 @@ from typing import Any
 from atom.engine.sequence import Request, Sequence, SeqStatus
 
 _SEQ_FIELDS = ("token_ids", "logprobs", "top_logprobs", "finish_reason", "stop_reason", "stop_text_len",
-               "weight_spans", "routed_chunks")
+               "weight_spans", "routed")
 
 
 @dataclass

@@ -18,6 +18,7 @@ from atom.engine.group_sync import GroupPlan, GroupSync, apply_report, new_reque
 from atom.engine.messages import ScheduledBatch, StepOutput
 from atom.engine.model_runner import ModelRunner
 from atom.engine.rl_state import EngineRLState
+from atom.engine.routing import RoutedStore
 from atom.engine.scheduler import Scheduler
 from atom.engine.sequence import Request, Sequence, SeqStatus
 from atom.engine.stops import StopChecker
@@ -50,8 +51,10 @@ class LLMEngine(EngineRLState):
                                                 self.runner.kv_window)
         self.stats = EngineStats()
         stop = StopChecker(self.args.eos_token_ids, self.max_model_len, detokenize)
+        routed = self.runner.routed_buf  # [tokens, moe_layers, top_k] (enable_return_routed_experts)
+        routing = None if routed is None else RoutedStore(routed.shape[1], routed.shape[2], self.max_model_len)
         self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, config.max_num_batched_tokens,
-                                   self.stats, stop)
+                                   self.stats, stop, routing)
         self.weight_version: int | str = 0
         self.requests: dict[str, Request] = {}  # live requests by id (held ones included)
         self._held: list[Request] = []           # arrived while paused: admitted on resume

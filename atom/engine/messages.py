@@ -40,7 +40,9 @@ class StepOutput:
     # (seq, first prompt position scored, one dict per position, the rank of each actual token)
     prompt_logprobs: list[tuple[Sequence, int, list[dict[int, float]], list[int]]] = field(default_factory=list)
     overlapped: bool = False  # launched ahead (the scheduler advanced its sequences at launch)
-    # [tokens, moe_layers, top_k] experts each token of the step went to (enable_return_routed_experts)
+    # [tokens, moe_layers, top_k] int16 experts each token of the step went to
+    # (enable_return_routed_experts). A decode step's is a view of the runner's staging buffer:
+    # read it (Scheduler.update) before the runner launches its second step after this one.
     routed: "numpy.ndarray | None" = None
 
 

@@ -226,10 +226,8 @@ class ModelRunner:
                     sample_index.append(start + n - 1)
             start += n
         out = StepOutput()
-        if self.routed_buf is not None:  # a copy: the buffer is rewritten by the next step
-            out.routed = self.routed_buf[:len(input_ids)].to("cpu", copy=True).numpy()
         if not prompt_index and not sample_index:
-            return out
+            return self._with_routing(out, len(input_ids))
         rows = torch.tensor(prompt_index + sample_index, device=self.device)
         logits = self.model.compute_logits(hidden[rows])
         for seq, first, r0, r1 in prompt_rows:
@@ -241,6 +239,13 @@ class ModelRunner:
             if self.parallel.debug_checks:
                 self.parallel.check_same(result.token_ids, "sampled tokens")
             out.sampled = sampled_tokens(sample_rows, result)
+        return self._with_routing(out, len(input_ids))
+
+    def _with_routing(self, out: StepOutput, num_tokens: int) -> StepOutput:
+        """The step's routed experts (when captured), read after the sampler's read-back (one wait
+        per step); a copy: the buffer is rewritten by the next step."""
+        if self.routed_buf is not None:
+            out.routed = self.routed_buf[:num_tokens].to("cpu", copy=True).numpy()
         return out
 
     @property

@@ -10,6 +10,7 @@ from collections import deque
 
 from atom.engine.block_manager import BlockManager
 from atom.engine.messages import SampledToken, ScheduledBatch, StepOutput
+from atom.engine.routing import RoutedStore
 from atom.engine.sequence import Sequence, SeqStatus
 from atom.engine.stops import StopChecker
 from atom.outputs import EngineStats
@@ -17,7 +18,7 @@ from atom.outputs import EngineStats
 
 class Scheduler:
     def __init__(self, block_manager: BlockManager, max_num_seqs: int, max_num_batched_tokens: int,
-                 stats: EngineStats, stop: StopChecker) -> None:
+                 stats: EngineStats, stop: StopChecker, routing: RoutedStore | None = None) -> None:
         self.bm = block_manager
         self.stop = stop
         self.max_num_seqs = max_num_seqs
@@ -25,6 +26,7 @@ class Scheduler:
         self.stats = stats
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
+        self.routing = routing  # routed experts (enable_return_routed_experts)
 
     def add(self, seq: Sequence, front: bool = False) -> None:
         seq.status = SeqStatus.WAITING
@@ -166,8 +168,10 @@ class Scheduler:
         touched (appended to, forked or finished). Overlapped steps were advanced at launch."""
         if not out.overlapped:
             self.advance(batch)
-        if out.routed is not None:
-            self._keep_routing(batch, out.routed)
+        if out.routed is not None:  # (rows of sequences finished meanwhile land past their end)
+            self.routing.record(batch.seqs, batch.starts, batch.num_new_tokens, out.routed, owned=not out.overlapped)
+            if out.overlapped:  # the device runs the next step meanwhile: write owed prompt rows
+                self.routing.drain()
         for seq, first, entries, ranks in out.prompt_logprobs:
             seq.request.prompt_logprobs[first + 1: first + 1 + len(entries)] = entries
             seq.request.prompt_logprob_ranks[first + 1: first + 1 + len(ranks)] = ranks
@@ -190,21 +194,12 @@ class Scheduler:
             st.seq.fork_pending = False
         return touched
 
-    @staticmethod
-    def _keep_routing(batch: ScheduledBatch, routed) -> None:
-        """Rows of the step's [tokens, moe_layers, top_k] routing go to the sequences that asked,
-        by position (views, no copies; a recomputed position's later rows win)."""
-        row = 0
-        for seq, n, start in zip(batch.seqs, batch.num_new_tokens, batch.starts):
-            if seq.params.return_routed_experts:
-                seq.routed_chunks.append((start, routed[row: row + n]))
-            row += n
-
     def _start_sibling(self, st: SampledToken, version) -> Sequence:
         parent = st.seq
         child = Sequence(parent.request, st.sample_index, parent.token_ids[: parent.num_prompt_tokens])
         child.fork_pending = False
-        child.routed_chunks = list(parent.routed_chunks)  # the shared prompt's routing
+        if parent.routed is not None:  # the shared prompt's routing
+            self.routing.fork(parent, child)
         parent.request.sequences.append(child)
         if self._append(child, st, version):
             return child

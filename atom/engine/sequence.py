@@ -60,8 +60,8 @@ class Sequence:
         self.stop_text_len: int | None = None  # text cut where a stop string begins
         # Which weight version produced which output tokens: [version, first, end) spans.
         self.weight_spans: list[list] = []
-        # Routed experts (return_routed_experts): (first position, [n, moe_layers, top_k] rows) per step.
-        self.routed_chunks: list[tuple[int, object]] = []
+        # Routed experts (return_routed_experts): a RoutedRows, its rows in the engine's store (routing.py).
+        self.routed = None
         # The first sequence of a request with n > 1 samples all n first tokens from its one
         # prefill, then forks the others off its KV blocks.
         self.fork_pending = request.params.n > 1 and sample_index == 0
@@ -88,20 +88,6 @@ class Sequence:
             self.weight_spans[-1][2] = n
         else:
             self.weight_spans.append([version, n - 1, n])
-
-
-def routed_experts(seq: Sequence):
-    """[positions, moe_layers, top_k] int32 experts of positions [0, len - 1) (the last token was
-    never run), -1 where none were recorded; None when none were."""
-    import numpy as np
-    if not seq.routed_chunks:
-        return None
-    _, first = seq.routed_chunks[0]
-    out = np.full((max(len(seq) - 1, 0), *first.shape[1:]), -1, dtype=np.int32)
-    for start, rows in seq.routed_chunks:
-        rows = rows[: max(0, len(out) - start)]
-        out[start: start + len(rows)] = rows
-    return out
 
 
 def stream_counter(sample_index: int, num_output_tokens: int) -> int:

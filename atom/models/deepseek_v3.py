@@ -48,7 +48,7 @@ class DeepseekMoE(SparseMoE):
         return out if self.shared_experts is None else out + self.shared_experts(x)
 
     def forward_local(self, x: torch.Tensor) -> torch.Tensor:
-        return self.experts(x, *self.route(x))
+        return self.experts(x, *self.route_recorded(x))
 
     def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         logits = ops.linear(x.float(), self.gate.weight.float())  # HF routes in float32

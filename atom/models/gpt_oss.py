@@ -85,7 +85,7 @@ class GptOssMoE(SparseMoE):
         self.full_inter, self.hidden = args.moe_intermediate_size, args.hidden_size
 
     def forward_local(self, x: torch.Tensor) -> torch.Tensor:
-        return self.experts(x, *self.route(x))
+        return self.experts(x, *self.route_recorded(x))
 
     def experts(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
         # With the intermediate dim split over ranks the partial outputs are summed: one adds b2.

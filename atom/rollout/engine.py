@@ -13,7 +13,8 @@ from tqdm.auto import tqdm
 from atom.config import EngineConfig
 from atom.engine.cpu_threads import apply_cpu_threads
 from atom.engine.llm_engine import LLMEngine
-from atom.engine.sequence import Request, Sequence, routed_experts
+from atom.engine.routing import routed_experts
+from atom.engine.sequence import Request, Sequence
 from atom.outputs import Completion, EngineStats, RolloutOutput
 from atom.rollout.inputs import normalize_prompts, prompt_type_error, sampling_params_list
 from atom.rollout.rl import RLMixin

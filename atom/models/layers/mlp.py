@@ -71,13 +71,15 @@ class SparseMoE(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.mode is None:
-            if self.routed_out is not None:  # routing capture: the family's own routing, recomputed
-                self._record(self.route(x)[1])
             return self.forward_local(x)
+        return self._forward_parallel(x, *self.route_recorded(x))
+
+    def route_recorded(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """route(x), its expert ids written into routed_out when routing is captured."""
         weights, ids = self.route(x)
         if self.routed_out is not None:
             self._record(ids)
-        return self._forward_parallel(x, weights, ids)
+        return weights, ids
 
     def _record(self, ids: torch.Tensor) -> None:
         self.routed_out[: ids.shape[0]].copy_(ids)
@@ -85,7 +87,10 @@ class SparseMoE(nn.Module):
     # ---- what a family may change (GPT-OSS, DeepSeek-V3) ------------------------------------
     def forward_local(self, x: torch.Tensor) -> torch.Tensor:
         """No expert parallelism: routing + experts in one op (few kernels at small batch)."""
-        return ops.moe_forward(x, self.gate(x), self.w13, self.w2, self.top_k, self.renormalize)
+        logits = self.gate(x)
+        if self.routed_out is not None:  # routing capture: the experts moe_forward picks from these logits
+            self._record(ops.moe_route(logits, self.top_k, self.renormalize)[1])
+        return ops.moe_forward(x, logits, self.w13, self.w2, self.top_k, self.renormalize)
 
     def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(weights [T, k] float32, global expert ids [T, k])."""
