@@ -206,3 +206,16 @@ def test_cpu_sparse_penalties_equal_the_reference(vocab, dtype):
         assert torch.equal(ref[slots < 0], logits[slots < 0])
     with pytest.raises(ValueError, match="wide"):
         apply_penalties(torch.cat([logits, logits], 1), proc)
+
+
+def test_prompt_bits_hold_exactly_the_prompt_tokens():
+    from atom.ops.logits_processing import unpack_prompt_mask
+    g = torch.Generator().manual_seed(3)
+    lists = [torch.randint(0, V, (n,), generator=g).tolist() for n in (0, 1, 40, 200)]  # with repeats
+    bits = unpack_prompt_mask(pack_token_sets(lists, V, CPU), V)
+    want = torch.zeros(len(lists), V, dtype=torch.bool)
+    for r, tokens in enumerate(lists):
+        want[r, sorted(set(tokens))] = True
+    assert torch.equal(bits, want)
+    with pytest.raises(ValueError, match="token ids"):
+        pack_token_sets([[V]], V, CPU)

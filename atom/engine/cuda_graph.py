@@ -361,8 +361,11 @@ class DecodeRunner:
             row_of = {id(seq): r for r, seq in enumerate(prev.batch.seqs)}
             src = [row_of[id(seq)] for seq in seqs]
         rows = [(seq, seq.sample_index) for seq in seqs]
-        pen = self.runner.penalties.prepare(rows, lag, None if src is None else lambda: prev.result.token_ids.index_select(
-            0, torch.tensor(src, device=self.device)))
+
+        def in_flight() -> torch.Tensor:  # each row's token in flight (a penalty slot to refill)
+            return prev.result.token_ids.index_select(0, torch.tensor(src, device=self.device))
+
+        pen = self.runner.penalties.prepare(rows, lag, in_flight if prev is not None else None)
         meta_s = self._fill(seqs, bs, host, lag, parity, pen)
         if src is not None:
             host["src"][:n] = src

@@ -245,12 +245,16 @@ class PenaltyState:
 
 def pack_token_sets(token_lists: list[list[int]], vocab: int, device) -> torch.Tensor:
     """[len(token_lists), state_width(vocab) / 8] uint8 bit masks: bit t % 8 of byte t // 8 set
-    for each token t."""
-    width = state_width(vocab) // 8
-    bits = torch.zeros(len(token_lists), width * 8, dtype=torch.bool, device=device)
+    for each token t. Built from the distinct (list, token) pairs: one byte per 8 tokens is all
+    the device ever holds (no [lists, vocab] temporary)."""
+    width = state_width(vocab)
     rows = np.repeat(np.arange(len(token_lists)), [len(t) for t in token_lists])
-    tokens = np.fromiter((t for ts in token_lists for t in ts), dtype=np.int64)
-    if len(tokens):
-        bits[torch.as_tensor(rows).to(device), torch.as_tensor(tokens).to(device)] = True
-    weights = torch.tensor([1 << b for b in range(8)], dtype=torch.int32, device=device)
-    return (bits.view(len(token_lists), width, 8).to(torch.int32) * weights).sum(-1).to(torch.uint8)
+    tokens = np.fromiter((t for ts in token_lists for t in ts), dtype=np.int64, count=len(rows))
+    if len(tokens) and (tokens.min() < 0 or tokens.max() >= vocab):
+        raise ValueError(f"pack_token_sets: token ids must lie in [0, {vocab})")
+    at = np.unique(rows * width + tokens)
+    packed = torch.zeros(len(token_lists) * width // 8, dtype=torch.uint8, device=device)
+    if len(at):  # distinct bits of one byte add up to their OR
+        bits = torch.as_tensor((1 << (at & 7)).astype(np.uint8)).to(device)
+        packed.index_put_((torch.as_tensor(at >> 3).to(device),), bits, accumulate=True)
+    return packed.view(len(token_lists), width // 8)
