@@ -28,7 +28,7 @@ Slots of sequences no longer running are reclaimed when a new sequence needs one
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Iterable
+from typing import Callable
 
 import numpy as np
 import torch
@@ -111,17 +111,16 @@ class PenaltyState:
             self.prompt_mask = torch.zeros(self.capacity, self.width // 8, dtype=torch.uint8, device=self.device)
 
     # ---- a step --------------------------------------------------------------------------
-    def prepare(self, rows: Iterable[tuple[Sequence, int]], lag: int = 0,
+    def prepare(self, rows: list[tuple[Sequence, int]], lag: int = 0,
                 in_flight: Callable[[], torch.Tensor] | None = None) -> PenaltyRows | None:
         """The step's PenaltyRows (None when no row is penalized), after queueing the refills of
         slots that do not hold their sequence's tokens. rows: (sequence, sample index) per logits
         row. lag: tokens each sequence has in flight (sampled by the step before, not yet
         appended; already counted on the device); in_flight() gives them per row, on the device,
         should a slot need refilling then."""
-        rows = list(rows)
-        penalized = [r for r, (seq, _) in enumerate(rows) if seq.params.penalized]
-        if not penalized:
+        if not any(seq.params.penalized for seq, _ in rows):  # the common case: one cheap scan
             return None
+        penalized = [r for r, (seq, _) in enumerate(rows) if seq.params.penalized]
         self._allocate()
         n = len(rows)
         slots, write, rep, pres, freq = [-1] * n, [-1] * n, [1.0] * n, [0.0] * n, [0.0] * n
