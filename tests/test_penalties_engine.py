@@ -1,7 +1,8 @@
 """Penalties through the engine with the device penalty state (atom/engine/penalties.py): every
 completion's logprobs against HF's logits with the penalties computed from that completion's
 own tokens, under preemption (step-by-step and overlapped loops), when an aborted request's slot
-goes to a new one, and across a pause / release of the KV cache (which drops the state) / resume."""
+goes to a new one, and across a prefix-cache hit and a pause / release of the KV cache (which drops
+the state) / resume."""
 from __future__ import annotations
 
 from collections import Counter
@@ -64,13 +65,15 @@ def test_a_new_request_in_an_aborted_requests_slot_starts_clean(tiny_qwen3_path)
 
 
 def test_penalties_continue_after_the_kv_cache_is_released_mid_request(tiny_qwen3_path):
-    prompt = random_prompts([14], TINY_VOCAB, seed=62)[0]
+    prompt = random_prompts([40], TINY_VOCAB, seed=62)[0]
     sp = SamplingParams(temperature=0.8, seed=4, max_tokens=20, ignore_eos=True, logprobs=0, **PEN)
     engine = RolloutEngine(tiny_qwen3_path)
     whole = engine.generate([prompt], sp)[0].outputs[0]
-    engine.add_request("r", prompt, sp)
+    cached = engine.stats.prompt_tokens_cached
+    engine.add_request("r", prompt, sp)  # its prompt's full blocks come from the prefix cache
     for _ in range(8):
         engine.step()
+    assert engine.stats.prompt_tokens_cached > cached
     engine.pause_generation("keep")
     engine.release_memory_occupation(["kv_cache"])  # the penalty state goes with it
     engine.resume_memory_occupation()
