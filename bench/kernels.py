@@ -153,6 +153,32 @@ def tune(out_path: str, with_moe: bool = True) -> None:
     print("tuned ->", out_path, json.dumps({"attn": attn.DECODE_CFG, "moe": moe_best}))
 
 
+def penalty_rows() -> list:
+    """Repetition + presence + frequency penalties over [B, 151936] fp32 logits from the penalty
+    state (int16 counts of 1024 generated tokens and bits of a 1024-token prompt per slot): the
+    fused kernel, the torch reference, and the per-step count update (one index_put_)."""
+    from atom.ops.logits_processing import apply_penalties as torch_penalties, state_width
+    from atom.ops.metadata import LogitsProcessing
+    from atom.ops.triton.penalties import apply_penalties
+    vocab, dev, out = 151936, "cuda", []
+    for b in (64, 512, 1024):
+        counts = torch.zeros(b, state_width(vocab), dtype=torch.int16, device=dev)
+        counts.index_put_((torch.arange(b, device=dev).repeat_interleave(1024), torch.randint(0, vocab, (b * 1024,),
+                          device=dev)), torch.ones((), dtype=torch.int16, device=dev), accumulate=True)
+        mask = (torch.rand(b, state_width(vocab) // 8, device=dev) < 0.05).to(torch.uint8) << 3
+        proc = LogitsProcessing(repetition=torch.full((b,), 1.1, device=dev), presence=torch.full((b,), 0.5, device=dev),
+                                frequency=torch.full((b,), 0.2, device=dev), penalty_slots=torch.arange(b, device=dev),
+                                token_counts=counts, prompt_mask=mask)
+        logits = torch.randn(b, vocab, device=dev)
+        need = b * vocab * (4 + 4 + 2) + mask.numel()
+        out.append((f"penalties B={b}", bench(lambda: apply_penalties(logits, proc)), need))
+        out.append((f"penalties B={b} (torch ref)", bench(lambda: torch_penalties(logits, proc)), need))
+        slots, toks = proc.penalty_slots, torch.randint(0, vocab, (b,), device=dev)
+        out.append((f"penalty count update B={b}", bench(lambda: counts.index_put_(
+            (slots, toks), (slots >= 0).to(torch.int16), accumulate=True)), 0))
+    return out
+
+
 def main() -> None:
     import sys
     if len(sys.argv) > 2 and sys.argv[1] == "--tune":
@@ -199,6 +225,7 @@ def main() -> None:
         rows.append((f"sample B={b}", bench(lambda: samp(logits, meta)), logits.numel() * 4))
         torch_samp = implementations("sample")["torch"]
         rows.append((f"sample B={b} (torch ref)", bench(lambda: torch_samp(logits, meta)), logits.numel() * 4))
+    rows += penalty_rows()
     print(f"{'kernel':<42} {'us':>10} {'GB/s':>9} {'of copy bw':>10}")
     for name, t, need in rows:
         print(f"{name:<42} {t * 1e6:>10.1f} {need / t / 1e9:>9.0f} {need / t / bw:>10.1%}")

@@ -1,7 +1,9 @@
 """What the sampling options cost on the CPU (issue 15): `python -m bench.sampling_options`.
 
-sampler: one sampling step (metadata built from real sequences + the torch sampler) at the
-    default model's vocabulary (49,152), B rows with prompts of 256 and 192 generated tokens each.
+sampler: one decode step's sampling as the engine runs it (the penalty state's bookkeeping,
+    metadata built from real sequences, the CPU backend's sampler, the sampled tokens counted
+    into the penalty state and appended) at the default model's vocabulary (49,152), B rows with
+    prompts of 256 and 192 generated tokens each.
 e2e: greedy rollouts of the default model (SmolLM2-135M), 16 prompts x 64 tokens, generated
     tokens per second.
 Each configuration runs in turn, `--repeats` rounds, median reported. Times are this process's
@@ -53,15 +55,20 @@ def sampler_rows(rows: int, kw: dict) -> list:
     return seqs
 
 
-def sampler_step(seqs: list, logits: torch.Tensor) -> float:
-    """Seconds of one step: a new token per row (as in decoding), metadata, sampling."""
+def sampler_step(seqs: list, logits: torch.Tensor, state) -> float:
+    """Seconds of one step: penalty rows, metadata, sampling, the tokens counted and appended."""
     from atom.engine.sampler import sampling_metadata
-    from atom.ops.torch_ops import sample
-    for seq, _ in seqs:
-        seq.token_ids.append(len(seq.token_ids) % VOCAB)
+    from atom.ops import ops
     t0 = time.process_time()
-    sample(logits, sampling_metadata(seqs, [2], torch.device("cpu")))
-    return time.process_time() - t0
+    pen = state.prepare(seqs)
+    meta = sampling_metadata(seqs, [2], torch.device("cpu"), penalties=pen)
+    out = ops.sample(logits, meta)
+    if pen is not None:
+        state.count(pen, meta.processing.penalty_slots, out.token_ids)
+    dt = time.process_time() - t0
+    for (seq, _), tok in zip(seqs, out.token_ids.tolist()):
+        seq.token_ids.append(tok)
+    return dt
 
 
 def e2e(kw: dict, engine) -> float:
@@ -80,15 +87,17 @@ def main() -> None:
     ap.add_argument("--off-only", action="store_true", help="only the configurations without options")
     args = ap.parse_args()
     torch.set_num_threads(1)
+    from atom.engine.penalties import PenaltyState
     configs = {k: v for k, v in CONFIGS.items() if known(v) and (not args.off_only or k.startswith("off"))}
     if args.what in ("sampler", "both"):
         for rows in (16, 64):
             logits = torch.randn(rows, VOCAB, generator=torch.Generator().manual_seed(1)) * 3
             batches = {name: sampler_rows(rows, kw) for name, kw in configs.items()}
+            states = {name: PenaltyState(rows, VOCAB, 4096, torch.device("cpu")) for name in configs}
             times = {name: [] for name in configs}
             for i in range(args.repeats + 1):  # configurations take turns; the first round warms up
-                for name, seqs in batches.items():
-                    dt = sampler_step(seqs, logits)
+                for name, seqs in batches.items():  # (and fills the penalty slots)
+                    dt = sampler_step(seqs, logits, states[name])
                     if i:
                         times[name].append(dt)
             for name, t in times.items():

@@ -56,11 +56,26 @@ def test_overlapped_loop_under_kv_pressure_and_admissions(tiny_qwen3_path):
     """Few KV blocks and few seats: continuations give way to preemption and admission."""
     prompts = random_prompts([30, 18, 25, 12, 33], TINY_VOCAB, seed=51)
     sp = SamplingParams(n=2, temperature=0.9, max_tokens=28, ignore_eos=True, seed=4, logprobs=0)
-    plain, _, _ = generate(tiny_qwen3_path, prompts, sp, overlapped=False, num_kv_blocks=14, max_num_seqs=4)
-    fast, stats, overlapped = generate(tiny_qwen3_path, prompts, sp, overlapped=True, num_kv_blocks=14,
+    plain, _, _ = generate(tiny_qwen3_path, prompts, sp, overlapped=False, num_kv_blocks=10, max_num_seqs=4)
+    fast, stats, overlapped = generate(tiny_qwen3_path, prompts, sp, overlapped=True, num_kv_blocks=10,
                                        max_num_seqs=4)
     assert stats.preemptions > 0 and overlapped > 0
     assert_same(plain, fast)
+
+
+def test_overlapped_loop_with_penalties_matches_step_by_step(tiny_qwen3_path):
+    """Penalties stay on the decode runner's fast path (their state on the device counts each token
+    while it is still in flight); mixed with filters and min_tokens (the generic builder) and EOS."""
+    prompts = random_prompts([23, 9, 40], TINY_VOCAB, seed=52)
+    params = [SamplingParams(n=3, temperature=1.0, max_tokens=30, seed=5, logprobs=1, repetition_penalty=1.3,
+                             presence_penalty=0.4, frequency_penalty=0.3),
+              SamplingParams(temperature=0, max_tokens=20, ignore_eos=True, logprobs=0, frequency_penalty=1.0),
+              SamplingParams(temperature=0.8, top_p=0.8, max_tokens=25, seed=6, repetition_penalty=0.8, min_tokens=4)]
+    plain, s_plain, _ = generate(tiny_qwen3_path, prompts, params, overlapped=False)
+    fast, s_fast, overlapped = generate(tiny_qwen3_path, prompts, params, overlapped=True)
+    assert overlapped > 10
+    assert_same(plain, fast)
+    assert s_fast.generated_tokens == s_plain.generated_tokens
 
 
 def test_stop_on_the_token_in_flight_drops_the_extra_row(make_tiny_model):

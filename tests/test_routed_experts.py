@@ -57,7 +57,7 @@ def small_slabs(monkeypatch):
 
 @pytest.mark.parametrize("case", ["plain", "chunked", "preempted", "cached_prefix", "slabs"])
 def test_capture_equals_hf_routers(path, case, request):
-    kw = {"chunked": dict(max_num_batched_tokens=8), "preempted": dict(num_kv_blocks=7, max_num_seqs=4)}.get(case, {})
+    kw = {"chunked": dict(max_num_batched_tokens=8), "preempted": dict(num_kv_blocks=7, max_num_seqs=6)}.get(case, {})
     if case == "slabs":
         request.getfixturevalue("small_slabs")
     engine = make(path, **kw)

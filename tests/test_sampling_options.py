@@ -14,8 +14,10 @@ from transformers.generation.logits_process import (
     SequenceBiasLogitsProcessor, SuppressTokensLogitsProcessor, TemperatureLogitsWarper, TopKLogitsWarper)
 
 from atom import SamplingParams
+from atom.engine.penalties import PenaltyState, pack_token_sets
 from atom.engine.sampler import sampling_metadata
 from atom.engine.sequence import Request, Sequence
+from atom.ops.logits_processing import state_width
 from atom.ops.metadata import LogitsProcessing, SamplingMetadata
 from atom.ops.torch_ops import sample
 
@@ -34,7 +36,9 @@ def rows_of(params: list[SamplingParams], prompts: list[list[int]], outputs: lis
 
 
 def run(params, prompts, outputs, logits, seed=0):
-    return sample(logits.clone(), sampling_metadata(rows_of(params, prompts, outputs, seed), EOS, CPU))
+    rows = rows_of(params, prompts, outputs, seed)
+    pen = PenaltyState(len(rows), V, 1024, CPU).prepare(rows)  # slots filled from the sequences' tokens
+    return sample(logits.clone(), sampling_metadata(rows, EOS, CPU, penalties=pen))
 
 
 def full_vector(out, r: int) -> torch.Tensor:
@@ -206,11 +210,13 @@ def test_samples_follow_the_processed_distribution():
     rows = 40000
     base = torch.tensor([2.0, 1.0, 0.5, 0.0, -1.0, -3.0])
     logits = base.repeat(rows, 1)
+    counts = torch.zeros(1, state_width(6), dtype=torch.int16)
+    counts[0, 2] = 2  # every row reads slot 0: prompt [0], token 2 generated twice
     proc = LogitsProcessing(
         bias_rows=torch.arange(rows), bias_tokens=torch.full((rows,), 4), bias_values=torch.full((rows,), 2.5),
         repetition=torch.full((rows,), 2.0), presence=torch.full((rows,), 0.5), frequency=torch.full((rows,), 0.25),
-        prompt_rows=torch.arange(rows), prompt_tokens=torch.zeros(rows, dtype=torch.int64),
-        output_rows=torch.arange(rows).repeat(2), output_tokens=torch.full((2 * rows,), 2))
+        penalty_slots=torch.zeros(rows, dtype=torch.int64), token_counts=counts,
+        prompt_mask=pack_token_sets([[0]], 6, CPU))
     meta = SamplingMetadata(
         temperature=torch.full((rows,), 0.8), top_k=torch.zeros(rows, dtype=torch.int64),
         top_p=torch.ones(rows), min_p=torch.zeros(rows), seeds=torch.full((rows,), 77, dtype=torch.int64),

@@ -18,9 +18,12 @@ tokens are the previous step's samples, still on the device (the overlapped engi
   their shared prefix once per group.
 
 The only host sync of a step is reading back the sampled tokens and logprobs (steps with a row
-whose min_tokens still bans tokens, or that needs logits processing (penalties, logit bias,
-allowed / bad tokens) or a logits mode, build their sampling tensors with the generic builder's
-pageable copies, which do wait).
+whose min_tokens still bans tokens, or that needs logit bias, allowed / bad tokens or a logits
+mode, build their sampling tensors with the generic builder's pageable copies, which do wait).
+Penalties stay on this path: each row's penalties and penalty-state slot travel in the pinned
+sampling buffer, the state (atom/engine/penalties.py) lives on the device, and the sampled
+tokens are counted into it right after sampling, so the token in flight is counted when the
+next step samples.
 Graphs hold the addresses of the KV cache and of the weights: if either changes (KV
 re-allocated, weights re-created) they are dropped and captured again.
 """
@@ -34,11 +37,12 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from atom.engine.penalties import PenaltyRows, PenaltyState
 from atom.engine.sampler import sampling_metadata
 from atom.engine.messages import ScheduledBatch, StepOutput, sampled_tokens
 from atom.engine.sequence import stream_counter
 from atom.ops import ops
-from atom.ops.metadata import AttentionMetadata, CascadeMetadata, SamplerOutput, SamplingMetadata
+from atom.ops.metadata import AttentionMetadata, CascadeMetadata, LogitsProcessing, SamplerOutput, SamplingMetadata
 
 log = logging.getLogger(__name__)
 
@@ -47,8 +51,10 @@ _GRAPH_OPS = ("paged_attention_decode", "qkv_prologue")  # qkv_prologue writes t
 _GRAPH_OPS_MOE = ("moe_forward",)  # the non-parallel MoE path (graphs are off under EP)
 
 
-_SAMPLING_FIELDS = (("seeds", np.int64), ("counters", np.int64), ("top_k", np.int64), ("temperature", np.float32),
-                    ("top_p", np.float32), ("min_p", np.float32), ("raw", np.bool_))
+_SAMPLING_FIELDS = (("seeds", np.int64), ("counters", np.int64), ("top_k", np.int64), ("pen_slots", np.int64),
+                    ("temperature", np.float32), ("top_p", np.float32), ("min_p", np.float32),
+                    ("repetition", np.float32), ("presence", np.float32), ("frequency", np.float32),
+                    ("raw", np.bool_))
 _TORCH_DTYPES = {np.int64: torch.int64, np.float32: torch.float32, np.bool_: torch.bool}
 
 
@@ -194,12 +200,13 @@ class DecodeRunner:
     def _params(self, p) -> tuple:
         """(params, filters, top_k, top_p, min_p, temperature, raw, top logprobs, generic) of a
         SamplingParams, cached (the engine gives each call private copies, so a cached object never
-        changes). generic: options this fast path leaves to the generic builder (logits
-        processing, logits modes, whole-vocabulary logprobs)."""
+        changes). generic: options this fast path leaves to the generic builder (logit bias,
+        allowed and bad tokens, logits modes, whole-vocabulary logprobs; penalties stay here)."""
         c = self._param_cache.get(id(p))
         if c is None or c[0] is not p:
             filters = p.effective_top_k > 0 or p.top_p < 1.0 or p.min_p > 0.0
-            generic = p.processes_logits or p.reports_logits or (p.logprobs is not None and p.logprobs < 0)
+            masks = bool(p.logit_bias) or p.allowed_token_ids is not None or bool(p.bad_words_token_ids)
+            generic = masks or p.reports_logits or (p.logprobs is not None and p.logprobs < 0)
             c = (p, filters, p.effective_top_k, float(p.top_p), float(p.min_p), float(p.temperature),
                  p.reports_raw, p.logprobs or 0, generic)
             if len(self._param_cache) > 4096:
@@ -207,10 +214,10 @@ class DecodeRunner:
             self._param_cache[id(p)] = c
         return c
 
-    def _fill(self, seqs, bs: int, host: dict, lag: int, parity: int):
+    def _fill(self, seqs, bs: int, host: dict, lag: int, parity: int, pen: PenaltyRows | None):
         """Writes the step's attention and sampling inputs; returns the SamplingMetadata, or None
-        when a row still has tokens banned by min_tokens or needs logits processing (then the
-        generic builder runs).
+        when a row still has tokens banned by min_tokens or needs logits processing other than
+        penalties (then the generic builder runs). pen: the rows' penalties (PenaltyState.prepare).
 
         lag = 1: each sequence's last token is still in flight (sampled by the step before, not
         yet appended): positions move one on, and the token ids come from the device.
@@ -263,13 +270,20 @@ class DecodeRunner:
         h = self.s_nps[parity]
         h["seeds"][:n], h["counters"][:n], h["top_k"][:n] = seeds, counters, top_ks
         h["temperature"][:n], h["top_p"][:n], h["min_p"][:n], h["raw"][:n] = temps, top_ps, min_ps, raws
+        if pen is not None:
+            h["pen_slots"][:n], h["repetition"][:n] = pen.slots, pen.repetition
+            h["presence"][:n], h["frequency"][:n] = pen.presence, pen.frequency
         self.s_dev.copy_(self.s_hosts[parity], non_blocking=True)
         d = self.s_t
+        processing = None if pen is None else LogitsProcessing(
+            repetition=d["repetition"][:n], presence=d["presence"][:n], frequency=d["frequency"][:n],
+            penalty_slots=d["pen_slots"][:n], token_counts=pen.counts, prompt_mask=pen.prompt_mask,
+            any_repetition=pen.any_repetition, any_counted=pen.any_counted)
         return SamplingMetadata(
             temperature=d["temperature"][:n], top_k=d["top_k"][:n], top_p=d["top_p"][:n], min_p=d["min_p"][:n],
             seeds=d["seeds"][:n], counters=d["counters"][:n], raw_logprobs=d["raw"][:n], banned_rows=None,
             banned_tokens=None, need_filter=need_filter, all_greedy=all(t == 0.0 for t in temps),
-            any_raw=any(raws), num_top_logprobs=num_top, want_ranks=want_ranks)
+            any_raw=any(raws), num_top_logprobs=num_top, want_ranks=want_ranks, processing=processing)
 
     def _groups(self, seqs, by_first: dict[int, list[int]], bs: int, host: dict) -> None:
         plen, grows, row_prefix = host["plen"], host["grows"], host["row_prefix"]
@@ -348,22 +362,31 @@ class DecodeRunner:
         lag = 0 if prev is None else 1
         parity = self._parity = 1 - self._parity
         ids_dev, _, _, host, total, src_dev = self._get_views(bs, parity)
-        meta_s = self._fill(seqs, bs, host, lag, parity)
+        src = None
         if prev is not None:
             row_of = {id(seq): r for r, seq in enumerate(prev.batch.seqs)}
-            host["src"][:n] = [row_of[id(seq)] for seq in seqs]
+            src = [row_of[id(seq)] for seq in seqs]
+        rows = [(seq, seq.sample_index) for seq in seqs]
+
+        def in_flight() -> torch.Tensor:  # each row's token in flight (a penalty slot to refill)
+            return prev.result.token_ids.index_select(0, torch.tensor(src, device=self.device))
+
+        pen = self.runner.penalties.prepare(rows, lag, in_flight if prev is not None else None)
+        meta_s = self._fill(seqs, bs, host, lag, parity, pen)
+        if src is not None:
+            host["src"][:n] = src
             host["src"][n:] = 0
         if meta_s is None:  # banned tokens / logits processing: the generic builder (before the forward:
-            rows = [(seq, seq.sample_index) for seq in seqs]  # its pageable copies wait for the GPU)
-            meta_s = sampling_metadata(rows, self.runner.args.eos_token_ids, self.device, lag=lag)
+            # its pageable copies wait for the GPU)
+            meta_s = sampling_metadata(rows, self.runner.args.eos_token_ids, self.device, lag=lag, penalties=pen)
         self.dev[:total].copy_(self.hosts[parity][:total], non_blocking=True)
         if prev is not None:
             ids_dev.copy_(prev.result.token_ids.index_select(0, src_dev.long()))
-            if meta_s.processing is not None:  # the tokens in flight count for the penalties
-                meta_s.processing.add_outputs(torch.arange(n, device=self.device), ids_dev[:n].long())
         t1 = time.perf_counter()
         logits = self._run(bs)
         result = ops.sample(logits[:n], meta_s)
+        if pen is not None:  # counted now: the next step, launched before these tokens are read, sees them
+            self.runner.penalties.count(pen, meta_s.processing.penalty_slots, result.token_ids)
         tm = self.timers
         tm["fill"] += t1 - t0
         tm["forward+sample"] += time.perf_counter() - t1
@@ -451,11 +474,13 @@ def activation_bytes(runner, max_num_batched_tokens: int, max_num_seqs: int) -> 
         # [rows, vocab] temporaries are the sampler's peak.
         params = SamplingParams(temperature=1.0, max_tokens=1, logprobs=0, repetition_penalty=1.1,
                                 presence_penalty=0.1, logit_bias={0: 0.0}, allowed_token_ids=[0, 1])
-        req = Request(0, None, [1], params, seed=0)
-        seq = Sequence(req, 0, [1])
-        meta_s = sampling_metadata([(seq, 0)] * rows, a.eos_token_ids, dev)
+        # The penalty state at its full size is allocated inside the measured window: part of the peak.
+        state = PenaltyState(max_num_seqs, a.vocab_size, runner.max_model_len, dev)
+        seqs = [(Sequence(Request(i, None, [1], params, seed=0), 0, [1]), 0) for i in range(rows)]
+        pen = state.prepare(seqs)
+        meta_s = sampling_metadata(seqs, a.eos_token_ids, dev, penalties=pen)
         ops.sample(logits, meta_s)
-        del hidden, logits
+        del hidden, logits, state, pen, meta_s
         torch.cuda.synchronize(dev)
         peak = torch.cuda.max_memory_allocated(dev) - base
     finally:

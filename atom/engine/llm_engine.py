@@ -220,9 +220,11 @@ class LLMEngine(EngineRLState):
         self._held = []
 
     def release_kv(self) -> None:
-        """Free the KV of kept requests (before sleep): they are recomputed when they run again."""
+        """Free the KV of kept requests (before sleep): they are recomputed when they run again
+        (and refill their penalty state, which goes too)."""
         self.drain()
         self.scheduler.preempt_all()
+        self.runner.penalties.release()
 
     # ---- the loop ------------------------------------------------------------------------
     def step(self) -> list[Request]:

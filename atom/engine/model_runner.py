@@ -8,6 +8,7 @@ import torch
 from atom.config import EngineConfig
 from atom.engine.block_manager import BlockManager
 from atom.engine.memory import EngineMemory
+from atom.engine.penalties import PenaltyState
 from atom.engine.sampler import prompt_logprobs, sampling_metadata
 from atom.engine.messages import ScheduledBatch, StepOutput, sampled_tokens
 from atom.engine.sequence import Sequence
@@ -68,6 +69,9 @@ class ModelRunner:
         self.k_caches: list[torch.Tensor] = []
         self.v_caches: list[torch.Tensor] = []
         self.routed_buf = self._routing_capture() if config.enable_return_routed_experts else None
+        # Prompt bits and generated-token counts of the sequences with penalties, on the device,
+        # kept across steps (allocated at the first penalized request; atom/engine/penalties.py).
+        self.penalties = PenaltyState(config.max_num_seqs, args.vocab_size, max_model_len, self.device)
 
     def _routing_capture(self) -> torch.Tensor:
         """A static [tokens, moe_layers, top_k] buffer every MoE layer writes its chosen experts
@@ -234,8 +238,11 @@ class ModelRunner:
             targets = seq.token_ids[first + 1: first + 1 + (r1 - r0)]
             out.prompt_logprobs.append((seq, first, *prompt_logprobs(logits[r0:r1], seq, targets)))
         if sample_rows:
-            meta_s = sampling_metadata(sample_rows, self.args.eos_token_ids, self.device)
+            pen = self.penalties.prepare(sample_rows)
+            meta_s = sampling_metadata(sample_rows, self.args.eos_token_ids, self.device, penalties=pen)
             result = ops.sample(logits[len(prompt_index):], meta_s)
+            if pen is not None:
+                self.penalties.count(pen, meta_s.processing.penalty_slots, result.token_ids)
             if self.parallel.debug_checks:
                 self.parallel.check_same(result.token_ids, "sampled tokens")
             out.sampled = sampled_tokens(sample_rows, result)

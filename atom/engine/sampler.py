@@ -1,21 +1,22 @@
 """Builds the per-row sampling tensors of a step and turns logits into prompt logprobs."""
 from __future__ import annotations
 
-import numpy as np
 import torch
 
+from atom.engine.penalties import PenaltyRows
 from atom.engine.sequence import Sequence, stream_counter
 from atom.ops.logits_processing import report_source, token_ranks
 from atom.ops.metadata import LogitsProcessing, SamplingMetadata
 from atom.ops.torch_ops import filter_logits
 
 
-def sampling_metadata(rows: list[tuple[Sequence, int]], eos_ids: list[int],
-                      device: torch.device, lag: int = 0) -> SamplingMetadata:
+def sampling_metadata(rows: list[tuple[Sequence, int]], eos_ids: list[int], device: torch.device,
+                      lag: int = 0, penalties: PenaltyRows | None = None) -> SamplingMetadata:
     """rows: (sequence, sample index) per logits row; the sample index picks the random stream
     (a forking prefill samples all n first tokens from one row of logits). lag: tokens each
-    sequence has in flight (sampled, not yet appended) in an overlapped decode step; the caller
-    adds those to the penalty counts on the device (LogitsProcessing.add_outputs)."""
+    sequence has in flight (sampled, not yet appended) in an overlapped decode step (the penalty
+    state counts them on the device already). penalties: the rows' penalty inputs
+    (PenaltyState.prepare), needed when a row has a penalty."""
     temps, top_ks, top_ps, min_ps, seeds, counters, raw, logits_mode = [], [], [], [], [], [], [], []
     banned_rows, banned_tokens = [], []
     num_top, want_ranks, processing = 0, False, False
@@ -51,7 +52,7 @@ def sampling_metadata(rows: list[tuple[Sequence, int]], eos_ids: list[int],
         need_filter=any(k > 0 for k in top_ks) or any(x < 1.0 for x in top_ps) or any(x > 0 for x in min_ps),
         all_greedy=all(x == 0.0 for x in temps), any_raw=any(raw), num_top_logprobs=num_top,
         report_logits=t(logits_mode, torch.bool) if any(logits_mode) else None,
-        processing=logits_processing(rows, device) if processing else None, want_ranks=want_ranks,
+        processing=logits_processing(rows, device, penalties) if processing else None, want_ranks=want_ranks,
     )
 
 
@@ -79,35 +80,11 @@ def _banned_tokens(seq: Sequence, num_output: int, lag: int, eos_ids: list[int])
     return sorted(out)
 
 
-class TokenHistory:
-    """numpy copies of one sequence's tokens for the penalties: its distinct prompt tokens, and its
-    generated tokens, grown as they arrive (O(new tokens) per step, not O(length))."""
-
-    def __init__(self, seq: Sequence) -> None:
-        self.prompt = np.unique(np.asarray(seq.token_ids[: seq.num_prompt_tokens], dtype=np.int64))
-        self.out = np.empty(64, dtype=np.int64)
-        self.n = 0
-
-    def outputs(self, seq: Sequence) -> np.ndarray:
-        total = seq.num_output_tokens
-        if total < self.n:  # never happens (tokens are only appended); rebuild rather than lie
-            self.n = 0
-        if total > len(self.out):
-            grown = np.empty(max(total, 2 * len(self.out)), dtype=np.int64)
-            grown[: self.n] = self.out[: self.n]
-            self.out = grown
-        if total > self.n:
-            self.out[self.n: total] = seq.token_ids[seq.num_prompt_tokens + self.n:]
-            self.n = total
-        return self.out[:total]
-
-
-def logits_processing(rows: list[tuple[Sequence, int]], device: torch.device) -> LogitsProcessing:
+def logits_processing(rows: list[tuple[Sequence, int]], device: torch.device,
+                      penalties: PenaltyRows | None) -> LogitsProcessing:
     """The LogitsProcessing tensors of a step: (row, token) pairs for allowed tokens and logit bias,
-    per-row penalties with the prompt / generated tokens they count."""
+    and the per-row penalties with the state slots they read (PenaltyState.prepare)."""
     allowed_r, allowed_t, bias_r, bias_t, bias_v = [], [], [], [], []
-    pen_rows, prompts, outputs = [], [], []
-    rep, pres, freq = [1.0] * len(rows), [0.0] * len(rows), [0.0] * len(rows)
     for r, (seq, _) in enumerate(rows):
         p = seq.params
         if p.allowed_token_ids is not None:
@@ -117,21 +94,11 @@ def logits_processing(rows: list[tuple[Sequence, int]], device: torch.device) ->
             bias_r += [r] * len(p.logit_bias)
             bias_t += list(p.logit_bias)
             bias_v += [float(v) for v in p.logit_bias.values()]
-        if p.penalized:
-            if seq.token_history is None:
-                seq.token_history = TokenHistory(seq)
-            rep[r], pres[r] = float(p.repetition_penalty), float(p.presence_penalty)
-            freq[r] = float(p.frequency_penalty)
-            pen_rows.append(r)
-            prompts.append(seq.token_history.prompt)
-            outputs.append(seq.token_history.outputs(seq))
+        if p.penalized and penalties is None:
+            raise ValueError("sampling_metadata: penalized rows need the penalty state's rows (PenaltyState.prepare)")
 
     def t(values, dtype):
         return torch.as_tensor(values, dtype=dtype).to(device, non_blocking=True)
-
-    def pairs(arrays):
-        rows_of = np.repeat(np.asarray(pen_rows, dtype=np.int64), [len(a) for a in arrays])
-        return t(rows_of, torch.int64), t(np.concatenate(arrays), torch.int64)
 
     proc = LogitsProcessing()
     if allowed_r:
@@ -139,12 +106,13 @@ def logits_processing(rows: list[tuple[Sequence, int]], device: torch.device) ->
     if bias_r:
         proc.bias_rows, proc.bias_tokens = t(bias_r, torch.int64), t(bias_t, torch.int64)
         proc.bias_values = t(bias_v, torch.float32)
-    if pen_rows:
-        proc.repetition, proc.presence, proc.frequency = (t(x, torch.float32) for x in (rep, pres, freq))
-        proc.any_repetition = any(x != 1.0 for x in rep)
-        proc.any_counted = any(x != 0.0 for x in pres) or any(x != 0.0 for x in freq)
-        proc.prompt_rows, proc.prompt_tokens = pairs(prompts)
-        proc.output_rows, proc.output_tokens = pairs(outputs)
+    if penalties is not None:
+        pen = penalties
+        proc.repetition, proc.presence, proc.frequency = (
+            t(x, torch.float32) for x in (pen.repetition, pen.presence, pen.frequency))
+        proc.penalty_slots = t(pen.slots, torch.int64)
+        proc.token_counts, proc.prompt_mask = pen.counts, pen.prompt_mask
+        proc.any_repetition, proc.any_counted = pen.any_repetition, pen.any_counted
     return proc
 
 

@@ -67,11 +67,14 @@ class Scheduler:
         # takes it from the prefix cache: repeated prompts are prefilled once.
         computing = self._blocks_being_computed() if self.waiting else set()
         deferred: list[Sequence] = []
+        # A forking prefill reserves seats for its n samples until they fork: the unforked samples
+        # of running prefills (admitted this step or earlier, chunked prompts) count against the
+        # limit too, so that at most max_num_seqs sequences ever run at once.
+        reserved = sum(s.params.n - 1 for s in self.running if s.fork_pending) if self.waiting else 0
         while self.waiting and budget > 0:
             seq = self.waiting[0]
-            # A forking prefill reserves seats for its n samples (alone it may exceed the limit).
             seats = seq.params.n if seq.fork_pending else 1
-            if self.running and len(self.running) + seats > self.max_num_seqs:
+            if self.running and len(self.running) + reserved + seats > self.max_num_seqs:
                 break
             # Prompt logprobs and routed experts are only known for positions this engine computes.
             wants_prompt_logprobs = seq.num_output_tokens == 0 and (
@@ -91,6 +94,7 @@ class Scheduler:
             self.bm.grow(seq, n)
             seq.status = SeqStatus.RUNNING
             self.running.append(seq)
+            reserved += seats - 1
             seqs.append(seq)
             counts.append(n)
             budget -= n

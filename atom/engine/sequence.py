@@ -54,7 +54,7 @@ class Sequence:
         self.logprobs: list[float] = []
         self.top_logprobs: list[dict[int, float]] = []
         self.logprob_ranks: list[int] = []  # rank of each sampled token (with logprobs)
-        self.token_history = None  # the sampler's numpy copy of the tokens (penalties only)
+        self.penalty_slot: int | None = None  # its row in the runner's PenaltyState (penalties only)
         self.finish_reason: str | None = None
         self.stop_reason: str | int | None = None
         self.stop_text_len: int | None = None  # text cut where a stop string begins

@@ -1,9 +1,14 @@
 """The batched logits steps every sampling backend shares (plain torch, one pass per feature over
 [rows, vocab], no per-row Python): the processing before temperature (allowed tokens, banned
 tokens, logit bias, penalties), and what is reported back (logprobs or logits, raw or processed,
-ranks). The triton backend runs its kernel on the processed logits these return.
+ranks). The triton backend runs its kernel on the processed logits these return. The penalties
+read the engine's penalty state (prompt bits and generated-token counts per sequence slot,
+atom/engine/penalties.py); `apply_penalties` here is their reference, which the CPU backend and
+the triton kernel are tested against.
 """
 from __future__ import annotations
+
+from typing import Callable
 
 import torch
 
@@ -12,14 +17,17 @@ from atom.ops.metadata import LogitsProcessing, SamplingMetadata
 _NEG_INF = float("-inf")
 
 
-def process_logits(logits: torch.Tensor, meta: SamplingMetadata) -> torch.Tensor:
+def process_logits(logits: torch.Tensor, meta: SamplingMetadata,
+                   penalize: Callable[[torch.Tensor, LogitsProcessing], torch.Tensor] | None = None) -> torch.Tensor:
     """float32 logits [B, V] -> the logits the request samples from before temperature, in vLLM's
     order: allowed_token_ids, banned tokens (bad words, min_tokens), logit_bias, then repetition,
-    frequency and presence penalties. Returns `logits` itself when no row asks for any of it."""
+    frequency and presence penalties (`penalize`, the backend's form of apply_penalties; this
+    reference by default). Returns `logits` itself when no row asks for any of it."""
     proc = meta.processing
-    if proc is None and meta.banned_rows is None:
-        return logits
-    logits = logits.clone()
+    sparse = meta.banned_rows is not None or (proc is not None and (proc.allowed_rows is not None
+                                                                    or proc.bias_rows is not None))
+    if sparse:
+        logits = logits.clone()
     if proc is not None and proc.allowed_rows is not None:
         keep = torch.zeros_like(logits, dtype=torch.bool)
         keep[proc.allowed_rows, proc.allowed_tokens] = True
@@ -31,37 +39,49 @@ def process_logits(logits: torch.Tensor, meta: SamplingMetadata) -> torch.Tensor
                           torch.tensor(_NEG_INF, device=logits.device))
     if proc is not None and proc.bias_rows is not None:
         logits.index_put_((proc.bias_rows, proc.bias_tokens), proc.bias_values, accumulate=True)
-    if proc is not None and proc.repetition is not None:
-        logits = _apply_penalties(logits, proc)
+    if proc is not None and proc.penalty_slots is not None:
+        logits = (penalize or apply_penalties)(logits, proc)
     return logits
 
 
-def _apply_penalties(logits: torch.Tensor, proc: LogitsProcessing) -> torch.Tensor:
-    """Repetition over prompt + generated tokens (divide positive logits, multiply the others);
-    frequency (per occurrence) and presence (once) over generated tokens. Rows without penalties
-    have 1 / 0 / 0 and come out bit for bit unchanged."""
-    has_outputs = proc.output_rows is not None and proc.output_rows.numel() > 0
-    counts = generated = None
-    if proc.any_counted:
-        counts = torch.zeros_like(logits)
-        if has_outputs:
-            counts.index_put_((proc.output_rows, proc.output_tokens),
-                              torch.ones_like(proc.output_tokens, dtype=logits.dtype), accumulate=True)
-        generated = counts > 0
+def apply_penalties(logits: torch.Tensor, proc: LogitsProcessing) -> torch.Tensor:
+    """The reference: `logits` (not written) with repetition over prompt + generated tokens
+    (positive logits divided, the others multiplied), then frequency (per occurrence) and presence
+    (once) over generated tokens subtracted, each row from its slot of the penalty state. Rows
+    without penalties (1 / 0 / 0) come out bit for bit unchanged."""
+    check_penalty_state(logits, proc)
+    slots = proc.penalty_slots.long().clamp(min=0)  # rows at -1 are neutral: any slot will do
+    counts = proc.token_counts.index_select(0, slots)[:, :logits.shape[-1]]
+    generated = counts > 0
     if proc.any_repetition:
-        if generated is not None:
-            seen = generated.clone()
-        else:
-            seen = torch.zeros_like(logits, dtype=torch.bool)
-            if has_outputs:
-                seen[proc.output_rows, proc.output_tokens] = True
-        if proc.prompt_rows is not None and proc.prompt_rows.numel():
-            seen[proc.prompt_rows, proc.prompt_tokens] = True
+        seen = generated | unpack_prompt_mask(proc.prompt_mask.index_select(0, slots), logits.shape[-1])
         rep = proc.repetition[:, None]
         logits = torch.where(seen, torch.where(logits > 0, logits / rep, logits * rep), logits)
     if proc.any_counted:
-        logits = logits - proc.frequency[:, None] * counts - proc.presence[:, None] * generated
+        logits = logits - proc.frequency[:, None] * counts.float() - proc.presence[:, None] * generated.float()
     return logits
+
+
+def unpack_prompt_mask(mask: torch.Tensor, vocab: int) -> torch.Tensor:
+    """[B, ceil(V / 8)] uint8 bit masks -> [B, V] bool (bit t % 8 of byte t // 8 is token t)."""
+    shifts = torch.arange(8, dtype=torch.uint8, device=mask.device)
+    bits = (mask[:, :, None] >> shifts) & 1
+    return bits.view(mask.shape[0], -1)[:, :vocab] != 0
+
+
+def state_width(vocab: int) -> int:
+    """Columns of the penalty state for a vocabulary: rounded up to a multiple of 64, so that
+    every row of the counts and of the prompt bits is whole 8-byte words."""
+    return 64 * -(-vocab // 64)
+
+
+def check_penalty_state(logits: torch.Tensor, proc: LogitsProcessing) -> None:
+    """The state must cover the logits' vocabulary (a mismatch would read other tokens' counts)."""
+    vocab = logits.shape[-1]
+    width = state_width(vocab)
+    if proc.token_counts.shape[-1] != width or proc.prompt_mask.shape[-1] != width // 8:
+        raise ValueError(f"penalty state is {proc.token_counts.shape[-1]} tokens wide; logits of {vocab} "
+                         f"tokens need {width}")
 
 
 def report_source(raw: torch.Tensor, scaled: torch.Tensor, processed: torch.Tensor | None,

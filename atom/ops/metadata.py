@@ -57,10 +57,16 @@ class LogitsProcessing:
 
     allowed_rows / allowed_tokens: (row, token) pairs; a row listed here keeps only its tokens.
     bias_rows / bias_tokens / bias_values: logit_bias entries, added.
-    repetition / presence / frequency: [B] penalties (1 / 0 / 0 = off), or None when no row has one.
-    prompt_rows / prompt_tokens: (row, token) of every distinct prompt token (repetition penalty).
-    output_rows / output_tokens: (row, token) of every generated token, repeats kept (counts).
-    All are int64 / float32 tensors on the logits' device, or None.
+    repetition / presence / frequency: [B] float32 penalties (1 / 0 / 0 = off), or None when no
+        row has one.
+    penalty_slots: [B] int64 row of the penalty state each logits row reads, -1 for rows without
+        penalties (they carry 1 / 0 / 0; an implementation may read any slot for them, those
+        values leave the logits bit for bit unchanged).
+    token_counts: [slots, W] int16 / int32, how often each slot's sequence generated each token
+        (W: V rounded up to a multiple of 64; the columns from V on are 0).
+    prompt_mask: [slots, W / 8] uint8, bit t % 8 of byte t // 8 set when token t is in the slot's
+        prompt. (The engine keeps both across steps: atom/engine/penalties.py.)
+    All are tensors on the logits' device, or None.
     any_repetition / any_counted: host-side flags, whether some row has a repetition penalty /
         a presence or frequency penalty (the others' passes are skipped).
     """
@@ -73,19 +79,11 @@ class LogitsProcessing:
     repetition: torch.Tensor | None = None
     presence: torch.Tensor | None = None
     frequency: torch.Tensor | None = None
-    prompt_rows: torch.Tensor | None = None
-    prompt_tokens: torch.Tensor | None = None
-    output_rows: torch.Tensor | None = None
-    output_tokens: torch.Tensor | None = None
+    penalty_slots: torch.Tensor | None = None
+    token_counts: torch.Tensor | None = None
+    prompt_mask: torch.Tensor | None = None
     any_repetition: bool = True
     any_counted: bool = True
-
-    def add_outputs(self, rows: torch.Tensor, tokens: torch.Tensor) -> None:
-        """Count one more generated token per listed row (a token still in flight on the device)."""
-        if self.repetition is None:
-            return
-        self.output_rows = rows if self.output_rows is None else torch.cat([self.output_rows, rows])
-        self.output_tokens = tokens if self.output_tokens is None else torch.cat([self.output_tokens, tokens])
 
     def to(self, device) -> "LogitsProcessing":
         moved = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in vars(self).items()}

@@ -241,14 +241,15 @@ def filter_logits(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor
 
 
 @register("sample", B)
-def sample(logits: torch.Tensor, meta: SamplingMetadata) -> SamplerOutput:
+def sample(logits: torch.Tensor, meta: SamplingMetadata, penalize: Callable | None = None) -> SamplerOutput:
     """Greedy or seeded Gumbel-max sampling for every row at once, with logprobs.
 
     Processed logprobs come from the distribution the token is drawn from (logits processing,
     temperature, then the filters, renormalised); greedy rows use temperature 1 for them.
+    penalize: another backend's form of logits_processing.apply_penalties (the reference by default).
     """
     raw = logits.float()
-    logits = process_logits(raw, meta)
+    logits = process_logits(raw, meta, penalize)
     temperature = torch.where(meta.temperature > 0, meta.temperature, torch.ones_like(meta.temperature))
     scaled = logits / temperature[:, None]
     if meta.need_filter:

@@ -104,9 +104,9 @@ def test_gpu_matches_cpu_sampling(model_path):
 
 
 def test_gpu_matches_cpu_with_sampling_options(model_path):
-    """Issue 15: requests with penalties, bias, allowed tokens and min_tokens leave the decode
-    fast path for the generic builder, and the overlapped loop counts the token still in flight
-    for the penalties: GPU (triton) and CPU (torch) engines sample the same tokens."""
+    """Issue 15: requests with bias, allowed tokens and min_tokens leave the decode fast path for
+    the generic builder; penalties stay on it, their state on the device counting the token still
+    in flight (the fused kernel): GPU (triton) and CPU engines sample the same tokens."""
     prompts = random_prompts([7, 30, 12], TINY_VOCAB, seed=6)
     params = [
         SamplingParams(n=2, temperature=0.8, max_tokens=16, ignore_eos=True, logprobs=1, seed=3,

@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from atom import SamplingParams
+from atom.engine.penalties import PenaltyState
 from atom.engine.sampler import sampling_metadata
 from atom.engine.sequence import Request, Sequence
 from atom.ops import torch_ops
@@ -63,7 +64,8 @@ def test_processed_sampling_matches_torch(triton_ops, device, vocab):  # noqa: F
     torch.manual_seed(vocab)
     rows = mixed_rows(vocab, 24, seed=vocab)
     logits = torch.randn(len(rows), vocab, device=device) * 3
-    meta = sampling_metadata(rows, [1], device)
+    pen = PenaltyState(len(rows), vocab, 1024, device).prepare(rows)
+    meta = sampling_metadata(rows, [1], device, penalties=pen)
     assert meta.processing is not None and meta.banned_rows is not None and meta.any_logits
     out = triton_ops("sample")["triton"](logits, meta)
     ref = torch_ops.sample(logits.cpu(), to_cpu(meta))
@@ -75,16 +77,22 @@ def test_processed_sampling_matches_torch(triton_ops, device, vocab):  # noqa: F
 
 
 def test_in_flight_tokens_count_for_the_penalties(device):  # noqa: F811
-    """The overlapped decode adds the token still in flight on the device (add_outputs): the same
-    as building the metadata with that token already appended."""
+    """The overlapped decode counts each sampled token into the penalty state on the device before
+    the host appends it: the next step (lag 1) reads the same state as a step built after the
+    append (here, a fresh state filled from the host's tokens)."""
     vocab = 300
     rows = [r for r in mixed_rows(vocab, 16, seed=3) if r[0].params.penalized]
+    state = PenaltyState(len(rows), vocab, 1024, device)
+    pen = state.prepare(rows)
     flight = torch.arange(len(rows), device=device) + 7
-    meta = sampling_metadata(rows, [1], device, lag=1)
-    meta.processing.add_outputs(torch.arange(len(rows), device=device), flight)
+    state.count(pen, torch.as_tensor(pen.slots, device=device), flight)  # what the step after sampling does
+    meta = sampling_metadata(rows, [1], device, lag=1, penalties=state.prepare(rows, lag=1))
     for (seq, _), tok in zip(rows, flight.tolist()):
         seq.token_ids.append(tok)
-    want = sampling_metadata(rows, [1], device)
+    fresh = [(seq, j) for seq, j in rows]
+    for seq, _ in fresh:
+        seq.penalty_slot = None
+    want = sampling_metadata(fresh, [1], device, penalties=PenaltyState(len(rows), vocab, 1024, device).prepare(fresh))
     logits = torch.randn(len(rows), vocab, device=device)
     a, b = torch_ops.sample(logits, meta), torch_ops.sample(logits, want)
     assert torch.equal(a.logprobs, b.logprobs) and torch.equal(a.token_ids, b.token_ids)

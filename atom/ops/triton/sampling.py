@@ -9,9 +9,10 @@ libdevice's log as torch's CUDA log. So CPU and GPU draw the same tokens from eq
 except where two candidates tie to the last bit of rounding.
 
 Rows with top-k / top-p / min-p filters take the torch reference path (the filters need a sort
-of the vocabulary). Logits processing (allowed / banned tokens, logit bias, penalties) runs first
-as batched torch ops (atom/ops/logits_processing.py) and the kernel samples from its result;
-top-k logprobs, logits modes and ranks come from torch over the row's values.
+of the vocabulary). Logits processing runs first (atom/ops/logits_processing.py: allowed / banned
+tokens and logit bias as sparse torch ops, the penalties in one kernel, penalties.py) and the
+kernel samples from its result; top-k logprobs, logits modes and ranks come from torch over the
+row's values.
 
 Small batches (fewer than SPLIT_BELOW_ROWS rows, vocabulary of at least SPLIT_MIN_VOCAB) split
 each row into SPLIT_CHUNK-token chunks instead, so that the whole GPU works on a few rows (one
@@ -44,6 +45,7 @@ from atom.ops import torch_ops
 from atom.ops.logits_processing import process_logits, report_source, token_ranks, top_count
 from atom.ops.metadata import SamplerOutput, SamplingMetadata
 from atom.ops.registry import register
+from atom.ops.triton.penalties import apply_penalties
 
 try:  # libdevice's precise logf, what torch's CUDA kernels use
     from triton.language.extra import libdevice
@@ -303,12 +305,12 @@ def _launch_split(logits, temp, seeds, counters, tokens, lps, raw, all_greedy: b
 def sample(logits: torch.Tensor, meta: SamplingMetadata,
            split: bool | None = None) -> SamplerOutput:
     """split: None picks the path from the shape (use_split); True / False forces the split /
-    one-program path (tests and benchmarks). Logits processing (penalties, bias, allowed and
-    banned tokens) runs first as batched torch ops; the kernel samples from what it returns."""
+    one-program path (tests and benchmarks). Logits processing (bias, allowed and banned tokens,
+    then the penalty kernel) runs first; the kernel samples from what it returns."""
     if meta.need_filter:
-        return torch_ops.sample(logits, meta)
+        return torch_ops.sample(logits, meta, penalize=apply_penalties)
     raw_logits = logits.float()
-    logits = process_logits(raw_logits, meta)
+    logits = process_logits(raw_logits, meta, apply_penalties)
     processed_in = logits is not raw_logits
     if logits.stride(-1) != 1:
         logits = logits.contiguous()
