@@ -22,6 +22,24 @@ def act_dtypes() -> list[torch.dtype]:
 import pytest  # noqa: E402
 
 
+@pytest.fixture(autouse=True)
+def interpreter_scalar_index(monkeypatch):
+    """Triton 3.6's interpreter turns a scalar kernel argument into a 1-element 1-d array and its
+    `__index__` calls int() on it, which NumPy >= 2.4 refuses: every loop over a runtime bound
+    (fused_moe's `range(0, N, BLOCK)`) fails there. Take the element instead (interpreter only).
+    Autouse in every module that imports it."""
+    if not ON_CPU:
+        return
+    from triton.runtime import interpreter
+    patch = interpreter._patch_lang_tensor
+
+    def patched(tensor, scope):
+        patch(tensor, scope)
+        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.reshape(-1)[0]))
+
+    monkeypatch.setattr(interpreter, "_patch_lang_tensor", patched)
+
+
 @pytest.fixture(scope="session")
 def device() -> torch.device:
     return torch.device("cpu" if ON_CPU else "cuda")
