@@ -1,8 +1,9 @@
 """Issue 17 on the GPU: Mixtral, GPT-OSS and DeepSeek-V3 tiny models against HF transformers.
 
-The families' own ops (sinks / sliding-window attention, biased clamped experts, grouped
-routing, MLA) have only the torch reference so far: on CUDA the registry picks it, and decode
-runs without CUDA graphs for the ops that are not graph-safe (`graph_ops` of the model class)."""
+Sinks / sliding-window attention and the biased clamped experts run on Triton kernels (GPT-OSS
+and a windowed Mixtral decode in CUDA graphs); grouped routing and MLA have only the torch
+reference so far: on CUDA the registry picks it, and decode runs without CUDA graphs for the ops
+that are not graph-safe (`graph_ops` of the model class)."""
 from __future__ import annotations
 
 import pytest

@@ -70,7 +70,7 @@ def windowed_batch(device, dtype, seq_lens, query_lens, hq, hk, d, page, window)
 
 # (hq, hk, d, page, window): GPT-OSS-20B's attention (64 / 8 heads of 64, window 128) on the GPU.
 if ON_CPU:
-    WINDOW_SHAPES = [(4, 2, 16, 4, 5), (8, 2, 32, 16, 20)]
+    WINDOW_SHAPES = [(4, 2, 16, 4, 5), (8, 2, 32, 16, 80)]  # 80: more than one 64-token split
 else:
     WINDOW_SHAPES = [(64, 8, 64, 16, 128), (4, 2, 16, 16, 6), (32, 4, 128, 32, 100)]
 
@@ -87,7 +87,7 @@ def test_sliding_sink_prefill(triton_ops, device, dtype, hq, hk, d, page, window
     gen(hq * 7 + d + page + len(kind))
     window = None if kind == "sinks" else window
     if ON_CPU:
-        seq_lens, qlens = [5, 40, 70, 23], [5, 12, 70, 1]
+        seq_lens, qlens = [5, 40, 70, 23, 150], [5, 12, 70, 1, 30]
     else:
         seq_lens, qlens = [1, 100, 1000, 4096, 300, 129], [1, 37, 1000, 512, 1, 129]
     q, kv, kv_ref, meta = windowed_batch(device, dtype, seq_lens, qlens, hq, hk, d, page, window)
@@ -106,8 +106,6 @@ def decode_mode(request, triton_ops, monkeypatch):
     """Decode attention in split-KV + merge mode, or one program per sequence's own part."""
     import atom.ops.triton.attention as attn
     monkeypatch.setitem(attn.DECODE_CFG, "whole_own_pairs", 1 if request.param == "whole" else 1 << 40)
-    if ON_CPU:  # several splits over the interpreter's short sequences
-        monkeypatch.setitem(attn.DECODE_CFG, "small_split", 16)
     return request.param
 
 
@@ -115,10 +113,11 @@ def decode_mode(request, triton_ops, monkeypatch):
 @pytest.mark.parametrize("hq,hk,d,page,window", WINDOW_SHAPES)
 @pytest.mark.parametrize("kind", ["window+sinks", "sinks", "window"])
 def test_sliding_sink_decode(triton_ops, device, dtype, hq, hk, d, page, window, kind, decode_mode):
-    """Windows shorter and longer than the context; a padded row (seq_len 0) gives zeros."""
+    """Windows shorter and longer than the context; a padded row (seq_len 0) gives zeros.
+    A window within one split always runs whole (one program per row and kv head)."""
     gen(hq * 11 + d + page + len(kind))
     window = None if kind == "sinks" else window
-    seq_lens = [1, 2, 5, 17, 40, 33, 70] if ON_CPU else [1, 2, 127, 128, 129, 300, 1025, 4097, 8192, 513]
+    seq_lens = [1, 2, 5, 17, 40, 150, 70] if ON_CPU else [1, 2, 127, 128, 129, 300, 1025, 4097, 8192, 513]
     q, kv, kv_ref, meta = windowed_batch(device, dtype, seq_lens, [1] * len(seq_lens), hq, hk, d, page, window)
     sinks = sinks_for(hq, device, dtype) if "sinks" in kind else None
     scale = d ** -0.5

@@ -335,11 +335,14 @@ def _decode_prefix_kernel(q_ptr, kc_ptr, vc_ptr, bt_ptr, rows_ptr, plen_ptr, po_
 def _merge_kernel(po_ptr, pl_ptr, sl_ptr, start_ptr, o_ptr, sink_ptr, sp0, sp1, sp2, sl0, sl1, so0, so1,
                   n_prefix, n_own,
                   D: tl.constexpr, BLOCK_S: tl.constexpr, SPLIT: tl.constexpr, SPLIT_P: tl.constexpr,
-                  HAS_START: tl.constexpr, WINDOW: tl.constexpr, HAS_SINKS: tl.constexpr):
+                  HAS_START: tl.constexpr, HAS_SINKS: tl.constexpr):
+    """Combines a row's partials (and its head's sink). Windowed rows need no window here: a
+    row longer than the window fills all n_own = cdiv(window, SPLIT) splits, a shorter one
+    starts at 0."""
     b = tl.program_id(0)
     h = tl.program_id(1)
     seq_len = tl.load(sl_ptr + b).to(tl.int32)
-    start = _own_start(start_ptr, b, seq_len, HAS_START, WINDOW)
+    start = _own_start(start_ptr, b, seq_len, HAS_START, 0)
     s = tl.arange(0, BLOCK_S)
     valid_p = (s < n_prefix) & (s * SPLIT_P < start)
     own = s - n_prefix
@@ -376,8 +379,9 @@ def _decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, meta:
     casc = getattr(meta, "cascade", None) if window is None else None
     span = meta.max_seq_len if window is None else min(meta.max_seq_len, window)  # own tokens, at most
     cfg = DECODE_CFG
-    whole = bsz * hk >= cfg["whole_own_pairs"]
     split = own_split(bsz, hk, span)
+    # A window that fits one split: one program per (row, kv head) finishes the row (no merge).
+    whole = bsz * hk >= cfg["whole_own_pairs"] or (window is not None and window <= split)
     split_p, stages_p = prefix_split(casc.group_rows.shape[0], hk) if casc is not None else (1, 1)
     n_prefix = triton.cdiv(casc.max_prefix_len, split_p) if casc is not None else 0
     n_own = 1 if whole else max(1, triton.cdiv(max(span, 1), split))
@@ -391,7 +395,6 @@ def _decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, meta:
     scale_log2 = scale * LOG2E
     start = casc.row_prefix_len if casc is not None else meta.seq_lens
     sink_arg = q if sinks is None else sinks
-    opts = dict(WINDOW=window or 0, HAS_SINKS=sinks is not None)
     if n_prefix:
         _decode_prefix(q, k_cache, v_cache, meta, casc, po, pl, scale_log2, n_prefix, split_p, stages_p)
     _decode_split_kernel[(bsz, hk, n_own)](
@@ -400,14 +403,15 @@ def _decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, meta:
         meta.block_tables.stride(0), po.stride(0), po.stride(1), po.stride(2), pl.stride(0), pl.stride(1),
         out.stride(0), out.stride(1), n_prefix, scale_log2, GROUP=group,
         BLOCK_H=max(16, triton.next_power_of_2(group)), D=d, BLOCK_N=cfg["block_n"] if d <= 128 else 32,
-        PAGE=page, SPLIT=split, HAS_START=casc is not None, PREC=prec, WHOLE=whole, SPLIT_P=split_p, **opts,
+        PAGE=page, SPLIT=split, HAS_START=casc is not None, PREC=prec, WHOLE=whole, SPLIT_P=split_p,
+        WINDOW=window or 0, HAS_SINKS=sinks is not None,
         num_warps=cfg["warps"], num_stages=cfg["stages"])
     if not whole:
         _merge_kernel[(bsz, hq)](
             po, pl, meta.seq_lens, start, out, sink_arg, po.stride(0), po.stride(1), po.stride(2), pl.stride(0),
             pl.stride(1), out.stride(0), out.stride(1), n_prefix, n_own, D=d,
             BLOCK_S=triton.next_power_of_2(n_prefix + n_own), SPLIT=split, SPLIT_P=split_p,
-            HAS_START=casc is not None, **opts, num_warps=4)
+            HAS_START=casc is not None, HAS_SINKS=sinks is not None, num_warps=4)
     return out
 
 
