@@ -13,6 +13,29 @@ import torch
 ON_CPU = os.environ.get("ATOM_GPU_TESTS_ON_CPU") == "1" and not torch.cuda.is_available()
 
 
+def _interpreter_numpy_shim() -> None:
+    """Triton 3.6's interpreter holds scalars as 1-element arrays and turns them into loop bounds
+    with int(array), which NumPy >= 2.4 refuses for arrays of ndim > 0 (every kernel with a
+    `range(lo, hi)` over loaded values failed). Index through the array's single element."""
+    try:
+        import triton.runtime.interpreter as interp
+    except ImportError:
+        return
+    if getattr(interp, "_atom_numpy_shim", False):
+        return
+    original = interp._patch_lang_tensor
+
+    def patched(tensor, scope):
+        original(tensor, scope)
+        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.reshape(-1)[0]))
+    interp._patch_lang_tensor = patched
+    interp._atom_numpy_shim = True
+
+
+if ON_CPU and os.environ.get("TRITON_INTERPRET") == "1":
+    _interpreter_numpy_shim()
+
+
 def act_dtypes() -> list[torch.dtype]:
     """Activation dtypes the kernels are tested in (the interpreter has no bfloat16)."""
     return [torch.float16, torch.float32] if ON_CPU else [torch.bfloat16, torch.float32]
@@ -20,24 +43,6 @@ def act_dtypes() -> list[torch.dtype]:
 
 # Fixtures (test modules import them by name: a second conftest.py would shadow tests/conftest.py).
 import pytest  # noqa: E402
-
-
-@pytest.fixture(autouse=True)
-def interpreter_scalar_index(monkeypatch):
-    """Triton 3.6's interpreter turns a scalar kernel argument into a 1-element 1-d array and its
-    `__index__` calls int() on it, which NumPy >= 2.4 refuses: every loop over a runtime bound
-    (fused_moe's `range(0, N, BLOCK)`) fails there. Take the element instead (interpreter only).
-    Autouse in every module that imports it."""
-    if not ON_CPU:
-        return
-    from triton.runtime import interpreter
-    patch = interpreter._patch_lang_tensor
-
-    def patched(tensor, scope):
-        patch(tensor, scope)
-        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.reshape(-1)[0]))
-
-    monkeypatch.setattr(interpreter, "_patch_lang_tensor", patched)
 
 
 @pytest.fixture(scope="session")

@@ -14,7 +14,7 @@ import torch
 
 from atom.ops import torch_ops
 
-from gpu_helpers import ON_CPU, act_dtypes, device, interpreter_scalar_index, triton_ops  # noqa: F401 (fixtures)
+from gpu_helpers import ON_CPU, act_dtypes, device, triton_ops  # noqa: F401 (fixtures)
 
 pytestmark = pytest.mark.gpu
 

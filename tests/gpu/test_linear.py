@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from gpu_helpers import ON_CPU, act_dtypes, device, interpreter_scalar_index, triton_ops  # noqa: F401 (fixtures)
+from gpu_helpers import ON_CPU, act_dtypes, device, triton_ops  # noqa: F401 (fixtures)
 
 pytestmark = pytest.mark.gpu
 

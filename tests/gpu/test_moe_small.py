@@ -7,7 +7,7 @@ import torch
 
 from atom.ops import torch_ops
 
-from gpu_helpers import ON_CPU, act_dtypes, device, interpreter_scalar_index, triton_ops  # noqa: F401 (fixtures)
+from gpu_helpers import ON_CPU, act_dtypes, device, triton_ops  # noqa: F401 (fixtures)
 
 pytestmark = pytest.mark.gpu
 
@@ -35,6 +35,23 @@ def forward_cases() -> list[tuple]:
             h, i = SHAPES[(n // 2 + m) % len(SHAPES)]
             cases.append((t, e, k, (n + m) % 2 == 0, h, i))
     return cases
+
+
+@pytest.fixture(autouse=True)
+def _interpreter_scalar_index(monkeypatch):
+    """Triton 3.6's interpreter turns a scalar kernel argument into a 1-element 1-d array and its
+    `__index__` calls int() on it, which NumPy >= 2.4 refuses: every loop over a runtime bound
+    (fused_moe's `range(0, N, BLOCK)`) fails there. Take the element instead (interpreter only)."""
+    if not ON_CPU:
+        return
+    from triton.runtime import interpreter
+    patch = interpreter._patch_lang_tensor
+
+    def patched(tensor, scope):
+        patch(tensor, scope)
+        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.reshape(-1)[0]))
+
+    monkeypatch.setattr(interpreter, "_patch_lang_tensor", patched)
 
 
 def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:

@@ -10,8 +10,7 @@ import torch
 from atom.ops import torch_ops
 from atom.ops.metadata import AttentionMetadata, CascadeMetadata, SamplingMetadata
 
-from gpu_helpers import (ON_CPU, act_dtypes, device, interpreter_scalar_index, sampling_meta,  # noqa: F401
-                         triton_ops)
+from gpu_helpers import ON_CPU, act_dtypes, device, sampling_meta, triton_ops  # noqa: F401 (fixtures)
 
 pytestmark = pytest.mark.gpu
 
