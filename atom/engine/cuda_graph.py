@@ -387,6 +387,7 @@ class DecodeRunner:
                 meta_s.processing.add_outputs(torch.arange(n, device=self.device), ids_dev[:n].long())
         t1 = time.perf_counter()
         logits = self._run(bs)
+        graphed = bs <= self.graph_max  # (a failed capture sets graph_max to 0)
         result = ops.sample(logits[:n], meta_s)
         tm = self.timers
         tm["fill"] += t1 - t0
@@ -397,7 +398,7 @@ class DecodeRunner:
         if routed is not None:  # queued before the event _copy_to_host records
             routed = routed.to("cpu", copy=True) if routed.device.type == "cpu" else \
                 torch.empty(routed.shape, dtype=routed.dtype, pin_memory=True).copy_(routed, non_blocking=True)
-        return InFlight(batch, result, *_copy_to_host(result), routed)
+        return InFlight(batch, result, *_copy_to_host(result), routed, graphed)
 
     def collect(self, inflight: "InFlight"):
         """Wait for a launched step's samples and turn them into a StepOutput. Waits on the
@@ -434,6 +435,7 @@ class InFlight:
     host: SamplerOutput          # pinned copy, valid once `ready` has fired
     ready: torch.cuda.Event | None  # None on the CPU
     routed: torch.Tensor | None = None  # host copy of the step's routed experts (when captured)
+    graphed: bool = False        # the forward ran as a CUDA graph
 
 
 # ---- KV-cache sizing ---------------------------------------------------------------------------
