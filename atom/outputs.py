@@ -81,3 +81,4 @@ class EngineStats:
     generated_tokens: int = 0
     steps: int = 0
     overlapped_steps: int = 0         # decode steps queued before the previous step's tokens were read
+    graph_steps: int = 0              # decode steps run by replaying (or capturing) a CUDA graph

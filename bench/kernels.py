@@ -179,6 +179,40 @@ def penalty_rows() -> list:
     return out
 
 
+def gpt_oss_rows() -> list[tuple[str, float, int]]:
+    """GPT-OSS-20B's family kernels: decode attention (64 / 8 heads of 64, sinks) of a sliding
+    layer (window 128: reads each row's last 128 tokens) and of a full layer (GRPO groups of 8
+    sharing a 1024-token prompt), and the biased clamped experts (32 experts, top-4, 2880 x 2880)."""
+    rows = []
+    dec = implementations("sliding_sink_attention_decode")["triton"]
+    hq, hk, d = 64, 8, 64
+    kv_tok = 2 * hk * d * 2
+    sinks = torch.randn(hq, device="cuda", dtype=torch.bfloat16)
+    for bsz in (1, 64, 512):
+        n = 8 if bsz >= 8 else 1
+        q, kc, vc, meta = paged(bsz, 1024, 512, n, hq, hk, d)
+        t = bench(lambda: dec(q, kc, vc, meta, d ** -0.5, 128, sinks))
+        rows.append((f"gpt-oss sliding decode bs{bsz}", t, bsz * 128 * kv_tok))
+        t = bench(lambda: dec(q, kc, vc, meta, d ** -0.5, None, sinks))
+        rows.append((f"gpt-oss full decode bs{bsz}{' shared' if n > 1 else ''}", t,
+                     (bsz // n * 1024 + bsz * 512) * kv_tok))
+    moe = implementations("fused_moe_biased")["triton"]
+    route = implementations("moe_route")["triton"]
+    e, h, i, k = 32, 2880, 2880, 4
+    w13 = torch.randn(e, 2 * i, h, device="cuda", dtype=torch.bfloat16) * 0.02
+    b13 = torch.randn(e, 2 * i, device="cuda", dtype=torch.bfloat16)
+    w2 = torch.randn(e, h, i, device="cuda", dtype=torch.bfloat16) * 0.02
+    b2 = torch.randn(e, h, device="cuda", dtype=torch.bfloat16)
+    for t_ in (1, 4, 64, 512, 4096):
+        x = torch.randn(t_, h, device="cuda", dtype=torch.bfloat16)
+        wts, ids = route(torch.randn(t_, e, device="cuda"), k, True)
+        used = ids.unique().numel()
+        need = used * 3 * h * i * 2 + 2 * t_ * h * 2
+        rows.append((f"fused_moe_biased T={t_} ({used} experts)",
+                     bench(lambda: moe(x, w13, b13, w2, b2, wts, ids, 7.0, 1.702)), need))
+    return rows
+
+
 def main() -> None:
     import sys
     if len(sys.argv) > 2 and sys.argv[1] == "--tune":
@@ -213,6 +247,7 @@ def main() -> None:
         used = ids.unique().numel()
         need = used * 3 * h * i * 2 + 2 * t_ * h * 2
         rows.append((f"fused_moe T={t_} ({used} experts)", bench(lambda: moe(x, w13, w2, wts, ids)), need))
+    rows += gpt_oss_rows()
     samp = implementations("sample")["triton"]
     for b in (1, 512, 1024):
         logits = torch.randn(b, 151936, device="cuda")

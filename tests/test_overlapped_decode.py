@@ -36,16 +36,18 @@ def assert_same(a, b):
                 assert tx.keys() == ty.keys() and close(list(tx.values()), [ty[k] for k in tx])
 
 
-@pytest.mark.parametrize("arch", ["qwen3", "qwen3_moe"])
-def test_overlapped_loop_matches_step_by_step(make_tiny_model, arch):
+# GPT-OSS: the sliding layers' window tables in the decode runner's static buffers (blocks of 4
+# tokens, window 6: blocks are given back while it decodes).
+@pytest.mark.parametrize("arch,config", [("qwen3", {}), ("qwen3_moe", {}), ("gpt_oss", {"kv_block_size": 4})])
+def test_overlapped_loop_matches_step_by_step(make_tiny_model, arch, config):
     path = make_tiny_model(arch)
     prompts = random_prompts([23, 9, 40, 17], TINY_VOCAB, seed=50)
     params = [SamplingParams(n=4, temperature=1.0, max_tokens=30, ignore_eos=True, seed=1, logprobs=2),
               SamplingParams(temperature=0, max_tokens=12, logprobs=0),               # may stop at EOS
               SamplingParams(n=2, temperature=0.8, top_p=0.7, max_tokens=25, seed=2, min_tokens=5),
               SamplingParams(temperature=1.2, top_k=7, max_tokens=3, seed=3)]
-    plain, s_plain, _ = generate(path, prompts, params, overlapped=False)
-    fast, s_fast, overlapped = generate(path, prompts, params, overlapped=True)
+    plain, s_plain, _ = generate(path, prompts, params, overlapped=False, **config)
+    fast, s_fast, overlapped = generate(path, prompts, params, overlapped=True, **config)
     assert overlapped > 10
     assert_same(plain, fast)
     assert s_fast.generated_tokens == s_plain.generated_tokens

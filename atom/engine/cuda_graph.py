@@ -16,6 +16,10 @@ tokens are the previous step's samples, still on the device (the overlapped engi
 * Cascade groups: rows whose block tables start with the same blocks (the n samples of one
   prompt, forked by the block manager) form groups of up to MAX_N rows; decode attention reads
   their shared prefix once per group.
+* Hybrid sliding / full models (GPT-OSS, `runner.kv_window`): the sliding layers' own slots and
+  block tables (atom/engine/window_blocks.py) live in the same static buffer (`meta.window`).
+  Only the entries of the blocks a row's window covers are written each step; the kernels read
+  no others (the rest of a row may hold stale ids, never read: blocks given back are not touched).
 
 The only host sync of a step is reading back the sampled tokens and logprobs (steps with a row
 whose min_tokens still bans tokens, or that needs logit bias, allowed / bad tokens or a logits
@@ -84,6 +88,7 @@ class DecodeRunner:
         self.max_model_len = max_model_len
         self.max_blocks = -(-max_model_len // self.page)
         self.capacity = cfg.max_num_seqs
+        self.window = runner.kv_window  # sliding layers with their own block tables, or None
         is_moe = runner.args.num_experts > 0
         needed = _GRAPH_OPS + (_GRAPH_OPS_MOE if is_moe else ()) + tuple(getattr(self.model, "graph_ops", ()))
         self.graph_capable = all(ops.supports(name, "graph_safe") for name in needed)
@@ -126,8 +131,10 @@ class DecodeRunner:
     # ---- layout ----------------------------------------------------------------------------
     def _layout(self, bs: int) -> tuple[dict[str, int], int]:
         groups = max(1, bs // 2)
+        win = 0 if self.window is None else bs
         fields = [("ids", bs), ("src", bs), ("pos", bs), ("slots", bs), ("seq_lens", bs), ("row_prefix", bs),
-                  ("qsl", bs + 1), ("plen", groups), ("grows", groups * self.max_n), ("bt", bs * self.max_blocks)]
+                  ("qsl", bs + 1), ("plen", groups), ("grows", groups * self.max_n), ("bt", bs * self.max_blocks),
+                  ("wslots", win), ("wbt", win * self.max_blocks)]
         offsets, at = {}, 0
         for name, size in fields:
             offsets[name] = at
@@ -158,6 +165,13 @@ class DecodeRunner:
         host["grows"] = cut(h, "grows", groups * self.max_n).reshape(groups, self.max_n)
         host["bt"] = cut(h, "bt", bs * self.max_blocks).reshape(bs, self.max_blocks)
         host["qsl"][:] = np.arange(bs + 1, dtype=np.int32)
+        if self.window is not None:
+            meta.window = AttentionMetadata(
+                slot_mapping=cut(d, "wslots", bs), query_start_loc=meta.query_start_loc, seq_lens=meta.seq_lens,
+                block_tables=cut(d, "wbt", bs * self.max_blocks).view(bs, self.max_blocks), is_decode=True,
+                max_query_len=1, max_seq_len=self.max_model_len)
+            host["wslots"] = cut(h, "wslots", bs)
+            host["wbt"] = cut(h, "wbt", bs * self.max_blocks).reshape(bs, self.max_blocks)
         v = (cut(d, "ids", bs), cut(d, "pos", bs), meta, host, total, cut(d, "src", bs))
         self._views[(bs, parity)] = v
         return v
@@ -213,6 +227,18 @@ class DecodeRunner:
                 self._param_cache.clear()
             self._param_cache[id(p)] = c
         return c
+
+    def _fill_window(self, seqs, bs: int, host: dict, lag: int, window_table) -> None:
+        """The sliding layers' slots and the table entries of the blocks each row's window covers
+        (positions p - window + 1 .. p; the kernels read no other entry)."""
+        page, wbt, wslots = self.page, host["wbt"], host["wslots"]
+        for i, seq in enumerate(seqs):
+            p = len(seq.token_ids) - 1 + lag
+            table = window_table(seq)
+            first, last = max(0, p - self.window + 1) // page, p // page
+            wbt[i, first:last + 1] = table[first:last + 1]
+            wslots[i] = table[last] * page + p % page
+        wslots[len(seqs):bs] = -1
 
     def _fill(self, seqs, bs: int, host: dict, lag: int, parity: int, pen: PenaltyRows | None):
         """Writes the step's attention and sampling inputs; returns the SamplingMetadata, or None
@@ -352,9 +378,11 @@ class DecodeRunner:
         graph.replay()
         return out
 
-    def launch(self, batch: ScheduledBatch, prev: "InFlight | None" = None) -> "InFlight":
+    def launch(self, batch: ScheduledBatch, prev: "InFlight | None" = None, window_table=None) -> "InFlight":
         """Queue the step on the device without waiting for it. With `prev` (the step still in
-        flight), every sequence's newest token is prev's sampled token, fed on the device."""
+        flight), every sequence's newest token is prev's sampled token, fed on the device.
+        window_table: seq -> the sliding layers' block table (WindowBlockManager.window_table),
+        needed when the model has a window group."""
         t0 = time.perf_counter()
         seqs = batch.seqs
         n = len(seqs)
@@ -373,6 +401,8 @@ class DecodeRunner:
 
         pen = self.runner.penalties.prepare(rows, lag, in_flight if prev is not None else None)
         meta_s = self._fill(seqs, bs, host, lag, parity, pen)
+        if self.window is not None:
+            self._fill_window(seqs, bs, host, lag, window_table)
         if src is not None:
             host["src"][:n] = src
             host["src"][n:] = 0
@@ -384,6 +414,7 @@ class DecodeRunner:
             ids_dev.copy_(prev.result.token_ids.index_select(0, src_dev.long()))
         t1 = time.perf_counter()
         logits = self._run(bs)
+        graphed = bs <= self.graph_max  # (a failed capture sets graph_max to 0)
         result = ops.sample(logits[:n], meta_s)
         if pen is not None:  # counted now: the next step, launched before these tokens are read, sees them
             self.runner.penalties.count(pen, meta_s.processing.penalty_slots, result.token_ids)
@@ -396,7 +427,7 @@ class DecodeRunner:
         if self.routed_hosts is not None:  # queued before the event _copy_to_host records
             routed = self.routed_hosts[parity][:n]
             routed.copy_(self.runner.routed_rows(n), non_blocking=True)
-        return InFlight(batch, result, *_copy_to_host(result), routed)
+        return InFlight(batch, result, *_copy_to_host(result), routed, graphed)
 
     def collect(self, inflight: "InFlight"):
         """Wait for a launched step's samples and turn them into a StepOutput. Waits on the
@@ -435,6 +466,7 @@ class InFlight:
     # The step's routed experts (when captured): rows of a pinned staging buffer, valid once
     # `ready` fired and until the second launch after this one reuses the buffer.
     routed: torch.Tensor | None = None
+    graphed: bool = False        # the forward ran as a CUDA graph
 
 
 # ---- KV-cache sizing ---------------------------------------------------------------------------

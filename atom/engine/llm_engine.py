@@ -318,6 +318,7 @@ class LLMEngine(EngineRLState):
                 raise RuntimeError(self._no_room_message())
             inflight = self.runner.launch_decode(batch, self.block_manager)
             if inflight is not None:
+                self.stats.graph_steps += inflight.graphed
                 self.scheduler.advance(batch)
                 self._inflight = inflight
                 return
@@ -331,6 +332,7 @@ class LLMEngine(EngineRLState):
         if queued is not None:
             self.scheduler.advance(nxt)
             self.stats.overlapped_steps += 1
+            self.stats.graph_steps += queued.graphed
         out = self.runner.collect(self._inflight)
         self._inflight = queued
         self._finish_step(batch, out)

@@ -60,8 +60,6 @@ class ModelRunner:
         # Hybrid sliding / full models: layer pairs share cache tensors and sliding layers give
         # back the blocks they no longer see (atom/engine/window_blocks.py; kv_window: the window).
         self.cache_owners, self.kv_window = kv_cache_owners(self.model.attention_layers())
-        if self.kv_window is not None:  # the decode runner's static buffers have no window tables
-            self.use_decode_runner = False
         # Weights and KV cache live in pools that sleep/wake can release and restore in place.
         self.memory = EngineMemory(self.device, config.enable_sleep_mode)
         self.memory.adopt_weights(self.model)
@@ -274,7 +272,7 @@ class ModelRunner:
         if not runner.supports(batch, lag=0 if prev is None else 1):
             return None
         self._flush_copies(block_manager)
-        return runner.launch(batch, prev)
+        return runner.launch(batch, prev, getattr(block_manager, "window_table", None))
 
     def synchronize(self) -> None:
         if self.device.type == "cuda":

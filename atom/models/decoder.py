@@ -132,6 +132,7 @@ class CausalLM(nn.Module):
             self.lm_head.weight = self.model.embed_tokens.weight
         if any(args.is_sliding_layer(i) for i in range(args.num_hidden_layers)):
             self.graph_ops = (*self.graph_ops, "sliding_sink_attention_decode")  # Mixtral with a window
+            self.decode_attention_op = "sliding_sink_attention_decode"
 
     # ---- what a family may change -----------------------------------------------------------
     def build_rotary(self, args: ModelArgs) -> RotaryEmbedding:

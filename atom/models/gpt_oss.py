@@ -112,7 +112,8 @@ class GptOssForCausalLM(CausalLM):
     # Every rank streams the whole checkpoint through `convert_checkpoint` (MXFP4 pairs).
     stream_load = True
     # Decode ops a CUDA graph needs from a non-torch backend (atom/engine/cuda_graph.py).
-    graph_ops = ("sliding_sink_attention_decode", "fused_moe_biased")
+    graph_ops = ("sliding_sink_attention_decode", "fused_moe_biased", "moe_route")
+    decode_attention_op = "sliding_sink_attention_decode"  # every layer has sinks
 
     def __init__(self, args: ModelArgs, parallel=None) -> None:
         if args.swiglu_limit is not None and args.swiglu_limit <= 0:

@@ -1,9 +1,10 @@
 """Issue 17 on the GPU: Mixtral, GPT-OSS and DeepSeek-V3 tiny models against HF transformers.
 
-GPT-OSS's and Mixtral-with-a-window's own ops (sinks / sliding-window attention, biased clamped
-experts) have only the torch reference so far: on CUDA the registry picks it, and decode runs
-without CUDA graphs for the ops that are not graph-safe (`graph_ops` of the model class).
-DeepSeek-V3 decodes with the Triton MLA ops in CUDA graphs (tests/gpu/test_deepseek_gpu.py)."""
+GPT-OSS and a Mixtral with a window run the Triton sliding-window / sink attention and biased
+clamped experts and decode in CUDA graphs (tests/gpu/test_gpt_oss_gpu.py); DeepSeek-V3 decodes
+with the Triton MLA ops in CUDA graphs (tests/gpu/test_deepseek_gpu.py). An op a backend lacks
+falls back to its torch reference, and decode runs without CUDA graphs when one of the model's
+`graph_ops` is not graph-safe."""
 from __future__ import annotations
 
 import pytest

@@ -9,6 +9,10 @@ fused_moe:
      program keeps two accumulators, the gate and the up columns of one output tile.
   3. grouped GEMM down with the routing weight applied in the epilogue, one row per pair.
   4. sum over the top-k rows of each token.
+fused_moe_biased (GPT-OSS) is the same pipeline with two compile-time switches in the GEMM
+epilogues: HAS_BIAS (each expert's gate|up bias, then down bias, added where the torch reference
+adds them: after rounding the product to the activation dtype) and ACT="clamped_swiglu"
+((clamp(up, ±limit) + 1) * g * sigmoid(alpha * g), g = min(gate, limit)) instead of SiLU-and-mul.
 Everything is launched with grids sized from T alone, so the op is CUDA-graph safe.
 moe_forward (routing + experts) lives in moe_small.py: two kernels for a few tokens, else
 moe_route + fused_moe.
@@ -18,6 +22,8 @@ published H200 configs for E=128, I=768 and was swept on the H200 at T=1 and T=5
 copy bandwidth for the 1.2 GB of expert weights; other candidates within 1-10%).
 """
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 import triton
@@ -147,12 +153,32 @@ def moe_align(topk_ids: torch.Tensor, num_experts: int, block_m: int):
 
 # ---- grouped GEMMs ----------------------------------------------------------------------------
 
+@triton.jit
+def gated_activation(g, u, limit, alpha, ACT: tl.constexpr):
+    """The expert activation of gate and up (float32, already rounded as the reference rounds
+    them): "silu" = silu(g) * u; "clamped_swiglu" = GPT-OSS's (clamp(u, ±limit) + 1) * g' *
+    sigmoid(alpha * g'), g' = min(g, limit) (limit = inf: no clamp)."""
+    if ACT == "clamped_swiglu":
+        g = tl.minimum(g, limit)
+        u = tl.minimum(tl.maximum(u, -limit), limit)
+        return (u + 1.0) * g / (1.0 + tl.exp(-alpha * g))
+    return g / (1.0 + tl.exp(-g)) * u
+
+
+@triton.jit
+def add_bias(x, b_ptr, cols, mask, dt: tl.constexpr):
+    """x + bias[cols] rounded to dt (the reference adds a bias to the rounded product in the
+    activation dtype), as float32; mask: the columns (or rows x columns) that exist."""
+    b = tl.load(b_ptr + cols, mask=mask, other=0.0).to(tl.float32)
+    return (x + b).to(dt).to(tl.float32)
+
+
 @triton.jit(do_not_specialize=["num_pairs", "max_tiles"])
-def _moe_gemm_kernel(a_ptr, w_ptr, out_ptr, sorted_ptr, expert_ptr, total_ptr, tw_ptr,
-                     N, K, num_pairs, max_tiles, sa, swe, swn, so,
+def _moe_gemm_kernel(a_ptr, w_ptr, out_ptr, sorted_ptr, expert_ptr, total_ptr, tw_ptr, b_ptr,
+                     N, K, num_pairs, max_tiles, sa, swe, swn, so, sbe, limit, alpha,
                      A_DIV: tl.constexpr, GATED: tl.constexpr, MUL_W: tl.constexpr,
                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                     GROUP_M: tl.constexpr, PREC: tl.constexpr):
+                     GROUP_M: tl.constexpr, PREC: tl.constexpr, HAS_BIAS: tl.constexpr, ACT: tl.constexpr):
     pid = tl.program_id(0)
     num_n = tl.cdiv(N, BLOCK_N)
     group = GROUP_M * num_n
@@ -188,14 +214,20 @@ def _moe_gemm_kernel(a_ptr, w_ptr, out_ptr, sorted_ptr, expert_ptr, total_ptr, t
                 wu_ptrs += BLOCK_K
             a_ptrs += BLOCK_K
             wg_ptrs += BLOCK_K
+        dt = out_ptr.dtype.element_ty
         if GATED:
-            # The reference rounds gate and up to the activation dtype before the SiLU.
-            g = acc.to(out_ptr.dtype.element_ty).to(tl.float32)
-            u = acc_u.to(out_ptr.dtype.element_ty).to(tl.float32)
-            acc = g / (1.0 + tl.exp(-g)) * u
+            # The reference rounds gate and up to the activation dtype before the activation.
+            g = acc.to(dt).to(tl.float32)
+            u = acc_u.to(dt).to(tl.float32)
+            if HAS_BIAS:
+                g = add_bias(g, b_ptr + e * sbe, rn[None, :], nmask[None, :], dt)
+                u = add_bias(u, b_ptr + e * sbe + N, rn[None, :], nmask[None, :], dt)
+            acc = gated_activation(g, u, limit, alpha, ACT)
+        elif HAS_BIAS:
+            acc = add_bias(acc.to(dt).to(tl.float32), b_ptr + e * sbe, rn[None, :], nmask[None, :], dt)
         if MUL_W:
             tw = tl.load(tw_ptr + tl.where(valid, pair, 0), mask=valid, other=0.0)
-            acc = acc.to(out_ptr.dtype.element_ty).to(tl.float32) * tw[:, None]
+            acc = acc.to(dt).to(tl.float32) * tw[:, None]
         orow = tl.where(valid, pair, 0).to(tl.int64)
         tl.store(out_ptr + orow[:, None] * so + rn[None, :], acc.to(out_ptr.dtype.element_ty),
                  mask=valid[:, None] & nmask[None, :])
@@ -228,21 +260,52 @@ def moe_configs(num_tokens: int) -> tuple[dict, dict]:
     return _CONFIGS[-1][1], _CONFIGS[-1][2]
 
 
-def _launch(a, w, out, sorted_ids, tile_expert, total, max_tiles, tw, n, k, num_pairs, a_div, gated, mul_w, cfg):
+@dataclass(frozen=True)
+class Epilogue:
+    """What the expert GEMMs do after the products: bias tensors (b13 [E, 2I] for gate|up, b2
+    [E, H] for down; None: none) and the activation ("silu" or "clamped_swiglu" with its limit,
+    None = no clamp, and alpha)."""
+
+    b13: torch.Tensor | None = None
+    b2: torch.Tensor | None = None
+    act: str = "silu"
+    limit: float | None = None
+    alpha: float = 1.0
+
+    @property
+    def clamp(self) -> float:
+        return float("inf") if self.limit is None else float(self.limit)
+
+
+SILU = Epilogue()
+
+
+def _launch(a, w, out, sorted_ids, tile_expert, total, max_tiles, tw, n, k, num_pairs, a_div, gated, mul_w, cfg,
+            ep: Epilogue = SILU):
     c = dict(cfg)
     bm, bn = c["BLOCK_M"], c["BLOCK_N"]
     bk = min(c["BLOCK_K"], max(16, triton.next_power_of_2(k)))
     grid = (max_tiles * triton.cdiv(n, bn),)
-    _moe_gemm_kernel[grid](a, w, out, sorted_ids, tile_expert, total, tw, n, k, num_pairs, max_tiles,
-                           a.stride(0), w.stride(0), w.stride(1), out.stride(0),
+    bias = ep.b13 if gated else ep.b2
+    _moe_gemm_kernel[grid](a, w, out, sorted_ids, tile_expert, total, tw, w if bias is None else bias,
+                           n, k, num_pairs, max_tiles, a.stride(0), w.stride(0), w.stride(1), out.stride(0),
+                           0 if bias is None else bias.stride(0), ep.clamp, float(ep.alpha),
                            A_DIV=a_div, GATED=gated, MUL_W=mul_w, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk,
                            GROUP_M=c["GROUP_M"], PREC="ieee" if a.dtype == torch.float32 else "tf32",
-                           num_warps=c["num_warps"], num_stages=c["num_stages"])
+                           HAS_BIAS=bias is not None, ACT=ep.act, num_warps=c["num_warps"],
+                           num_stages=c["num_stages"])
 
 
 @register("fused_moe", B, "skips_negative_ids")
 def fused_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights: torch.Tensor,
               topk_ids: torch.Tensor) -> torch.Tensor:
+    return experts_aligned(x, w13, w2, topk_weights, topk_ids, SILU)
+
+
+def experts_aligned(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights: torch.Tensor,
+                    topk_ids: torch.Tensor, ep: Epilogue) -> torch.Tensor:
+    """The aligned path (any T): align, gate|up GEMM + activation, down GEMM + routing weight,
+    top-k sum; `ep` holds fused_moe_biased's biases and activation (SILU: fused_moe)."""
     t, h = x.shape
     e, two_i, _ = w13.shape
     inter = two_i // 2
@@ -261,12 +324,12 @@ def fused_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights
     if tw.dtype != torch.float32:
         tw = tw.float()
     _launch(x, w13, act, sorted_ids, tile_expert, total, max_tiles, tw, inter, h, num_pairs, top_k, True, False,
-            up_cfg)
+            up_cfg, ep)
     # Rows of pairs with an id outside [0, E) (expert parallelism passes -1) stay unwritten; the
     # sum skips them.
     out_k = torch.empty(num_pairs, w2.shape[1], dtype=x.dtype, device=x.device)
     _launch(act, w2, out_k, sorted_ids, tile_expert, total, max_tiles, tw, w2.shape[1], inter, num_pairs, 1,
-            False, True, down_cfg)
+            False, True, down_cfg, ep)
     out = torch.empty(t, h, dtype=x.dtype, device=x.device)
     block = min(1024, triton.next_power_of_2(h))
     _topk_sum_kernel[(t, triton.cdiv(h, block))](out_k, topk_ids, out, h, e, TOPK=top_k, BLOCK=block, num_warps=4)
