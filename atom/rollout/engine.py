@@ -32,6 +32,14 @@ def _load_tokenizer(path: str):
     return AutoTokenizer.from_pretrained(path)
 
 
+def _all_ints(values) -> bool:
+    """Whether every value is an int (bools are not token ids)."""
+    types = set(map(type, values))
+    if types <= {int}:
+        return True
+    return all(isinstance(t, int) and not isinstance(t, bool) for t in values)
+
+
 class RolloutEngine(RLMixin, TransferMixin):
     """Generates completions with per-token logprobs from a HF checkpoint.
 
@@ -322,10 +330,11 @@ class RolloutEngine(RLMixin, TransferMixin):
                     raise ValueError(f"{label}: each chat message needs string 'role' and 'content'")
             text = self.tokenizer.apply_chat_template(list(prompt), tokenize=False, add_generation_prompt=True)
             return list(self.tokenizer(text, add_special_tokens=False).input_ids)
-        if isinstance(prompt, (list, tuple)) and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
-            bad = [t for t in prompt if not 0 <= t < self.vocab_size]
-            if bad:
-                raise ValueError(f"{label}: token id {bad[0]} is outside the vocabulary [0, {self.vocab_size})")
+        if isinstance(prompt, (list, tuple)) and _all_ints(prompt):
+            vocab = self.vocab_size
+            if prompt and (min(prompt) < 0 or max(prompt) >= vocab):  # C-speed scans: prompts are long
+                bad = next(t for t in prompt if not 0 <= t < vocab)
+                raise ValueError(f"{label}: token id {bad} is outside the vocabulary [0, {vocab})")
             return list(prompt)
         raise prompt_type_error(label, prompt)
 
