@@ -12,7 +12,8 @@
   arrival W          workload W (agent-async-moe) submitted one by one, request i at i * 5 ms;
                      throughput = tokens / seconds from the first submission to the last completion.
   late-join W        while W's batch decodes (512 sequences), one more request arrives: how many
-                     engine steps it waits before its prefill runs (goal: at most one).
+                     engine steps were launched after its arrival before the one that ran its
+                     prefill (RequestMetrics.steps_waited, engine-side; goal: at most one).
 
 Batch and async runs alternate on fresh prompts (no prefix-cache hits between runs); the best of
 each is reported.
@@ -146,27 +147,31 @@ def arrival(args) -> dict:
 
 
 def late_join(args) -> dict:
-    """Steps between a request's arrival and its first token (its prefill step is the last one)."""
+    """Per late request: engine-side, the steps launched after its arrival without it
+    (RequestMetrics.steps_waited: 0 = its prefill ran in the very next step); front-end, the
+    finished-step count from a command just before the submission to its first token."""
     from atom import AsyncRolloutEngine
     from bench.rollout import make_prompts
     engine, w = gpu_engine(args.workload, max_num_seqs=1024)  # seats for the late arrivals
     engine.generate(make_prompts(w, w["seed"] + 100), gpu_params(w, w["n"], 4))
     front = AsyncRolloutEngine(engine)
-    waits = []
+    waited, to_first_token, running = [], [], []
 
     async def main():
         bulk = asyncio.create_task(front.generate(make_prompts(w, w["seed"])[0], gpu_params(w, 512)))
         for k in range(args.repeats):
             await asyncio.sleep(0.5)
-            at = await front.call(lambda e: e.stats.steps)
-            async for _ in front.stream(make_prompts(w, 1000 + k)[0], gpu_params(w, 1, 2), request_id=f"late{k}"):
-                waits.append(await front.call(lambda e: e.stats.steps) - at)
+            at, seqs = await front.call(lambda e: (e.stats.steps, e.num_running_sequences))
+            running.append(seqs)
+            async for out in front.stream(make_prompts(w, 1000 + k)[0], gpu_params(w, 1, 2), request_id=f"late{k}"):
+                to_first_token.append(await front.call(lambda e: e.stats.steps) - at)
+                waited.append(out.metrics.steps_waited)
                 break
-        await front.abort(["late%d" % k for k in range(args.repeats)])
         bulk.cancel()
     asyncio.run(main())
     front.close()
-    return {"steps_to_first_token": waits, "max": max(waits)}
+    return {"steps_waited": waited, "max_steps_waited": max(waited), "front_end_steps_to_first_token": to_first_token,
+            "running_at_arrival": running}
 
 
 def main(argv=None) -> int:

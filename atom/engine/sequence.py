@@ -5,6 +5,7 @@ import enum
 import functools
 from dataclasses import dataclass, field
 
+from atom.outputs import RequestMetrics
 from atom.sampling_params import SamplingParams
 
 
@@ -32,6 +33,7 @@ class Request:
     prompt_logprob_ranks: list[int | None] | None = None  # rank of each prompt token (None for the first)
     request_id: str = ""
     num_finished: int = 0  # sequences finished (n when the request is done)
+    metrics: RequestMetrics | None = None  # set when the engine core takes it
 
     @property
     def finished(self) -> bool:

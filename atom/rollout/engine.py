@@ -366,7 +366,8 @@ class RolloutEngine(RLMixin, TransferMixin):
         completions = [self._completion(seq) for seq in sorted(req.sequences, key=lambda s: s.sample_index)]
         return RolloutOutput(prompt=req.prompt, prompt_token_ids=req.prompt_token_ids, outputs=completions,
                              prompt_logprobs=req.prompt_logprobs, request_id=req.request_id, finished=req.finished,
-                             prompt_logprob_ranks=req.prompt_logprob_ranks)
+                             prompt_logprob_ranks=req.prompt_logprob_ranks,
+                             metrics=dataclasses.replace(req.metrics) if req.metrics is not None else None)
 
     def _completion(self, seq: Sequence) -> Completion:
         ids = seq.output_token_ids
