@@ -109,6 +109,12 @@ class RolloutEngine(RLMixin, TransferMixin):
         return self._engine.num_running
 
     @property
+    def num_cuda_graphs(self) -> int:
+        """Decode batch sizes captured as CUDA graphs so far (0 on the CPU, with enforce_eager, or
+        before the first decode step)."""
+        return self._engine.num_cuda_graphs
+
+    @property
     def vocab_size(self) -> int:
         return self._engine.args.vocab_size
 
