@@ -49,6 +49,29 @@ class Completion:
 
 
 @dataclass
+class RequestMetrics:
+    """When a request arrived and when it first ran, in engine steps (counted as they are launched:
+    step k is the k-th batch the engine ran, from 0) and in seconds (time.monotonic()).
+
+    arrival_step: steps launched before the request was added, i.e. the index of the first step
+        that could have run it.
+    scheduled_step: the index of the first step whose batch held it (its first prefill chunk, or
+        the prefill of the prompt twin it follows); None until then.
+    steps_waited: scheduled_step - arrival_step: steps launched after its arrival without it
+        (0: the very next step ran it; a step already in flight when it arrived is not counted).
+    """
+
+    arrival_step: int
+    arrival_time: float
+    scheduled_step: int | None = None
+    scheduled_time: float | None = None
+
+    @property
+    def steps_waited(self) -> int | None:
+        return None if self.scheduled_step is None else self.scheduled_step - self.arrival_step
+
+
+@dataclass
 class RolloutOutput:
     """All completions of one prompt, in the order the prompts were given.
 
@@ -59,6 +82,8 @@ class RolloutOutput:
     request_id: the id given to add_request / AsyncRolloutEngine.generate (batch calls: an
         internal id).
     finished: False for the partial outputs that streaming and `step` report along the way.
+    metrics: when the request arrived and first ran (RequestMetrics; its scheduled_step stays
+        None on rank 0 for a request another data-parallel rank runs).
     """
 
     prompt: str | list[int] | list[dict]
@@ -68,6 +93,7 @@ class RolloutOutput:
     request_id: str = ""
     finished: bool = True
     prompt_logprob_ranks: list[int | None] | None = None
+    metrics: RequestMetrics | None = None
 
 
 @dataclass

@@ -2,12 +2,18 @@
 
   cpu-tiny           4,096 requests of 32 tokens on a tiny random Llama (CPU): the batch call
                      against the same prompts as concurrent coroutines (goal: async >= 95%).
+  cpu-grpo           grpo-moe's request structure on a tiny random Llama (CPU, the overlapped
+                     decode loop): 64 prompts x n=8 as one batch call, then as 512 concurrent
+                     n=1 requests (8 per prompt); --prompt-len / --output-len (default 128 / 64),
+                     token budget 8 prompts per step as on the GPU. Compares steps and prompt
+                     tokens computed as well as tokens/s.
   concurrent W       workload W (e.g. grpo-moe) as one batch call, then as num_prompts * n
                      concurrent n=1 requests (GPU; goal: async >= 97% of batch).
   arrival W          workload W (agent-async-moe) submitted one by one, request i at i * 5 ms;
                      throughput = tokens / seconds from the first submission to the last completion.
   late-join W        while W's batch decodes (512 sequences), one more request arrives: how many
-                     engine steps it waits before its prefill runs (goal: at most one).
+                     engine steps were launched after its arrival before the one that ran its
+                     prefill (RequestMetrics.steps_waited, engine-side; goal: at most one).
 
 Batch and async runs alternate on fresh prompts (no prefix-cache hits between runs); the best of
 each is reported.
@@ -16,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import sys
 import tempfile
 import time
@@ -24,11 +31,11 @@ import numpy as np
 from bench.report import emit
 
 
-def tiny_llama_dir() -> str:
+def tiny_llama_dir(max_positions: int = 256) -> str:
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
     cfg = LlamaConfig(vocab_size=512, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
-                      num_key_value_heads=2, head_dim=16, intermediate_size=128, max_position_embeddings=256,
+                      num_key_value_heads=2, head_dim=16, intermediate_size=128, max_position_embeddings=max_positions,
                       bos_token_id=0, eos_token_id=1, tie_word_embeddings=False)
     torch.manual_seed(0)
     path = tempfile.mkdtemp(prefix="atom_bench_tiny_")
@@ -61,6 +68,7 @@ def compare(engine, prompt_sets, params_batch, params_async, expand: int, spacin
     try:
         for k, prompts in enumerate(prompt_sets):
             mode = "batch" if k % 2 == 0 else "async"
+            stats0 = dataclasses.replace(engine.stats)
             sync_device()
             if mode == "batch":
                 t0 = time.perf_counter()
@@ -72,7 +80,10 @@ def compare(engine, prompt_sets, params_batch, params_async, expand: int, spacin
                                                    params_async, spacing_s))
             tokens = sum(len(c.token_ids) for o in outs for c in o.outputs)
             best[mode] = max(best[mode], tokens / secs)
-            print(f"  {mode:5s} run: {tokens} tokens in {secs:.2f} s = {tokens / secs:,.0f} tok/s", flush=True)
+            steps, computed = engine.stats.steps - stats0.steps, engine.stats.prompt_tokens_computed - stats0.prompt_tokens_computed
+            best[f"{mode}_steps"], best[f"{mode}_prompt_tokens_computed"] = steps, computed
+            print(f"  {mode:5s} run: {tokens} tokens in {secs:.2f} s = {tokens / secs:,.0f} tok/s, {steps} engine steps, "
+                  f"{computed} prompt tokens computed", flush=True)
     finally:
         front.close()
     best["async_over_batch"] = best["async"] / best["batch"] if best["batch"] else None
@@ -87,6 +98,19 @@ def cpu_tiny(args) -> dict:
     sp = SamplingParams(temperature=1.0, max_tokens=32, ignore_eos=True, logprobs=0)
     engine.generate(sets[0][:64], sp)  # warm-up
     return compare(engine, sets, sp, sp, expand=1)
+
+
+def cpu_grpo(args) -> dict:
+    from atom import RolloutEngine, SamplingParams
+    P, O, prompts, n = args.prompt_len, args.output_len, 64, 8
+    engine = RolloutEngine(tiny_llama_dir(P + O), device="cpu", max_num_seqs=prompts * n, max_model_len=P + O,
+                           num_kv_blocks=(prompts * n + 8) * -(-(P + O) // 16), max_num_batched_tokens=8 * P,
+                           overlap_decode=True)
+    rng = np.random.default_rng(0)
+    sets = [rng.integers(2, 512, size=(prompts, P)).tolist() for _ in range(2 * args.repeats + 1)]
+    sp = dict(temperature=1.0, max_tokens=O, ignore_eos=True, logprobs=0)
+    engine.generate(sets.pop()[:8], SamplingParams(n=n, **sp))  # warm-up
+    return compare(engine, sets, SamplingParams(n=n, **sp), SamplingParams(**sp), expand=n)
 
 
 def gpu_engine(name: str, max_num_seqs: int | None = None):
@@ -123,39 +147,45 @@ def arrival(args) -> dict:
 
 
 def late_join(args) -> dict:
-    """Steps between a request's arrival and its first token (its prefill step is the last one)."""
+    """Per late request: engine-side, the steps launched after its arrival without it
+    (RequestMetrics.steps_waited: 0 = its prefill ran in the very next step); front-end, the
+    finished-step count from a command just before the submission to its first token."""
     from atom import AsyncRolloutEngine
     from bench.rollout import make_prompts
     engine, w = gpu_engine(args.workload, max_num_seqs=1024)  # seats for the late arrivals
     engine.generate(make_prompts(w, w["seed"] + 100), gpu_params(w, w["n"], 4))
     front = AsyncRolloutEngine(engine)
-    waits = []
+    waited, to_first_token, running = [], [], []
 
     async def main():
         bulk = asyncio.create_task(front.generate(make_prompts(w, w["seed"])[0], gpu_params(w, 512)))
         for k in range(args.repeats):
             await asyncio.sleep(0.5)
-            at = await front.call(lambda e: e.stats.steps)
-            async for _ in front.stream(make_prompts(w, 1000 + k)[0], gpu_params(w, 1, 2), request_id=f"late{k}"):
-                waits.append(await front.call(lambda e: e.stats.steps) - at)
+            at, seqs = await front.call(lambda e: (e.stats.steps, e.num_running_sequences))
+            running.append(seqs)
+            async for out in front.stream(make_prompts(w, 1000 + k)[0], gpu_params(w, 1, 2), request_id=f"late{k}"):
+                to_first_token.append(await front.call(lambda e: e.stats.steps) - at)
+                waited.append(out.metrics.steps_waited)
                 break
-        await front.abort(["late%d" % k for k in range(args.repeats)])
         bulk.cancel()
     asyncio.run(main())
     front.close()
-    return {"steps_to_first_token": waits, "max": max(waits)}
+    return {"steps_waited": waited, "max_steps_waited": max(waited), "front_end_steps_to_first_token": to_first_token,
+            "running_at_arrival": running}
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("mode", choices=["cpu-tiny", "concurrent", "arrival", "late-join"])
+    ap.add_argument("mode", choices=["cpu-tiny", "cpu-grpo", "concurrent", "arrival", "late-join"])
     ap.add_argument("workload", nargs="?", default="grpo-moe")
     ap.add_argument("--requests", type=int, default=4096)
     ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--prompt-len", type=int, default=128, help="cpu-grpo")
+    ap.add_argument("--output-len", type=int, default=64, help="cpu-grpo")
     ap.add_argument("--json", default=None)
     args = ap.parse_args(argv)
-    result = {"cpu-tiny": cpu_tiny, "concurrent": concurrent, "arrival": arrival, "late-join": late_join}[args.mode](args)
-    result = {"mode": args.mode, "workload": None if args.mode == "cpu-tiny" else args.workload, **result}
+    result = {"cpu-tiny": cpu_tiny, "cpu-grpo": cpu_grpo, "concurrent": concurrent, "arrival": arrival, "late-join": late_join}[args.mode](args)
+    result = {"mode": args.mode, "workload": None if args.mode.startswith("cpu") else args.workload, **result}
     emit(result, args.json)
     return 0
 

@@ -129,7 +129,7 @@ def main() -> None:
     sp = SamplingParams(temperature=0.0, max_tokens=12, logprobs=0, ignore_eos=True)
 
     def gen():
-        engine._engine.block_manager.invalidate_cache()
+        engine.reset_prefix_cache()
         return [(c.token_ids, c.logprobs) for r in engine.generate(prompts, sp) for c in r.outputs]
 
     def reload_discarded_weights():

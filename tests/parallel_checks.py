@@ -105,15 +105,16 @@ def compare(name: str, got: list, want: list, atol: float) -> float:
 def check_shards_equal(engine, path: str, layout_args: tuple, rank: int) -> None:
     """This rank's parameters == a fresh sharded load of `path` (no process group needed)."""
     from atom.distributed import ParallelState
+    from atom.models.hf_config import load_model_args
     from atom.models.registry import model_class
     from atom.models.weights import WeightMap, load_checkpoint
 
-    runner = engine._engine.runner
+    args = load_model_args(path)
     tp, ep, mode = layout_args
     with torch.device("cpu"):
-        fresh = model_class(runner.args.architecture)(runner.args, ParallelState.unconnected(tp, ep, mode, rank))
+        fresh = model_class(args.architecture)(args, ParallelState.unconnected(tp, ep, mode, rank))
     load_checkpoint(fresh, WeightMap(fresh), path)
-    mine = dict(runner.model.named_parameters())
+    mine = dict(engine.named_parameters())
     theirs = dict(fresh.named_parameters())
     assert mine.keys() == theirs.keys()
     for k, v in theirs.items():
@@ -139,15 +140,17 @@ def run_scenario(name: str, models: dict, device: str, atol: float, update_to: d
     got = summarize(sharded.generate(prompts, params))
     result = {"scenario": name, "rank": rank, "max_logprob_diff": compare(name, got, want, atol)}
     # The same outputs on every rank of the engine (SPMD in, SPMD out).
-    everyone = sharded._engine.runner.parallel.engine.all_gather_object(json.dumps(got, sort_keys=True))
-    assert all(e == everyone[0] for e in everyone), f"{name}: ranks returned different outputs"
-    local = sharded._engine.runner.model
-    result["param_elems_here"] = sum(p.numel() for p in local.parameters())
-    result["param_elems_single"] = sum(p.numel() for p in single._engine.runner.model.parameters())
+    everyone = [None] * int(os.environ["WORLD_SIZE"])
+    torch.distributed.all_gather_object(everyone, json.dumps(got, sort_keys=True))
+    width = max(tp, ep)  # an engine group: `width` consecutive ranks
+    mine = everyone[rank - sharded.engine_rank: rank - sharded.engine_rank + width]
+    assert len(mine) == width and all(e == mine[0] for e in mine), f"{name}: ranks returned different outputs"
+    result["param_elems_here"] = sum(p.numel() for _, p in sharded.named_parameters())
+    result["param_elems_single"] = sum(p.numel() for _, p in single.named_parameters())
     if update_to is not None and (name in UPDATE_SCENARIOS or arch in FAMILIES):
         new_path = update_to[arch]
         version = sharded.update_weights(iter_checkpoint(new_path))
-        check_shards_equal(sharded, new_path, (tp, ep, mode), sharded._engine.runner.parallel.layout.rank)
+        check_shards_equal(sharded, new_path, (tp, ep, mode), sharded.engine_rank)
         single.update_weights(iter_checkpoint(new_path))
         got2 = summarize(sharded.generate(prompts, params))
         want2 = summarize(single.generate(prompts, params))

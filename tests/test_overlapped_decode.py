@@ -134,11 +134,47 @@ def test_a_request_arriving_during_a_512_sequence_decode_waits_at_most_one_step(
     for _ in range(6):
         engine.step()
     assert engine.step_in_flight and engine.num_running_sequences == 512
+    launched = engine.stats.steps + 1  # the finished steps and the one in flight
     engine.add_request("late", [9, 10, 11], SamplingParams(max_tokens=3, ignore_eos=True))
     for waited in range(1, 5):
-        if any(o.request_id == "late" for o in engine.step()):
+        late = [o for o in engine.step() if o.request_id == "late"]
+        if late:
             break
     # Step 1 reads the decode in flight and launches nothing after it (a request waits); step 2
     # runs the late prefill with the 512 decodes and returns its first token: one step of waiting.
     assert waited <= 2, waited
+    # Engine-side: the next step launched after the arrival held its prefill, with the 512 decodes.
+    m = late[0].metrics
+    assert (m.arrival_step, m.scheduled_step, m.steps_waited) == (launched, launched, 0)
+    assert late[0].outputs[0].token_ids and engine.num_running_sequences == 513
     engine.abort_all()
+
+
+def test_late_request_through_the_async_front_end_runs_in_the_next_step(tiny_llama_path):
+    """The same, with requests arriving as coroutines: the engine-side count (RequestMetrics)
+    says how many steps were launched after the arrival without it: none."""
+    import asyncio
+
+    from atom import AsyncRolloutEngine
+    engine = RolloutEngine(tiny_llama_path, device="cpu", max_num_seqs=600, num_kv_blocks=1200, max_model_len=64,
+                           overlap_decode=True)
+    front = AsyncRolloutEngine(engine)
+
+    async def main():
+        bulk = asyncio.create_task(front.generate([5, 6, 7, 8], SamplingParams(
+            n=512, temperature=1.0, max_tokens=50, ignore_eos=True)))
+        while await front.call(lambda e: e.num_running_sequences) < 512:
+            await asyncio.sleep(0.01)
+        waits = []
+        for k in range(3):
+            async for delta in front.stream([9, 10 + k, 11], SamplingParams(max_tokens=2, ignore_eos=True)):
+                waits.append(delta.metrics.steps_waited)
+                break  # (leaving the stream aborts the request)
+        assert await front.call(lambda e: e.num_running_sequences) >= 512  # the bulk still decodes
+        bulk.cancel()
+        return waits
+    try:
+        waits = asyncio.run(main())
+    finally:
+        front.close()
+    assert waits == [0, 0, 0]

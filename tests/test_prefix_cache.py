@@ -41,8 +41,9 @@ def test_n_samples_compute_prompt_once_and_reuse_across_calls(tiny_qwen3_path):
 
 @pytest.mark.parametrize("budget", [64, 8192])
 def test_repeated_prompts_in_one_call_are_prefilled_once(tiny_llama_path, budget):
-    """The copies wait one step for the first copy's blocks instead of computing them again
-    (the last block always keeps one token to compute), whatever the token budget."""
+    """Copies of a prompt still being prefilled follow it (prompt twins): they sample their first
+    token from its prefill and fork its KV, as n samples do: the prompt is computed once, even
+    when the token budget ran out before the last copy (following costs no budget)."""
     engine = RolloutEngine(tiny_llama_path, max_num_batched_tokens=budget)
     prompt = random_prompts([48], TINY_VOCAB, seed=8)[0]
     other = random_prompts([20], TINY_VOCAB, seed=9)[0]
@@ -51,17 +52,31 @@ def test_repeated_prompts_in_one_call_are_prefilled_once(tiny_llama_path, budget
                            SamplingParams(temperature=0, max_tokens=4, ignore_eos=True))
     assert len({tuple(outs[i].outputs[0].token_ids) for i in (0, 1, 3)}) == 1
     d = delta(s0, engine.stats)
-    assert d["prompt_tokens_computed"] == 48 + 20 + 2 * 16
-    assert d["prompt_tokens_cached"] == 2 * 32
+    assert d["prompt_tokens_computed"] == 48 + 20
+    assert d["prompt_tokens_cached"] == 2 * 48
 
 
-def test_long_repeated_prompt_waits_for_the_chunks_in_progress(tiny_qwen3_path):
-    """A prompt prefilled over several chunks: its copy follows it block by block from the cache."""
+def test_long_repeated_prompt_follows_the_chunks_in_progress(tiny_qwen3_path):
+    """A prompt prefilled over several chunks: its copy waits on it and forks it after the last."""
     engine = RolloutEngine(tiny_qwen3_path, max_num_batched_tokens=32)
     prompt = random_prompts([100], TINY_VOCAB, seed=10)[0]
     outs = engine.generate([prompt, prompt], SamplingParams(temperature=0, max_tokens=3, ignore_eos=True))
     assert outs[0].outputs[0].token_ids == outs[1].outputs[0].token_ids
+    assert engine.stats.prompt_tokens_computed == 100
+    assert engine.stats.prompt_tokens_cached == 100
+
+
+def test_shared_prefix_waits_for_the_chunks_in_progress(tiny_qwen3_path):
+    """Prompts that share a prefix but not their end: the second follows the first block by block
+    from the cache (waiting a step while a block it needs is being computed)."""
+    engine = RolloutEngine(tiny_qwen3_path, max_num_batched_tokens=32)
+    prompt = random_prompts([100], TINY_VOCAB, seed=10)[0]
+    other = prompt[:96] + random_prompts([4], TINY_VOCAB, seed=11)[0]
+    sp = SamplingParams(temperature=0, max_tokens=3, ignore_eos=True)
+    outs = engine.generate([prompt, other], sp)
     assert engine.stats.prompt_tokens_computed == 100 + (100 - 96)
+    alone = RolloutEngine(tiny_qwen3_path, enable_prefix_caching=False).generate([other], sp)
+    assert outs[1].outputs[0].token_ids == alone[0].outputs[0].token_ids
 
 
 def test_hash_collisions_never_share_wrong_kv(tiny_qwen3_path, monkeypatch):

@@ -111,15 +111,14 @@ def test_generation_after_wake_equals_before(path, expected, how):
     engine = make_engine(path)
     assert same(rollout(engine), expected)
     kv_before = [t for t in kv_tensors(engine)]
-    weights_before = {n: (p, p.detach().clone()) for n, p in engine._engine.runner.model.named_parameters()}
-    memory = engine._engine.runner.memory
-    kv_bytes, w_bytes = memory.nbytes("kv_cache"), memory.nbytes("weights")
+    weights_before = {n: (p, p.detach().clone()) for n, p in engine.named_parameters()}
+    kv_bytes, w_bytes = engine.memory_bytes("kv_cache", resident=False), engine.memory_bytes("weights", resident=False)
     assert kv_bytes > 0 and w_bytes > 0
     sleep, released, kept = SLEEPS[how]
     sleep(engine)
     assert engine.sleeping_tags == released and engine.weights_complete == kept
-    assert memory.resident_bytes("kv_cache") == (0 if "kv_cache" in released else kv_bytes)
-    assert memory.resident_bytes("weights") == (0 if "weights" in released else w_bytes)
+    assert engine.memory_bytes("kv_cache") == (0 if "kv_cache" in released else kv_bytes)
+    assert engine.memory_bytes("weights") == (0 if "weights" in released else w_bytes)
     if "weights" in released:
         engine.wake_up(["weights"])
         assert engine.sleeping_tags == released - {"weights"}
@@ -136,7 +135,7 @@ def test_generation_after_wake_equals_before(path, expected, how):
     assert all(a is b for a, b in zip(kv_before, kv_tensors(engine)))
     if "kv_cache" in released:
         assert all(float(t.abs().sum()) == 0.0 for t in kv_tensors(engine))  # fresh KV is zeroed
-    for n, p in engine._engine.runner.model.named_parameters():  # the same Parameter objects, same values
+    for n, p in engine.named_parameters():  # the same Parameter objects, same values
         assert p is weights_before[n][0] and torch.equal(p, weights_before[n][1]), n
     engine.reset_prefix_cache()  # a kept KV cache still holds the prompts: same batch shapes as `expected`
     assert same(rollout(engine), expected)
@@ -144,16 +143,15 @@ def test_generation_after_wake_equals_before(path, expected, how):
 
 def test_many_cycles_leave_memory_where_it_started(path, expected):
     engine = make_engine(path)
-    memory = engine._engine.runner.memory
-    start = memory.resident_bytes()
+    start = engine.memory_bytes()
     for i in range(200):
         if i % 2:
             engine.sleep(level=1)
         else:
             engine.release_memory_occupation(["kv_cache"])
-        assert memory.resident_bytes("kv_cache") == 0
+        assert engine.memory_bytes("kv_cache") == 0
         engine.wake_up()
-        assert memory.resident_bytes() == start
+        assert engine.memory_bytes() == start
     assert same(rollout(engine), expected)
 
 
@@ -213,15 +211,14 @@ def test_cuda_sleep_returns_memory_and_keeps_addresses(path, lazy_kv_wake):
     engine = RolloutEngine(path, **engine_kwargs(device="cuda", num_kv_blocks=None, kv_cache_memory_bytes=2 << 30,
                                                  enable_sleep_mode=True, dtype="float32", lazy_kv_wake=lazy_kv_wake))
     expected = rollout(engine)
-    memory = engine._engine.runner.memory
-    kv, w = memory.nbytes("kv_cache"), memory.nbytes("weights")
-    assert memory.resident_bytes("kv_cache") == kv  # the whole pool is mapped at start-up
-    ptrs = [t.data_ptr() for t in kv_tensors(engine)] + [p.data_ptr() for p in engine._engine.runner.model.parameters()]
+    kv, w = engine.memory_bytes("kv_cache", resident=False), engine.memory_bytes("weights", resident=False)
+    assert engine.memory_bytes("kv_cache") == kv  # the whole pool is mapped at start-up
+    ptrs = [t.data_ptr() for t in kv_tensors(engine)] + [p.data_ptr() for _, p in engine.named_parameters()]
     decode = getattr(engine._engine.runner, "decode_runner", None)  # CUDA graphs captured so far
     graphs = dict(decode.graphs) if decode is not None else {}
     for kv_only in (True, False):  # release_memory_occupation(["kv_cache"]), then sleep(level=1) (offload)
-        engine._engine.block_manager.invalidate_cache()
-        held = memory.resident_bytes("kv_cache") + (0 if kv_only else w)
+        assert engine.reset_prefix_cache()
+        held = engine.memory_bytes("kv_cache") + (0 if kv_only else w)
         assert not kv_only or held == kv
         before = _free()
         if kv_only:
@@ -230,19 +227,19 @@ def test_cuda_sleep_returns_memory_and_keeps_addresses(path, lazy_kv_wake):
             engine.sleep(level=1)
         assert _free() - before >= 0.95 * held
         engine.wake_up()
-        kv_awake = memory.resident_bytes("kv_cache")
+        kv_awake = engine.memory_bytes("kv_cache")
         assert kv_awake <= kv / 8 if lazy_kv_wake else kv_awake == kv
         assert same(rollout(engine), expected)
-    after = [t.data_ptr() for t in kv_tensors(engine)] + [p.data_ptr() for p in engine._engine.runner.model.parameters()]
+    after = [t.data_ptr() for t in kv_tensors(engine)] + [p.data_ptr() for _, p in engine.named_parameters()]
     assert after == ptrs
     if decode is not None:  # replayed after wake, never re-captured
         assert engine._engine.runner.decode_runner is decode
         assert all(decode.graphs.get(k) is g for k, g in graphs.items())
     # Discarding level 2, then a reload.
-    held = memory.resident_bytes()
+    held = engine.memory_bytes()
     before = _free()
     engine.sleep(level=2)
-    assert _free() - before >= 0.95 * held and memory.resident_bytes() == 0
+    assert _free() - before >= 0.95 * held and engine.memory_bytes() == 0
     engine.wake_up(["weights"])
     engine.update_weights(iter_checkpoint(path))
     engine.wake_up(["kv_cache"])

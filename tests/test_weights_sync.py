@@ -96,11 +96,11 @@ def _engine(base: str, changed_dir: str, port: int) -> None:
     assert same(after, expected), "broadcast weights differ from the changed checkpoint"
     assert {v for _, _, v in after} == {5}
 
-    snapshot = {n: p.detach().clone() for n, p in engine._engine.runner.model.named_parameters()}
+    snapshot = {n: p.detach().clone() for n, p in engine.named_parameters()}
 
     def unchanged() -> None:
         assert engine.weight_version in (5, 7) and engine.weights_complete
-        for n, p in engine._engine.runner.model.named_parameters():
+        for n, p in engine.named_parameters():
             assert torch.equal(p, snapshot[n]), n
 
     for match in ("nonsense", "shape", "missing", "non-finite"):
@@ -114,7 +114,7 @@ def _engine(base: str, changed_dir: str, port: int) -> None:
         receiver.receive()
     assert time.monotonic() - t0 < TIMEOUT + 10
     unchanged()  # the previous weights keep serving
-    engine._engine.block_manager.invalidate_cache()  # compute prompts as the fresh engine did
+    assert engine.reset_prefix_cache()  # compute prompts as the fresh engine did
     assert same(rollout(engine), expected)
 
 

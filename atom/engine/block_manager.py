@@ -74,6 +74,13 @@ class BlockManager:
                 self._back = None
         return self.num_free >= n
 
+    def queue_copy(self, src: int, dst: int) -> None:
+        """Queue a KV block copy for the runner. A source that is itself the destination of a copy
+        still queued (a prompt twin's sibling forking off the twin) is read from that copy's
+        source: the runner copies every pair at once."""
+        src = next((s for s, d in self.pending_copies if d == src), src)
+        self.pending_copies.append((src, dst))
+
     def take_copies(self) -> list[tuple[int, int]]:
         """The (src, dst) KV block copies queued by forks, for the runner to do before the next step."""
         copies, self.pending_copies = self.pending_copies, []
@@ -224,7 +231,7 @@ class BlockManager:
         child.block_table = parent.block_table[:full]
         if partial:
             dst = self._take_free().id
-            self.pending_copies.append((parent.block_table[full], dst))
+            self.queue_copy(parent.block_table[full], dst)
             child.block_table.append(dst)
         child.num_computed = parent.num_computed
         self.block_keys[id(child)] = list(self.block_keys.get(id(parent), []))

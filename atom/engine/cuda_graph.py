@@ -183,7 +183,7 @@ class DecodeRunner:
             return False
         for seq in batch.seqs:
             p = seq.params
-            if seq.fork_pending or seq.num_computed + 1 != len(seq.token_ids) + lag:
+            if seq.fork_pending or seq.followers or seq.num_computed + 1 != len(seq.token_ids) + lag:
                 return False
             if p.prompt_logprobs is not None and seq.num_computed < seq.num_prompt_tokens - 1:
                 return False

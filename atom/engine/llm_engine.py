@@ -10,6 +10,7 @@ pause, weights, sleep).
 """
 from __future__ import annotations
 
+import time
 from typing import Callable, Iterable
 
 from atom.config import EngineConfig
@@ -24,7 +25,7 @@ from atom.engine.sequence import Request, Sequence, SeqStatus
 from atom.engine.stops import StopChecker
 from atom.engine.window_blocks import make_block_manager
 from atom.models.hf_config import ModelArgs, load_model_args
-from atom.outputs import EngineStats
+from atom.outputs import EngineStats, RequestMetrics
 
 _DEFAULT_MAX_MODEL_LEN = 8192
 PAUSE_MODES = ("abort", "wait", "keep")
@@ -94,6 +95,7 @@ class LLMEngine(EngineRLState):
 
     def _admit(self, req: Request) -> None:
         req.sequences = [Sequence(req, 0, req.prompt_token_ids)]
+        req.metrics = RequestMetrics(self.steps_launched, time.monotonic())
         if req.params.prompt_logprobs is not None:
             req.prompt_logprobs = [None] * len(req.prompt_token_ids)
             req.prompt_logprob_ranks = [None] * len(req.prompt_token_ids)
@@ -316,6 +318,7 @@ class LLMEngine(EngineRLState):
             batch = self.scheduler.schedule()
             if not batch.seqs:
                 raise RuntimeError(self._no_room_message())
+            self._note_first_runs(batch)
             inflight = self.runner.launch_decode(batch, self.block_manager)
             if inflight is not None:
                 self.stats.graph_steps += inflight.graphed
@@ -336,6 +339,23 @@ class LLMEngine(EngineRLState):
         out = self.runner.collect(self._inflight)
         self._inflight = queued
         self._finish_step(batch, out)
+
+    @property
+    def steps_launched(self) -> int:
+        """Steps run or queued so far (the index of the next step to launch): the finished ones
+        and the one in flight."""
+        return self.stats.steps + (self._inflight is not None)
+
+    def _note_first_runs(self, batch: ScheduledBatch) -> None:
+        """Requests that run for the first time in this step (a fresh schedule) note its index
+        (RequestMetrics.scheduled_step; prompt twins with their leader)."""
+        step, now = self.steps_launched, None
+        for seq in batch.seqs:
+            for s in (seq, *seq.followers) if seq.followers else (seq,):
+                m = s.request.metrics
+                if m is not None and m.scheduled_step is None:
+                    now = now or time.monotonic()
+                    m.scheduled_step, m.scheduled_time = step, now
 
     def drain(self) -> None:
         """Read the step in flight, launching nothing after it (before weights or memory change)."""

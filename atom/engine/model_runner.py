@@ -209,7 +209,8 @@ class ModelRunner:
         hidden = self.model(input_ids, positions, meta)
 
         # Which hidden rows need logits: prompt positions whose next token is scored, and the last
-        # token of every sequence that samples (once per sample when a prefill forks n ways).
+        # token of every sequence that samples (once per sample when a prefill forks n ways, and
+        # for each prompt twin that follows it).
         prompt_rows: list[tuple[Sequence, int, int, int]] = []  # seq, first position, row lo, row hi
         prompt_index: list[int] = []
         sample_rows: list[tuple[Sequence, int]] = []
@@ -222,10 +223,9 @@ class ModelRunner:
                 prompt_rows.append((seq, lo, len(prompt_index), len(prompt_index) + hi - lo))
                 prompt_index += range(start, start + hi - lo)
             if batch.samples(i):
-                copies = seq.params.n if seq.fork_pending else 1
-                for j in range(copies):
-                    sample_rows.append((seq, j if seq.fork_pending else seq.sample_index))
-                    sample_index.append(start + n - 1)
+                rows = seq.sample_rows()
+                sample_rows += rows
+                sample_index += [start + n - 1] * len(rows)
             start += n
         out = StepOutput()
         if not prompt_index and not sample_index:

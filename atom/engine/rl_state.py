@@ -31,6 +31,21 @@ class EngineRLState:
     def model_name(self) -> str:
         return type(self.runner.model).__name__
 
+    def named_parameters(self) -> Iterable[tuple[str, torch.Tensor]]:
+        """The model's parameters in the engine's layout (the live Parameter objects)."""
+        return self.runner.model.named_parameters()
+
+    def memory_bytes(self, tag: str | None, resident: bool) -> int:
+        memory = self.runner.memory
+        if resident:
+            return memory.resident_bytes(tag)
+        return sum(memory.nbytes(t) for t in ((KV_CACHE, WEIGHTS) if tag is None else (tag,)))
+
+    @property
+    def num_cuda_graphs(self) -> int:
+        decode = self.runner.decode_runner
+        return 0 if decode is None else len(decode.graphs)
+
     def release_memory(self, tags: set[str], offload_weights: bool) -> None:
         """Give the named pools back to the device (weights offloaded to pinned host memory or
         discarded). The KV pool goes first; kept requests recompute their KV after the wake."""

@@ -27,6 +27,7 @@ class Scheduler:
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
         self.routing = routing  # routed experts (enable_return_routed_experts)
+        self.num_following = 0  # seats of the prompt twins waiting on a running leader's prefill
 
     def add(self, seq: Sequence, front: bool = False) -> None:
         seq.status = SeqStatus.WAITING
@@ -37,6 +38,7 @@ class Scheduler:
         return bool(self.waiting or self.running)
 
     def _preempt(self, seq: Sequence) -> None:
+        self._release_followers(seq)
         self.running.remove(seq)
         self.bm.release(seq)
         self.stats.preemptions += 1
@@ -62,26 +64,42 @@ class Scheduler:
             seqs.append(seq)
             counts.append(n)
             budget -= n
-        # Then waiting sequences while there is room; never preempt for them. A sequence whose next
-        # block is being computed right now by another (a repeated prompt) waits a step and then
-        # takes it from the prefix cache: repeated prompts are prefilled once.
+        self._admit_waiting(budget, seqs, counts)
+        return ScheduledBatch(seqs, counts)
+
+    def _admit_waiting(self, budget: int, seqs: list[Sequence], counts: list[int]) -> None:
+        """Waiting sequences join the batch while there is room; never preempt for them.
+
+        A request whose prompt equals that of a sequence still prefilling (a prompt twin: the
+        samples of a GRPO group sent as separate requests) follows it: it samples its first
+        token from the same prefill and forks its KV, as the n samples of one request do. A
+        sequence whose next block another is computing right now (a shared prefix) waits a step
+        and then takes it from the prefix cache: repeated prefixes are prefilled once."""
+        twins = self._prefilling_prompts() if self.waiting and self.bm.enable_prefix_caching else None
         computing = self._blocks_being_computed() if self.waiting else set()
         deferred: list[Sequence] = []
         # A forking prefill reserves seats for its n samples until they fork: the unforked samples
         # of running prefills (admitted this step or earlier, chunked prompts) count against the
         # limit too, so that at most max_num_seqs sequences ever run at once.
         reserved = sum(s.params.n - 1 for s in self.running if s.fork_pending) if self.waiting else 0
-        while self.waiting and budget > 0:
+        while self.waiting:
             seq = self.waiting[0]
             seats = seq.params.n if seq.fork_pending else 1
-            if self.running and len(self.running) + reserved + seats > self.max_num_seqs:
+            if self.running and len(self.running) + self.num_following + reserved + seats > self.max_num_seqs:
                 break
             # Prompt logprobs and routed experts are only known for positions this engine computes.
             wants_prompt_logprobs = seq.num_output_tokens == 0 and (
                 seq.params.prompt_logprobs is not None or seq.params.return_routed_experts)
+            if twins is not None and not wants_prompt_logprobs and self._follow(seq, twins):
+                self.waiting.popleft()  # following costs no token budget
+                continue
+            if budget == 0:
+                break
             matched = [] if wants_prompt_logprobs else self.bm.match_prefix(seq)
             ahead = [] if wants_prompt_logprobs or not self.bm.enable_prefix_caching else self.bm.keys_ahead(seq, matched)
-            if ahead and ahead[0] in computing:
+            # Only a block the cache could serve is worth waiting for (the last token is always
+            # computed: a prompt of whole blocks recomputes its last block).
+            if ahead and ahead[0] in computing and len(matched) < (len(seq) - 1) // self.bm.block_size:
                 deferred.append(self.waiting.popleft())
                 continue
             n = min(len(seq) - len(matched) * self.bm.block_size, budget)
@@ -98,8 +116,57 @@ class Scheduler:
             seqs.append(seq)
             counts.append(n)
             budget -= n
+            if twins is not None and seq.num_output_tokens == 0:
+                twins.setdefault(seq.request.prompt_key, seq)
         self.waiting.extendleft(reversed(deferred))  # they keep their place in the queue
-        return ScheduledBatch(seqs, counts)
+
+    # ---- prompt twins --------------------------------------------------------------------
+    def _prefilling_prompts(self) -> dict[int, Sequence]:
+        """Running sequences that have yet to sample their first token, by prompt."""
+        out: dict[int, Sequence] = {}
+        for seq in self.running:
+            if seq.num_output_tokens == 0:
+                out.setdefault(seq.request.prompt_key, seq)
+        return out
+
+    def _follow(self, seq: Sequence, twins: dict[int, Sequence]) -> bool:
+        """Attach a fresh waiting seq to a running twin of its prompt (it leaves the queue)."""
+        if seq.num_output_tokens or seq.block_table:
+            return False
+        leader = twins.get(seq.request.prompt_key)
+        if leader is None or leader.request.prompt_token_ids != seq.request.prompt_token_ids:
+            return False
+        leader.followers.append(seq)
+        seq.leader = leader
+        self.num_following += seq.params.n if seq.fork_pending else 1
+        return True
+
+    def _unfollow(self, seq: Sequence) -> None:
+        seq.leader.followers.remove(seq)
+        seq.leader = None
+        self.num_following -= seq.params.n if seq.fork_pending else 1
+
+    def _release_followers(self, leader: Sequence) -> None:
+        """The leader stops before it samples (preempted, aborted): its followers wait again, at
+        the front of the queue, in their order."""
+        followers = list(leader.followers)
+        for f in followers:
+            self._unfollow(f)
+        self.waiting.extendleft(reversed(followers))
+
+    def _join(self, seq: Sequence) -> bool:
+        """seq's leader has sampled: seq takes the leader's prompt KV (its full blocks shared, the
+        partial last one copied). False when no block is free for that copy: seq waits again
+        (and samples later the same tokens: they depend only on its seed and positions)."""
+        leader = seq.leader
+        self._unfollow(seq)
+        if leader.status is not SeqStatus.RUNNING or not self.bm.fork(leader, seq):
+            self.add(seq, front=True)
+            return False
+        self.stats.prompt_tokens_cached += seq.num_prompt_tokens
+        seq.status = SeqStatus.RUNNING
+        self.running.append(seq)
+        return True
 
     def _blocks_being_computed(self) -> set[int]:
         """Chain keys of prompt blocks that running prefills have yet to finish."""
@@ -139,9 +206,12 @@ class Scheduler:
         """End seq now (reason overrides its finish_reason, e.g. "abort"); its blocks are freed at once."""
         if seq.status is SeqStatus.FINISHED:
             return
+        self._release_followers(seq)
         if seq.status is SeqStatus.RUNNING:
             self.running.remove(seq)
             self.bm.release(seq)
+        elif seq.leader is not None:
+            self._unfollow(seq)
         elif seq in self.waiting:  # a sibling that just sampled its first token is in neither list
             self.waiting.remove(seq)
         if reason is not None:
@@ -180,9 +250,14 @@ class Scheduler:
             seq.request.prompt_logprobs[first + 1: first + 1 + len(entries)] = entries
             seq.request.prompt_logprob_ranks[first + 1: first + 1 + len(ranks)] = ranks
         touched = []
-        # Siblings fork before the parent appends its own token: a parent that finishes at once
-        # releases its blocks.
-        sampled = out.sampled
+        # Prompt twins take their leader's KV first, then siblings fork before their parent
+        # appends its own token (a parent that finishes at once releases its blocks).
+        sampled, waiting_again = out.sampled, set()
+        for st in sampled:
+            if st.seq.leader is not None and not self._join(st.seq):
+                waiting_again.add(id(st.seq))
+        if waiting_again:
+            sampled = [st for st in sampled if id(st.seq) not in waiting_again]
         if any(st.seq.fork_pending for st in sampled):
             sampled = sorted(sampled, key=lambda st: not (st.seq.fork_pending and st.sample_index > 0))
         for st in sampled:
@@ -194,7 +269,7 @@ class Scheduler:
                 self._append(st.seq, st, version)
                 touched.append(st.seq)
         # A forking prefill forks when it samples: after its last prompt chunk, not its first.
-        for st in out.sampled:
+        for st in sampled:
             st.seq.fork_pending = False
         return touched
 

@@ -2,8 +2,10 @@
 from __future__ import annotations
 
 import enum
+import functools
 from dataclasses import dataclass, field
 
+from atom.outputs import RequestMetrics
 from atom.sampling_params import SamplingParams
 
 
@@ -31,10 +33,16 @@ class Request:
     prompt_logprob_ranks: list[int | None] | None = None  # rank of each prompt token (None for the first)
     request_id: str = ""
     num_finished: int = 0  # sequences finished (n when the request is done)
+    metrics: RequestMetrics | None = None  # set when the engine core takes it
 
     @property
     def finished(self) -> bool:
         return self.num_finished >= self.params.n
+
+    @functools.cached_property
+    def prompt_key(self) -> int:
+        """A hash of the prompt's token ids (prompt twins are found by it, then compared)."""
+        return hash(tuple(self.prompt_token_ids))
 
 
 class Sequence:
@@ -58,6 +66,7 @@ class Sequence:
         self.finish_reason: str | None = None
         self.stop_reason: str | int | None = None
         self.stop_text_len: int | None = None  # text cut where a stop string begins
+        self.detok = None  # the output's incremental text (atom/engine/detokenizer.py), made on first use
         # Which weight version produced which output tokens: [version, first, end) spans.
         self.weight_spans: list[list] = []
         # Routed experts (return_routed_experts): a RoutedRows, its rows in the engine's store (routing.py).
@@ -65,6 +74,10 @@ class Sequence:
         # The first sequence of a request with n > 1 samples all n first tokens from its one
         # prefill, then forks the others off its KV blocks.
         self.fork_pending = request.params.n > 1 and sample_index == 0
+        # Prompt twins: other requests' fresh sequences with the same prompt that sample their
+        # first tokens from this one's prefill and then fork its KV (scheduler._follow).
+        self.followers: list[Sequence] = []
+        self.leader: Sequence | None = None
 
     def __len__(self) -> int:
         return len(self.token_ids)
@@ -80,6 +93,14 @@ class Sequence:
     @property
     def num_uncomputed(self) -> int:
         return len(self.token_ids) - self.num_computed
+
+    def sample_rows(self) -> list[tuple["Sequence", int]]:
+        """(sequence, sample index) of each token drawn from this sequence's next logits: its
+        own, or its n samples' when its prefill forks, and its prompt twins' (with their forks)."""
+        rows = [(self, j) for j in range(self.params.n)] if self.fork_pending else [(self, self.sample_index)]
+        for twin in self.followers:
+            rows += twin.sample_rows()
+        return rows
 
     def record_version(self, version) -> None:
         """The newest output token came from weights `version`: extend or open a span."""

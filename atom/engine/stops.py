@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Callable
 
+from atom.engine.detokenizer import sequence_text
 from atom.engine.sequence import Sequence
 from atom.sampling_params import SamplingParams
 
@@ -26,19 +27,6 @@ def find_stop(text: str, new_chars: int, stops: list[str]) -> tuple[str, int, in
     return best
 
 
-def new_text(detokenize: Detokenize, ids: list[int], params: SamplingParams) -> tuple[str, int]:
-    """(text of ids, how many of its trailing characters the last id added). Decoding is not
-    always prefix-stable (an incomplete UTF-8 sequence decodes to U+FFFD until its last byte
-    comes), so the new characters start where the two decodings first differ."""
-    text, before = detokenize(ids, params), detokenize(ids[:-1], params)
-    common = 0
-    for a, b in zip(text, before):
-        if a != b:
-            break
-        common += 1
-    return text, len(text) - common
-
-
 class StopChecker:
     """Decides, after each appended token, whether a sequence is done (and records why)."""
 
@@ -58,30 +46,29 @@ class StopChecker:
             if token in p.stop_token_ids:
                 seq.finish_reason, seq.stop_reason = "stop", token
                 return True
-        # A stop string must complete in this token, after the first min_tokens tokens.
-        if p.stop and self.detokenize is not None and n > p.min_tokens and self._stop_string(seq):
+        # A stop string must complete in this token, after the first min_tokens tokens (the text
+        # is kept up to date on every token, so that "this token" is exactly its characters).
+        if p.stop and self.detokenize is not None and self._stop_string(seq, check=n > p.min_tokens):
             return True
         if (p.max_tokens is not None and n >= p.max_tokens) or len(seq) >= self.max_model_len:
             seq.finish_reason = "length"
             return True
         return False
 
-    def _stop_string(self, seq: Sequence) -> bool:
-        """Decode a short tail first (every token but special ones adds at least a character, so a
-        window of the longest stop's length + 8 tokens holds any match ending in the newest one):
-        O(1) per step. Only on a hit is the whole output decoded, once, to place the cut."""
+    def _stop_string(self, seq: Sequence, check: bool) -> bool:
+        """Extend the sequence's incremental text by its newest token (O(1) per step) and look for
+        a stop string that completes in the characters that token added."""
         p = seq.params
-        out = seq.output_token_ids
-        window = max(len(s) for s in p.stop) + 8
-        tail = self.detokenize(out[-window:], p)
-        if not any(s in tail for s in p.stop):  # the common case: one decode per step
+        text = sequence_text(seq)
+        changed = text.update(self.detokenize, seq.token_ids, seq.num_prompt_tokens, len(seq.token_ids), p)
+        if not check or not changed:
             return False
-        if find_stop(*new_text(self.detokenize, out[-window:], p), p.stop) is None:
-            return False
-        hit = find_stop(*new_text(self.detokenize, out, p), p.stop)
-        if hit is None:  # the tail decoded differently from the whole (a tokenizer's context)
+        # Only the tail can hold a match that ends in the new characters.
+        base, tail = text.tail(changed + max(len(s) for s in p.stop))
+        hit = find_stop(tail, changed, p.stop)
+        if hit is None:
             return False
         s, start, end = hit
         seq.finish_reason, seq.stop_reason = "stop", s
-        seq.stop_text_len = end if p.include_stop_str_in_output else start
+        seq.stop_text_len = base + (end if p.include_stop_str_in_output else start)
         return True

@@ -159,7 +159,7 @@ class WindowBlockManager(BlockManager):
                 self.blocks[block_id].ref_count += 1
         if partial:
             dst = self._take_free().id
-            self.pending_copies.append((source.blocks[full], dst))
+            self.queue_copy(source.blocks[full], dst)
             blocks = blocks + [dst]
         self.tables[id(child)] = _WindowTable(blocks, source.given_back)
         return True

@@ -33,6 +33,14 @@ def _load_tokenizer(path: str):
     return AutoTokenizer.from_pretrained(path)
 
 
+def _all_ints(values) -> bool:
+    """Whether every value is an int (bools are not token ids)."""
+    types = set(map(type, values))
+    if types <= {int}:
+        return True
+    return all(isinstance(t, int) and not isinstance(t, bool) for t in values)
+
+
 class RolloutEngine(RLMixin, TransferMixin):
     """Generates completions with per-token logprobs from a HF checkpoint.
 
@@ -100,6 +108,12 @@ class RolloutEngine(RLMixin, TransferMixin):
     def num_running_sequences(self) -> int:
         """Sequences that hold KV blocks right now (the n samples of a request count one each)."""
         return self._engine.num_running
+
+    @property
+    def num_cuda_graphs(self) -> int:
+        """Decode batch sizes captured as CUDA graphs so far (0 on the CPU, with enforce_eager, or
+        before the first decode step)."""
+        return self._engine.num_cuda_graphs
 
     @property
     def vocab_size(self) -> int:
@@ -323,10 +337,11 @@ class RolloutEngine(RLMixin, TransferMixin):
                     raise ValueError(f"{label}: each chat message needs string 'role' and 'content'")
             text = self.tokenizer.apply_chat_template(list(prompt), tokenize=False, add_generation_prompt=True)
             return list(self.tokenizer(text, add_special_tokens=False).input_ids)
-        if isinstance(prompt, (list, tuple)) and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
-            bad = [t for t in prompt if not 0 <= t < self.vocab_size]
-            if bad:
-                raise ValueError(f"{label}: token id {bad[0]} is outside the vocabulary [0, {self.vocab_size})")
+        if isinstance(prompt, (list, tuple)) and _all_ints(prompt):
+            vocab = self.vocab_size
+            if prompt and (min(prompt) < 0 or max(prompt) >= vocab):  # C-speed scans: prompts are long
+                bad = next(t for t in prompt if not 0 <= t < vocab)
+                raise ValueError(f"{label}: token id {bad} is outside the vocabulary [0, {vocab})")
             return list(prompt)
         raise prompt_type_error(label, prompt)
 
@@ -358,7 +373,8 @@ class RolloutEngine(RLMixin, TransferMixin):
         completions = [self._completion(seq) for seq in sorted(req.sequences, key=lambda s: s.sample_index)]
         return RolloutOutput(prompt=req.prompt, prompt_token_ids=req.prompt_token_ids, outputs=completions,
                              prompt_logprobs=req.prompt_logprobs, request_id=req.request_id, finished=req.finished,
-                             prompt_logprob_ranks=req.prompt_logprob_ranks)
+                             prompt_logprob_ranks=req.prompt_logprob_ranks,
+                             metrics=dataclasses.replace(req.metrics) if req.metrics is not None else None)
 
     def _completion(self, seq: Sequence) -> Completion:
         ids = seq.output_token_ids

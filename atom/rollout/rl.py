@@ -92,6 +92,23 @@ class RLMixin:
             flat = t.view(-1) if t.is_contiguous() else t.reshape(-1)
             return flat[:truncate_size].detach().cpu().clone()
 
+    def named_parameters(self) -> Iterable[tuple[str, torch.Tensor]]:
+        """(name, tensor) of every parameter this engine (this rank) holds, in the engine's own
+        layout: fused qkv / gate_up, stacked experts, this rank's shard, so names and shapes are
+        not the checkpoint's (get_weights_by_name reads a tensor by its HF name). The live
+        Parameter objects, to read in checks: that an update landed, that a sleep kept the
+        weights, their objects and addresses. Do not write to them: that bypasses
+        update_weights' checks, the weight version and the prefix cache's invalidation."""
+        return self._engine.named_parameters()
+
+    def memory_bytes(self, tag: str | None = None, resident: bool = True) -> int:
+        """Device bytes of the engine's memory pools, "weights" or "kv_cache" (None: both):
+        resident=True what they hold on the device right now (0 while released by sleep), False
+        what they hold when awake."""
+        if tag is not None and tag not in TAGS:
+            raise ValueError(f"memory_bytes: tag must be one of {sorted(TAGS)} or None, got {tag!r}")
+        return self._engine.memory_bytes(tag, resident)
+
     @property
     def engine_rank(self) -> int:
         """This process's rank in its engine group (0 unless the engine is split over ranks)."""

@@ -85,8 +85,7 @@ def test_cuda_graphs_on_off_identical(model_path, dtype):
     for eager in (False, True):
         eng = engine(model_path, dtype=dtype, enforce_eager=eager)
         outs = eng.generate(prompts, params)
-        runner = eng._engine.runner.decode_runner
-        assert bool(runner.graphs) != eager, "graphs captured exactly when not eager"
+        assert bool(eng.num_cuda_graphs) != eager, "graphs captured exactly when not eager"
         results.append([(c.token_ids, c.logprobs, c.top_logprobs) for o in outs for c in o.outputs])
     assert results[0] == results[1]
 
@@ -124,3 +123,28 @@ def test_gpu_matches_cpu_with_sampling_options(model_path):
             assert max(abs(x - y) for x, y in zip(a.logprobs, b.logprobs)) < 1e-3
             assert a.logprob_ranks == b.logprob_ranks
     assert all(100 <= t < 200 for t in gpu[1].outputs[0].token_ids)
+
+
+def test_prompt_twins_on_the_overlapped_loop_equal_separate_prefills(make_tiny_model):
+    """A GRPO group sent as separate requests (prompt twins: one prefill, forked KV, CUDA-graph
+    decode with cascade groups) samples what each request samples when it computes its own
+    prompt (prefix caching off: no sharing at all). fp32, seeded."""
+    path = make_tiny_model("qwen3", head_dim=16)
+    prompts = random_prompts([40, 48], TINY_VOCAB, seed=9)  # a partial last block, whole blocks
+
+    def run(**kw):
+        eng = engine(path, dtype="float32", **kw)
+        for p, prompt in enumerate(prompts):
+            for i in range(4):
+                eng.add_request(f"p{p}-{i}", prompt, SamplingParams(temperature=1.0, seed=10 * p + i, max_tokens=20,
+                                                                    logprobs=0, ignore_eos=True))
+        done = {}
+        while eng.has_unfinished_requests():
+            done.update((o.request_id, o.outputs[0]) for o in eng.step() if o.finished)
+        return eng, done
+    shared, got = run()
+    assert shared.stats.prompt_tokens_computed == 40 + 48 and shared.stats.overlapped_steps > 0
+    _, want = run(enable_prefix_caching=False)
+    assert [got[k].token_ids for k in sorted(want)] == [want[k].token_ids for k in sorted(want)]
+    for k in want:
+        assert max(abs(a - b) for a, b in zip(got[k].logprobs, want[k].logprobs)) < 1e-4, k
