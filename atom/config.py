@@ -127,6 +127,9 @@ class EngineConfig:
                    else "no CUDA device is visible")
             raise ValueError(f"EngineConfig.device={self.device!r}, but {why} (torch {torch.__version__}); install "
                              "a CUDA build of torch (README, Set-up) or use device='cpu' or 'auto'")
+        if self.batch_invariant and (self.tensor_parallel_size > 1 or self.expert_parallel_size > 1):
+            # The collectives' reduction order (NCCL picks ring or tree by message size) follows the batch.
+            raise ValueError("EngineConfig.batch_invariant needs tensor_parallel_size = expert_parallel_size = 1")
         from atom.distributed.parallel_state import EngineLayout
         EngineLayout.build(self.tensor_parallel_size, self.expert_parallel_size, self.ep_mode)  # ValueError if invalid
 
