@@ -13,6 +13,28 @@ import torch
 ON_CPU = os.environ.get("ATOM_GPU_TESTS_ON_CPU") == "1" and not torch.cuda.is_available()
 
 
+def _interpreter_scalar_index() -> None:
+    """Triton 3.6's interpreter holds scalars as 1-element arrays and turns them into Python ints
+    (range bounds, indices) with int(array), which numpy 2.4 refuses for arrays with a dimension:
+    every kernel with a runtime loop bound failed in the interpreter. Index with .item() instead."""
+    try:
+        import triton.runtime.interpreter as interp
+    except Exception:  # no triton: the kernel tests skip
+        return
+    patch = interp._patch_lang_tensor
+
+    def patched(tensor, scope):
+        patch(tensor, scope)
+        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.reshape(-1)[0]))
+    if not getattr(patch, "_atom_scalar_index", False):
+        patched._atom_scalar_index = True
+        interp._patch_lang_tensor = patched
+
+
+if ON_CPU and os.environ.get("TRITON_INTERPRET") == "1":
+    _interpreter_scalar_index()
+
+
 def act_dtypes() -> list[torch.dtype]:
     """Activation dtypes the kernels are tested in (the interpreter has no bfloat16)."""
     return [torch.float16, torch.float32] if ON_CPU else [torch.bfloat16, torch.float32]

@@ -70,7 +70,7 @@ def _route_kernel(logits_ptr, w_ptr, id_ptr, E, sl, TOPK: tl.constexpr, RENORM: 
     tl.store(id_ptr + t * TOPK + kk, sel_i.to(tl.int64), mask=km)
 
 
-@register("moe_route", B)
+@register("moe_route", B, "batch_invariant")  # one program per token, shapes from E and k
 def moe_route(router_logits: torch.Tensor, top_k: int, renormalize: bool) -> tuple[torch.Tensor, torch.Tensor]:
     t, e = router_logits.shape
     weights = torch.empty(t, top_k, dtype=torch.float32, device=router_logits.device)
@@ -243,6 +243,13 @@ def _launch(a, w, out, sorted_ids, tile_expert, total, max_tiles, tw, n, k, num_
 @register("fused_moe", B, "skips_negative_ids")
 def fused_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights: torch.Tensor,
               topk_ids: torch.Tensor) -> torch.Tensor:
+    """The grouped-GEMM path with the tile configs of its token count (moe_configs)."""
+    return fused_moe_with(x, w13, w2, topk_weights, topk_ids, *moe_configs(x.shape[0]))
+
+
+def fused_moe_with(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights: torch.Tensor,
+                   topk_ids: torch.Tensor, up_cfg: dict, down_cfg: dict) -> torch.Tensor:
+    """fused_moe with given tile configs of the gate|up and the down GEMM (same BLOCK_M)."""
     t, h = x.shape
     e, two_i, _ = w13.shape
     inter = two_i // 2
@@ -252,7 +259,6 @@ def fused_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights
     if x.stride(-1) != 1:
         x = x.contiguous()
     topk_ids = topk_ids.contiguous()
-    up_cfg, down_cfg = moe_configs(t)
     assert up_cfg["BLOCK_M"] == down_cfg["BLOCK_M"]
     sorted_ids, tile_expert, total, max_tiles = moe_align(topk_ids, e, up_cfg["BLOCK_M"])
     num_pairs = t * top_k
