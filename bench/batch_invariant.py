@@ -51,10 +51,9 @@ def one(workload: str, invariant: bool, check: bool) -> dict:
     torch.cuda.synchronize()
     secs = time.perf_counter() - t0
     tokens = sum(len(c.token_ids) for o in outs for c in o.outputs)
-    dr = engine._engine.runner.decode_runner
     result = {"workload": workload, "batch_invariant": invariant, "tokens": tokens, "seconds": round(secs, 3),
               "tok_per_s": round(tokens / secs, 1), "build_s": round(build_s, 1),
-              "decode_runner_s": {k: round(v, 3) for k, v in (dr.timers.items() if dr is not None else [])}}
+              "stats": {k: v for k, v in vars(engine.stats).items() if isinstance(v, (int, float))}}
     if check and invariant:
         prompts = make_prompts(w, w["seed"] + 2)[:8]
         batch = engine.generate(prompts, params(64, seed=7))[0]

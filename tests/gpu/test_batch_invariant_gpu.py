@@ -95,8 +95,8 @@ def test_decode_logprobs_equal_a_prompt_logprob_prefill(path):
     sp = SamplingParams(n=4, temperature=1.0, seed=4, max_tokens=SP.max_tokens, logprobs=0, logprobs_mode="raw",
                         ignore_eos=True)
     outs = eng.generate([prompt], sp)[0].outputs
-    runner = eng._engine.runner.decode_runner
-    assert runner is not None and runner.cascade
+    from atom.ops import ops
+    assert ops.supports("paged_attention_decode", "cascade")  # the decode path groups the 4 samples
     for c in outs:
         full = prompt + c.token_ids
         again = eng.generate([full], SamplingParams(max_tokens=1, prompt_logprobs=0, logprobs_mode="raw"))[0]

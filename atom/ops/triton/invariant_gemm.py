@@ -11,15 +11,17 @@ in the last tile re-read row M - 1 (loads stay unmasked along M; those rows are 
 Programs go in groups of GROUP_M row tiles per weight tile so that a weight tile is read from
 HBM about once per group (the others hit L2).
 
-The table is a starting point for the H200 (bench/batch_invariant.py --gemm sweeps it at the
-workloads' shapes; `TUNED` takes per-(N, K, dtype) overrides without touching invariance: any
-choice that does not look at M keeps it).
+The config rule is a starting point for the H200 (bench/batch_invariant.py --gemm --sweep times
+candidates at the workloads' shapes; `TUNED` takes per-(N, K, dtype) overrides: any choice that
+does not look at M keeps the invariance).
 """
 from __future__ import annotations
 
 import torch
 import triton
 import triton.language as tl
+
+from atom.ops.triton.linear import _num_sms
 
 GROUP_M = 8
 # Per-weight overrides {(n, k, element size): config}, e.g. from the sweep (checked by _check_cfg).
@@ -63,26 +65,38 @@ def _gemm_kernel(x_ptr, w_ptr, b_ptr, out_ptr, M, N, K, sxm, swn, som,
     tl.store(out_ptr + rm.to(tl.int64)[:, None] * som + rn[None, :], acc.to(out_ptr.dtype.element_ty), mask=ok)
 
 
-def gemm_config(n: int, k: int, elem_size: int) -> dict:
-    """Tile config of an [M, k] x [n, k]^T product: a function of (n, k, dtype) only, never of M.
+REF_ROWS = 512  # the decode batch the tile widths are chosen for (a rollout's ~512 sequences)
+_WIDE = {256: dict(num_warps=8, num_stages=3), 128: dict(num_warps=8, num_stages=4),
+         64: dict(num_warps=4, num_stages=4)}
 
-    16-bit: 128-row tiles (two warpgroups) with BLOCK_N by the weight's width, so that a decode
-    batch of ~512 rows still gives about a wave of tiles on 132 SMs (o_proj of a 2048-wide model:
-    4 x 32 tiles of 64 columns) while wide weights (MLP, LM head) get 256-column tiles; BLOCK_K 64.
-    float32 (tests, fp32 engines): ieee dots on 64 x 64 x 32 tiles.
+
+def _wave_efficiency(tiles: int, num_sms: int) -> float:
+    return tiles / (triton.cdiv(tiles, num_sms) * num_sms)
+
+
+def gemm_config(n: int, k: int, elem_size: int, num_sms: int = 132) -> dict:
+    """Tile config of an [M, k] x [n, k]^T product: a function of (n, k, dtype, device) only, never
+    of M (that is the invariance). Keys: block_m, block_n, block_k, num_warps, num_stages.
+
+    16-bit weights: 128-row tiles (two warpgroups) and the widest of 256 / 128 / 64 columns whose
+    last wave of tiles at REF_ROWS rows fills the SMs within 5% of the best width (8B qkv, 6144
+    wide: 64 columns give 384 tiles, 2.9 full waves on 132 SMs, where 128 give 1.45); BLOCK_K 64.
+    Narrow weights (routers) take 64 x 32 tiles. float32 (tests, fp32 engines): 64 x 64 x 32, ieee.
     """
     tuned = TUNED.get((n, k, elem_size))
     if tuned is not None:
         return dict(tuned)
     if elem_size >= 4:
         cfg = dict(block_m=64, block_n=64, block_k=32, num_warps=4, num_stages=3)
-    elif n >= 16384:
-        cfg = dict(block_m=128, block_n=256, block_k=64, num_warps=8, num_stages=3)
-    elif n >= 4096:
-        cfg = dict(block_m=128, block_n=128, block_k=64, num_warps=8, num_stages=4)
+    elif n < 1024:
+        cfg = dict(block_m=64, block_n=32, block_k=64, num_warps=4, num_stages=4)
     else:
-        cfg = dict(block_m=128, block_n=64, block_k=64, num_warps=4, num_stages=4)
-    # Small weights (tiny test models, routers): tiles no wider than the weight (tl.dot needs >= 16).
+        row_tiles = triton.cdiv(REF_ROWS, 128)
+        eff = {bn: _wave_efficiency(row_tiles * triton.cdiv(n, bn), num_sms) for bn in _WIDE}
+        best = max(eff.values())
+        bn = next(bn for bn in _WIDE if eff[bn] >= best - 0.05)
+        cfg = dict(block_m=128, block_n=bn, block_k=64, **_WIDE[bn])
+    # Small weights (tiny test models): tiles no wider than the weight (tl.dot needs >= 16).
     cfg["block_n"] = min(cfg["block_n"], max(16, triton.next_power_of_2(n)))
     cfg["block_k"] = min(cfg["block_k"], max(16, triton.next_power_of_2(k)))
     return cfg
@@ -106,7 +120,7 @@ def invariant_gemm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | N
         return out
     if k == 0:
         return out.zero_() if bias is None else out.copy_(bias.expand(m, n))
-    cfg = config or gemm_config(n, k, weight.element_size())
+    cfg = config or gemm_config(n, k, weight.element_size(), _num_sms(x.device))
     _check_cfg(cfg)
     bm, bn, bk = cfg["block_m"], cfg["block_n"], cfg["block_k"]
     grid = (triton.cdiv(m, bm) * triton.cdiv(n, bn),)
