@@ -56,6 +56,11 @@ def test_decode_logprobs_equal_a_prompt_logprob_prefill(path):
     again = eng.generate([full], SamplingParams(max_tokens=1, prompt_logprobs=0, logprobs_mode="raw"))[0]
     recomputed = [again.prompt_logprobs[len(prompt) + i][t] for i, t in enumerate(c.token_ids)]
     assert recomputed == c.logprobs
+    # The processed logprobs at a temperature too (the prompt logprobs divide as the sampler does).
+    sp = SamplingParams(temperature=0.7, seed=4, max_tokens=12, logprobs=0, ignore_eos=True)
+    c = eng.generate([prompt], sp)[0].outputs[0]
+    again = eng.generate([prompt + c.token_ids], SamplingParams(temperature=0.7, max_tokens=1, prompt_logprobs=0))[0]
+    assert [again.prompt_logprobs[len(prompt) + i][t] for i, t in enumerate(c.token_ids)] == c.logprobs
 
 
 def test_without_the_mode_batches_do_change_the_bits(path):
