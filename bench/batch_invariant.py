@@ -9,7 +9,9 @@ first alone, and reports whether that prompt's logprobs came out bitwise the sam
 
 --gemm W: the batch-invariant GEMM against F.linear (cuBLAS) at the dense shapes of W's model and
 M = 1, 8, 64, 512, 8192 (µs, median of CUDA events); with --sweep, every candidate tile config
-of CANDIDATES at M = 512 and 8192 (pick per shape; `invariant_gemm.TUNED` takes the choice).
+of CANDIDATES at M = 512 and 8192, and --tuned FILE writes the fastest at M = 512 per shape.
+Rollouts with --tuned FILE use those configs (`invariant_gemm.TUNED`; still one config per
+weight for every M, so still invariant).
 """
 from __future__ import annotations
 
@@ -28,11 +30,23 @@ CANDIDATES = [  # (block_m, block_n, block_k, warps, stages)
 ]
 
 
-def one(workload: str, invariant: bool, check: bool) -> dict:
+def load_tuned(path: str | None) -> None:
+    """Fill invariant_gemm.TUNED from a --tuned file ({"N,K": config}, bf16 weights)."""
+    import os
+    if not path or not os.path.isfile(path):
+        return
+    from atom.ops.triton import invariant_gemm
+    for key, cfg in json.loads(open(path).read()).items():
+        n, k = map(int, key.split(","))
+        invariant_gemm.TUNED[(n, k, 2)] = cfg
+
+
+def one(workload: str, invariant: bool, check: bool, tuned: str | None = None) -> dict:
     """One mode of one workload in this process: build, warm up, time one generate."""
     import torch
 
     from atom import RolloutEngine, SamplingParams
+    load_tuned(tuned)
     w = load_workloads()[workload]
     seqs = min(w["num_prompts"] * w["n"], 1024)
     t0 = time.perf_counter()
@@ -70,7 +84,8 @@ def rollouts(args) -> list[dict]:
         for _ in range(args.rounds):
             for invariant in (False, True):
                 cmd = [sys.executable, "-m", "bench.batch_invariant", workload, "--one",
-                       "invariant" if invariant else "normal"] + (["--check"] if args.check else [])
+                       "invariant" if invariant else "normal"] + (["--check"] if args.check else []) \
+                    + (["--tuned", args.tuned] if args.tuned else [])
                 run = subprocess.run(cmd, capture_output=True, text=True)
                 lines = [ln for ln in run.stdout.splitlines() if ln.startswith("RESULT ")]
                 if run.returncode or not lines:
@@ -120,7 +135,7 @@ def gemm(args) -> list[dict]:
             b.synchronize()
             times.append(a.elapsed_time(b) * 1e3)
         return sorted(times)[len(times) // 2]
-    rows = []
+    rows, best = [], {}
     for name, (n, k) in dense_shapes(args.gemm).items():
         w = torch.randn(n, k, device="cuda", dtype=torch.bfloat16) / k ** 0.5
         for m in (1, 8, 64, 512, 8192):
@@ -128,14 +143,23 @@ def gemm(args) -> list[dict]:
             row = {"shape": name, "n": n, "k": k, "m": m, "cublas_us": round(timed(lambda: F.linear(x, w)), 1),
                    "invariant_us": round(timed(lambda: invariant_gemm(x, w)), 1), "config": gemm_config(n, k, 2)}
             if args.sweep and m in (512, 8192):
-                row["sweep_us"] = {str(c): round(timed(lambda: invariant_gemm(x, w, config=dict(
-                    block_m=c[0], block_n=c[1], block_k=c[2], num_warps=c[3], num_stages=c[4]))), 1)
-                    for c in CANDIDATES}
+                row["sweep_us"] = {str(c): round(timed(lambda: invariant_gemm(x, w, config=as_config(c))), 1)
+                                   for c in CANDIDATES}
+                if m == 512:
+                    best[f"{n},{k}"] = as_config(min(CANDIDATES, key=lambda c: row["sweep_us"][str(c)]))
             print(f"{name:8s} N={n:6d} K={k:5d} M={m:5d}: cuBLAS {row['cublas_us']:8.1f} us, invariant "
                   f"{row['invariant_us']:8.1f} us ({row['invariant_us'] / row['cublas_us']:.2f}x)"
                   + (f"  sweep {row['sweep_us']}" if "sweep_us" in row else ""), flush=True)
             rows.append(row)
+    if best and args.tuned:
+        with open(args.tuned, "w") as f:
+            json.dump(best, f, indent=1)
+        print(f"fastest configs at M = 512 -> {args.tuned}")
     return rows
+
+
+def as_config(c: tuple) -> dict:
+    return dict(block_m=c[0], block_n=c[1], block_k=c[2], num_warps=c[3], num_stages=c[4])
 
 
 def main(argv=None) -> int:
@@ -146,10 +170,11 @@ def main(argv=None) -> int:
     ap.add_argument("--one", choices=["normal", "invariant"], help=argparse.SUPPRESS)  # a child process
     ap.add_argument("--gemm", metavar="W", default=None, help="GEMM micro-benchmark at W's model shapes")
     ap.add_argument("--sweep", action="store_true", help="with --gemm: every candidate tile config")
+    ap.add_argument("--tuned", default=None, help="GEMM configs file: written by --gemm --sweep, read by rollouts")
     ap.add_argument("--json", default=None)
     args = ap.parse_args(argv)
     if args.one:
-        emit(one(args.workloads[0], args.one == "invariant", args.check), None)
+        emit(one(args.workloads[0], args.one == "invariant", args.check, args.tuned), None)
         return 0
     result = {"gemm": gemm(args)} if args.gemm else {"rollouts": rollouts(args)}
     emit(result, args.json)
