@@ -49,9 +49,12 @@ class EngineConfig:
     batch_invariant: a request's tokens and logprobs are bitwise identical whatever else is in the
         batch, wherever it sits, however its prompt was chunked or cached, and whether a token was
         computed in decode or in a prefill (so a trainer's one-forward recomputation can match).
-        CPU only for now (atom/ops/invariant_ops.py: GEMMs on >= 4 rows, attention per query token
-        over exactly its context); slower, and sets torch to one intra-op thread (process-wide:
-        multithreaded BLAS splits its work by the batch's shape).
+        The registry takes every op from an implementation with the "batch_invariant" capability:
+        on CPU atom/ops/invariant_ops.py (GEMMs on >= 4 rows, attention per query token; sets torch
+        to one intra-op thread, process-wide: multithreaded BLAS splits its work by the batch's
+        shape), on CUDA atom/ops/triton/invariant.py (fixed-tile GEMMs, fixed KV splits, CUDA
+        graphs kept). Needs tensor_parallel_size = expert_parallel_size = 1; ops a family has no
+        invariant implementation of raise ValueError when called.
     overlap_decode: pure decode steps through the static-buffer decode path, step N+1 queued before
         step N's tokens are read (atom/engine/cuda_graph.py). None: on a single GPU only. True on
         the CPU runs the same host logic without graphs (tests of the GPU path's bookkeeping).
@@ -127,6 +130,9 @@ class EngineConfig:
                    else "no CUDA device is visible")
             raise ValueError(f"EngineConfig.device={self.device!r}, but {why} (torch {torch.__version__}); install "
                              "a CUDA build of torch (README, Set-up) or use device='cpu' or 'auto'")
+        if self.batch_invariant and (self.tensor_parallel_size > 1 or self.expert_parallel_size > 1):
+            # The collectives' reduction order (NCCL picks ring or tree by message size) follows the batch.
+            raise ValueError("EngineConfig.batch_invariant needs tensor_parallel_size = expert_parallel_size = 1")
         from atom.distributed.parallel_state import EngineLayout
         EngineLayout.build(self.tensor_parallel_size, self.expert_parallel_size, self.ep_mode)  # ValueError if invalid
 

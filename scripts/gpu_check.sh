@@ -16,6 +16,8 @@
 #               against the batch call, a request arriving during a 512-sequence decode
 #     arrival : agent-async-moe (requests 5 ms apart through the async API)
 #     ipc     : weight sync by CUDA IPC from a trainer process, 30B shape (bench/ipc_weights.py; goal < 0.5 s)
+#     invariant W1,W2 : batch-invariant mode's cost (bench/batch_invariant.py, normal and invariant
+#               processes, --check), default grpo-moe,grpo-dense-8b; then the GEMM micro-benchmark
 # Logs and JSON results go to $OUT (or ./gpu_out when OUT is unset).
 # On the lent H200 a device call may run 10 minutes: `tests small` and `bench` are one call each
 # (the four workloads take ~75 s apiece with build and warm-up).
@@ -33,7 +35,7 @@ if compgen -G ".whl/*.whl" > /dev/null; then
   $PY -m pip install -q --no-deps --target "$WHEELS" .whl/*.whl && export PYTHONPATH="$WHEELS:$PYTHONPATH"
 fi
 [ $# -eq 0 ] && set -- tests bench
-SECTIONS="tests tune bench hf kernels mla small sleep async arrival ipc"
+SECTIONS="tests tune bench hf kernels mla small sleep async arrival ipc invariant"
 WORKLOADS="decode-moe-bs1,grpo-dense-small,grpo-moe,grpo-dense-8b"
 summary=()
 nvidia-smi --query-gpu=name,memory.used,memory.total,clocks.sm,clocks.mem --format=csv,noheader 2>/dev/null
@@ -44,8 +46,8 @@ while [ $# -gt 0 ]; do
       # 16 cores, not by the device): about a third of the 530 s a single process takes.
       groups=("tests/gpu/test_moe_small.py tests/gpu/test_family_kernels.py"
               "tests/gpu/test_engine_gpu.py tests/gpu/test_families_gpu.py tests/gpu/test_gpt_oss_gpu.py tests/gpu/test_sampling_options_gpu.py tests/gpu/test_routed_gpu.py tests/test_overlapped_decode.py tests/test_sleep_wake.py tests/test_weight_transfer.py"
-              "tests/gpu/test_triton_ops.py tests/gpu/test_attn_prologue.py tests/gpu/test_linear.py tests/gpu/test_sampling_split.py tests/gpu/test_penalties_gpu.py"
-              "tests/gpu/test_mla_triton.py tests/gpu/test_deepseek_gpu.py")
+              "tests/gpu/test_triton_ops.py tests/gpu/test_attn_prologue.py tests/gpu/test_linear.py tests/gpu/test_sampling_split.py tests/gpu/test_penalties_gpu.py tests/gpu/test_invariant_ops.py"
+              "tests/gpu/test_mla_triton.py tests/gpu/test_deepseek_gpu.py tests/gpu/test_batch_invariant_gpu.py")
       for i in "${!groups[@]}"; do
         timeout "${TEST_TIMEOUT:-420}" $PY -m pytest -m gpu -q -rs ${PYTEST_X--x} --durations=5 ${groups[$i]} \
           > "$OUT/pytest_$i.log" 2>&1 &
@@ -101,6 +103,18 @@ while [ $# -gt 0 ]; do
       timeout "${SLEEP_TIMEOUT:-240}" $PY bench/sleep_wake.py --config bench/models/qwen3-30b-a3b/config.json \
         --skip-offload --many 20 --out "$OUT/sleep_wake.json" > "$OUT/sleep_wake.log" 2>&1
       grep -E "cycles|stepwise|variants|per_expert_names.s|fused_v5_names.s|equal|drift|error" "$OUT/sleep_wake.log" | cut -c1-900
+      ;;
+    invariant)
+      IW="grpo-moe grpo-dense-8b"
+      if [ $# -gt 1 ] && ! [[ " $SECTIONS " == *" $2 "* ]]; then IW=${2//,/ }; shift; fi
+      for w in $IW; do
+        timeout "${INVARIANT_TIMEOUT:-420}" $PY -m bench.batch_invariant "$w" --check --json "$OUT/invariant.jsonl" \
+          > "$OUT/invariant_$w.log" 2>&1 || summary+=("invariant $w: FAILED")
+        grep -vE "^RESULT" "$OUT/invariant_$w.log" | tail -4
+      done
+      timeout "${INVARIANT_TIMEOUT:-420}" $PY -m bench.batch_invariant --gemm grpo-dense-8b --sweep \
+        > "$OUT/invariant_gemm.log" 2>&1 || summary+=("invariant gemm: FAILED")
+      grep -vE "^RESULT" "$OUT/invariant_gemm.log" | cut -c1-400 | tail -40
       ;;
     ipc)
       timeout "${IPC_TIMEOUT:-300}" $PY -m bench.ipc_weights --config bench/models/qwen3-30b-a3b/config.json \

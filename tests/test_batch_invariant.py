@@ -4,6 +4,7 @@ computed in decode has the logprob a prompt-logprob prefill of the whole sequenc
 from __future__ import annotations
 
 import pytest
+import torch
 
 from atom import RolloutEngine, SamplingParams
 from conftest import TINY_VOCAB
@@ -55,6 +56,11 @@ def test_decode_logprobs_equal_a_prompt_logprob_prefill(path):
     again = eng.generate([full], SamplingParams(max_tokens=1, prompt_logprobs=0, logprobs_mode="raw"))[0]
     recomputed = [again.prompt_logprobs[len(prompt) + i][t] for i, t in enumerate(c.token_ids)]
     assert recomputed == c.logprobs
+    # The processed logprobs at a temperature too (the prompt logprobs divide as the sampler does).
+    sp = SamplingParams(temperature=0.7, seed=4, max_tokens=12, logprobs=0, ignore_eos=True)
+    c = eng.generate([prompt], sp)[0].outputs[0]
+    again = eng.generate([prompt + c.token_ids], SamplingParams(temperature=0.7, max_tokens=1, prompt_logprobs=0))[0]
+    assert [again.prompt_logprobs[len(prompt) + i][t] for i, t in enumerate(c.token_ids)] == c.logprobs
 
 
 def test_without_the_mode_batches_do_change_the_bits(path):
@@ -71,9 +77,30 @@ def test_without_the_mode_batches_do_change_the_bits(path):
     assert alone[0] == batched[0] and alone[1] != batched[1]
 
 
-def test_batch_invariant_is_cpu_only_for_now(path):
-    import torch
-    if torch.cuda.is_available():
-        with pytest.raises(ValueError, match="batch_invariant"):
-            RolloutEngine(path, device="cuda", batch_invariant=True)
-    assert engine(path).generate([[3, 4, 5]], SamplingParams(max_tokens=2))[0].outputs[0].token_ids
+def test_the_registry_takes_only_invariant_implementations(path):
+    """Each op of the mode declares the capability; an op without an invariant implementation on
+    the platform (a family's own attention) raises when called instead of running unchecked; the
+    mode refuses tensor / expert parallelism (the collectives' order follows the batch)."""
+    from atom.ops import OpTable
+    from atom.ops.registry import capabilities
+    table = OpTable()
+    table.configure(torch.device("cpu"), batch_invariant=True)
+    for name in ("linear", "lm_head", "paged_attention_prefill", "paged_attention_decode", "fused_moe", "sample"):
+        assert table.backend_of[name] == "invariant", name
+    for name, backend in table.backend_of.items():
+        if backend != "missing":
+            assert "batch_invariant" in capabilities(name, backend), name
+            assert table.supports(name, "batch_invariant")
+    assert table.backend_of["rms_norm"] == "cpu"
+    with pytest.raises(ValueError, match="sliding_sink_attention_prefill.*no batch-invariant implementation"):
+        table.sliding_sink_attention_prefill()
+    with pytest.raises(ValueError, match="batch_invariant needs tensor_parallel_size"):
+        RolloutEngine(path, device="cpu", batch_invariant=True, tensor_parallel_size=2)
+
+
+def test_the_cpu_mode_survives_the_gpu_decode_path(path):
+    """The static-buffer decode path (padded batches) on the CPU keeps the bits too."""
+    target = random_prompts([29], TINY_VOCAB, seed=11)[0]
+    others = random_prompts([5, 40, 17], TINY_VOCAB, seed=12)
+    alone = result(engine(path).generate([target], SP)[0])
+    assert result(engine(path, overlap_decode=True).generate(others + [target], SP)[-1]) == alone

@@ -23,16 +23,6 @@ from atom.ops.metadata import AttentionMetadata
 _CPU_KV_BUDGET = 512 << 20
 
 
-def _invariant_backends(config: EngineConfig) -> dict[str, str]:
-    """op_backends for batch_invariant=True (atom/ops/invariant_ops.py)."""
-    if not config.batch_invariant:
-        return {}
-    if config.torch_device().type != "cpu":
-        raise ValueError("EngineConfig.batch_invariant: only the CPU backend has batch-invariant ops so far")
-    from atom.ops.invariant_ops import INVARIANT_OPS
-    return {name: "invariant" for name in INVARIANT_OPS}
-
-
 class ModelRunner:
     def __init__(self, config: EngineConfig, args: ModelArgs, max_model_len: int) -> None:
         self.config = config
@@ -45,10 +35,10 @@ class ModelRunner:
         # Decode steps go through static buffers, CUDA graphs and the overlapped loop on one GPU
         # (config.overlap_decode=True: on the CPU too, without graphs).
         on = config.overlap_decode if config.overlap_decode is not None else self.device.type == "cuda"
-        self.use_decode_runner = on and not self.parallel.is_parallel and not config.batch_invariant
+        self.use_decode_runner = on and not self.parallel.is_parallel
         self._decode_runner = None
         self.dtype = config.torch_dtype(args.torch_dtype)
-        ops.configure(self.device, {**_invariant_backends(config), **config.op_backends})
+        ops.configure(self.device, config.op_backends, batch_invariant=config.batch_invariant)
         with torch.device(self.device):
             prev = torch.get_default_dtype()
             torch.set_default_dtype(self.dtype)

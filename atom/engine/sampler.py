@@ -127,8 +127,9 @@ def prompt_logprobs(logits: torch.Tensor, seq: Sequence,
     n, vocab = raw.shape
     scaled = raw
     if not p.reports_raw:
-        if p.temperature > 0:
-            scaled = scaled / p.temperature
+        if p.temperature > 0:  # a true division by a tensor, as the samplers do (CUDA's tensor / Python
+            # scalar multiplies by the reciprocal instead: other bits than the decode step's logprobs)
+            scaled = scaled / torch.full((n, 1), float(p.temperature), device=raw.device)
         if p.effective_top_k > 0 or p.top_p < 1.0 or p.min_p > 0:
             scaled = filter_logits(scaled, torch.full((n,), p.effective_top_k, device=raw.device),
                                    torch.full((n,), p.top_p, device=raw.device),

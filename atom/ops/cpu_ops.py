@@ -12,6 +12,9 @@ on the 2-core development machine (AVX-512, fp32, SmolLM2-135M) made a decode st
 every linear weight) and must never go stale: it is keyed on the weight's storage address and a
 global epoch that `atom.ops.weights_changed()` advances. Every path that writes parameters in
 place calls it (checkpoint load, dummy init, update_weights, the weights pool's sleep / wake).
+
+Norms, SiLU-and-mul, the attention prologue and the KV write compute each row on its own (with
+the one thread batch-invariant mode sets): they carry the "batch_invariant" capability.
 """
 from __future__ import annotations
 
@@ -86,7 +89,7 @@ def lm_head(hidden: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
 
 # ---- norms ---------------------------------------------------------------------------------
 
-@register("rms_norm", B)
+@register("rms_norm", B, "batch_invariant")
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """torch's fused rms_norm in float32 (the reference's maths, bit for bit on float32)."""
     if x.dtype == torch.float32 and weight.dtype == torch.float32:
@@ -94,7 +97,7 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     return F.rms_norm(x.float(), weight.shape, weight.float(), eps).to(x.dtype)
 
 
-@register("fused_add_rms_norm", B)
+@register("fused_add_rms_norm", B, "batch_invariant")
 def fused_add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor,
                        eps: float) -> tuple[torch.Tensor, torch.Tensor]:
     """Returns (rms_norm(x + residual), x + residual)."""
@@ -102,7 +105,7 @@ def fused_add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Te
     return rms_norm(summed, weight, eps), summed
 
 
-@register("silu_and_mul", B)
+@register("silu_and_mul", B, "batch_invariant")
 def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
     """silu(gate) * up with one temporary (float32: the reference's bits)."""
     gate, up = x.chunk(2, dim=-1)
@@ -119,7 +122,7 @@ def _rotate_neox(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
     return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
 
 
-@register("qkv_prologue", B)
+@register("qkv_prologue", B, "batch_invariant")
 def qkv_prologue(qkv: torch.Tensor, positions: torch.Tensor, cos_sin_cache: torch.Tensor,
                  q_norm_weight: torch.Tensor | None, k_norm_weight: torch.Tensor | None, eps: float,
                  num_heads: int, num_kv_heads: int, head_dim: int, k_cache: torch.Tensor,
@@ -145,7 +148,7 @@ def qkv_prologue(qkv: torch.Tensor, positions: torch.Tensor, cos_sin_cache: torc
     return q
 
 
-@register("kv_cache_write", B)
+@register("kv_cache_write", B, "batch_invariant")
 def kv_cache_write(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                    slot_mapping: torch.Tensor) -> None:
     """k, v: [T, Hk, D] into caches [num_blocks, block_size, Hk, D] at slot_mapping (-1 = skip)."""

@@ -14,6 +14,10 @@ the per-token order of the MoE sum); two kinds of op are not invariant there:
 
 The cost is a Python loop over query tokens in attention: meant for checking a trainer's
 recomputation and for small runs, not for throughput.
+
+Every op here has the "batch_invariant" capability (the registry's invariant mode on the CPU
+takes ops from this backend, then from the CPU backend's ops that declare it). The reference's
+RoPE, routing and sampler are used as they are: they compute row by row.
 """
 from __future__ import annotations
 
@@ -22,9 +26,10 @@ import torch.nn.functional as F
 
 from atom.ops import torch_ops
 from atom.ops.metadata import AttentionMetadata
-from atom.ops.registry import register
+from atom.ops.registry import declare_backend, register
 
 B = "invariant"
+declare_backend(B, "batch_invariant")
 _MIN_ROWS = 4
 
 
@@ -102,3 +107,7 @@ def paged_attention_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
 
 
 INVARIANT_OPS = ("linear", "lm_head", "fused_moe", "moe_forward", "paged_attention_prefill", "paged_attention_decode")
+
+# The reference's row-by-row ops, taken as they are.
+for _name in ("rotary_embedding", "moe_route", "sample"):
+    register(_name, B)(getattr(torch_ops, _name))

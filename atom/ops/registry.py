@@ -12,6 +12,14 @@ Callers ask what the chosen implementation can do, never which backend it is:
   reads_whole_blocks  paged attention reads every slot of a sequence's blocks (masking the unused
                       ones), so freshly mapped KV memory must be zeroed
   skips_negative_ids  fused MoE skips expert id -1 (an expert another rank holds)
+  batch_invariant     a row's result is bitwise the same whatever other rows share the call, how
+                      many, and where the row sits; attention also gives a token the same bits
+                      however its sequence was chunked or cached and in decode as in prefill
+
+Batch-invariant mode (`configure(..., batch_invariant=True)`, from EngineConfig.batch_invariant):
+each op takes the first backend of the platform's invariant list that registers it with the
+"batch_invariant" capability; an op none of them has is bound to a stub that raises ValueError
+when called (e.g. a family's own attention), so nothing silently runs a batch-dependent kernel.
 """
 from __future__ import annotations
 
@@ -24,7 +32,7 @@ _IMPLS: dict[str, dict[str, Callable]] = {}
 _CAPS: dict[tuple[str, str], frozenset[str]] = {}      # (op, backend) -> capabilities
 _BACKEND_CAPS: dict[str, frozenset[str]] = {}          # capabilities of every op of a backend
 _WEIGHT_LISTENERS: list[Callable[[], None]] = []   # see weights_changed
-CAPABILITIES = ("graph_safe", "cascade", "reads_whole_blocks", "skips_negative_ids")
+CAPABILITIES = ("graph_safe", "cascade", "reads_whole_blocks", "skips_negative_ids", "batch_invariant")
 
 # Backends by preference per platform; a backend module that fails to import is skipped.
 _PREFERENCE = {
@@ -32,13 +40,20 @@ _PREFERENCE = {
     "cuda": ("triton", "torch"),
     "rocm": ("aiter", "triton", "torch"),
 }
+# Batch-invariant mode: the backends an op may come from, by platform, in order (see the module doc).
+_INVARIANT_PREFERENCE = {
+    "cpu": ("invariant", "cpu"),
+    "cuda": ("triton_invariant", "triton"),
+}
 _BACKEND_MODULES = {
     "torch": ("atom.ops.torch_ops", "atom.ops.torch_family_ops"),
     "cpu": "atom.ops.cpu_ops",
     "triton": "atom.ops.triton",
     "aiter": "atom.ops.aiter_ops",
-    "invariant": "atom.ops.invariant_ops",   # never preferred: EngineConfig(batch_invariant=True) picks it
+    "invariant": "atom.ops.invariant_ops",              # only in batch-invariant mode (CPU)
+    "triton_invariant": "atom.ops.triton.invariant",    # only in batch-invariant mode (CUDA)
 }
+_MISSING = "missing"  # backend_of entry of an op that batch-invariant mode has no implementation of
 
 
 def register(name: str, backend: str, *capabilities: str) -> Callable[[Callable], Callable]:
@@ -97,9 +112,20 @@ class OpTable:
         self.backend_of: dict[str, str] = {}
         self.configure(torch.device("cpu"))
 
-    def configure(self, device: torch.device, overrides: dict[str, str] | None = None) -> None:
+    def configure(self, device: torch.device, overrides: dict[str, str] | None = None,
+                  batch_invariant: bool = False) -> None:
+        """Choose every op's backend for `device`; `overrides` (op -> backend) win. With
+        batch_invariant, only implementations with that capability are chosen (module doc)."""
         overrides = dict(overrides or {})
-        available = [b for b in _PREFERENCE[_platform(device)] if _load_backend(b)]
+        platform = _platform(device)
+        if batch_invariant and platform not in _INVARIANT_PREFERENCE:
+            raise ValueError(f"EngineConfig.batch_invariant: no batch-invariant backend for {platform} "
+                             f"(available for {sorted(_INVARIANT_PREFERENCE)})")
+        order = _INVARIANT_PREFERENCE[platform] if batch_invariant else _PREFERENCE[platform]
+        available = [b for b in order if _load_backend(b)]
+        if batch_invariant and not available:
+            raise ValueError(f"EngineConfig.batch_invariant: none of the backends {list(order)} loads on {platform} "
+                             "(the CUDA one needs Triton)")
         unknown = sorted(set(overrides) - set(_IMPLS))
         if unknown:
             raise ValueError(f"op_backends names unknown op(s) {unknown}; known ops: {sorted(_IMPLS)}")
@@ -111,9 +137,13 @@ class OpTable:
                     if not _load_backend(want) or want not in _IMPLS[name]:
                         raise ValueError(f"op {name!r} has no backend {want!r}; it has {sorted(impls)}")
                 backend = want
+            elif batch_invariant:
+                backend = next((b for b in available if b in impls and "batch_invariant" in capabilities(name, b)),
+                               _MISSING)
             else:
                 backend = next(b for b in available + ["torch"] if b in impls)
-            chosen[name], backend_of[name] = _IMPLS[name][backend], backend
+            chosen[name] = _not_invariant(name, platform) if backend == _MISSING else _IMPLS[name][backend]
+            backend_of[name] = backend
         self._chosen, self.backend_of = chosen, backend_of
 
     def supports(self, name: str, capability: str) -> bool:
@@ -130,6 +160,13 @@ class OpTable:
             return self.__dict__["_chosen"][name]
         except KeyError:
             raise AttributeError(f"no op named {name!r}; known ops: {sorted(_IMPLS)}") from None
+
+
+def _not_invariant(name: str, platform: str) -> Callable:
+    def missing(*args, **kwargs):
+        raise ValueError(f"EngineConfig.batch_invariant: op {name!r} has no batch-invariant implementation on "
+                         f"{platform} (backends tried: {list(_INVARIANT_PREFERENCE[platform])})")
+    return missing
 
 
 def capabilities(name: str, backend: str) -> frozenset[str]:

@@ -3,6 +3,11 @@ attention prologue (q/k RMSNorm + RoPE + KV-cache write in one kernel).
 
 Each matches its torch reference in atom/ops/torch_ops.py: float32 maths, one rounding to the
 output dtype, the same order of roundings where the reference rounds an intermediate.
+
+Batch invariance: the norms, SiLU-and-mul, RoPE and the KV write run one program per row (or
+token) with launch shapes from the model's sizes alone ("batch_invariant"); the prologue packs
+more heads per program as the token count grows, which changes its q/k norm's reduction layout,
+so the batch-invariant backend launches it with a fixed count (triton/invariant.py).
 """
 from __future__ import annotations
 
@@ -70,12 +75,12 @@ def _norm(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor, 
     return out, rout
 
 
-@register("rms_norm", B)
+@register("rms_norm", B, "batch_invariant")
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     return _norm(x, None, weight, eps)[0]
 
 
-@register("fused_add_rms_norm", B)
+@register("fused_add_rms_norm", B, "batch_invariant")
 def fused_add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor,
                        eps: float) -> tuple[torch.Tensor, torch.Tensor]:
     return _norm(x, residual, weight, eps)
@@ -94,7 +99,7 @@ def _silu_mul_kernel(x_ptr, out_ptr, I, sx, BLOCK: tl.constexpr):
     tl.store(out_ptr + row * I + cols, y.to(out_ptr.dtype.element_ty), mask=mask)
 
 
-@register("silu_and_mul", B)
+@register("silu_and_mul", B, "batch_invariant")
 def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
     shape = x.shape
     x2 = x.reshape(-1, shape[-1])
@@ -138,7 +143,7 @@ def _rope_heads(src, s_head, dst, h, H, d, dm, cos, sin, HALF: tl.constexpr):
     tl.store(ob + HALF, (x2 * cos + x1 * sin).to(dst.dtype.element_ty), mask=m)
 
 
-@register("rotary_embedding", B)
+@register("rotary_embedding", B, "batch_invariant")
 def rotary_embedding(positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor,
                      cos_sin_cache: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     if q.stride(-1) != 1:
@@ -176,7 +181,7 @@ def _kv_write_kernel(k_ptr, v_ptr, kc_ptr, vc_ptr, slot_ptr, sk0, sk1, sv0, sv1,
         tl.store(vc_ptr + dst, vv.to(vc_ptr.dtype.element_ty), mask=m)
 
 
-@register("kv_cache_write", B)
+@register("kv_cache_write", B, "batch_invariant")
 def kv_cache_write(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                    slot_mapping: torch.Tensor) -> None:
     t, hk, d = k.shape

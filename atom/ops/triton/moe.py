@@ -76,7 +76,7 @@ def _route_kernel(logits_ptr, w_ptr, id_ptr, E, sl, TOPK: tl.constexpr, RENORM: 
     tl.store(id_ptr + t * TOPK + kk, sel_i.to(tl.int64), mask=km)
 
 
-@register("moe_route", B)
+@register("moe_route", B, "batch_invariant")  # one program per token, shapes from E and k
 def moe_route(router_logits: torch.Tensor, top_k: int, renormalize: bool) -> tuple[torch.Tensor, torch.Tensor]:
     t, e = router_logits.shape
     weights = torch.empty(t, top_k, dtype=torch.float32, device=router_logits.device)
@@ -299,13 +299,24 @@ def _launch(a, w, out, sorted_ids, tile_expert, total, max_tiles, tw, n, k, num_
 @register("fused_moe", B, "skips_negative_ids")
 def fused_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights: torch.Tensor,
               topk_ids: torch.Tensor) -> torch.Tensor:
+    """The grouped-GEMM path with the tile configs of its token count (moe_configs)."""
     return experts_aligned(x, w13, w2, topk_weights, topk_ids, SILU)
 
 
+def fused_moe_with(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights: torch.Tensor,
+                   topk_ids: torch.Tensor, up_cfg: dict, down_cfg: dict) -> torch.Tensor:
+    """fused_moe with given tile configs of the gate|up and the down GEMM (same BLOCK_M)."""
+    return experts_aligned(x, w13, w2, topk_weights, topk_ids, SILU, up_cfg, down_cfg)
+
+
 def experts_aligned(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights: torch.Tensor,
-                    topk_ids: torch.Tensor, ep: Epilogue) -> torch.Tensor:
+                    topk_ids: torch.Tensor, ep: Epilogue, up_cfg: dict | None = None,
+                    down_cfg: dict | None = None) -> torch.Tensor:
     """The aligned path (any T): align, gate|up GEMM + activation, down GEMM + routing weight,
-    top-k sum; `ep` holds fused_moe_biased's biases and activation (SILU: fused_moe)."""
+    top-k sum; `ep` holds fused_moe_biased's biases and activation (SILU: fused_moe). Tile
+    configs: those of the token count (moe_configs) unless given."""
+    if up_cfg is None:
+        up_cfg, down_cfg = moe_configs(x.shape[0])
     t, h = x.shape
     e, two_i, _ = w13.shape
     inter = two_i // 2
@@ -315,7 +326,6 @@ def experts_aligned(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_w
     if x.stride(-1) != 1:
         x = x.contiguous()
     topk_ids = topk_ids.contiguous()
-    up_cfg, down_cfg = moe_configs(t)
     assert up_cfg["BLOCK_M"] == down_cfg["BLOCK_M"]
     sorted_ids, tile_expert, total, max_tiles = moe_align(topk_ids, e, up_cfg["BLOCK_M"])
     num_pairs = t * top_k

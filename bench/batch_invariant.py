@@ -1,0 +1,185 @@
+"""What EngineConfig(batch_invariant=True) costs: `python -m bench.batch_invariant W [W ...]`.
+
+Rollouts: for each workload (bench/workloads.json: random weights in the model's shapes, bf16,
+bench/rollout.py's engine settings), one process per mode (the op registry is per process) runs a
+warm-up call on other prompts and one timed `generate`; normal and batch-invariant processes
+alternate (--rounds R pairs); best tokens/s of each, cost = 1 - invariant / normal.
+--check: the invariant process also generates its first 8 prompts (seeded, 64 tokens), then the
+first alone, and reports whether that prompt's logprobs came out bitwise the same.
+
+--gemm W: the batch-invariant GEMM against F.linear (cuBLAS) at the dense shapes of W's model and
+M = 1, 8, 64, 512, 8192 (µs, median of CUDA events); with --sweep, every candidate tile config
+of CANDIDATES at M = 512 and 8192, and --tuned FILE writes the fastest at M = 512 per shape.
+Rollouts with --tuned FILE use those configs (`invariant_gemm.TUNED`; still one config per
+weight for every M, so still invariant).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+
+from bench.report import emit
+from bench.rollout import HERE, load_workloads, make_prompts
+
+CANDIDATES = [  # (block_m, block_n, block_k, warps, stages)
+    (128, 64, 64, 4, 4), (128, 128, 64, 8, 4), (128, 256, 64, 8, 3), (64, 128, 64, 4, 4), (64, 256, 64, 4, 3),
+    (128, 128, 32, 4, 4), (256, 128, 64, 8, 3),
+]
+
+
+def load_tuned(path: str | None) -> None:
+    """Fill invariant_gemm.TUNED from a --tuned file ({"N,K": config}, bf16 weights)."""
+    import os
+    if not path or not os.path.isfile(path):
+        return
+    from atom.ops.triton import invariant_gemm
+    for key, cfg in json.loads(open(path).read()).items():
+        n, k = map(int, key.split(","))
+        invariant_gemm.TUNED[(n, k, 2)] = cfg
+
+
+def one(workload: str, invariant: bool, check: bool, tuned: str | None = None) -> dict:
+    """One mode of one workload in this process: build, warm up, time one generate."""
+    import torch
+
+    from atom import RolloutEngine, SamplingParams
+    load_tuned(tuned)
+    w = load_workloads()[workload]
+    seqs = min(w["num_prompts"] * w["n"], 1024)
+    t0 = time.perf_counter()
+    engine = RolloutEngine(str(HERE / "models" / w["model"]), load_format="dummy", dtype="bfloat16",
+                           max_model_len=w["prompt_len"] + w["output_len"], max_num_seqs=seqs,
+                           cuda_graph_max_batch_size=seqs, batch_invariant=invariant)
+    build_s = time.perf_counter() - t0
+
+    def params(max_tokens, seed=None):
+        return SamplingParams(n=w["n"], temperature=w["temperature"], top_p=w["top_p"], max_tokens=max_tokens,
+                              ignore_eos=True, logprobs=w["logprobs"], seed=seed)
+    engine.generate(make_prompts(w, w["seed"] + 1), params(4))  # compiles kernels, captures graphs
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    outs = engine.generate(make_prompts(w, w["seed"]), params(w["output_len"]))
+    torch.cuda.synchronize()
+    secs = time.perf_counter() - t0
+    tokens = sum(len(c.token_ids) for o in outs for c in o.outputs)
+    result = {"workload": workload, "batch_invariant": invariant, "tokens": tokens, "seconds": round(secs, 3),
+              "tok_per_s": round(tokens / secs, 1), "build_s": round(build_s, 1),
+              "stats": {k: v for k, v in vars(engine.stats).items() if isinstance(v, (int, float))}}
+    if check and invariant:
+        prompts = make_prompts(w, w["seed"] + 2)[:8]
+        batch = engine.generate(prompts, params(64, seed=7))[0]
+        alone = engine.generate(prompts[:1], params(64, seed=7))[0]
+        result["alone_equals_batch"] = all(a.token_ids == b.token_ids and a.logprobs == b.logprobs
+                                           for a, b in zip(alone.outputs, batch.outputs))
+    return result
+
+
+def rollouts(args) -> list[dict]:
+    results = []
+    for workload in args.workloads:
+        best = {False: None, True: None}
+        for _ in range(args.rounds):
+            for invariant in (False, True):
+                cmd = [sys.executable, "-m", "bench.batch_invariant", workload, "--one",
+                       "invariant" if invariant else "normal"] + (["--check"] if args.check else []) \
+                    + (["--tuned", args.tuned] if args.tuned else [])
+                run = subprocess.run(cmd, capture_output=True, text=True)
+                lines = [ln for ln in run.stdout.splitlines() if ln.startswith("RESULT ")]
+                if run.returncode or not lines:
+                    print(run.stdout[-3000:], run.stderr[-3000:], file=sys.stderr)
+                    raise SystemExit(f"{workload} ({'invariant' if invariant else 'normal'}) failed")
+                res = json.loads(lines[-1][len("RESULT "):])
+                print(f"  {workload} {'invariant' if invariant else 'normal   '}: {res['tok_per_s']:,.0f} tok/s "
+                      f"({res['seconds']} s)" + (f", alone == batch: {res['alone_equals_batch']}"
+                                                  if "alone_equals_batch" in res else ""), flush=True)
+                if best[invariant] is None or res["tok_per_s"] > best[invariant]["tok_per_s"]:
+                    best[invariant] = res
+        cost = 1 - best[True]["tok_per_s"] / best[False]["tok_per_s"]
+        print(f"{workload}: normal {best[False]['tok_per_s']:,.0f} tok/s, batch-invariant "
+              f"{best[True]['tok_per_s']:,.0f} tok/s: costs {cost:.1%}")
+        results.append({"workload": workload, "normal": best[False], "invariant": best[True], "cost": round(cost, 4)})
+    return results
+
+
+def dense_shapes(workload: str) -> dict[str, tuple[int, int]]:
+    """name -> (N, K) of the dense GEMMs of the workload's model."""
+    cfg = json.loads((HERE / "models" / load_workloads()[workload]["model"] / "config.json").read_text())
+    h, d = cfg["hidden_size"], cfg.get("head_dim") or cfg["hidden_size"] // cfg["num_attention_heads"]
+    hq, hk = cfg["num_attention_heads"], cfg["num_key_value_heads"]
+    shapes = {"qkv": ((hq + 2 * hk) * d, h), "o_proj": (h, hq * d), "lm_head": (cfg["vocab_size"], h)}
+    if cfg.get("num_experts"):
+        shapes["router"] = (cfg["num_experts"], h)
+    else:
+        shapes.update(gate_up=(2 * cfg["intermediate_size"], h), down=(h, cfg["intermediate_size"]))
+    return shapes
+
+
+def gemm(args) -> list[dict]:
+    import torch
+    import torch.nn.functional as F
+
+    from atom.ops.triton.invariant_gemm import gemm_config, invariant_gemm
+
+    def timed(fn, reps=20):
+        for _ in range(3):
+            fn()
+        times = []
+        for _ in range(reps):
+            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            a.record()
+            fn()
+            b.record()
+            b.synchronize()
+            times.append(a.elapsed_time(b) * 1e3)
+        return sorted(times)[len(times) // 2]
+    rows, best = [], {}
+    for name, (n, k) in dense_shapes(args.gemm).items():
+        w = torch.randn(n, k, device="cuda", dtype=torch.bfloat16) / k ** 0.5
+        for m in (1, 8, 64, 512, 8192):
+            x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+            row = {"shape": name, "n": n, "k": k, "m": m, "cublas_us": round(timed(lambda: F.linear(x, w)), 1),
+                   "invariant_us": round(timed(lambda: invariant_gemm(x, w)), 1), "config": gemm_config(n, k, 2)}
+            if args.sweep and m in (512, 8192):
+                row["sweep_us"] = {str(c): round(timed(lambda: invariant_gemm(x, w, config=as_config(c))), 1)
+                                   for c in CANDIDATES}
+                if m == 512:
+                    best[f"{n},{k}"] = as_config(min(CANDIDATES, key=lambda c: row["sweep_us"][str(c)]))
+            print(f"{name:8s} N={n:6d} K={k:5d} M={m:5d}: cuBLAS {row['cublas_us']:8.1f} us, invariant "
+                  f"{row['invariant_us']:8.1f} us ({row['invariant_us'] / row['cublas_us']:.2f}x)"
+                  + (f"  sweep {row['sweep_us']}" if "sweep_us" in row else ""), flush=True)
+            rows.append(row)
+    if best and args.tuned:
+        with open(args.tuned, "w") as f:
+            json.dump(best, f, indent=1)
+        print(f"fastest configs at M = 512 -> {args.tuned}")
+    return rows
+
+
+def as_config(c: tuple) -> dict:
+    return dict(block_m=c[0], block_n=c[1], block_k=c[2], num_warps=c[3], num_stages=c[4])
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("workloads", nargs="*", default=["grpo-moe", "grpo-dense-8b"])
+    ap.add_argument("--rounds", type=int, default=1)
+    ap.add_argument("--check", action="store_true", help="also check one prompt's bits alone vs in the batch")
+    ap.add_argument("--one", choices=["normal", "invariant"], help=argparse.SUPPRESS)  # a child process
+    ap.add_argument("--gemm", metavar="W", default=None, help="GEMM micro-benchmark at W's model shapes")
+    ap.add_argument("--sweep", action="store_true", help="with --gemm: every candidate tile config")
+    ap.add_argument("--tuned", default=None, help="GEMM configs file: written by --gemm --sweep, read by rollouts")
+    ap.add_argument("--json", default=None)
+    args = ap.parse_args(argv)
+    if args.one:
+        emit(one(args.workloads[0], args.one == "invariant", args.check, args.tuned), None)
+        return 0
+    result = {"gemm": gemm(args)} if args.gemm else {"rollouts": rollouts(args)}
+    emit(result, args.json)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
