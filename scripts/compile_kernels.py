@@ -1,25 +1,39 @@
-"""Compile (never run) the Triton kernels of the GPT-OSS family ops for an H200 (sm_90) on a
-machine without a GPU, at GPT-OSS-20B's and the tiny test model's shapes: catches what Triton's
-interpreter does not (compile errors, shared memory over the limit) before device time is spent.
+"""Compile (never run) Triton kernels for an H200 (sm_90) on a machine without a GPU: catches
+what Triton's interpreter does not (compile errors, shared memory over the limit) before device
+time is spent. Families:
 
-    PYTHONPATH=$PWD:/work/triton_pkgs .venv/bin/python scripts/compile_kernels.py
+* gpt_oss: the sliding-window / sink attention and biased fused MoE at GPT-OSS-20B's and the tiny
+  test model's shapes;
+* mla: the MLA decode and cache write at Moonlight-16B-A3B's (16 heads, kv_lora_rank 512, rope
+  64, pages of 16), its TP2 share's (8 heads), DeepSeek-V3's (128 heads) and the tests' shapes,
+  under the default MLA_CFG, the tests' overrides and every candidate `bench/mla_kernels.py
+  --tune` can pick (bench.mla_kernels.TUNE_SPACE).
+
+Both in bfloat16 and float32.
+
+    PYTHONPATH=$PWD:/work/triton_pkgs .venv/bin/python scripts/compile_kernels.py [--only mla]
 
 Every kernel launch compiles the launch's exact specialisation down to a cubin (ptxas) and
 returns without launching: tensors are CPU tensors whose contents are never read. Prints each
-kernel's launches and the largest shared-memory use. Needs Triton (not a dependency of atom).
+kernel's launches and the largest shared-memory use, and exits non-zero naming every launch over
+the limit. Needs Triton (not a dependency of atom); tests/test_compile_kernels.py runs it.
 """
 from __future__ import annotations
 
+import argparse
 import collections
+import itertools
 
 import torch
 
 H200_SHARED = 232448  # bytes of shared memory a block may use on sm_90
+DTYPES = (torch.bfloat16, torch.float32)
+_where: list[str] = [""]  # what the launches being compiled belong to (for the report)
 
 
-def _compile_only() -> list[tuple[str, int]]:
+def _compile_only() -> list[tuple[str, int, str]]:
     """Make every JIT launch compile for sm_90 and return; returns the list it appends
-    (kernel name, shared bytes) to."""
+    (kernel name, shared bytes, what the launch belongs to) to."""
     torch.cuda.is_available = lambda: True  # lets atom.ops.triton import
     from triton.backends.compiler import GPUTarget
     from triton.runtime import driver
@@ -44,7 +58,7 @@ def _compile_only() -> list[tuple[str, int]]:
 
     def compile_only(self, *args, grid, warmup, **kwargs):
         kernel = run(self, *args, grid=grid, warmup=True, **kwargs)
-        compiled.append((self.fn.__name__, kernel.metadata.shared))
+        compiled.append((self.fn.__name__, kernel.metadata.shared, _where[0]))
         return kernel
     JITFunction.run = compile_only
     return compiled
@@ -65,8 +79,9 @@ def _attention(impl) -> None:
         return m
 
     decode, prefill = impl("sliding_sink_attention_decode")["triton"], impl("sliding_sink_attention_prefill")["triton"]
-    for dt in (torch.bfloat16, torch.float32):
+    for dt in DTYPES:
         for hq, hk, d, page in ((64, 8, 64, 16), (4, 2, 16, 16)):  # GPT-OSS-20B, the tiny test model
+            _where[0] = f"{dt} heads={hq}/{hk} head_dim={d} page={page}"
             kc = torch.empty(300, page, hk, d, dtype=dt)
             sinks = torch.empty(hq, dtype=dt)
             for window in (None, 128):
@@ -80,7 +95,8 @@ def _attention(impl) -> None:
 def _experts(impl) -> None:
     op = impl("fused_moe_biased")["triton"]
     e, h, i, k = 32, 2880, 2880, 4  # GPT-OSS-20B
-    for dt in (torch.bfloat16, torch.float32):
+    for dt in DTYPES:
+        _where[0] = f"{dt} experts={e} hidden={h} intermediate={i}"
         w13, b13 = torch.empty(e, 2 * i, h, dtype=dt), torch.empty(e, 2 * i, dtype=dt)
         w2, b2 = torch.empty(e, h, i, dtype=dt), torch.empty(e, h, dtype=dt)
         for t in (1, 4, 5, 64, 700, 4096):  # the small path, then the aligned one's tile configs
@@ -89,20 +105,86 @@ def _experts(impl) -> None:
                 op(x, w13, b13, w2, down_bias, weights, ids, 7.0, 1.702)
 
 
+# (heads, kv_lora_rank, qk_rope_head_dim, page): Moonlight-16B-A3B, its TP2 share, DeepSeek-V3,
+# then tests/gpu/test_mla_triton.py's interpreter shapes (the tiny test model's first).
+MLA_MODEL_SHAPES = ((16, 512, 64, 16), (8, 512, 64, 16), (128, 512, 64, 16))
+MLA_TEST_SHAPES = ((4, 32, 8, 16), (20, 48, 24, 16), (16, 64, 16, 32))
+# tests/gpu/test_mla_triton.py's overrides of MLA_CFG (its prefix_cfg fixture, on the GPU).
+MLA_TEST_CFG = {"prefix_dv": 128, "prefix_heads": 8}
+
+
+def _mla_decode(op, dt, shape, cfg, whole, cascade, small_prefix=False) -> None:
+    """One decode call under MLA_CFG changed by cfg: split own parts + merge or whole own parts,
+    with or without shared-prefix groups of the decode runner's size (atom/engine/cuda_graph.py:
+    64 // heads rows, 2 to 16)."""
+    import atom.ops.triton.mla as mla
+    from atom.ops.metadata import AttentionMetadata, CascadeMetadata
+    heads, lat, rope, page = shape
+    b, max_n = 32, max(2, min(16, 64 // heads))
+    meta = AttentionMetadata(slot_mapping=torch.zeros(b, dtype=torch.int64), query_start_loc=torch.arange(b + 1),
+                             seq_lens=torch.full((b,), 2000), block_tables=torch.zeros(b, 256, dtype=torch.int32),
+                             is_decode=True, max_query_len=1, max_seq_len=4096)
+    if cascade:
+        meta.cascade = CascadeMetadata(torch.zeros(b // 2, max_n, dtype=torch.int32),
+                                       torch.zeros(b // 2, dtype=torch.int32), torch.zeros(b, dtype=torch.int32), 4096)
+    cache = torch.empty(300, page, 1, lat + rope, dtype=dt)
+    q_pe = torch.empty(b, heads, lat + rope, dtype=dt)[..., lat:]  # strided, as the model passes it
+    saved = dict(mla.MLA_CFG)
+    mla.MLA_CFG.update(cfg, whole_own_pairs=1 if whole else 1 << 40,
+                       small_prefix_pairs=1 << 40 if small_prefix else 1)
+    _where[0] = f"{dt} heads={heads} L={lat} R={rope} page={page} whole={whole} cascade={cascade} {cfg}"
+    try:
+        op(torch.empty(b, heads, lat, dtype=dt), q_pe, cache, meta, 0.1)
+    finally:
+        mla.MLA_CFG.clear()
+        mla.MLA_CFG.update(saved)
+
+
+def _mla(impl) -> None:
+    """Every shape: the default MLA_CFG in each mode and the tests' prefix config; the model
+    shapes also under each tuner candidate, with both own-part kernels (split without groups,
+    whole with groups) and the shared-prefix kernel."""
+    from bench.mla_kernels import TUNE_SPACE
+    decode, write = impl("mla_attention_decode")["triton"], impl("mla_cache_write")["triton"]
+    candidates = [dict(zip(keys, cand)) for keys, cands in TUNE_SPACE for cand in cands]
+    for dt in DTYPES:
+        for shape in MLA_MODEL_SHAPES + MLA_TEST_SHAPES:
+            for whole, cascade, small in itertools.product((False, True), repeat=3):
+                if cascade or not small:
+                    _mla_decode(decode, dt, shape, {}, whole, cascade, small)
+            _mla_decode(decode, dt, shape, MLA_TEST_CFG, False, True)
+            for cfg in candidates if shape in MLA_MODEL_SHAPES else ():
+                _mla_decode(decode, dt, shape, cfg, False, False)
+                _mla_decode(decode, dt, shape, cfg, True, True)
+        for _, lat, rope, page in MLA_MODEL_SHAPES[:1] + MLA_TEST_SHAPES:
+            _where[0] = f"{dt} cache write L={lat} R={rope} page={page}"
+            write(torch.empty(5, lat, dtype=dt), torch.empty(5, 3, rope, dtype=dt)[:, 1],
+                  torch.empty(10, page, 1, lat + rope, dtype=dt), torch.zeros(5, dtype=torch.int64))
+
+
+FAMILIES = {"gpt_oss": (lambda impl: (_attention(impl), _experts(impl))), "mla": _mla}
+
+
 def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--only", choices=sorted(FAMILIES), action="append", help="these families (default: all)")
+    families = parser.parse_args().only or sorted(FAMILIES)
     compiled = _compile_only()
     from atom.ops import implementations
     import atom.ops.triton  # noqa: F401 (registers the triton ops)
-    _attention(implementations)
-    _experts(implementations)
-    counts = collections.Counter(name for name, _ in compiled)
+    for family in families:
+        FAMILIES[family](implementations)
+    counts = collections.Counter(name for name, _, _ in compiled)
     for name, n in sorted(counts.items()):
-        shared = max(s for k, s in compiled if k == name)
-        print(f"{name:<28} {n:>4} launches compiled, max shared memory {shared:>7} B")
-    worst = max(s for _, s in compiled)
+        shared, where = max((s, w) for k, s, w in compiled if k == name)
+        print(f"{name:<28} {n:>4} launches compiled, max shared memory {shared:>7} B ({where})")
+    worst = max(s for _, s, _ in compiled)
     print(f"{len(compiled)} launches compiled for sm_90; largest shared memory {worst} B of {H200_SHARED}")
-    if worst > H200_SHARED:
-        raise SystemExit("a kernel needs more shared memory than an H200 block has")
+    over = sorted({(name, s, where) for name, s, where in compiled if s > H200_SHARED})
+    for name, s, where in over:
+        print(f"OVER: {name} needs {s} B at {where}")
+    if over:
+        raise SystemExit(f"{len(over)} launches need more shared memory than an H200 block has")
 
 
 if __name__ == "__main__":

@@ -29,3 +29,28 @@ def random_prompts(lengths: list[int], vocab: int, seed: int = 0) -> list[list[i
     g = torch.Generator().manual_seed(seed)
     # Ids >= 2 keep bos/eos (0, 1) out of prompts.
     return [torch.randint(2, vocab, (n,), generator=g).tolist() for n in lengths]
+
+
+def teacher_forced(engine, prompt: list[int], tokens: list[int]) -> list[dict[int, float]]:
+    """The engine's raw prompt logprobs of `tokens` after `prompt` (one dict per token, holding
+    at least the token and the engine's best)."""
+    from atom import SamplingParams
+    scored = engine.generate([prompt + tokens], SamplingParams(max_tokens=1, prompt_logprobs=1, logprobs_mode="raw"))
+    return scored[0].prompt_logprobs[len(prompt):]
+
+
+def bf16_distance(path: str, prompts: list[list[int]], outs, reference) -> tuple[float, float]:
+    """(mean |logprob - reference's| of every sample's sampled tokens, the same mean for the CPU
+    engine's bfloat16 prompt logprobs of those tokens): the distance of a bf16 run from the
+    float32 `reference` engine, and the bf16 noise floor of the same tokens to judge it by."""
+    from atom import RolloutEngine
+    noisy = RolloutEngine(path, device="cpu", dtype="bfloat16", max_num_batched_tokens=32)
+    diffs, noise = [], []
+    for prompt, out in zip(prompts, outs):
+        for sample in out.outputs:
+            want = teacher_forced(reference, prompt, sample.token_ids)
+            base = teacher_forced(noisy, prompt, sample.token_ids)
+            for step, tok in enumerate(sample.token_ids):
+                diffs.append(abs(sample.logprobs[step] - want[step][tok]))
+                noise.append(abs(base[step][tok] - want[step][tok]))
+    return sum(diffs) / len(diffs), sum(noise) / len(noise)

@@ -10,7 +10,7 @@ import pytest
 from atom import RolloutEngine, SamplingParams
 from conftest import TINY_VOCAB
 from gpu_helpers import ON_CPU
-from helpers import random_prompts
+from helpers import bf16_distance, random_prompts, teacher_forced
 
 pytestmark = pytest.mark.gpu
 
@@ -93,27 +93,40 @@ def test_sampled_tokens_match_cpu(ds_path, runners, prefix_calls):
 @pytest.mark.parametrize("dtype", ["float32"] if ON_CPU else ["float32", "bfloat16"])
 def test_greedy_decode_matches_cpu_prefill(ds_path, dtype, runners, prefix_calls):
     """Greedy n=2 decode (absorbed MLA, Triton) teacher-forced against the CPU engine's prompt
-    logprobs of the same tokens (expanded MLA, torch, float32): each token is the reference's
-    best but at a near-tie, logprobs agree (mean |diff| 1e-4 float32, 3e-2 bf16)."""
+    logprobs of the same tokens (expanded MLA, torch, float32).
+
+    float32: both samples the same tokens, each the reference's best but at a near-tie, mean
+    |dlogprob| under 1e-4. bfloat16: the tiny DeepSeek-V3 in bf16 is far from its float32 self,
+    in any implementation: on these prompts' greedy tokens HF transformers' own bf16 forward is
+    0.04-0.16 (mean |dlogprob|) from its float32 one, 0.04-0.06 with every layer dense, and a
+    near-tied router choice flips (tokens up to 3 nats below the reference's best); the CPU
+    engine's bf16 decode and prefill are as far (CPU, 2026-12-02: tests/test_mla_precision.py
+    keeps the absorbed decode within the expanded prefill's noise). So the bound is relative:
+    the Triton bf16 decode at most twice (+ 0.02) as far from the float32 reference as the CPU
+    engine's bf16 prompt logprobs of the same tokens. Samples of a prompt may part at a bf16
+    near-tie (a decode in a step with a prefill chunk runs the expanded form): both are scored."""
     prompts = random_prompts(LENGTHS, TINY_VOCAB, seed=8)
     params = SamplingParams(n=2, temperature=0, max_tokens=10 if ON_CPU else 20, ignore_eos=True, logprobs=0,
                             logprobs_mode="raw")
     eng = triton_engine(ds_path, dtype)
     outs = eng.generate(prompts, params)
     decode_runner_checks(runners, prefix_calls)
-    near_tie, mean_tol = (0.01, 1e-4) if dtype == "float32" else (0.25, 3e-2)
     ref = cpu_engine(ds_path)
+    if dtype == "bfloat16":
+        dist, floor = bf16_distance(ds_path, prompts, outs, ref)
+        print(f"bf16 mean |dlogprob| from the float32 reference: Triton decode {dist:.4f}, CPU bf16 {floor:.4f}")
+        assert floor < 0.3, f"the CPU bf16 yardstick is {floor:.3g} from float32 (measured 0.04-0.12)"
+        assert dist < 2 * floor + 0.02, f"mean |dlogprob| {dist:.3g} over twice the bf16 noise {floor:.3g} + 0.02"
+        return
     diffs = []
     for prompt, out in zip(prompts, outs):
         toks = out.outputs[0].token_ids
         assert out.outputs[1].token_ids == toks, "greedy samples of one prompt agree"
-        scored = ref.generate([prompt + toks], SamplingParams(max_tokens=1, prompt_logprobs=1, logprobs_mode="raw"))
-        for step, tok in enumerate(toks):
-            entry = scored[0].prompt_logprobs[len(prompt) + step]
+        for step, (tok, entry) in enumerate(zip(toks, teacher_forced(ref, prompt, toks))):
             best = max(entry.values())
-            assert best - entry[tok] < near_tie, f"step {step}: not the reference's best (margin {best - entry[tok]:.3g})"
+            assert best - entry[tok] < 0.01, f"step {step}: not the reference's best (margin {best - entry[tok]:.3g})"
             diffs.append(abs(out.outputs[0].logprobs[step] - entry[tok]))
-    assert sum(diffs) / len(diffs) < mean_tol, f"mean |dlogprob| {sum(diffs) / len(diffs):.3g}"
+    assert sum(diffs) / len(diffs) < 1e-4, f"mean |dlogprob| {sum(diffs) / len(diffs):.3g}"
 
 
 @pytest.mark.skipif(ON_CPU, reason="CUDA graphs need a GPU")

@@ -33,7 +33,8 @@ from atom.ops.triton.attention import LOG2E, MAX_OWN_SPLITS, _prec
 
 B = "triton"
 
-# Tile config (bench/kernels.py --tune-mla sweeps it).
+# Tile config for 2-byte activations (`python -m bench.mla_kernels --tune` sweeps it in bf16;
+# `_widen` scales it for float32; scripts/compile_kernels.py checks every candidate fits).
 MLA_CFG = {"split": 256, "small_split": 64, "small_batch_pairs": 64, "block_n": 32, "warps": 4, "stages": 2,
            "prefix_split": 1024, "small_prefix_split": 256, "small_prefix_pairs": 64, "prefix_block_n": 32,
            "prefix_dv": 256, "prefix_heads": 16, "prefix_warps": 8, "prefix_stages": 2,
@@ -43,6 +44,14 @@ BLOCK_H = 16  # query heads of one sequence per own-part program
 
 def _pow2(n: int) -> int:
     return max(16, triton.next_power_of_2(n))
+
+
+def _widen(dtype: torch.dtype) -> int:
+    """How many times the bytes of the 2-byte elements MLA_CFG's tiles are sized for: float32
+    divides the query rows and the cache tokens of a tile by it, so that every tile keeps its
+    bytes. (An H200 block has 227 KiB of shared memory; at Moonlight's shape the float32 query
+    tile of 64 rows x 512 latents alone took 128 KiB and the prefix kernel 256 KiB.)"""
+    return max(1, dtype.itemsize // 2)
 
 
 # ---- one online-softmax step over a tile of latent rows --------------------------------------
@@ -248,7 +257,7 @@ def mla_attention_decode(q_latent: torch.Tensor, q_pe: torch.Tensor, kv_cache: t
     if bsz == 0:
         return out
     q_latent, q_pe = _unit_stride(q_latent), _unit_stride(q_pe)
-    cfg, page = MLA_CFG, kv_cache.shape[1]
+    cfg, page, wide = MLA_CFG, kv_cache.shape[1], _widen(q_latent.dtype)
     casc = getattr(meta, "cascade", None)
     n_hb = triton.cdiv(heads, BLOCK_H)
     whole = bsz * n_hb >= cfg["whole_own_pairs"]
@@ -273,9 +282,9 @@ def mla_attention_decode(q_latent: torch.Tensor, q_pe: torch.Tensor, kv_cache: t
     start = casc.row_prefix_len if casc is not None else meta.seq_lens
     _mla_own_kernel[(bsz, n_hb, n_own)](
         q_latent, q_pe, kv_cache, meta.block_tables, meta.seq_lens, start, po, pl, out, *common,
-        out.stride(0), out.stride(1), n_prefix, scale_log2, H=heads, BH=BLOCK_H, BLOCK_N=cfg["block_n"], SPLIT=split,
-        HAS_START=casc is not None, WHOLE=whole, SPLIT_P=split_p, num_warps=cfg["warps"], num_stages=cfg["stages"],
-        **dims)
+        out.stride(0), out.stride(1), n_prefix, scale_log2, H=heads, BH=BLOCK_H,
+        BLOCK_N=max(16, cfg["block_n"] // wide), SPLIT=split, HAS_START=casc is not None, WHOLE=whole,
+        SPLIT_P=split_p, num_warps=cfg["warps"], num_stages=cfg["stages"], **dims)
     if not whole:
         _mla_merge_kernel[(bsz, heads)](
             po, pl, meta.seq_lens, start, out, po.stride(0), po.stride(1), po.stride(2), pl.stride(0), pl.stride(1),
@@ -286,18 +295,18 @@ def mla_attention_decode(q_latent: torch.Tensor, q_pe: torch.Tensor, kv_cache: t
 
 
 def _launch_prefix(q_latent, q_pe, kv_cache, meta, po, pl, common, scale_log2, split_p, n_prefix, dims) -> None:
-    cfg, heads = MLA_CFG, q_latent.shape[1]
+    cfg, heads, wide = MLA_CFG, q_latent.shape[1], _widen(q_latent.dtype)
     rows = meta.cascade.group_rows
     max_n = rows.shape[1]
-    hb = min(heads, cfg["prefix_heads"])
+    hb = min(heads, max(1, cfg["prefix_heads"] // wide))
     block_dv = min(_pow2(cfg["prefix_dv"]), dims["BLOCK_L"])
     n_dv = triton.cdiv(dims["L"], block_dv)
     grid = (rows.shape[0], n_prefix, triton.cdiv(heads, hb) * n_dv)
     _mla_prefix_kernel[grid](
         q_latent, q_pe, kv_cache, meta.block_tables, rows, meta.cascade.group_prefix_len, po, pl, *common,
         rows.stride(0), scale_log2, H=heads, HB=hb, MAX_N=max_n, N_DV=n_dv, BLOCK_M=_pow2(max_n * hb),
-        BLOCK_DV=block_dv, BLOCK_N=cfg["prefix_block_n"], SPLIT=split_p, num_warps=cfg["prefix_warps"],
-        num_stages=cfg["prefix_stages"], **dims)
+        BLOCK_DV=block_dv, BLOCK_N=max(16, cfg["prefix_block_n"] // wide), SPLIT=split_p,
+        num_warps=cfg["prefix_warps"], num_stages=cfg["prefix_stages"], **dims)
 
 
 # ---- cache write ------------------------------------------------------------------------------
