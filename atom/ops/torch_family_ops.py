@@ -11,18 +11,9 @@ import torch
 from atom.ops.metadata import AttentionMetadata
 from atom.ops.registry import register
 from atom.ops import torch_ops
-from atom.ops.torch_ops import _gather_kv
+from atom.ops.torch_ops import _gather_kv, attention_decode, attention_prefill
 
 B = "torch"
-
-
-def _softmax_with_sinks(scores: torch.Tensor, sinks: torch.Tensor | None) -> torch.Tensor:
-    """softmax over the last dim of scores [H, ..., K], with one extra per-head logit (the sink)
-    in the denominator that attends to nothing (GPT-OSS); no sinks: a plain softmax."""
-    if sinks is None:
-        return scores.softmax(-1)
-    sink = sinks.float().reshape(-1, *([1] * (scores.dim() - 1))).expand(*scores.shape[:-1], 1)
-    return torch.cat((scores, sink), dim=-1).softmax(-1)[..., :-1]
 
 
 @register("sliding_sink_attention_prefill", B, "reads_whole_blocks")
@@ -33,24 +24,7 @@ def sliding_sink_attention_prefill(q: torch.Tensor, k_cache: torch.Tensor, v_cac
     all of [0, p]) and each head h adds sinks[h] as a logit without a value (None: no sinks).
 
     q: [T, Hq, D]; caches [num_blocks, block_size, Hk, D]; sinks [Hq] (float32 maths)."""
-    out = torch.empty_like(q)
-    starts, lens = meta.query_start_loc.tolist(), meta.seq_lens.tolist()
-    group = q.shape[1] // k_cache.shape[2]
-    for b, ctx in enumerate(lens):
-        s, e = starts[b], starts[b + 1]
-        if e == s:
-            continue
-        k = _gather_kv(k_cache, meta.block_tables[b], ctx).float().repeat_interleave(group, dim=1)
-        v = _gather_kv(v_cache, meta.block_tables[b], ctx).float().repeat_interleave(group, dim=1)
-        scores = torch.einsum("qhd,khd->hqk", q[s:e].float(), k) * scale
-        q_pos = torch.arange(ctx - (e - s), ctx, device=q.device)[:, None]
-        k_pos = torch.arange(ctx, device=q.device)[None, :]
-        hidden = k_pos > q_pos
-        if window is not None:
-            hidden |= k_pos <= q_pos - window
-        scores.masked_fill_(hidden[None], float("-inf"))
-        out[s:e] = torch.einsum("hqk,khd->qhd", _softmax_with_sinks(scores, sinks), v).to(q.dtype)
-    return out
+    return attention_prefill(q, k_cache, v_cache, meta, scale, window, sinks)
 
 
 @register("sliding_sink_attention_decode", B, "reads_whole_blocks")
@@ -59,22 +33,7 @@ def sliding_sink_attention_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cach
                                   sinks: torch.Tensor | None) -> torch.Tensor:
     """paged_attention_decode (one new token per sequence, q [B, Hq, D]) with the window and the
     sinks of sliding_sink_attention_prefill."""
-    _, block_size, kv_heads, dim = k_cache.shape
-    batch, width = meta.block_tables.shape
-    k = k_cache[meta.block_tables].reshape(batch, width * block_size, kv_heads, dim).float()
-    v = v_cache[meta.block_tables].reshape(batch, width * block_size, kv_heads, dim).float()
-    qg = q.float().reshape(batch, kv_heads, q.shape[1] // kv_heads, dim)
-    scores = torch.einsum("bhgd,bkhd->bhgk", qg, k) * scale
-    k_pos = torch.arange(width * block_size, device=q.device)[None, :]
-    valid = k_pos < meta.seq_lens[:, None]
-    if window is not None:
-        valid &= k_pos >= meta.seq_lens[:, None] - window
-    scores.masked_fill_(~valid[:, None, None, :], float("-inf"))
-    # Heads first for the sinks: [Hk, G, B, K] so that sinks [Hq] = [Hk * G] line up.
-    probs = _softmax_with_sinks(scores.permute(1, 2, 0, 3).reshape(q.shape[1], batch, -1), sinks)
-    probs = probs.reshape(kv_heads, -1, batch, probs.shape[-1]).permute(2, 0, 1, 3)
-    out = torch.einsum("bhgk,bkhd->bhgd", probs, v)
-    return out.reshape(q.shape).to(q.dtype)
+    return attention_decode(q, k_cache, v_cache, meta, scale, window, sinks)
 
 
 @register("clamped_swiglu", B)

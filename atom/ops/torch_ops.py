@@ -85,16 +85,23 @@ def _gather_kv(cache: torch.Tensor, block_table: torch.Tensor, length: int) -> t
     return cache[blocks].reshape(-1, *cache.shape[2:])[:length]
 
 
-@register("paged_attention_prefill", B, "reads_whole_blocks")
-def paged_attention_prefill(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                            meta: AttentionMetadata, scale: float) -> torch.Tensor:
-    """Causal attention of each sequence's new tokens over its cached prefix and themselves.
+def softmax_with_sinks(scores: torch.Tensor, sinks: torch.Tensor | None) -> torch.Tensor:
+    """softmax over the last dim of scores [H, ..., K], with one extra per-head logit (the sink)
+    in the denominator that attends to nothing (GPT-OSS); no sinks: a plain softmax."""
+    if sinks is None:
+        return scores.softmax(-1)
+    sink = sinks.float().reshape(-1, *([1] * (scores.dim() - 1))).expand(*scores.shape[:-1], 1)
+    return torch.cat((scores, sink), dim=-1).softmax(-1)[..., :-1]
 
-    q: [T, Hq, D]; the new tokens of sequence b sit at the end of its seq_lens[b] KV positions.
-    """
+
+def attention_prefill(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, meta: AttentionMetadata,
+                      scale: float, window: int | None = None, sinks: torch.Tensor | None = None) -> torch.Tensor:
+    """Causal attention of each sequence's new tokens over its cached prefix and themselves
+    (float32 maths). q: [T, Hq, D]; the new tokens of sequence b sit at the end of its seq_lens[b]
+    KV positions. window: query position p sees keys (p - window, p] only; sinks [Hq]: one logit
+    per head without a value (softmax_with_sinks)."""
     out = torch.empty_like(q)
-    starts = meta.query_start_loc.tolist()
-    lens = meta.seq_lens.tolist()
+    starts, lens = meta.query_start_loc.tolist(), meta.seq_lens.tolist()
     group = q.shape[1] // k_cache.shape[2]
     for b, ctx in enumerate(lens):
         s, e = starts[b], starts[b + 1]
@@ -102,29 +109,53 @@ def paged_attention_prefill(q: torch.Tensor, k_cache: torch.Tensor, v_cache: tor
             continue
         k = _gather_kv(k_cache, meta.block_tables[b], ctx).float().repeat_interleave(group, dim=1)
         v = _gather_kv(v_cache, meta.block_tables[b], ctx).float().repeat_interleave(group, dim=1)
-        qb = q[s:e].float()
-        scores = torch.einsum("qhd,khd->hqk", qb, k) * scale
-        q_pos = torch.arange(ctx - (e - s), ctx, device=q.device)
-        k_pos = torch.arange(ctx, device=q.device)
-        scores.masked_fill_(k_pos[None, None, :] > q_pos[None, :, None], float("-inf"))
-        out[s:e] = torch.einsum("hqk,khd->qhd", scores.softmax(-1), v).to(q.dtype)
+        scores = torch.einsum("qhd,khd->hqk", q[s:e].float(), k) * scale
+        q_pos = torch.arange(ctx - (e - s), ctx, device=q.device)[:, None]
+        k_pos = torch.arange(ctx, device=q.device)[None, :]
+        hidden = k_pos > q_pos
+        if window is not None:
+            hidden |= k_pos <= q_pos - window
+        scores.masked_fill_(hidden[None], float("-inf"))
+        out[s:e] = torch.einsum("hqk,khd->qhd", softmax_with_sinks(scores, sinks), v).to(q.dtype)
     return out
+
+
+def attention_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, meta: AttentionMetadata,
+                     scale: float, window: int | None = None, sinks: torch.Tensor | None = None) -> torch.Tensor:
+    """One new token per sequence: q [B, Hq, D]; all sequences at once over padded block tables;
+    window and sinks as in attention_prefill."""
+    _, block_size, kv_heads, dim = k_cache.shape
+    batch, width = meta.block_tables.shape
+    k = k_cache[meta.block_tables].reshape(batch, width * block_size, kv_heads, dim).float()
+    v = v_cache[meta.block_tables].reshape(batch, width * block_size, kv_heads, dim).float()
+    qg = q.float().reshape(batch, kv_heads, q.shape[1] // kv_heads, dim)
+    scores = torch.einsum("bhgd,bkhd->bhgk", qg, k) * scale
+    k_pos = torch.arange(width * block_size, device=q.device)[None, :]
+    valid = k_pos < meta.seq_lens[:, None]
+    if window is not None:
+        valid &= k_pos >= meta.seq_lens[:, None] - window
+    scores.masked_fill_(~valid[:, None, None, :], float("-inf"))
+    if sinks is None:
+        probs = scores.softmax(-1)
+    else:  # heads first for the sinks: [Hk, G, B, K] so that sinks [Hq] = [Hk * G] line up
+        probs = softmax_with_sinks(scores.permute(1, 2, 0, 3).reshape(q.shape[1], batch, -1), sinks)
+        probs = probs.reshape(kv_heads, -1, batch, probs.shape[-1]).permute(2, 0, 1, 3)
+    out = torch.einsum("bhgk,bkhd->bhgd", probs, v)
+    return out.reshape(q.shape).to(q.dtype)
+
+
+@register("paged_attention_prefill", B, "reads_whole_blocks")
+def paged_attention_prefill(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                            meta: AttentionMetadata, scale: float) -> torch.Tensor:
+    """Causal attention of each sequence's new tokens over its cached prefix and themselves."""
+    return attention_prefill(q, k_cache, v_cache, meta, scale)
 
 
 @register("paged_attention_decode", B, "reads_whole_blocks")
 def paged_attention_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                            meta: AttentionMetadata, scale: float) -> torch.Tensor:
     """One new token per sequence: q [B, Hq, D]; all sequences at once over padded block tables."""
-    num_blocks, block_size, kv_heads, dim = k_cache.shape
-    batch, width = meta.block_tables.shape
-    k = k_cache[meta.block_tables].reshape(batch, width * block_size, kv_heads, dim).float()
-    v = v_cache[meta.block_tables].reshape(batch, width * block_size, kv_heads, dim).float()
-    qg = q.float().reshape(batch, kv_heads, q.shape[1] // kv_heads, dim)
-    scores = torch.einsum("bhgd,bkhd->bhgk", qg, k) * scale
-    valid = torch.arange(width * block_size, device=q.device)[None, :] < meta.seq_lens[:, None]
-    scores.masked_fill_(~valid[:, None, None, :], float("-inf"))
-    out = torch.einsum("bhgk,bkhd->bhgd", scores.softmax(-1), v)
-    return out.reshape(q.shape).to(q.dtype)
+    return attention_decode(q, k_cache, v_cache, meta, scale)
 
 
 @register("linear", B)
