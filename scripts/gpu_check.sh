@@ -3,7 +3,8 @@
 #
 #   scripts/gpu_check.sh [tests] [tune] [bench W1,W2,...] [hf] [kernels] [mla] [small] [sleep] [ipc]
 #     tests   : python3 -m pytest -m gpu over tests/gpu tests/test_overlapped_decode.py tests/test_sleep_wake.py
-#               tests/test_weight_transfer.py, in four concurrent processes (logs pytest_{0,1,2,3}.log)
+#               tests/test_weight_transfer.py, in four concurrent processes,
+#               then tests/test_sleep_wake.py alone (logs pytest_{0,...,4}.log)
 #     bench   : python -m bench.rollout --workload W for each W (default: all four)
 #     hf      : the transformers generate baseline on decode-moe-bs1
 #     tune    : sweep decode-attention / fused-MoE tile configs (bench/kernels.py --tune), then the
@@ -45,7 +46,7 @@ while [ $# -gt 0 ]; do
       # Four pytest processes share the GPU (the suite is bound by Triton compiles on the host's
       # 16 cores, not by the device): about a third of the 530 s a single process takes.
       groups=("tests/gpu/test_moe_small.py tests/gpu/test_family_kernels.py"
-              "tests/gpu/test_engine_gpu.py tests/gpu/test_families_gpu.py tests/gpu/test_gpt_oss_gpu.py tests/gpu/test_sampling_options_gpu.py tests/gpu/test_routed_gpu.py tests/test_overlapped_decode.py tests/test_sleep_wake.py tests/test_weight_transfer.py"
+              "tests/gpu/test_engine_gpu.py tests/gpu/test_families_gpu.py tests/gpu/test_gpt_oss_gpu.py tests/gpu/test_sampling_options_gpu.py tests/gpu/test_routed_gpu.py tests/test_overlapped_decode.py tests/test_weight_transfer.py"
               "tests/gpu/test_triton_ops.py tests/gpu/test_attn_prologue.py tests/gpu/test_linear.py tests/gpu/test_sampling_split.py tests/gpu/test_penalties_gpu.py tests/gpu/test_invariant_ops.py"
               "tests/gpu/test_mla_triton.py tests/gpu/test_deepseek_gpu.py tests/gpu/test_batch_invariant_gpu.py")
       for i in "${!groups[@]}"; do
@@ -53,6 +54,10 @@ while [ $# -gt 0 ]; do
           > "$OUT/pytest_$i.log" 2>&1 &
       done
       wait
+      # Sleep / wake alone: its tests read the device's free memory, which the other processes move.
+      timeout "${TEST_TIMEOUT:-420}" $PY -m pytest -m gpu -q -rs ${PYTEST_X--x} --durations=5 tests/test_sleep_wake.py \
+        > "$OUT/pytest_${#groups[@]}.log" 2>&1
+      groups+=("tests/test_sleep_wake.py")
       for i in "${!groups[@]}"; do
         grep -E "^(FAILED|ERROR)|Error|^[0-9]+ (passed|failed)|[0-9]+ (passed|failed)" "$OUT/pytest_$i.log" | tail -25
         summary+=("tests[$i]: $(grep -E '[0-9]+ (passed|failed)' "$OUT/pytest_$i.log" | tail -1)")

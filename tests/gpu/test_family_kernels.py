@@ -197,7 +197,10 @@ def biased_experts(device, dtype, tokens, experts, top_k, hidden, inter):
 
 
 def assert_clamp_reached(x, w13, b13, ids, inter):
-    pre = torch.einsum("th,tkih->tki", x.float(), w13[ids].float()) + b13[ids].float()
+    # Every expert's pre-activations, then the chosen ones (a gather of [T, K, 2I, H] weights
+    # would not fit in memory at 4096 tokens of the GPT-OSS shape).
+    every = torch.einsum("th,eih->tei", x.float(), w13.float()) + b13.float()
+    pre = every.gather(1, ids[..., None].expand(-1, -1, every.shape[-1]))
     assert (pre[..., :inter] > LIMIT).any(), "no gate value above the limit"
     assert (pre[..., inter:].abs() > LIMIT).any(), "no up value beyond ±limit"
 
