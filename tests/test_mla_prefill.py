@@ -111,6 +111,9 @@ def test_groups_bound_the_expansion(monkeypatch):
     split = mp.mla_prefill(*args, 0.2, mla_attention_decode)
     torch.testing.assert_close(split, whole, atol=1e-6, rtol=1e-6)
     torch.testing.assert_close(whole, mla_attention_prefill(*args, 0.2), atol=2e-5, rtol=2e-5)
+    meta = args[-1]  # the engine's metadata carries host lists (no sync): the same result
+    meta.host_query_start_loc, meta.host_seq_lens = meta.query_start_loc.tolist(), meta.seq_lens.tolist()
+    torch.testing.assert_close(mp.mla_prefill(*args, 0.2, mla_attention_decode), split, atol=0, rtol=0)
 
 
 def test_only_the_sequence_slots_are_read(monkeypatch):

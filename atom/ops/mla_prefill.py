@@ -18,7 +18,8 @@ would pay the whole expansion GEMM of its context for a handful of queries; it g
 absorbed form instead: q_nope W_uk as a latent query per token, the backend's MLA decode kernel
 with one row per token (its position + 1 as the length), W_uv after.
 
-Host syncs: one (the query starts and lengths) per call; prefill is never graph-captured.
+Host syncs: none when the metadata carries its host lists (the engine's does), else one per call
+(the query starts and lengths); prefill is never graph-captured.
 """
 from __future__ import annotations
 
@@ -60,8 +61,10 @@ def mla_prefill(q_nope: torch.Tensor, q_pe: torch.Tensor, kv_cache: torch.Tensor
     nseq = meta.seq_lens.shape[0]
     if t == 0 or nseq == 0:
         return out
-    host = torch.cat((meta.query_start_loc[:nseq + 1].long(), meta.seq_lens.long())).tolist()
-    starts, ctx = host[:nseq + 1], host[nseq + 1:]
+    starts, ctx = meta.host_query_start_loc, meta.host_seq_lens
+    if starts is None or ctx is None:  # one host sync
+        host = torch.cat((meta.query_start_loc[:nseq + 1].long(), meta.seq_lens.long())).tolist()
+        starts, ctx = host[:nseq + 1], host[nseq + 1:]
     qlens = [starts[b + 1] - starts[b] for b in range(nseq)]
     short = [b for b in range(nseq) if 0 < qlens[b] <= ABSORB_MAX_Q]
     if short:
