@@ -68,7 +68,7 @@ def mla_prefill(q_nope: torch.Tensor, q_pe: torch.Tensor, kv_cache: torch.Tensor
     qlens = [starts[b + 1] - starts[b] for b in range(nseq)]
     short = [b for b in range(nseq) if 0 < qlens[b] <= ABSORB_MAX_Q]
     if short:
-        _absorbed(q_nope, q_pe, kv_cache, w_kv_b, meta, scale, decode, short, starts, qlens, out)
+        _absorbed(q_nope, q_pe, kv_cache, w_kv_b, meta, scale, decode, short, starts, ctx, out)
     long_seqs = [b for b in range(nseq) if qlens[b] > ABSORB_MAX_Q]
     if long_seqs:
         w_aug = _augmented_weight(w_kv_b, heads, nope, v_dim, lat, rope)
@@ -102,13 +102,19 @@ def _groups(seqs: list[int], ctx: list[int], cap_tokens: int) -> list[list[int]]
     return groups
 
 
+def _to_device(values: list[int], device: torch.device, dtype: torch.dtype = torch.int64) -> torch.Tensor:
+    """A host list on the device without waiting for the device's queue (non_blocking from
+    pageable memory is staged at once; a blocking copy would synchronise with the stream)."""
+    return torch.tensor(values, dtype=dtype).to(device, non_blocking=True)
+
+
 def _ranges(begins: list[int], lens: list[int], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     """Concatenated ranges [begin, begin + len): (values, index of the range of each value)."""
     total = sum(lens)
-    lens_t = torch.tensor(lens, device=device)
+    lens_t = _to_device(lens, device)
     which = torch.repeat_interleave(torch.arange(len(lens), device=device), lens_t, output_size=total)
     first = torch.cumsum(lens_t, 0) - lens_t
-    begin_t = torch.tensor(begins, device=device)
+    begin_t = _to_device(begins, device)
     return begin_t[which] + torch.arange(total, device=device) - first[which], which
 
 
@@ -121,14 +127,14 @@ def _expanded(q_nope, q_pe, kv_cache, w_aug, meta, scale, group, starts, ctx, v_
     rows, _ = _ranges([starts[b] for b in group], q_lens, dev)
     pos, which = _ranges([0] * len(group), k_lens, dev)
     page = kv_cache.shape[1]
-    seq_ids = torch.tensor(group, device=dev)[which]
+    seq_ids = _to_device(group, dev)[which]
     slots = meta.block_tables[seq_ids, pos // page].long() * page + pos % page
     kv = kv_cache.view(-1, kv_cache.shape[-1])[slots].to(w_aug.dtype)
     x = F.linear(kv, w_aug).view(kv.shape[0], heads, -1)   # [ctx, H, V + N + R]
     q = torch.cat((q_nope[rows], q_pe[rows]), dim=-1).to(w_aug.dtype)
     if use_flash and _flash_ok(q, v_dim):
-        cu_q = torch.tensor([0] + q_lens, device=dev, dtype=torch.int32).cumsum(0, dtype=torch.int32)
-        cu_k = torch.tensor([0] + k_lens, device=dev, dtype=torch.int32).cumsum(0, dtype=torch.int32)
+        cu_q = _to_device([0] + q_lens, dev, torch.int32).cumsum(0, dtype=torch.int32)
+        cu_k = _to_device([0] + k_lens, dev, torch.int32).cumsum(0, dtype=torch.int32)
         o = _FLASH(q, x[..., v_dim:], x[..., :qk], cu_q, cu_k, max(q_lens), max(k_lens), 0.0, True, False,
                    scale=scale)[0]
         out[rows] = o[..., :v_dim].to(out.dtype)
@@ -157,21 +163,18 @@ def _sdpa_lower_right(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: 
     return F.scaled_dot_product_attention(q[None], k[None], v[None], attn_mask=mask, scale=scale)[0]
 
 
-def _absorbed(q_nope, q_pe, kv_cache, w_kv_b, meta, scale, decode, seqs, starts, qlens, out) -> None:
+def _absorbed(q_nope, q_pe, kv_cache, w_kv_b, meta, scale, decode, seqs, starts, ctx, out) -> None:
     """Short sequences: one decode row per new token over its causal prefix (length position + 1)."""
     dev, heads, nope = q_nope.device, q_nope.shape[1], q_nope.shape[2]
     lat = kv_cache.shape[-1] - q_pe.shape[-1]
-    lens = [qlens[b] for b in seqs]
+    lens = [starts[b + 1] - starts[b] for b in seqs]
     rows, which = _ranges([starts[b] for b in seqs], lens, dev)
-    seq_ids = torch.tensor(seqs, device=dev)[which]
-    q_len_t = torch.tensor(lens, device=dev)[which]
-    first = meta.query_start_loc[seq_ids].long()
-    tok_lens = meta.seq_lens[seq_ids].long() - q_len_t + (rows - first) + 1
+    tok_lens, _ = _ranges([ctx[b] - n + 1 for b, n in zip(seqs, lens)], lens, dev)
     w = w_kv_b.view(heads, -1, lat)
     q_lat = torch.einsum("thn,hnl->thl", q_nope[rows], w[:, :nope])
     tok_meta = AttentionMetadata(
         slot_mapping=torch.full_like(rows, -1), query_start_loc=torch.arange(rows.shape[0] + 1, device=dev),
-        seq_lens=tok_lens.to(meta.seq_lens.dtype), block_tables=meta.block_tables[seq_ids], is_decode=True,
-        max_query_len=1, max_seq_len=meta.max_seq_len)
+        seq_lens=tok_lens.to(meta.seq_lens.dtype), block_tables=meta.block_tables[_to_device(seqs, dev)[which]],
+        is_decode=True, max_query_len=1, max_seq_len=max(ctx[b] for b in seqs))
     o_lat = decode(q_lat, q_pe[rows].contiguous(), kv_cache, tok_meta, scale)
     out[rows] = torch.einsum("thl,hvl->thv", o_lat, w[:, nope:]).to(out.dtype)
