@@ -1,9 +1,12 @@
-"""MLA decode (atom/ops/triton/mla.py) at the Moonlight-16B-A3B shape (16 heads, kv_lora_rank 512,
+"""MLA decode (atom/ops/triton/mla.py) and prefill (atom/ops/mla_prefill.py) at the Moonlight-16B-A3B shape (16 heads, kv_lora_rank 512,
 qk_rope_head_dim 64, bf16): `python -m bench.mla_kernels`. Prints median time, the bytes the
 attention must read (each prompt's latents once, every sequence's own ones), the fraction of the
 copy bandwidth that is, and the tensor-core FLOP rate (scores over L + R, output over L).
 `python -m bench.mla_kernels --tune FILE` sweeps MLA_CFG and writes {"mla": {...}}, which
-`python -m bench.rollout --tuned FILE` (bench.kernels.apply_tuned) loads."""
+`python -m bench.rollout --tuned FILE` (bench.kernels.apply_tuned) loads.
+`python -m bench.mla_kernels --prefill` times only the prefill: 8192-token chunks (8 x 1024 new
+tokens, fresh and over a 1024 cached prefix) against the bf16 FLOP ceiling (the attention's causal
+FLOPs plus the latent expansion's), then the absorbed / expanded break-even (ABSORB_MAX_Q)."""
 from __future__ import annotations
 
 import json
@@ -123,8 +126,71 @@ def tune(out_path: str) -> None:
     print("tuned ->", out_path, json.dumps({"mla": mla.MLA_CFG}))
 
 
+PREFILL_CASES = {  # name: (ctx, new) per sequence
+    "mla-prefill 8x1024 fresh (one 8192 chunk)": ([1024] * 8, [1024] * 8),
+    "mla-prefill 8x1024 over a 1024 prefix": ([2048] * 8, [1024] * 8),
+}
+
+
+def prefill_batch(ctx: list[int], new: list[int], heads=HEADS, nope=128, v_dim=128, page=16, dev="cuda",
+                  bf=torch.bfloat16):
+    """(q_nope, q_pe, kv_cache, w_kv_b, meta) of one prefill step in bf16: sequences of ctx KV
+    tokens whose last `new` are this step's, in shuffled blocks."""
+    need = [-(-c // page) for c in ctx]
+    perm = torch.randperm(sum(need), device=dev)
+    width, at, tables = max(need), 0, []
+    for n in need:
+        tables.append(torch.cat([perm[at:at + n], perm.new_zeros(width - n)]))
+        at += n
+    starts = torch.tensor([0] + new, device=dev).cumsum(0)
+    t = sum(new)
+    meta = AttentionMetadata(slot_mapping=torch.full((t,), -1, device=dev), query_start_loc=starts,
+                             seq_lens=torch.tensor(ctx, device=dev), block_tables=torch.stack(tables),
+                             is_decode=False, max_query_len=max(new), max_seq_len=max(ctx))
+    cache = torch.randn(sum(need), page, 1, LAT + ROPE, device=dev, dtype=bf)
+    w_kv_b = torch.randn(heads * (nope + v_dim), LAT, device=dev, dtype=bf) * LAT ** -0.5
+    return (torch.randn(t, heads, nope, device=dev, dtype=bf), torch.randn(t, heads, ROPE, device=dev, dtype=bf),
+            cache, w_kv_b, meta)
+
+
+def prefill_flops(ctx: list[int], new: list[int], heads=HEADS, nope=128, v_dim=128) -> float:
+    """Causal attention (query i of q new tokens sees ctx - q + i + 1 keys; scores over
+    nope + rope, output over v) plus the expansion of every context latent to K_nope and V."""
+    pairs = sum(q * (c - q) + q * (q + 1) / 2 for c, q in zip(ctx, new))
+    return pairs * heads * 2 * (nope + ROPE + v_dim) + sum(ctx) * LAT * heads * (nope + v_dim) * 2
+
+
+def prefill_main(ceil: dict) -> None:
+    import atom.ops.mla_prefill as mp
+    rate = ceil.get("bf16_flops_per_s", 7.0e14)
+    impls = implementations("mla_attention_prefill")
+    dec = implementations("mla_attention_decode")["triton"]
+    print(f"\n{'prefill (one layer)':<60} {'us':>9} {'TFLOP/s':>8} {'of bf16 peak':>12}")
+    for name, (ctx, new) in PREFILL_CASES.items():
+        args = prefill_batch(ctx, new)
+        flops = prefill_flops(ctx, new)
+        for suffix, fn in (("", lambda: impls["triton"](*args, 192 ** -0.5)),
+                           (" sdpa per sequence", lambda: mp.mla_prefill(*args, 192 ** -0.5, dec, use_flash=False)),
+                           (" (torch ref)", lambda: impls["torch"](*args, 192 ** -0.5))):
+            t = bench(fn)
+            print(f"{name + suffix:<60} {t * 1e6:>9.1f} {flops / t / 1e12:>8.1f} {flops / t / rate:>12.1%}")
+    print(f"\n{'8 seqs, q new over ctx 2048':<30} {'absorbed us':>12} {'expanded us':>12}  (ABSORB_MAX_Q={mp.ABSORB_MAX_Q})")
+    saved = mp.ABSORB_MAX_Q
+    for q in (1, 8, 16, 32, 64, 128):
+        args = prefill_batch([2048] * 8, [q] * 8)
+        times = []
+        for cut in (1 << 30, 0):
+            mp.ABSORB_MAX_Q = cut
+            times.append(bench(lambda: impls["triton"](*args, 192 ** -0.5)))
+        mp.ABSORB_MAX_Q = saved
+        print(f"{'q = ' + str(q):<30} {times[0] * 1e6:>12.1f} {times[1] * 1e6:>12.1f}")
+
+
 def main() -> None:
     import atom.ops.triton  # noqa: F401
+    if "--prefill" in sys.argv:
+        ceil_path = os.environ.get("ATOM_BENCH_CEILINGS", "/tmp/atom_ceilings.json")
+        return prefill_main(json.load(open(ceil_path)) if os.path.isfile(ceil_path) else {})
     if len(sys.argv) > 2 and sys.argv[1] == "--tune":
         return tune(sys.argv[2])
     if len(sys.argv) > 2 and sys.argv[1] == "--tuned":
@@ -144,6 +210,7 @@ def main() -> None:
             t, need, flops = measure(fn, case, casc)
             print(f"{name + suffix:<48} {t * 1e6:>9.1f} {need / t / 1e9:>7.0f} {need / t / bw:>10.1%} "
                   f"{flops / t / 1e12:>8.1f}")
+    prefill_main(json.load(open(ceil_path)) if os.path.isfile(ceil_path) else {})
 
 
 if __name__ == "__main__":

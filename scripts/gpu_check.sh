@@ -10,7 +10,8 @@
 #     tune    : sweep decode-attention / fused-MoE tile configs (bench/kernels.py --tune), then the
 #               MLA decode's (bench/mla_kernels.py --tune, same file); later bench steps of the same run use the result
 #     kernels : micro-benchmarks of the triton kernels (bench/kernels.py)
-#     mla     : the MLA decode kernel at the Moonlight shape (bench/mla_kernels.py), after `tune` with its configs
+#     mla     : the MLA decode kernel at the Moonlight shape (bench/mla_kernels.py), after `tune` with its configs,
+#               then the MLA prefill (8192-token chunks, absorbed / expanded break-even)
 #     small   : small-batch kernels against the paths they replace (bench/small_batch.py)
 #     sleep   : sleep / wake / update_weights timings, 30B shape (bench/sleep_wake.py, no offload cycles)
 #     async   : the asynchronous front end (bench/async_rollout.py): grpo-moe as concurrent requests
@@ -48,7 +49,7 @@ while [ $# -gt 0 ]; do
       groups=("tests/gpu/test_moe_small.py tests/gpu/test_family_kernels.py"
               "tests/gpu/test_engine_gpu.py tests/gpu/test_families_gpu.py tests/gpu/test_gpt_oss_gpu.py tests/gpu/test_sampling_options_gpu.py tests/gpu/test_routed_gpu.py tests/test_overlapped_decode.py tests/test_weight_transfer.py"
               "tests/gpu/test_triton_ops.py tests/gpu/test_attn_prologue.py tests/gpu/test_linear.py tests/gpu/test_sampling_split.py tests/gpu/test_penalties_gpu.py tests/gpu/test_invariant_ops.py"
-              "tests/gpu/test_mla_triton.py tests/gpu/test_deepseek_gpu.py tests/gpu/test_batch_invariant_gpu.py")
+              "tests/gpu/test_mla_triton.py tests/gpu/test_mla_prefill_gpu.py tests/gpu/test_deepseek_gpu.py tests/gpu/test_batch_invariant_gpu.py")
       for i in "${!groups[@]}"; do
         timeout "${TEST_TIMEOUT:-420}" $PY -m pytest -m gpu -q -rs ${PYTEST_X--x} --durations=5 ${groups[$i]} \
           > "$OUT/pytest_$i.log" 2>&1 &

@@ -178,7 +178,8 @@ class ModelRunner:
 
         meta = AttentionMetadata(slot_mapping=t(slots), query_start_loc=t(starts), seq_lens=t(seq_lens),
                                  block_tables=t(tables), is_decode=batch.is_decode,
-                                 max_query_len=max(batch.num_new_tokens), max_seq_len=max(seq_lens))
+                                 max_query_len=max(batch.num_new_tokens), max_seq_len=max(seq_lens),
+                                 host_query_start_loc=starts, host_seq_lens=seq_lens)
         if self.kv_window is not None:  # the sliding layers' tables (given-back entries read block 0, masked)
             wtables = [[max(b, 0) for b in block_manager.window_table(s)] for s in batch.seqs]
             wslots = [wt[p // bs] * bs + p % bs for wt, s, n in zip(wtables, batch.seqs, batch.num_new_tokens)

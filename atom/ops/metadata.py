@@ -19,6 +19,8 @@ class AttentionMetadata:
     cascade: shared-prefix groups of a decode step (see CascadeMetadata), or None.
     window: the sliding-window layers' own slots and block tables (hybrid models whose sliding
         layers give back blocks: atom/engine/window_blocks.py), or None: they use these.
+    host_query_start_loc / host_seq_lens: the same as host lists, or None (ops that need them on
+        the host, e.g. to group sequences, then read the device tensors: a sync per call).
     """
 
     slot_mapping: torch.Tensor
@@ -30,6 +32,8 @@ class AttentionMetadata:
     max_seq_len: int
     cascade: "CascadeMetadata | None" = None
     window: "AttentionMetadata | None" = None
+    host_query_start_loc: list[int] | None = None
+    host_seq_lens: list[int] | None = None
 
 
 @dataclass

@@ -28,6 +28,7 @@ import triton
 import triton.language as tl
 
 from atom.ops.metadata import AttentionMetadata
+from atom.ops.mla_prefill import mla_prefill
 from atom.ops.registry import register
 from atom.ops.triton.attention import LOG2E, MAX_OWN_SPLITS, _prec
 
@@ -341,3 +342,15 @@ def mla_cache_write(latent: torch.Tensor, k_pe: torch.Tensor, kv_cache: torch.Te
     _mla_write_kernel[(t,)](latent, k_pe, kv_cache, slot_mapping, latent.stride(0), k_pe.stride(0),
                             kv_cache.stride(0), kv_cache.stride(1), L=lat_dim, R=rope, BLOCK_L=_pow2(lat_dim),
                             BLOCK_R=_pow2(rope), PAGE=kv_cache.shape[1], num_warps=4)
+
+
+# ---- prefill ----------------------------------------------------------------------------------
+
+@register("mla_attention_prefill", B)
+def mla_attention_prefill(q_nope: torch.Tensor, q_pe: torch.Tensor, kv_cache: torch.Tensor, w_kv_b: torch.Tensor,
+                          meta: AttentionMetadata, scale: float) -> torch.Tensor:
+    """The torch op's expanded MLA prefill (q_nope [T, H, N], q_pe [T, H, R]; returns [T, H, V]),
+    fast: per group of sequences one expansion GEMM and one flash attention call; sequences with
+    few new tokens take the absorbed decode above, one row per token (atom/ops/mla_prefill.py).
+    Reads only each sequence's first seq_len slots: no zeroed blocks needed."""
+    return mla_prefill(q_nope, q_pe, kv_cache, w_kv_b, meta, scale, mla_attention_decode)
