@@ -13,13 +13,15 @@ routing replay (R3, arXiv:2510.11370):
   experts; under replay the rollout picked them), renormalised if norm_topk_prob, times
   routed_scaling_factor. Group limits only pick, too: nothing to replay there.
 
+Rows with a -1 keep the router's own ids and weights, untouched.
+
     from atom.fidelity import routing_replay
     with routing_replay(model, routed):      # routed: [batch, seq, moe_layers, top_k], -1 = own routing
         loss = compute_loss(model(input_ids))
         loss.backward()
 
-Supported: transformers >= 5 router modules (forward returns (logits, weights, ids)), by class
-name: see ROUTER_WEIGHTS. The router instances' forwards are patched for the block (restored on
+Supported: transformers >= 5 router modules (forward returns (logits, weights, ids); checked
+against transformers 5.24), by class name: see ROUTER_WEIGHTS. The router instances' forwards are patched for the block (restored on
 exit, exceptions included); a module wrapped by FSDP2 (fully_shard) keeps its class name in its
 MRO and its forward, so sharded models work too.
 """
@@ -82,7 +84,11 @@ def _replayed_forward(router: nn.Module, replay: torch.Tensor, original: Callabl
     weigh, original = _weight_fn(router), original or router.forward
 
     def forward(hidden_states: torch.Tensor):
-        logits, own_weights, own_ids = original(hidden_states)
+        out = original(hidden_states)
+        if not (isinstance(out, tuple) and len(out) == 3):  # other transformers versions split routing otherwise
+            raise ValueError(f"routing_replay: {type(router).__name__}.forward returned {type(out).__name__}, not "
+                             "(logits, weights, ids) as transformers >= 5 routers do: this version is not supported")
+        logits, own_weights, own_ids = out
         if tuple(replay.shape) != tuple(own_ids.shape):
             raise ValueError(f"routing_replay: the forward has {own_ids.shape[0]} tokens x top_k {own_ids.shape[1]}, "
                              f"the replayed routing {tuple(replay.shape)} (routed_experts must match input_ids)")

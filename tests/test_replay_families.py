@@ -221,6 +221,12 @@ def test_replay_rejects_bad_input_by_name_and_restores_forwards(make_tiny_model)
         with routing_replay(model, ok):
             model(torch.tensor([[3, 4, 5, 6, 7]]))
     assert all("forward" not in r.__dict__ for r in moe_routers(model))  # restored after the exception
+    router = moe_routers(model)[0]  # a router of another transformers version: logits only
+    router.__class__ = type("LogitsOnly", (type(router),), {"forward": lambda self, h: h @ self.weight.T})
+    with pytest.raises(ValueError, match="LogitsOnly.forward returned Tensor, not \\(logits, weights, ids\\)"):
+        with routing_replay(model, ok[None, :3]):
+            model(torch.tensor([[3, 4, 5]]))
+    router.__class__ = type(router).__mro__[1]
     with torch.no_grad():
         torch.testing.assert_close(model(torch.tensor([[3, 4, 5]])).logits,
                                    build_tiny_model(arch, **overrides)(torch.tensor([[3, 4, 5]])).logits)
