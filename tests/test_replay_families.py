@@ -93,7 +93,7 @@ def forced_picks(model, routed: np.ndarray):
             h.remove()
 
 
-def drift(model, arch: str, scale: float = 0.02) -> None:
+def drift(model, scale: float = 0.02) -> None:
     """The trainer's routers move a little (an optimizer step): weight, GPT-OSS's bias, DeepSeek's
     correction bias."""
     g = torch.Generator().manual_seed(3)
@@ -123,7 +123,7 @@ def test_replay_on_a_drifted_trainer_uses_exactly_the_captured_experts(rollout):
     logprobs equal the forced-pick HF reference's, and differ from its own routing's."""
     arch, overrides, moe_layers, prompt, c = rollout
     ids, trainer = prompt + c.token_ids, build_tiny_model(arch, **overrides)
-    drift(trainer, arch)
+    drift(trainer)
     assert (hf_picks(trainer, ids) != np.sort(c.routed_experts, -1)).any(), "the drift must change some routing"
     with torch.no_grad():
         own = logprobs(trainer, ids, len(prompt))
@@ -167,7 +167,7 @@ def test_replay_gradients_reach_the_routers_as_in_the_reference(rollout):
     through the forced-pick HF reference, and central finite differences in float64."""
     arch, overrides, moe_layers, prompt, c = rollout
     ids, trainer = prompt + c.token_ids, build_tiny_model(arch, **overrides)
-    drift(trainer, arch)
+    drift(trainer)
     with routing_replay(trainer, padded(c, moe_layers)):
         logprobs(trainer, ids, len(prompt)).sum().backward()
     got = _router_grads(trainer)
@@ -236,7 +236,7 @@ def test_replay_finds_routers_renamed_by_fully_shard(rollout):
     """FSDP2's fully_shard swaps a module's class for a subclass named FSDP<Class>: still replayed."""
     arch, overrides, moe_layers, prompt, c = rollout
     ids, trainer = prompt + c.token_ids, build_tiny_model(arch, **overrides)
-    drift(trainer, arch)
+    drift(trainer)
     for r in moe_routers(trainer):
         r.__class__ = type(f"FSDP{type(r).__name__}", (type(r),), {})
     assert all(type(r).__name__.startswith("FSDP") for r in moe_routers(trainer))
