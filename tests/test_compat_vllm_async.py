@@ -42,10 +42,10 @@ async def collect(engine, prompt, sp, rid):
 
 async def free_blocks_when_idle(eng: AsyncLLM) -> int:
     for _ in range(200):  # aborts travel as commands: give the loop a moment
-        if not await eng._async.call(lambda e: e.has_unfinished_requests()):
+        if not await eng.async_engine.call(lambda e: e.has_unfinished_requests()):
             break
         await asyncio.sleep(0.01)
-    return await eng._async.call(lambda e: e.num_free_kv_blocks)
+    return await eng.async_engine.call(lambda e: e.num_free_kv_blocks)
 
 
 def same_completions(got, want):
@@ -114,6 +114,28 @@ def test_output_kinds_are_vllms(engine, offline):
     assert delta[-1].finished and not any(o.finished for o in delta[:-1])
 
 
+def test_delta_text_with_stop_strings_adds_up_to_the_offline_text(engine, offline):
+    prompt = "Once upon a time"
+    full = offline.generate(prompt, SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True),
+                            use_tqdm=False)[0].outputs[0].text
+    stop = full[len(full) // 2: len(full) // 2 + 2]
+
+    async def main():
+        got = []
+        for keep in (False, True):
+            sp = SamplingParams(temperature=0.0, max_tokens=12, stop=[stop], include_stop_str_in_output=keep,
+                                output_kind=DELTA)
+            outs = await collect(engine, prompt, sp, f"stop-{keep}")
+            got.append(("".join(o.outputs[0].text for o in outs), outs[-1].outputs[0].finish_reason))
+        return got
+    got = run(main())
+    for keep, (text, reason) in zip((False, True), got):
+        want = offline.generate(prompt, SamplingParams(temperature=0.0, max_tokens=12, stop=[stop],
+                                                       include_stop_str_in_output=keep), use_tqdm=False)[0].outputs[0]
+        assert text == want.text and reason == want.finish_reason == "stop"
+    assert got[1][0] == got[0][0] + stop and stop not in got[0][0]
+
+
 def test_abort_mid_stream_ends_that_generator_only(engine, offline):
     """vLLM's test_multi_abort: aborted requests end with finish_reason "abort" and their tokens
     so far; the others finish as the offline LLM does; every KV block comes back."""
@@ -164,7 +186,7 @@ def test_cancelling_the_consumer_aborts_and_the_id_is_free_again(engine):
         tasks = [asyncio.create_task(one(i)) for i in range(6)]
         for _ in range(6):
             await started.acquire()
-        held = await engine._async.call(lambda e: e.num_free_kv_blocks)
+        held = await engine.async_engine.call(lambda e: e.num_free_kv_blocks)
         for t in tasks:
             t.cancel()
         results = await asyncio.gather(*tasks, return_exceptions=True)
@@ -177,16 +199,25 @@ def test_cancelling_the_consumer_aborts_and_the_id_is_free_again(engine):
     assert again[-1].finished and len(again[-1].outputs[0].token_ids) == 3
 
 
-def test_a_duplicate_live_request_id_raises(engine):
+def test_a_duplicate_live_request_id_raises_and_final_only_aborts_with_one_output(engine):
     async def main():
-        first = engine.generate([3, 4, 5], SamplingParams(max_tokens=100, ignore_eos=True), "dup")
+        first = engine.generate(prompt={"prompt_token_ids": [3, 4, 5]}, request_id="dup",
+                                sampling_params=SamplingParams(max_tokens=100, ignore_eos=True))
         await first.__anext__()  # live now
         with pytest.raises(ValueError, match="already in use"):
             await collect(engine, [3, 4, 5], SamplingParams(max_tokens=2), "dup")
         await engine.abort("dup")
-        return [o async for o in first]
-    rest = run(main())
-    assert rest[-1].outputs[0].finish_reason == "abort"
+        rest = [o async for o in first]
+        final = asyncio.create_task(collect(engine, [3, 4, 6], SamplingParams(
+            n=2, max_tokens=200, ignore_eos=True, output_kind=FINAL_ONLY), "final"))
+        while not await engine.async_engine.call(lambda e: e.num_running_sequences == 2):
+            await asyncio.sleep(0.005)
+        await engine.abort(["final"])
+        return rest, await final
+    rest, final = run(main())
+    assert rest[-1].outputs[0].finish_reason == "abort" and rest[-1].finished
+    assert len(final) == 1 and final[0].finished and [c.index for c in final[0].outputs] == [0, 1]
+    assert all(c.finish_reason == "abort" and len(c.token_ids) < 200 for c in final[0].outputs)
 
 
 def test_pause_modes_weight_update_through_collective_rpc_and_resume(tiny_llama_path):
@@ -222,7 +253,8 @@ def test_pause_modes_weight_update_through_collective_rpc_and_resume(tiny_llama_
         aborted = await asyncio.gather(*tasks)
         await eng.resume_generation()
         tasks = await start("wait", 3)
-        await eng.pause_generation(wait_for_inflight_requests=True)  # older vLLM's spelling of "wait"
+        with pytest.warns(DeprecationWarning, match="mode='wait'"):
+            await eng.pause_generation(wait_for_inflight_requests=True)  # older vLLM's spelling of "wait"
         waited = [t.done() for t in tasks]
         finished = await asyncio.gather(*tasks)
         paused = await eng.is_paused()

@@ -45,7 +45,7 @@ class AsyncLLM:
                  **_launch_options: Any) -> None:
         self.vllm_config = vllm_config
         self.engine = RolloutEngine(vllm_config.engine)
-        self._async = AsyncRolloutEngine(self.engine)
+        self.async_engine = AsyncRolloutEngine(self.engine)
         self.logprobs_mode = vllm_config.options.logprobs_mode
         self.model_config = ModelConfig(self.engine, self.logprobs_mode)
         self.driver_worker = make_worker(self.engine, vllm_config.options.worker_extension_cls)
@@ -89,12 +89,12 @@ class AsyncLLM:
             self._wake_waiters.append(waiter)
             await waiter
         if sp.output_kind == RequestOutputKind.FINAL_ONLY:
-            yield vllm_output(await self._async.generate(run, params, request_id), request_id, shown, sp,
+            yield vllm_output(await self.async_engine.generate(run, params, request_id), request_id, shown, sp,
                               self._decode)
             return
         delta = sp.output_kind == RequestOutputKind.DELTA
         first = True
-        async with contextlib.aclosing(self._async.stream(run, params, request_id, cumulative=not delta)) as outs:
+        async with contextlib.aclosing(self.async_engine.stream(run, params, request_id, cumulative=not delta)) as outs:
             async for out in outs:
                 result = vllm_output(out, request_id, shown, sp, self._decode)
                 if delta and not first:  # vLLM sends the prompt's logprobs once
@@ -105,7 +105,7 @@ class AsyncLLM:
     async def abort(self, request_id: str | Iterable[str], internal: bool = False) -> None:
         """Abort live requests (unknown or finished ids are ignored): each one's generator
         yields its last output, finish_reason "abort", and ends."""
-        await self._async.abort([request_id] if isinstance(request_id, str) else list(request_id))
+        await self.async_engine.abort([request_id] if isinstance(request_id, str) else list(request_id))
 
     # ---- pause / sleep ------------------------------------------------------------------------
     async def pause_generation(self, *, mode: str = "abort", wait_for_inflight_requests: bool | None = None,
@@ -120,17 +120,17 @@ class AsyncLLM:
             mode = "wait"
         if mode not in _PAUSE_MODES:
             raise ValueError(f"pause_generation: mode={mode!r} is not one of {_PAUSE_MODES}")
-        await self._async.pause_generation(mode)
+        await self.async_engine.pause_generation(mode)
         if clear_cache:
-            await self._async.call(lambda e: e.reset_prefix_cache())
+            await self.async_engine.call(lambda e: e.reset_prefix_cache())
 
     async def resume_generation(self) -> None:
         """Continue: kept requests go on, waiting ones start."""
         self._sleep_paused = False
-        await self._async.resume_generation()
+        await self.async_engine.resume_generation()
 
     async def is_paused(self) -> bool:
-        return await self._async.call(lambda e: e.is_paused)
+        return await self.async_engine.call(lambda e: e.is_paused)
 
     async def sleep(self, level: int = 1, mode: str = "abort") -> None:
         """Pause generation (`mode` as in pause_generation), then release device memory: level 1
@@ -142,7 +142,7 @@ class AsyncLLM:
             await self.pause_generation(mode=mode, clear_cache=level >= 1)
         self._sleep_paused = True
         if level >= 1:
-            await self._async.sleep(level)
+            await self.async_engine.sleep(level)
 
     async def wake_up(self, tags: list[str] | None = None) -> None:
         """Restore "weights" and/or "kv_cache" (default: all that sleeps; "scheduling" names the
@@ -150,7 +150,7 @@ class AsyncLLM:
         pools = None if tags is None else [t for t in tags if t != "scheduling"]
         if pools is None or pools:
             if self.engine.is_sleeping:
-                await self._async.wake_up(pools)
+                await self.async_engine.wake_up(pools)
         if self._sleep_paused and not self.engine.is_sleeping:
             await self.resume_generation()
         if not self.engine.is_sleeping:
@@ -164,13 +164,13 @@ class AsyncLLM:
 
     async def reset_prefix_cache(self, reset_running_requests: bool = False, reset_connector: bool = False) -> bool:
         """Forget cached prompt prefixes; False (nothing changed) while requests hold blocks."""
-        return await self._async.call(lambda e: e.reset_prefix_cache())
+        return await self.async_engine.call(lambda e: e.reset_prefix_cache())
 
     async def collective_rpc(self, method: str | Callable, timeout: float | None = None, args: tuple = (),
                              kwargs: dict | None = None) -> list[Any]:
         """Call a worker method (the worker-extension methods of atom.compat.vllm.worker, or the
         engine's `worker_extension_cls`) between engine steps; returns [result] (one worker)."""
-        return [await self._async.call(lambda e: call_worker(self.driver_worker, method, args, kwargs))]
+        return [await self.async_engine.call(lambda e: call_worker(self.driver_worker, method, args, kwargs))]
 
     # ---- state ---------------------------------------------------------------------------
     @property
@@ -198,11 +198,11 @@ class AsyncLLM:
 
     @property
     def is_running(self) -> bool:
-        return self._async.is_running
+        return self.async_engine.is_running
 
     @property
     def errored(self) -> bool:
-        return not self._async.is_running
+        return not self.async_engine.is_running
 
     @property
     def is_stopped(self) -> bool:
@@ -215,7 +215,7 @@ class AsyncLLM:
     def shutdown(self, timeout: float | None = None) -> None:
         """Stop the engine loop: requests in flight end with finish_reason "abort"; later calls
         raise EngineDeadError."""
-        self._async.close(5.0 if timeout is None else timeout)
+        self.async_engine.close(5.0 if timeout is None else timeout)
 
 
 AsyncLLMEngine = AsyncLLM
