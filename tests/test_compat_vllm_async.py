@@ -310,9 +310,15 @@ def test_sleep_wake_up_and_is_sleeping(tiny_llama_path):
         await eng.sleep(level=0)
         level0 = (await eng.is_sleeping(), await eng.is_paused())
         await eng.wake_up(["scheduling"])
-        return before, states, after1, after2, level0, await eng.is_sleeping(), await eng.is_paused()
+        end = (await eng.is_sleeping(), await eng.is_paused())
+        await eng.sleep(level=1)
+        asleep = asyncio.create_task(collect(eng, [4, 5, 6], sp, "s3"))
+        await asyncio.sleep(0.02)
+        eng.shutdown()  # a request waiting for the wake-up hears of the shutdown
+        with pytest.raises(EngineDeadError):
+            await asleep
+        return before, states, after1, after2, level0, *end
     before, states, after1, after2, level0, sleeping_end, paused_end = run(main())
-    eng.shutdown()
     assert states == [False, True, True, False, False]
     assert after1 == before and after2 == before
     assert level0 == (True, True) and not sleeping_end and not paused_end

@@ -84,7 +84,8 @@ class AsyncLLM:
         sp = sampling_params if sampling_params is not None else default_sampling_params(self.engine.config.model)
         run, params = atom_request(self.engine, text, ids, sp, self.logprobs_mode)
         shown = prompt_text if prompt_text is not None else text
-        while self.engine.is_sleeping:  # vLLM queues requests while asleep; atom's engine refuses them
+        # vLLM queues requests that arrive while it sleeps; atom's engine refuses them, so they wait here.
+        while self.engine.is_sleeping and not self.errored:
             waiter = asyncio.get_running_loop().create_future()
             self._wake_waiters.append(waiter)
             await waiter
@@ -154,9 +155,13 @@ class AsyncLLM:
         if self._sleep_paused and not self.engine.is_sleeping:
             await self.resume_generation()
         if not self.engine.is_sleeping:
-            waiters, self._wake_waiters = self._wake_waiters, []
-            for w in waiters:  # each on its own event loop
-                w.get_loop().call_soon_threadsafe(lambda w=w: w.done() or w.set_result(None))
+            self._wake_all()
+
+    def _wake_all(self) -> None:
+        """Let the requests that waited for a wake-up (or a shutdown) go on."""
+        waiters, self._wake_waiters = self._wake_waiters, []
+        for w in waiters:  # each on its own event loop
+            w.get_loop().call_soon_threadsafe(lambda w=w: w.done() or w.set_result(None))
 
     async def is_sleeping(self) -> bool:
         """True from sleep() until wake_up() has brought everything back (vLLM's meaning)."""
@@ -216,6 +221,7 @@ class AsyncLLM:
         """Stop the engine loop: requests in flight end with finish_reason "abort"; later calls
         raise EngineDeadError."""
         self.async_engine.close(5.0 if timeout is None else timeout)
+        self._wake_all()  # requests waiting for a wake-up now meet EngineDeadError
 
 
 AsyncLLMEngine = AsyncLLM
