@@ -245,9 +245,9 @@ class AsyncRolloutEngine:
                 continue
             if req.finished:
                 self._streams.pop(req.request_id)
-                stream.put(self._shaped(stream, self.engine._output(req)))
-            elif stream.mode != "final":
-                stream.put(self._shaped(stream, self.engine._output(req)))
+            elif stream.mode == "final":
+                continue
+            stream.put(self._shaped(stream, self.engine._output(req)))
 
     def _shaped(self, stream: _Stream, full: RolloutOutput) -> RolloutOutput:
         return self._delta_of(stream, full) if stream.mode == "delta" else full
