@@ -45,8 +45,15 @@ def test_stream_deltas_add_up_to_the_final_output(engine):
     async def main():
         deltas = [d async for d in engine.stream([5, 6, 7, 8], sp, request_id="s")]
         whole = await engine.generate([5, 6, 7, 8], sp, request_id="s2")
-        return deltas, whole
-    deltas, whole = run(main())
+        cumulative = [d async for d in engine.stream([5, 6, 7, 8], sp, request_id="s3", cumulative=True)]
+        return deltas, whole, cumulative
+    deltas, whole, cumulative = run(main())
+    assert cumulative[-1].finished and not any(c.finished for c in cumulative[:-1])
+    for j in range(2):  # cumulative=True: each output holds everything so far
+        assert cumulative[-1].outputs[j].token_ids == whole.outputs[j].token_ids
+        for a, b in zip(cumulative, cumulative[1:]):
+            assert b.outputs[j].token_ids[:len(a.outputs[j].token_ids)] == a.outputs[j].token_ids
+        assert len({len(c.outputs[j].token_ids) for c in cumulative}) >= 9
     assert len(deltas) >= 9 and deltas[-1].finished and not any(d.finished for d in deltas[:-1])
     for j in range(2):
         assert sum((d.outputs[j].token_ids for d in deltas), []) == whole.outputs[j].token_ids

@@ -15,7 +15,6 @@ import uuid
 from typing import Any, AsyncIterator, Callable
 
 from atom.config import EngineConfig
-from atom.engine.sequence import Request
 from atom.outputs import RolloutOutput
 from atom.rollout.engine import Prompt, RolloutEngine
 from atom.sampling_params import SamplingParams
@@ -31,7 +30,7 @@ class _Stream:
 
     loop: asyncio.AbstractEventLoop
     queue: asyncio.Queue
-    deltas: bool
+    mode: str  # "delta" | "cumulative": an output every step; "final": the last one only
     sent_tokens: dict[int, int] = dataclasses.field(default_factory=dict)  # sample index -> tokens sent
     sent_text: dict[int, int] = dataclasses.field(default_factory=dict)
 
@@ -85,21 +84,21 @@ class AsyncRolloutEngine:
         """Run one prompt to completion; returns its RolloutOutput (finish_reason "abort" if it
         was aborted, with the tokens so far)."""
         out = None
-        async for out in self._submit(prompt, sampling_params, request_id, deltas=False):
+        async for out in self._submit(prompt, sampling_params, request_id, "final"):
             pass
         return out
 
     def stream(self, prompt: Prompt, sampling_params: SamplingParams | None = None,
-               request_id: str | None = None) -> AsyncIterator[RolloutOutput]:
+               request_id: str | None = None, cumulative: bool = False) -> AsyncIterator[RolloutOutput]:
         """Yield one RolloutOutput per step that advanced the request, holding only what is new
-        (token ids, logprobs, top logprobs, text); the last one has finished=True and each
-        completion's finish_reason."""
-        return self._submit(prompt, sampling_params, request_id, deltas=True)
+        (token ids, logprobs, top logprobs, text), or with cumulative=True everything so far;
+        the last one has finished=True and each completion's finish_reason."""
+        return self._submit(prompt, sampling_params, request_id, "cumulative" if cumulative else "delta")
 
-    async def _submit(self, prompt, params, request_id, deltas: bool) -> AsyncIterator[RolloutOutput]:
+    async def _submit(self, prompt, params, request_id, mode: str) -> AsyncIterator[RolloutOutput]:
         self._check_alive()
         rid = request_id if request_id is not None else uuid.uuid4().hex
-        stream = _Stream(asyncio.get_running_loop(), asyncio.Queue(), deltas)
+        stream = _Stream(asyncio.get_running_loop(), asyncio.Queue(), mode)
         self._send(lambda: self._add(rid, prompt, params, stream))
         done = False
         try:
@@ -246,12 +245,12 @@ class AsyncRolloutEngine:
                 continue
             if req.finished:
                 self._streams.pop(req.request_id)
-                stream.put(self._delta(stream, req) if stream.deltas else self.engine._output(req))
-            elif stream.deltas:
-                stream.put(self._delta(stream, req))
+            elif stream.mode == "final":
+                continue
+            stream.put(self._shaped(stream, self.engine._output(req)))
 
-    def _delta(self, stream: _Stream, req: Request) -> RolloutOutput:
-        return self._delta_of(stream, self.engine._output(req))
+    def _shaped(self, stream: _Stream, full: RolloutOutput) -> RolloutOutput:
+        return self._delta_of(stream, full) if stream.mode == "delta" else full
 
     @staticmethod
     def _delta_of(stream: _Stream, full: RolloutOutput) -> RolloutOutput:
@@ -292,7 +291,7 @@ class AsyncRolloutEngine:
     def _finish_stream(self, out: RolloutOutput) -> None:
         stream = self._streams.pop(out.request_id, None)
         if stream is not None:
-            stream.put(self._delta_of(stream, out) if stream.deltas else out)
+            stream.put(self._shaped(stream, out))
 
     def _stop(self) -> None:
         self._stopping = True

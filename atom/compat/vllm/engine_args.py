@@ -1,4 +1,4 @@
-"""vLLM's `LLM(...)` keyword arguments -> atom's EngineConfig."""
+"""vLLM's engine arguments (`LLM(...)` keywords, `AsyncEngineArgs`) -> atom's EngineConfig."""
 from __future__ import annotations
 
 import dataclasses
@@ -21,6 +21,7 @@ _NO_EFFECT = frozenset({
     "compilation_config", "max_seq_len_to_capture", "enable_chunked_prefill", "disable_async_output_proc",
     "allowed_local_media_path", "hf_overrides", "mm_processor_kwargs", "override_pooler_config",
     "worker_cls", "async_scheduling", "enable_prompt_embeds", "served_model_name", "download_dir",
+    "enable_log_requests", "disable_log_requests", "enable_log_outputs", "stream_interval",
 })
 # Accepted only at their neutral value.
 _NEUTRAL = {"quantization": None, "cpu_offload_gb": 0, "pipeline_parallel_size": 1, "data_parallel_size": 1,
@@ -36,11 +37,11 @@ class CompatOptions:
     skip_tokenizer_init: bool = False
 
 
-def engine_config(model: str, kwargs: dict[str, Any]) -> tuple[EngineConfig, CompatOptions]:
-    """Split vLLM's LLM(...) arguments into atom's EngineConfig and what this layer keeps.
+def engine_config(model: str, kwargs: dict[str, Any], who: str = "LLM") -> tuple[EngineConfig, CompatOptions]:
+    """Split vLLM's engine arguments into atom's EngineConfig and what this layer keeps.
 
     Every EngineConfig field may also be passed under its own name (e.g. num_kv_blocks).
-    Unknown names: TypeError; unsupported values: ValueError naming them.
+    Unknown names: TypeError; unsupported values: ValueError naming them (`who` opens the message).
     """
     fields = {f.name for f in dataclasses.fields(EngineConfig)}
     config: dict[str, Any] = {}
@@ -50,11 +51,11 @@ def engine_config(model: str, kwargs: dict[str, Any]) -> tuple[EngineConfig, Com
             continue
         if name in _NEUTRAL:
             if value != _NEUTRAL[name]:
-                raise ValueError(f"LLM: {name}={value!r} is not supported by atom (only {_NEUTRAL[name]!r})")
+                raise ValueError(f"{who}: {name}={value!r} is not supported by atom (only {_NEUTRAL[name]!r})")
             continue
         if name == "logprobs_mode":
             if value not in _LOGPROBS_MODES:
-                raise ValueError(f"LLM: logprobs_mode={value!r} is not supported by atom; use one of "
+                raise ValueError(f"{who}: logprobs_mode={value!r} is not supported by atom; use one of "
                                  f"{sorted(_LOGPROBS_MODES)}")
             opts.logprobs_mode = _LOGPROBS_MODES[value]
         elif name == "worker_extension_cls":
@@ -73,7 +74,7 @@ def engine_config(model: str, kwargs: dict[str, Any]) -> tuple[EngineConfig, Com
             if value is not None:  # vLLM's None means "the default"
                 config[name] = value
         else:
-            raise TypeError(f"LLM got an unexpected keyword argument {name!r} (atom maps vLLM's engine "
+            raise TypeError(f"{who} got an unexpected keyword argument {name!r} (atom maps vLLM's engine "
                             "arguments and every EngineConfig field)")
     if config.get("load_format") in ("safetensors", "hf"):
         config["load_format"] = "auto"
@@ -82,9 +83,33 @@ def engine_config(model: str, kwargs: dict[str, Any]) -> tuple[EngineConfig, Com
     return EngineConfig(model=model, **config), opts
 
 
+@dataclasses.dataclass
+class VllmConfig:
+    """What `AsyncEngineArgs.create_engine_config()` returns and `AsyncLLM.from_vllm_config` takes."""
+
+    engine: EngineConfig
+    options: CompatOptions
+
+
+class AsyncEngineArgs:
+    """vLLM's AsyncEngineArgs (also EngineArgs): `AsyncEngineArgs(model=..., **engine arguments)`,
+    the same names `LLM(...)` takes (see engine_config). Checked when the engine is built
+    (create_engine_config / AsyncLLM.from_engine_args), as vLLM checks them."""
+
+    def __init__(self, model: str | None = None, **kwargs: Any) -> None:
+        self.model = model
+        self.__dict__.update(kwargs)
+
+    def create_engine_config(self, usage_context: Any = None, **_: Any) -> VllmConfig:
+        kwargs = {k: v for k, v in vars(self).items() if k != "model"}
+        if not self.model:
+            raise ValueError("AsyncEngineArgs: model (a checkpoint directory) is required")
+        return VllmConfig(*engine_config(self.model, kwargs, who="AsyncEngineArgs"))
+
+
 def _dtype(value) -> str:
     if isinstance(value, torch.dtype):
         value = str(value).removeprefix("torch.")
     if value not in _DTYPES:
-        raise ValueError(f"LLM: dtype={value!r} is not supported; use one of {sorted(_DTYPES)}")
+        raise ValueError(f"dtype={value!r} is not supported; use one of {sorted(_DTYPES)}")
     return _DTYPES[value]

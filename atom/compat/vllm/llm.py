@@ -2,29 +2,24 @@
 from __future__ import annotations
 
 import itertools
-import json
-import logging
-import os
 from typing import Any, Callable, Sequence
 
+from atom.compat.vllm.convert import (TokenDecoder, as_list, atom_request, default_sampling_params, parse_prompt,
+                                      vllm_output)
 from atom.compat.vllm.engine_args import engine_config
-from atom.compat.vllm.outputs import RequestOutput, request_output
+from atom.compat.vllm.outputs import RequestOutput
 from atom.compat.vllm.sampling_params import SamplingParams
-from atom.compat.vllm.worker import make_worker
+from atom.compat.vllm.worker import call_worker, make_worker
 from atom.rollout.engine import RolloutEngine
 
-log = logging.getLogger(__name__)
 
-# generation_config.json keys vLLM applies when generate() gets no SamplingParams.
-_GENERATION_DEFAULTS = {"temperature": "temperature", "top_p": "top_p", "top_k": "top_k", "min_p": "min_p",
-                        "repetition_penalty": "repetition_penalty", "max_new_tokens": "max_tokens"}
+class ModelConfig:
+    """The parts of vLLM's model_config that frameworks read."""
 
-
-class _ModelConfig:
-    def __init__(self, engine: RolloutEngine) -> None:
+    def __init__(self, engine: RolloutEngine, logprobs_mode: str) -> None:
         self.model = engine.config.model
         self.max_model_len = engine.max_model_len
-        self.logprobs_mode = None
+        self.logprobs_mode = {"raw": "raw_logprobs", "processed": "processed_logprobs"}[logprobs_mode]
 
 
 class _Executor:
@@ -35,8 +30,8 @@ class _Executor:
 class LLMEngine:
     """`llm.llm_engine`: the parts of vLLM's engine that frameworks reach into."""
 
-    def __init__(self, engine: RolloutEngine, worker) -> None:
-        self.model_config = _ModelConfig(engine)
+    def __init__(self, engine: RolloutEngine, worker, logprobs_mode: str) -> None:
+        self.model_config = ModelConfig(engine, logprobs_mode)
         self.model_executor = _Executor(worker)
         self._rollout = engine
 
@@ -64,11 +59,10 @@ class LLM:
         config, opts = engine_config(model, kwargs)
         self.engine = RolloutEngine(config)
         self.logprobs_mode = opts.logprobs_mode
-        self.llm_engine = LLMEngine(self.engine, make_worker(self.engine, opts.worker_extension_cls))
-        self.llm_engine.model_config.logprobs_mode = {"raw": "raw_logprobs", "processed": "processed_logprobs"}[
-            opts.logprobs_mode]
+        self.llm_engine = LLMEngine(self.engine, make_worker(self.engine, opts.worker_extension_cls),
+                                    opts.logprobs_mode)
         self._ids = itertools.count()
-        self._decoded: dict[int, str] = {}
+        self._decode = TokenDecoder(self.engine.tokenizer)
 
     # ---- generation ----------------------------------------------------------------------
     def generate(self, prompts: Any, sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
@@ -80,7 +74,7 @@ class LLM:
         unknown = sorted(k for k, v in kwargs.items() if v is not None and k not in ("priority", "tokenization_kwargs"))
         if unknown:
             raise TypeError(f"generate: unsupported argument(s) {unknown}")
-        items = [_parse_prompt(p) for p in _as_list(prompts)]
+        items = [parse_prompt(p) for p in as_list(prompts)]
         return self._run(items, sampling_params, bool(use_tqdm))
 
     def chat(self, messages: Any, sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
@@ -106,45 +100,18 @@ class LLM:
                   else list(sampling_params))
         if len(params) != len(items):
             raise ValueError(f"generate: got {len(params)} SamplingParams for {len(items)} prompts")
-        prompts, atom_params = [], []
-        for (text, ids), sp in zip(items, params):
-            prompt = ids if ids is not None else text
-            room = None
-            if sp.max_tokens is None:  # vLLM: up to the context length
-                room = self.engine.max_model_len - len(self.engine.tokenize(prompt))
-            prompts.append(prompt)
-            atom_params.append(sp.to_atom(self.logprobs_mode, room))
-        outs = self.engine.generate(prompts, atom_params, use_tqdm=use_tqdm)
-        return [request_output(o, str(next(self._ids)), text, sp.logprobs, sp.prompt_logprobs, self._decode,
-                               sp.include_stop_str_in_output, sp.detokenize)
+        if not items:
+            return []
+        prompts, atom_params = zip(*(atom_request(self.engine, text, ids, sp, self.logprobs_mode)
+                                     for (text, ids), sp in zip(items, params)))
+        outs = self.engine.generate(list(prompts), list(atom_params), use_tqdm=use_tqdm)
+        return [vllm_output(o, str(next(self._ids)), text, sp, self._decode)
                 for o, (text, _), sp in zip(outs, items, params)]
 
     def get_default_sampling_params(self) -> SamplingParams:
         """SamplingParams() with the model's generation_config.json defaults, as vLLM applies them
         (keys atom cannot honour are left out, with a warning)."""
-        path = os.path.join(self.engine.config.model, "generation_config.json")
-        if not os.path.isfile(path):
-            return SamplingParams()
-        with open(path) as f:
-            gen = json.load(f)
-        defaults = {}
-        for key, field in _GENERATION_DEFAULTS.items():
-            if gen.get(key) is not None:
-                defaults[field] = gen[key]
-        try:
-            return SamplingParams(**defaults)
-        except ValueError as e:
-            log.warning("generation_config.json defaults not applied: %s", e)
-            return SamplingParams()
-
-    def _decode(self, token_id: int) -> str | None:
-        tok = self.engine.tokenizer
-        if tok is None:
-            return None
-        text = self._decoded.get(token_id)
-        if text is None:
-            text = self._decoded[token_id] = tok.decode([token_id])
-        return text
+        return default_sampling_params(self.engine.config.model)
 
     # ---- RL calls --------------------------------------------------------------------------
     def sleep(self, level: int = 1) -> None:
@@ -162,42 +129,8 @@ class LLM:
                        kwargs: dict | None = None) -> list[Any]:
         """Call a worker method (by name, or a function taking the worker first) on every worker:
         one here (an engine split over ranks has one per process). Returns the results as a list."""
-        worker = self.llm_engine.model_executor.driver_worker
-        kwargs = kwargs or {}
-        if callable(method):
-            return [method(worker, *args, **kwargs)]
-        fn = getattr(worker, method, None)
-        if fn is None or method.startswith("_"):
-            raise AttributeError(f"collective_rpc: the worker has no method {method!r}")
-        return [fn(*args, **kwargs)]
+        return [call_worker(self.llm_engine.model_executor.driver_worker, method, args, kwargs)]
 
     def get_tokenizer(self):
         return self.engine.tokenizer
 
-
-def _as_list(prompts: Any) -> list:
-    if isinstance(prompts, (str, dict)):
-        return [prompts]
-    prompts = list(prompts)
-    if prompts and all(isinstance(t, int) and not isinstance(t, bool) for t in prompts):
-        return [prompts]  # one token-id prompt
-    return prompts
-
-
-def _parse_prompt(p: Any) -> tuple[str | None, Any]:
-    """(text shown in the output, what the engine runs)."""
-    if isinstance(p, str):
-        return p, p
-    if isinstance(p, dict):
-        extra = sorted(set(p) - {"prompt", "prompt_token_ids"})
-        if extra:
-            raise ValueError(f"generate: prompt keys {extra} are not supported by atom (multi-modal data, "
-                             "embeddings)")
-        if "prompt_token_ids" in p:
-            return p.get("prompt"), list(p["prompt_token_ids"])
-        if "prompt" in p:
-            return p["prompt"], p["prompt"]
-        raise ValueError("generate: a prompt dict needs 'prompt' or 'prompt_token_ids'")
-    if isinstance(p, (list, tuple)):
-        return None, list(p)
-    raise ValueError(f"generate: a prompt is a string, a dict or a list of token ids, got {type(p).__name__}")

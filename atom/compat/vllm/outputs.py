@@ -76,7 +76,8 @@ def completion_output(c: Completion, k: int | None, decode: Decode, stop_in_text
     else:
         tops = c.top_logprobs or [None] * len(c.token_ids)
         logprobs = [position_logprobs(t, lp, top, k, decode) for t, lp, top in zip(c.token_ids, c.logprobs, tops)]
-        cumulative = float(sum(c.logprobs))
+        # atom's running total: in a streamed delta it covers every token so far, as vLLM's does
+        cumulative = float(c.cumulative_logprob if c.cumulative_logprob is not None else sum(c.logprobs))
     return CompletionOutput(index=c.index, text=text, token_ids=list(c.token_ids), cumulative_logprob=cumulative,
                             logprobs=logprobs, finish_reason=c.finish_reason, stop_reason=c.stop_reason)
 

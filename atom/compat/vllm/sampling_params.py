@@ -9,6 +9,7 @@ something but its neutral value raises a ValueError naming it, instead of being 
 from __future__ import annotations
 
 import dataclasses
+import enum
 from dataclasses import dataclass
 from typing import Any
 
@@ -17,6 +18,16 @@ from atom.sampling_params import SamplingParams as AtomSamplingParams
 _ATOM_FIELDS = frozenset(f.name for f in dataclasses.fields(AtomSamplingParams))
 # Fields this layer applies to the outputs itself.
 _OUTPUT_FIELDS = frozenset({"detokenize", "include_stop_str_in_output", "output_kind"})
+
+
+class RequestOutputKind(enum.IntEnum):
+    """What AsyncLLM.generate yields per step (vLLM's values): CUMULATIVE everything so far,
+    DELTA only what is new since the last output, FINAL_ONLY one output at the end. The
+    offline LLM returns final outputs whatever this says."""
+
+    CUMULATIVE = 0
+    DELTA = 1
+    FINAL_ONLY = 2
 
 
 @dataclass
@@ -58,7 +69,7 @@ class SamplingParams:
     logits_processors: Any = None
     include_stop_str_in_output: bool = False
     truncate_prompt_tokens: int | None = None
-    output_kind: Any = None
+    output_kind: RequestOutputKind = RequestOutputKind.CUMULATIVE
     structured_outputs: StructuredOutputsParams | None = None
     guided_decoding: Any = None
     logit_bias: dict[int, float] | None = None
@@ -66,6 +77,9 @@ class SamplingParams:
     extra_args: dict[str, Any] | None = None
 
     def __post_init__(self) -> None:
+        if self.output_kind is None:  # older callers passed None for "the default"
+            self.output_kind = RequestOutputKind.CUMULATIVE
+        self.output_kind = RequestOutputKind(self.output_kind)  # ValueError for anything else
         self.to_atom(max_tokens=1 if self.max_tokens is None else None)  # ValueError now, as vLLM raises
 
     def clone(self) -> "SamplingParams":

@@ -122,6 +122,18 @@ def _checked(name: str, tensor: torch.Tensor, dtype, shape) -> torch.Tensor:
     return tensor
 
 
+def call_worker(worker: Worker, method: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
+    """vLLM's collective_rpc on one worker: `method` is a worker method's name, or a function
+    called with the worker first."""
+    kwargs = kwargs or {}
+    if callable(method):
+        return method(worker, *args, **kwargs)
+    fn = getattr(worker, method, None) if isinstance(method, str) and not method.startswith("_") else None
+    if fn is None:
+        raise AttributeError(f"collective_rpc: the worker has no method {method!r}")
+    return fn(*args, **kwargs)
+
+
 def make_worker(engine, extension_cls: Any = None) -> Worker:
     """A Worker, with the extension class (or its dotted name) mixed in front as vLLM does."""
     if extension_cls is None:
