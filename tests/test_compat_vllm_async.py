@@ -329,6 +329,35 @@ def test_sleep_wake_up_and_is_sleeping(tiny_llama_path):
     assert before == want[0, 3:].tolist()
 
 
+def test_a_request_arriving_while_sleep_drains_waits_for_the_wake_up(tiny_llama_path):
+    """sleep(mode="wait") drains in-flight requests before it releases memory; a generate that
+    starts during that drain waits for wake_up() (it must not reach an engine that is about to
+    sleep, nor fail), then gives the tokens HF's greedy decode gives."""
+    eng = make(tiny_llama_path, enable_sleep_mode=True)
+    sp = SamplingParams(temperature=0.0, max_tokens=6, ignore_eos=True, output_kind=FINAL_ONLY)
+    long = SamplingParams(temperature=0.0, max_tokens=40, ignore_eos=True, output_kind=FINAL_ONLY)
+
+    async def main():
+        running = asyncio.create_task(collect(eng, [7, 8, 9], long, "r0"))
+        await asyncio.sleep(0.02)
+        sleeping = asyncio.create_task(eng.sleep(level=1, mode="wait"))
+        await asyncio.sleep(0)  # sleep() has begun its drain
+        late = asyncio.create_task(collect(eng, [4, 5, 6], sp, "r1"))
+        await sleeping
+        await asyncio.sleep(0.05)
+        waited = not late.done() and await eng.is_sleeping()
+        await eng.wake_up()
+        return waited, (await running)[-1].outputs[0], (await late)[-1].outputs[0]
+    waited, first, second = run(main())
+    eng.shutdown()
+    assert waited and first.finish_reason == "length" and len(first.token_ids) == 40
+    from transformers import AutoModelForCausalLM
+    hf = AutoModelForCausalLM.from_pretrained(tiny_llama_path, dtype=torch.float32).eval()
+    with torch.no_grad():
+        want = hf.generate(torch.tensor([[4, 5, 6]]), max_new_tokens=6, min_new_tokens=6, do_sample=False)
+    assert second.token_ids == want[0, 3:].tolist()
+
+
 def test_shutdown_with_requests_in_flight_ends_promptly(tiny_llama_path):
     eng = make(tiny_llama_path)
 

@@ -85,7 +85,7 @@ class AsyncLLM:
         run, params = atom_request(self.engine, text, ids, sp, self.logprobs_mode)
         shown = prompt_text if prompt_text is not None else text
         # vLLM queues requests that arrive while it sleeps; atom's engine refuses them, so they wait here.
-        while self.engine.is_sleeping and not self.errored:
+        while (self._sleep_paused or self.engine.is_sleeping) and not self.errored:
             waiter = asyncio.get_running_loop().create_future()
             self._wake_waiters.append(waiter)
             await waiter
@@ -129,6 +129,8 @@ class AsyncLLM:
         """Continue: kept requests go on, waiting ones start."""
         self._sleep_paused = False
         await self.async_engine.resume_generation()
+        if not self.engine.is_sleeping:
+            self._wake_all()
 
     async def is_paused(self) -> bool:
         return await self.async_engine.call(lambda e: e.is_paused)
@@ -139,9 +141,15 @@ class AsyncLLM:
         wake_up() resumes generation once everything is back."""
         if level not in (0, 1, 2):
             raise ValueError(f"sleep: level must be 0, 1 or 2, got {level!r}")
-        if not await self.is_paused():
-            await self.pause_generation(mode=mode, clear_cache=level >= 1)
-        self._sleep_paused = True
+        # Set first: a request arriving while the pause drains waits for wake_up() here instead
+        # of reaching an engine that is about to sleep.
+        was_sleep_paused, self._sleep_paused = self._sleep_paused, True
+        try:
+            if not await self.is_paused():
+                await self.pause_generation(mode=mode, clear_cache=level >= 1)
+        except BaseException:
+            self._sleep_paused = was_sleep_paused
+            raise
         if level >= 1:
             await self.async_engine.sleep(level)
 
