@@ -24,10 +24,17 @@ import time
 from bench.report import emit
 from bench.rollout import HERE, load_workloads, make_prompts
 
-CANDIDATES = [  # (block_m, block_n, block_k, warps, stages)
-    (128, 64, 64, 4, 4), (128, 128, 64, 8, 4), (128, 256, 64, 8, 3), (64, 128, 64, 4, 4), (64, 256, 64, 4, 3),
-    (128, 128, 32, 4, 4), (256, 128, 64, 8, 3),
-]
+# Tile configs the sweep times: (block_m, block_n, block_k, warps, stages) with pointer loads, then
+# the variants (invariant_gemm.VARIANT_DEFAULTS): TMA loads, TMA + a persistent grid, TMA + a fixed
+# split-K. Every one is a function of the weight alone (any of them keeps the invariance).
+_TILES = [(128, 64, 64, 4, 4), (128, 128, 64, 8, 4), (128, 256, 64, 8, 3), (64, 128, 64, 4, 4), (64, 256, 64, 4, 3),
+          (128, 128, 32, 4, 4), (256, 128, 64, 8, 3)]
+CANDIDATES = [(*t, {}) for t in _TILES] + [
+    (*t, {"tma": True}) for t in _TILES + [(128, 128, 64, 4, 4), (128, 256, 64, 8, 4)]] + [
+    (*t, {"tma": True, "persistent": True}) for t in
+    [(128, 64, 64, 4, 4), (128, 128, 64, 8, 4), (128, 128, 64, 4, 4), (128, 256, 64, 8, 3)]] + [
+    (*t, {"tma": True, "split_k": s}) for t, s in
+    [((128, 128, 64, 8, 4), 2), ((128, 256, 64, 8, 3), 2), ((64, 128, 64, 4, 4), 2), ((64, 128, 64, 4, 4), 4)]]
 
 
 def load_tuned(path: str | None) -> None:
@@ -159,7 +166,10 @@ def gemm(args) -> list[dict]:
 
 
 def as_config(c: tuple) -> dict:
-    return dict(block_m=c[0], block_n=c[1], block_k=c[2], num_warps=c[3], num_stages=c[4])
+    """A CANDIDATES entry as an invariant_gemm config."""
+    from atom.ops.triton.invariant_gemm import VARIANT_DEFAULTS
+    return dict(block_m=c[0], block_n=c[1], block_k=c[2], num_warps=c[3], num_stages=c[4],
+                **{**VARIANT_DEFAULTS, **(c[5] if len(c) > 5 else {})})
 
 
 def main(argv=None) -> int:
