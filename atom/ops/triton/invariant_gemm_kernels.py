@@ -98,7 +98,7 @@ def gemm_kernel(x, w, b_ptr, out_ptr, M, N, K, sxm, swn, som, part_len,
     num_m = tl.cdiv(M, BLOCK_M)
     num_n = tl.cdiv(N, BLOCK_N)
     if PROGRAMS > 0:
-        for tile in range(tl.program_id(0), num_m * num_n * SPLIT, PROGRAMS):
+        for tile in tl.range(tl.program_id(0), num_m * num_n * SPLIT, PROGRAMS, flatten=True):
             _one_tile(tile, x, w, b_ptr, out_ptr, M, N, K, sxm, swn, som, part_len, num_m, num_n,
                       HAS_BIAS, BLOCK_M, BLOCK_N, BLOCK_K, GROUP, EVEN_K, PREC, TMA, SPLIT)
     else:
