@@ -28,15 +28,16 @@ from bench.rollout import HERE, load_workloads, make_prompts
 
 # Tile configs the sweep times: (block_m, block_n, block_k, warps, stages) with pointer loads, then
 # the variants (invariant_gemm.VARIANT_DEFAULTS): TMA loads, TMA + a persistent grid, TMA + a fixed
-# split-K. Every one is a function of the weight alone (any of them keeps the invariance).
+# split-K summed by a second kernel or by each tile's last part (fold_last). Every one is a function of the weight alone (any of them keeps the invariance).
 _TILES = [(128, 64, 64, 4, 4), (128, 128, 64, 8, 4), (128, 256, 64, 8, 3), (64, 128, 64, 4, 4), (64, 256, 64, 4, 3),
           (128, 128, 32, 4, 4), (256, 128, 64, 8, 3)]
 CANDIDATES = [(*t, {}) for t in _TILES] + [
     (*t, {"tma": True}) for t in _TILES + [(128, 128, 64, 4, 4), (128, 256, 64, 8, 4)]] + [
     (*t, {"tma": True, "persistent": True}) for t in
     [(128, 64, 64, 4, 4), (128, 128, 64, 8, 4), (128, 128, 64, 4, 4), (128, 256, 64, 8, 3)]] + [
-    (*t, {"tma": True, "split_k": s}) for t, s in
-    [((128, 128, 64, 8, 4), 2), ((128, 256, 64, 8, 3), 2), ((64, 128, 64, 4, 4), 2), ((64, 128, 64, 4, 4), 4)]]
+    (*t, {"tma": True, "split_k": s, "fold_last": fold}) for t, s in
+    [((128, 128, 64, 8, 4), 2), ((128, 256, 64, 8, 3), 2), ((64, 128, 64, 4, 4), 2), ((64, 128, 64, 4, 4), 4)]
+    for fold in (False, True)]
 
 
 def load_tuned(path: str | None) -> None:

@@ -188,13 +188,15 @@ def _gemm(impl) -> None:
             # The sweep (bf16 model shapes) may pick any candidate; elsewhere the variants of the rule's tile.
             sweep = dt == torch.bfloat16 and (n, k) in GEMM_MODEL_SHAPES
             configs = [own] + ([as_config(c) for c in CANDIDATES] if sweep else
-                               [{**own, "tma": True}, {**own, "tma": True, "split_k": 2, "persistent": True}])
+                               [{**own, "tma": True}, {**own, "tma": True, "split_k": 2, "persistent": True},
+                                {**own, "split_k": 3, "fold_last": True, "persistent": True}])
             for cfg in configs:
                 _where[0] = f"{dt} N={n} K={k} {cfg}"
                 seen = len(_hashes)
                 for m in (1, 37, 512, 8192):
                     invariant_gemm(torch.empty(m, k, dtype=dt), w, torch.empty(n, dtype=dt), config=cfg)
-                if len(set(_hashes[seen:])) != (2 if cfg["split_k"] > 1 and k > cfg["block_k"] else 1):
+                two = cfg["split_k"] > 1 and k > cfg["block_k"] and not cfg["fold_last"]  # + sum_parts_kernel
+                if len(set(_hashes[seen:])) != (2 if two else 1):
                     bad.append(_where[0])
     if bad:
         raise SystemExit("invariant GEMM compiled differently for different M: " + "; ".join(bad))

@@ -39,4 +39,4 @@ def test_the_sweep_weighs_candidates_by_the_workload_and_prints_a_measured_line(
 def test_every_candidate_is_a_valid_distinct_config():
     assert len({str(c) for c in bi.CANDIDATES}) == len(bi.CANDIDATES)
     for c in bi.CANDIDATES:
-        assert all(v >= 16 and v & (v - 1) == 0 for v in c[:3]) and set(c[5]) <= {"tma", "split_k", "persistent"}
+        assert all(v >= 16 and v & (v - 1) == 0 for v in c[:3]) and set(c[5]) <= {"tma", "split_k", "fold_last", "persistent"}

@@ -19,8 +19,9 @@ pytestmark = pytest.mark.gpu
 
 # Every variant key alone and all together; split 3 of K = 96 in 32-wide steps: three equal parts,
 # of K = 40: two uneven ones (the last masked), of 12288 in 64-wide steps: 64 + 64 + 64 steps.
-VARIANTS = [dict(tma=True), dict(split_k=2), dict(split_k=3), dict(persistent=True),
-            dict(tma=True, split_k=2, persistent=True), dict(tma=True, persistent=True)]
+VARIANTS = [dict(tma=True), dict(split_k=2), dict(split_k=3), dict(split_k=3, fold_last=True), dict(persistent=True),
+            dict(tma=True, split_k=2, persistent=True), dict(tma=True, split_k=2, fold_last=True, persistent=True),
+            dict(tma=True, persistent=True)]
 SHAPES = [(200, 96), (16, 40)] if ON_CPU else [(6144, 4096), (4096, 4096), (4096, 12288), (200, 96), (16, 40)]
 ROWS = [1, 3, 37, 130] if ON_CPU else [1, 3, 64, 130, 512, 1000, 8192]
 
@@ -93,13 +94,13 @@ def test_the_launched_kernel_never_depends_on_m(ig, device, monkeypatch, variant
         linear(torch.randn(m, k, device=device).to(dtype), w)
         per_m.append(list(calls))
     assert all(c == per_m[0] for c in per_m), per_m
-    assert len(per_m[0]) == (2 if variant.get("split_k", 1) > 1 else 1)
+    assert len(per_m[0]) == (2 if variant.get("split_k", 1) > 1 and not variant.get("fold_last") else 1)
 
 
 def test_bad_variant_config_is_refused(ig, device):
     x, w = torch.randn(4, 32, device=device), torch.randn(16, 32, device=device)
     base = ig.gemm_config(16, 32, 4)
-    for bad in (dict(split_k=0), dict(split_k=1.5), dict(tma="yes"), dict(persistent=1)):
+    for bad in (dict(split_k=0), dict(split_k=1.5), dict(tma="yes"), dict(persistent=1), dict(fold_last=None)):
         with pytest.raises(ValueError, match=next(iter(bad))):
             ig.invariant_gemm(x, w, config={**base, **bad})
 
@@ -109,6 +110,22 @@ def test_split_parts_depend_on_k_and_the_config_only(ig):
     assert ig.split_parts(4096, 64, 1) == (4096, 1)
     assert ig.split_parts(40, 32, 4) == (32, 2)  # never an empty part
     assert ig.split_parts(12288, 64, 2) == (6144, 2)
+
+
+@pytest.mark.parametrize("n,k", [(200, 96), (16, 40)] if ON_CPU else [(6144, 4096), (4096, 12288), (16, 40)])
+@pytest.mark.parametrize("tma", [False, True])
+def test_both_split_sums_give_the_same_bits(ig, device, n, k, tma):
+    """The second kernel and the last-arriving program add the same float32 partials in the same
+    order: the same bits (with a persistent grid too, where programs finish tiles in any order)."""
+    gen(k)
+    dtype = act_dtypes()[0]
+    w, x = (torch.randn(n, k, device=device) / k ** 0.5).to(dtype), torch.randn(300, k, device=device).to(dtype)
+    bias = torch.randn(n, device=device).to(dtype)
+    cfg = _variant(ig, n, k, dtype, dict(tma=tma, split_k=3))
+    by_kernel = ig.invariant_gemm(x, w, bias, config=cfg)
+    for persistent in (False, True):
+        assert torch.equal(by_kernel, ig.invariant_gemm(x, w, bias, config={**cfg, "fold_last": True,
+                                                                              "persistent": persistent}))
 
 
 @pytest.mark.skipif(ON_CPU, reason="the interpreter's dot is NumPy's, whose order depends on operand layout")

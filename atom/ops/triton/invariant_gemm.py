@@ -17,7 +17,8 @@ VARIANT_DEFAULTS; invariant_gemm_kernels.py has the kernels):
               same bits). Whether x qualifies depends on K and on its allocation, not on M: a
               slice of rows of a tensor is aligned iff the tensor is (K * elem % 16 == 0).
   split_k     S > 1: K cut into S fixed parts (from K and block_k only), float32 partials
-              summed in part order by a second kernel (never atomics);
+              summed in part order (never atomics on data) by a second kernel, or
+  fold_last   by the program that finishes a tile's last part (a counter per tile; same bits);
   persistent  one program per SM, each striding over the tiles.
 None of them looks at M, so any config keeps the invariance.
 
@@ -39,7 +40,7 @@ GROUP_M = 8
 TUNED: dict[tuple[int, int, int], dict] = {}
 
 
-VARIANT_DEFAULTS = dict(tma=False, split_k=1, persistent=False)
+VARIANT_DEFAULTS = dict(tma=False, split_k=1, fold_last=False, persistent=False)
 
 
 def _cfg(bm: int, bn: int, bk: int, warps: int, stages: int, **variant) -> dict:
@@ -118,7 +119,7 @@ def _check_cfg(cfg: dict) -> None:
             raise ValueError(f"invariant GEMM config: {key} must be a power of two >= 16, got {v}")
     if not isinstance(cfg["split_k"], int) or cfg["split_k"] < 1:
         raise ValueError(f"invariant GEMM config: split_k must be an integer >= 1, got {cfg['split_k']!r}")
-    for key in ("tma", "persistent"):
+    for key in ("tma", "fold_last", "persistent"):
         if not isinstance(cfg[key], bool):
             raise ValueError(f"invariant GEMM config: {key} must be a bool, got {cfg[key]!r}")
 
@@ -165,21 +166,23 @@ def invariant_gemm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | N
     tma = cfg["tma"] and _tma_ok(x) and _tma_ok(weight)
     xa = TensorDescriptor(x, [m, k], [x.stride(0), 1], [bm, bk]) if tma else x
     wa = TensorDescriptor(weight, [n, k], [weight.stride(0), 1], [bn, bk]) if tma else weight
-    # Split: float32 partials [split, M, N], summed (with the bias) by sum_parts_kernel.
-    target = out if split == 1 else torch.empty(split, m, n, dtype=torch.float32, device=x.device)
+    # Split: float32 partials [split, M, N], summed (with the bias) by sum_parts_kernel or in-kernel.
+    ws = out if split == 1 else torch.empty(split, m, n, dtype=torch.float32, device=x.device)
+    fold = split > 1 and cfg["fold_last"]
+    # fold_last: one arrival counter per output tile (zeroed per call: graph-safe, a memset node).
+    count = torch.zeros(triton.cdiv(m, bm) * triton.cdiv(n, bn), dtype=torch.int32, device=x.device) if fold else out
     tiles = triton.cdiv(m, bm) * triton.cdiv(n, bn) * split
     programs = _num_sms(x.device) if cfg["persistent"] else 0
-    fused_bias = bias is not None and split == 1
+    b = bias if bias is not None else out  # never read without a bias
     gemm_kernel[(min(tiles, programs) if programs else tiles,)](
-        xa, wa, bias if fused_bias else weight, target, m, n, k, x.stride(0), weight.stride(0), target.stride(-2),
-        part_len, HAS_BIAS=fused_bias, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP=GROUP_M,
-        EVEN_K=k % bk == 0,
-        PREC="ieee" if x.dtype == torch.float32 else "tf32", TMA=tma, SPLIT=split, PROGRAMS=programs,
+        xa, wa, b, out, ws, count, m, n, k, x.stride(0), weight.stride(0), out.stride(0), part_len,
+        HAS_BIAS=bias is not None, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP=GROUP_M, EVEN_K=k % bk == 0,
+        PREC="ieee" if x.dtype == torch.float32 else "tf32", TMA=tma, SPLIT=split, FOLD=fold, PROGRAMS=programs,
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
-    if split > 1:
+    if split > 1 and not fold:
         sum_parts_kernel[(triton.cdiv(m, SUM_BLOCK[0]), triton.cdiv(n, SUM_BLOCK[1]))](
-            target, bias if bias is not None else out, out, m, n, out.stride(0), HAS_BIAS=bias is not None,
-            SPLIT=split, BLOCK_M=SUM_BLOCK[0], BLOCK_N=SUM_BLOCK[1], num_warps=4)
+            ws, b, out, m, n, out.stride(0), HAS_BIAS=bias is not None, SPLIT=split,
+            BLOCK_M=SUM_BLOCK[0], BLOCK_N=SUM_BLOCK[1], num_warps=4)
     return out
 
 
