@@ -168,6 +168,9 @@ def gemm(args) -> list[dict]:
             if args.sweep and m in SWEEP_ROWS:
                 row["sweep_us"] = sweep[m] = {str(c): round(_timed(lambda: invariant_gemm(x, w, config=as_config(c))), 1)
                                               for c in CANDIDATES}
+                if m == 512:
+                    row["same_bits"] = same_bits(lambda c: invariant_gemm(x, w, config=as_config(c)))
+                    print(f"{name}: candidates with bitwise-equal outputs at M=512: {row['same_bits']}")
             print(f"{name:8s} N={n:6d} K={k:5d} M={m:5d}: cuBLAS {row['cublas_us']:8.1f} us, invariant "
                   f"{row['invariant_us']:8.1f} us ({row['invariant_us'] / row['cublas_us']:.2f}x)"
                   + (f"  sweep {row['sweep_us']}" if "sweep_us" in row else ""), flush=True)
@@ -183,6 +186,23 @@ def gemm(args) -> list[dict]:
                 json.dump({f"{b['n']},{b['k']}": as_config(b["candidate"]) for b in best.values()}, f, indent=1)
             print(f"fastest configs weighted by the workload -> {args.tuned}")
     return rows
+
+
+def same_bits(run) -> list[list[int]]:
+    """CANDIDATES indices grouped by bitwise-equal output (run(candidate) -> tensor). Which
+    variants compute the same bits (TMA vs pointer loads, persistent or not, 64- vs 128-row
+    tiles) says which could be swapped by M without breaking the invariance (not done: the
+    engine's choice never looks at M)."""
+    groups: list[tuple[object, list[int]]] = []
+    for i, c in enumerate(CANDIDATES):
+        out = run(c)
+        for first, members in groups:
+            if out.shape == first.shape and bool((out == first).all()):
+                members.append(i)
+                break
+        else:
+            groups.append((out, [i]))
+    return [members for _, members in groups]
 
 
 def _num_layers(workload: str) -> int:

@@ -40,3 +40,11 @@ def test_every_candidate_is_a_valid_distinct_config():
     assert len({str(c) for c in bi.CANDIDATES}) == len(bi.CANDIDATES)
     for c in bi.CANDIDATES:
         assert all(v >= 16 and v & (v - 1) == 0 for v in c[:3]) and set(c[5]) <= {"tma", "split_k", "fold_last", "persistent"}
+
+
+def test_same_bits_groups_candidates_by_equal_outputs():
+    import torch
+    outs = {str(c): torch.tensor([float(i % 3)]) for i, c in enumerate(bi.CANDIDATES)}
+    groups = bi.same_bits(lambda c: outs[str(c)])
+    n = len(bi.CANDIDATES)
+    assert groups == [list(range(r, n, 3)) for r in range(3)]
