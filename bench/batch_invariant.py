@@ -35,6 +35,7 @@ CANDIDATES = [(*t, {}) for t in _TILES] + [
     (*t, {"tma": True}) for t in _TILES + [(128, 128, 64, 4, 4), (128, 256, 64, 8, 4)]] + [
     (*t, {"tma": True, "persistent": True}) for t in
     [(128, 64, 64, 4, 4), (128, 128, 64, 8, 4), (128, 128, 64, 4, 4), (128, 256, 64, 8, 3)]] + [
+    (128, 128, 64, 8, 3, {"persistent": True})] + [  # pointer loads, persistent (Thinking Machines' bf16 choice)
     (*t, {"tma": True, "split_k": s, "fold_last": fold}) for t, s in
     [((128, 128, 64, 8, 4), 2), ((128, 256, 64, 8, 3), 2), ((64, 128, 64, 4, 4), 2), ((64, 128, 64, 4, 4), 4)]
     for fold in (False, True)]
