@@ -12,10 +12,9 @@ that a weight tile is read from HBM about once per group (the others hit L2).
 A config is block_m, block_n, block_k, num_warps, num_stages and three variant keys (defaults in
 VARIANT_DEFAULTS; invariant_gemm_kernels.py has the kernels):
   tma         tiles loaded by TMA (host-side tensor descriptors) instead of pointer loads; a
-              tensor TMA cannot address (base or row stride not 16-byte aligned, a GPU before
-              Hopper) takes the pointer loads of the same tile (tests/gpu check both give the
-              same bits). Whether x qualifies depends on K and on its allocation, not on M: a
-              slice of rows of a tensor is aligned iff the tensor is (K * elem % 16 == 0).
+              weight TMA cannot address (base or row stride not 16-byte aligned) or a GPU before
+              Hopper takes the pointer loads of the same tile, whatever M; an input it cannot
+              address is copied to an aligned one first (so its rows take the same path).
   split_k     S > 1: K cut into S fixed parts (from K and block_k only), float32 partials
               summed in part order (never atomics on data) by a second kernel, or
   fold_last   by the program that finishes a tile's last part (a counter per tile; same bits);
@@ -135,15 +134,18 @@ def split_parts(k: int, block_k: int, split_k: int) -> tuple[int, int]:
 _TMA_CAPABLE: dict[int, bool] = {}
 
 
-def _tma_ok(t: torch.Tensor) -> bool:
-    """Whether TMA can address t's rows: Hopper or later (the interpreter emulates it), a
-    16-byte aligned base and row stride."""
-    if t.is_cuda:
-        idx = t.device.index if t.device.index is not None else torch.cuda.current_device()
-        if idx not in _TMA_CAPABLE:
-            _TMA_CAPABLE[idx] = torch.cuda.get_device_capability(idx)[0] >= 9
-        if not _TMA_CAPABLE[idx]:
-            return False
+def _tma_capable(device: torch.device) -> bool:
+    """Hopper or later (the interpreter emulates TMA)."""
+    if device.type != "cuda":
+        return True
+    idx = device.index if device.index is not None else torch.cuda.current_device()
+    if idx not in _TMA_CAPABLE:
+        _TMA_CAPABLE[idx] = torch.cuda.get_device_capability(idx)[0] >= 9
+    return _TMA_CAPABLE[idx]
+
+
+def _aligned(t: torch.Tensor) -> bool:
+    """TMA addresses t's rows: 16-byte aligned base and row stride."""
     return t.data_ptr() % 16 == 0 and (t.stride(0) * t.element_size()) % 16 == 0
 
 
@@ -163,7 +165,11 @@ def invariant_gemm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | N
     _check_cfg(cfg)
     bm, bn, bk = cfg["block_m"], cfg["block_n"], cfg["block_k"]
     part_len, split = split_parts(k, bk, cfg["split_k"])
-    tma = cfg["tma"] and _tma_ok(x) and _tma_ok(weight)
+    # Whether TMA runs depends on the weight, K and the device only; an x TMA cannot address (a
+    # view at an odd offset) is copied to a fresh, aligned tensor rather than loaded another way.
+    tma = cfg["tma"] and _tma_capable(x.device) and _aligned(weight) and (k * x.element_size()) % 16 == 0
+    if tma and not _aligned(x):
+        x = x.clone()
     xa = TensorDescriptor(x, [m, k], [x.stride(0), 1], [bm, bk]) if tma else x
     wa = TensorDescriptor(weight, [n, k], [weight.stride(0), 1], [bn, bk]) if tma else weight
     # Split: float32 partials [split, M, N], summed (with the bias) by sum_parts_kernel or in-kernel.
