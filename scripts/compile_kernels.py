@@ -2,6 +2,9 @@
 what Triton's interpreter does not (compile errors, shared memory over the limit) before device
 time is spent. Families:
 
+* gemm: the batch-invariant GEMM at Qwen3-8B's and the tests' shapes under every config the
+  sweep may pick (bench.batch_invariant CANDIDATES) and the rule's own, each launched at four M
+  that must compile to the same kernel;
 * gpt_oss: the sliding-window / sink attention and biased fused MoE at GPT-OSS-20B's and the tiny
   test model's shapes;
 * mla: the MLA decode and cache write at Moonlight-16B-A3B's (16 heads, kv_lora_rank 512, rope
@@ -29,6 +32,7 @@ import torch
 H200_SHARED = 232448  # bytes of shared memory a block may use on sm_90
 DTYPES = (torch.bfloat16, torch.float32)
 _where: list[str] = [""]  # what the launches being compiled belong to (for the report)
+_hashes: list[str] = []  # each compiled launch's kernel hash, in launch order
 
 
 def _compile_only() -> list[tuple[str, int, str]]:
@@ -59,6 +63,7 @@ def _compile_only() -> list[tuple[str, int, str]]:
     def compile_only(self, *args, grid, warmup, **kwargs):
         kernel = run(self, *args, grid=grid, warmup=True, **kwargs)
         compiled.append((self.fn.__name__, kernel.metadata.shared, _where[0]))
+        _hashes.append(kernel.hash)
         return kernel
     JITFunction.run = compile_only
     return compiled
@@ -162,7 +167,42 @@ def _mla(impl) -> None:
                   torch.empty(10, page, 1, lat + rope, dtype=dt), torch.zeros(5, dtype=torch.int64))
 
 
-FAMILIES = {"gpt_oss": (lambda impl: (_attention(impl), _experts(impl))), "mla": _mla}
+# (N, K) of the batch-invariant GEMM: Qwen3-8B's qkv, o_proj, gate_up, down, lm_head, then the
+# interpreter test shapes (uneven K, narrow N).
+GEMM_MODEL_SHAPES = ((6144, 4096), (4096, 4096), (24576, 4096), (4096, 12288), (151936, 4096))
+GEMM_TEST_SHAPES = ((48, 64), (200, 96), (16, 40))
+
+
+def _gemm(impl) -> None:
+    """The invariant GEMM at the model shapes under every sweep candidate (bench.batch_invariant
+    CANDIDATES: pointer / TMA loads, persistent grid, split-K) and the engine's own choice, bf16
+    and float32. Each config is launched at M = 1, 37, 512 and 8192, and the four launches must
+    compile to one kernel (same hash): M never reaches the generated code."""
+    from atom.ops.triton.invariant_gemm import gemm_config, invariant_gemm
+    from bench.batch_invariant import CANDIDATES, as_config
+    bad = []
+    for dt in DTYPES:
+        for n, k in GEMM_MODEL_SHAPES + GEMM_TEST_SHAPES:
+            w = torch.empty(n, k, dtype=dt)
+            own = gemm_config(n, k, w.element_size())
+            # The sweep (bf16 model shapes) may pick any candidate; elsewhere the variants of the rule's tile.
+            sweep = dt == torch.bfloat16 and (n, k) in GEMM_MODEL_SHAPES
+            configs = [own] + ([as_config(c) for c in CANDIDATES] if sweep else
+                               [{**own, "tma": True}, {**own, "tma": True, "split_k": 2, "persistent": True},
+                                {**own, "split_k": 3, "fold_last": True, "persistent": True}])
+            for cfg in configs:
+                _where[0] = f"{dt} N={n} K={k} {cfg}"
+                seen = len(_hashes)
+                for m in (1, 37, 512, 8192):
+                    invariant_gemm(torch.empty(m, k, dtype=dt), w, torch.empty(n, dtype=dt), config=cfg)
+                two = cfg["split_k"] > 1 and k > cfg["block_k"] and not cfg["fold_last"]  # + sum_parts_kernel
+                if len(set(_hashes[seen:])) != (2 if two else 1):
+                    bad.append(_where[0])
+    if bad:
+        raise SystemExit("invariant GEMM compiled differently for different M: " + "; ".join(bad))
+
+
+FAMILIES = {"gemm": _gemm, "gpt_oss": (lambda impl: (_attention(impl), _experts(impl))), "mla": _mla}
 
 
 def main() -> None:

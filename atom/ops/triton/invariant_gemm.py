@@ -1,26 +1,37 @@
-"""Batch-invariant dense GEMM: y = x @ W.T (+ b) with one tile shape per weight for every M.
+"""Batch-invariant dense GEMM: y = x @ W.T (+ b) with one tile config per weight for every M.
 
 cuBLAS picks its kernel (tiles, split-K, stream-K) by the problem's M, and the skinny kernel
 (linear.py) sums K in another order than any tensor-core tile, so in the normal backend a row's
 bits depend on how many rows share the call. Here every output element is one tl.dot
-accumulation over K in BLOCK_K steps, in ascending order, inside a tile whose shape (BLOCK_M,
-BLOCK_N, BLOCK_K, warps, stages) is a function of (N, K, dtype) only (`gemm_config`): M = 1 and
-M = 8192 run the same compiled kernel, and the rows of a tensor-core tile never mix, so row i
-gets the same bits wherever it sits and whatever else is in the batch. No split-K. Rows past M
-in the last tile re-read row M - 1 (loads stay unmasked along M; those rows are not stored).
-Programs go in groups of GROUP_M row tiles per weight tile so that a weight tile is read from
-HBM about once per group (the others hit L2).
+accumulation over K in BLOCK_K steps, in ascending order, inside a tile whose config is a
+function of (N, K, dtype, device) only (`gemm_config`): M = 1 and M = 8192 run the same compiled
+kernel, and the rows of a tensor-core tile never mix, so row i gets the same bits wherever it sits
+and whatever else is in the batch. Programs go in groups of GROUP_M row tiles per weight tile so
+that a weight tile is read from HBM about once per group (the others hit L2).
+
+A config is block_m, block_n, block_k, num_warps, num_stages and three variant keys (defaults in
+VARIANT_DEFAULTS; invariant_gemm_kernels.py has the kernels):
+  tma         tiles loaded by TMA (host-side tensor descriptors) instead of pointer loads; a
+              weight TMA cannot address (base or row stride not 16-byte aligned) or a GPU before
+              Hopper takes the pointer loads of the same tile, whatever M; an input it cannot
+              address is copied to an aligned one first (so its rows take the same path).
+  split_k     S > 1: K cut into S fixed parts (from K and block_k only), float32 partials
+              summed in part order (never atomics on data) by a second kernel, or
+  fold_last   by the program that finishes a tile's last part (a counter per tile; same bits);
+  persistent  one program per SM, each striding over the tiles.
+None of them looks at M, so any config keeps the invariance.
 
 The config rule is a starting point for the H200 (bench/batch_invariant.py --gemm --sweep times
-candidates at the workloads' shapes; `TUNED` takes per-(N, K, dtype) overrides: any choice that
-does not look at M keeps the invariance; MEASURED holds what the sweep found per device).
+candidates at the workloads' shapes; `TUNED` takes per-(N, K, dtype) overrides; MEASURED holds
+what the sweep found per device).
 """
 from __future__ import annotations
 
 import torch
 import triton
-import triton.language as tl
+from triton.tools.tensor_descriptor import TensorDescriptor
 
+from atom.ops.triton.invariant_gemm_kernels import gemm_kernel, sum_parts_kernel
 from atom.ops.triton.linear import _num_sms
 
 GROUP_M = 8
@@ -28,8 +39,12 @@ GROUP_M = 8
 TUNED: dict[tuple[int, int, int], dict] = {}
 
 
-def _cfg(bm: int, bn: int, bk: int, warps: int, stages: int) -> dict:
-    return dict(block_m=bm, block_n=bn, block_k=bk, num_warps=warps, num_stages=stages)
+VARIANT_DEFAULTS = dict(tma=False, split_k=1, fold_last=False, persistent=False)
+
+
+def _cfg(bm: int, bn: int, bk: int, warps: int, stages: int, **variant) -> dict:
+    return dict(block_m=bm, block_n=bn, block_k=bk, num_warps=warps, num_stages=stages,
+                **{**VARIANT_DEFAULTS, **variant})
 
 
 # Measured per device: {device name: {(n, k, element size): config}}, the fastest candidate at
@@ -57,43 +72,6 @@ def _device_name(device: torch.device) -> str:
     return _NAMES[idx]
 
 
-@triton.jit(do_not_specialize=["M"])
-def _gemm_kernel(x_ptr, w_ptr, b_ptr, out_ptr, M, N, K, sxm, swn, som,
-                 HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                 GROUP: tl.constexpr, EVEN_K: tl.constexpr, PREC: tl.constexpr):
-    pid = tl.program_id(0)
-    num_m = tl.cdiv(M, BLOCK_M)
-    num_n = tl.cdiv(N, BLOCK_N)
-    per_group = GROUP * num_n
-    first_m = (pid // per_group) * GROUP
-    gsize = tl.minimum(num_m - first_m, GROUP)
-    pid_m = first_m + (pid % per_group) % gsize
-    pid_n = (pid % per_group) // gsize
-    rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    rk = tl.arange(0, BLOCK_K)
-    rows = tl.minimum(rm, M - 1).to(tl.int64)
-    cols = tl.minimum(rn, N - 1).to(tl.int64)
-    a_ptrs = x_ptr + rows[:, None] * sxm + rk[None, :]
-    b_ptrs = w_ptr + cols[None, :] * swn + rk[:, None]
-    acc = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
-    for k0 in range(0, K, BLOCK_K):
-        if EVEN_K:
-            a = tl.load(a_ptrs)
-            b = tl.load(b_ptrs)
-        else:
-            km = rk < K - k0
-            a = tl.load(a_ptrs, mask=km[None, :], other=0.0)
-            b = tl.load(b_ptrs, mask=km[:, None], other=0.0)
-        acc = tl.dot(a, b, acc, input_precision=PREC)
-        a_ptrs += BLOCK_K
-        b_ptrs += BLOCK_K
-    if HAS_BIAS:
-        acc += tl.load(b_ptr + cols).to(tl.float32)[None, :]
-    ok = (rm < M)[:, None] & (rn < N)[None, :]
-    tl.store(out_ptr + rm.to(tl.int64)[:, None] * som + rn[None, :], acc.to(out_ptr.dtype.element_ty), mask=ok)
-
-
 REF_ROWS = 512  # the decode batch the tile widths are chosen for (a rollout's ~512 sequences)
 _WIDE = {256: dict(num_warps=8, num_stages=3), 128: dict(num_warps=8, num_stages=4),
          64: dict(num_warps=4, num_stages=4)}
@@ -112,10 +90,11 @@ def gemm_config(n: int, k: int, elem_size: int, num_sms: int = 132, device_name:
     last wave of tiles at REF_ROWS rows fills the SMs within 5% of the best width (8B qkv, 6144
     wide: 64 columns give 384 tiles, 2.9 full waves on 132 SMs, where 128 give 1.45); BLOCK_K 64.
     Narrow weights (routers) take 64 x 32 tiles. float32 (tests, fp32 engines): 64 x 64 x 32, ieee.
+    The rule's configs take VARIANT_DEFAULTS (pointer loads, no split, a tile per program).
     """
     tuned = TUNED.get((n, k, elem_size)) or MEASURED.get(device_name, {}).get((n, k, elem_size))
     if tuned is not None:
-        return dict(tuned)
+        return {**VARIANT_DEFAULTS, **tuned}
     if elem_size >= 4:
         cfg = dict(block_m=64, block_n=64, block_k=32, num_warps=4, num_stages=3)
     elif n < 1024:
@@ -129,7 +108,7 @@ def gemm_config(n: int, k: int, elem_size: int, num_sms: int = 132, device_name:
     # Small weights (tiny test models): tiles no wider than the weight (tl.dot needs >= 16).
     cfg["block_n"] = min(cfg["block_n"], max(16, triton.next_power_of_2(n)))
     cfg["block_k"] = min(cfg["block_k"], max(16, triton.next_power_of_2(k)))
-    return cfg
+    return {**cfg, **VARIANT_DEFAULTS}
 
 
 def _check_cfg(cfg: dict) -> None:
@@ -137,6 +116,37 @@ def _check_cfg(cfg: dict) -> None:
         v = cfg[key]
         if v < 16 or v & (v - 1):
             raise ValueError(f"invariant GEMM config: {key} must be a power of two >= 16, got {v}")
+    if not isinstance(cfg["split_k"], int) or cfg["split_k"] < 1:
+        raise ValueError(f"invariant GEMM config: split_k must be an integer >= 1, got {cfg['split_k']!r}")
+    for key in ("tma", "fold_last", "persistent"):
+        if not isinstance(cfg[key], bool):
+            raise ValueError(f"invariant GEMM config: {key} must be a bool, got {cfg[key]!r}")
+
+
+def split_parts(k: int, block_k: int, split_k: int) -> tuple[int, int]:
+    """(columns per K part, number of parts) of a config: whole BLOCK_K steps per part, no empty
+    part (K = 4096 in 64-wide steps split 3 ways: 22 + 22 + 20 steps). From K and the config only."""
+    steps = triton.cdiv(k, block_k)
+    per = triton.cdiv(steps, min(split_k, steps))
+    return per * block_k, triton.cdiv(steps, per)
+
+
+_TMA_CAPABLE: dict[int, bool] = {}
+
+
+def _tma_capable(device: torch.device) -> bool:
+    """Hopper or later (the interpreter emulates TMA)."""
+    if device.type != "cuda":
+        return True
+    idx = device.index if device.index is not None else torch.cuda.current_device()
+    if idx not in _TMA_CAPABLE:
+        _TMA_CAPABLE[idx] = torch.cuda.get_device_capability(idx)[0] >= 9
+    return _TMA_CAPABLE[idx]
+
+
+def _aligned(t: torch.Tensor) -> bool:
+    """TMA addresses t's rows: 16-byte aligned base and row stride."""
+    return t.data_ptr() % 16 == 0 and (t.stride(0) * t.element_size()) % 16 == 0
 
 
 def invariant_gemm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
@@ -150,13 +160,36 @@ def invariant_gemm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | N
         return out
     if k == 0:
         return out.zero_() if bias is None else out.copy_(bias.expand(m, n))
-    cfg = config or gemm_config(n, k, weight.element_size(), _num_sms(x.device), _device_name(x.device))
+    cfg = {**VARIANT_DEFAULTS, **(config or gemm_config(n, k, weight.element_size(), _num_sms(x.device),
+                                                       _device_name(x.device)))}
     _check_cfg(cfg)
     bm, bn, bk = cfg["block_m"], cfg["block_n"], cfg["block_k"]
-    grid = (triton.cdiv(m, bm) * triton.cdiv(n, bn),)
-    _gemm_kernel[grid](x, weight, bias if bias is not None else weight, out, m, n, k,
-                       x.stride(0), weight.stride(0), out.stride(0),
-                       HAS_BIAS=bias is not None, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP=GROUP_M,
-                       EVEN_K=k % bk == 0, PREC="ieee" if x.dtype == torch.float32 else "tf32",
-                       num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+    part_len, split = split_parts(k, bk, cfg["split_k"])
+    # Whether TMA runs depends on the weight, K and the device only; an x TMA cannot address (a
+    # view at an odd offset) is copied to a fresh, aligned tensor rather than loaded another way.
+    tma = cfg["tma"] and _tma_capable(x.device) and _aligned(weight) and (k * x.element_size()) % 16 == 0
+    if tma and not _aligned(x):
+        x = x.clone()
+    xa = TensorDescriptor(x, [m, k], [x.stride(0), 1], [bm, bk]) if tma else x
+    wa = TensorDescriptor(weight, [n, k], [weight.stride(0), 1], [bn, bk]) if tma else weight
+    # Split: float32 partials [split, M, N], summed (with the bias) by sum_parts_kernel or in-kernel.
+    ws = out if split == 1 else torch.empty(split, m, n, dtype=torch.float32, device=x.device)
+    fold = split > 1 and cfg["fold_last"]
+    # fold_last: one arrival counter per output tile (zeroed per call: graph-safe, a memset node).
+    count = torch.zeros(triton.cdiv(m, bm) * triton.cdiv(n, bn), dtype=torch.int32, device=x.device) if fold else out
+    tiles = triton.cdiv(m, bm) * triton.cdiv(n, bn) * split
+    programs = _num_sms(x.device) if cfg["persistent"] else 0
+    b = bias if bias is not None else out  # never read without a bias
+    gemm_kernel[(min(tiles, programs) if programs else tiles,)](
+        xa, wa, b, out, ws, count, m, n, k, x.stride(0), weight.stride(0), out.stride(0), part_len,
+        HAS_BIAS=bias is not None, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP=GROUP_M, EVEN_K=k % bk == 0,
+        PREC="ieee" if x.dtype == torch.float32 else "tf32", TMA=tma, SPLIT=split, FOLD=fold, PROGRAMS=programs,
+        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+    if split > 1 and not fold:
+        sum_parts_kernel[(triton.cdiv(m, SUM_BLOCK[0]), triton.cdiv(n, SUM_BLOCK[1]))](
+            ws, b, out, m, n, out.stride(0), HAS_BIAS=bias is not None, SPLIT=split,
+            BLOCK_M=SUM_BLOCK[0], BLOCK_N=SUM_BLOCK[1], num_warps=4)
     return out
+
+
+SUM_BLOCK = (16, 256)  # sum_parts_kernel's tile (elementwise: any tile gives the same bits)
