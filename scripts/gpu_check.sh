@@ -18,8 +18,9 @@
 #               against the batch call, a request arriving during a 512-sequence decode
 #     arrival : agent-async-moe (requests 5 ms apart through the async API)
 #     ipc     : weight sync by CUDA IPC from a trainer process, 30B shape (bench/ipc_weights.py; goal < 0.5 s)
-#     invariant W1,W2 : batch-invariant mode's cost (bench/batch_invariant.py, normal and invariant
-#               processes, --check), default grpo-moe,grpo-dense-8b; then the GEMM micro-benchmark
+#     invariant W1,W2 : the invariant GEMM sweep (--gemm grpo-dense-8b --sweep --tuned gemm_tuned.json),
+#               then batch-invariant mode's cost with those tiles (bench/batch_invariant.py, normal and
+#               invariant processes, --check), default grpo-moe,grpo-dense-8b
 # Logs and JSON results go to $OUT (or ./gpu_out when OUT is unset).
 # On the lent H200 a device call may run 10 minutes: `tests small` and `bench` are one call each
 # (the four workloads take ~75 s apiece with build and warm-up).
@@ -49,7 +50,7 @@ while [ $# -gt 0 ]; do
       groups=("tests/gpu/test_moe_small.py tests/gpu/test_family_kernels.py"
               "tests/gpu/test_engine_gpu.py tests/gpu/test_families_gpu.py tests/gpu/test_gpt_oss_gpu.py tests/gpu/test_sampling_options_gpu.py tests/gpu/test_routed_gpu.py tests/test_overlapped_decode.py tests/test_weight_transfer.py"
               "tests/gpu/test_triton_ops.py tests/gpu/test_attn_prologue.py tests/gpu/test_linear.py tests/gpu/test_sampling_split.py tests/gpu/test_penalties_gpu.py tests/gpu/test_invariant_ops.py"
-              "tests/gpu/test_mla_triton.py tests/gpu/test_mla_prefill_gpu.py tests/gpu/test_deepseek_gpu.py tests/gpu/test_batch_invariant_gpu.py")
+              "tests/gpu/test_mla_triton.py tests/gpu/test_mla_prefill_gpu.py tests/gpu/test_deepseek_gpu.py tests/gpu/test_batch_invariant_gpu.py tests/gpu/test_invariant_gemm.py")
       for i in "${!groups[@]}"; do
         timeout "${TEST_TIMEOUT:-420}" $PY -m pytest -m gpu -q -rs ${PYTEST_X--x} --durations=5 ${groups[$i]} \
           > "$OUT/pytest_$i.log" 2>&1 &
@@ -111,16 +112,20 @@ while [ $# -gt 0 ]; do
       grep -E "cycles|stepwise|variants|per_expert_names.s|fused_v5_names.s|equal|drift|error" "$OUT/sleep_wake.log" | cut -c1-900
       ;;
     invariant)
+      # The GEMM sweep first (every tile / TMA / split-K / persistent candidate at Qwen3-8B's
+      # shapes; the workload-weighted best per weight goes to gemm_tuned.json and is printed as
+      # invariant_gemm.MEASURED lines), then each workload normal vs invariant with those tiles.
       IW="grpo-moe grpo-dense-8b"
       if [ $# -gt 1 ] && ! [[ " $SECTIONS " == *" $2 "* ]]; then IW=${2//,/ }; shift; fi
+      timeout "${SWEEP_TIMEOUT:-420}" $PY -m bench.batch_invariant --gemm grpo-dense-8b --sweep --tuned "$OUT/gemm_tuned.json" \
+        > "$OUT/invariant_gemm.log" 2>&1 || summary+=("invariant gemm: FAILED")
+      grep -vE "^RESULT" "$OUT/invariant_gemm.log" | cut -c1-400 | tail -30
+      TUNED_GEMM=(); [ -f "$OUT/gemm_tuned.json" ] && TUNED_GEMM=(--tuned "$OUT/gemm_tuned.json")
       for w in $IW; do
-        timeout "${INVARIANT_TIMEOUT:-420}" $PY -m bench.batch_invariant "$w" --check --json "$OUT/invariant.jsonl" \
-          > "$OUT/invariant_$w.log" 2>&1 || summary+=("invariant $w: FAILED")
+        timeout "${INVARIANT_TIMEOUT:-420}" $PY -m bench.batch_invariant "$w" --check "${TUNED_GEMM[@]}" \
+          --json "$OUT/invariant.jsonl" > "$OUT/invariant_$w.log" 2>&1 || summary+=("invariant $w: FAILED")
         grep -vE "^RESULT" "$OUT/invariant_$w.log" | tail -4
       done
-      timeout "${INVARIANT_TIMEOUT:-420}" $PY -m bench.batch_invariant --gemm grpo-dense-8b --sweep \
-        > "$OUT/invariant_gemm.log" 2>&1 || summary+=("invariant gemm: FAILED")
-      grep -vE "^RESULT" "$OUT/invariant_gemm.log" | cut -c1-400 | tail -40
       ;;
     ipc)
       timeout "${IPC_TIMEOUT:-300}" $PY -m bench.ipc_weights --config bench/models/qwen3-30b-a3b/config.json \
