@@ -98,7 +98,19 @@ def test_cuda_graphs_on_off_identical(model_path, dtype):
         outs = eng.generate(prompts, params)
         assert bool(eng.num_cuda_graphs) != eager, "graphs captured exactly when not eager"
         results.append([(c.token_ids, c.logprobs, c.top_logprobs) for o in outs for c in o.outputs])
-    assert results[0] == results[1]
+    assert results[0] == results[1], _first_difference(*results)
+
+
+def _first_difference(graphed: list, eager: list) -> str:
+    """Where two runs first part: the completion, the token, both tokens with their logprobs and
+    the top alternatives (a near-tie flip shows two close logprobs; corrupted state does not)."""
+    for i, (g, e) in enumerate(zip(graphed, eager)):
+        for t, (a, b) in enumerate(zip(g[0], e[0])):
+            if a != b or g[1][t] != e[1][t]:
+                return (f"completion {i}, token {t}: graphed {a} ({g[1][t]!r}, top {g[2][t]}) vs eager {b} "
+                        f"({e[1][t]!r}, top {e[2][t]}); previous logprobs {g[1][max(0, t - 2):t]} vs "
+                        f"{e[1][max(0, t - 2):t]}")
+    return "same tokens and logprobs; top logprobs differ"
 
 
 def test_gpu_matches_cpu_sampling(model_path):
@@ -109,7 +121,8 @@ def test_gpu_matches_cpu_sampling(model_path):
     cpu = RolloutEngine(model_path, device="cpu", dtype="float32", max_num_batched_tokens=32).generate(prompts, params)
     for g, c in zip(gpu, cpu):
         for a, b in zip(g.outputs, c.outputs):
-            assert a.token_ids == b.token_ids
+            assert a.token_ids == b.token_ids, _first_difference([(a.token_ids, a.logprobs, [None] * len(a.logprobs))],
+                                                                 [(b.token_ids, b.logprobs, [None] * len(b.logprobs))])
             assert max(abs(x - y) for x, y in zip(a.logprobs, b.logprobs)) < 1e-3
 
 
@@ -130,7 +143,8 @@ def test_gpu_matches_cpu_with_sampling_options(model_path):
     cpu = RolloutEngine(model_path, device="cpu", dtype="float32", max_num_batched_tokens=32).generate(prompts, params)
     for g, c in zip(gpu, cpu):
         for a, b in zip(g.outputs, c.outputs):
-            assert a.token_ids == b.token_ids
+            assert a.token_ids == b.token_ids, _first_difference([(a.token_ids, a.logprobs, [None] * len(a.logprobs))],
+                                                                 [(b.token_ids, b.logprobs, [None] * len(b.logprobs))])
             assert max(abs(x - y) for x, y in zip(a.logprobs, b.logprobs)) < 1e-3
             assert a.logprob_ranks == b.logprob_ranks
     assert all(100 <= t < 200 for t in gpu[1].outputs[0].token_ids)
