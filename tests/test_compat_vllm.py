@@ -10,6 +10,7 @@ import torch
 from atom import RolloutEngine
 from atom import SamplingParams as AtomParams
 from atom.compat.vllm import LLM, SamplingParams, TokensPrompt
+from helpers import hf_logits
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 KW = dict(num_kv_blocks=128, max_model_len=256, max_num_seqs=16)
@@ -61,13 +62,24 @@ def test_outputs_equal_atoms_own_in_vllms_shapes(tiny_chat_model_path, llm):
             ranked = sorted(top.items(), key=lambda kv: -kv[1])
             for r, (tid, v) in enumerate(ranked, 1):
                 assert d[tid].rank == r and d[tid].logprob == v
-            if t not in top:
-                assert d[t].rank == 4  # outside the top 3: a lower bound
+            # vLLM's rank of the sampled token: its exact rank among all tokens (tokens of equal
+            # value count as better), here against HF's raw logprobs of the same sequence
+            ref = hf_logits(tiny_chat_model_path, ids + wc.token_ids).log_softmax(-1)[len(ids) - 1 + pos]
+            assert _rank_bounds(ref, t)[0] <= d[t].rank <= _rank_bounds(ref, t)[1]
             assert set(d) == set(top) | {t}
     assert g.prompt_logprobs[0] is None and len(g.prompt_logprobs) == len(ids)
+    ref = hf_logits(tiny_chat_model_path, ids).log_softmax(-1)
     for pos in range(1, len(ids)):
         d, raw = g.prompt_logprobs[pos], w.prompt_logprobs[pos]
         assert d[ids[pos]].logprob == raw[ids[pos]] and len(d) in (2, 3)
+        lo, hi = _rank_bounds(ref[pos - 1], ids[pos])
+        assert lo <= d[ids[pos]].rank <= hi
+
+
+def _rank_bounds(logprobs, token: int, tol: float = 1e-4) -> tuple[int, int]:
+    """The rank of `token` in a reference row, as a range over values within `tol` of its own."""
+    v = logprobs[token].item()
+    return int((logprobs > v + tol).sum()) + 1, int((logprobs >= v - tol).sum())
 
 
 def test_processed_logprobs_are_the_trainers_at_the_sampling_temperature(tiny_chat_model_path):

@@ -55,11 +55,14 @@ class RequestOutput:
 
 
 def position_logprobs(token: int, logprob: float, top: dict[int, float] | None, k: int,
-                      decode: Decode) -> dict[int, Logprob]:
-    """vLLM's per-position dict: the chosen token first, then the top-k alternatives, ranked."""
+                      decode: Decode, rank: int | None = None) -> dict[int, Logprob]:
+    """vLLM's per-position dict: the chosen token first (with its exact rank among all tokens when
+    the engine reported it, as vLLM's), then the top-k alternatives, ranked 1..k."""
     ranked = sorted((top or {}).items(), key=lambda kv: -kv[1])[:k] if k else []
     ranks = {tid: r for r, (tid, _) in enumerate(ranked, 1)}
-    out = {token: Logprob(logprob, ranks.get(token, k + 1 if k else None), decode(token))}
+    if rank is None:
+        rank = ranks.get(token, k + 1 if k else None)
+    out = {token: Logprob(logprob, rank, decode(token))}
     for tid, lp in ranked:
         if tid != token:
             out[tid] = Logprob(lp, ranks[tid], decode(tid))
@@ -75,7 +78,9 @@ def completion_output(c: Completion, k: int | None, decode: Decode, stop_in_text
         logprobs, cumulative = None, None
     else:
         tops = c.top_logprobs or [None] * len(c.token_ids)
-        logprobs = [position_logprobs(t, lp, top, k, decode) for t, lp, top in zip(c.token_ids, c.logprobs, tops)]
+        exact = c.logprob_ranks if len(c.logprob_ranks) == len(c.token_ids) else [None] * len(c.token_ids)
+        logprobs = [position_logprobs(t, lp, top, k, decode, r)
+                    for t, lp, top, r in zip(c.token_ids, c.logprobs, tops, exact)]
         # atom's running total: in a streamed delta it covers every token so far, as vLLM's does
         cumulative = float(c.cumulative_logprob if c.cumulative_logprob is not None else sum(c.logprobs))
     return CompletionOutput(index=c.index, text=text, token_ids=list(c.token_ids), cumulative_logprob=cumulative,
@@ -86,14 +91,10 @@ def request_output(out: RolloutOutput, request_id: str, prompt: str | None, k: i
                    decode: Decode, stop_in_text: bool, detokenize: bool) -> RequestOutput:
     prompt_logprobs = None
     if out.prompt_logprobs is not None:
-        prompt_logprobs = [None if d is None else _prompt_position(tok, d, prompt_k or 0, decode)
-                           for tok, d in zip(out.prompt_token_ids, out.prompt_logprobs)]
+        ranks = out.prompt_logprob_ranks or [None] * len(out.prompt_token_ids)
+        prompt_logprobs = [None if d is None else position_logprobs(tok, d[tok], d, prompt_k or 0, decode, r)
+                           for tok, d, r in zip(out.prompt_token_ids, out.prompt_logprobs, ranks)]
     return RequestOutput(
         request_id=request_id, prompt=prompt, prompt_token_ids=list(out.prompt_token_ids),
         prompt_logprobs=prompt_logprobs, finished=out.finished,
         outputs=[completion_output(c, k, decode, stop_in_text, detokenize) for c in out.outputs])
-
-
-def _prompt_position(token: int, d: dict[int, float], k: int, decode: Decode) -> dict[int, Logprob]:
-    # atom's entry holds the actual token and the top-k alternatives: the k best of them are the top k.
-    return position_logprobs(token, d[token], d, k, decode)
