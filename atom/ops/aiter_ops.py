@@ -23,14 +23,38 @@ Mapped:
   paged_attention_decode   aiter.paged_attention_v1 with kv_cache_layout "NHD", which reads atom's
                            [num_blocks, block_size, Hk, D] cache as it is (gfx9 only; block 16/32,
                            head 64/128, GQA <= 16). The cascade groups are ignored (same maths).
+  mla_attention_decode     aiter.mla.mla_decode_fwd, non-persistent split-KV path (stage 1: the asm
+                           kernel of csrc/py_itfs_cu/asm_mla.cu from hsa/<gfx>/mla/mla_asm.csv; stage 2:
+                           the Triton merge in aiter/mla.py), as vLLM's ROCM_AITER_MLA backend calls it:
+                           q = [q_latent | q_pe], the cache viewed as pages of one token (a slot per
+                           page), kv_indices = each sequence's token slots (atom/ops/aiter_args.py,
+                           built on the device without a host sync, fixed size B x max_seq_len: graph
+                           safe, built once per step for all layers), last page lengths 1, 16 KV splits.
+                           gfx942 / gfx950, bf16 query and cache, 16 or 128 heads (vLLM's limit), latent
+                           512 + rope 64 (DeepSeek's, the dims vLLM sends); anything else falls back. Only a
+                           sequence's own slots are read (not "reads_whole_blocks"); cascade groups are
+                           ignored (each sequence reads its shared prefix itself). The glue is tested on
+                           CPU against a torch re-implementation of mla_decode_fwd's contract
+                           (tests/test_aiter_args.py); the kernel call itself never ran.
 Not mapped:
-  fused_moe, moe_forward   AITER's fused_moe kernels expect expert weights pre-shuffled by
-                           aiter.shuffle_weight (vLLM shuffles them at load); atom keeps plain
-                           [E, 2I, H] / [E, H, I] weights that weight sync writes in place, and
-                           shuffling every call would copy all expert weights each step.
+  fused_moe, moe_forward   Re-checked against AITER's source (aiter/fused_moe.py, aiter/ops/moe_op.py,
+                           csrc/ck_gemm_moe_2stages_codegen/): there is no bf16 path for plain
+                           [E, 2I, H] / [E, H, I] weights. The bf16 gate-up (g1u1) route is the CK
+                           2-stage MoE (ck_moe_stage1_fwd / ck_moe_stage2_fwd), whose kernel is CK's
+                           DeviceMoeGemm, a DeviceGemmMultipleDSplitKBPreShuffle: B must be pre-shuffled
+                           (aiter.shuffle_weight). The weights' `is_shuffled` attribute has an unshuffled
+                           kernel behind it for fp4 only ("a4w4_bns" in gemm_moe_ck2stages_common.py; the
+                           a16w16 kernels are the same whatever the flag, and get_2stage_cfgs warns that
+                           tuned kernels with is_shuffled=False "may produce incorrect results"); the
+                           1-stage asm aiter.fmoe is bf16 g1u0 only (fused_moe_1stage_dict), with weights
+                           vLLM shuffles too. atom keeps plain
+                           weights that weight sync writes in place, and shuffling every call would copy
+                           all expert weights each step. (AITER's Triton MoE kernels, aiter/ops/triton/moe,
+                           take plain weights but are the same kind of kernel as atom's own triton one.)
   qkv_prologue             AITER's fused qk-norm/RoPE/cache kernels use other cache layouts and
                            signatures; the triton kernel does the whole prologue in one launch.
-  kv_cache_write, linear, moe_route, sample: not attempted (not in the AITER issue).
+  kv_cache_write, linear, moe_route, sample, mla_cache_write, mla_attention_prefill, the GPT-OSS
+  ops: not attempted (not in the AITER issue).
 """
 from __future__ import annotations
 
@@ -44,6 +68,7 @@ try:
 except Exception as exc:  # pragma: no cover - depends on the machine
     raise ImportError(f"aiter is not usable: {exc}") from exc
 
+from atom.ops.aiter_args import step_mla_decode_args, run_mla_decode
 from atom.ops.metadata import AttentionMetadata
 from atom.ops.registry import declare_backend, implementations, register
 
@@ -187,3 +212,44 @@ def paged_attention_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
         meta.query_start_loc.to(torch.int32), meta.seq_lens.to(torch.int32), meta.max_seq_len,
         None, "auto", "NHD", 0.0, one, one)
     return out
+
+
+# ---- MLA decode (DeepSeek-V3 / Moonlight) -----------------------------------------------------
+
+MLA_KV_SPLITS = 16  # split-KV parts per sequence: what vLLM's ROCM_AITER_MLA passed before AITER chose them
+_MLA_HEADS = (16, 128)  # the head counts vLLM's ROCM_AITER_MLA accepts (AiterMLAImpl asserts them)
+
+
+@functools.lru_cache(maxsize=None)
+def _mla_kernel():
+    """aiter.mla.mla_decode_fwd, or None where this AITER has no aiter.mla."""
+    try:
+        from aiter.mla import mla_decode_fwd
+    except Exception:  # pragma: no cover - depends on the AITER build
+        return None
+    return mla_decode_fwd
+
+
+@functools.lru_cache(maxsize=None)
+def _mla_arch(index: int) -> bool:
+    # hsa/gfx942/mla/mla_asm.csv and hsa/gfx950/mla/mla_asm.csv hold the bf16 decode kernels.
+    return torch.cuda.get_device_properties(index).gcnArchName.split(":")[0] in ("gfx942", "gfx950")
+
+
+@register("mla_attention_decode", B)
+def mla_attention_decode(q_latent: torch.Tensor, q_pe: torch.Tensor, kv_cache: torch.Tensor,
+                         meta: AttentionMetadata, scale: float) -> torch.Tensor:
+    batch, heads, lat = q_latent.shape
+    rope = q_pe.shape[-1]
+    kernel = _mla_kernel()
+    # aiter/mla.py mla_decode_fwd, non-persistent path (work_meta_data None): stage 1 is the asm
+    # kernel (csrc/py_itfs_cu/asm_mla.cu mla_decode_stage1_asm_fwd), picked from hsa/<gfx>/mla/mla_asm.csv
+    # by (bf16, bf16, heads, max_seqlen_q 1): binaries written for DeepSeek's latent 512 + rope 64 (the only
+    # dims vLLM sends them; their code cannot be read here, so no other width is tried).
+    if not (kernel is not None and q_latent.is_cuda and _mla_arch(q_latent.device.index or 0) and batch
+            and heads in _MLA_HEADS and lat == 512 and rope == 64 and q_latent.dtype == torch.bfloat16
+            and q_pe.dtype == torch.bfloat16 and kv_cache.dtype == torch.bfloat16
+            and tuple(kv_cache.shape[2:]) == (1, lat + rope) and kv_cache.is_contiguous()):
+        return _fallback("mla_attention_decode")(q_latent, q_pe, kv_cache, meta, scale)
+    args = step_mla_decode_args(meta, kv_cache.shape[1], MLA_KV_SPLITS)
+    return run_mla_decode(kernel, q_latent, q_pe, kv_cache, meta, scale, args, MLA_KV_SPLITS)
