@@ -11,13 +11,13 @@ import json
 import os
 
 import torch
-import triton
 
 from atom.ops import implementations
 from atom.ops.metadata import AttentionMetadata, CascadeMetadata, SamplingMetadata
 
 
 def bench(fn) -> float:
+    import triton  # here, not at the top: apply_tuned is used (and tested) without Triton
     return triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median") / 1e3
 
 
@@ -53,12 +53,14 @@ def paged(bsz, prompt, gen, n, hq, hk, d, page=16, dtype=torch.bfloat16, cascade
 
 def apply_tuned(path: str) -> dict:
     """Load a --tune result into the kernels' config tables (this process)."""
-    import atom.ops.triton.attention as attn
-    import atom.ops.triton.mla as mla
     from atom.ops import moe_tiles
     tuned = json.load(open(path))
-    attn.DECODE_CFG.update(tuned.get("attn", {}))
-    mla.MLA_CFG.update(tuned.get("mla", {}))  # bench/mla_kernels.py --tune
+    if tuned.get("attn"):
+        import atom.ops.triton.attention as attn
+        attn.DECODE_CFG.update(tuned["attn"])
+    if tuned.get("mla"):  # bench/mla_kernels.py --tune
+        import atom.ops.triton.mla as mla
+        mla.MLA_CFG.update(tuned["mla"])
     for bound, up, down in tuned.get("moe", []):  # the default ladder (Qwen3-30B-A3B's sweep below)
         set_rung(moe_tiles.DEFAULT_LADDER, bound, up, down)
     moe_tiles.install_json(tuned.get("moe_shapes", []))  # per-shape ladders (bench/moe_tune.py)
