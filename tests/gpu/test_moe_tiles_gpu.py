@@ -3,7 +3,7 @@
 (the launches use the installed configs) and stay correct under each candidate, for the plain
 SiLU experts (Moonlight's path) and GPT-OSS's biased clamped SwiGLU (aligned and small paths).
 
-GPU: every candidate at GPT-OSS-20B's and Moonlight-16B-A3B's real shapes plus the small ones.
+GPU: every candidate at GPT-OSS-20B's and Moonlight-16B-A3B's real shapes (bf16) plus the small one.
 Interpreter (ATOM_GPU_TESTS_ON_CPU=1 TRITON_INTERPRET=1, ~40 s): every candidate at a small
 shape with K tails (hidden 144, intermediate 80: two and a half 64-wide K tiles)."""
 from __future__ import annotations
@@ -22,9 +22,11 @@ TOL = {torch.bfloat16: 1.6e-2, torch.float16: 4e-3, torch.float32: 2e-5}
 LIMIT, ALPHA = 7.0, 1.702
 
 ALL = [(t, c) for t, cands in CANDIDATES.items() for c in cands[1:]]  # [0]: the default rung
-SHAPES = [(9, 8, 2, 144, 80)]  # (tokens, experts, top_k, hidden, inter)
+# (dtype, (tokens, experts, top_k, hidden, inter)): the small shape in every dtype, the models'
+# (GPT-OSS-20B, Moonlight-16B-A3B) in bf16, as they run.
+SHAPES = [(dt, (9, 8, 2, 144, 80)) for dt in act_dtypes()]
 if not ON_CPU:
-    SHAPES += [(64, 32, 4, 2880, 2880), (64, 64, 6, 2048, 1408)]  # GPT-OSS-20B, Moonlight-16B-A3B
+    SHAPES += [(torch.bfloat16, (64, 32, 4, 2880, 2880)), (torch.bfloat16, (64, 64, 6, 2048, 1408))]
 
 
 def cid(case) -> str:
@@ -65,8 +67,7 @@ def routed(tokens, experts, top_k, device):
     return weights.softmax(-1), ids
 
 
-@pytest.mark.parametrize("dtype", act_dtypes())
-@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("dtype,shape", SHAPES)
 @pytest.mark.parametrize("case", ALL, ids=cid)
 def test_fused_moe_reads_the_table(triton_ops, device, monkeypatch, dtype, shape, case):
     tokens, experts, top_k, hidden, inter = shape
@@ -84,8 +85,7 @@ def test_fused_moe_reads_the_table(triton_ops, device, monkeypatch, dtype, shape
     assert err < TOL[dtype] * 1.5, f"relative error {err:.3g}"
 
 
-@pytest.mark.parametrize("dtype", act_dtypes())
-@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("dtype,shape", SHAPES)
 @pytest.mark.parametrize("case", ALL, ids=cid)
 def test_fused_moe_biased_reads_the_table(triton_ops, device, monkeypatch, dtype, shape, case):
     tokens, experts, top_k, hidden, inter = shape
