@@ -1,21 +1,23 @@
 """Micro-benchmarks of the triton kernels at the benchmark models' shapes:
 `python -m bench.kernels`. Prints median time, achieved bandwidth and the share of the copy
 bandwidth each reaches (memory-bound kernels: bytes they must read + write).
-`python -m bench.kernels --tune FILE [--attention-only]` sweeps tile configs and writes the best;
-`python -m bench.rollout --tuned FILE` runs with them."""
+`python -m bench.kernels --tune FILE [--attention-only]` sweeps tile configs and writes the best
+(decode attention; fused MoE at Qwen3-30B-A3B's shape: the default ladder), `python -m
+bench.moe_tune FILE` adds GPT-OSS-20B's and Moonlight-16B-A3B's per-shape MoE tiles to the same
+file; `python -m bench.rollout --tuned FILE` runs with them (apply_tuned)."""
 from __future__ import annotations
 
 import json
 import os
 
 import torch
-import triton
 
 from atom.ops import implementations
 from atom.ops.metadata import AttentionMetadata, CascadeMetadata, SamplingMetadata
 
 
 def bench(fn) -> float:
+    import triton  # here, not at the top: apply_tuned is used (and tested) without Triton
     return triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median") / 1e3
 
 
@@ -51,22 +53,30 @@ def paged(bsz, prompt, gen, n, hq, hk, d, page=16, dtype=torch.bfloat16, cascade
 
 def apply_tuned(path: str) -> dict:
     """Load a --tune result into the kernels' config tables (this process)."""
-    import atom.ops.triton.attention as attn
-    import atom.ops.triton.mla as mla
-    import atom.ops.triton.moe as moe
+    from atom.ops import moe_tiles
     tuned = json.load(open(path))
-    attn.DECODE_CFG.update(tuned.get("attn", {}))
-    mla.MLA_CFG.update(tuned.get("mla", {}))  # bench/mla_kernels.py --tune
-    for bound, up, down in tuned.get("moe", []):
-        moe._CONFIGS[:] = [(b, up, down) if b == bound else (b, u, d) for b, u, d in moe._CONFIGS]
+    if tuned.get("attn"):
+        import atom.ops.triton.attention as attn
+        attn.DECODE_CFG.update(tuned["attn"])
+    if tuned.get("mla"):  # bench/mla_kernels.py --tune
+        import atom.ops.triton.mla as mla
+        mla.MLA_CFG.update(tuned["mla"])
+    for bound, up, down in tuned.get("moe", []):  # the default ladder (Qwen3-30B-A3B's sweep below)
+        set_rung(moe_tiles.DEFAULT_LADDER, bound, up, down)
+    moe_tiles.install_json(tuned.get("moe_shapes", []))  # per-shape ladders (bench/moe_tune.py)
     return tuned
+
+
+def set_rung(ladder: list, bound: int, up: dict, down: dict) -> None:
+    """Replace the rung of `ladder` whose bound is `bound` (in place)."""
+    ladder[:] = [(b, up, down) if b == bound else (b, u, d) for b, u, d in ladder]
 
 
 def tune(out_path: str, with_moe: bool = True) -> None:
     """Sweep decode-attention and fused-MoE tile configs at the benchmark shapes; write the best."""
     import atom.ops.triton  # noqa: F401
     import atom.ops.triton.attention as attn
-    import atom.ops.triton.moe as moe
+    from atom.ops.moe_tiles import DEFAULT_LADDER
     dec = implementations("paged_attention_decode")["triton"]
     cases = [paged(512, 1024, 512, 8, 32, 4, 128), paged(512, 1024, 512, 8, 32, 8, 128),
              paged(1024, 512, 256, 8, 16, 8, 128)]
@@ -131,7 +141,7 @@ def tune(out_path: str, with_moe: bool = True) -> None:
         wts, ids = route(torch.randn(t_, e, device="cuda"), k, True)
         results = []
         for up, down in cands:
-            moe._CONFIGS[:] = [(b, up, down) if b == bound else (b, u, d) for b, u, d in moe._CONFIGS]
+            set_rung(DEFAULT_LADDER, bound, up, down)
             try:
                 # In a CUDA graph, as in decode: launch overhead out of the timing.
                 fm(x, w13, w2, wts, ids)
@@ -146,7 +156,7 @@ def tune(out_path: str, with_moe: bool = True) -> None:
             print(f"  moe T={t_}: {up} / {down}: {t * 1e6:.1f} us")
             results.append((t, up, down))
         t, up, down = min(results, key=lambda r: r[0])
-        moe._CONFIGS[:] = [(b, up, down) if b == bound else (b, u, d) for b, u, d in moe._CONFIGS]
+        set_rung(DEFAULT_LADDER, bound, up, down)
         moe_best.append([bound, up, down])
         print(f"moe T={t_} best {t * 1e6:.1f} us: {up} / {down}")
     json.dump({"attn": attn.DECODE_CFG, "moe": moe_best}, open(out_path, "w"))

@@ -10,9 +10,11 @@ time is spent. Families:
 * mla: the MLA decode and cache write at Moonlight-16B-A3B's (16 heads, kv_lora_rank 512, rope
   64, pages of 16), its TP2 share's (8 heads), DeepSeek-V3's (128 heads) and the tests' shapes,
   under the default MLA_CFG, the tests' overrides and every candidate `bench/mla_kernels.py
-  --tune` can pick (bench.mla_kernels.TUNE_SPACE).
+  --tune` can pick (bench.mla_kernels.TUNE_SPACE);
+* moe_tune: the fused MoE under every tile config bench/moe_tune.py may install, at GPT-OSS-20B's
+  (biased, clamped) and Moonlight-16B-A3B's shapes, bf16 (as swept).
 
-Both in bfloat16 and float32.
+Both in bfloat16 and float32 (moe_tune: bfloat16).
 
     PYTHONPATH=$PWD:/work/triton_pkgs .venv/bin/python scripts/compile_kernels.py [--only mla]
 
@@ -110,6 +112,33 @@ def _experts(impl) -> None:
                 op(x, w13, b13, w2, down_bias, weights, ids, 7.0, 1.702)
 
 
+def _moe_tune(impl) -> None:
+    """The fused MoE under every tile config `bench/moe_tune.py` may install (bf16, as swept):
+    the aligned path's candidates at GPT-OSS-20B's shape (biases + clamped SwiGLU) and
+    Moonlight-16B-A3B's (SiLU), the small path's at GPT-OSS-20B's."""
+    from atom.ops import moe_tiles
+    from atom.ops.triton.moe import Epilogue, SILU, experts_aligned
+    from bench.moe_tune import CANDIDATES, SHAPES, SMALL_CANDIDATES
+    dt = torch.bfloat16
+    for s in SHAPES.values():
+        w13, w2 = torch.empty(s.experts, 2 * s.inter, s.hidden, dtype=dt), torch.empty(s.experts, s.hidden, s.inter, dtype=dt)
+        b13, b2 = torch.empty(s.experts, 2 * s.inter, dtype=dt), torch.empty(s.experts, s.hidden, dtype=dt)
+        ep = Epilogue(b13, b2, "clamped_swiglu", 7.0, 1.702) if s.biased else SILU
+        for t, cands in CANDIDATES.items():
+            x, weights, ids = torch.empty(t, s.hidden, dtype=dt), torch.empty(t, s.top_k), torch.zeros(t, s.top_k, dtype=torch.int64)
+            for up, down in cands:
+                _where[0] = f"{s.name} T={t} up {up} down {down}"
+                experts_aligned(x, w13, w2, weights, ids, ep, up, down)
+        if s.biased:
+            op, shape = impl("fused_moe_biased")["triton"], moe_tiles.shape_of(w13)
+            x, weights, ids = torch.empty(1, s.hidden, dtype=dt), torch.empty(1, s.top_k), torch.zeros(1, s.top_k, dtype=torch.int64)
+            for cfg in SMALL_CANDIDATES:
+                _where[0] = f"{s.name} small path {cfg}"
+                moe_tiles.install_small(shape, cfg)
+                op(x, w13, b13, w2, b2, weights, ids, 7.0, 1.702)
+            moe_tiles.TABLE.pop(shape)
+
+
 # (heads, kv_lora_rank, qk_rope_head_dim, page): Moonlight-16B-A3B, its TP2 share, DeepSeek-V3,
 # then tests/gpu/test_mla_triton.py's interpreter shapes (the tiny test model's first).
 MLA_MODEL_SHAPES = ((16, 512, 64, 16), (8, 512, 64, 16), (128, 512, 64, 16))
@@ -202,7 +231,8 @@ def _gemm(impl) -> None:
         raise SystemExit("invariant GEMM compiled differently for different M: " + "; ".join(bad))
 
 
-FAMILIES = {"gemm": _gemm, "gpt_oss": (lambda impl: (_attention(impl), _experts(impl))), "mla": _mla}
+FAMILIES = {"gemm": _gemm, "gpt_oss": (lambda impl: (_attention(impl), _experts(impl))), "mla": _mla,
+            "moe_tune": _moe_tune}
 
 
 def main() -> None:

@@ -8,7 +8,9 @@
 #     bench   : python -m bench.rollout --workload W for each W (default: all four)
 #     hf      : the transformers generate baseline on decode-moe-bs1
 #     tune    : sweep decode-attention / fused-MoE tile configs (bench/kernels.py --tune), then the
-#               MLA decode's (bench/mla_kernels.py --tune, same file); later bench steps of the same run use the result
+#               MLA decode's (bench/mla_kernels.py --tune, same file), then the fused MoE's per expert
+#               shape (bench/moe_tune.py: GPT-OSS-20B, Moonlight; MOE_SHAPES=gpt-oss limits it);
+#               later bench steps of the same run use the result
 #     kernels : micro-benchmarks of the triton kernels (bench/kernels.py)
 #     mla     : the MLA decode kernel at the Moonlight shape (bench/mla_kernels.py), after `tune` with its configs,
 #               then the MLA prefill (8192-token chunks, absorbed / expanded break-even)
@@ -47,7 +49,7 @@ while [ $# -gt 0 ]; do
     tests)
       # Four pytest processes share the GPU (the suite is bound by Triton compiles on the host's
       # 16 cores, not by the device): about a third of the 530 s a single process takes.
-      groups=("tests/gpu/test_moe_small.py tests/gpu/test_family_kernels.py"
+      groups=("tests/gpu/test_moe_small.py tests/gpu/test_family_kernels.py tests/gpu/test_moe_tiles_gpu.py"
               "tests/gpu/test_engine_gpu.py tests/gpu/test_families_gpu.py tests/gpu/test_gpt_oss_gpu.py tests/gpu/test_sampling_options_gpu.py tests/gpu/test_routed_gpu.py tests/test_overlapped_decode.py tests/test_weight_transfer.py"
               "tests/gpu/test_triton_ops.py tests/gpu/test_attn_prologue.py tests/gpu/test_linear.py tests/gpu/test_sampling_split.py tests/gpu/test_penalties_gpu.py tests/gpu/test_invariant_ops.py"
               "tests/gpu/test_mla_triton.py tests/gpu/test_mla_prefill_gpu.py tests/gpu/test_deepseek_gpu.py tests/gpu/test_batch_invariant_gpu.py tests/gpu/test_invariant_gemm.py")
@@ -83,6 +85,8 @@ while [ $# -gt 0 ]; do
     tune)
       timeout "${TUNE_TIMEOUT:-150}" $PY -m bench.kernels --tune "$OUT/tuned.json" 2>&1 | tee "$OUT/tune.log" | tail -12
       timeout "${TUNE_TIMEOUT:-150}" $PY -m bench.mla_kernels --tune "$OUT/tuned.json" 2>&1 | tee "$OUT/tune_mla.log" | tail -6
+      timeout "${MOE_TUNE_TIMEOUT:-240}" $PY -m bench.moe_tune "$OUT/tuned.json" ${MOE_SHAPES:+--shapes $MOE_SHAPES} 2>&1 \
+        | tee "$OUT/tune_moe_shapes.log" | grep -E "^(best|sweep)" | cut -c1-300
       [ -f "$OUT/tuned.json" ] && BENCH_ARGS="${BENCH_ARGS:-} --tuned $OUT/tuned.json" && TUNED_ARG="--tuned $OUT/tuned.json"
       ;;
     kernels)

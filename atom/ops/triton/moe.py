@@ -16,10 +16,9 @@ adds them: after rounding the product to the activation dtype) and ACT="clamped_
 Everything is launched with grids sized from T alone, so the op is CUDA-graph safe.
 moe_forward (routing + experts) lives in moe_small.py: two kernels for a few tokens, else
 moe_route + fused_moe.
-Tile configs (BLOCK_M/N/K, warps, stages) are chosen by token count. The table started from
-published H200 configs for E=128, I=768 and was swept on the H200 at T=1 and T=512
-(`python -m bench.kernels --tune`, 2026-11-29: T=1 31 us, T=512 332 us per layer, 83% of the
-copy bandwidth for the 1.2 GB of expert weights; other candidates within 1-10%).
+Tile configs (BLOCK_M/N/K, GROUP_M, warps, stages) are chosen by expert shape and token count
+(atom/ops/moe_tiles.py: a table keyed by experts, 2I, H, dtype size and device, each with a
+token-count ladder; shapes not in it get the ladder tuned for Qwen3-30B-A3B).
 """
 from __future__ import annotations
 
@@ -29,6 +28,7 @@ import torch
 import triton
 import triton.language as tl
 
+from atom.ops.moe_tiles import moe_configs, shape_of  # moe_configs: re-exported (bench, tests)
 from atom.ops.registry import register
 
 B = "triton"
@@ -233,33 +233,6 @@ def _moe_gemm_kernel(a_ptr, w_ptr, out_ptr, sorted_ptr, expert_ptr, total_ptr, t
                  mask=valid[:, None] & nmask[None, :])
 
 
-# Configs by token count (keys: upper bounds of T), for the gated GEMM (BLOCK_N counts each of the
-# gate and up tiles) and the down GEMM.
-_CONFIGS = [
-    (1, dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=128, GROUP_M=1, num_warps=4, num_stages=4),
-        dict(BLOCK_M=16, BLOCK_N=64, BLOCK_K=128, GROUP_M=1, num_warps=4, num_stages=4)),
-    (8, dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=128, GROUP_M=1, num_warps=4, num_stages=3),
-        dict(BLOCK_M=16, BLOCK_N=64, BLOCK_K=128, GROUP_M=1, num_warps=4, num_stages=3)),
-    (32, dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=128, GROUP_M=1, num_warps=4, num_stages=3),
-        dict(BLOCK_M=16, BLOCK_N=64, BLOCK_K=128, GROUP_M=1, num_warps=4, num_stages=3)),
-    (128, dict(BLOCK_M=16, BLOCK_N=64, BLOCK_K=128, GROUP_M=1, num_warps=4, num_stages=3),
-        dict(BLOCK_M=16, BLOCK_N=128, BLOCK_K=128, GROUP_M=1, num_warps=4, num_stages=3)),
-    (256, dict(BLOCK_M=32, BLOCK_N=64, BLOCK_K=128, GROUP_M=8, num_warps=4, num_stages=3),
-        dict(BLOCK_M=32, BLOCK_N=128, BLOCK_K=128, GROUP_M=8, num_warps=4, num_stages=3)),
-    (1024, dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=64, GROUP_M=1, num_warps=4, num_stages=3),
-        dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=64, GROUP_M=1, num_warps=4, num_stages=3)),
-    (1 << 62, dict(BLOCK_M=128, BLOCK_N=64, BLOCK_K=64, GROUP_M=8, num_warps=8, num_stages=4),
-        dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, GROUP_M=8, num_warps=8, num_stages=4)),
-]
-
-
-def moe_configs(num_tokens: int) -> tuple[dict, dict]:
-    for bound, up, down in _CONFIGS:
-        if num_tokens <= bound:
-            return up, down
-    return _CONFIGS[-1][1], _CONFIGS[-1][2]
-
-
 @dataclass(frozen=True)
 class Epilogue:
     """What the expert GEMMs do after the products: bias tensors (b13 [E, 2I] for gate|up, b2
@@ -299,7 +272,7 @@ def _launch(a, w, out, sorted_ids, tile_expert, total, max_tiles, tw, n, k, num_
 @register("fused_moe", B, "skips_negative_ids")
 def fused_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights: torch.Tensor,
               topk_ids: torch.Tensor) -> torch.Tensor:
-    """The grouped-GEMM path with the tile configs of its token count (moe_configs)."""
+    """The grouped-GEMM path with the tile configs of its shape and token count (moe_configs)."""
     return experts_aligned(x, w13, w2, topk_weights, topk_ids, SILU)
 
 
@@ -314,9 +287,9 @@ def experts_aligned(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_w
                     down_cfg: dict | None = None) -> torch.Tensor:
     """The aligned path (any T): align, gate|up GEMM + activation, down GEMM + routing weight,
     top-k sum; `ep` holds fused_moe_biased's biases and activation (SILU: fused_moe). Tile
-    configs: those of the token count (moe_configs) unless given."""
+    configs: those of the experts' shape and the token count (moe_configs) unless given."""
     if up_cfg is None:
-        up_cfg, down_cfg = moe_configs(x.shape[0])
+        up_cfg, down_cfg = moe_configs(x.shape[0], shape_of(w13))
     t, h = x.shape
     e, two_i, _ = w13.shape
     inter = two_i // 2

@@ -18,6 +18,7 @@ import torch
 import triton
 import triton.language as tl
 
+from atom.ops.moe_tiles import shape_of, small_configs
 from atom.ops.registry import register
 from atom.ops.triton.moe import (B, SILU, Epilogue, _route_row, add_bias, experts_aligned, fused_moe,
                                  gated_activation, moe_route)
@@ -200,8 +201,9 @@ def moe_small(x: torch.Tensor, router_logits: torch.Tensor, w13: torch.Tensor, w
     """The small-batch path of moe_forward (any T; meant for a few tokens): two kernels, no sorting.
 
     Returns (out [T, H], routing weights [T, k] float32, expert ids [T, k] int32); the routing is
-    what kernel 1 recomputed (the same experts as `moe_route`)."""
-    cfg = SMALL_CFG if cfg is None else cfg
+    what kernel 1 recomputed (the same experts as `moe_route`). Tile configs: cfg, else the
+    experts' shape's in moe_tiles' table, else SMALL_CFG."""
+    cfg = small_configs(shape_of(w13), SMALL_CFG) if cfg is None else cfg
     t, h = x.shape
     inter = w13.shape[1] // 2
     dev = x.device
@@ -247,6 +249,7 @@ def fused_moe_biased(x: torch.Tensor, w13: torch.Tensor, b13: torch.Tensor, w2: 
     tw, tid = tw.contiguous(), topk_ids.contiguous()
     act = torch.empty(t * top_k, w13.shape[1] // 2, dtype=x.dtype, device=x.device)
     out = torch.empty(t, w2.shape[1], dtype=x.dtype, device=x.device)
-    small_up(x, x, w13, act, tw, tid, top_k, False, SMALL_CFG["up"], ep, routed=True)
-    small_down(act, w2, tw, tid, out, top_k, SMALL_CFG["down"], ep)
+    cfg = small_configs(shape_of(w13), SMALL_CFG)
+    small_up(x, x, w13, act, tw, tid, top_k, False, cfg["up"], ep, routed=True)
+    small_down(act, w2, tw, tid, out, top_k, cfg["down"], ep)
     return out
