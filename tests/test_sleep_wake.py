@@ -210,9 +210,11 @@ def test_sleep_on_cuda_without_sleep_mode_is_refused_cleanly(path, monkeypatch):
     with monkeypatch.context() as patch:
         patch.setattr(model_runner, "EngineMemory", _MemoryWithoutSleepMode)
         engine = make_engine(path)
-    with pytest.raises(RuntimeError, match="enable_sleep_mode"):
-        engine.sleep()
-    assert not engine.is_sleeping
+    for call in (lambda: engine.sleep(), lambda: engine.release_memory_occupation(["kv_cache"])):
+        with pytest.raises(RuntimeError, match="enable_sleep_mode"):
+            call()
+        assert not engine.is_sleeping
+    engine.generate(PROMPTS, SP)  # still usable
 
 
 def test_kv_backed_on_demand_gives_the_same_rollouts(path, expected):
@@ -263,7 +265,8 @@ def test_cuda_sleep_returns_memory_and_keeps_addresses(path, lazy_kv_wake):
     expected = rollout(engine)
     kv, w = engine.memory_bytes("kv_cache", resident=False), engine.memory_bytes("weights", resident=False)
     assert engine.memory_bytes("kv_cache") == kv  # the whole pool is mapped at start-up
-    ptrs = [p.data_ptr() for _, p in engine.named_parameters()]  # the KV tensors': the test below
+    # The weights' addresses (the KV tensors' and the CUDA graphs: test_cuda_core_sleep_keeps_kv_addresses...).
+    ptrs = [p.data_ptr() for _, p in engine.named_parameters()]
     for kv_only in (True, False):  # release_memory_occupation(["kv_cache"]), then sleep(level=1) (offload)
         assert engine.reset_prefix_cache()
         held = engine.memory_bytes("kv_cache") + (0 if kv_only else w)
