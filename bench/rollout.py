@@ -234,7 +234,7 @@ def main(argv: list[str] | None = None) -> int:
         "tok_per_s": round(generated / secs, 1), "fraction_of_limit": round(limit["total_s"] / secs, 3),
         "limit_s": round(limit["total_s"], 3), "limit_decode_s": round(limit["decode_s"], 3),
         "limit_prefill_s": round(limit["prefill_s"], 3), "build_s": round(build_s, 1), "warmup_s": round(warm_s, 1),
-        "max_num_seqs": max_num_seqs, "num_kv_blocks": engine._engine.block_manager.num_blocks,
+        "max_num_seqs": max_num_seqs, "num_kv_blocks": engine.num_kv_blocks,
         "enforce_eager": opts.enforce_eager, "backends": sorted(set(runner_backends().values())),
         "ceilings": ceil, "stats": stats, "gpu": torch.cuda.get_device_name() if cuda else "cpu",
         "model_bytes": weights, "workload_sizes": {k: w[k] for k in SIZE_KEYS},

@@ -1,6 +1,9 @@
 """Helpers shared by the RL-feature tests (sleep/wake, weight updates, weight sync)."""
 from __future__ import annotations
 
+import dataclasses
+import itertools
+
 import torch
 
 PROMPTS = [[5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16, 17, 18, 19, 20, 21, 22, 23, 24],
@@ -28,6 +31,44 @@ def rollout(engine, prompts=PROMPTS) -> list[tuple[list[int], list[float], int]]
         for r in engine.generate(prompts, sp):
             out += [(c.token_ids, c.logprobs, c.weight_version) for c in r.outputs]
     return out
+
+
+def make_core(path: str, **overrides):
+    """The engine core a RolloutEngine wraps (atom.engine.llm_engine.LLMEngine), built on its own
+    from the same config, for unit tests of the engine layer that read its parts (KV tensors,
+    memory pools, block manager, CUDA graphs), which RolloutEngine keeps to itself."""
+    from atom.config import EngineConfig
+    from atom.engine.cpu_threads import apply_cpu_threads
+    from atom.engine.llm_engine import LLMEngine
+    config = EngineConfig(model=path, **engine_kwargs(**overrides))
+    if config.torch_device().type == "cpu":  # as RolloutEngine does: the same threads, the same sums
+        apply_cpu_threads(1 if config.batch_invariant else config.cpu_threads)
+    return LLMEngine(config)
+
+
+_core_ids = itertools.count()
+
+
+def core_generate(core, prompts, params) -> list[tuple[list[int], list[float]]]:
+    """(token ids, logprobs) of every completion, in RolloutEngine.generate's order, from the
+    engine core's batch call; token-id prompts and seeded (or greedy) params only, the cases
+    where generate's outputs do not depend on its random seeds."""
+    from atom.engine.sequence import Request
+    params.validate(core.args.vocab_size, max_num_seqs=core.config.max_num_seqs)
+    seed = params.seed if params.seed is not None else 0
+    requests = [Request(i, ids, list(ids), dataclasses.replace(params), seed=seed,
+                        request_id=f"core-{next(_core_ids)}") for i, ids in enumerate(prompts)]
+    core.run(requests)
+    return [(list(s.output_token_ids), list(s.logprobs))
+            for r in requests for s in sorted(r.sequences, key=lambda s: s.sample_index)]
+
+
+def core_rollout(core, prompts=PROMPTS) -> list[tuple[list[int], list[float], int]]:
+    """rollout() on the engine core: comparable with `same` to a RolloutEngine's rollout()."""
+    from atom import SamplingParams
+    greedy = SamplingParams(temperature=0.0, max_tokens=8, logprobs=0, ignore_eos=True)
+    sampled = SamplingParams(n=3, temperature=1.0, seed=7, max_tokens=8, logprobs=0, ignore_eos=True)
+    return [(t, lp, core.weight_version) for sp in (greedy, sampled) for t, lp in core_generate(core, prompts, sp)]
 
 
 def same(a, b) -> bool:
