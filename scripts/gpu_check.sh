@@ -4,7 +4,7 @@
 #   scripts/gpu_check.sh [tests] [tune] [bench W1,W2,...] [hf] [kernels] [mla] [small] [sleep] [ipc]
 #     tests   : python3 -m pytest -m gpu over tests/gpu tests/test_overlapped_decode.py tests/test_sleep_wake.py
 #               tests/test_weight_transfer.py, in four concurrent processes,
-#               then tests/test_sleep_wake.py alone (logs pytest_{0,...,4}.log)
+#               then tests/test_sleep_wake.py alone (logs pytest_{0,...,4}.log; TEST_GROUPS="0 4" runs a subset)
 #     bench   : python -m bench.rollout --workload W for each W (default: all four)
 #     hf      : the transformers generate baseline on decode-moe-bs1
 #     tune    : sweep decode-attention / fused-MoE tile configs (bench/kernels.py --tune), then the
@@ -52,17 +52,22 @@ while [ $# -gt 0 ]; do
       groups=("tests/gpu/test_moe_small.py tests/gpu/test_family_kernels.py tests/gpu/test_moe_tiles_gpu.py"
               "tests/gpu/test_engine_gpu.py tests/gpu/test_families_gpu.py tests/gpu/test_gpt_oss_gpu.py tests/gpu/test_sampling_options_gpu.py tests/gpu/test_routed_gpu.py tests/test_overlapped_decode.py tests/test_weight_transfer.py"
               "tests/gpu/test_triton_ops.py tests/gpu/test_attn_prologue.py tests/gpu/test_linear.py tests/gpu/test_sampling_split.py tests/gpu/test_penalties_gpu.py tests/gpu/test_invariant_ops.py"
-              "tests/gpu/test_mla_triton.py tests/gpu/test_mla_prefill_gpu.py tests/gpu/test_deepseek_gpu.py tests/gpu/test_batch_invariant_gpu.py tests/gpu/test_invariant_gemm.py")
-      for i in "${!groups[@]}"; do
+              "tests/gpu/test_mla_triton.py tests/gpu/test_mla_prefill_gpu.py tests/gpu/test_deepseek_gpu.py tests/gpu/test_batch_invariant_gpu.py tests/gpu/test_invariant_gemm.py"
+              "tests/test_sleep_wake.py")
+      # TEST_GROUPS="0 2" re-runs only those groups (4 = sleep / wake); default all.
+      run_groups=${TEST_GROUPS:-"${!groups[*]}"}
+      for i in $run_groups; do
+        [ "$i" -eq 4 ] && continue
         timeout "${TEST_TIMEOUT:-420}" $PY -m pytest -m gpu -q -rs ${PYTEST_X--x} --durations=5 ${groups[$i]} \
           > "$OUT/pytest_$i.log" 2>&1 &
       done
       wait
       # Sleep / wake alone: its tests read the device's free memory, which the other processes move.
-      timeout "${TEST_TIMEOUT:-420}" $PY -m pytest -m gpu -q -rs ${PYTEST_X--x} --durations=5 tests/test_sleep_wake.py \
-        > "$OUT/pytest_${#groups[@]}.log" 2>&1
-      groups+=("tests/test_sleep_wake.py")
-      for i in "${!groups[@]}"; do
+      if [[ " $run_groups " == *" 4 "* ]]; then
+        timeout "${TEST_TIMEOUT:-420}" $PY -m pytest -m gpu -q -rs ${PYTEST_X--x} --durations=5 ${groups[4]} \
+          > "$OUT/pytest_4.log" 2>&1
+      fi
+      for i in $run_groups; do
         grep -E "^(FAILED|ERROR)|Error|^[0-9]+ (passed|failed)|[0-9]+ (passed|failed)" "$OUT/pytest_$i.log" | tail -25
         summary+=("tests[$i]: $(grep -E '[0-9]+ (passed|failed)' "$OUT/pytest_$i.log" | tail -1)")
       done
