@@ -145,6 +145,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--set", action="append", default=[], metavar="KEY=INT", dest="overrides",
                     help=f"change a workload size: {', '.join(SIZE_KEYS)}")
     opts = ap.parse_args(argv)
+    steps = profile_range(opts.profile_steps) if opts.profile_steps else None  # bad input fails before the build
 
     import torch
 
@@ -176,7 +177,7 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.perf_counter()
     engine = RolloutEngine(cfg)
     build_s = time.perf_counter() - t0
-    runner = engine._engine.runner
+    probe = engine.probe()
     params = SamplingParams(n=w["n"], temperature=w["temperature"], top_p=w["top_p"], max_tokens=w["output_len"],
                             ignore_eos=True, logprobs=w["logprobs"], seed=None, **extra)
     warm_s = 0.0
@@ -188,22 +189,24 @@ def main(argv: list[str] | None = None) -> int:
         sync()
         warm_s = time.perf_counter() - t0
     prompts = make_prompts(w, w["seed"])
-    phases = instrument(engine._engine)
-    dr = getattr(runner, "decode_runner", None)
-    if dr is not None:
-        dr.timers.update({k: 0 for k in dr.timers})
+    phases = probe.install_phase_timers()
+    probe.reset_decode_runner_timers()
     stats0 = dict(vars(engine.stats))
     sync()
     t0 = time.perf_counter()
-    if opts.torch_profile and opts.profile_steps:
-        prof, window = profile_window(engine._engine, *map(int, opts.profile_steps.split(":")))
+    if opts.torch_profile and steps:
+        window = probe.profile_steps(*steps)
         outs = engine.generate(prompts, params)
         sync()
         secs = time.perf_counter() - t0
+        probe.finish_profile()
+        if not window.started:
+            raise SystemExit(f"--profile-steps {opts.profile_steps}: the run had only {window.steps} steps")
+        prof = window.profiler
         busy = sum(e.self_device_time_total for e in prof.key_averages()) / 1e6
         table = prof.key_averages().table(sort_by="self_device_time_total", row_limit=45, max_name_column_width=70)
-        head = (f"steps {opts.profile_steps}: wall {window['wall_s'] * 1e3:.2f} ms, GPU kernels {busy * 1e3:.2f} ms "
-                f"({busy / max(window['wall_s'], 1e-9):.1%} busy)\n")
+        head = (f"steps {opts.profile_steps}: wall {window.wall_s * 1e3:.2f} ms, GPU kernels {busy * 1e3:.2f} ms "
+                f"({busy / max(window.wall_s, 1e-9):.1%} busy)\n")
         Path(opts.torch_profile).write_text(head + table)
         prof.export_chrome_trace(str(Path(opts.torch_profile).with_suffix(".trace.json")))
         print(head + table)
@@ -220,14 +223,16 @@ def main(argv: list[str] | None = None) -> int:
         outs = engine.generate(prompts, params)
         sync()
         secs = time.perf_counter() - t0
+    probe.remove_phase_timers()
+    decode = probe.decode_runner_stats()
     stats = {k: v - stats0.get(k, 0) for k, v in vars(engine.stats).items() if isinstance(v, (int, float))}
     generated = sum(len(c.token_ids) for o in outs for c in o.outputs)
     assert all(len(c.token_ids) == w["output_len"] for o in outs for c in o.outputs)
     assert all(len(c.logprobs) == w["output_len"] for o in outs for c in o.outputs)
-    mb = model_bytes(runner.model)
-    limit = physical_limit(w, runner.args, mb, ceil, max_num_seqs)
+    mb = model_bytes(probe.model)
+    limit = physical_limit(w, probe.model_args, mb, ceil, max_num_seqs)
     weights = {"dense": mb["dense"], "experts": sum(nbytes for _, nbytes, _ in mb["experts"]),
-               "active_per_token": round(active_bytes_per_token(runner.args, mb)),
+               "active_per_token": round(active_bytes_per_token(probe.model_args, mb)),
                "kv_per_token": limit["kv_bytes_per_token"]}
     result = {
         "workload": opts.workload, "engine": "+".join(["atom", *sorted(extra)]), "generated_tokens": generated, "seconds": round(secs, 3),
@@ -240,9 +245,9 @@ def main(argv: list[str] | None = None) -> int:
         "model_bytes": weights, "workload_sizes": {k: w[k] for k in SIZE_KEYS},
         "tensor_parallel_size": opts.tensor_parallel_size, "expert_parallel_size": opts.expert_parallel_size,
         "ep_mode": opts.ep_mode,
-        "phases_s": {k: round(v, 3) for k, v in phases.items()},
-        "decode_runner_s": {k: round(v, 3) for k, v in (dr.timers.items() if dr is not None else [])},
-        "graphs": sorted(dr.graphs) if dr is not None else [],
+        "phases_s": {k: round(v, 3) for k, v in phases.as_dict().items()},
+        "decode_runner_s": {k: round(v, 3) for k, v in decode.timers.items()},
+        "graphs": decode.graphs,
     }
     if rank != 0:  # multi-GPU: rank 0 reports (the limit above counts this rank's weight shards on one GPU)
         return 0
@@ -254,49 +259,12 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def profile_window(llm, first: int, last: int):
-    """A torch profiler (CPU + CUDA) that runs from engine step `first` to step `last` (steps
-    counted by post-processing calls); returns it and a dict that receives the window's wall time."""
-    import torch
-    from torch.profiler import ProfilerActivity, profile
-    prof = profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA])
-    window = {"wall_s": 0.0}
-    post, count = llm._finish_step, [0]
-
-    def counted(*a, **k):
-        out = post(*a, **k)
-        count[0] += 1
-        if count[0] == first:
-            torch.cuda.synchronize()
-            prof.start()
-            window["t0"] = time.perf_counter()
-        elif count[0] == last:
-            torch.cuda.synchronize()
-            window["wall_s"] = time.perf_counter() - window["t0"]
-            prof.stop()
-        return out
-    llm._finish_step = counted
-    return prof, window
-
-
-def instrument(llm) -> dict:
-    """Wall time of the engine loop's phases (schedule / execute / postprocess), accumulated."""
-    timers = {"schedule": 0.0, "execute": 0.0, "postprocess": 0.0}
-
-    def wrap(obj, name, key):
-        fn = getattr(obj, name)
-
-        def timed(*a, **k):
-            t = time.perf_counter()
-            try:
-                return fn(*a, **k)
-            finally:
-                timers[key] += time.perf_counter() - t
-        setattr(obj, name, timed)
-    wrap(llm.scheduler, "schedule", "schedule")
-    wrap(llm.runner, "execute", "execute")
-    wrap(llm, "_finish_step", "postprocess")
-    return timers
+def profile_range(text: str) -> tuple[int, int]:
+    """--profile-steps A:B as (A, B), engine steps [A, B) of the timed call."""
+    a, sep, b = text.partition(":")
+    if not sep or not a.isdigit() or not b.isdigit() or int(a) >= int(b):
+        raise SystemExit(f"--profile-steps {text!r}: want A:B with integers 0 <= A < B")
+    return int(a), int(b)
 
 
 def runner_backends() -> dict:

@@ -97,7 +97,6 @@ def main() -> None:
     args = ap.parse_args()
     report = Report(args.out)
     from atom import RolloutEngine, SamplingParams
-    from atom.models.dummy import init_dummy_weights
 
     model_dir = tempfile.mkdtemp(prefix="atom_bench_30b_")
     config = _QWEN3_30B_A3B
@@ -116,13 +115,16 @@ def main() -> None:
                            gpu_memory_utilization=args.gpu_memory_utilization, max_model_len=2048, max_num_seqs=64,
                            max_num_batched_tokens=4096, cuda_graph_max_batch_size=16)
     report["engine_build_s"] = round(time.perf_counter() - t, 2)
-    runner = engine._engine.runner
-    memory = runner.memory
-    kv, w = memory.nbytes("kv_cache"), memory.nbytes("weights")
-    report["kv_pool_gib"] = round(kv / GiB, 2)
-    report["weights_gib"] = round(w / GiB, 2)
-    report["weight_segments"] = len(memory.pools["weights"].segments)
-    report["kv_segments"] = len(memory.pools["kv_cache"].segments)
+    probe = engine.probe()
+    wmap, _ = engine.weight_check_targets()
+    pools = probe.memory_stats().pools
+    report["kv_pool_gib"] = round(pools["kv_cache"].nbytes / GiB, 2)
+    report["weights_gib"] = round(pools["weights"].nbytes / GiB, 2)
+    report["weight_segments"] = pools["weights"].segments
+    report["kv_segments"] = pools["kv_cache"].segments
+
+    def kv_resident() -> int:
+        return engine.memory_bytes("kv_cache")
 
     g = torch.Generator().manual_seed(0)
     prompts = [torch.randint(2, engine.vocab_size, (24,), generator=g).tolist() for _ in range(4)]
@@ -135,8 +137,7 @@ def main() -> None:
     def reload_discarded_weights():
         """Regenerate the same (seeded) values in place, then a complete update_weights (each
         tensor copied onto itself) marks them complete again."""
-        init_dummy_weights(runner.model, engine.config.seed)
-        wmap = runner.weight_map
+        probe.reinit_dummy_weights()
         engine.update_weights((n, wmap.lookup(n).target().clone()) for n in sorted(wmap.required_names()))
 
     def release_kv():
@@ -145,22 +146,21 @@ def main() -> None:
     t = time.perf_counter()
     expected = gen()
     report["first_generate_s"] = round(time.perf_counter() - t, 2)
-    dr = getattr(runner, "decode_runner", None)
-    n_graphs = len(dr.graphs) if dr is not None else 0
+    n_graphs = engine.num_cuda_graphs
     report["cuda_graphs_before_sleep"] = n_graphs
     report["generate_again_equal"] = gen() == expected
 
     with section(report, "release_kv"):
         rows = []
         for _ in range(args.cycles):
-            held = memory.resident_bytes("kv_cache")  # the whole pool before the first sleep
+            held = kv_resident()  # the whole pool before the first sleep
             before = free_bytes()
             ts = timed(release_kv)
             freed = free_bytes() - before
             tw = timed(engine.wake_up)
             rows.append({"sleep_s": round(ts, 4), "wake_s": round(tw, 4), "kv_held_gib": round(held / GiB, 2),
                          "freed_frac_of_held": round(freed / held, 4),
-                         "kv_mapped_after_wake_gib": round(memory.resident_bytes("kv_cache") / GiB, 2)})
+                         "kv_mapped_after_wake_gib": round(kv_resident() / GiB, 2)})
         report["release_kv.cycles"] = rows
         # A rollout backs the pool step by step (the block manager asks for a few blocks more at
         # a time): sleep then unmaps every segment that growth created. Same calls, without
@@ -168,20 +168,18 @@ def main() -> None:
         release_kv()
         engine.wake_up()
         for k in range(1, 257):
-            memory.back_kv(memory.kv_num_blocks * k // 256)
-        kv_pool = memory.pools["kv_cache"]
+            probe.back_kv(engine.num_kv_blocks * k // 256)
         report["release_kv.after_stepwise_backing"] = {
-            "segments": len(kv_pool.segments), "held_gib": round(memory.resident_bytes("kv_cache") / GiB, 2),
+            "segments": probe.memory_stats().pools["kv_cache"].segments, "held_gib": round(kv_resident() / GiB, 2),
             "sleep_s": round(timed(release_kv), 4), "wake_s": round(timed(engine.wake_up), 4)}
         report["release_kv.generate_equal_after_wake"] = gen() == expected
-        graphs_after = len(dr.graphs) if dr is not None else 0
-        report["release_kv.cuda_graphs_recaptured"] = graphs_after != n_graphs or (
-            dr is not None and dr._graph_key != (runner.k_caches[0].data_ptr(), next(runner.model.parameters()).data_ptr()))
+        report["release_kv.cuda_graphs_recaptured"] = (engine.num_cuda_graphs != n_graphs
+                                                       or not probe.decode_runner_stats().graphs_current)
 
     with section(report, "level2_discard"):
         rows = []
         for _ in range(args.cycles):
-            held = memory.resident_bytes()
+            held = engine.memory_bytes()
             before = free_bytes()
             ts = timed(lambda: engine.sleep(level=2))
             asleep = free_bytes()
@@ -194,7 +192,6 @@ def main() -> None:
         report["level2_discard.generate_equal_after_reload"] = gen() == expected
 
     with section(report, "update_weights"):
-        wmap = runner.weight_map
         fused_names = [n for n in wmap.required_names() if ".experts." not in n]
         fused_names += list(wmap.alternatives)
         per_expert = sorted(wmap.required_names())
@@ -214,30 +211,26 @@ def main() -> None:
             report[f"update_weights.{label}.tensors"] = len(names)
             report[f"update_weights.{label}.s"] = [round(x, 3) for x in times]
         del source
-        init_dummy_weights(runner.model, engine.config.seed)
+        probe.reinit_dummy_weights()
         report["update_weights.generate_equal_after_reinit"] = gen() == expected
 
     with section(report, "wake_compare"):
         # Lazy and whole-pool wakes alternated (driver mapping time varies from call to call),
         # each level 2 with the weights discarded, with the driver's share; the lazy rows also
-        # time backing the rest of the pool afterwards.
-        pools = list(memory.pools.values())
-        config = engine._engine.config
+        # time backing the rest of the pool afterwards. The wake policy is set per wake through
+        # the probe (one-shot): engine.config keeps the value the engine was built with.
         rows = []
-        try:
-            for i in range(2 * args.cycles):
-                lazy = i % 2 == 1
-                engine._engine.config = config.replace(lazy_kv_wake=lazy)
-                engine.sleep(level=2)
-                for p in pools:
-                    p.map_seconds = dict.fromkeys(p.map_seconds, 0.0)
-                row = {"lazy": lazy, "wake_s": round(timed(engine.wake_up), 4)}
-                if lazy:
-                    row["back_rest_s"] = round(timed(lambda: memory.back_kv(memory.kv_num_blocks)), 4)
-                row.update({k: round(sum(p.map_seconds[k] for p in pools), 4) for k in pools[0].map_seconds})
-                rows.append(row)
-        finally:
-            engine._engine.config = config
+        for i in range(2 * args.cycles):
+            lazy = i % 2 == 1
+            engine.sleep(level=2)
+            probe.next_kv_wake(lazy)
+            probe.reset_map_seconds()
+            row = {"lazy": lazy, "wake_s": round(timed(engine.wake_up), 4)}
+            if lazy:
+                row["back_rest_s"] = round(timed(lambda: probe.back_kv(engine.num_kv_blocks)), 4)
+            seconds = [p.map_seconds for p in probe.memory_stats().pools.values()]
+            row.update({k: round(sum(m[k] for m in seconds), 4) for k in seconds[0]})
+            rows.append(row)
         report["wake_compare.cycles"] = rows
         reload_discarded_weights()
 
@@ -262,7 +255,7 @@ def main() -> None:
                 rows.append({"sleep_s": round(ts, 3), "wake_s": round(tw, 3)})
             report["level1_offload.cycles"] = rows
             report["level1_offload.generate_equal_after_wake"] = gen() == expected
-            memory.pools["weights"].drop_host_copy()
+            probe.drop_weights_host_copy()
 
     print(json.dumps(report.data, indent=1))
 

@@ -64,6 +64,13 @@ class BlockManager:
         self.free = OrderedDict()
         self.free_cached = self.next_fresh = 0
 
+    def note_backed(self, backed: int) -> None:
+        """Blocks [0, backed) got memory behind them outside `reserve` (an explicit back of the
+        pool, atom/engine/probe.py): hand them out without asking the pool again."""
+        self.backed = max(self.backed, min(backed, self.num_blocks))
+        if self.backed == self.num_blocks:
+            self._back = None
+
     def reserve(self, n: int) -> bool:
         """Whether n blocks are free, backing more blocks first if that is what it takes."""
         # Like a fully backed pool: new blocks before evicting cached prefixes.

@@ -345,6 +345,12 @@ class DecodeRunner:
         ids, pos, meta = self._get_views(bs)[:3]
         return self.model.compute_logits(self.model(ids, pos, meta))
 
+    @property
+    def graphs_current(self) -> bool:
+        """Whether the captured graphs still point at the live KV cache and weights (False: the
+        next step re-captures them, e.g. after a sleep that moved the memory)."""
+        return self._graph_key is None or self._graph_key == self._graph_state()
+
     def _graph_state(self) -> tuple:
         caches = self.runner.k_caches
         first_param = next(self.model.parameters())

@@ -62,6 +62,9 @@ class LLMEngine(EngineRLState):
         self._inflight = None                    # a launched decode step whose tokens are unread
         self._pause_mode: str | None = None
         self._outbox: dict[int, Request] = {}   # requests touched since the last `step` returned
+        # The KV wake policy of the next wake only (None: config.lazy_kv_wake); set through
+        # EngineProbe.next_kv_wake, so the config keeps saying what the engine was built with.
+        self.next_kv_wake_lazy: bool | None = None
         par = self.runner.parallel
         # Engine groups: requests enter on rank 0 and reach the others before each step (group_sync.py).
         self.group = GroupSync(par.engine, par.dp.size, par.dp.rank) if par.is_parallel else None

@@ -16,7 +16,7 @@ _ATTENTION_OPS = ("paged_attention_decode", "paged_attention_prefill", "sliding_
 
 
 class EngineRLState:
-    """Needs `runner`, `block_manager`, `config` and `release_kv` (LLMEngine)."""
+    """Needs `runner`, `block_manager`, `config`, `next_kv_wake_lazy` and `release_kv` (LLMEngine)."""
 
     @property
     def asleep(self) -> set[str]:
@@ -70,8 +70,10 @@ class EngineRLState:
         if WEIGHTS in tags:
             self.runner.memory.pools[WEIGHTS].restore(zero=False)
         if KV_CACHE in tags:
+            lazy = self.config.lazy_kv_wake if self.next_kv_wake_lazy is None else self.next_kv_wake_lazy
+            self.next_kv_wake_lazy = None  # a one-shot override (EngineProbe.next_kv_wake)
             # Ranks of one engine schedule in lockstep: each must have the same blocks, so no lazy wake there.
-            self.restore_kv(lazy=self.config.lazy_kv_wake and not self.runner.parallel.is_parallel)
+            self.restore_kv(lazy=lazy and not self.runner.parallel.is_parallel)
 
     def restore_kv(self, lazy: bool) -> None:
         """Restore the KV pool (lazy: its first chunk; the block manager backs the rest on demand)."""

@@ -13,6 +13,7 @@ from tqdm.auto import tqdm
 from atom.config import EngineConfig
 from atom.engine.cpu_threads import apply_cpu_threads
 from atom.engine.llm_engine import LLMEngine
+from atom.engine.probe import EngineProbe
 from atom.engine.routing import routed_experts
 from atom.engine.sequence import Request, Sequence
 from atom.outputs import Completion, EngineStats, RolloutOutput
@@ -114,6 +115,13 @@ class RolloutEngine(RLMixin, TransferMixin):
         """Decode batch sizes captured as CUDA graphs so far (0 on the CPU, with enforce_eager, or
         before the first decode step)."""
         return self._engine.num_cuda_graphs
+
+    def probe(self) -> EngineProbe:
+        """Diagnostics for benchmarks and debugging (atom/engine/probe.py): loop phase timers,
+        the decode path's timers and CUDA graphs, a profiler over engine steps, memory-pool
+        statistics and explicit KV backing / wake policy. Not needed to generate, and not a
+        stable API; call it between calls, not while another thread runs the engine."""
+        return EngineProbe(self._engine)
 
     @property
     def vocab_size(self) -> int:
