@@ -124,7 +124,6 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--no-warmup", action="store_true")
     ap.add_argument("--ceilings", default=os.environ.get("ATOM_BENCH_CEILINGS", "/tmp/atom_ceilings.json"))
     ap.add_argument("--json", default=None, help="append the result as one JSON line to this file")
-    ap.add_argument("--profile", action="store_true", help="print per-phase timers of the engine loop")
     ap.add_argument("--torch-profile", default=None,
                     help="profile the timed call (torch.profiler, CUDA kernels incl. graph replays); table -> FILE")
     ap.add_argument("--profile-steps", default=None, metavar="A:B",
