@@ -146,7 +146,8 @@ class CausalLM(nn.Module):
         if args.is_moe_layer(layer):
             return SparseMoE(args.hidden_size, args.moe_intermediate_size, args.num_experts,
                              args.num_experts_per_tok, args.norm_topk_prob, parallel)
-        return GatedMLP(args.hidden_size, args.intermediate_size, None if parallel is None else parallel.tp)
+        return GatedMLP(args.hidden_size, args.intermediate_size, None if parallel is None else parallel.tp,
+                        args.mlp_bias)
 
     def checkpoint_skips(self) -> tuple[str, ...]:
         return ()

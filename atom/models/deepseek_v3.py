@@ -101,5 +101,10 @@ class DeepseekV3ForCausalLM(CausalLM):
 
     def checkpoint_skips(self) -> tuple[str, ...]:
         a = self.args
+        skips = []
         layers = "|".join(str(i) for i in range(a.num_hidden_layers, a.num_hidden_layers + a.num_nextn_predict_layers))
-        return (rf"model\.layers\.({layers})\.",) if layers else ()
+        if layers:
+            skips.append(rf"model\.layers\.({layers})\.")
+        if not a.n_shared_experts:  # HF builds (and saves) zero-sized shared experts for n_shared_experts=0
+            skips.append(r"model\.layers\.\d+\.mlp\.shared_experts\.")
+        return tuple(skips)

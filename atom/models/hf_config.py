@@ -24,6 +24,7 @@ class ModelArgs:
     max_position_embeddings: int
     tie_word_embeddings: bool
     attention_bias: bool = False
+    mlp_bias: bool = False  # Llama: biases on gate / up / down
     torch_dtype: str | None = None
     eos_token_ids: list[int] = field(default_factory=list)
     # MoE (Qwen3-MoE)
@@ -69,22 +70,33 @@ class ModelArgs:
         return not self.layer_types or self.layer_types[layer] == "sliding_attention"
 
 
-_ROPE_TYPES = ("default", "yarn")
+# rope_type -> the fields it needs (atom/models/layers/rotary.py computes its frequencies).
+_ROPE_FIELDS = {"default": (), "linear": ("factor",),
+                "llama3": ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"),
+                "yarn": ()}
 
 
 def _rope_scaling(cfg: dict) -> dict | None:
     """The RoPE scaling parameters (rope_type "yarn": factor, original_max_position_embeddings,
-    beta_fast, beta_slow, mscale, mscale_all_dim, attention_factor, truncate); None for plain RoPE."""
+    beta_fast, beta_slow, mscale, mscale_all_dim, attention_factor, truncate; "llama3": factor,
+    low_freq_factor, high_freq_factor, original_max_position_embeddings; "linear": factor); None
+    for plain RoPE."""
     params = dict(cfg.get("rope_parameters") or {})
     params.update(cfg.get("rope_scaling") or {})
     rope_type = params.get("rope_type") or params.get("type") or "default"
-    if rope_type not in _ROPE_TYPES:
-        raise ValueError(f"rope type {rope_type!r} is not supported yet (supported: {list(_ROPE_TYPES)})")
+    if rope_type not in _ROPE_FIELDS:
+        raise ValueError(f"rope type {rope_type!r} is not supported yet (supported: {list(_ROPE_FIELDS)})")
+    if params.get("partial_rotary_factor", 1.0) != 1.0:
+        raise ValueError(f"rope partial_rotary_factor={params['partial_rotary_factor']!r} is not supported "
+                         "(only 1.0: RoPE over the whole head)")
+    missing = [k for k in _ROPE_FIELDS[rope_type] if params.get(k) is None]
+    if missing:
+        raise ValueError(f"rope type {rope_type!r} needs {missing} in rope_scaling / rope_parameters")
     if rope_type == "default":
         return None
     params["rope_type"] = rope_type
     params.pop("rope_theta", None)
-    if params.get("factor") is None and params.get("original_max_position_embeddings") is None:
+    if rope_type == "yarn" and params.get("factor") is None and params.get("original_max_position_embeddings") is None:
         raise ValueError("rope type 'yarn' needs 'factor' or 'original_max_position_embeddings' in rope_scaling")
     return params
 
@@ -131,6 +143,7 @@ def load_model_args(model_dir: str) -> ModelArgs:
         max_position_embeddings=cfg.get("max_position_embeddings", 4096),
         tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
         attention_bias=bool(cfg.get("attention_bias", False)),
+        mlp_bias=bool(cfg.get("mlp_bias", False)),
         torch_dtype=cfg.get("torch_dtype") or cfg.get("dtype"),
         eos_token_ids=eos_ids,
         num_experts=num_experts,

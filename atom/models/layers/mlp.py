@@ -11,13 +11,14 @@ from atom.ops import ops
 
 
 class GatedMLP(nn.Module):
-    """down(silu(gate(x)) * up(x)) with gate|up fused into one matmul (column / row parallel under TP)."""
+    """down(silu(gate(x)) * up(x)) with gate|up fused into one matmul (column / row parallel under TP);
+    bias: all three projections have one (Llama's mlp_bias)."""
 
-    def __init__(self, hidden_size: int, intermediate_size: int, tp=None) -> None:
+    def __init__(self, hidden_size: int, intermediate_size: int, tp=None, bias: bool = False) -> None:
         super().__init__()
-        self.gate_up_proj = column_linear(hidden_size, [intermediate_size] * 2, shard_names=["gate_proj", "up_proj"],
-                                          tp=tp)
-        self.down_proj = row_linear(intermediate_size, hidden_size, tp=tp)
+        self.gate_up_proj = column_linear(hidden_size, [intermediate_size] * 2, bias,
+                                          shard_names=["gate_proj", "up_proj"], tp=tp)
+        self.down_proj = row_linear(intermediate_size, hidden_size, bias, tp=tp)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down_proj(ops.silu_and_mul(self.gate_up_proj(x)))
