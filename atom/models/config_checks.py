@@ -19,6 +19,7 @@ _OPTIONAL_POSITIVE = ("num_key_value_heads", "head_dim", "max_position_embedding
                       "v_head_dim", "n_routed_experts", "n_shared_experts", "n_group", "topk_group",
                       "first_k_dense_replace", "num_nextn_predict_layers")
 _LAYER_TYPES = ("full_attention", "sliding_attention")
+_ACTIVATIONS = ("silu", "swish")  # the gated MLPs' activation (GPT-OSS's clamped SwiGLU ignores the field)
 _OPTIONAL_REAL = ("rms_norm_eps", "rope_theta")
 _MAX_HEADER_BYTES = 100 << 20  # safetensors' own limit on a file's JSON header
 
@@ -48,6 +49,9 @@ def check_config(cfg: Any, path: str) -> None:
     eos = cfg.get("eos_token_id")
     if eos is not None and not _is_int(eos) and not (isinstance(eos, list) and all(_is_int(t) for t in eos)):
         raise ValueError(f"{path}: eos_token_id={eos!r} must be an integer or a list of integers")
+    act = cfg.get("hidden_act")
+    if act is not None and act not in _ACTIVATIONS:
+        raise ValueError(f"{path}: hidden_act={act!r} is not supported (the MLPs are SwiGLU: {list(_ACTIVATIONS)})")
     types = cfg.get("layer_types")
     if types is not None and not (isinstance(types, list) and all(t in _LAYER_TYPES for t in types)):
         raise ValueError(f"{path}: layer_types must be a list of {list(_LAYER_TYPES)}, got {types!r}")

@@ -109,6 +109,21 @@ def _rope_theta(cfg: dict) -> float:
     return float(theta)
 
 
+def _layer_types(cfg: dict) -> list[str]:
+    """config.json's layer_types; Qwen configs without them (transformers < 5) slide only the
+    layers from max_window_layers on, as transformers derives them."""
+    types = cfg.get("layer_types")
+    if types or not cfg.get("use_sliding_window") or cfg.get("sliding_window") is None:
+        return list(types or [])
+    first = cfg.get("max_window_layers")
+    if first is None:
+        return []
+    if not isinstance(first, int) or isinstance(first, bool) or first < 0:
+        raise ValueError(f"max_window_layers={first!r} must be an integer >= 0")
+    layers = min(cfg["num_hidden_layers"], 1 << 16)  # an absurd count fails check_args, not here
+    return ["sliding_attention" if i >= first else "full_attention" for i in range(layers)]
+
+
 def load_model_args(model_dir: str) -> ModelArgs:
     if not os.path.isdir(model_dir):
         what = "is a file, not a checkpoint directory" if os.path.exists(model_dir) else "no such directory"
@@ -156,7 +171,7 @@ def load_model_args(model_dir: str) -> ModelArgs:
         rope_scaling=_rope_scaling(cfg),
         # Qwen configs carry a sliding_window that only use_sliding_window turns on.
         sliding_window=cfg.get("sliding_window") if cfg.get("use_sliding_window", True) else None,
-        layer_types=list(cfg.get("layer_types") or []),
+        layer_types=_layer_types(cfg),
         swiglu_limit=cfg.get("swiglu_limit"),
         swiglu_alpha=cfg.get("swiglu_alpha", 1.702),
         q_lora_rank=cfg.get("q_lora_rank"),
