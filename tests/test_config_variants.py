@@ -12,7 +12,6 @@ import pytest
 import torch
 
 from atom import RolloutEngine, SamplingParams
-from conftest import TINY_VOCAB
 from helpers import hf_logits, random_prompts
 
 _YARN_V3 = dict(rope_type="yarn", rope_theta=10000.0, factor=40.0, beta_fast=32.0, beta_slow=1.0, mscale=1.0,
@@ -24,6 +23,9 @@ _YARN_MSCALE = dict(rope_type="yarn", rope_theta=10000.0, factor=16.0, beta_fast
 _PLAIN = dict(rope_type="default", rope_theta=10000.0)
 _LLAMA3 = dict(rope_type="llama3", rope_theta=500000.0, factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
                original_max_position_embeddings=16)
+# original_max_position_embeddings large enough that truncating the correction range changes the ramp
+_YARN_NO_TRUNCATE = dict(rope_type="yarn", rope_theta=150000.0, factor=32.0, beta_fast=32.0, beta_slow=1.0,
+                         truncate=False, original_max_position_embeddings=4096)
 _DS_4L = dict(num_hidden_layers=3)
 
 VARIANTS: dict[str, tuple[str, dict]] = {
@@ -40,7 +42,7 @@ VARIANTS: dict[str, tuple[str, dict]] = {
     "ds-2-shared-v3-yarn": ("deepseek_v3", dict(n_shared_experts=2, rope_parameters=_YARN_V3, first_k_dense_replace=1,
                                                 **_DS_4L)),
     "ds-mscale-differ": ("deepseek_v3", dict(rope_parameters=_YARN_MSCALE, rope_interleave=False, **_DS_4L)),
-    "ds-dims-tied-kv2-bias": ("deepseek_v3", dict(qk_nope_head_dim=24, qk_rope_head_dim=4, head_dim=4, v_head_dim=12,
+    "ds-dims-tied-bias": ("deepseek_v3", dict(qk_nope_head_dim=24, qk_rope_head_dim=4, head_dim=4, v_head_dim=12,
                                                   kv_lora_rank=24, q_lora_rank=20, tie_word_embeddings=True,
                                                   attention_bias=True, **_DS_4L)),
     # ---- Mixtral ------------------------------------------------------------------------------
@@ -57,11 +59,12 @@ VARIANTS: dict[str, tuple[str, dict]] = {
                                                attention_bias=False)),
     "gptoss-full-first-4x-top2": ("gpt_oss", dict(num_hidden_layers=3, sliding_window=8, num_local_experts=4,
                                                   layer_types=["full_attention", "sliding_attention",
-                                                               "full_attention"])),
+                                                               "full_attention"],
+                                                  rope_parameters=_YARN_NO_TRUNCATE)),
     "gptoss-default-types-truncate": ("gpt_oss", dict(
         num_hidden_layers=2, layer_types=None, head_dim=24, swiglu_limit=0.5,
         rope_parameters=dict(rope_type="yarn", rope_theta=150000.0, factor=32.0, beta_fast=32.0, beta_slow=1.0,
-                             truncate=True, original_max_position_embeddings=16))),
+                             truncate=True, original_max_position_embeddings=4096))),
     # ---- Qwen3-MoE ----------------------------------------------------------------------------
     "qwen3moe-sparse-step2": ("qwen3_moe", dict(num_hidden_layers=4, decoder_sparse_step=2)),
     "qwen3moe-mlp-only-nonorm": ("qwen3_moe", dict(num_hidden_layers=3, mlp_only_layers=[0, 2],
@@ -71,6 +74,8 @@ VARIANTS: dict[str, tuple[str, dict]] = {
     "llama-biases-headdim-tied": ("llama", dict(attention_bias=True, mlp_bias=True, head_dim=24,
                                                 tie_word_embeddings=True)),
     "llama-linear-rope": ("llama", dict(rope_parameters=dict(rope_type="linear", rope_theta=10000.0, factor=4.0))),
+    "llama-mqa-odd-vocab-eps": ("llama", dict(num_key_value_heads=1, vocab_size=250, rms_norm_eps=1e-5)),
+    "qwen3-mha": ("qwen3", dict(num_key_value_heads=4)),
     "qwen3-bias-headdim": ("qwen3", dict(attention_bias=True, head_dim=8)),
     "qwen3-sliding-upper-layers": ("qwen3", dict(num_hidden_layers=3, use_sliding_window=True, sliding_window=5,
                                                  max_window_layers=1)),
@@ -117,7 +122,9 @@ def test_legacy_config_matches_hf(make_tiny_model, tmp_path, arch, overrides):
 
 def _check_parity(path: str) -> None:
     engine = RolloutEngine(path, max_num_batched_tokens=16, max_num_seqs=4)
-    prompts = random_prompts(LENGTHS, TINY_VOCAB, seed=7)
+    with open(os.path.join(path, "config.json")) as f:
+        vocab = json.load(f)["vocab_size"]
+    prompts = random_prompts(LENGTHS, vocab, seed=7)
     outs = engine.generate(prompts, SamplingParams(temperature=0, max_tokens=MAX_NEW, ignore_eos=True, logprobs=2,
                                                    logprobs_mode="raw", prompt_logprobs=1))
     for prompt, out in zip(prompts, outs):
