@@ -1,6 +1,8 @@
 """EngineConfig(batch_invariant=True) on the CPU: one request's tokens and logprobs are bitwise the
 same alone, in batches of several sizes and positions, chunked or not, cached or not, and a token
-computed in decode has the logprob a prompt-logprob prefill of the whole sequence gives it."""
+computed in decode has the logprob a prompt-logprob prefill of the whole sequence gives it. Every
+family: Qwen3, Qwen3-MoE, GPT-OSS (sinks, sliding layers, biased experts), Mixtral with a sliding
+window, DeepSeek-V3 with and without q_lora (MLA, grouped routing)."""
 from __future__ import annotations
 
 import pytest
@@ -18,9 +20,23 @@ def engine(path, **kw):
     return RolloutEngine(path, device="cpu", batch_invariant=True, max_num_seqs=16, **kw)
 
 
-@pytest.fixture(scope="module", params=["qwen3", "qwen3_moe"])
+# The families with their own ops (atom/ops/invariant_family_ops.py): sinks and a sliding window
+# with biased experts (GPT-OSS), a sliding window alone (Mixtral), MLA with and without q_lora
+# and grouped routing (DeepSeek-V3).
+MODELS = {
+    "qwen3": ("qwen3", {}),
+    "qwen3_moe": ("qwen3_moe", {}),
+    "gpt_oss": ("gpt_oss", {}),
+    "mixtral_window": ("mixtral", dict(sliding_window=5)),
+    "deepseek_v3": ("deepseek_v3", {}),
+    "deepseek_v3_no_q_lora": ("deepseek_v3", dict(q_lora_rank=None)),
+}
+
+
+@pytest.fixture(scope="module", params=list(MODELS))
 def path(request, make_tiny_model):
-    return make_tiny_model(request.param)
+    arch, overrides = MODELS[request.param]
+    return make_tiny_model(arch, **overrides)
 
 
 def result(out):
@@ -77,25 +93,33 @@ def test_without_the_mode_batches_do_change_the_bits(path):
     assert alone[0] == batched[0] and alone[1] != batched[1]
 
 
-def test_the_registry_takes_only_invariant_implementations(path):
-    """Each op of the mode declares the capability; an op without an invariant implementation on
-    the platform (a family's own attention) raises when called instead of running unchecked; the
-    mode refuses tensor / expert parallelism (the collectives' order follows the batch)."""
-    from atom.ops import OpTable
+def test_the_registry_takes_only_invariant_implementations(make_tiny_model, monkeypatch):
+    """Each op of the mode declares the capability, and on the CPU every op has one (the families'
+    too); an op without an invariant implementation on the platform raises, naming itself, when
+    called instead of running unchecked (tests/gpu/test_batch_invariant_families_gpu.py: the
+    families' ops on CUDA); the mode refuses tensor / expert parallelism (the collectives' order
+    follows the batch)."""
+    from atom.ops import OpTable, registry
     from atom.ops.registry import capabilities
     table = OpTable()
     table.configure(torch.device("cpu"), batch_invariant=True)
-    for name in ("linear", "lm_head", "paged_attention_prefill", "paged_attention_decode", "fused_moe", "sample"):
+    for name in ("linear", "lm_head", "paged_attention_prefill", "paged_attention_decode", "fused_moe", "sample",
+                 "sliding_sink_attention_prefill", "fused_moe_biased", "moe_route_grouped", "mla_attention_prefill",
+                 "mla_attention_decode", "mla_absorb_query", "mla_expand_output"):
         assert table.backend_of[name] == "invariant", name
+    assert "missing" not in table.backend_of.values()
     for name, backend in table.backend_of.items():
-        if backend != "missing":
-            assert "batch_invariant" in capabilities(name, backend), name
-            assert table.supports(name, "batch_invariant")
+        assert "batch_invariant" in capabilities(name, backend), name
+        assert table.supports(name, "batch_invariant")
     assert table.backend_of["rms_norm"] == "cpu"
-    with pytest.raises(ValueError, match="sliding_sink_attention_prefill.*no batch-invariant implementation"):
+    # A platform whose invariant backends lack an op: here the CPU without the "invariant" backend.
+    monkeypatch.setitem(registry._INVARIANT_PREFERENCE, "cpu", ("cpu",))
+    table.configure(torch.device("cpu"), batch_invariant=True)
+    assert table.backend_of["mla_attention_decode"] == "missing" and table.backend_of["rms_norm"] == "cpu"
+    with pytest.raises(ValueError, match="op 'sliding_sink_attention_prefill' has no batch-invariant implementation"):
         table.sliding_sink_attention_prefill()
     with pytest.raises(ValueError, match="batch_invariant needs tensor_parallel_size"):
-        RolloutEngine(path, device="cpu", batch_invariant=True, tensor_parallel_size=2)
+        RolloutEngine(make_tiny_model("qwen3"), device="cpu", batch_invariant=True, tensor_parallel_size=2)
 
 
 def test_the_cpu_mode_survives_the_gpu_decode_path(path):

@@ -42,7 +42,7 @@ def _rows(x: torch.Tensor) -> tuple[torch.Tensor, int]:
 
 @register("linear", B)
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    flat = x.reshape(-1, x.shape[-1])
+    flat = x.reshape(-1, x.shape[-1]).contiguous()  # BLAS may take another path for a strided input
     padded, m = _rows(flat)
     return F.linear(padded, weight, bias)[:m].reshape(*x.shape[:-1], weight.shape[0])
 

@@ -50,7 +50,7 @@ _BACKEND_MODULES = {
     "cpu": "atom.ops.cpu_ops",
     "triton": "atom.ops.triton",
     "aiter": "atom.ops.aiter_ops",
-    "invariant": "atom.ops.invariant_ops",              # only in batch-invariant mode (CPU)
+    "invariant": ("atom.ops.invariant_ops", "atom.ops.invariant_family_ops"),  # batch-invariant mode (CPU)
     "triton_invariant": "atom.ops.triton.invariant",    # only in batch-invariant mode (CUDA)
 }
 _MISSING = "missing"  # backend_of entry of an op that batch-invariant mode has no implementation of

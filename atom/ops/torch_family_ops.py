@@ -130,6 +130,23 @@ def mla_attention_prefill(q_nope: torch.Tensor, q_pe: torch.Tensor, kv_cache: to
     return out
 
 
+@register("mla_absorb_query", B, "graph_safe")
+def mla_absorb_query(q_nope: torch.Tensor, w_kv_b: torch.Tensor) -> torch.Tensor:
+    """The decode query in latent space: q_nope [T, H, N] -> q_nope W_uk [T, H, L] (W_uk: the
+    first N rows of each head's block of kv_b_proj's weight w_kv_b [H * (N + V), L])."""
+    heads, nope = q_nope.shape[1], q_nope.shape[2]
+    w = w_kv_b.view(heads, -1, w_kv_b.shape[-1])
+    return torch.einsum("thn,hnl->thl", q_nope, w[:, :nope])
+
+
+@register("mla_expand_output", B, "graph_safe")
+def mla_expand_output(out_latent: torch.Tensor, w_kv_b: torch.Tensor, nope: int) -> torch.Tensor:
+    """mla_attention_decode's output [T, H, L] to per-head values [T, H, V] with W_uv (the rows
+    after the first `nope` of each head's block of w_kv_b)."""
+    w = w_kv_b.view(out_latent.shape[1], -1, w_kv_b.shape[-1])
+    return torch.einsum("thl,hvl->thv", out_latent, w[:, nope:])
+
+
 @register("mla_attention_decode", B, "reads_whole_blocks")
 def mla_attention_decode(q_latent: torch.Tensor, q_pe: torch.Tensor, kv_cache: torch.Tensor,
                          meta: AttentionMetadata, scale: float) -> torch.Tensor:

@@ -97,10 +97,9 @@ class MultiLatentAttention(nn.Module):
         # kv_b_proj rows per head: the no-RoPE key part (W_uk) then the value part (W_uv).
         w_kv_b = self.kv_b_proj.weight
         if meta.is_decode:
-            w = w_kv_b.view(self.num_heads, self.nope + self.v_dim, self.latent_dim)
-            q_latent = torch.einsum("thn,hnl->thl", q_nope, w[:, :self.nope])
+            q_latent = ops.mla_absorb_query(q_nope, w_kv_b)
             out_latent = ops.mla_attention_decode(q_latent, q_pe, self.attn.kv_cache, meta, self.attn.scale)
-            out = torch.einsum("thl,hvl->thv", out_latent, w[:, self.nope:])
+            out = ops.mla_expand_output(out_latent, w_kv_b, self.nope)
         else:
             out = ops.mla_attention_prefill(q_nope, q_pe, self.attn.kv_cache, w_kv_b, meta, self.attn.scale)
         return self.o_proj(out.reshape(t, self.num_heads * self.v_dim))
