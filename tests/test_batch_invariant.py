@@ -20,14 +20,18 @@ def engine(path, **kw):
     return RolloutEngine(path, device="cpu", batch_invariant=True, max_num_seqs=16, **kw)
 
 
-# The families with their own ops (atom/ops/invariant_family_ops.py): sinks and a sliding window
-# with biased experts (GPT-OSS), a sliding window alone (Mixtral), MLA with and without q_lora
-# and grouped routing (DeepSeek-V3).
+# Mixtral without a window takes the plain ops; the families with their own ops
+# (atom/ops/invariant_family_ops.py): sinks and a sliding window with biased experts (GPT-OSS), a
+# sliding window alone (Mixtral; Qwen3's upper layers), MLA with and without q_lora and grouped
+# routing (DeepSeek-V3).
 MODELS = {
     "qwen3": ("qwen3", {}),
     "qwen3_moe": ("qwen3_moe", {}),
     "gpt_oss": ("gpt_oss", {}),
+    "mixtral": ("mixtral", {}),
     "mixtral_window": ("mixtral", dict(sliding_window=5)),
+    "qwen3_sliding": ("qwen3", dict(num_hidden_layers=3, use_sliding_window=True, sliding_window=5,
+                                    max_window_layers=1)),
     "deepseek_v3": ("deepseek_v3", {}),
     "deepseek_v3_no_q_lora": ("deepseek_v3", dict(q_lora_rank=None)),
 }

@@ -17,7 +17,8 @@ recomputation and for small runs, not for throughput.
 
 Every op here has the "batch_invariant" capability (the registry's invariant mode on the CPU
 takes ops from this backend, then from the CPU backend's ops that declare it). The reference's
-RoPE, routing and sampler are used as they are: they compute row by row.
+RoPE, routing and sampler are used as they are: they compute row by row. The families' own ops
+(sliding window and sinks, biased experts, grouped routing, MLA): atom/ops/invariant_family_ops.py.
 """
 from __future__ import annotations
 

@@ -5,8 +5,9 @@ normalised latent c = RMSNorm(x W_kv_a) and the roped shared key k_pe. Heads are
 c by kv_b_proj (W_uk for the keys' no-RoPE part, W_uv for the values):
 
 * prefill expands the sequence's latents to per-head K/V (`mla_attention_prefill`), as HF does;
-* decode uses the absorbed form (`mla_attention_decode`): q_nope W_uk is a query in latent space,
-  the attention reads the latents directly, and W_uv is applied to its [H, L] output.
+* decode uses the absorbed form: q_nope W_uk is a query in latent space (`mla_absorb_query`), the
+  attention reads the latents directly (`mla_attention_decode`), and W_uv is applied to its
+  [H, L] output (`mla_expand_output`). (Batch-invariant mode's prefill takes this form too.)
 
 Under tensor parallelism the heads are split (q_proj / q_b_proj, kv_b_proj column-parallel,
 o_proj row-parallel); q_a_proj, kv_a_proj_with_mqa and the latent cache are replicated.
