@@ -24,6 +24,7 @@ import sys
 import time
 
 from bench.report import emit
+from bench.timing import cuda_median_s
 from bench.rollout import HERE, load_workloads, make_prompts
 
 # Tile configs the sweep times: (block_m, block_n, block_k, warps, stages) with pointer loads, then
@@ -138,18 +139,7 @@ SWEEP_ROWS = (1, 64, 512, 8192)
 
 def _timed(fn, reps=20) -> float:
     """Median µs of fn over reps CUDA-event-timed calls, after 3 warm-up calls."""
-    import torch
-    for _ in range(3):
-        fn()
-    times = []
-    for _ in range(reps):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        fn()
-        b.record()
-        b.synchronize()
-        times.append(a.elapsed_time(b) * 1e3)
-    return sorted(times)[len(times) // 2]
+    return cuda_median_s(fn, reps) * 1e6
 
 
 def gemm(args) -> list[dict]:

@@ -28,6 +28,7 @@ from pathlib import Path
 import numpy as np
 from bench.limits import active_bytes_per_token, model_bytes, physical_limit
 from bench.report import emit
+from bench.timing import cuda_median_s
 
 HERE = Path(__file__).resolve().parent
 
@@ -62,32 +63,18 @@ def measure_ceilings(cache: str | None) -> dict:
         return json.loads(Path(cache).read_text())
     import torch
 
-    def timed(fn, reps):
-        for _ in range(3):
-            fn()
-        torch.cuda.synchronize()
-        times = []
-        for _ in range(reps):
-            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            a.record()
-            fn()
-            b.record()
-            b.synchronize()
-            times.append(a.elapsed_time(b) / 1e3)
-        return float(np.median(times))
-
     n = 1 << 30  # 2 GiB of bf16 per buffer: far past L2
     src = torch.randn(n, device="cuda", dtype=torch.bfloat16)
     dst = torch.empty_like(src)
-    t = timed(lambda: dst.copy_(src), 10)
+    t = cuda_median_s(lambda: dst.copy_(src), 10)
     copy_bw = 2 * src.numel() * 2 / t
-    del src, dst
+    src = dst = None  # free the 4 GiB before the matmul
     m = 8192
     a = torch.randn(m, m, device="cuda", dtype=torch.bfloat16)
     b = torch.randn(m, m, device="cuda", dtype=torch.bfloat16)
-    t = timed(lambda: a @ b, 10)
+    t = cuda_median_s(lambda: a @ b, 10)
     flops = 2 * m ** 3 / t
-    del a, b
+    a = b = None
     torch.cuda.empty_cache()
     out = {"copy_bytes_per_s": copy_bw, "bf16_flops_per_s": flops, "gpu": torch.cuda.get_device_name()}
     if cache:

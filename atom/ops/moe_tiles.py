@@ -12,10 +12,11 @@ No Triton import here: the lookup is plain Python (tests/test_moe_tiles.py runs 
 """
 from __future__ import annotations
 
-import functools
 from dataclasses import dataclass, field
 
 import torch
+
+from atom.ops.device import device_name
 
 # A rung of a ladder: (largest token count it serves, gate|up GEMM config, down GEMM config).
 # BLOCK_N of the gate|up config counts each of the gate and up tiles; both GEMMs share BLOCK_M
@@ -67,12 +68,6 @@ class ShapeTiles:
 # Moonlight-16B-A3B entries come from `scripts/gpu_check.sh tune`).
 MEASURED: dict[MoeShape, ShapeTiles] = {}
 TABLE: dict[MoeShape, ShapeTiles] = dict(MEASURED)
-
-
-@functools.lru_cache(maxsize=None)
-def device_name(device: torch.device) -> str:
-    """The table's device key (cached: looked up once per device, not per forward)."""
-    return torch.cuda.get_device_name(device) if device.type == "cuda" else device.type
 
 
 def shape_of(w13: torch.Tensor) -> MoeShape:

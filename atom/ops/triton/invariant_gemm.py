@@ -32,7 +32,8 @@ import triton
 from triton.tools.tensor_descriptor import TensorDescriptor
 
 from atom.ops.triton.invariant_gemm_kernels import gemm_kernel, sum_parts_kernel
-from atom.ops.triton.linear import _num_sms
+from atom.ops.device import device_name
+from atom.ops.triton.linear import _num_sms, gemm_output
 
 GROUP_M = 8
 # Per-weight overrides {(n, k, element size): config}, e.g. from the sweep (checked by _check_cfg).
@@ -60,16 +61,9 @@ MEASURED: dict[str, dict[tuple[int, int, int], dict]] = {
         (151936, 4096, 2): _cfg(256, 128, 64, 8, 3),    # lm_head
     },
 }
-_NAMES: dict[int, str] = {}
-
-
 def _device_name(device: torch.device) -> str:
-    if device.type != "cuda":
-        return "NVIDIA H200"  # the interpreter: the configs an H200 would get (as _num_sms)
-    idx = device.index if device.index is not None else torch.cuda.current_device()
-    if idx not in _NAMES:
-        _NAMES[idx] = torch.cuda.get_device_name(idx)
-    return _NAMES[idx]
+    # the interpreter (CPU tensors) gets the configs an H200 would get, as _num_sms does
+    return device_name(device) if device.type == "cuda" else "NVIDIA H200"
 
 
 REF_ROWS = 512  # the decode batch the tile widths are chosen for (a rollout's ~512 sequences)
@@ -153,13 +147,10 @@ def invariant_gemm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | N
                    config: dict | None = None) -> torch.Tensor:
     """x [M, K] (unit last stride) @ weight [N, K].T (unit last stride) + bias, in x's dtype.
     `config` replaces gemm_config (benchmarks, tests); the op never passes one."""
-    m, k = x.shape
-    n = weight.shape[0]
-    out = torch.empty(m, n, dtype=x.dtype, device=x.device)
-    if m == 0 or n == 0:
+    out, done = gemm_output(x, weight, bias)
+    if done:
         return out
-    if k == 0:
-        return out.zero_() if bias is None else out.copy_(bias.expand(m, n))
+    (m, k), n = x.shape, weight.shape[0]
     cfg = {**VARIANT_DEFAULTS, **(config or gemm_config(n, k, weight.element_size(), _num_sms(x.device),
                                                        _device_name(x.device)))}
     _check_cfg(cfg)

@@ -178,17 +178,26 @@ def skinny_config(n: int, k: int, elem_size: int, num_sms: int = 132) -> dict:
     return dict(block_n=block_n, block_k=block_k, split_k=split_k, num_warps=num_warps)
 
 
+def gemm_output(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> tuple[torch.Tensor, bool]:
+    """The [M, N] output of x [M, K] @ weight [N, K].T (+ bias) in x's dtype, and whether it is
+    already final: M or N empty, or K empty (just the bias), so no kernel has anything to do."""
+    (m, k), n = x.shape, weight.shape[0]
+    out = torch.empty(m, n, dtype=x.dtype, device=x.device)
+    if m == 0 or n == 0:
+        return out, True
+    if k == 0:
+        return (out.zero_() if bias is None else out.copy_(bias.expand(m, n))), True
+    return out, False
+
+
 def skinny_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
                   config: dict | None = None) -> torch.Tensor:
     """The Triton kernel for any M (callers gate on SKINNY_M_MAX); x [M, K] with unit last stride,
     weight [N, K] with unit last stride. `config` overrides skinny_config (benchmarks, tests)."""
-    m, k = x.shape
-    n = weight.shape[0]
-    out = torch.empty(m, n, dtype=x.dtype, device=x.device)
-    if m == 0 or n == 0:
+    out, done = gemm_output(x, weight, bias)
+    if done:
         return out
-    if k == 0:
-        return out.zero_() if bias is None else out.copy_(bias.expand(m, n))
+    (m, k), n = x.shape, weight.shape[0]
     cfg = config or skinny_config(n, k, weight.element_size(), _num_sms(x.device))
     block_n, block_k, split_k = cfg["block_n"], cfg["block_k"], cfg["split_k"]
     vec = min(16 // weight.element_size(), block_k)
