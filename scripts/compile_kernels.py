@@ -11,6 +11,7 @@ time is spent. Families:
   64, pages of 16), its TP2 share's (8 heads), DeepSeek-V3's (128 heads) and the tests' shapes,
   under the default MLA_CFG, the tests' overrides and every candidate `bench/mla_kernels.py
   --tune` can pick (bench.mla_kernels.TUNE_SPACE);
+* sampling: the sampler's one-program and split paths with and without the rank count;
 * moe_tune: the fused MoE under every tile config bench/moe_tune.py may install, at GPT-OSS-20B's
   (biased, clamped) and Moonlight-16B-A3B's shapes, bf16 (as swept).
 
@@ -231,7 +232,22 @@ def _gemm(impl) -> None:
         raise SystemExit("invariant GEMM compiled differently for different M: " + "; ".join(bad))
 
 
-FAMILIES = {"gemm": _gemm, "gpt_oss": (lambda impl: (_attention(impl), _experts(impl))), "mla": _mla,
+def _sampling(impl) -> None:
+    """The sampler (one-program and split paths) with and without the in-kernel rank count, mixed
+    raw rows, at Qwen3's and GPT-OSS's vocabularies."""
+    from atom.ops.metadata import SamplingMetadata
+    sample = impl("sample")["triton"]
+    for vocab, rows, split, ranks in itertools.product((151936, 201088), (4, 512), (False, True), (False, True)):
+        _where[0] = f"vocab={vocab} rows={rows} split={split} ranks={ranks}"
+        meta = SamplingMetadata(
+            temperature=torch.full((rows,), 0.7), top_k=torch.zeros(rows, dtype=torch.int64),
+            top_p=torch.ones(rows), min_p=torch.zeros(rows), seeds=torch.arange(rows), counters=torch.arange(rows),
+            raw_logprobs=torch.arange(rows) % 2 == 0, banned_rows=None, banned_tokens=None, need_filter=False,
+            all_greedy=False, any_raw=True, num_top_logprobs=0, want_ranks=ranks)
+        sample(torch.empty(rows, vocab), meta, split=split)
+
+
+FAMILIES = {"gemm": _gemm, "sampling": _sampling, "gpt_oss": (lambda impl: (_attention(impl), _experts(impl))), "mla": _mla,
             "moe_tune": _moe_tune}
 
 

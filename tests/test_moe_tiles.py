@@ -21,12 +21,34 @@ DOWN_1 = tiles(16, 128, 64, 1, 4, 5)
 
 @pytest.fixture(autouse=True)
 def clean_table():
-    """Each test starts from the shipped table and default ladder, and leaves them as found."""
+    """Each test starts from an empty table (the shipped MEASURED entries are the shapes these
+    tests install) and the default ladder, and leaves both as found."""
     saved_table, saved_ladder = dict(moe_tiles.TABLE), list(DEFAULT_LADDER)
-    yield
+    moe_tiles.TABLE.clear()
+    yield saved_table
     moe_tiles.TABLE.clear()
     moe_tiles.TABLE.update(saved_table)
     DEFAULT_LADDER[:] = saved_ladder
+
+
+def test_shipped_measurements_are_in_the_table_and_well_formed(clean_table):
+    """MEASURED (the H200's tuned GPT-OSS-20B / Moonlight ladders) is what TABLE holds at import: a
+    model of that shape gets its configs with no --tuned file; ladders ascend, end at TOP, keep the
+    default's untuned rungs and pair configs of one BLOCK_M."""
+    shipped = clean_table  # TABLE as imported
+    assert set(shipped) == set(moe_tiles.MEASURED) == {GPT_OSS, MOONLIGHT}
+    for shape, entry in moe_tiles.MEASURED.items():
+        bounds = [b for b, _, _ in entry.ladder]
+        assert bounds == sorted(set(bounds)) and bounds[-1] == TOP, shape
+        assert {b for b, _, _ in DEFAULT_LADDER} <= set(bounds), shape
+        assert all(up["BLOCK_M"] == down["BLOCK_M"] for _, up, down in entry.ladder)
+        assert shipped[shape].ladder == entry.ladder and shipped[shape].ladder is not entry.ladder
+    moe_tiles.TABLE.update(shipped)
+    assert moe_configs(512, GPT_OSS) == (tiles(64, 64, 64, 1, 4, 3), tiles(64, 128, 64, 1, 4, 3))
+    assert moe_configs(8192, GPT_OSS) == (tiles(128, 64, 64, 8, 8, 3), tiles(128, 256, 64, 8, 8, 3))
+    assert moe_configs(8192) != moe_configs(8192, GPT_OSS)
+    assert moe_tiles.small_configs(GPT_OSS, {})["down"]["BLOCK_K"] == 256
+    assert moe_tiles.small_configs(MOONLIGHT, {"default": 1}) == {"default": 1}
 
 
 def test_default_ladder_is_the_qwen3_one_and_unknown_shapes_use_it():

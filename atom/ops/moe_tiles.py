@@ -64,10 +64,39 @@ class ShapeTiles:
     small: dict | None = None
 
 
-# Configs measured on a device, to ship without a --tuned file (none yet: the GPT-OSS-20B and
-# Moonlight-16B-A3B entries come from `scripts/gpu_check.sh tune`).
-MEASURED: dict[MoeShape, ShapeTiles] = {}
-TABLE: dict[MoeShape, ShapeTiles] = dict(MEASURED)
+def with_rung(ladder: list[Rung], bound: int, up: dict, down: dict) -> list[Rung]:
+    """`ladder` (DEFAULT_LADDER when empty) with the rung (bound, up, down): a rung with the same
+    bound is replaced, a new bound is inserted in order."""
+    if up["BLOCK_M"] != down["BLOCK_M"]:
+        raise ValueError(f"MoE tiles: the gate|up and down configs must share BLOCK_M, got {up} / {down}")
+    if bound < 1:
+        raise ValueError(f"MoE tiles: a rung's token bound must be >= 1, got {bound}")
+    rungs = [r for r in (ladder or DEFAULT_LADDER) if r[0] != bound] + [(bound, dict(up), dict(down))]
+    return sorted(rungs, key=lambda r: r[0])
+
+
+def _measured(rungs: list[Rung], small: dict | None = None) -> ShapeTiles:
+    ladder: list[Rung] = []
+    for bound, up, down in rungs:
+        ladder = with_rung(ladder, bound, up, down)
+    return ShapeTiles(ladder, small)
+
+
+# Configs measured on a device (`python -m bench.moe_tune`, H200, 2026-12-02, at T = 1 / 512 /
+# 8192; rungs it did not measure stay DEFAULT_LADDER's), shipped so no --tuned file is needed.
+# grpo-gpt-oss with them: 24,063 tok/s (58.4% of its limit) against 22,018 (53.0%) before.
+MEASURED: dict[MoeShape, ShapeTiles] = {
+    MoeShape(32, 5760, 2880, 2, "NVIDIA H200"): _measured(  # GPT-OSS-20B
+        [(1024, tiles(64, 64, 64, 1, 4, 3), tiles(64, 128, 64, 1, 4, 3)),
+         (TOP, tiles(128, 64, 64, 8, 8, 3), tiles(128, 256, 64, 8, 8, 3))],
+        small={"up": dict(BLOCK_N=32, BLOCK_K=128, num_warps=4, num_stages=4),
+               "down": dict(BLOCK_N=8, BLOCK_K=256, num_warps=8, num_stages=2)}),
+    MoeShape(64, 2816, 2048, 2, "NVIDIA H200"): _measured(  # Moonlight-16B-A3B
+        [(1, tiles(16, 32, 128, 1, 4, 4), tiles(16, 64, 128, 1, 4, 4)),
+         (1024, tiles(64, 64, 64, 1, 4, 3), tiles(64, 128, 64, 1, 4, 3)),
+         (TOP, tiles(128, 64, 64, 8, 8, 3), tiles(128, 256, 64, 8, 8, 3))]),
+}
+TABLE: dict[MoeShape, ShapeTiles] = {k: ShapeTiles(list(v.ladder), v.small) for k, v in MEASURED.items()}
 
 
 def shape_of(w13: torch.Tensor) -> MoeShape:
@@ -101,13 +130,8 @@ def small_configs(shape: MoeShape | None, default: dict) -> dict:
 def install(shape: MoeShape, bound: int, up: dict, down: dict) -> None:
     """Give `shape` the rung (bound, up, down): its ladder starts as a copy of DEFAULT_LADDER,
     a rung with the same bound is replaced, a new bound is inserted in order."""
-    if up["BLOCK_M"] != down["BLOCK_M"]:
-        raise ValueError(f"MoE tiles: the gate|up and down configs must share BLOCK_M, got {up} / {down}")
-    if bound < 1:
-        raise ValueError(f"MoE tiles: a rung's token bound must be >= 1, got {bound}")
-    entry = TABLE.setdefault(shape, ShapeTiles())
-    ladder = [r for r in (entry.ladder or DEFAULT_LADDER) if r[0] != bound] + [(bound, dict(up), dict(down))]
-    entry.ladder = sorted(ladder, key=lambda r: r[0])
+    rungs = with_rung(TABLE[shape].ladder if shape in TABLE else [], bound, up, down)
+    TABLE.setdefault(shape, ShapeTiles()).ladder = rungs
 
 
 def install_small(shape: MoeShape, cfg: dict) -> None:

@@ -81,8 +81,9 @@ def _finish(acc, b_ptr, out_ptr, rm, rn, ok, N, som, HAS_BIAS: tl.constexpr):
 def _sum_parts(ws_ptr, offs, ok, M, N, SPLIT: tl.constexpr):
     """((part 0 + part 1) + ...) of the float32 workspace [SPLIT, M, N] at offs, in part order."""
     acc = tl.load(ws_ptr + offs, mask=ok, other=0.0, cache_modifier=".cg")
+    part_size = M.to(tl.int64) * N  # SPLIT * M * N passes 2**31 (lm_head at 8192 rows: 2.5e9)
     for s in tl.static_range(1, SPLIT):
-        acc += tl.load(ws_ptr + s * M * N + offs, mask=ok, other=0.0, cache_modifier=".cg")
+        acc += tl.load(ws_ptr + s * part_size + offs, mask=ok, other=0.0, cache_modifier=".cg")
     return acc
 
 

@@ -11,8 +11,10 @@ except where two candidates tie to the last bit of rounding.
 Rows with top-k / top-p / min-p filters take the torch reference path (the filters need a sort
 of the vocabulary). Logits processing runs first (atom/ops/logits_processing.py: allowed / banned
 tokens and logit bias as sparse torch ops, the penalties in one kernel, penalties.py) and the
-kernel samples from its result; top-k logprobs, logits modes and ranks come from torch over the
-row's values.
+kernel samples from its result; top-k logprobs and logits modes come from torch over the row's
+values. The sampled token's rank (vLLM's Logprob.rank: how many tokens have a value >= its own)
+is counted in the kernel by a third pass over the row (the split path: a fourth launch, a count
+per chunk), comparing what torch's token_ranks compares with torch's division rounding.
 
 Small batches (fewer than SPLIT_BELOW_ROWS rows, vocabulary of at least SPLIT_MIN_VOCAB) split
 each row into SPLIT_CHUNK-token chunks instead, so that the whole GPU works on a few rows (one
@@ -114,9 +116,37 @@ def _gumbel(key, i, PRECISE_LOG: tl.constexpr):
 
 
 @triton.jit
-def _sample_kernel(logits_ptr, temp_ptr, seed_ptr, counter_ptr, tok_ptr, lp_ptr, raw_ptr, V, sl,
-                   ALL_GREEDY: tl.constexpr, NEED_RAW: tl.constexpr, PRECISE_LOG: tl.constexpr,
-                   BLOCK: tl.constexpr):
+def _rank_basis(x, tt, raw_row):
+    """What token_ranks compares for a row: the logits for raw-logprob rows, else logits /
+    temperature rounded as torch divides (div_rn: Triton's `/` is div.full, up to 2 ulp off)."""
+    return tl.where(raw_row, x, tl.math.div_rn(x, tt))
+
+
+@triton.jit
+def _count_at_least(row, lo, hi, own, tt, raw_row, BLOCK: tl.constexpr):
+    """How many of the row's tokens in [lo, hi) have a rank basis >= own. Rows whose basis is the
+    logits themselves (raw rows, temperature 1: x / 1 == x) skip the division."""
+    lanes = tl.arange(0, BLOCK)
+    cnt = tl.zeros([BLOCK], tl.int32)
+    if raw_row | (tt == 1.0):
+        for v0 in range(lo, hi, BLOCK):
+            i = v0 + lanes
+            im = i < hi
+            x = tl.load(row + i, mask=im, other=float("-inf"))
+            cnt += (im & (x >= own)).to(tl.int32)
+    else:
+        for v0 in range(lo, hi, BLOCK):
+            i = v0 + lanes
+            im = i < hi
+            x = tl.load(row + i, mask=im, other=float("-inf"))
+            cnt += (im & (tl.math.div_rn(x, tt) >= own)).to(tl.int32)
+    return tl.sum(cnt, 0)
+
+
+@triton.jit
+def _sample_kernel(logits_ptr, temp_ptr, seed_ptr, counter_ptr, tok_ptr, lp_ptr, raw_ptr, rawrow_ptr,
+                   rank_ptr, V, sl, ALL_GREEDY: tl.constexpr, NEED_RAW: tl.constexpr,
+                   PRECISE_LOG: tl.constexpr, WANT_RANK: tl.constexpr, BLOCK: tl.constexpr):
     r = tl.program_id(0).to(tl.int64)
     row = logits_ptr + r * sl
     t = tl.load(temp_ptr + r)
@@ -170,6 +200,9 @@ def _sample_kernel(logits_ptr, temp_ptr, seed_ptr, counter_ptr, tok_ptr, lp_ptr,
         mxr = tl.max(mr, 0)
         logsum_r = tl.log(tl.sum(tl.where(mr == float("-inf"), 0.0, sr * tl.exp(mr - mxr)), 0))
         tl.store(raw_ptr + r, (xt - mxr) - logsum_r)
+    if WANT_RANK:  # pass 3: the sampled token's rank (a compare per token: cheap next to pass 2)
+        raw_row = tl.load(rawrow_ptr + r) != 0
+        tl.store(rank_ptr + r, _count_at_least(row, 0, V, _rank_basis(xt, tt, raw_row), tt, raw_row, BLOCK))
 
 
 # ---- the split path (small batches): kernels A, B, C of the module docstring ---------------------
@@ -273,13 +306,28 @@ def _split_final_kernel(logits_ptr, temp_ptr, part_ptr, best_ptr, bidx_ptr, stat
         tl.store(raw_ptr + r, (xt - mxr) - logsum_r)
 
 
+@triton.jit
+def _split_rank_kernel(logits_ptr, temp_ptr, tok_ptr, rawrow_ptr, cnt_ptr, V, sl, NCH, CHUNK: tl.constexpr):
+    """D (rows, chunks), after C: how many of this chunk's tokens rank at or above the sampled one."""
+    r = tl.program_id(0).to(tl.int64)
+    c = tl.program_id(1)
+    t = tl.load(temp_ptr + r)
+    tt = tl.where(t <= 0.0, 1.0, t)
+    raw_row = tl.load(rawrow_ptr + r) != 0
+    row = logits_ptr + r * sl
+    own = _rank_basis(tl.load(row + tl.load(tok_ptr + r)), tt, raw_row)
+    lo = c * CHUNK
+    tl.store(cnt_ptr + r * NCH + c, _count_at_least(row, lo, tl.minimum(lo + CHUNK, V), own, tt, raw_row, CHUNK))
+
+
 def use_split(rows: int, vocab: int) -> bool:
     """Whether `sample` takes the vocabulary-parallel path for this shape."""
     return 0 < rows < SPLIT_BELOW_ROWS and vocab >= SPLIT_MIN_VOCAB
 
 
 def _launch_split(logits, temp, seeds, counters, tokens, lps, raw, all_greedy: bool,
-                  need_raw: bool, chunk: int = SPLIT_CHUNK) -> None:
+                  need_raw: bool, chunk: int = SPLIT_CHUNK, raw_rows=None) -> torch.Tensor | None:
+    """Kernels A, B, C; with raw_rows (the rows' raw-logprob flags), D too: returns the ranks."""
     rows, vocab = logits.shape
     nch = triton.cdiv(vocab, chunk)
     nch_p = max(triton.next_power_of_2(nch), 2)
@@ -299,6 +347,12 @@ def _launch_split(logits, temp, seeds, counters, tokens, lps, raw, all_greedy: b
                                       KP=kp, CHUNK=chunk, NCH_P=nch_p, num_warps=warps)
     _split_final_kernel[(rows,)](logits, temp, part, best, bidx, stat, tokens, lps, raw, sl, nch,
                                  NEED_RAW=need_raw, KP=kp, NCH_P=nch_p, num_warps=4)
+    if raw_rows is None:
+        return None
+    counts = torch.empty(rows, nch, dtype=torch.int32, device=dev)
+    _split_rank_kernel[(rows, nch)](logits, temp, tokens, raw_rows, counts, vocab, sl, nch, CHUNK=chunk,
+                                    num_warps=warps)
+    return counts.sum(-1)  # int64, as token_ranks
 
 
 @register("sample", B)
@@ -319,31 +373,41 @@ def sample(logits: torch.Tensor, meta: SamplingMetadata,
     tokens = torch.empty(rows, dtype=torch.int64, device=dev)
     lps = torch.empty(rows, dtype=torch.float32, device=dev)
     raw = torch.empty(rows if meta.any_raw else 1, dtype=torch.float32, device=dev)
+    # Ranks in the kernel unless a raw-logprob row's logits were processed (the kernel sees only
+    # the processed ones; token_ranks then counts over the raw logits in torch).
+    kernel_ranks = meta.want_ranks and not (meta.any_raw and processed_in)
+    ranks = None
     if rows:
         temp = meta.temperature.float()
+        raw_rows = meta.raw_logprobs if kernel_ranks else None
         if use_split(rows, vocab) if split is None else split:
-            _launch_split(logits, temp, meta.seeds, meta.counters, tokens, lps, raw,
-                          meta.all_greedy, meta.any_raw)
+            ranks = _launch_split(logits, temp, meta.seeds, meta.counters, tokens, lps, raw,
+                                  meta.all_greedy, meta.any_raw, raw_rows=raw_rows)
         else:
+            ranks = torch.empty(rows, dtype=torch.int64, device=dev) if kernel_ranks else None
             _sample_kernel[(rows,)](logits, temp, meta.seeds, meta.counters, tokens, lps, raw,
+                                    raw_rows if kernel_ranks else tokens, ranks if kernel_ranks else tokens,
                                     vocab, logits.stride(0), ALL_GREEDY=meta.all_greedy,
-                                    NEED_RAW=meta.any_raw, PRECISE_LOG=_PRECISE_LOG, BLOCK=2048,
-                                    num_warps=8)
-    return _report(raw_logits, logits, processed_in, tokens, lps, raw, meta)
+                                    NEED_RAW=meta.any_raw, PRECISE_LOG=_PRECISE_LOG,
+                                    WANT_RANK=kernel_ranks, BLOCK=2048, num_warps=8)
+    elif kernel_ranks:
+        ranks = torch.empty(0, dtype=torch.int64, device=dev)
+    return _report(raw_logits, logits, processed_in, tokens, lps, raw, meta, ranks)
 
 
 def _report(raw_logits: torch.Tensor, logits: torch.Tensor, processed_in: bool, tokens: torch.Tensor,
-            lps: torch.Tensor, raw: torch.Tensor, meta: SamplingMetadata) -> SamplerOutput:
+            lps: torch.Tensor, raw: torch.Tensor, meta: SamplingMetadata,
+            ranks: torch.Tensor | None = None) -> SamplerOutput:
     """The kernel's token logprobs (processed, and raw of what it was given), corrected where the
     kernel could not know: raw values when the logits were processed before it, logits modes;
     then top-k alternatives and ranks from torch over the same values torch_ops reports."""
     rows, vocab = logits.shape
     k = top_count(meta, vocab)
     need_values = meta.any_logits or (meta.any_raw and processed_in)
-    if not (need_values or k > 0 or meta.want_ranks):
+    if not (need_values or k > 0 or (meta.want_ranks and ranks is None)):
         token_lps = torch.where(meta.raw_logprobs, raw, lps) if meta.any_raw else lps
         empty = torch.empty(rows, 0, device=logits.device)
-        return SamplerOutput(tokens, token_lps, empty.long(), empty)
+        return SamplerOutput(tokens, token_lps, empty.long(), empty, ranks)
     temperature = torch.where(meta.temperature > 0, meta.temperature, torch.ones_like(meta.temperature))
     scaled = logits / temperature[:, None]
     token_lps = torch.where(meta.raw_logprobs, raw, lps) if meta.any_raw and not processed_in else lps
@@ -362,5 +426,6 @@ def _report(raw_logits: torch.Tensor, logits: torch.Tensor, processed_in: bool, 
     else:
         top_lps = torch.empty(rows, 0, dtype=torch.float32, device=logits.device)
         top_ids = torch.empty(rows, 0, dtype=torch.int64, device=logits.device)
-    ranks = token_ranks(raw_logits, scaled, tokens, meta) if meta.want_ranks else None
+    if meta.want_ranks and ranks is None:
+        ranks = token_ranks(raw_logits, scaled, tokens, meta)
     return SamplerOutput(tokens, token_lps, top_ids, top_lps, ranks)
