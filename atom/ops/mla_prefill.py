@@ -30,11 +30,13 @@ import torch.nn.functional as F
 
 from atom.ops.metadata import AttentionMetadata
 
-# New tokens up to which a sequence takes the absorbed path. Break-even estimate at Moonlight's
-# shape on an H200: the expansion costs ctx * 5.9 MFLOP (~10 ns per context token at 600
-# TFLOP/s); the absorbed decode reads 1152 bytes per (query, context token) pair (~0.3 ns at
-# 4 TB/s), so ~32 queries pay for one expansion. bench/mla_kernels.py measures both sides.
-ABSORB_MAX_Q = 32
+# New tokens up to which a sequence takes the absorbed path. Estimated at Moonlight's shape on an
+# H200 as 32 (the expansion costs ctx * 5.9 MFLOP, ~10 ns per context token at 600 TFLOP/s; the
+# absorbed decode reads 1152 bytes per (query, context token) pair, ~0.3 ns at 4 TB/s), measured
+# (`bench.mla_kernels --prefill`, 8 sequences over 2,048 tokens, 2026-12-02): absorbed / expanded
+# 980 / 1,051 us at 8 new tokens, 1,033 / 978 at 16, 1,029 / 966 at 32. The absorbed kernel
+# reads each context row once per query row, not once per sequence as estimated.
+ABSORB_MAX_Q = 8
 # Bytes of expanded K/V (plus the gathered latents) one group may hold: sequences are grouped
 # until their contexts fill it (a single longer sequence forms a group alone).
 EXPAND_BUDGET_BYTES = 1 << 30
