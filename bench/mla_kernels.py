@@ -82,6 +82,10 @@ TUNE_SPACE = (
      [(16, 256, 8), (8, 256, 8), (8, 512, 8), (4, 512, 8), (4, 256, 4), (8, 256, 4)]),
     (("block_n", "warps", "stages"),
      [(32, 4, 2), (16, 4, 2), (64, 4, 2), (32, 8, 2), (32, 4, 3), (64, 8, 2), (16, 2, 3)]),
+    # One load of each latent tile for scores and values (off: a transposed load, then the same
+    # bytes again for the values); the prefix kernel reuses only when prefix_dv covers the latent.
+    (("reuse_kv", "block_n", "warps"),
+     [(False, 32, 4), (True, 32, 4), (True, 64, 4), (True, 32, 8), (True, 16, 4)]),
     (("whole_own_pairs", "split", "prefix_split"),
      [(256, 256, 1024), (128, 256, 1024), (1024, 256, 1024), (256, 512, 512), (256, 256, 512)]),
 )

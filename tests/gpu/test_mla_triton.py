@@ -58,11 +58,14 @@ def latent_batch(device, dtype, seq_lens, heads, lat, rope, page, shared=None):
     return q_latent, q_pe, cache, meta, 2 * (lat + rope) ** -0.5
 
 
-@pytest.fixture(params=["split", "whole"])
+@pytest.fixture(params=["split", "whole", "whole+reuse_kv"])
 def decode_mode(request, triton_ops, monkeypatch):
-    """Split own parts + merge kernel, or one program per sequence's whole own part."""
+    """Split own parts + merge kernel, or one program per sequence's whole own part; with
+    reuse_kv, one load of each latent tile serves scores and values (own part, and prefix
+    programs whose value chunk is the whole latent)."""
     import atom.ops.triton.mla as mla
-    monkeypatch.setitem(mla.MLA_CFG, "whole_own_pairs", 1 if request.param == "whole" else 1 << 40)
+    monkeypatch.setitem(mla.MLA_CFG, "whole_own_pairs", 1 if request.param.startswith("whole") else 1 << 40)
+    monkeypatch.setitem(mla.MLA_CFG, "reuse_kv", request.param.endswith("reuse_kv"))
     if ON_CPU:  # several own splits at the interpreter's short sequences
         monkeypatch.setitem(mla.MLA_CFG, "small_split", 16)
         monkeypatch.setitem(mla.MLA_CFG, "split", 32)

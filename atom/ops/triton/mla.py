@@ -36,10 +36,12 @@ B = "triton"
 
 # Tile config for 2-byte activations (`python -m bench.mla_kernels --tune` sweeps it in bf16;
 # `_widen` scales it for float32; scripts/compile_kernels.py checks every candidate fits).
+# reuse_kv: one load of each latent tile for the scores and the values (_mla_tile), off until
+# the tuner has measured it on a GPU.
 MLA_CFG = {"split": 256, "small_split": 64, "small_batch_pairs": 64, "block_n": 32, "warps": 4, "stages": 2,
            "prefix_split": 1024, "small_prefix_split": 256, "small_prefix_pairs": 64, "prefix_block_n": 32,
            "prefix_dv": 256, "prefix_heads": 16, "prefix_warps": 8, "prefix_stages": 2,
-           "whole_own_pairs": 256}
+           "whole_own_pairs": 256, "reuse_kv": False}
 BLOCK_H = 16  # query heads of one sequence per own-part program
 
 
@@ -60,26 +62,37 @@ def _widen(dtype: torch.dtype) -> int:
 @triton.jit
 def _mla_tile(q_lat, q_pe, c_ptr, bt_row, n0, hi, scb, sct, scale_log2, m_i, l_i, acc, v0,
               L: tl.constexpr, R: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_R: tl.constexpr,
-              BLOCK_DV: tl.constexpr, BLOCK_N: tl.constexpr, PAGE: tl.constexpr, PREC: tl.constexpr):
+              BLOCK_DV: tl.constexpr, BLOCK_N: tl.constexpr, PAGE: tl.constexpr, PREC: tl.constexpr,
+              REUSE_KV: tl.constexpr = False):
     """Rows of q (q_lat [M, BLOCK_L], q_pe [M, BLOCK_R]) over cache tokens [n0, min(n0 + BLOCK_N,
-    hi)) of one block-table row; acc holds latent columns [v0, v0 + BLOCK_DV). Base-2 softmax."""
+    hi)) of one block-table row; acc holds latent columns [v0, v0 + BLOCK_DV). Base-2 softmax.
+    REUSE_KV (acc holds every latent column: v0 = 0, BLOCK_DV = BLOCK_L): the latent rows are
+    loaded once, as [BLOCK_N, BLOCK_L], for both the scores (transposed) and the values, instead
+    of a transposed load for the scores and a second load of the same bytes for the values."""
     offs = n0 + tl.arange(0, BLOCK_N)
     nm = offs < hi
     blk = tl.load(bt_row + offs // PAGE, mask=nm, other=0).to(tl.int64)
     row = blk * scb + (offs % PAGE).to(tl.int64) * sct
     lat = tl.arange(0, BLOCK_L)
     rp = tl.arange(0, BLOCK_R)
-    k = tl.load(c_ptr + row[None, :] + lat[:, None], mask=nm[None, :] & (lat < L)[:, None], other=0.0)
+    if REUSE_KV:
+        kv = tl.load(c_ptr + row[:, None] + lat[None, :], mask=nm[:, None] & (lat < L)[None, :], other=0.0)
+        qk = tl.dot(q_lat, tl.trans(kv), input_precision=PREC)
+    else:
+        k = tl.load(c_ptr + row[None, :] + lat[:, None], mask=nm[None, :] & (lat < L)[:, None], other=0.0)
+        qk = tl.dot(q_lat, k, input_precision=PREC)
     kpe = tl.load(c_ptr + row[None, :] + L + rp[:, None], mask=nm[None, :] & (rp < R)[:, None], other=0.0)
-    qk = tl.dot(q_lat, k, input_precision=PREC)
     qk = tl.dot(q_pe, kpe, acc=qk, input_precision=PREC)
     qk = tl.where(nm[None, :], qk * scale_log2, float("-inf"))
     m_new = tl.maximum(m_i, tl.max(qk, 1))
     alpha = tl.exp2(m_i - m_new)
     p = tl.exp2(qk - m_new[:, None])
     l_i = l_i * alpha + tl.sum(p, 1)
-    dv = v0 + tl.arange(0, BLOCK_DV)
-    v = tl.load(c_ptr + row[:, None] + dv[None, :], mask=nm[:, None] & (dv < L)[None, :], other=0.0)
+    if REUSE_KV:
+        v = kv
+    else:
+        dv = v0 + tl.arange(0, BLOCK_DV)
+        v = tl.load(c_ptr + row[:, None] + dv[None, :], mask=nm[:, None] & (dv < L)[None, :], other=0.0)
     acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PREC)
     return m_new, l_i, acc
 
@@ -91,7 +104,8 @@ def _mla_own_kernel(ql_ptr, qp_ptr, c_ptr, bt_ptr, sl_ptr, start_ptr, po_ptr, pl
                     sql0, sql1, sqp0, sqp1, scb, sct, sbt, sp0, sp1, sp2, sl0, sl1, so0, so1, s_off, scale_log2,
                     H: tl.constexpr, BH: tl.constexpr, L: tl.constexpr, R: tl.constexpr, BLOCK_L: tl.constexpr,
                     BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr, PAGE: tl.constexpr, SPLIT: tl.constexpr,
-                    HAS_START: tl.constexpr, PREC: tl.constexpr, WHOLE: tl.constexpr, SPLIT_P: tl.constexpr):
+                    HAS_START: tl.constexpr, PREC: tl.constexpr, WHOLE: tl.constexpr, SPLIT_P: tl.constexpr,
+                    REUSE_KV: tl.constexpr):
     """One (sequence, head block, split) of the sequence's own tokens. WHOLE: the split is the
     whole own part, the prefix partials are folded in here and the output stored."""
     b = tl.program_id(0)
@@ -122,7 +136,7 @@ def _mla_own_kernel(ql_ptr, qp_ptr, c_ptr, bt_ptr, sl_ptr, start_ptr, po_ptr, pl
         bt_row = bt_ptr + b64 * sbt
         for n0 in range(lo, hi, BLOCK_N):
             m_i, l_i, acc = _mla_tile(q_lat, q_pe, c_ptr, bt_row, n0, hi, scb, sct, scale_log2, m_i, l_i, acc, 0,
-                                      L, R, BLOCK_L, BLOCK_R, BLOCK_L, BLOCK_N, PAGE, PREC)
+                                      L, R, BLOCK_L, BLOCK_R, BLOCK_L, BLOCK_N, PAGE, PREC, REUSE_KV)
         if WHOLE:
             # out = sum_j o_j 2^lse_j / sum_j 2^lse_j over the prefix partials and the own part.
             mx = m_i
@@ -157,7 +171,7 @@ def _mla_prefix_kernel(ql_ptr, qp_ptr, c_ptr, bt_ptr, rows_ptr, plen_ptr, po_ptr
                        H: tl.constexpr, HB: tl.constexpr, MAX_N: tl.constexpr, N_DV: tl.constexpr,
                        BLOCK_M: tl.constexpr, L: tl.constexpr, R: tl.constexpr, BLOCK_L: tl.constexpr,
                        BLOCK_R: tl.constexpr, BLOCK_DV: tl.constexpr, BLOCK_N: tl.constexpr, PAGE: tl.constexpr,
-                       SPLIT: tl.constexpr, PREC: tl.constexpr):
+                       SPLIT: tl.constexpr, PREC: tl.constexpr, REUSE_KV: tl.constexpr):
     """One (group, split, head block x value chunk) of a shared prefix: HB heads of every member
     in one tile of BLOCK_M rows (member = row // HB)."""
     g = tl.program_id(0)
@@ -188,7 +202,7 @@ def _mla_prefix_kernel(ql_ptr, qp_ptr, c_ptr, bt_ptr, rows_ptr, plen_ptr, po_ptr
         bt_row = bt_ptr + first * sbt
         for n0 in range(lo, hi, BLOCK_N):
             m_i, l_i, acc = _mla_tile(q_lat, q_pe, c_ptr, bt_row, n0, hi, scb, sct, scale_log2, m_i, l_i, acc, v0,
-                                      L, R, BLOCK_L, BLOCK_R, BLOCK_DV, BLOCK_N, PAGE, PREC)
+                                      L, R, BLOCK_L, BLOCK_R, BLOCK_DV, BLOCK_N, PAGE, PREC, REUSE_KV)
         dv = v0 + tl.arange(0, BLOCK_DV)
         tl.store(po_ptr + mrow[:, None] * sp0 + heads[:, None] * sp1 + s * sp2 + dv[None, :], acc / l_i[:, None],
                  mask=rm[:, None] & (dv < L)[None, :])
@@ -285,7 +299,7 @@ def mla_attention_decode(q_latent: torch.Tensor, q_pe: torch.Tensor, kv_cache: t
         q_latent, q_pe, kv_cache, meta.block_tables, meta.seq_lens, start, po, pl, out, *common,
         out.stride(0), out.stride(1), n_prefix, scale_log2, H=heads, BH=BLOCK_H,
         BLOCK_N=max(16, cfg["block_n"] // wide), SPLIT=split, HAS_START=casc is not None, WHOLE=whole,
-        SPLIT_P=split_p, num_warps=cfg["warps"], num_stages=cfg["stages"], **dims)
+        SPLIT_P=split_p, REUSE_KV=cfg["reuse_kv"], num_warps=cfg["warps"], num_stages=cfg["stages"], **dims)
     if not whole:
         _mla_merge_kernel[(bsz, heads)](
             po, pl, meta.seq_lens, start, out, po.stride(0), po.stride(1), po.stride(2), pl.stride(0), pl.stride(1),
@@ -307,7 +321,8 @@ def _launch_prefix(q_latent, q_pe, kv_cache, meta, po, pl, common, scale_log2, s
         q_latent, q_pe, kv_cache, meta.block_tables, rows, meta.cascade.group_prefix_len, po, pl, *common,
         rows.stride(0), scale_log2, H=heads, HB=hb, MAX_N=max_n, N_DV=n_dv, BLOCK_M=_pow2(max_n * hb),
         BLOCK_DV=block_dv, BLOCK_N=max(16, cfg["prefix_block_n"] // wide), SPLIT=split_p,
-        num_warps=cfg["prefix_warps"], num_stages=cfg["prefix_stages"], **dims)
+        REUSE_KV=cfg["reuse_kv"] and n_dv == 1, num_warps=cfg["prefix_warps"], num_stages=cfg["prefix_stages"],
+        **dims)
 
 
 # ---- cache write ------------------------------------------------------------------------------
