@@ -73,7 +73,7 @@ CASES = {  # name: (bsz, prompt, gen, n, max_n, heads)
 TUNE_SPACE = (
     (("prefix_dv", "prefix_block_n", "prefix_warps", "prefix_stages"),
      [(256, 32, 8, 2), (512, 32, 8, 1), (512, 16, 8, 2), (128, 32, 4, 2), (256, 32, 4, 2), (512, 32, 16, 2),
-      (256, 16, 8, 3), (256, 64, 8, 2)]),
+      (256, 16, 8, 3)]),
     # Fewer heads per prefix tile (Moonlight: 16 heads x 4 members = 64 rows by default): fewer
     # registers and shared memory per program (ptxas, sm_90: 198 registers and 180 KB at 16 heads,
     # one program per SM; 107-128 registers and 73-92 KB at 4-8, two), against reading the
