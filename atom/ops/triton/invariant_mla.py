@@ -33,6 +33,10 @@ from atom.ops.triton.invariant_gemm import invariant_gemm
 
 B = "triton_invariant"
 KV_SPLIT = 256  # KV tokens per partial of a row (the normal op's split at large batches)
+# Bytes of float32 partials one prefill launch may hold ([rows, H, parts, L]: an 8,192-token chunk
+# at 8,192 tokens of context would take 8.6 GB at 16 heads): rows go in groups under this bound
+# (a row's bits do not depend on its group).
+PREFILL_PARTIAL_BYTES = 512 << 20
 
 
 def _kv_b(w_kv_b: torch.Tensor, heads: int, nope: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -104,7 +108,14 @@ def mla_attention_prefill(q_nope: torch.Tensor, q_pe: torch.Tensor, kv_cache: to
     q_latent = mla_absorb_query(q_nope, w_kv_b)
     if t == 0 or meta.seq_lens.shape[0] == 0:
         return mla_expand_output(torch.zeros_like(q_latent), w_kv_b, nope)
-    out_latent = mla.mla_decode(q_latent, q_pe, kv_cache, token_rows(meta, t), scale, fixed_split=KV_SPLIT)
+    rows = token_rows(meta, t)
+    parts = max(1, -(-max(meta.max_seq_len, 1) // KV_SPLIT))
+    per_call = max(1, PREFILL_PARTIAL_BYTES // (heads * parts * q_latent.shape[2] * 4))
+    out_latent = torch.cat([
+        mla.mla_decode(q_latent[a:a + per_call], q_pe[a:a + per_call], kv_cache,
+                       dataclasses.replace(rows, seq_lens=rows.seq_lens[a:a + per_call],
+                                           block_tables=rows.block_tables[a:a + per_call]), scale, fixed_split=KV_SPLIT)
+        for a in range(0, t, per_call)])
     return mla_expand_output(out_latent, w_kv_b, nope)
 
 
