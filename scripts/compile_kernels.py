@@ -11,6 +11,9 @@ time is spent. Families:
   64, pages of 16), its TP2 share's (8 heads), DeepSeek-V3's (128 heads) and the tests' shapes,
   under the default MLA_CFG, the tests' overrides and every candidate `bench/mla_kernels.py
   --tune` can pick (bench.mla_kernels.TUNE_SPACE);
+* mla_invariant: DeepSeek-V3's batch-invariant ops (atom/ops/triton/invariant_mla.py): the
+  fixed-split MLA decode with its ordered merge (default MLA_CFG and reuse_kv), the absorbed
+  prefill, the per-head GEMMs and the grouped routing, at the mla family's shapes;
 * sampling: the sampler's one-program and split paths with and without the rank count;
 * moe_tune: the fused MoE under every tile config bench/moe_tune.py may install, at GPT-OSS-20B's
   (biased, clamped) and Moonlight-16B-A3B's shapes, bf16 (as swept).
@@ -197,6 +200,50 @@ def _mla(impl) -> None:
                   torch.empty(10, page, 1, lat + rope, dtype=dt), torch.zeros(5, dtype=torch.int64))
 
 
+# (experts, groups, groups kept, top_k): DeepSeek-V3, Moonlight, the tiny test model.
+ROUTE_SHAPES = ((256, 8, 4, 8), (64, 1, 1, 6), (8, 4, 2, 2))
+
+
+def _mla_invariant(impl) -> None:
+    """The triton_invariant backend's DeepSeek-V3 ops (its decode under the default MLA_CFG and
+    with reuse_kv; prefill rows; absorb / expand GEMMs with DeepSeek-V3's nope = v = 128)."""
+    import atom.ops.triton.invariant  # noqa: F401 (registers the backend)
+    import atom.ops.triton.mla as mla
+    from atom.ops.metadata import AttentionMetadata
+    inv = {name: impl(name)["triton_invariant"] for name in
+           ("mla_attention_decode", "mla_attention_prefill", "moe_route_grouped")}
+    for dt in DTYPES:
+        for heads, lat, rope, page in MLA_MODEL_SHAPES + MLA_TEST_SHAPES:
+            nope = 128 if lat == 512 else 16
+            b = 32
+            meta = AttentionMetadata(slot_mapping=torch.zeros(b, dtype=torch.int64), query_start_loc=torch.arange(b + 1),
+                                     seq_lens=torch.full((b,), 2000), block_tables=torch.zeros(b, 256, dtype=torch.int32),
+                                     is_decode=True, max_query_len=1, max_seq_len=4096)
+            cache = torch.empty(300, page, 1, lat + rope, dtype=dt)
+            q_pe = torch.empty(b, heads, lat + rope, dtype=dt)[..., lat:]
+            for reuse in (False, True):
+                _where[0] = f"{dt} invariant decode heads={heads} L={lat} R={rope} page={page} reuse_kv={reuse}"
+                saved = dict(mla.MLA_CFG)
+                mla.MLA_CFG["reuse_kv"] = reuse
+                try:
+                    inv["mla_attention_decode"](torch.empty(b, heads, lat, dtype=dt), q_pe, cache, meta, 0.1)
+                finally:
+                    mla.MLA_CFG.clear()
+                    mla.MLA_CFG.update(saved)
+            _where[0] = f"{dt} invariant prefill heads={heads} L={lat} R={rope} nope={nope}"
+            pmeta = AttentionMetadata(slot_mapping=torch.zeros(b, dtype=torch.int64),
+                                      query_start_loc=torch.tensor([0, 12, b]), seq_lens=torch.tensor([12, 2000]),
+                                      block_tables=torch.zeros(2, 256, dtype=torch.int32), is_decode=False,
+                                      max_query_len=20, max_seq_len=2000)
+            q = torch.empty(b, heads, nope + rope, dtype=dt)
+            inv["mla_attention_prefill"](q[..., :nope], q[..., nope:], cache,
+                                         torch.empty(heads * 2 * nope, lat, dtype=dt), pmeta, 0.1)
+    for e, groups, kept, k in ROUTE_SHAPES:
+        _where[0] = f"grouped routing experts={e} groups={groups} kept={kept} top_k={k}"
+        for renorm in (False, True):
+            inv["moe_route_grouped"](torch.empty(7, e), torch.empty(e), k, groups, kept, renorm, 2.5)
+
+
 # (N, K) of the batch-invariant GEMM: Qwen3-8B's qkv, o_proj, gate_up, down, lm_head, then the
 # interpreter test shapes (uneven K, narrow N).
 GEMM_MODEL_SHAPES = ((6144, 4096), (4096, 4096), (24576, 4096), (4096, 12288), (151936, 4096))
@@ -248,7 +295,7 @@ def _sampling(impl) -> None:
 
 
 FAMILIES = {"gemm": _gemm, "sampling": _sampling, "gpt_oss": (lambda impl: (_attention(impl), _experts(impl))), "mla": _mla,
-            "moe_tune": _moe_tune}
+            "mla_invariant": _mla_invariant, "moe_tune": _moe_tune}
 
 
 def main() -> None:

@@ -19,7 +19,7 @@ import pytest
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
-@pytest.mark.parametrize("family", ["mla", "gpt_oss", "gemm", "moe_tune", "sampling"])
+@pytest.mark.parametrize("family", ["mla", "mla_invariant", "gpt_oss", "gemm", "moe_tune", "sampling"])
 def test_kernels_compile_for_sm90_within_shared_memory(family):
     triton = pytest.importorskip("triton")
     path = os.pathsep.join([str(ROOT), str(pathlib.Path(triton.__file__).parents[1])])

@@ -1,10 +1,15 @@
 """EngineConfig(batch_invariant=True) on CUDA with the families whose own ops have no Triton
-batch-invariant version yet (GPT-OSS, Mixtral with a sliding window, DeepSeek-V3): nothing runs
-a batch-dependent kernel silently; the op raises a ValueError that names it.
+batch-invariant version yet (GPT-OSS, Mixtral with a sliding window): nothing runs a
+batch-dependent kernel silently; the op raises a ValueError that names it. DeepSeek-V3's ops have
+one (atom/ops/triton/invariant_mla.py): its tokens and logprobs are bitwise the same alone and in
+batches, and a decode token's logprob equals the prompt logprob a prefill reports.
 
 The registry check also runs in Triton's interpreter on the CPU (it only asks the registry what
 it would bind on CUDA): `ATOM_GPU_TESTS_ON_CPU=1 TRITON_INTERPRET=1 PYTHONPATH=$PWD:/work/triton_pkgs
 python -m pytest -m gpu tests/gpu/test_batch_invariant_families_gpu.py`; the engine check needs a GPU.
+
+DeepSeek-V3's engine tests also run on the CPU in the interpreter (float32, no graphs), every op
+taken from the Triton backends the way the registry takes them on CUDA.
 """
 from __future__ import annotations
 
@@ -37,8 +42,7 @@ def test_family_ops_on_cuda_are_invariant_or_raise(triton_ops):
 
 
 @pytest.mark.skipif(ON_CPU, reason="a CUDA engine")
-@pytest.mark.parametrize("arch,overrides", [("gpt_oss", {}), ("mixtral", dict(sliding_window=5)),
-                                            ("deepseek_v3", {})])
+@pytest.mark.parametrize("arch,overrides", [("gpt_oss", {}), ("mixtral", dict(sliding_window=5))])
 def test_a_family_without_triton_invariant_ops_raises_naming_the_op(make_tiny_model, arch, overrides):
     from atom.ops import ops
     path = make_tiny_model(arch, **overrides)
@@ -48,3 +52,70 @@ def test_a_family_without_triton_invariant_ops_raises_naming_the_op(make_tiny_mo
             eng.generate([[5, 6, 7, 8]], SamplingParams(max_tokens=2))
     finally:
         ops.configure(torch.device("cpu"))  # the process-wide table back to its default
+
+
+# ---- DeepSeek-V3 (MLA, grouped routing): bound to triton_invariant, bitwise alone and in batches ----
+
+DEEPSEEK_OPS = ("mla_absorb_query", "mla_expand_output", "mla_attention_prefill", "mla_attention_decode",
+                "mla_cache_write", "moe_route_grouped")
+
+
+def test_deepseek_ops_on_cuda_are_bound_to_triton_invariant(triton_ops):
+    from atom.ops import OpTable
+    table = OpTable()
+    table.configure(torch.device("cuda"), batch_invariant=True)  # the choice only: no kernel runs
+    assert {name: table.backend_of[name] for name in DEEPSEEK_OPS} == dict.fromkeys(DEEPSEEK_OPS, "triton_invariant")
+    assert all(table.supports(name, "graph_safe") and table.supports(name, "batch_invariant") for name in DEEPSEEK_OPS)
+    assert not table.supports("mla_attention_decode", "cascade")  # no shared-prefix groups in this mode
+
+
+@pytest.fixture
+def deepseek(make_tiny_model, triton_ops, monkeypatch):
+    """The tiny DeepSeek-V3, MLA's KV split shrunk so that its prompts span several partials
+    (the CPU run takes every op from the Triton backends as the registry does on CUDA)."""
+    import atom.ops.triton.invariant_mla as im
+    from atom.ops import ops
+    monkeypatch.setattr(im, "KV_SPLIT", 16)
+    yield make_tiny_model("deepseek_v3")
+    ops.configure(torch.device("cpu"))  # the process-wide table back to its default
+
+
+def test_deepseek_v3_request_is_bitwise_the_same_in_any_batch(deepseek):
+    from atom.ops import ops
+    from conftest import TINY_VOCAB
+    from helpers import random_prompts
+    from test_batch_invariant_gpu import SP, engine, result
+    target = random_prompts([29], TINY_VOCAB, seed=11)[0]
+    others = random_prompts([5, 40, 17, 9], TINY_VOCAB, seed=12)
+    alone = result(engine(deepseek).generate([target], SP)[0])
+    assert ops.backend_of["mla_attention_decode"] == ops.backend_of["moe_route_grouped"] == "triton_invariant"
+    runs = {
+        "first of 3": engine(deepseek).generate([target] + others[:2], SP)[0],
+        "last of 5": engine(deepseek).generate(others + [target], SP)[-1],
+        "chunked prefill": engine(deepseek, max_num_batched_tokens=7).generate(others[:2] + [target], SP)[-1],
+    }
+    if not ON_CPU:
+        runs["eager, step by step"] = engine(deepseek, enforce_eager=True, overlap_decode=False).generate(
+            others + [target], SP)[-1]
+    cached = engine(deepseek)
+    cached.generate([target[:24] + [3, 4]], SamplingParams(max_tokens=1))  # its first blocks, cached
+    runs["prefix from the cache"] = cached.generate([target, others[1]], SP)[0]
+    assert cached.stats.prompt_tokens_cached >= 16
+    for name, out in runs.items():
+        assert result(out) == alone, name
+
+
+def test_deepseek_v3_decode_logprobs_equal_a_prompt_logprob_prefill(deepseek):
+    """A trainer's recomputation (one forward over prompt + completion) gives the decode steps'
+    raw logprobs to the bit: the prefill takes the absorbed form through the decode kernels."""
+    from conftest import TINY_VOCAB
+    from helpers import random_prompts
+    from test_batch_invariant_gpu import SP, engine
+    prompt = random_prompts([40], TINY_VOCAB, seed=13)[0]
+    eng = engine(deepseek)
+    sp = SamplingParams(n=2, temperature=1.0, seed=4, max_tokens=SP.max_tokens, logprobs=0, logprobs_mode="raw",
+                        ignore_eos=True)
+    for c in eng.generate([prompt], sp)[0].outputs:
+        again = eng.generate([prompt + c.token_ids], SamplingParams(max_tokens=1, prompt_logprobs=0,
+                                                                    logprobs_mode="raw"))[0]
+        assert [again.prompt_logprobs[len(prompt) + i][t] for i, t in enumerate(c.token_ids)] == c.logprobs

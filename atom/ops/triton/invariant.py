@@ -34,6 +34,7 @@ from atom.ops.logits_processing import process_logits, report_source, token_rank
 from atom.ops.metadata import AttentionMetadata, SamplerOutput, SamplingMetadata
 from atom.ops.registry import declare_backend, register
 from atom.ops.triton import invariant_attention as attn
+from atom.ops.triton import invariant_mla  # noqa: F401 (DeepSeek-V3's ops)
 from atom.ops.triton.elementwise import qkv_prologue_launch
 from atom.ops.triton.invariant_gemm import invariant_gemm
 from atom.ops.triton.moe import fused_moe_with, moe_route

@@ -214,8 +214,11 @@ def _mla_prefix_kernel(ql_ptr, qp_ptr, c_ptr, bt_ptr, rows_ptr, plen_ptr, po_ptr
 @triton.jit
 def _mla_merge_kernel(po_ptr, pl_ptr, sl_ptr, start_ptr, o_ptr, sp0, sp1, sp2, sl0, sl1, so0, so1,
                       n_prefix, n_own, L: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_S: tl.constexpr,
-                      SPLIT: tl.constexpr, SPLIT_P: tl.constexpr, HAS_START: tl.constexpr):
-    """One (sequence, head): the weighted sum of its valid partials (a row without any: zeros)."""
+                      SPLIT: tl.constexpr, SPLIT_P: tl.constexpr, HAS_START: tl.constexpr,
+                      ORDERED: tl.constexpr = False):
+    """One (sequence, head): the weighted sum of its valid partials (a row without any: zeros).
+    ORDERED (batch-invariant mode): the weights' total summed one partial at a time in partial
+    order, as the values are (tl.sum's tree follows BLOCK_S, i.e. the batch's max_seq_len)."""
     b = tl.program_id(0).to(tl.int64)
     h = tl.program_id(1)
     seq_len = tl.load(sl_ptr + b).to(tl.int32)
@@ -231,6 +234,7 @@ def _mla_merge_kernel(po_ptr, pl_ptr, sl_ptr, start_ptr, o_ptr, sp0, sp1, sp2, s
     total = tl.sum(tl.where(valid, tl.exp2(lse - mx), 0.0), 0)
     lat = tl.arange(0, BLOCK_L)
     acc = tl.zeros([BLOCK_L], tl.float32)
+    run = mx * 0.0
     for j in range(0, n_prefix + n_own):  # one partial at a time: [parts, L] would not fit the registers
         if j < n_prefix:
             ok = j * SPLIT_P < start
@@ -239,6 +243,9 @@ def _mla_merge_kernel(po_ptr, pl_ptr, sl_ptr, start_ptr, o_ptr, sp0, sp1, sp2, s
         if ok:
             wj = tl.exp2(tl.load(pl_ptr + b * sl0 + h * sl1 + j) - mx)
             acc += wj * tl.load(po_ptr + b * sp0 + h * sp1 + j * sp2 + lat, mask=lat < L, other=0.0)
+            run += wj
+    if ORDERED:
+        total = run
     tl.store(o_ptr + b * so0 + h * so1 + lat, (acc / tl.maximum(total, 1e-30)).to(o_ptr.dtype.element_ty),
              mask=lat < L)
 
@@ -263,6 +270,15 @@ def mla_attention_decode(q_latent: torch.Tensor, q_pe: torch.Tensor, kv_cache: t
     [num_blocks, block_size, 1, L + R]; returns [B, H, L]), reading shared prefixes once per
     group when `meta.cascade` is set; padded rows (seq_len 0) give zeros. Loads past a
     sequence's length are masked, so unlike the torch op it needs no zeroed blocks."""
+    return mla_decode(q_latent, q_pe, kv_cache, meta, scale)
+
+
+def mla_decode(q_latent: torch.Tensor, q_pe: torch.Tensor, kv_cache: torch.Tensor, meta: AttentionMetadata,
+               scale: float, fixed_split: int | None = None) -> torch.Tensor:
+    """mla_attention_decode; with `fixed_split` (batch-invariant mode, atom/ops/triton/invariant_mla.py)
+    every row's own part is cut into splits of that many tokens at absolute positions from 0, never
+    folded in-kernel, no shared-prefix groups, and the merge sums a row's valid partials in order:
+    a row's bits then depend on its own query, context and seq_len only."""
     bsz, heads, lat_dim = q_latent.shape
     rope = q_pe.shape[2]
     if kv_cache.shape[-1] != lat_dim + rope or kv_cache.shape[2] != 1:
@@ -273,10 +289,10 @@ def mla_attention_decode(q_latent: torch.Tensor, q_pe: torch.Tensor, kv_cache: t
         return out
     q_latent, q_pe = _unit_stride(q_latent), _unit_stride(q_pe)
     cfg, page, wide = MLA_CFG, kv_cache.shape[1], _widen(q_latent.dtype)
-    casc = getattr(meta, "cascade", None)
+    casc = getattr(meta, "cascade", None) if fixed_split is None else None
     n_hb = triton.cdiv(heads, BLOCK_H)
-    whole = bsz * n_hb >= cfg["whole_own_pairs"]
-    split = _own_split(bsz * n_hb, meta.max_seq_len)
+    whole = fixed_split is None and bsz * n_hb >= cfg["whole_own_pairs"]
+    split = fixed_split or _own_split(bsz * n_hb, meta.max_seq_len)
     n_own = 1 if whole else max(1, triton.cdiv(max(meta.max_seq_len, 1), split))
     n_prefix, split_p = 0, 1
     if casc is not None:
@@ -305,7 +321,7 @@ def mla_attention_decode(q_latent: torch.Tensor, q_pe: torch.Tensor, kv_cache: t
             po, pl, meta.seq_lens, start, out, po.stride(0), po.stride(1), po.stride(2), pl.stride(0), pl.stride(1),
             out.stride(0), out.stride(1), n_prefix, n_own, L=lat_dim, BLOCK_L=dims["BLOCK_L"],
             BLOCK_S=triton.next_power_of_2(n_prefix + n_own), SPLIT=split, SPLIT_P=split_p,
-            HAS_START=casc is not None, num_warps=4)
+            HAS_START=casc is not None, ORDERED=fixed_split is not None, num_warps=4)
     return out
 
 
