@@ -26,6 +26,8 @@ SHAPES = [(4, 2, 16, 16), (16, 2, 32, 8)] if ON_CPU else [(4, 2, 16, 16), (64, 8
 # Windows shorter than the prompts (lens_for: up to 81 tokens on CPU, 2100 on the GPU), within one
 # KV split and across several; None: a full layer with sinks (GPT-OSS's other half).
 WINDOWS = [5, 45, None] if ON_CPU else [128, 700, None]
+# Sinks on and off with each window; no window without sinks (plain attention: test_invariant_ops.py).
+WINDOW_SINKS = [(w, s) for w in WINDOWS for s in (True, False) if w is not None or s]
 
 
 def windowed(op, window, sinks):
@@ -52,12 +54,9 @@ def sinks_for(with_sinks, hq, device, dtype):
 
 @pytest.mark.parametrize("dtype", act_dtypes())
 @pytest.mark.parametrize("hq,hk,d,page", SHAPES)
-@pytest.mark.parametrize("window", WINDOWS)
-@pytest.mark.parametrize("with_sinks", [True, False])
+@pytest.mark.parametrize("window,with_sinks", WINDOW_SINKS)
 def test_sliding_prefill_matches_torch_and_chunking_does_not_change_bits(inv, device, dtype, hq, hk, d, page,
                                                                         window, with_sinks, small_split):
-    if window is None and not with_sinks:
-        pytest.skip("plain attention: tests/gpu/test_invariant_ops.py")
     gen(hq + d + page + (window or 0))
     lens = lens_for(page)
     p = Paged(device, dtype, lens, hq, hk, d, page)
@@ -85,14 +84,11 @@ def test_sliding_prefill_matches_torch_and_chunking_does_not_change_bits(inv, de
 
 @pytest.mark.parametrize("dtype", act_dtypes())
 @pytest.mark.parametrize("hq,hk,d,page", SHAPES)
-@pytest.mark.parametrize("window", WINDOWS)
-@pytest.mark.parametrize("with_sinks", [True, False])
+@pytest.mark.parametrize("window,with_sinks", WINDOW_SINKS)
 def test_sliding_decode_equals_prefill_bit_for_bit(inv, device, dtype, hq, hk, d, page, window, with_sinks,
                                                    mode):
     """A token computed in a decode step (in a batch or alone, split or whole path) has the bits the
     one-chunk prefill of its sequence gave it, and never reads a block below its window."""
-    if window is None and not with_sinks:
-        pytest.skip("plain attention: tests/gpu/test_invariant_ops.py")
     gen(hq * 3 + d + page + (window or 0))
     lens = lens_for(page)
     p = Paged(device, dtype, lens, hq, hk, d, page)
