@@ -6,7 +6,8 @@ time is spent. Families:
   sweep may pick (bench.batch_invariant CANDIDATES) and the rule's own, each launched at four M
   that must compile to the same kernel;
 * gpt_oss: the sliding-window / sink attention and biased fused MoE at GPT-OSS-20B's and the tiny
-  test model's shapes;
+  test model's shapes, of the triton backend and of the batch-invariant one (triton_invariant,
+  with its clamped SwiGLU);
 * mla: the MLA decode and cache write at Moonlight-16B-A3B's (16 heads, kv_lora_rank 512, rope
   64, pages of 16), its TP2 share's (8 heads), DeepSeek-V3's (128 heads) and the tests' shapes,
   under the default MLA_CFG, the tests' overrides and every candidate `bench/mla_kernels.py
@@ -75,7 +76,7 @@ def _compile_only() -> list[tuple[str, int, str]]:
     return compiled
 
 
-def _attention(impl) -> None:
+def _attention(impl, backend: str = "triton") -> None:
     from atom.ops.metadata import AttentionMetadata, CascadeMetadata
 
     def meta(b, qlen=1, cascade=False):
@@ -89,10 +90,11 @@ def _attention(impl) -> None:
                                         torch.zeros(b, dtype=torch.int32), 4096)
         return m
 
-    decode, prefill = impl("sliding_sink_attention_decode")["triton"], impl("sliding_sink_attention_prefill")["triton"]
+    decode = impl("sliding_sink_attention_decode")[backend]
+    prefill = impl("sliding_sink_attention_prefill")[backend]
     for dt in DTYPES:
         for hq, hk, d, page in ((64, 8, 64, 16), (4, 2, 16, 16)):  # GPT-OSS-20B, the tiny test model
-            _where[0] = f"{dt} heads={hq}/{hk} head_dim={d} page={page}"
+            _where[0] = f"{backend} {dt} heads={hq}/{hk} head_dim={d} page={page}"
             kc = torch.empty(300, page, hk, d, dtype=dt)
             sinks = torch.empty(hq, dtype=dt)
             for window in (None, 128):
@@ -103,17 +105,30 @@ def _attention(impl) -> None:
                     prefill(torch.empty(2 * qlen, hq, d, dtype=dt), kc, kc, meta(2, qlen), 0.125, window, sinks)
 
 
-def _experts(impl) -> None:
-    op = impl("fused_moe_biased")["triton"]
+def _experts(impl, backend: str = "triton") -> None:
+    op = impl("fused_moe_biased")[backend]
     e, h, i, k = 32, 2880, 2880, 4  # GPT-OSS-20B
     for dt in DTYPES:
-        _where[0] = f"{dt} experts={e} hidden={h} intermediate={i}"
+        _where[0] = f"{backend} {dt} experts={e} hidden={h} intermediate={i}"
         w13, b13 = torch.empty(e, 2 * i, h, dtype=dt), torch.empty(e, 2 * i, dtype=dt)
         w2, b2 = torch.empty(e, h, i, dtype=dt), torch.empty(e, h, dtype=dt)
         for t in (1, 4, 5, 64, 700, 4096):  # the small path, then the aligned one's tile configs
             x, weights, ids = torch.empty(t, h, dtype=dt), torch.empty(t, k), torch.zeros(t, k, dtype=torch.int64)
             for down_bias in (b2, None):
                 op(x, w13, b13, w2, down_bias, weights, ids, 7.0, 1.702)
+
+
+def _invariant_families(impl) -> None:
+    """The batch-invariant backend's GPT-OSS ops: attention (window, sinks; whole and split decode),
+    the biased experts on the fixed tiles, the clamped SwiGLU at GPT-OSS-20B's width."""
+    import atom.ops.triton.invariant  # noqa: F401 (registers the backend)
+    _attention(impl, "triton_invariant")
+    _experts(impl, "triton_invariant")
+    op = impl("clamped_swiglu")["triton_invariant"]
+    for dt in DTYPES:
+        _where[0] = f"triton_invariant {dt} clamped_swiglu 2I=5760"
+        for t in (1, 700):
+            op(torch.empty(t, 5760, dtype=dt), 7.0, 1.702)
 
 
 def _moe_tune(impl) -> None:
@@ -294,7 +309,8 @@ def _sampling(impl) -> None:
         sample(torch.empty(rows, vocab), meta, split=split)
 
 
-FAMILIES = {"gemm": _gemm, "sampling": _sampling, "gpt_oss": (lambda impl: (_attention(impl), _experts(impl))), "mla": _mla,
+FAMILIES = {"gemm": _gemm, "sampling": _sampling,
+            "gpt_oss": (lambda impl: (_attention(impl), _experts(impl), _invariant_families(impl))), "mla": _mla,
             "mla_invariant": _mla_invariant, "moe_tune": _moe_tune}
 
 

@@ -1,57 +1,90 @@
-"""EngineConfig(batch_invariant=True) on CUDA with the families whose own ops have no Triton
-batch-invariant version yet (GPT-OSS, Mixtral with a sliding window): nothing runs a
-batch-dependent kernel silently; the op raises a ValueError that names it. DeepSeek-V3's ops have
-one (atom/ops/triton/invariant_mla.py): its tokens and logprobs are bitwise the same alone and in
-batches, and a decode token's logprob equals the prompt logprob a prefill reports.
+"""EngineConfig(batch_invariant=True) on CUDA with the families that have their own ops.
 
-The registry check also runs in Triton's interpreter on the CPU (it only asks the registry what
-it would bind on CUDA): `ATOM_GPU_TESTS_ON_CPU=1 TRITON_INTERPRET=1 PYTHONPATH=$PWD:/work/triton_pkgs
-python -m pytest -m gpu tests/gpu/test_batch_invariant_families_gpu.py`; the engine check needs a GPU.
+GPT-OSS (sinks, sliding window, biased experts), Mixtral and Qwen3 with a sliding window
+(atom/ops/triton/invariant_families.py, invariant.py) and DeepSeek-V3 (MLA with fixed splits,
+absorbed prefill, per-head invariant GEMMs, grouped routing: atom/ops/triton/invariant_mla.py) run on
+the triton_invariant backend: one request's tokens and logprobs are bitwise the same alone and in a
+batch, chunked or not, cached or not, and a decode token's raw logprob equals what a prompt-logprob
+prefill of the sequence reports. Every family op is bound there: nothing falls back to a
+batch-dependent kernel.
 
-DeepSeek-V3's engine tests also run on the CPU in the interpreter (float32, no graphs), every op
-taken from the Triton backends the way the registry takes them on CUDA.
+These tests also run in Triton's interpreter on the CPU (float32, no graphs, every op from the
+Triton backends the way the registry takes them on CUDA): `ATOM_GPU_TESTS_ON_CPU=1
+TRITON_INTERPRET=1 PYTHONPATH=$PWD:/work/triton_pkgs python -m pytest -m gpu
+tests/gpu/test_batch_invariant_families_gpu.py`.
 """
 from __future__ import annotations
 
 import pytest
 import torch
 
-from atom import RolloutEngine, SamplingParams
+from atom import SamplingParams
 from atom.ops.invariant_family_ops import FAMILY_INVARIANT_OPS
+from conftest import TINY_VOCAB
+from helpers import random_prompts
 
 from gpu_helpers import ON_CPU, triton_ops  # noqa: F401 (fixture)
+from test_batch_invariant_gpu import SP, engine, result, small_split  # noqa: F401 (autouse fixture)
 
 pytestmark = pytest.mark.gpu
 FAMILY_OPS = FAMILY_INVARIANT_OPS + ("mla_cache_write",)
-MISSING = r"op '(sliding_sink_attention_\w+|clamped_swiglu|fused_moe_biased|moe_route_grouped|mla_\w+)' has no " \
-          r"batch-invariant implementation on cuda"
 
 
-def test_family_ops_on_cuda_are_invariant_or_raise(triton_ops):
+def test_every_family_op_on_cuda_is_bound_to_triton_invariant(triton_ops):
     from atom.ops import OpTable
     from atom.ops.registry import capabilities
     table = OpTable()
     table.configure(torch.device("cuda"), batch_invariant=True)  # the choice only: no kernel runs
     for name in FAMILY_OPS:
         backend = table.backend_of[name]
-        if backend == "missing":
-            with pytest.raises(ValueError, match=f"op '{name}' has no batch-invariant implementation on cuda"):
-                getattr(table, name)()
-        else:
-            assert "batch_invariant" in capabilities(name, backend), (name, backend)
+        assert backend == "triton_invariant", (name, backend)
+        assert "batch_invariant" in capabilities(name, backend), name
 
 
-@pytest.mark.skipif(ON_CPU, reason="a CUDA engine")
-@pytest.mark.parametrize("arch,overrides", [("gpt_oss", {}), ("mixtral", dict(sliding_window=5))])
-def test_a_family_without_triton_invariant_ops_raises_naming_the_op(make_tiny_model, arch, overrides):
+# The families the triton_invariant backend runs: GPT-OSS (sliding window 6, sinks, biased experts;
+# conftest), Mixtral with a window shorter than the prompts, Qwen3 with sliding upper layers.
+FAMILIES = [("gpt_oss", {}), ("mixtral", dict(sliding_window=5)),
+            ("qwen3", dict(num_hidden_layers=3, use_sliding_window=True, sliding_window=5, max_window_layers=1))]
+
+
+@pytest.fixture(scope="module", params=FAMILIES, ids=["gpt_oss", "mixtral_window", "qwen3_sliding"])
+def family(request, make_tiny_model):
+    """(arch, path of its tiny model)."""
+    arch, overrides = request.param
+    return arch, make_tiny_model(arch, **overrides)
+
+
+def test_a_family_request_is_bitwise_the_same_in_any_batch(family):
     from atom.ops import ops
-    path = make_tiny_model(arch, **overrides)
-    try:
-        with pytest.raises(ValueError, match=MISSING):
-            eng = RolloutEngine(path, device="cuda", batch_invariant=True, num_kv_blocks=64, max_num_seqs=4)
-            eng.generate([[5, 6, 7, 8]], SamplingParams(max_tokens=2))
-    finally:
-        ops.configure(torch.device("cpu"))  # the process-wide table back to its default
+    arch, family_path = family
+    target = random_prompts([29], TINY_VOCAB, seed=11)[0]
+    others = random_prompts([5, 40, 17, 23, 9], TINY_VOCAB, seed=12)
+    alone = result(engine(family_path).generate([target], SP)[0])
+    for name in ("sliding_sink_attention_prefill", "sliding_sink_attention_decode") + (
+            ("fused_moe_biased",) if arch == "gpt_oss" else ()):
+        assert ops.backend_of[name] == "triton_invariant", name
+    runs = {
+        "first of 4": engine(family_path).generate([target] + others[:3], SP)[0],
+        "last of 6": engine(family_path).generate(others + [target], SP)[-1],
+        "chunked prefill": engine(family_path, max_num_batched_tokens=7).generate(others[:2] + [target], SP)[-1],
+        "eager, step by step": engine(family_path, enforce_eager=True, overlap_decode=False).generate(
+            others[:3] + [target], SP)[-1],
+    }
+    for name, out in runs.items():
+        assert result(out) == alone, name
+
+
+def test_a_family_decode_logprob_equals_a_prompt_logprob_prefill(family):
+    """A trainer's recomputation (one forward over prompt + completion) gives the decode steps'
+    raw logprobs to the bit, past the sliding window."""
+    prompt = random_prompts([40], TINY_VOCAB, seed=13)[0]
+    eng = engine(family[1])
+    sp = SamplingParams(n=2, temperature=1.0, seed=4, max_tokens=SP.max_tokens, logprobs=0, logprobs_mode="raw",
+                        ignore_eos=True)
+    for c in eng.generate([prompt], sp)[0].outputs:
+        again = eng.generate([prompt + c.token_ids], SamplingParams(max_tokens=1, prompt_logprobs=0,
+                                                                    logprobs_mode="raw"))[0]
+        assert [again.prompt_logprobs[len(prompt) + i][t] for i, t in enumerate(c.token_ids)] == c.logprobs
 
 
 # ---- DeepSeek-V3 (MLA, grouped routing): bound to triton_invariant, bitwise alone and in batches ----
@@ -82,9 +115,6 @@ def deepseek(make_tiny_model, triton_ops, monkeypatch):
 
 def test_deepseek_v3_request_is_bitwise_the_same_in_any_batch(deepseek):
     from atom.ops import ops
-    from conftest import TINY_VOCAB
-    from helpers import random_prompts
-    from test_batch_invariant_gpu import SP, engine, result
     target = random_prompts([29], TINY_VOCAB, seed=11)[0]
     others = random_prompts([5, 40, 17, 9], TINY_VOCAB, seed=12)
     alone = result(engine(deepseek).generate([target], SP)[0])
@@ -108,9 +138,6 @@ def test_deepseek_v3_request_is_bitwise_the_same_in_any_batch(deepseek):
 def test_deepseek_v3_decode_logprobs_equal_a_prompt_logprob_prefill(deepseek):
     """A trainer's recomputation (one forward over prompt + completion) gives the decode steps'
     raw logprobs to the bit: the prefill takes the absorbed form through the decode kernels."""
-    from conftest import TINY_VOCAB
-    from helpers import random_prompts
-    from test_batch_invariant_gpu import SP, engine
     prompt = random_prompts([40], TINY_VOCAB, seed=13)[0]
     eng = engine(deepseek)
     sp = SamplingParams(n=2, temperature=1.0, seed=4, max_tokens=SP.max_tokens, logprobs=0, logprobs_mode="raw",

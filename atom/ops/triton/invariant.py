@@ -11,8 +11,9 @@ routing: one program per row, launch shapes from the model alone). What this bac
   paged attention    invariant_attention: fixed KV splits at absolute positions, the same
                      online-softmax steps in prefill, decode and the shared-prefix kernel;
   fused_moe,         one grouped-GEMM tile config for every token count (the triton backend picks
-  moe_forward        by count and takes a two-kernel path below 5 tokens); the per-token sum over
-                     the top-k experts is in routing order, as there;
+  moe_forward,       by count and takes a two-kernel path below 5 tokens); the per-token sum over
+  fused_moe_biased   the top-k experts is in routing order, as there (fused_moe_biased: GPT-OSS's
+                     biases and clamped SwiGLU in the same GEMMs' epilogues);
   qkv_prologue       a fixed number of heads per program (the triton op packs more heads per
                      program as the token count grows, which changes the q/k norm's reduction);
   sample             the vocabulary-split kernel at every batch size (the triton op switches at
@@ -21,6 +22,7 @@ routing: one program per row, launch shapes from the model alone). What this bac
                      log-softmax over the same row that prompt logprobs use, so a decode token's
                      logprob equals the prompt logprob a prefill of the sequence reports.
 
+The families' own attention (windows, sinks) and clamped SwiGLU: invariant_families.py.
 Every op is graph-safe (no host sync; grids from shapes and host-side bounds), so decode runs in
 CUDA graphs as in the normal mode; padded graph rows cannot change real rows (rows never mix).
 Costs: bench/batch_invariant.py.
@@ -35,9 +37,10 @@ from atom.ops.metadata import AttentionMetadata, SamplerOutput, SamplingMetadata
 from atom.ops.registry import declare_backend, register
 from atom.ops.triton import invariant_attention as attn
 from atom.ops.triton import invariant_mla  # noqa: F401 (DeepSeek-V3's ops)
+from atom.ops.triton import invariant_families  # noqa: F401 (registers the families' ops)
 from atom.ops.triton.elementwise import qkv_prologue_launch
 from atom.ops.triton.invariant_gemm import invariant_gemm
-from atom.ops.triton.moe import fused_moe_with, moe_route
+from atom.ops.triton.moe import Epilogue, experts_aligned, fused_moe_with, moe_route
 from atom.ops.triton.sampling import _launch_split
 
 B = "triton_invariant"
@@ -79,6 +82,18 @@ def lm_head(hidden: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
 def fused_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights: torch.Tensor,
               topk_ids: torch.Tensor) -> torch.Tensor:
     return fused_moe_with(x, w13, w2, topk_weights, topk_ids, MOE_UP, MOE_DOWN)
+
+
+@register("fused_moe_biased", B, "skips_negative_ids")
+def fused_moe_biased(x: torch.Tensor, w13: torch.Tensor, b13: torch.Tensor, w2: torch.Tensor,
+                     b2: torch.Tensor | None, topk_weights: torch.Tensor, topk_ids: torch.Tensor,
+                     limit: float | None, alpha: float) -> torch.Tensor:
+    """GPT-OSS's experts (torch_family_ops has the reference): fused_moe's aligned path and tiles
+    with the bias + clamped-SwiGLU epilogues (never moe_small's path)."""
+    x, w13, b13, w2 = (a if a.stride(-1) == 1 else a.contiguous() for a in (x, w13, b13, w2))
+    b2 = b2 if b2 is None or b2.stride(-1) == 1 else b2.contiguous()
+    ep = Epilogue(b13, b2, "clamped_swiglu", limit, alpha)
+    return experts_aligned(x, w13, w2, topk_weights, topk_ids, ep, MOE_UP, MOE_DOWN)
 
 
 @register("moe_forward", B)
