@@ -74,17 +74,23 @@ def test_a_family_request_is_bitwise_the_same_in_any_batch(family):
         assert result(out) == alone, name
 
 
-def test_a_family_decode_logprob_equals_a_prompt_logprob_prefill(family):
-    """A trainer's recomputation (one forward over prompt + completion) gives the decode steps'
-    raw logprobs to the bit, past the sliding window."""
+def assert_decode_logprobs_equal_a_prefill(path) -> None:
+    """Two samples' raw decode logprobs equal, to the bit, the prompt logprobs of one forward over
+    prompt + completion (what a trainer's recomputation reports)."""
     prompt = random_prompts([40], TINY_VOCAB, seed=13)[0]
-    eng = engine(family[1])
+    eng = engine(path)
     sp = SamplingParams(n=2, temperature=1.0, seed=4, max_tokens=SP.max_tokens, logprobs=0, logprobs_mode="raw",
                         ignore_eos=True)
     for c in eng.generate([prompt], sp)[0].outputs:
         again = eng.generate([prompt + c.token_ids], SamplingParams(max_tokens=1, prompt_logprobs=0,
                                                                     logprobs_mode="raw"))[0]
         assert [again.prompt_logprobs[len(prompt) + i][t] for i, t in enumerate(c.token_ids)] == c.logprobs
+
+
+def test_a_family_decode_logprob_equals_a_prompt_logprob_prefill(family):
+    """A trainer's recomputation (one forward over prompt + completion) gives the decode steps'
+    raw logprobs to the bit, past the sliding window."""
+    assert_decode_logprobs_equal_a_prefill(family[1])
 
 
 # ---- DeepSeek-V3 (MLA, grouped routing): bound to triton_invariant, bitwise alone and in batches ----
@@ -138,11 +144,4 @@ def test_deepseek_v3_request_is_bitwise_the_same_in_any_batch(deepseek):
 def test_deepseek_v3_decode_logprobs_equal_a_prompt_logprob_prefill(deepseek):
     """A trainer's recomputation (one forward over prompt + completion) gives the decode steps'
     raw logprobs to the bit: the prefill takes the absorbed form through the decode kernels."""
-    prompt = random_prompts([40], TINY_VOCAB, seed=13)[0]
-    eng = engine(deepseek)
-    sp = SamplingParams(n=2, temperature=1.0, seed=4, max_tokens=SP.max_tokens, logprobs=0, logprobs_mode="raw",
-                        ignore_eos=True)
-    for c in eng.generate([prompt], sp)[0].outputs:
-        again = eng.generate([prompt + c.token_ids], SamplingParams(max_tokens=1, prompt_logprobs=0,
-                                                                    logprobs_mode="raw"))[0]
-        assert [again.prompt_logprobs[len(prompt) + i][t] for i, t in enumerate(c.token_ids)] == c.logprobs
+    assert_decode_logprobs_equal_a_prefill(deepseek)
