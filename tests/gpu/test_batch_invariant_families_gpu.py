@@ -24,7 +24,7 @@ from conftest import TINY_VOCAB
 from helpers import random_prompts
 
 from gpu_helpers import ON_CPU, triton_ops  # noqa: F401 (fixture)
-from test_batch_invariant_gpu import SP, engine, result, small_split  # noqa: F401 (autouse fixture)
+from test_batch_invariant_gpu import SP, TARGET, batch_runs, engine, result, small_split  # noqa: F401 (autouse fixture)
 
 pytestmark = pytest.mark.gpu
 FAMILY_OPS = FAMILY_INVARIANT_OPS + ("mla_cache_write",)
@@ -57,20 +57,12 @@ def family(request, make_tiny_model):
 def test_a_family_request_is_bitwise_the_same_in_any_batch(family):
     from atom.ops import ops
     arch, family_path = family
-    target = random_prompts([29], TINY_VOCAB, seed=11)[0]
-    others = random_prompts([5, 40, 17, 23, 9], TINY_VOCAB, seed=12)
-    alone = result(engine(family_path).generate([target], SP)[0])
+    alone = result(engine(family_path).generate([TARGET], SP)[0])
     for name in ("sliding_sink_attention_prefill", "sliding_sink_attention_decode") + (
             ("fused_moe_biased",) if arch == "gpt_oss" else ()):
         assert ops.backend_of[name] == "triton_invariant", name
-    runs = {
-        "first of 4": engine(family_path).generate([target] + others[:3], SP)[0],
-        "last of 6": engine(family_path).generate(others + [target], SP)[-1],
-        "chunked prefill": engine(family_path, max_num_batched_tokens=7).generate(others[:2] + [target], SP)[-1],
-        "eager, step by step": engine(family_path, enforce_eager=True, overlap_decode=False).generate(
-            others[:3] + [target], SP)[-1],
-    }
-    for name, out in runs.items():
+    others = random_prompts([5, 40, 17, 23, 9], TINY_VOCAB, seed=12)
+    for name, out in batch_runs(family_path, others, cached=False).items():
         assert result(out) == alone, name
 
 
@@ -121,23 +113,10 @@ def deepseek(make_tiny_model, triton_ops, monkeypatch):
 
 def test_deepseek_v3_request_is_bitwise_the_same_in_any_batch(deepseek):
     from atom.ops import ops
-    target = random_prompts([29], TINY_VOCAB, seed=11)[0]
-    others = random_prompts([5, 40, 17, 9], TINY_VOCAB, seed=12)
-    alone = result(engine(deepseek).generate([target], SP)[0])
+    alone = result(engine(deepseek).generate([TARGET], SP)[0])
     assert ops.backend_of["mla_attention_decode"] == ops.backend_of["moe_route_grouped"] == "triton_invariant"
-    runs = {
-        "first of 3": engine(deepseek).generate([target] + others[:2], SP)[0],
-        "last of 5": engine(deepseek).generate(others + [target], SP)[-1],
-        "chunked prefill": engine(deepseek, max_num_batched_tokens=7).generate(others[:2] + [target], SP)[-1],
-    }
-    if not ON_CPU:
-        runs["eager, step by step"] = engine(deepseek, enforce_eager=True, overlap_decode=False).generate(
-            others + [target], SP)[-1]
-    cached = engine(deepseek)
-    cached.generate([target[:24] + [3, 4]], SamplingParams(max_tokens=1))  # its first blocks, cached
-    runs["prefix from the cache"] = cached.generate([target, others[1]], SP)[0]
-    assert cached.stats.prompt_tokens_cached >= 16
-    for name, out in runs.items():
+    others = random_prompts([5, 40, 17, 9], TINY_VOCAB, seed=12)
+    for name, out in batch_runs(deepseek, others, eager=not ON_CPU).items():
         assert result(out) == alone, name
 
 

@@ -65,24 +65,33 @@ def result(out):
     return c.token_ids, c.logprobs, [sorted(t.items()) for t in c.top_logprobs]
 
 
+TARGET = random_prompts([29], TINY_VOCAB, seed=11)[0]
+
+
+def batch_runs(path, others: list[list[int]], eager: bool = True, cached: bool = True) -> dict:
+    """TARGET's output in other batches: first of a few, last of all, in a chunked prefill, eager
+    step by step (eager), and with its first blocks from the prefix cache (cached)."""
+    runs = {
+        "first of a few": engine(path).generate([TARGET] + others[:len(others) // 2], SP)[0],
+        "last of all": engine(path).generate(others + [TARGET], SP)[-1],
+        "chunked prefill": engine(path, max_num_batched_tokens=7).generate(others[:2] + [TARGET], SP)[-1],
+    }
+    if eager:
+        runs["eager, step by step"] = engine(path, enforce_eager=True, overlap_decode=False).generate(
+            others[:-2] + [TARGET], SP)[-1]
+    if cached:
+        eng = engine(path)
+        eng.generate([TARGET[:24] + [3, 4]], SamplingParams(max_tokens=1))  # its first blocks, cached
+        runs["prefix from the cache"] = eng.generate([TARGET, others[1]], SP)[0]
+        assert eng.stats.prompt_tokens_cached >= 16
+    return runs
+
+
 def test_one_request_is_bitwise_the_same_in_any_batch(path):
     from atom.ops import ops
-    target = random_prompts([29], TINY_VOCAB, seed=11)[0]
-    others = random_prompts([5, 40, 17, 23, 9, 33, 12], TINY_VOCAB, seed=12)
-    alone = result(engine(path).generate([target], SP)[0])
+    alone = result(engine(path).generate([TARGET], SP)[0])
     assert ops.backend_of["linear"] == ops.backend_of["paged_attention_decode"] == "triton_invariant"
-    runs = {
-        "first of 4": engine(path).generate([target] + others[:3], SP)[0],
-        "last of 8": engine(path).generate(others + [target], SP)[-1],
-        "chunked prefill": engine(path, max_num_batched_tokens=7).generate(others[:2] + [target], SP)[-1],
-        "eager, step by step": engine(path, enforce_eager=True, overlap_decode=False).generate(others[:5] + [target],
-                                                                                             SP)[-1],
-    }
-    cached = engine(path)
-    cached.generate([target[:24] + [3, 4]], SamplingParams(max_tokens=1))  # its first blocks, cached
-    runs["prefix from the cache"] = cached.generate([target, others[1]], SP)[0]
-    assert cached.stats.prompt_tokens_cached >= 16
-    for name, out in runs.items():
+    for name, out in batch_runs(path, random_prompts([5, 40, 17, 23, 9, 33, 12], TINY_VOCAB, seed=12)).items():
         assert result(out) == alone, name
 
 

@@ -49,6 +49,11 @@ def cid(case) -> str:
         case[0], down["BLOCK_N"], **up)
 
 
+# Every (dtype, shape, candidate) whose tiles fit shared memory in that dtype.
+RUNS = [pytest.param(dt, shape, case, id=f"{cid(case)}-{dt}-{'x'.join(map(str, shape))}")
+        for dt, shape in SHAPES for case in ALL if fits(case, dt)]
+
+
 @pytest.fixture(autouse=True)
 def clean_table():
     saved = dict(moe_tiles.TABLE)
@@ -81,11 +86,8 @@ def routed(tokens, experts, top_k, device):
     return weights.softmax(-1), ids
 
 
-@pytest.mark.parametrize("dtype,shape", SHAPES)
-@pytest.mark.parametrize("case", ALL, ids=cid)
+@pytest.mark.parametrize("dtype,shape,case", RUNS)
 def test_fused_moe_reads_the_table(triton_ops, device, monkeypatch, dtype, shape, case):
-    if not fits(case, dtype):
-        pytest.skip("a bf16 candidate wider than shared memory in float32")
     tokens, experts, top_k, hidden, inter = shape
     torch.manual_seed(tokens + experts + hidden)
     x = torch.randn(tokens, hidden, device=device).to(dtype)
@@ -101,11 +103,8 @@ def test_fused_moe_reads_the_table(triton_ops, device, monkeypatch, dtype, shape
     assert err < TOL[dtype] * 1.5, f"relative error {err:.3g}"
 
 
-@pytest.mark.parametrize("dtype,shape", SHAPES)
-@pytest.mark.parametrize("case", ALL, ids=cid)
+@pytest.mark.parametrize("dtype,shape,case", RUNS)
 def test_fused_moe_biased_reads_the_table(triton_ops, device, monkeypatch, dtype, shape, case):
-    if not fits(case, dtype):
-        pytest.skip("a bf16 candidate wider than shared memory in float32")
     tokens, experts, top_k, hidden, inter = shape
     torch.manual_seed(tokens * 7 + experts + hidden)
     x = torch.randn(tokens, hidden, device=device).to(dtype)
