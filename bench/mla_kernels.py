@@ -71,6 +71,11 @@ CASES = {  # name: (bsz, prompt, gen, n, max_n, heads)
 # that none can ask for more shared memory than an H200 block has (prefix (256, 64, 8, 2) asked
 # for 280 KiB in bf16 at 16 heads: the sweep always skipped it, so it is not listed).
 TUNE_SPACE = (
+    # The whole latent per prefix program with one load of each tile for scores and values
+    # (64 rows x 512 fp32 over two warpgroups; sm_90: 255 registers, no spills, 144 KiB) against
+    # the 256-column value chunks that compute the scores twice.
+    (("prefix_dv", "prefix_reuse_kv", "prefix_block_n", "prefix_stages"),
+     [(256, False, 32, 2), (512, True, 32, 2), (512, True, 16, 3), (512, True, 16, 2)]),
     (("prefix_dv", "prefix_block_n", "prefix_warps", "prefix_stages"),
      [(256, 32, 8, 2), (512, 32, 8, 1), (512, 16, 8, 2), (128, 32, 4, 2), (256, 32, 4, 2), (512, 32, 16, 2),
       (256, 16, 8, 3)]),
@@ -91,11 +96,20 @@ TUNE_SPACE = (
 )
 
 
-def measure(dec, case, cascade=True) -> tuple[float, float, float]:
-    """(seconds, bytes needed, FLOPs) of one call."""
+def measure(dec, case, cascade=True, graph=True) -> tuple[float, float, float]:
+    """(seconds, bytes needed, FLOPs) of one call; `graph`: replayed from a CUDA graph as the decode
+    runner does (the torch reference syncs the host, so it runs eager): eager launches of the three kernels cost the host ~50-100 us, which swung the 100 us
+    cases by 2x between identical configs under a loaded host."""
+    import triton
     bsz, prompt, gen, n, max_n, heads = case
     q_lat, q_pe, cache, meta = mla_batch(bsz, prompt, gen, n, max_n, heads, cascade)
-    t = bench(lambda: dec(q_lat, q_pe, cache, meta, 192 ** -0.5))
+    call = lambda: dec(q_lat, q_pe, cache, meta, 192 ** -0.5)  # noqa: E731
+    if not graph:
+        t = bench(call)
+    else:
+        call()  # compile outside the capture
+        torch.cuda.synchronize()
+        t = triton.testing.do_bench_cudagraph(call, rep=50, return_mode="median") / 1e3
     need = (bsz // n * prompt + bsz * gen) * (LAT + ROPE) * 2
     flops = bsz * heads * (prompt + gen) * 2 * (2 * LAT + ROPE)
     return t, need, flops
@@ -111,7 +125,7 @@ def tune(out_path: str) -> None:
         return times, (len(times) if base is None else sum(t / b for t, b in zip(times, base)))
     base, _ = score()
     for keys, cands in TUNE_SPACE:
-        best, best_score = None, 1.0
+        best, best_score = None, float(len(cases))  # the score of base itself
         for cand in cands:
             saved = dict(mla.MLA_CFG)
             mla.MLA_CFG.update(dict(zip(keys, cand)))
@@ -211,13 +225,13 @@ def main() -> None:
     impls = implementations("mla_attention_decode")
     print(f"{'kernel':<48} {'us':>9} {'GB/s':>7} {'of copy bw':>10} {'TFLOP/s':>8}")
     for name, case in CASES.items():
-        variants = [("", impls["triton"], True)]
+        variants = [("", impls["triton"], True, True)]
         if case[3] > 1:
-            variants.append((" no cascade", impls["triton"], False))
+            variants.append((" no cascade", impls["triton"], False, True))
         if case[0] <= 64:  # the torch reference: gathers every block, float32
-            variants.append((" (torch ref)", impls["torch"], False))
-        for suffix, fn, casc in variants:
-            t, need, flops = measure(fn, case, casc)
+            variants.append((" (torch ref)", impls["torch"], False, False))
+        for suffix, fn, casc, graph in variants:
+            t, need, flops = measure(fn, case, casc, graph)
             print(f"{name + suffix:<48} {t * 1e6:>9.1f} {need / t / 1e9:>7.0f} {need / t / bw:>10.1%} "
                   f"{flops / t / 1e12:>8.1f}")
     prefill_main(json.load(open(ceil_path)) if os.path.isfile(ceil_path) else {})

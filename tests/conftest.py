@@ -22,12 +22,6 @@ import os
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
-# GPU tests compare runs bit for bit (CUDA graphs on / off, engines side by side). cuBLAS is
-# bitwise reproducible across streams only with a fixed workspace configuration (its docs'
-# "Results reproducibility"; PyTorch's reproducibility notes): set before the first cuBLAS handle.
-# Suspected cause of the float32 tiny-Llama graphs-vs-eager flake (a last-bit logprob difference
-# in the prefill, seen only with other pytest processes on the GPU); not yet confirmed on a GPU.
-os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
 
 import pytest  # noqa: E402
 

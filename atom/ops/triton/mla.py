@@ -36,12 +36,14 @@ B = "triton"
 
 # Tile config for 2-byte activations (`python -m bench.mla_kernels --tune` sweeps it in bf16;
 # `_widen` scales it for float32; scripts/compile_kernels.py checks every candidate fits).
-# reuse_kv: one load of each latent tile for the scores and the values (_mla_tile), off until
-# the tuner has measured it on a GPU.
+# reuse_kv / prefix_reuse_kv: one load of each latent tile for the scores and the values
+# (_mla_tile) in the own-part / prefix programs (the prefix's only when prefix_dv covers the
+# latent). Session 8's H200 tuner: the whole latent per prefix program with one load per tile
+# took the Moonlight bs512 decode from 377 to 283 us; the own part's reuse did not win.
 MLA_CFG = {"split": 256, "small_split": 64, "small_batch_pairs": 64, "block_n": 32, "warps": 4, "stages": 2,
            "prefix_split": 1024, "small_prefix_split": 256, "small_prefix_pairs": 64, "prefix_block_n": 32,
-           "prefix_dv": 256, "prefix_heads": 16, "prefix_warps": 8, "prefix_stages": 2,
-           "whole_own_pairs": 256, "reuse_kv": False}
+           "prefix_dv": 512, "prefix_heads": 16, "prefix_warps": 8, "prefix_stages": 2,
+           "whole_own_pairs": 256, "reuse_kv": False, "prefix_reuse_kv": True}
 BLOCK_H = 16  # query heads of one sequence per own-part program
 
 
@@ -243,7 +245,8 @@ def _mla_merge_kernel(po_ptr, pl_ptr, sl_ptr, start_ptr, o_ptr, sp0, sp1, sp2, s
         if ok:
             wj = tl.exp2(tl.load(pl_ptr + b * sl0 + h * sl1 + j) - mx)
             acc += wj * tl.load(po_ptr + b * sp0 + h * sp1 + j * sp2 + lat, mask=lat < L, other=0.0)
-            run += wj
+            if ORDERED:
+                run += wj
     if ORDERED:
         total = run
     tl.store(o_ptr + b * so0 + h * so1 + lat, (acc / tl.maximum(total, 1e-30)).to(o_ptr.dtype.element_ty),
@@ -337,7 +340,7 @@ def _launch_prefix(q_latent, q_pe, kv_cache, meta, po, pl, common, scale_log2, s
         q_latent, q_pe, kv_cache, meta.block_tables, rows, meta.cascade.group_prefix_len, po, pl, *common,
         rows.stride(0), scale_log2, H=heads, HB=hb, MAX_N=max_n, N_DV=n_dv, BLOCK_M=_pow2(max_n * hb),
         BLOCK_DV=block_dv, BLOCK_N=max(16, cfg["prefix_block_n"] // wide), SPLIT=split_p,
-        REUSE_KV=cfg["reuse_kv"] and n_dv == 1, num_warps=cfg["prefix_warps"], num_stages=cfg["prefix_stages"],
+        REUSE_KV=cfg["prefix_reuse_kv"] and n_dv == 1, num_warps=cfg["prefix_warps"], num_stages=cfg["prefix_stages"],
         **dims)
 
 
