@@ -24,8 +24,11 @@
 #               then batch-invariant mode's cost with those tiles (bench/batch_invariant.py, normal and
 #               invariant processes, --check), default grpo-moe,grpo-dense-8b
 # Logs and JSON results go to $OUT (or ./gpu_out when OUT is unset).
-# On the lent H200 a device call may run 10 minutes: `tests small` and `bench` are one call each
-# (the four workloads take ~75 s apiece with build and warm-up).
+# On the lent H200 a device call may run 10 minutes: `bench` is one call (the four workloads take
+# ~75 s apiece with build and warm-up); `tests` no longer fits one (session 8: groups 0 and 2 ran
+# out of 440 s with four groups sharing the GPU and the host's 16 cores), so it is two calls:
+# TEST_GROUPS="0 2" TEST_TIMEOUT=540, then TEST_GROUPS="1 3 4". Never run a bench in the call
+# after a timed-out pytest: its leftover workers load the host (session 7 and 8 numbers spoiled).
 set -uo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 OUT=${OUT:-gpu_out}
@@ -62,6 +65,7 @@ while [ $# -gt 0 ]; do
           > "$OUT/pytest_$i.log" 2>&1 &
       done
       wait
+      pkill -f -- "-m pytest -m gpu" 2>/dev/null  # what a timed-out pytest left running (compile workers)
       # Sleep / wake alone: its tests read the device's free memory, which the other processes move.
       if [[ " $run_groups " == *" 4 "* ]]; then
         timeout "${TEST_TIMEOUT:-420}" $PY -m pytest -m gpu -q -rs ${PYTEST_X--x} --durations=5 ${groups[4]} \
