@@ -54,6 +54,24 @@ def test_overlapped_loop_matches_step_by_step(make_tiny_model, arch, config):
     assert s_fast.prompt_tokens_computed == s_plain.prompt_tokens_computed
 
 
+@pytest.mark.parametrize("arch", ["qwen3", "gpt_oss", "deepseek_v3"])
+def test_a_smaller_batch_after_a_larger_one_reads_only_valid_block_ids(make_tiny_model, arch):
+    """The decode runner's host buffer is shared by every batch size's layout, so a smaller
+    batch's block-table rows lie where a larger one wrote token ids, slots and lengths. The torch
+    ops gather every entry of a row (masking positions afterwards): the rows' tails must be
+    valid block ids. With fewer KV blocks than the vocabulary, stale token ids were out of range
+    (IndexError) for paged, sliding-window and MLA attention alike."""
+    path = make_tiny_model(arch)
+    small_prompts = random_prompts([30, 7], TINY_VOCAB, seed=2)
+    small = SamplingParams(n=1, max_tokens=6, ignore_eos=True, seed=2, logprobs=1)
+    engine = RolloutEngine(path, overlap_decode=True, kv_cache_memory_bytes=1 << 20, max_model_len=256)
+    assert engine.num_kv_blocks < TINY_VOCAB  # stale token ids are out-of-range block ids
+    engine.generate(random_prompts([20] * 8, TINY_VOCAB, seed=1), SamplingParams(n=8, max_tokens=6, ignore_eos=True))
+    after_big = engine.generate(small_prompts, small)
+    fresh = RolloutEngine(path, overlap_decode=True, kv_cache_memory_bytes=1 << 20, max_model_len=256)
+    assert_same(after_big, fresh.generate(small_prompts, small))
+
+
 def test_overlapped_loop_under_kv_pressure_and_admissions(tiny_qwen3_path):
     """Few KV blocks and few seats: continuations give way to preemption and admission."""
     prompts = random_prompts([30, 18, 25, 12, 33], TINY_VOCAB, seed=51)

@@ -232,6 +232,7 @@ class DecodeRunner:
         """The sliding layers' slots and the table entries of the blocks each row's window covers
         (positions p - window + 1 .. p; the kernels read no other entry)."""
         page, wbt, wslots = self.page, host["wbt"], host["wslots"]
+        wbt[: len(seqs)] = 0  # entries outside the window: block 0, never another layout's fields
         for i, seq in enumerate(seqs):
             p = len(seq.token_ids) - 1 + lag
             table = window_table(seq)
@@ -275,8 +276,11 @@ class DecodeRunner:
             pos.append(p)
             lens.append(p + 1)
             slots.append(table[p // page] * page + p % page)
+            # The whole row: the cached array is zero past the table, and this buffer may hold
+            # another batch size's fields there (the layouts share it), which the torch ops, that
+            # gather every entry of a row, would read as block ids.
             arr, nb = self._block_row(seq)
-            bt[i, :nb] = arr[:nb]
+            bt[i] = arr
             if nb > 1:
                 by_first.setdefault(table[0], []).append(i)
         host["ids"][:n] = ids
