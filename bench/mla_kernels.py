@@ -102,9 +102,10 @@ TUNE_SPACE = (
 
 
 def measure(dec, case, cascade=True, graph=True) -> tuple[float, float, float]:
-    """(seconds, bytes needed, FLOPs) of one call; `graph`: replayed from a CUDA graph as the decode
-    runner does (the torch reference syncs the host, so it runs eager): eager launches of the three kernels cost the host ~50-100 us, which swung the 100 us
-    cases by 2x between identical configs under a loaded host."""
+    """(seconds, bytes needed, FLOPs) of one call; `graph`: replayed from a CUDA graph as the
+    decode runner does (the torch reference syncs the host, so it runs eager). Eager launches of
+    the three kernels cost the host ~50-100 us, which swung the 100 us cases by 2x between
+    identical configs on a loaded host."""
     import triton
     bsz, prompt, gen, n, max_n, heads = case
     q_lat, q_pe, cache, meta = mla_batch(bsz, prompt, gen, n, max_n, heads, cascade)
