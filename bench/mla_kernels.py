@@ -121,34 +121,43 @@ def measure(dec, case, cascade=True, graph=True) -> tuple[float, float, float]:
     return t, need, flops
 
 
+def sweep_group(cfg: dict, keys: tuple, cands: list, times_of, margin: float = 0.02) -> dict | None:
+    """One TUNE_SPACE group: each candidate's times over the cases (times_of(config) -> list of
+    seconds; an exception skips the candidate) against cfg's own, scored as the mean time ratio.
+    Returns the best config when it beats cfg by more than `margin`, else None."""
+    base = times_of(cfg)
+    best, best_score = None, 1.0 - margin
+    for cand in cands:
+        trial = {**cfg, **dict(zip(keys, cand))}
+        try:
+            times = times_of(trial)
+        except Exception as exc:  # a config that does not compile / fit
+            print("  skip", cand, type(exc).__name__)
+            continue
+        score = sum(t / b for t, b in zip(times, base)) / len(base)
+        print(f"  {dict(zip(keys, cand))}: {[round(t * 1e6) for t in times]} us, score {score:.3f}")
+        if score < best_score:
+            best, best_score = trial, score
+    return best
+
+
 def tune(out_path: str) -> None:
     import atom.ops.triton.mla as mla
     dec = implementations("mla_attention_decode")["triton"]
     cases = [c for name, c in CASES.items() if "shared" in name]
 
-    def score(base=None):
-        times = [measure(dec, c)[0] for c in cases]
-        return times, (len(times) if base is None else sum(t / b for t, b in zip(times, base)))
-    base, _ = score()
-    for keys, cands in TUNE_SPACE:
-        best, best_score = None, float(len(cases))  # the score of base itself
-        for cand in cands:
-            saved = dict(mla.MLA_CFG)
-            mla.MLA_CFG.update(dict(zip(keys, cand)))
-            try:
-                times, s = score(base)
-            except Exception as exc:  # a config that does not compile / fit
-                print("  skip", cand, type(exc).__name__)
-                s = None
-            if s is not None:
-                print(f"  {dict(zip(keys, cand))}: {[round(t * 1e6) for t in times]} us, score {s:.3f}")
-                if s < best_score - 0.02:
-                    best, best_score = dict(mla.MLA_CFG), s
+    def times_of(cfg: dict) -> list[float]:
+        saved = dict(mla.MLA_CFG)
+        mla.MLA_CFG.update(cfg)
+        try:
+            return [measure(dec, c)[0] for c in cases]
+        finally:
             mla.MLA_CFG.clear()
             mla.MLA_CFG.update(saved)
+    for keys, cands in TUNE_SPACE:
+        best = sweep_group(dict(mla.MLA_CFG), keys, cands, times_of)
         if best is not None:
             mla.MLA_CFG.update(best)
-            base = score()[0]
         print("->", mla.MLA_CFG)
     tuned = json.load(open(out_path)) if os.path.isfile(out_path) else {}
     tuned["mla"] = mla.MLA_CFG
