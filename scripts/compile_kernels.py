@@ -296,17 +296,18 @@ def _gemm(impl) -> None:
 
 def _sampling(impl) -> None:
     """The sampler (one-program and split paths) with and without the in-kernel rank count, mixed
-    raw rows, at Qwen3's and GPT-OSS's vocabularies."""
+    raw rows, at Qwen3's and GPT-OSS's vocabularies, on float32 and bf16 logits (read as they are)."""
     from atom.ops.metadata import SamplingMetadata
     sample = impl("sample")["triton"]
-    for vocab, rows, split, ranks in itertools.product((151936, 201088), (4, 512), (False, True), (False, True)):
-        _where[0] = f"vocab={vocab} rows={rows} split={split} ranks={ranks}"
+    for vocab, rows, split, ranks, dt in itertools.product((151936, 201088), (4, 512), (False, True), (False, True),
+                                                           (torch.float32, torch.bfloat16)):
+        _where[0] = f"vocab={vocab} rows={rows} split={split} ranks={ranks} logits={dt}"
         meta = SamplingMetadata(
             temperature=torch.full((rows,), 0.7), top_k=torch.zeros(rows, dtype=torch.int64),
             top_p=torch.ones(rows), min_p=torch.zeros(rows), seeds=torch.arange(rows), counters=torch.arange(rows),
             raw_logprobs=torch.arange(rows) % 2 == 0, banned_rows=None, banned_tokens=None, need_filter=False,
             all_greedy=False, any_raw=True, num_top_logprobs=0, want_ranks=ranks)
-        sample(torch.empty(rows, vocab), meta, split=split)
+        sample(torch.empty(rows, vocab, dtype=dt), meta, split=split)
 
 
 FAMILIES = {"gemm": _gemm, "sampling": _sampling,

@@ -99,3 +99,36 @@ def _to_cpu(meta):
     if meta.processing is not None:
         fields["processing"] = meta.processing.to("cpu")
     return SamplingMetadata(**fields)
+
+
+@pytest.mark.parametrize("split", [False, True], ids=["one-program", "split"])
+@pytest.mark.parametrize("k", [0, 3])
+def test_low_precision_logits_sample_as_their_float32_copy(sampler, device, monkeypatch, split, k):
+    """The kernels read bf16 / fp16 logits directly (a load widens them to the float32 a copy
+    would hold): tokens, logprobs (processed and raw), ranks and top-k alternatives are bitwise
+    those of the float32 copy, and no float32 copy of the whole logits is made on the way."""
+    dtype = torch.float16 if ON_CPU else torch.bfloat16
+    gen = torch.Generator(device=device).manual_seed(11 + split + k)
+    rows, vocab = 6, 20000
+    temps = [TEMPS[i % len(TEMPS)] for i in range(rows)]
+    raw = [i % 3 == 1 for i in range(rows)]
+    seeds, counters = [i * 7919 + 1 for i in range(rows)], [i * 31 for i in range(rows)]
+    low = (torch.randn(rows, vocab, device=device, generator=gen) * 3 + 5).to(dtype)
+
+    def run(logits):
+        meta = sampling_meta(device, rows, temps, k=k, raw=raw, seeds=seeds, counters=counters)
+        meta.want_ranks = True
+        return sampler.sample(logits, meta, split=split)
+    want = run(low.float())
+    widened = []
+    real_float = torch.Tensor.float
+
+    def spy(t):
+        widened.append(t.shape)
+        return real_float(t)
+    monkeypatch.setattr(torch.Tensor, "float", spy)
+    got = run(low)
+    monkeypatch.undo()
+    for name in ("token_ids", "logprobs", "ranks", "top_ids", "top_logprobs"):
+        assert torch.equal(getattr(got, name), getattr(want, name)), name
+    assert widened.count(tuple(low.shape)) == (1 if k else 0)  # only _report's top-k path widens

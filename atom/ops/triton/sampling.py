@@ -132,13 +132,13 @@ def _count_at_least(row, lo, hi, own, tt, raw_row, BLOCK: tl.constexpr):
         for v0 in range(lo, hi, BLOCK):
             i = v0 + lanes
             im = i < hi
-            x = tl.load(row + i, mask=im, other=float("-inf"))
+            x = tl.load(row + i, mask=im, other=float("-inf")).to(tl.float32)
             cnt += (im & (x >= own)).to(tl.int32)
     else:
         for v0 in range(lo, hi, BLOCK):
             i = v0 + lanes
             im = i < hi
-            x = tl.load(row + i, mask=im, other=float("-inf"))
+            x = tl.load(row + i, mask=im, other=float("-inf")).to(tl.float32)
             cnt += (im & (tl.math.div_rn(x, tt) >= own)).to(tl.int32)
     return tl.sum(cnt, 0)
 
@@ -160,7 +160,7 @@ def _sample_kernel(logits_ptr, temp_ptr, seed_ptr, counter_ptr, tok_ptr, lp_ptr,
     sr = tl.zeros([BLOCK], tl.float32)
     for v0 in range(0, V, BLOCK):
         i = v0 + lanes
-        x = tl.load(row + i, mask=i < V, other=float("-inf"))
+        x = tl.load(row + i, mask=i < V, other=float("-inf")).to(tl.float32)
         y = x / tt
         m_new = tl.maximum(m, y)
         dead = m_new == float("-inf")
@@ -180,7 +180,7 @@ def _sample_kernel(logits_ptr, temp_ptr, seed_ptr, counter_ptr, tok_ptr, lp_ptr,
     for v0 in range(0, V, BLOCK):
         i = v0 + lanes
         im = i < V
-        x = tl.load(row + i, mask=im, other=float("-inf"))
+        x = tl.load(row + i, mask=im, other=float("-inf")).to(tl.float32)
         y = x / tt
         if ALL_GREEDY:
             val = y
@@ -193,7 +193,7 @@ def _sample_kernel(logits_ptr, temp_ptr, seed_ptr, counter_ptr, tok_ptr, lp_ptr,
         bidx = tl.where(upd, i, bidx)
     top = tl.max(best, 0)
     tok = tl.min(tl.where(best == top, bidx, 2147483647), 0)
-    xt = tl.load(row + tok)
+    xt = tl.load(row + tok).to(tl.float32)
     tl.store(tok_ptr + r, tok.to(tl.int64))
     tl.store(lp_ptr + r, (xt / tt - mx) - logsum)
     if NEED_RAW:
@@ -236,7 +236,7 @@ def _split_stats_kernel(logits_ptr, temp_ptr, part_ptr, V, sl, NCH,
     t = tl.load(temp_ptr + r)
     tt = tl.where(t <= 0.0, 1.0, t)
     i = c * CHUNK + tl.arange(0, CHUNK)
-    x = tl.load(logits_ptr + r * sl + i, mask=i < V, other=float("-inf"))
+    x = tl.load(logits_ptr + r * sl + i, mask=i < V, other=float("-inf")).to(tl.float32)
     part = part_ptr + r * (KP * NCH) + c
     m, s = _chunk_stats(x / tt)
     tl.store(part, m)
@@ -261,7 +261,7 @@ def _split_argmax_kernel(logits_ptr, temp_ptr, seed_ptr, counter_ptr, part_ptr, 
     mx, logsum = _row_stats(part_ptr + r * (KP * NCH), NCH, NCH_P)
     i = c * CHUNK + tl.arange(0, CHUNK)
     im = i < V
-    x = tl.load(logits_ptr + r * sl + i, mask=im, other=float("-inf"))
+    x = tl.load(logits_ptr + r * sl + i, mask=im, other=float("-inf")).to(tl.float32)
     y = x / tt
     if ALL_GREEDY:
         val = y
@@ -296,7 +296,7 @@ def _split_final_kernel(logits_ptr, temp_ptr, part_ptr, best_ptr, bidx_ptr, stat
     top = tl.max(best, 0)
     tok = tl.min(tl.where(best == top, bidx, _INT_MAX), 0)
     row = logits_ptr + r * sl
-    xt = tl.load(row + tok)
+    xt = tl.load(row + tok).to(tl.float32)
     mx = tl.load(stat_ptr + 2 * r)
     logsum = tl.load(stat_ptr + 2 * r + 1)
     tl.store(tok_ptr + r, tok.to(tl.int64))
@@ -315,7 +315,7 @@ def _split_rank_kernel(logits_ptr, temp_ptr, tok_ptr, rawrow_ptr, cnt_ptr, V, sl
     tt = tl.where(t <= 0.0, 1.0, t)
     raw_row = tl.load(rawrow_ptr + r) != 0
     row = logits_ptr + r * sl
-    own = _rank_basis(tl.load(row + tl.load(tok_ptr + r)), tt, raw_row)
+    own = _rank_basis(tl.load(row + tl.load(tok_ptr + r)).to(tl.float32), tt, raw_row)
     lo = c * CHUNK
     tl.store(cnt_ptr + r * NCH + c, _count_at_least(row, lo, tl.minimum(lo + CHUNK, V), own, tt, raw_row, CHUNK))
 
@@ -363,7 +363,9 @@ def sample(logits: torch.Tensor, meta: SamplingMetadata,
     then the penalty kernel) runs first; the kernel samples from what it returns."""
     if meta.need_filter:
         return torch_ops.sample(logits, meta, penalize=apply_penalties)
-    raw_logits = logits.float()
+    # bf16 / fp16 logits go to the kernels as they are (every load widens to float32, the values
+    # a float32 copy would hold): no [rows, vocab] float32 copy unless logits are processed first.
+    raw_logits = logits.float() if meta.processing is not None or meta.banned_rows is not None else logits
     logits = process_logits(raw_logits, meta, apply_penalties)
     processed_in = logits is not raw_logits
     if logits.stride(-1) != 1:
@@ -408,6 +410,8 @@ def _report(raw_logits: torch.Tensor, logits: torch.Tensor, processed_in: bool, 
         token_lps = torch.where(meta.raw_logprobs, raw, lps) if meta.any_raw else lps
         empty = torch.empty(rows, 0, device=logits.device)
         return SamplerOutput(tokens, token_lps, empty.long(), empty, ranks)
+    if logits.dtype != torch.float32:  # unprocessed low-precision logits (then raw_logits is logits)
+        raw_logits = logits = logits.float()
     temperature = torch.where(meta.temperature > 0, meta.temperature, torch.ones_like(meta.temperature))
     scaled = logits / temperature[:, None]
     token_lps = torch.where(meta.raw_logprobs, raw, lps) if meta.any_raw and not processed_in else lps
