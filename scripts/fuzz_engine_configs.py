@@ -2,10 +2,10 @@
 top-p / top-k, logprobs, seeds, stop tokens, penalties, logit bias, allowed tokens) under engine
 configs that must not change a request's tokens: the overlapped decode loop, prefix caching off,
 small prefill chunks, few sequences at a time, a KV pool small enough to preempt, 4-token blocks,
-routed-expert capture. Each config's tokens must equal a plain engine's and its logprobs agree
+routed-expert capture, the asynchronous front end with requests arriving in random order. Each config's tokens must equal a plain engine's and its logprobs agree
 within 2e-5 (float32 tiny models).
 
-    python scripts/fuzz_engine_configs.py [ARCH,ARCH,...] [TRIALS]
+    python scripts/fuzz_engine_configs.py [ARCH,ARCH,...] [TRIALS] [SEED]
 
 Prints one line per difference; exits non-zero when there is any. Session 8 found the decode
 runner's stale block-table entries with it (tests/test_overlapped_decode.py now covers that).
@@ -25,13 +25,38 @@ from conftest import TINY_VOCAB, build_tiny_model  # noqa: E402
 CONFIGS = [dict(overlap_decode=True), dict(enable_prefix_caching=False), dict(max_num_batched_tokens=48),
            dict(max_num_seqs=5), dict(num_kv_blocks=40, max_num_seqs=64),
            dict(overlap_decode=True, max_num_batched_tokens=40, num_kv_blocks=48), dict(kv_block_size=4),
-           dict(overlap_decode=True, kv_block_size=4, max_num_seqs=4)]
+           dict(overlap_decode=True, kv_block_size=4, max_num_seqs=4), dict(async_front_end=True),
+           dict(async_front_end=True, overlap_decode=True, max_num_batched_tokens=40)]
 MOE_CONFIGS = [dict(enable_return_routed_experts=True)]
 MOE_ARCHS = ("qwen3_moe", "mixtral", "gpt_oss", "deepseek_v3")
 
 
+def _run_async(path: str, prompts, params, **cfg):
+    """The same requests through AsyncRolloutEngine, arriving a few ms apart in random order (a
+    seeded request gives the same tokens whenever it arrives)."""
+    import asyncio
+
+    from atom import AsyncRolloutEngine
+
+    async def go():
+        engine = AsyncRolloutEngine(path, **cfg)
+        rnd = random.Random(len(prompts))
+
+        async def one(i):
+            await asyncio.sleep(rnd.random() * 0.02)
+            return await engine.generate(prompts[i], params[i], request_id=f"r{i}")
+        try:
+            return await asyncio.gather(*(one(i) for i in range(len(prompts))))
+        finally:
+            await engine.shutdown()
+    outs = asyncio.run(go())
+    return [[(c.token_ids, c.logprobs, c.finish_reason) for c in o.outputs] for o in outs]
+
+
 def _run(path: str, prompts, params, **cfg):
     cfg.setdefault("max_model_len", 256)
+    if cfg.pop("async_front_end", False):
+        return _run_async(path, prompts, params, **cfg)
     engine = RolloutEngine(path, **cfg)
     outs = engine.generate(prompts, params)
     if engine.num_free_kv_blocks != engine.num_kv_blocks:
@@ -89,7 +114,8 @@ def main() -> int:
     archs = sys.argv[1].split(",") if len(sys.argv) > 1 else ["qwen3", "qwen3_moe", "gpt_oss", "deepseek_v3",
                                                               "mixtral", "llama"]
     trials = int(sys.argv[2]) if len(sys.argv) > 2 else 3
-    found = [d for arch in archs for d in fuzz(arch, trials)]
+    seed = int(sys.argv[3]) if len(sys.argv) > 3 else 0
+    found = [d for arch in archs for d in fuzz(arch, trials, seed)]
     print("\n".join(found) or f"no difference ({len(archs)} families x {trials} workloads)")
     return 1 if found else 0
 
