@@ -19,14 +19,20 @@ _NEG_INF = float("-inf")
 
 def process_logits(logits: torch.Tensor, meta: SamplingMetadata,
                    penalize: Callable[[torch.Tensor, LogitsProcessing], torch.Tensor] | None = None) -> torch.Tensor:
-    """float32 logits [B, V] -> the logits the request samples from before temperature, in vLLM's
+    """logits [B, V] -> the float32 logits the request samples from before temperature, in vLLM's
     order: allowed_token_ids, banned tokens (bad words, min_tokens), logit_bias, then repetition,
     frequency and presence penalties (`penalize`, the backend's form of apply_penalties; this
-    reference by default). Returns `logits` itself when no row asks for any of it."""
+    reference by default). Returns `logits` itself (whatever its dtype) when no row asks for any
+    of it, so a backend reading bf16 logits directly never widens them for nothing."""
     proc = meta.processing
     sparse = meta.banned_rows is not None or (proc is not None and (proc.allowed_rows is not None
                                                                     or proc.bias_rows is not None))
-    if sparse:
+    penalized = proc is not None and proc.penalty_slots is not None
+    if not (sparse or penalized):
+        return logits
+    if logits.dtype != torch.float32:
+        logits = logits.float()  # a fresh tensor: the in-place steps below may write it
+    elif sparse:
         logits = logits.clone()
     if proc is not None and proc.allowed_rows is not None:
         keep = torch.zeros_like(logits, dtype=torch.bool)
@@ -39,7 +45,7 @@ def process_logits(logits: torch.Tensor, meta: SamplingMetadata,
                           torch.tensor(_NEG_INF, device=logits.device))
     if proc is not None and proc.bias_rows is not None:
         logits.index_put_((proc.bias_rows, proc.bias_tokens), proc.bias_values, accumulate=True)
-    if proc is not None and proc.penalty_slots is not None:
+    if penalized:
         logits = (penalize or apply_penalties)(logits, proc)
     return logits
 

@@ -47,17 +47,13 @@ def _kv_b(w_kv_b: torch.Tensor, heads: int, nope: int) -> tuple[torch.Tensor, to
     return w[:, :nope], w[:, nope:]
 
 
-def _unit(x: torch.Tensor) -> torch.Tensor:
-    return x if x.stride(-1) == 1 else x.contiguous()
-
-
 @register("mla_absorb_query", B)
 def mla_absorb_query(q_nope: torch.Tensor, w_kv_b: torch.Tensor) -> torch.Tensor:
     """q_nope [T, H, N] -> q_nope W_uk [T, H, L], head by head."""
     heads, nope = q_nope.shape[1], q_nope.shape[2]
     w_uk, _ = _kv_b(w_kv_b, heads, nope)
     w_t = w_uk.transpose(1, 2).contiguous()  # [H, L, N]: invariant_gemm's [N_out, K] weights
-    q = _unit(q_nope)
+    q = mla._unit_stride(q_nope)
     return torch.stack([invariant_gemm(q[:, h], w_t[h]) for h in range(heads)], dim=1)
 
 
@@ -66,7 +62,7 @@ def mla_expand_output(out_latent: torch.Tensor, w_kv_b: torch.Tensor, nope: int)
     """out_latent [T, H, L] -> out_latent W_uv^T [T, H, V], head by head."""
     heads = out_latent.shape[1]
     _, w_uv = _kv_b(w_kv_b, heads, nope)
-    x = _unit(out_latent)
+    x = mla._unit_stride(out_latent)
     return torch.stack([invariant_gemm(x[:, h], w_uv[h]) for h in range(heads)], dim=1)
 
 

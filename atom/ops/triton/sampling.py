@@ -364,8 +364,8 @@ def sample(logits: torch.Tensor, meta: SamplingMetadata,
     if meta.need_filter:
         return torch_ops.sample(logits, meta, penalize=apply_penalties)
     # bf16 / fp16 logits go to the kernels as they are (every load widens to float32, the values
-    # a float32 copy would hold): no [rows, vocab] float32 copy unless logits are processed first.
-    raw_logits = logits.float() if meta.processing is not None or meta.banned_rows is not None else logits
+    # a float32 copy would hold): process_logits widens them only when a row processes them.
+    raw_logits = logits
     logits = process_logits(raw_logits, meta, apply_penalties)
     processed_in = logits is not raw_logits
     if logits.stride(-1) != 1:
@@ -410,8 +410,8 @@ def _report(raw_logits: torch.Tensor, logits: torch.Tensor, processed_in: bool, 
         token_lps = torch.where(meta.raw_logprobs, raw, lps) if meta.any_raw else lps
         empty = torch.empty(rows, 0, device=logits.device)
         return SamplerOutput(tokens, token_lps, empty.long(), empty, ranks)
-    if logits.dtype != torch.float32:  # unprocessed low-precision logits (then raw_logits is logits)
-        raw_logits = logits = logits.float()
+    raw_logits = raw_logits.float()  # (low-precision logits the kernel read as they are)
+    logits = logits if processed_in else raw_logits
     temperature = torch.where(meta.temperature > 0, meta.temperature, torch.ones_like(meta.temperature))
     scaled = logits / temperature[:, None]
     token_lps = torch.where(meta.raw_logprobs, raw, lps) if meta.any_raw and not processed_in else lps
