@@ -158,10 +158,11 @@ def tune(out_path: str) -> None:
         best = sweep_group(dict(mla.MLA_CFG), keys, cands, times_of)
         if best is not None:
             mla.MLA_CFG.update(best)
-        print("->", mla.MLA_CFG)
-    tuned = json.load(open(out_path)) if os.path.isfile(out_path) else {}
-    tuned["mla"] = mla.MLA_CFG
-    json.dump(tuned, open(out_path, "w"))
+        print("->", mla.MLA_CFG, flush=True)
+        # Written after every group: a sweep cut short by its time limit keeps what it found.
+        tuned = json.load(open(out_path)) if os.path.isfile(out_path) else {}
+        tuned["mla"] = dict(mla.MLA_CFG)
+        json.dump(tuned, open(out_path, "w"))
     print("tuned ->", out_path, json.dumps({"mla": mla.MLA_CFG}))
 
 

@@ -88,8 +88,21 @@ def test_bf16_matches_hf(model_path):
                      min_compared=len(LENGTHS) * MAX_NEW // 4 if moe else 0)
 
 
+# How far graphed and eager logprobs may part before their tokens do. Replaying a graph runs the
+# kernels of the eager step, but cuBLAS may pick another algorithm inside a capture (and for a
+# padded batch size), so the bits may differ: seen on the H200 in bf16 (session 9: -4.796 vs
+# -4.840 at the last token of one completion in one run of three, every earlier logprob
+# bitwise equal; the tiny models' weights, std 0.2, make their logits large) and once in fp32.
+# Corrupted state (a stale block table, a wrong row) gives nats, not these.
+GRAPH_EAGER_TOL = {"bfloat16": 0.25, "float32": 1e-3}
+
+
 @pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
 def test_cuda_graphs_on_off_identical(model_path, dtype):
+    """Graphed and eager decode (both the overlapped static-buffer path) sample the same tokens
+    with the same logprobs up to GEMM rounding: each completion's tokens agree until their
+    logprobs have parted, logprobs agree within GRAPH_EAGER_TOL until then, and at least 90% of
+    all tokens are compared."""
     prompts = random_prompts([3, 20, 33, 50, 9], TINY_VOCAB, seed=4)
     params = SamplingParams(n=3, temperature=1.0, max_tokens=MAX_NEW, ignore_eos=True, logprobs=2, seed=7)
     results = []
@@ -98,7 +111,19 @@ def test_cuda_graphs_on_off_identical(model_path, dtype):
         outs = eng.generate(prompts, params)
         assert bool(eng.num_cuda_graphs) != eager, "graphs captured exactly when not eager"
         results.append([(c.token_ids, c.logprobs, c.top_logprobs) for o in outs for c in o.outputs])
-    assert results[0] == results[1], _first_difference(*results)
+    tol, compared, total = GRAPH_EAGER_TOL[dtype], 0, 0
+    for (g_ids, g_lp, g_top), (e_ids, e_lp, e_top) in zip(*results):
+        total += len(g_ids)
+        parted = False  # the distributions differ already: a sampled token may flip from here on
+        for t, (a, b) in enumerate(zip(g_ids, e_ids)):
+            parted = parted or g_top[t] != e_top[t]
+            if a != b:
+                assert parted, _first_difference(*results)
+                break
+            assert abs(g_lp[t] - e_lp[t]) < tol, _first_difference(*results)
+            parted = parted or g_lp[t] != e_lp[t]
+            compared += 1
+    assert compared >= 0.9 * total, _first_difference(*results)
 
 
 def _first_difference(graphed: list, eager: list) -> str:

@@ -119,21 +119,29 @@ def prefix_cfg(request, triton_ops, monkeypatch):
     return request.param
 
 
-# Open bug (session 8, H200): at 20 heads with L = 48 / R = 24 (a head block only partly
-# filled, latent and rope widths padded to 64 / 32) the shared-prefix path gives a relative
-# error of 0.319 on the GPU, with prefix_reuse_kv on or off; compute-sanitizer finds no bad
-# access, Triton's interpreter computes the same batch right, and every model shape (16, 8 and
-# 128 heads at 512 / 64) passes. Not strict: only the bf16 split case was seen failing (the
-# other variants ran after the failing one had stopped the run).
-_CASCADE_GPU_BUG = pytest.mark.xfail(not ON_CPU, reason="MLA cascade at 20 heads, L 48, R 24: wrong on the GPU")
+# Open bug (sessions 8-9, H200): at 20 heads with L = 48 / R = 24 (a head block only partly
+# filled, latent and rope widths padded to 64 / 32, groups of 3 members in a 64-row tile) the
+# shared-prefix program gives a relative error of 0.319 on the GPU in bf16 when it loads the
+# latent tile twice (prefix_reuse_kv off, the small-prefix split; session 9 ran each of the 30
+# cases of this shape in its own launch-blocking process: those 4 fail, the 26 others pass, the
+# default one-load path included). compute-sanitizer found no bad access in session 8, yet a
+# run of the whole file hit an illegal address right after these cases (session 9), so on the
+# GPU those four stop as expected failures before they launch anything: they would poison the
+# CUDA context of every later test.
+# Triton's interpreter computes them right, and every model shape (16, 8 and 128 heads at
+# 512 / 64) passes.
+_CASCADE_GPU_BUG = (20, 48, 24, 16)
 
 
 @pytest.mark.parametrize("dtype", act_dtypes())
-@pytest.mark.parametrize("heads,lat,rope,page", [pytest.param(*s, marks=_CASCADE_GPU_BUG) if s == (20, 48, 24, 16) else s
-                                                 for s in SHAPES])
+@pytest.mark.parametrize("heads,lat,rope,page", SHAPES)
 def test_mla_cascade_decode(triton_ops, device, dtype, heads, lat, rope, page, decode_mode, prefix_cfg):
     """Two prompts of n samples sharing their prompt's blocks, groups of at most max_n rows (the
     decode runner's rule: 64 // heads, 2 to 16), a row of its own, a padded row (zeros)."""
+    if (not ON_CPU and (heads, lat, rope, page) == _CASCADE_GPU_BUG and dtype == torch.bfloat16
+            and prefix_cfg == "small_prefix_split" and not decode_mode.endswith("reuse_kv")):
+        pytest.xfail("open bug: MLA cascade at 20 heads, L 48, R 24 in bf16 with the two-load prefix tile "
+                     "(wrong on the GPU, once an illegal address)")
     torch.manual_seed(heads * 13 + lat + page)
     random.seed(heads)
     prompt = 40 if ON_CPU else 1024

@@ -105,8 +105,11 @@ def _to_cpu(meta):
 @pytest.mark.parametrize("k", [0, 3])
 def test_low_precision_logits_sample_as_their_float32_copy(sampler, device, monkeypatch, split, k):
     """The kernels read bf16 / fp16 logits directly (a load widens them to the float32 a copy
-    would hold): tokens, logprobs (processed and raw), ranks and top-k alternatives are bitwise
-    those of the float32 copy, and no float32 copy of the whole logits is made on the way."""
+    would hold): tokens, ranks and top-k ids are those of the float32 copy, logprobs (processed
+    and raw) within a few float32 ulps (on the GPU the compiler lays a 2-byte row out across the
+    threads differently from a 4-byte one, so the row's sum of exponentials is added in another
+    order; seen on the H200: last-bit differences), and no float32 copy of the whole logits is
+    made on the way."""
     dtype = torch.float16 if ON_CPU else torch.bfloat16
     gen = torch.Generator(device=device).manual_seed(11 + split + k)
     rows, vocab = 6, 20000
@@ -129,6 +132,8 @@ def test_low_precision_logits_sample_as_their_float32_copy(sampler, device, monk
     monkeypatch.setattr(torch.Tensor, "float", spy)
     got = run(low)
     monkeypatch.undo()
-    for name in ("token_ids", "logprobs", "ranks", "top_ids", "top_logprobs"):
+    for name in ("token_ids", "ranks", "top_ids"):
         assert torch.equal(getattr(got, name), getattr(want, name)), name
+    for name in ("logprobs", "top_logprobs"):
+        torch.testing.assert_close(getattr(got, name), getattr(want, name), rtol=0, atol=1e-5, msg=name)
     assert widened.count(tuple(low.shape)) == (1 if k else 0)  # only _report's top-k path widens
