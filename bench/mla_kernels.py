@@ -85,11 +85,6 @@ TUNE_SPACE = (
     # prefix's latents once per head block (from L2: the blocks of a group run side by side).
     (("prefix_heads", "prefix_dv", "prefix_warps"),
      [(16, 256, 8), (8, 256, 8), (8, 512, 8), (4, 512, 8), (4, 256, 4), (8, 256, 4)]),
-    # Own-part programs keeping a chunk of the latent columns (scores computed per chunk): sm_90,
-    # 4 warps, block_n 32: 512 columns 255 registers / 87 KiB (two programs per SM), 256: 128 /
-    # 71 KiB, 128: 80 / 63 KiB (three).
-    (("own_dv", "block_n", "warps", "stages"),
-     [(512, 32, 4, 2), (256, 32, 4, 2), (128, 32, 4, 2), (256, 16, 4, 3), (256, 64, 4, 2), (256, 32, 8, 2)]),
     (("block_n", "warps", "stages"),
      [(32, 4, 2), (16, 4, 2), (64, 4, 2), (32, 8, 2), (32, 4, 3), (64, 8, 2), (16, 2, 3)]),
     # One load of each latent tile for scores and values (off: a transposed load, then the same

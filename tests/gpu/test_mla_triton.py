@@ -58,18 +58,15 @@ def latent_batch(device, dtype, seq_lens, heads, lat, rope, page, shared=None):
     return q_latent, q_pe, cache, meta, 2 * (lat + rope) ** -0.5
 
 
-@pytest.fixture(params=["split", "whole", "whole+reuse_kv", "split+own_chunks", "whole+own_chunks"])
+@pytest.fixture(params=["split", "whole", "split+reuse_kv", "whole+reuse_kv"])
 def decode_mode(request, triton_ops, monkeypatch):
     """Split own parts + merge kernel, or one program per sequence's whole own part; with
     reuse_kv, one load of each latent tile serves scores and values (own part, and prefix
-    programs whose value chunk is the whole latent); with own_chunks, each own-part program keeps
-    a chunk of the latent columns (CPU: 16, GPU: 128) and computes the scores itself."""
+    programs whose value chunk is the whole latent)."""
     import atom.ops.triton.mla as mla
     monkeypatch.setitem(mla.MLA_CFG, "whole_own_pairs", 1 if request.param.startswith("whole") else 1 << 40)
     monkeypatch.setitem(mla.MLA_CFG, "reuse_kv", request.param.endswith("reuse_kv"))
     monkeypatch.setitem(mla.MLA_CFG, "prefix_reuse_kv", request.param.endswith("reuse_kv"))
-    if request.param.endswith("own_chunks"):
-        monkeypatch.setitem(mla.MLA_CFG, "own_dv", 16 if ON_CPU else 128)
     if ON_CPU:  # several own splits at the interpreter's short sequences
         monkeypatch.setitem(mla.MLA_CFG, "small_split", 16)
         monkeypatch.setitem(mla.MLA_CFG, "split", 32)

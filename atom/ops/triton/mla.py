@@ -39,13 +39,14 @@ B = "triton"
 # reuse_kv / prefix_reuse_kv: one load of each latent tile for the scores and the values
 # (_mla_tile) in the own-part / prefix programs (the prefix's only when prefix_dv covers the
 # latent). Session 8's H200 tuner: the whole latent per prefix program with one load per tile
-# took the Moonlight bs512 decode from 377 to 283 us. own_dv: latent columns per own-part
-# program (below the latent: chunks that each compute the scores, for fewer registers and more
-# programs per SM; not measured on a GPU yet).
+# took the Moonlight bs512 decode from 377 to 283 us. Session 9's: the own part's one load per
+# tile, 274 -> 248 us at bs512 and 356 -> 329 us at 128 heads (session 8's sweep: 378 -> 351).
+# (Own-part programs holding a chunk of the latent columns, sessions 8-9, lost at every chunk
+# size: 352 us at 256 columns, 527 at 128; removed.)
 MLA_CFG = {"split": 256, "small_split": 64, "small_batch_pairs": 64, "block_n": 32, "warps": 4, "stages": 2,
            "prefix_split": 1024, "small_prefix_split": 256, "small_prefix_pairs": 64, "prefix_block_n": 32,
            "prefix_dv": 512, "prefix_heads": 16, "prefix_warps": 8, "prefix_stages": 2,
-           "whole_own_pairs": 256, "reuse_kv": False, "prefix_reuse_kv": True, "own_dv": 512}
+           "whole_own_pairs": 256, "reuse_kv": True, "prefix_reuse_kv": True}
 BLOCK_H = 16  # query heads of one sequence per own-part program
 
 
@@ -109,19 +110,15 @@ def _mla_own_kernel(ql_ptr, qp_ptr, c_ptr, bt_ptr, sl_ptr, start_ptr, po_ptr, pl
                     H: tl.constexpr, BH: tl.constexpr, L: tl.constexpr, R: tl.constexpr, BLOCK_L: tl.constexpr,
                     BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr, PAGE: tl.constexpr, SPLIT: tl.constexpr,
                     HAS_START: tl.constexpr, PREC: tl.constexpr, WHOLE: tl.constexpr, SPLIT_P: tl.constexpr,
-                    REUSE_KV: tl.constexpr, N_DV: tl.constexpr = 1, BLOCK_DV: tl.constexpr = 16):
-    """One (sequence, head block x value chunk, split) of the sequence's own tokens. WHOLE: the
-    split is the whole own part, the prefix partials are folded in here and the output stored.
-    N_DV > 1: each program keeps BLOCK_DV latent columns of the output and computes the scores
-    itself (the chunks of a sequence run side by side and share its tiles through L2)."""
+                    REUSE_KV: tl.constexpr):
+    """One (sequence, head block, split) of the sequence's own tokens. WHOLE: the split is the
+    whole own part, the prefix partials are folded in here and the output stored."""
     b = tl.program_id(0)
-    heads = (tl.program_id(1) // N_DV) * BH + tl.arange(0, BH)
-    v0 = (tl.program_id(1) % N_DV) * BLOCK_DV
+    heads = tl.program_id(1) * BH + tl.arange(0, BH)
     s = tl.program_id(2)
     hm = heads < H
     lat = tl.arange(0, BLOCK_L)
-    dv = v0 + tl.arange(0, BLOCK_DV)
-    dm = dv < L
+    lm = lat < L
     seq_len = tl.load(sl_ptr + b).to(tl.int32)
     start = 0
     if HAS_START:
@@ -134,17 +131,17 @@ def _mla_own_kernel(ql_ptr, qp_ptr, c_ptr, bt_ptr, sl_ptr, start_ptr, po_ptr, pl
     b64 = b.to(tl.int64)
     if lo < hi:
         rp = tl.arange(0, BLOCK_R)
-        q_lat = tl.load(ql_ptr + b64 * sql0 + heads[:, None] * sql1 + lat[None, :], mask=hm[:, None] & (lat < L)[None, :],
+        q_lat = tl.load(ql_ptr + b64 * sql0 + heads[:, None] * sql1 + lat[None, :], mask=hm[:, None] & lm[None, :],
                         other=0.0)
         q_pe = tl.load(qp_ptr + b64 * sqp0 + heads[:, None] * sqp1 + rp[None, :],
                        mask=hm[:, None] & (rp < R)[None, :], other=0.0)
         m_i = tl.full([BH], float("-inf"), tl.float32)
         l_i = tl.zeros([BH], tl.float32)
-        acc = tl.zeros([BH, BLOCK_DV], tl.float32)
+        acc = tl.zeros([BH, BLOCK_L], tl.float32)
         bt_row = bt_ptr + b64 * sbt
         for n0 in range(lo, hi, BLOCK_N):
-            m_i, l_i, acc = _mla_tile(q_lat, q_pe, c_ptr, bt_row, n0, hi, scb, sct, scale_log2, m_i, l_i, acc, v0,
-                                      L, R, BLOCK_L, BLOCK_R, BLOCK_DV, BLOCK_N, PAGE, PREC, REUSE_KV)
+            m_i, l_i, acc = _mla_tile(q_lat, q_pe, c_ptr, bt_row, n0, hi, scb, sct, scale_log2, m_i, l_i, acc, 0,
+                                      L, R, BLOCK_L, BLOCK_R, BLOCK_L, BLOCK_N, PAGE, PREC, REUSE_KV)
         if WHOLE:
             # out = sum_j o_j 2^lse_j / sum_j 2^lse_j over the prefix partials and the own part.
             mx = m_i
@@ -152,23 +149,23 @@ def _mla_own_kernel(ql_ptr, qp_ptr, c_ptr, bt_ptr, sl_ptr, start_ptr, po_ptr, pl
             for j in range(0, s_off):
                 ok = hm & (j * SPLIT_P < start)
                 lse = tl.load(pl_ptr + b64 * sl0 + heads * sl1 + j, mask=ok, other=float("-inf"))
-                o = tl.load(po_ptr + b64 * sp0 + heads[:, None] * sp1 + j * sp2 + dv[None, :],
-                            mask=ok[:, None] & dm[None, :], other=0.0)
+                o = tl.load(po_ptr + b64 * sp0 + heads[:, None] * sp1 + j * sp2 + lat[None, :],
+                            mask=ok[:, None] & lm[None, :], other=0.0)
                 m_new = tl.maximum(mx, lse)
                 a = tl.exp2(mx - m_new)
                 c = tl.exp2(lse - m_new)
                 acc = acc * a[:, None] + o * c[:, None]
                 w = w * a + c
                 mx = m_new
-            tl.store(o_ptr + b64 * so0 + heads[:, None] * so1 + dv[None, :],
-                     (acc / w[:, None]).to(o_ptr.dtype.element_ty), mask=hm[:, None] & dm[None, :])
+            tl.store(o_ptr + b64 * so0 + heads[:, None] * so1 + lat[None, :],
+                     (acc / w[:, None]).to(o_ptr.dtype.element_ty), mask=hm[:, None] & lm[None, :])
         else:
-            tl.store(po_ptr + b64 * sp0 + heads[:, None] * sp1 + (s_off + s) * sp2 + dv[None, :],
-                     acc / l_i[:, None], mask=hm[:, None] & dm[None, :])
-            tl.store(pl_ptr + b64 * sl0 + heads * sl1 + s_off + s, m_i + tl.log2(l_i), mask=hm & (v0 == 0))
+            tl.store(po_ptr + b64 * sp0 + heads[:, None] * sp1 + (s_off + s) * sp2 + lat[None, :],
+                     acc / l_i[:, None], mask=hm[:, None] & lm[None, :])
+            tl.store(pl_ptr + b64 * sl0 + heads * sl1 + s_off + s, m_i + tl.log2(l_i), mask=hm)
     elif WHOLE:  # a padded row (seq_len 0): zeros, never NaN
-        tl.store(o_ptr + b64 * so0 + heads[:, None] * so1 + dv[None, :],
-                 tl.zeros([BH, BLOCK_DV], tl.float32).to(o_ptr.dtype.element_ty), mask=hm[:, None] & dm[None, :])
+        tl.store(o_ptr + b64 * so0 + heads[:, None] * so1 + lat[None, :],
+                 tl.zeros([BH, BLOCK_L], tl.float32).to(o_ptr.dtype.element_ty), mask=hm[:, None] & lm[None, :])
 
 
 # ---- shared prefix ----------------------------------------------------------------------------
@@ -320,14 +317,11 @@ def mla_decode(q_latent: torch.Tensor, q_pe: torch.Tensor, kv_cache: torch.Tenso
     if n_prefix:
         _launch_prefix(q_latent, q_pe, kv_cache, meta, po, pl, common, scale_log2, split_p, n_prefix, dims)
     start = casc.row_prefix_len if casc is not None else meta.seq_lens
-    own_dv = min(_pow2(cfg["own_dv"]), dims["BLOCK_L"])
-    n_dv = triton.cdiv(lat_dim, own_dv)
-    _mla_own_kernel[(bsz, n_hb * n_dv, n_own)](
+    _mla_own_kernel[(bsz, n_hb, n_own)](
         q_latent, q_pe, kv_cache, meta.block_tables, meta.seq_lens, start, po, pl, out, *common,
         out.stride(0), out.stride(1), n_prefix, scale_log2, H=heads, BH=BLOCK_H,
         BLOCK_N=max(16, cfg["block_n"] // wide), SPLIT=split, HAS_START=casc is not None, WHOLE=whole,
-        SPLIT_P=split_p, REUSE_KV=cfg["reuse_kv"] and n_dv == 1, N_DV=n_dv, BLOCK_DV=own_dv,
-        num_warps=cfg["warps"], num_stages=cfg["stages"], **dims)
+        SPLIT_P=split_p, REUSE_KV=cfg["reuse_kv"], num_warps=cfg["warps"], num_stages=cfg["stages"], **dims)
     if not whole:
         _mla_merge_kernel[(bsz, heads)](
             po, pl, meta.seq_lens, start, out, po.stride(0), po.stride(1), po.stride(2), pl.stride(0), pl.stride(1),
