@@ -26,6 +26,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+from bench.compile_watch import CompileWatch
 from bench.limits import active_bytes_per_token, model_bytes, physical_limit
 from bench.report import emit
 from bench.timing import cuda_median_s
@@ -178,6 +179,8 @@ def main(argv: list[str] | None = None) -> int:
     phases = probe.install_phase_timers()
     probe.reset_decode_runner_timers()
     stats0 = dict(vars(engine.stats))
+    graphs0 = probe.decode_runner_stats().graphs
+    watch = CompileWatch().__enter__()  # kernels the warm-up left to the timed run
     sync()
     t0 = time.perf_counter()
     if opts.torch_profile and steps:
@@ -209,6 +212,7 @@ def main(argv: list[str] | None = None) -> int:
         outs = engine.generate(prompts, params)
         sync()
         secs = time.perf_counter() - t0
+    watch.__exit__()
     probe.remove_phase_timers()
     decode = probe.decode_runner_stats()
     stats = {k: v - stats0.get(k, 0) for k, v in vars(engine.stats).items() if isinstance(v, (int, float))}
@@ -234,6 +238,7 @@ def main(argv: list[str] | None = None) -> int:
         "phases_s": {k: round(v, 3) for k, v in phases.as_dict().items()},
         "decode_runner_s": {k: round(v, 3) for k, v in decode.timers.items()},
         "graphs": decode.graphs,
+        "in_run": {"triton_compiles": watch.summary(), "graphs_captured": sorted(set(decode.graphs) - set(graphs0))},
     }
     if rank != 0:  # multi-GPU: rank 0 reports (the limit above counts this rank's weight shards on one GPU)
         return 0
@@ -241,6 +246,7 @@ def main(argv: list[str] | None = None) -> int:
           f"physical limit {limit['total_s']:.2f} s (decode {limit['decode_s']:.2f} + prefill "
           f"{limit['prefill_s']:.2f}) -> {limit['total_s'] / secs:.1%} of it")
     print("phases (s):", result["phases_s"], "decode runner:", result["decode_runner_s"], "graphs:", result["graphs"])
+    print("inside the timed run:", result["in_run"])
     emit(result, opts.json)
     return 0
 

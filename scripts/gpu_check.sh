@@ -83,7 +83,7 @@ while [ $# -gt 0 ]; do
         timeout "${BENCH_TIMEOUT:-300}" $PY -m bench.rollout --workload "$w" --json "$OUT/bench.jsonl" ${BENCH_ARGS:-} \
           > "$OUT/bench_$w.log" 2>&1
         rc=$?
-        tail -3 "$OUT/bench_$w.log" | grep -v '^RESULT'
+        tail -4 "$OUT/bench_$w.log" | grep -v "^RESULT" | cut -c1-600
         [ $rc -ne 0 ] && { tail -25 "$OUT/bench_$w.log"; summary+=("$w: FAILED rc=$rc"); }
       done
       ;;

@@ -136,5 +136,26 @@ def test_bench_rollout_runs_on_cpu(workload, tmp_path):
     assert result["generated_tokens"] == 2 * 3 * 4
     assert result["model_bytes"]["kv_per_token"] == kv_per_token
     assert result["limit_decode_s"] > 0 and result["fraction_of_limit"] > 0
+    # The warm-up ran every batch size the timed run uses (CPU: no graphs, no triton).
+    assert result["in_run"] == {"triton_compiles": {"count": 0, "seconds": 0.0, "kernels": {}}, "graphs_captured": []}
     with pytest.raises(SystemExit, match="num_prompts"):
         main(["--workload", workload, "--device", "cpu", "--set", "num_prompt=2"])
+
+
+def test_compile_watch_counts_each_kernel_and_its_time():
+    """CompileWatch's hooks as triton calls them (keyword arguments, `fn` with a name; before and
+    after each in-process cache miss): counts per kernel, seconds summed, and a before-hook that
+    never asks triton to skip the compile."""
+    import time
+    from types import SimpleNamespace
+
+    from bench.compile_watch import CompileWatch
+    watch = CompileWatch()
+    for name, key in (("_mla_own_kernel", (1, "bf16")), ("_mla_own_kernel", (2, "bf16")), ("_sample", (1,))):
+        fn = SimpleNamespace(name=name)
+        assert not watch._before(key=key, repr="", fn=fn, compile={}, is_manual_warmup=False, already_compiled=False)
+        time.sleep(0.01)
+        watch._after(key=key, repr="", fn=fn, compile={}, is_manual_warmup=False, already_compiled=False)
+    got = watch.summary()
+    assert got["count"] == 3 and got["kernels"] == {"_mla_own_kernel": 2, "_sample": 1}
+    assert 0.03 <= got["seconds"] < 1.0
