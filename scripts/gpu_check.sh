@@ -8,8 +8,9 @@
 #     bench   : python -m bench.rollout --workload W for each W (default: all four)
 #     hf      : the transformers generate baseline on decode-moe-bs1
 #     tune    : sweep decode-attention / fused-MoE tile configs (bench/kernels.py --tune), then the
-#               MLA decode's (bench/mla_kernels.py --tune, same file), then the fused MoE's per expert
-#               shape (bench/moe_tune.py: GPT-OSS-20B, Moonlight; MOE_SHAPES=gpt-oss limits it);
+#               MLA decode's (bench/mla_kernels.py --tune, same file; its 5 groups took over 170 s
+#               in session 9, and it writes the file after each group), then the fused MoE's per
+#               expert shape (bench/moe_tune.py: GPT-OSS-20B, Moonlight; MOE_SHAPES=gpt-oss limits it);
 #               later bench steps of the same run use the result
 #     kernels : micro-benchmarks of the triton kernels (bench/kernels.py)
 #     mla     : the MLA decode kernel at the Moonlight shape (bench/mla_kernels.py), after `tune` with its configs,
@@ -93,7 +94,7 @@ while [ $# -gt 0 ]; do
       ;;
     tune)
       timeout "${TUNE_TIMEOUT:-150}" $PY -m bench.kernels --tune "$OUT/tuned.json" 2>&1 | tee "$OUT/tune.log" | tail -12
-      timeout "${TUNE_TIMEOUT:-150}" $PY -m bench.mla_kernels --tune "$OUT/tuned.json" 2>&1 | tee "$OUT/tune_mla.log" | tail -6
+      timeout "${MLA_TUNE_TIMEOUT:-240}" $PY -m bench.mla_kernels --tune "$OUT/tuned.json" 2>&1 | tee "$OUT/tune_mla.log" | tail -6
       timeout "${MOE_TUNE_TIMEOUT:-240}" $PY -m bench.moe_tune "$OUT/tuned.json" ${MOE_SHAPES:+--shapes $MOE_SHAPES} 2>&1 \
         | tee "$OUT/tune_moe_shapes.log" | grep -E "^(best|sweep)" | cut -c1-300
       [ -f "$OUT/tuned.json" ] && BENCH_ARGS="${BENCH_ARGS:-} --tuned $OUT/tuned.json" && TUNED_ARG="--tuned $OUT/tuned.json"
