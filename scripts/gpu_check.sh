@@ -1,11 +1,13 @@
 #!/usr/bin/env bash
 # GPU tests and benchmarks on the device machine; a short table last.
 #
-#   scripts/gpu_check.sh [tests] [tune] [bench W1,W2,...] [hf] [kernels] [mla] [small] [sleep] [ipc]
+#   scripts/gpu_check.sh [tests] [tune] [bench W1,W2,...] [profile W] [hf] [kernels] [mla] [small] [sleep] [ipc]
 #     tests   : python3 -m pytest -m gpu over tests/gpu tests/test_overlapped_decode.py tests/test_sleep_wake.py
 #               tests/test_weight_transfer.py, in four concurrent processes,
 #               then tests/test_sleep_wake.py alone (logs pytest_{0,...,4}.log; TEST_GROUPS="0 4" runs a subset)
 #     bench   : python -m bench.rollout --workload W for each W (default: all four)
+#     profile W : a torch-profiler window of workload W (steps PROFILE_STEPS, default 600:603; the
+#               table and a chrome trace in $OUT; uses the tuned file when `tune` ran before)
 #     hf      : the transformers generate baseline on decode-moe-bs1
 #     tune    : sweep decode-attention / fused-MoE tile configs (bench/kernels.py --tune), then the
 #               MLA decode's (bench/mla_kernels.py --tune, same file; its 5 groups took over 170 s
@@ -44,7 +46,7 @@ if compgen -G ".whl/*.whl" > /dev/null; then
   $PY -m pip install -q --no-deps --target "$WHEELS" .whl/*.whl && export PYTHONPATH="$WHEELS:$PYTHONPATH"
 fi
 [ $# -eq 0 ] && set -- tests bench
-SECTIONS="tests tune bench hf kernels mla small sleep async arrival ipc invariant"
+SECTIONS="tests tune bench profile hf kernels mla small sleep async arrival ipc invariant"
 WORKLOADS="decode-moe-bs1,grpo-dense-small,grpo-moe,grpo-dense-8b"
 summary=()
 nvidia-smi --query-gpu=name,memory.used,memory.total,clocks.sm,clocks.mem --format=csv,noheader 2>/dev/null
@@ -93,11 +95,23 @@ while [ $# -gt 0 ]; do
         --json "$OUT/bench.jsonl" > "$OUT/hf.log" 2>&1 || { tail -20 "$OUT/hf.log"; summary+=("hf: FAILED"); }
       ;;
     tune)
-      timeout "${TUNE_TIMEOUT:-150}" $PY -m bench.kernels --tune "$OUT/tuned.json" 2>&1 | tee "$OUT/tune.log" | tail -12
-      timeout "${MLA_TUNE_TIMEOUT:-240}" $PY -m bench.mla_kernels --tune "$OUT/tuned.json" 2>&1 | tee "$OUT/tune_mla.log" | tail -6
-      timeout "${MOE_TUNE_TIMEOUT:-240}" $PY -m bench.moe_tune "$OUT/tuned.json" ${MOE_SHAPES:+--shapes $MOE_SHAPES} 2>&1 \
-        | tee "$OUT/tune_moe_shapes.log" | grep -E "^(best|sweep)" | cut -c1-300
+      # TUNE_PARTS="mla moe" skips the attention / Qwen3-MoE sweep (default: all three).
+      parts=" ${TUNE_PARTS:-attention mla moe} "
+      [[ $parts == *" attention "* ]] && timeout "${TUNE_TIMEOUT:-150}" $PY -m bench.kernels --tune "$OUT/tuned.json" 2>&1 \
+        | tee "$OUT/tune.log" | tail -12
+      [[ $parts == *" mla "* ]] && timeout "${MLA_TUNE_TIMEOUT:-240}" $PY -m bench.mla_kernels --tune "$OUT/tuned.json" 2>&1 \
+        | tee "$OUT/tune_mla.log" | tail -6
+      [[ $parts == *" moe "* ]] && timeout "${MOE_TUNE_TIMEOUT:-240}" $PY -m bench.moe_tune "$OUT/tuned.json" \
+        ${MOE_SHAPES:+--shapes $MOE_SHAPES} 2>&1 | tee "$OUT/tune_moe_shapes.log" | grep -E "^(best|sweep)" | cut -c1-300
       [ -f "$OUT/tuned.json" ] && BENCH_ARGS="${BENCH_ARGS:-} --tuned $OUT/tuned.json" && TUNED_ARG="--tuned $OUT/tuned.json"
+      ;;
+    profile)
+      # profile W: a torch-profiler window (steps PROFILE_STEPS, default 600:603) of workload W.
+      w=$2; shift
+      timeout "${BENCH_TIMEOUT:-300}" $PY -m bench.rollout --workload "$w" ${BENCH_ARGS:-} \
+        --torch-profile "$OUT/profile_$w.txt" --profile-steps "${PROFILE_STEPS:-600:603}" > "$OUT/profile_$w.log" 2>&1 \
+        || summary+=("profile $w: FAILED")
+      head -40 "$OUT/profile_$w.txt" 2>/dev/null | cut -c1-200
       ;;
     kernels)
       timeout "${KERNEL_TIMEOUT:-240}" $PY -m bench.kernels 2>&1 | tee "$OUT/kernels.log" | tail -30
