@@ -2,6 +2,7 @@
 inputs, and the packed weight copies never outliving the weights they were made from."""
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import pytest
@@ -185,6 +186,26 @@ def test_decode_attention(dtype, hq, hk, d, page):
     q, kc, vc, meta = paged_batch(dtype, [1, 2, 17, 130, 33], [1] * 5, hq, hk, d, page)
     check(cpu_ops.paged_attention_decode(q, kc, vc, meta, d ** -0.5),
           torch_ops.paged_attention_decode(q, kc, vc, meta, d ** -0.5), dtype)
+
+
+def test_decode_ops_read_no_column_past_the_longest_sequence():
+    """The decode runner's static tables span max_model_len: the columns past the batch's longest
+    sequence (here ids of blocks that do not exist) are never gathered, and the result is that
+    of the tight table, for the CPU op, the torch reference, the windowed / sink op and MLA."""
+    from atom.ops import torch_family_ops
+    torch.manual_seed(5)
+    hq, hk, d, page = 4, 2, 16, 8
+    q, kc, vc, meta = paged_batch(torch.float32, [1, 9, 17, 30], [1] * 4, hq, hk, d, page)
+    wide = dataclasses.replace(meta, block_tables=torch.cat(
+        [meta.block_tables, torch.full((4, 60), kc.shape[0] + 1000, dtype=torch.int32)], 1), max_seq_len=512)
+    sinks = torch.randn(hq)
+    for op, args in ((cpu_ops.paged_attention_decode, ()), (torch_ops.paged_attention_decode, ()),
+                     (torch_family_ops.sliding_sink_attention_decode, (12, sinks))):
+        assert torch.equal(op(q, kc, vc, wide, d ** -0.5, *args), op(q, kc, vc, meta, d ** -0.5, *args)), op
+    cache = torch.randn(kc.shape[0], page, 1, 24)  # latent 16 + rope 8
+    ql, qp = torch.randn(4, hq, 16), torch.randn(4, hq, 8)
+    mla = torch_family_ops.mla_attention_decode
+    assert torch.equal(mla(ql, qp, cache, wide, 0.2), mla(ql, qp, cache, meta, 0.2))
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

@@ -25,7 +25,8 @@ import torch.nn.functional as F
 
 from atom.ops import torch_ops
 from atom.ops.logits_processing import check_penalty_state
-from atom.ops.metadata import AttentionMetadata, LogitsProcessing, SamplerOutput, SamplingMetadata
+from atom.ops.metadata import (AttentionMetadata, LogitsProcessing, SamplerOutput, SamplingMetadata,
+                               used_block_tables)
 from atom.ops.registry import on_weights_changed, register
 
 B = "cpu"
@@ -169,8 +170,9 @@ def paged_attention_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     index_select (advanced indexing is several times slower on CPU), then one
     scaled_dot_product_attention with each KV head's query group as its query rows."""
     _, block_size, kv_heads, dim = k_cache.shape
-    batch, width = meta.block_tables.shape
-    blocks = meta.block_tables.reshape(-1)
+    tables = used_block_tables(meta, block_size)
+    batch, width = tables.shape
+    blocks = tables.reshape(-1)
     k = k_cache.index_select(0, blocks).view(batch, width * block_size, kv_heads, dim).transpose(1, 2)
     v = v_cache.index_select(0, blocks).view(batch, width * block_size, kv_heads, dim).transpose(1, 2)
     valid = torch.arange(width * block_size, device=q.device)[None, :] < meta.seq_lens[:, None]

@@ -36,6 +36,15 @@ class AttentionMetadata:
     host_seq_lens: list[int] | None = None
 
 
+def used_block_tables(meta: AttentionMetadata, block_size: int) -> torch.Tensor:
+    """meta.block_tables without the columns past the longest sequence's last block, for ops that
+    gather every entry of a row: the decode runner's static tables span max_model_len. Reads the
+    lengths on the host (a sync on a GPU, where the ops that gather are references only)."""
+    lens = meta.host_seq_lens if meta.host_seq_lens is not None else meta.seq_lens.tolist()
+    longest = max(lens, default=0)
+    return meta.block_tables[:, : max(1, -(-longest // block_size))]
+
+
 @dataclass
 class CascadeMetadata:
     """Decode only, optional: KV blocks shared by groups of sequences (the n samples of one prompt).

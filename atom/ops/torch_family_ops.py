@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from atom.ops.metadata import AttentionMetadata
+from atom.ops.metadata import AttentionMetadata, used_block_tables
 from atom.ops.registry import register
 from atom.ops import torch_ops
 from atom.ops.torch_ops import _gather_kv, attention_decode, attention_prefill
@@ -156,9 +156,10 @@ def mla_attention_decode(q_latent: torch.Tensor, q_pe: torch.Tensor, kv_cache: t
     [B, H, R]; scores = q_latent . latent + q_pe . k_pe; returns softmax . latent [B, H, L]
     (the caller applies W_uv)."""
     _, block_size, _, width_lr = kv_cache.shape
-    batch, width = meta.block_tables.shape
+    tables = used_block_tables(meta, block_size)
+    batch, width = tables.shape
     lat_dim = q_latent.shape[-1]
-    kv = kv_cache[meta.block_tables].reshape(batch, width * block_size, width_lr).float()
+    kv = kv_cache[tables].reshape(batch, width * block_size, width_lr).float()
     latent, k_pe = kv[..., :lat_dim], kv[..., lat_dim:]
     scores = (torch.einsum("bhl,bkl->bhk", q_latent.float(), latent)
               + torch.einsum("bhr,bkr->bhk", q_pe.float(), k_pe)) * scale

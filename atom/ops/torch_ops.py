@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from atom.ops.logits_processing import process_logits, report_source, token_ranks, top_count
-from atom.ops.metadata import AttentionMetadata, SamplerOutput, SamplingMetadata
+from atom.ops.metadata import AttentionMetadata, SamplerOutput, SamplingMetadata, used_block_tables
 from atom.ops.registry import register
 
 B = "torch"
@@ -125,9 +125,10 @@ def attention_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     """One new token per sequence: q [B, Hq, D]; all sequences at once over padded block tables;
     window and sinks as in attention_prefill."""
     _, block_size, kv_heads, dim = k_cache.shape
-    batch, width = meta.block_tables.shape
-    k = k_cache[meta.block_tables].reshape(batch, width * block_size, kv_heads, dim).float()
-    v = v_cache[meta.block_tables].reshape(batch, width * block_size, kv_heads, dim).float()
+    tables = used_block_tables(meta, block_size)
+    batch, width = tables.shape
+    k = k_cache[tables].reshape(batch, width * block_size, kv_heads, dim).float()
+    v = v_cache[tables].reshape(batch, width * block_size, kv_heads, dim).float()
     qg = q.float().reshape(batch, kv_heads, q.shape[1] // kv_heads, dim)
     scores = torch.einsum("bhgd,bkhd->bhgk", qg, k) * scale
     k_pos = torch.arange(width * block_size, device=q.device)[None, :]
