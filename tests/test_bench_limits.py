@@ -142,6 +142,20 @@ def test_bench_rollout_runs_on_cpu(workload, tmp_path):
         main(["--workload", workload, "--device", "cpu", "--set", "num_prompt=2"])
 
 
+def test_bench_rollout_profile_window_on_cpu(tmp_path):
+    """`bench.rollout --torch-profile F --profile-steps A:B` (scripts/gpu_check.sh's `profile`
+    section): the run still completes, and F holds the window's header and its op table."""
+    from bench.rollout import main
+    name, changes, _ = SMOKE["grpo-gpt-oss"]
+    prof = tmp_path / "profile.txt"
+    sizes = ["num_prompts=2", "n=2", "prompt_len=16", "output_len=6"]
+    assert main(["--workload", "grpo-gpt-oss", "--device", "cpu", "--model-dir", shrunk(name, tmp_path / "m", **changes),
+                 "--torch-profile", str(prof), "--profile-steps", "2:4",
+                 *(a for s in sizes for a in ("--set", s))]) == 0
+    text = prof.read_text()
+    assert text.startswith("steps 2:4: wall ") and "Self CPU" in text
+
+
 def test_compile_watch_counts_each_kernel_and_its_time():
     """CompileWatch's hooks as triton calls them (keyword arguments, `fn` with a name; before and
     after each in-process cache miss): counts per kernel, seconds summed, and a before-hook that
