@@ -3,8 +3,6 @@ mesh, parameters sharded as DTensors): logprobs and router gradients equal those
 replay on the plain model. Qwen3-MoE and DeepSeek-V3 (the grouped sigmoid router)."""
 from __future__ import annotations
 
-import os
-
 import numpy as np
 import pytest
 import torch
@@ -15,7 +13,7 @@ from atom.fidelity import moe_routers, routing_replay
 from conftest import TINY_VOCAB, build_tiny_model
 from helpers import random_prompts
 from test_replay_families import drift, logprobs, padded
-from test_weights_sync import _free_ports
+from test_weights_sync import _free_ports, _leave
 
 CASES = {"qwen3_moe": ("qwen3_moe", {}, 2), "deepseek_v3": ("deepseek_v3", {}, 2)}
 
@@ -58,10 +56,10 @@ def _worker(rank: int, port: int, arch: str, overrides: dict, ids: list[int], fi
         dist.barrier()  # FSDP2's last collectives done on both ranks before either tears down
     finally:
         dist.destroy_process_group()
-    # Leave without the interpreter's teardown: about one run in ten, a rank aborted there with
-    # "terminate called without an active exception" (a C++ thread of the gloo / FSDP2 stack
-    # still joinable at exit) after its work was done and saved.
-    os._exit(0)
+    # About one run in ten, a rank aborted at interpreter teardown ("terminate called without an
+    # active exception") after its work was done and saved: leave without it, as the weight-sync
+    # workers do.
+    _leave()
 
 
 @pytest.mark.parametrize("case", list(CASES))
