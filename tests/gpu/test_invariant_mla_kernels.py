@@ -50,18 +50,6 @@ def rows_of(meta: AttentionMetadata, idx: list[int], width: int) -> AttentionMet
                              max_seq_len=max(1, int(lens.max())))
 
 
-def same_bits(got: torch.Tensor, want: torch.Tensor, msg="") -> None:
-    """Bitwise on the GPU. In Triton's interpreter tl.dot is numpy's matmul, whose float32 bits
-    depend on a row's place in the matrix (BLAS blocking: a 3-row block moved from rows 5-7 to
-    0-2 of a 64 x 32 float32 product changed bits in 200 of 200 random trials, numpy 2.4), so
-    there the GEMM-based checks can only hold to float32 rounding (float16: one ulp)."""
-    if not ON_CPU:
-        assert torch.equal(got, want), msg
-        return
-    tol = 2e-3 if got.dtype == torch.float16 else 1e-5
-    torch.testing.assert_close(got, want, rtol=tol, atol=tol, msg=str(msg))
-
-
 def w_kv_b_for(device, dtype, heads, nope, v_dim, lat):
     return (torch.randn(heads * (nope + v_dim), lat, device=device) / lat ** 0.5).to(dtype)
 
@@ -83,8 +71,8 @@ def test_absorb_and_expand_match_torch_and_rows_do_not_depend_on_the_batch(inv, 
     check(q_lat, torch_family_ops.mla_absorb_query(q_nope.double(), w.double()), dtype)
     check(vals, torch_family_ops.mla_expand_output(out_lat.double(), w.double(), nope), dtype)
     for at, m in ((0, 1), (n - 1, 1), (5, 3), (n - 17, 17)):
-        same_bits(absorb(q_nope[at:at + m], w), q_lat[at:at + m], (at, m))
-        same_bits(expand(out_lat[at:at + m].clone(), w, nope), vals[at:at + m], (at, m))
+        assert torch.equal(absorb(q_nope[at:at + m], w), q_lat[at:at + m]), (at, m)
+        assert torch.equal(expand(out_lat[at:at + m].clone(), w, nope), vals[at:at + m]), (at, m)
 
 
 # ---- decode ------------------------------------------------------------------------------------
@@ -169,12 +157,12 @@ def test_prefill_tokens_equal_decode_bit_for_bit(inv, device, dtype, heads, nope
     one = prefill(0, n)
     cuts = [0, 5, 6, 41, n] if ON_CPU else [0, 100, 101, 517, n]
     chunked = torch.cat([prefill(a, b) for a, b in zip(cuts, cuts[1:])])
-    same_bits(chunked, one, "chunked prefill differs from one chunk")
+    assert torch.equal(chunked, one), "chunked prefill differs from one chunk"
     import atom.ops.triton.invariant_mla as im  # rows in groups of 7 per launch (the partials' memory bound)
     parts = -(-max(n, other) // im.KV_SPLIT)
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(im, "PREFILL_PARTIAL_BYTES", 7 * heads * parts * lat * 4)
-        same_bits(prefill(0, n), one, "prefill rows in groups differ")
+        assert torch.equal(prefill(0, n), one), "prefill rows in groups differ"
     ref = torch_family_ops.mla_attention_prefill(q_nope[:n].double(), q_pe[:n].double(), cache.double(), w.double(),
                                                  rows_single(device, n, table), scale)
     check(one, ref, dtype)
@@ -188,11 +176,11 @@ def test_prefill_tokens_equal_decode_bit_for_bit(inv, device, dtype, heads, nope
                               block_tables=tables, is_decode=True, max_query_len=1, max_seq_len=n)
     rows = list(range(n)) + [n, n]
     decoded = expand(dec(absorb(q_nope[rows], w), q_pe[rows].contiguous(), cache, dmeta, scale), w, nope)[:n]
-    same_bits(decoded, one, "decode batch differs from prefill")
+    assert torch.equal(decoded, one), "decode batch differs from prefill"
     for p in (0, n // 2, n - 1):
         alone = rows_of(dmeta, [p], table.shape[0])
         got = expand(dec(absorb(q_nope[p:p + 1], w), q_pe[p:p + 1], cache, alone, scale), w, nope)
-        same_bits(got[0], one[p], f"token {p} decoded alone")
+        assert torch.equal(got[0], one[p]), f"token {p} decoded alone"
 
 
 def rows_single(device, n: int, table: torch.Tensor) -> AttentionMetadata:
