@@ -15,35 +15,29 @@ import torch.multiprocessing as mp
 from _rl_util import changed_model, make_engine, rollout, same
 from test_weights_sync import _free_port, _group, _leave
 
-# family -> (tiny arch, first MoE layer, per-expert names: (gate, up, down) or None, expert config key)
+# family -> (tiny arch, the config key of an expert's intermediate size, or None where the
+# format has fused experts only)
 FAMILIES = {
-    "mixtral": ("mixtral", 0, ("gate_proj", "up_proj", "down_proj"), "intermediate_size"),
-    "deepseek_v3": ("deepseek_v3", None, ("gate_proj", "up_proj", "down_proj"), "moe_intermediate_size"),
-    "gpt_oss": ("gpt_oss", 0, None, None),
+    "mixtral": ("mixtral", "intermediate_size"),
+    "deepseek_v3": ("deepseek_v3", "moe_intermediate_size"),
+    "gpt_oss": ("gpt_oss", None),
 }
-
-
-def _first_moe_layer(cfg: dict, given: int | None) -> int:
-    return cfg.get("first_k_dense_replace", 0) if given is None else given
 
 
 def _expert_pairs(base: str, family: str) -> list[tuple[str, torch.Tensor]]:
     """The partial update: expert 1 of the first MoE layer in per-expert names (new random
     values), or, where the format has only fused experts, that layer's fused tensors."""
-    _, layer, names, inter_key = FAMILIES[family]
+    inter_key = FAMILIES[family][1]
     cfg = json.load(open(os.path.join(base, "config.json")))
-    layer = _first_moe_layer(cfg, layer)
-    g = torch.Generator().manual_seed(3)
-    if names is None:
+    prefix = f"model.layers.{cfg.get('first_k_dense_replace', 0)}.mlp.experts."
+    if inter_key is None:
         model = changed_model(base, seed=4, scale=0.2)
-        prefix = f"model.layers.{layer}.mlp.experts."
         return [(n, p.detach().clone()) for n, p in model.named_parameters() if n.startswith(prefix)]
+    g = torch.Generator().manual_seed(3)
     hidden, inter = cfg["hidden_size"], cfg[inter_key]
-    gate, up, down = names
-    base_name = f"model.layers.{layer}.mlp.experts.1."
-    return [(base_name + f"{gate}.weight", 0.1 * torch.randn(inter, hidden, generator=g)),
-            (base_name + f"{up}.weight", 0.1 * torch.randn(inter, hidden, generator=g)),
-            (base_name + f"{down}.weight", 0.1 * torch.randn(hidden, inter, generator=g))]
+    return [(prefix + "1.gate_proj.weight", 0.1 * torch.randn(inter, hidden, generator=g)),
+            (prefix + "1.up_proj.weight", 0.1 * torch.randn(inter, hidden, generator=g)),
+            (prefix + "1.down_proj.weight", 0.1 * torch.randn(hidden, inter, generator=g))]
 
 
 def _trainer(family: str, base: str, changed_dir: str, port: int) -> None:

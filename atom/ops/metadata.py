@@ -38,10 +38,12 @@ class AttentionMetadata:
 
 def used_block_tables(meta: AttentionMetadata, block_size: int) -> torch.Tensor:
     """meta.block_tables without the columns past the longest sequence's last block, for ops that
-    gather every entry of a row: the decode runner's static tables span max_model_len. Reads the
-    lengths on the host (a sync on a GPU, where the ops that gather are references only)."""
-    lens = meta.host_seq_lens if meta.host_seq_lens is not None else meta.seq_lens.tolist()
-    longest = max(lens, default=0)
+    gather every entry of a row: the decode runner's static tables span max_model_len. Reads one
+    length on the host (a sync on a GPU, where the ops that gather are references only)."""
+    if meta.host_seq_lens is not None:
+        longest = max(meta.host_seq_lens, default=0)
+    else:
+        longest = int(meta.seq_lens.max()) if meta.seq_lens.numel() else 0
     return meta.block_tables[:, : max(1, -(-longest // block_size))]
 
 
