@@ -29,6 +29,9 @@ class EngineConfig:
     seed: seeds the per-request random streams of requests that bring no seed of their own.
     enforce_eager: on GPU, never capture CUDA graphs.
     cuda_graph_max_batch_size: largest decode batch captured in a graph (larger ones run eagerly).
+    cuda_graphs_at_start: on GPU, capture every decode batch size's graph (compiling its kernels)
+        when the engine starts, as vLLM does; False: each size on its first use (a faster start,
+        slower first steps at each new batch size).
     op_backends: per-op backend overrides for debugging, e.g. {"fused_moe": "torch"}.
     tensor_parallel_size: ranks that split attention heads, dense MLPs and the vocabulary.
     expert_parallel_size: ranks that split the MoE experts (each holds num_experts / EP).
@@ -85,6 +88,7 @@ class EngineConfig:
     seed: int = 0
     enforce_eager: bool = False
     cuda_graph_max_batch_size: int = 512
+    cuda_graphs_at_start: bool = True
     op_backends: dict[str, str] = field(default_factory=dict)
     tensor_parallel_size: int = 1
     expert_parallel_size: int = 1

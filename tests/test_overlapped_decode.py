@@ -4,6 +4,7 @@ without graphs) is switched on by hand; the GPU tests cover it with CUDA graphs.
 from __future__ import annotations
 
 import pytest
+import torch
 
 from atom import RolloutEngine, SamplingParams
 from conftest import TINY_VOCAB
@@ -196,3 +197,30 @@ def test_late_request_through_the_async_front_end_runs_in_the_next_step(tiny_lla
     finally:
         front.close()
     assert waits == [0, 0, 0]
+
+
+def _kv_snapshot(engine) -> list:
+    model, page = engine.probe().model, 16
+    return [getattr(attn, name).clone() for attn in model.attention_layers() for name in attn.kv_cache_shapes(page)]
+
+
+@pytest.mark.parametrize("arch", ["qwen3_moe", "gpt_oss", "deepseek_v3"])
+def test_decode_warm_up_on_padding_rows_leaves_kv_and_results_alone(make_tiny_model, arch):
+    """warm_up (what cuda_graphs_at_start runs on a GPU) runs the decode forward on rows that are
+    all padding: it must write no KV (slot -1; an index -1 would land in the pool's last slot)
+    and leave the static buffers so that later steps give what a fresh engine gives."""
+    path = make_tiny_model(arch)
+    prompts = random_prompts([40, 9, 23], TINY_VOCAB, seed=7)
+    sp = SamplingParams(n=3, temperature=1.0, max_tokens=10, ignore_eos=True, seed=5, logprobs=1)
+    config = dict(overlap_decode=True, num_kv_blocks=48, max_num_seqs=16, max_model_len=128)
+    engine = RolloutEngine(path, **config)
+    first = engine.generate(prompts, sp)  # the prompts' blocks stay cached
+    before = _kv_snapshot(engine)
+    with pytest.raises(ValueError, match="max_num_seqs"):
+        engine.probe().warm_up_decode([17])
+    assert engine.probe().warm_up_decode([1, 16, 8, 16]) == [16, 8, 1]
+    after = _kv_snapshot(engine)
+    assert len(before) == len(after) > 0
+    assert all(torch.equal(a, b) for a, b in zip(before, after))
+    assert_same(first, engine.generate(prompts, sp))  # prefix-cache hits read the kept KV
+    assert_same(first, RolloutEngine(path, **config).generate(prompts, sp))

@@ -8,8 +8,10 @@ tokens are the previous step's samples, still on the device (the overlapped engi
   cascade attention) are written by the host into one pinned int32 buffer laid out for the
   padded batch size and reach the device in a single asynchronous copy into a static buffer.
 * The batch is padded to the next size of a ladder (1, 2, 4, 8, then steps of 16 to 256, of 32
-  to 512, of 64 beyond). For each size the model forward + LM head is captured once into a CUDA graph (lazily,
-  the first time the size occurs; all graphs share one memory pool) and replayed afterwards.
+  to 512, of 64 beyond). For each size the model forward + LM head is captured once into a CUDA graph
+  and replayed afterwards; all graphs share one memory pool. `warm_up` captures every size when the
+  engine starts (config.cuda_graphs_at_start, largest first, as vLLM does), which also compiles each
+  size's kernel variants; otherwise a size is captured the first time it occurs.
   Padded rows write no KV (slot -1) and attend to nothing (length 0).
 * With `enforce_eager` (or sizes above `cuda_graph_max_batch_size`) the same padded inputs run
   eagerly, so graph and eager steps compute identical numbers.
@@ -388,6 +390,29 @@ class DecodeRunner:
         graph.replay()
         return out
 
+    def warm_up(self, sizes: list[int] | None = None) -> list[int]:
+        """Runs each padded decode batch size once on rows that are all padding (no KV written,
+        nothing attended), largest first: sizes up to graph_max are captured as graphs, larger
+        ones run eagerly; either way their kernel variants compile now rather than inside a rollout.
+        sizes: default every ladder size up to graph_max. Returns the sizes run. Call only with no
+        step in flight (it writes the static buffers)."""
+        if sizes is None:
+            sizes = [s for s in self.ladder if s <= self.graph_max]
+        for bs in sorted(set(sizes), reverse=True):
+            if bs < 1 or bs > self.capacity:
+                raise ValueError(f"warm_up: batch size {bs} is outside 1..max_num_seqs={self.capacity}")
+            *_, host, total, _ = self._get_views(bs, 0)
+            for name, value in (("ids", 0), ("src", 0), ("pos", 0), ("slots", -1), ("seq_lens", 0),
+                                ("row_prefix", 0), ("plen", 0), ("grows", -1), ("bt", 0),
+                                ("wslots", -1), ("wbt", 0)):
+                if name in host:
+                    host[name][...] = value
+            self.dev[:total].copy_(self.hosts[0][:total])
+            self._run(bs)
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        return sorted(set(sizes), reverse=True)
+
     def launch(self, batch: ScheduledBatch, prev: "InFlight | None" = None, window_table=None) -> "InFlight":
         """Queue the step on the device without waiting for it. With `prev` (the step still in
         flight), every sequence's newest token is prev's sampled token, fed on the device.
@@ -531,5 +556,8 @@ def activation_bytes(runner, max_num_batched_tokens: int, max_num_seqs: int) -> 
                 setattr(attn, name, cache)
         torch.cuda.empty_cache()
     graph_bs = 0 if runner.config.enforce_eager else min(runner.config.cuda_graph_max_batch_size, max_num_seqs)
-    graphs = 2 * graph_bs * a.vocab_size * 4 + (256 << 20)
+    # Each captured size keeps its logits [bs, vocab] in the graph pool (all of the ladder once
+    # warm_up ran); intermediates are shared, the largest graph's counted in `peak` above.
+    rows = sum(s for s in batch_ladder(max_num_seqs) if s <= graph_bs)
+    graphs = rows * a.vocab_size * runner.dtype.itemsize + graph_bs * a.vocab_size * 4 + (256 << 20)
     return int(peak + graphs + (256 << 20))

@@ -48,6 +48,8 @@ class LLMEngine(EngineRLState):
             self.runner.load_checkpoint(config.model)
         num_blocks = self.runner.num_kv_blocks()
         self.runner.allocate_kv_cache(num_blocks)
+        if config.cuda_graphs_at_start and self.runner.device.type == "cuda":
+            self.runner.warm_up_decode()
         self.block_manager = make_block_manager(num_blocks, config.kv_block_size, config.enable_prefix_caching,
                                                 self.runner.kv_window)
         self.stats = EngineStats()

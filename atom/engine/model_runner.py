@@ -249,6 +249,21 @@ class ModelRunner:
         """The GPU decode path (atom/engine/cuda_graph.py) once a decode step built it, else None."""
         return self._decode_runner
 
+    def _built_decode_runner(self):
+        if self._decode_runner is None:
+            from atom.engine.cuda_graph import DecodeRunner
+            self._decode_runner = DecodeRunner(self, self.max_model_len)
+        return self._decode_runner
+
+    @torch.inference_mode()
+    def warm_up_decode(self, sizes: list[int] | None = None) -> list[int]:
+        """Captures the decode path's CUDA graphs (and compiles their kernels) now: DecodeRunner.warm_up.
+        [] when this engine has no decode runner (tensor / expert parallel, or the CPU without
+        overlap_decode). Needs the KV cache allocated, and no step in flight."""
+        if not self.use_decode_runner or not self.k_caches:
+            return []
+        return self._built_decode_runner().warm_up(sizes)
+
     @torch.inference_mode()
     def launch_decode(self, batch: ScheduledBatch, block_manager: BlockManager, prev=None):
         """Queue a pure decode step on the device without waiting for its tokens; None when the
@@ -256,10 +271,7 @@ class ModelRunner:
         is prev's sampled one, fed on the device (the overlapped loop of LLMEngine.run)."""
         if not self.use_decode_runner or not batch.seqs or not batch.is_decode:
             return None
-        if self._decode_runner is None:
-            from atom.engine.cuda_graph import DecodeRunner
-            self._decode_runner = DecodeRunner(self, self.max_model_len)
-        runner = self._decode_runner
+        runner = self._built_decode_runner()
         if not runner.supports(batch, lag=0 if prev is None else 1):
             return None
         self._flush_copies(block_manager)

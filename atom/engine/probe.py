@@ -5,7 +5,8 @@ of it is a stable API for RL frameworks. What it gives:
 
 * phase timers: wall time of the engine loop's phases (schedule / execute / postprocess),
   an opt-in wrapper installed by `install_phase_timers` and taken out by `remove_phase_timers`;
-* the GPU decode path's own timers and the batch sizes of its captured CUDA graphs;
+* the GPU decode path's own timers and the batch sizes of its captured CUDA graphs, and a
+  warm-up of chosen decode batch sizes;
 * a torch profiler over a window of engine steps (vLLM's / SGLang's start_profile / stop_profile,
   with the steps given up front);
 * memory-pool statistics (bytes, physical segments, the driver's mapping seconds), backing the
@@ -177,6 +178,14 @@ class EngineProbe:
         if dr is None:
             return DecodeRunnerStats()
         return DecodeRunnerStats(dict(dr.timers), sorted(dr.graphs), dr.graphs_current)
+
+    def warm_up_decode(self, sizes: list[int] | None = None) -> list[int]:
+        """Runs the decode path at these padded batch sizes now (default: every graphed size),
+        capturing their CUDA graphs on a GPU (what config.cuda_graphs_at_start does at start-up);
+        the sizes run ([] without a decode path). Not while a step is in flight."""
+        if self._llm.step_in_flight:
+            raise RuntimeError("warm_up_decode: a decode step is in flight; call it between calls")
+        return self._llm.runner.warm_up_decode(sizes)
 
     def reset_decode_runner_timers(self) -> None:
         dr = self._llm.runner.decode_runner

@@ -111,6 +111,11 @@ def test_cuda_graphs_on_off_identical(model_path, dtype):
         outs = eng.generate(prompts, params)
         assert bool(eng.num_cuda_graphs) != eager, "graphs captured exactly when not eager"
         results.append([(c.token_ids, c.logprobs, c.top_logprobs) for o in outs for c in o.outputs])
+    _assert_rounding_apart(results, dtype)
+
+
+def _assert_rounding_apart(results: list, dtype: str) -> None:
+    """Two runs' completions agree up to GEMM rounding (see GRAPH_EAGER_TOL)."""
     tol, compared, total = GRAPH_EAGER_TOL[dtype], 0, 0
     for (g_ids, g_lp, g_top), (e_ids, e_lp, e_top) in zip(*results):
         total += len(g_ids)
@@ -124,6 +129,21 @@ def test_cuda_graphs_on_off_identical(model_path, dtype):
             parted = parted or g_lp[t] != e_lp[t]
             compared += 1
     assert compared >= 0.9 * total, _first_difference(*results)
+
+
+def test_graphs_captured_at_start_cover_the_ladder_and_match_lazy_capture(model_path):
+    """cuda_graphs_at_start captures every ladder size up to max_num_seqs before any request
+    (graphs on rows that are all padding); its rollouts equal those of lazily captured graphs."""
+    from atom.engine.cuda_graph import batch_ladder
+    prompts = random_prompts([3, 20, 33, 50, 9], TINY_VOCAB, seed=4)
+    params = SamplingParams(n=3, temperature=1.0, max_tokens=MAX_NEW, ignore_eos=True, logprobs=2, seed=7)
+    results = []
+    for at_start in (True, False):
+        eng = engine(model_path, dtype="bfloat16", cuda_graphs_at_start=at_start)
+        assert eng.num_cuda_graphs == (len(batch_ladder(16)) if at_start else 0)
+        outs = eng.generate(prompts, params)
+        results.append([(c.token_ids, c.logprobs, c.top_logprobs) for o in outs for c in o.outputs])
+    _assert_rounding_apart(results, "bfloat16")
 
 
 def _first_difference(graphed: list, eager: list) -> str:
