@@ -168,9 +168,12 @@ def main(argv: list[str] | None = None) -> int:
     params = SamplingParams(n=w["n"], temperature=w["temperature"], top_p=w["top_p"], max_tokens=w["output_len"],
                             ignore_eos=True, logprobs=w["logprobs"], seed=None, **extra)
     warm_s = 0.0
-    if not opts.no_warmup:  # other prompts (no prefix-cache hits later), few tokens: compiles and captures
+    if not opts.no_warmup:  # other prompts (no prefix-cache hits later), few tokens: compiles what the
+        # start-up graph capture does not (prefill, mixed steps); 16 tokens keep rows decoding through
+        # every prefill step, so the mixed steps' eager decode kernels see the run's batch sizes
         t0 = time.perf_counter()
-        warm = SamplingParams(n=w["n"], temperature=w["temperature"], top_p=w["top_p"], max_tokens=4,
+        warm = SamplingParams(n=w["n"], temperature=w["temperature"], top_p=w["top_p"],
+                              max_tokens=min(16, w["output_len"]),
                               ignore_eos=True, logprobs=w["logprobs"], **extra)
         engine.generate(make_prompts(w, w["seed"] + 1), warm)
         sync()
