@@ -112,8 +112,8 @@ class RolloutEngine(RLMixin, TransferMixin):
 
     @property
     def num_cuda_graphs(self) -> int:
-        """Decode batch sizes captured as CUDA graphs so far (0 on the CPU, with enforce_eager, or
-        before the first decode step)."""
+        """Decode batch sizes captured as CUDA graphs so far (0 on the CPU or with enforce_eager;
+        every size up to cuda_graph_max_batch_size from the start with cuda_graphs_at_start)."""
         return self._engine.num_cuda_graphs
 
     def probe(self) -> EngineProbe:
