@@ -10,7 +10,7 @@
 #               table and a chrome trace in $OUT; uses the tuned file when `tune` ran before)
 #     hf      : the transformers generate baseline on decode-moe-bs1
 #     tune    : sweep decode-attention / fused-MoE tile configs (bench/kernels.py --tune), then the
-#               MLA decode's (bench/mla_kernels.py --tune, same file; its 5 groups took over 170 s
+#               MLA decode's (bench/mla_kernels.py --tune, same file; its groups (6 since session 10) took over 170 s
 #               in session 9, and it writes the file after each group), then the fused MoE's per
 #               expert shape (bench/moe_tune.py: GPT-OSS-20B, Moonlight; MOE_SHAPES=gpt-oss limits it);
 #               later bench steps of the same run use the result

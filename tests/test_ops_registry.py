@@ -42,3 +42,29 @@ def test_callers_ask_capabilities_not_backend_names():
     assert not table.supports("no_such_op", "graph_safe")
     with pytest.raises(ValueError, match="unknown capability"):
         ops.supports("fused_moe", "fast")
+
+
+def test_low_precision_logits_is_the_triton_samplers_alone():
+    """The GPU decode path hands bf16 logits to the sampler only when the chosen sampler declares
+    low_precision_logits (the Triton one reads them widening each load); every CPU backend keeps
+    the float32 logits, and widen=False gives the same values in the model's dtype."""
+    import torch
+
+    from atom.ops import ops
+    from atom.ops.registry import capabilities
+    for backend in _backends("sample") - {"triton"}:
+        assert "low_precision_logits" not in capabilities("sample", backend)
+    ops.configure(torch.device("cpu"), {})
+    assert not ops.supports("sample", "low_precision_logits")
+    from atom.models.layers.embedding import LMHead
+    head = LMHead(50, 16).to(torch.bfloat16)
+    torch.nn.init.normal_(head.weight)
+    h = torch.randn(3, 16, dtype=torch.bfloat16)
+    low, wide = head(h, widen=False), head(h)
+    assert low.dtype == torch.bfloat16 and wide.dtype == torch.float32
+    assert torch.equal(low.float(), wide)
+
+
+def _backends(name: str) -> set[str]:
+    from atom.ops.registry import implementations
+    return set(implementations(name))

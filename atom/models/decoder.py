@@ -160,8 +160,9 @@ class CausalLM(nn.Module):
         """Hidden states [T, H] of every token of the step."""
         return self.model(input_ids, positions, meta)
 
-    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self.lm_head(hidden)
+    def compute_logits(self, hidden: torch.Tensor, widen: bool = True) -> torch.Tensor:
+        """Logits of hidden's rows: float32, or with widen=False in the model's dtype (LMHead)."""
+        return self.lm_head(hidden, widen)
 
     def attention_layers(self) -> list[PagedAttention]:
         return [layer.self_attn.attn for layer in self.model.layers]

@@ -15,6 +15,8 @@ Callers ask what the chosen implementation can do, never which backend it is:
   batch_invariant     a row's result is bitwise the same whatever other rows share the call, how
                       many, and where the row sits; attention also gives a token the same bits
                       however its sequence was chunked or cached and in decode as in prefill
+  low_precision_logits  the sampler reads bf16 / fp16 logits as they are and gives what it gives
+                      for their float32 copy (no [rows, vocab] float32 copy needed before it)
 
 Batch-invariant mode (`configure(..., batch_invariant=True)`, from EngineConfig.batch_invariant):
 each op takes the first backend of the platform's invariant list that registers it with the
@@ -32,7 +34,8 @@ _IMPLS: dict[str, dict[str, Callable]] = {}
 _CAPS: dict[tuple[str, str], frozenset[str]] = {}      # (op, backend) -> capabilities
 _BACKEND_CAPS: dict[str, frozenset[str]] = {}          # capabilities of every op of a backend
 _WEIGHT_LISTENERS: list[Callable[[], None]] = []   # see weights_changed
-CAPABILITIES = ("graph_safe", "cascade", "reads_whole_blocks", "skips_negative_ids", "batch_invariant")
+CAPABILITIES = ("graph_safe", "cascade", "reads_whole_blocks", "skips_negative_ids", "batch_invariant",
+                "low_precision_logits")
 
 # Backends by preference per platform; a backend module that fails to import is skipped.
 _PREFERENCE = {

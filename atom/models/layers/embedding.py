@@ -23,8 +23,11 @@ class LMHead(nn.Module):
         super().__init__()
         self.weight = nn.Parameter(torch.empty(vocab_size, hidden_size), requires_grad=False)
 
-    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
-        return ops.lm_head(hidden, self.weight).float()
+    def forward(self, hidden: torch.Tensor, widen: bool = True) -> torch.Tensor:
+        """widen=False: logits in the weights' dtype, for a sampler that reads them as they are
+        (ops capability low_precision_logits): the float32 copy costs a pass over [rows, vocab]."""
+        logits = ops.lm_head(hidden, self.weight)
+        return logits.float() if widen else logits
 
 
 def _vocab_shard(vocab_size: int, tp) -> int:
@@ -61,8 +64,9 @@ class ParallelLMHead(LMHead):
         super().__init__(_vocab_shard(vocab_size, tp), hidden_size)
         self.tp, self.tp_rank, self.tp_size = tp, tp.rank, tp.size
 
-    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self.tp.all_gather(ops.lm_head(hidden, self.weight).float(), dim=-1)
+    def forward(self, hidden: torch.Tensor, widen: bool = True) -> torch.Tensor:
+        logits = ops.lm_head(hidden, self.weight)
+        return self.tp.all_gather(logits.float() if widen else logits, dim=-1)
 
 
 def embedding(vocab_size: int, hidden_size: int, tp=None) -> Embedding:

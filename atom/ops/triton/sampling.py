@@ -355,7 +355,7 @@ def _launch_split(logits, temp, seeds, counters, tokens, lps, raw, all_greedy: b
     return counts.sum(-1)  # int64, as token_ranks
 
 
-@register("sample", B)
+@register("sample", B, "low_precision_logits")
 def sample(logits: torch.Tensor, meta: SamplingMetadata,
            split: bool | None = None) -> SamplerOutput:
     """split: None picks the path from the shape (use_split); True / False forces the split /
