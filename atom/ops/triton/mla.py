@@ -69,6 +69,16 @@ def _widen(dtype: torch.dtype) -> int:
 # ---- one online-softmax step over a tile of latent rows --------------------------------------
 
 @triton.jit
+def _tile_rows(bt_row, n0, hi, scb, sct, BLOCK_N: tl.constexpr, PAGE: tl.constexpr):
+    """Cache offsets of the rows of tokens [n0, n0 + BLOCK_N) of one block-table row, and
+    which of them are below hi."""
+    offs = n0 + tl.arange(0, BLOCK_N)
+    nm = offs < hi
+    blk = tl.load(bt_row + offs // PAGE, mask=nm, other=0).to(tl.int64)
+    return blk * scb + (offs % PAGE).to(tl.int64) * sct, nm
+
+
+@triton.jit
 def _mla_tile(q_lat, q_pe, c_ptr, bt_row, n0, hi, scb, sct, scale_log2, m_i, l_i, acc, v0,
               L: tl.constexpr, R: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_R: tl.constexpr,
               BLOCK_DV: tl.constexpr, BLOCK_N: tl.constexpr, PAGE: tl.constexpr, PREC: tl.constexpr,
@@ -78,10 +88,7 @@ def _mla_tile(q_lat, q_pe, c_ptr, bt_row, n0, hi, scb, sct, scale_log2, m_i, l_i
     REUSE_KV (acc holds every latent column: v0 = 0, BLOCK_DV = BLOCK_L): the latent rows are
     loaded once, as [BLOCK_N, BLOCK_L], for both the scores (transposed) and the values, instead
     of a transposed load for the scores and a second load of the same bytes for the values."""
-    offs = n0 + tl.arange(0, BLOCK_N)
-    nm = offs < hi
-    blk = tl.load(bt_row + offs // PAGE, mask=nm, other=0).to(tl.int64)
-    row = blk * scb + (offs % PAGE).to(tl.int64) * sct
+    row, nm = _tile_rows(bt_row, n0, hi, scb, sct, BLOCK_N, PAGE)
     lat = tl.arange(0, BLOCK_L)
     rp = tl.arange(0, BLOCK_R)
     if REUSE_KV:
@@ -115,10 +122,7 @@ def _mla_tile_t(q_lat_t, q_pe_t, c_ptr, bt_row, n0, hi, scb, sct, scale_log2, m_
     tokens, then the latent columns) where the heads-in-M form has the 16 heads of a block: an
     M of 16 compiles to mma.sync, while Hopper's warpgroup MMA wants M = 64 per warpgroup. The
     latent rows are loaded once for both products."""
-    offs = n0 + tl.arange(0, BLOCK_N)
-    nm = offs < hi
-    blk = tl.load(bt_row + offs // PAGE, mask=nm, other=0).to(tl.int64)
-    row = blk * scb + (offs % PAGE).to(tl.int64) * sct
+    row, nm = _tile_rows(bt_row, n0, hi, scb, sct, BLOCK_N, PAGE)
     lat = tl.arange(0, BLOCK_L)
     rp = tl.arange(0, BLOCK_R)
     kv = tl.load(c_ptr + row[:, None] + lat[None, :], mask=nm[:, None] & (lat < L)[None, :], other=0.0)
