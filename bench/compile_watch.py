@@ -9,12 +9,16 @@ import time
 from collections import Counter
 
 
+MAX_SHOWN, MAX_CHARS = 12, 600
+
+
 class CompileWatch:
     """Context manager: while active, every Triton JIT cache miss is counted by kernel name with
     the seconds it took. Without triton (CPU machines), it counts nothing."""
 
     def __init__(self) -> None:
         self.kernels: Counter[str] = Counter()
+        self.specializations: list[str] = []  # triton's description of the first MAX_SHOWN compiles
         self.seconds = 0.0
         self._started: dict[str, float] = {}
         self._saved = None
@@ -23,11 +27,14 @@ class CompileWatch:
         self._started[f"{fn.name}:{key}"] = time.perf_counter()
         return None  # a true value would tell triton to skip the compile
 
-    def _after(self, *, key, fn, **_) -> None:
+    def _after(self, *, key, fn, repr="", **_) -> None:  # noqa: A002 (triton's keyword)
         t0 = self._started.pop(f"{fn.name}:{key}", None)
         if t0 is not None:
             self.seconds += time.perf_counter() - t0
         self.kernels[fn.name] += 1
+        if len(self.specializations) < MAX_SHOWN:
+            # Which variant (warps, stages, constexprs) the warm-up missed, not only which kernel.
+            self.specializations.append(str(repr or f"{fn.name} {key}")[:MAX_CHARS])
         return None
 
     def __enter__(self) -> "CompileWatch":
@@ -48,4 +55,4 @@ class CompileWatch:
 
     def summary(self) -> dict:
         return {"count": sum(self.kernels.values()), "seconds": round(self.seconds, 3),
-                "kernels": dict(self.kernels.most_common())}
+                "kernels": dict(self.kernels.most_common()), "specializations": list(self.specializations)}

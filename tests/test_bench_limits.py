@@ -169,7 +169,10 @@ def test_compile_watch_counts_each_kernel_and_its_time():
         fn = SimpleNamespace(name=name)
         assert not watch._before(key=key, repr="", fn=fn, compile={}, is_manual_warmup=False, already_compiled=False)
         time.sleep(0.01)
-        watch._after(key=key, repr="", fn=fn, compile={}, is_manual_warmup=False, already_compiled=False)
+        watch._after(key=key, repr=f"{name}[num_warps=4]({key[0]})", fn=fn, compile={}, is_manual_warmup=False,
+                     already_compiled=False)
     got = watch.summary()
     assert got["count"] == 3 and got["kernels"] == {"_mla_own_kernel": 2, "_sample": 1}
+    assert got["specializations"] == ["_mla_own_kernel[num_warps=4](1)", "_mla_own_kernel[num_warps=4](2)",
+                                      "_sample[num_warps=4](1)"]
     assert 0.03 <= got["seconds"] < 1.0
