@@ -12,6 +12,18 @@ from collections import Counter
 MAX_SHOWN, MAX_CHARS = 12, 600
 
 
+def _describe(fn, compile: dict) -> str:
+    """'kernel warps=W stages=S {constexpr: value}' from the arguments of triton's hook (its
+    `compile` dict keys the constants by parameter index tuples; names from the JIT function)."""
+    params = getattr(getattr(fn, "jit_function", None), "params", None) or []
+    names = [getattr(p, "name", str(p)) for p in params]
+    consts = {}
+    for k, v in (compile.get("constants") or {}).items():
+        i = k[0] if isinstance(k, tuple) and len(k) == 1 else k
+        consts[names[i] if isinstance(i, int) and i < len(names) else str(k)] = v
+    return f"{fn.name} warps={compile.get('num_warps')} stages={compile.get('num_stages')} {consts}"
+
+
 class CompileWatch:
     """Context manager: while active, every Triton JIT cache miss is counted by kernel name with
     the seconds it took. Without triton (CPU machines), it counts nothing."""
@@ -27,14 +39,14 @@ class CompileWatch:
         self._started[f"{fn.name}:{key}"] = time.perf_counter()
         return None  # a true value would tell triton to skip the compile
 
-    def _after(self, *, key, fn, repr="", **_) -> None:  # noqa: A002 (triton's keyword)
+    def _after(self, *, key, fn, compile=None, **_) -> None:  # noqa: A002 (triton's keyword)
         t0 = self._started.pop(f"{fn.name}:{key}", None)
         if t0 is not None:
             self.seconds += time.perf_counter() - t0
         self.kernels[fn.name] += 1
         if len(self.specializations) < MAX_SHOWN:
-            # Which variant (warps, stages, constexprs) the warm-up missed, not only which kernel.
-            self.specializations.append(str(repr or f"{fn.name} {key}")[:MAX_CHARS])
+            # Which variant the warm-up missed, not only which kernel.
+            self.specializations.append(_describe(fn, compile or {})[:MAX_CHARS])
         return None
 
     def __enter__(self) -> "CompileWatch":

@@ -165,14 +165,16 @@ def test_compile_watch_counts_each_kernel_and_its_time():
 
     from bench.compile_watch import CompileWatch
     watch = CompileWatch()
+    params = [SimpleNamespace(name=n) for n in ("x_ptr", "n", "WHOLE", "BLOCK")]
     for name, key in (("_mla_own_kernel", (1, "bf16")), ("_mla_own_kernel", (2, "bf16")), ("_sample", (1,))):
-        fn = SimpleNamespace(name=name)
+        fn = SimpleNamespace(name=name, jit_function=SimpleNamespace(params=params))
         assert not watch._before(key=key, repr="", fn=fn, compile={}, is_manual_warmup=False, already_compiled=False)
         time.sleep(0.01)
-        watch._after(key=key, repr=f"{name}[num_warps=4]({key[0]})", fn=fn, compile={}, is_manual_warmup=False,
-                     already_compiled=False)
+        compile = {"num_warps": 4, "num_stages": key[0], "constants": {(2,): key[0] == 1, (3,): 64}}
+        watch._after(key=key, repr="", fn=fn, compile=compile, is_manual_warmup=False, already_compiled=False)
     got = watch.summary()
     assert got["count"] == 3 and got["kernels"] == {"_mla_own_kernel": 2, "_sample": 1}
-    assert got["specializations"] == ["_mla_own_kernel[num_warps=4](1)", "_mla_own_kernel[num_warps=4](2)",
-                                      "_sample[num_warps=4](1)"]
+    assert got["specializations"] == ["_mla_own_kernel warps=4 stages=1 {'WHOLE': True, 'BLOCK': 64}",
+                                      "_mla_own_kernel warps=4 stages=2 {'WHOLE': False, 'BLOCK': 64}",
+                                      "_sample warps=4 stages=1 {'WHOLE': True, 'BLOCK': 64}"]
     assert 0.03 <= got["seconds"] < 1.0
