@@ -10,9 +10,10 @@ tokens are the previous step's samples, still on the device (the overlapped engi
 * The batch is padded to the next size of a ladder (1, 2, 4, 8, then steps of 16 to 256, of 32
   to 512, of 64 beyond). For each size the model forward is captured once into a CUDA graph
   and replayed afterwards; all graphs share one memory pool, and the LM head runs eagerly after
-  the replay (a graph's output lives as long as the graph: logits for every size would take GBs). `warm_up` captures every size when the
-  engine starts (config.cuda_graphs_at_start, largest first, as vLLM does), which also compiles each
-  size's kernel variants; otherwise a size is captured the first time it occurs.
+  the replay (a graph's output lives as long as the graph: logits for every size would take
+  GBs). `warm_up` captures every size when the engine starts (config.cuda_graphs_at_start,
+  largest first, as vLLM does), which also compiles each size's kernel variants; otherwise a
+  size is captured the first time it occurs.
   Padded rows write no KV (slot -1) and attend to nothing (length 0).
 * With `enforce_eager` (or sizes above `cuda_graph_max_batch_size`) the same padded inputs run
   eagerly, so graph and eager steps compute identical numbers.
