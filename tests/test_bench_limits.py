@@ -137,7 +137,8 @@ def test_bench_rollout_runs_on_cpu(workload, tmp_path):
     assert result["model_bytes"]["kv_per_token"] == kv_per_token
     assert result["limit_decode_s"] > 0 and result["fraction_of_limit"] > 0
     # The warm-up ran every batch size the timed run uses (CPU: no graphs, no triton).
-    assert result["in_run"] == {"triton_compiles": {"count": 0, "seconds": 0.0, "kernels": {}}, "graphs_captured": []}
+    assert result["in_run"] == {"triton_compiles": {"count": 0, "seconds": 0.0, "kernels": {}, "specializations": []},
+                                "graphs_captured": []}
     with pytest.raises(SystemExit, match="num_prompts"):
         main(["--workload", workload, "--device", "cpu", "--set", "num_prompt=2"])
 
