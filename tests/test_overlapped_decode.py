@@ -224,3 +224,8 @@ def test_decode_warm_up_on_padding_rows_leaves_kv_and_results_alone(make_tiny_mo
     assert all(torch.equal(a, b) for a, b in zip(before, after))
     assert_same(first, engine.generate(prompts, sp))  # prefix-cache hits read the kept KV
     assert_same(first, RolloutEngine(path, **config).generate(prompts, sp))
+    engine.sleep(level=1)  # released KV: a forward now would write freed memory
+    with pytest.raises(RuntimeError, match="asleep"):
+        engine.probe().warm_up_decode([1])
+    engine.wake_up()
+    assert_same(first, engine.generate(prompts, sp))

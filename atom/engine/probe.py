@@ -185,6 +185,9 @@ class EngineProbe:
         the sizes run ([] without a decode path). Not while a step is in flight."""
         if self._llm.step_in_flight:
             raise RuntimeError("warm_up_decode: a decode step is in flight; call it between calls")
+        if self._llm.asleep:
+            raise RuntimeError(f"warm_up_decode: the engine is asleep ({sorted(self._llm.asleep)} released); "
+                               "wake it first")
         return self._llm.runner.warm_up_decode(sizes)
 
     def reset_decode_runner_timers(self) -> None:
