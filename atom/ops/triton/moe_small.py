@@ -170,9 +170,8 @@ def _stages(cfg: dict, tile_bytes: int, device: torch.device) -> int:
     if device.type != "cuda":
         return cfg["num_stages"]
     idx = device.index if device.index is not None else torch.cuda.current_device()
-    if idx not in _SMEM_PER_BLOCK:
-        props = torch.cuda.get_device_properties(idx)
-        _SMEM_PER_BLOCK[idx] = getattr(props, "shared_memory_per_block_optin", 99 << 10)
+    if idx not in _SMEM_PER_BLOCK:  # the limit triton's launch checks (OutOfResources), ROCm's LDS too
+        _SMEM_PER_BLOCK[idx] = triton.runtime.driver.active.utils.get_device_properties(idx)["max_shared_mem"]
     room = _SMEM_PER_BLOCK[idx] - (16 << 10)
     return max(1, min(cfg["num_stages"], 1 + room // max(1, tile_bytes)))
 
