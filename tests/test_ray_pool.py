@@ -280,6 +280,26 @@ def test_async_routing_sticky_pause_and_a_killed_replica(cluster, model_path):
         assert pool.replica_states()[1] == {"status": "ready", "weight_version": 1, "restarts": 1}
 
 
+def test_a_late_failure_of_a_call_to_the_old_actor_is_not_a_second_death(cluster, model_path):
+    """Two requests in flight on a killed actor fail one after the other; the second may reach
+    the pool once the replica is back (CI, session 10: restarts 2 where one kill happened). A
+    failure of a call made before the last restart is that restart's death: not counted, and
+    the restarted replica keeps serving."""
+    params = SamplingParams(n=2, temperature=1.0, max_tokens=6, logprobs=0, ignore_eos=True, seed=4)
+    want = flat(make_engine(model_path).generate(PROMPTS, params))
+    with pool_of(model_path, num_replicas=2) as pool:
+        rset = pool._rset  # the replica set's failure bookkeeping, driven as its callers do
+        seen = rset.replicas[1].restarts
+        ray.kill(rset.replicas[1].ranks[0], no_restart=False)
+        rset.fail(1, "died during generate", "killed", restarts_seen=seen)
+        pool.wait_until_ready(timeout=60)
+        assert pool.replica_states()[1] == {"status": "ready", "weight_version": 0, "restarts": 1}
+        rset.fail(1, "died during generate", "the same death, reported late", restarts_seen=seen)
+        assert pool.replica_states()[1] == {"status": "ready", "weight_version": 0, "restarts": 1}
+        assert [(e.replica, e.error) for e in pool.failures] == [(1, "killed")]
+        assert_same(flat(pool.generate(PROMPTS, params)), want)
+
+
 def test_tensor_parallel_replica(cluster, make_tiny_model):
     """One replica of two rank actors (TP=2, gloo): the pool sets up its group; outputs, async
     requests and a push behave as with one engine."""

@@ -40,33 +40,35 @@ def run_sharded(rset: ReplicaSet, prompts: list, params: list, shard_size: int |
     ready = rset.ids(READY)
     queue = deque(shards_of(len(prompts), len(ready) or 1, shard_size))
     results: list = [None] * len(prompts)
-    # rank-0 ref -> (replica id, shard, all ranks' refs). After an error, shards still running are left
+    # rank-0 ref -> (replica id, shard, all ranks' refs, the replica's restarts when sent: a failure
+    # of a call to actors since restarted is not counted again). After an error, shards still running are left
     # to finish (cancelling would free the replica's lock while its engine still runs).
     inflight: dict = {}
     while queue or inflight:
         heal()
-        busy = {rid for rid, _, _ in inflight.values()}
+        busy = {rid for rid, *_ in inflight.values()}
         for rid in rset.ids(READY):
             if not queue:
                 break
             if rid in busy:
                 continue
             start, end = queue.popleft()
+            seen = rset.replicas[rid].restarts
             refs = rset.submit(rid, "generate", prompts[start:end], params[start:end])
-            inflight[refs[0]] = (rid, (start, end), refs)
+            inflight[refs[0]] = (rid, (start, end), refs, seen)
         if not inflight:
             rset.check_alive()
             rset.wait_for_any(timeout=1.0)
             continue
         done, _ = ray.wait(list(inflight), num_returns=1, timeout=1.0)
         for ref in done:
-            rid, (start, end), refs = inflight.pop(ref)
+            rid, (start, end), refs, seen = inflight.pop(ref)
             try:
                 outs = ray.get(refs)[0]
             except Exception as e:  # noqa: BLE001
                 if not is_replica_failure(e):
                     raise _shift_prompt_index(task_error(e), start) from None
-                rset.fail(rid, "died during generate", e)
+                rset.fail(rid, "died during generate", e, seen)
                 queue.appendleft((start, end))
                 continue
             results[start:end] = outs

@@ -169,12 +169,19 @@ class ReplicaSet:
         if self._on_event is not None:
             self._on_event(ev)
 
-    def fail(self, rid: int, what: str, error: BaseException | str) -> None:
-        """A rank of replica `rid` died or its group broke: restart every rank of it."""
+    def fail(self, rid: int, what: str, error: BaseException | str, restarts_seen: int | None = None) -> None:
+        """A rank of replica `rid` died or its group broke: restart every rank of it.
+        restarts_seen: the replica's restart count when the failed call was made. A call made
+        before the last restart reports the death that restart handled (two requests in flight
+        on a killed actor fail one after the other, the second maybe once the replica is back):
+        it is not counted again, nor does it restart the new actors."""
         import ray
 
         rep = self.replicas[rid]
         if rep.status in (RESTARTING, DEAD):
+            return
+        if restarts_seen is not None and restarts_seen != rep.restarts:
+            log.info("replica %d: %s before its restart %d: already handled", rid, what, rep.restarts)
             return
         self.record(rid, what, error)
         if rep.restarts >= self.config.max_restarts:
@@ -269,6 +276,7 @@ class ReplicaSet:
         """Fan `method` out to replicas; their rank-0 results. Failed replicas are restarted, other errors raised."""
         import ray
 
+        seen = {rid: self.replicas[rid].restarts for rid in rids}
         refs = {rid: self.submit(rid, method, *args, **kwargs) for rid in rids}
         out, error = {}, None
         for rid, rs in refs.items():
@@ -276,7 +284,7 @@ class ReplicaSet:
                 out[rid] = ray.get(rs, timeout=timeout)[0]
             except Exception as e:  # noqa: BLE001
                 if is_replica_failure(e):
-                    self.fail(rid, f"died during {method}", e)
+                    self.fail(rid, f"died during {method}", e, seen[rid])
                 elif error is None:
                     error = task_error(e)
         if error is not None:

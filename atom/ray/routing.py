@@ -123,12 +123,13 @@ class AsyncRouting:
 
     # ---- one-rank replicas: a call per request -----------------------------------------------
     async def _one(self, rid: int, prompt, params: SamplingParams, engine_id: str) -> RolloutOutput:
-        ref = self._rset.replicas[rid].ranks[0].generate_one.remote(prompt, params, engine_id)
+        rep = self._rset.replicas[rid]
+        seen, ref = rep.restarts, rep.ranks[0].generate_one.remote(prompt, params, engine_id)
         try:
             return await ref
         except Exception as e:  # noqa: BLE001
             if is_replica_failure(e):
-                self._rset.fail(rid, "died during generate", e)
+                self._rset.fail(rid, "died during generate", e, seen)
                 raise _ReplicaFailed() from None
             raise task_error(e) from None
 
@@ -148,11 +149,12 @@ class AsyncRouting:
         """Send the replica's queue as one batch to every rank, repeatedly, until empty or paused."""
         while self._queues[rid] and self._paused is None:
             batch, self._queues[rid] = self._queues[rid], []
+            seen = self._rset.replicas[rid].restarts
             refs = self._rset.submit(rid, "generate", [r.prompt for r in batch], [r.params for r in batch])
             try:
                 outs = (await asyncio.gather(*refs))[0]
             except Exception as e:  # noqa: BLE001
-                self._batch_failed(rid, batch, e)
+                self._batch_failed(rid, batch, e, seen)
                 if self._rset.replicas[rid].status != READY:
                     return
                 continue
@@ -160,9 +162,9 @@ class AsyncRouting:
                 if not req.future.done():
                     req.future.set_result(out)
 
-    def _batch_failed(self, rid: int, batch: list[_Request], exc: BaseException) -> None:
+    def _batch_failed(self, rid: int, batch: list[_Request], exc: BaseException, restarts_seen: int) -> None:
         if is_replica_failure(exc):
-            self._rset.fail(rid, "died during generate", exc)
+            self._rset.fail(rid, "died during generate", exc, restarts_seen)
             for req in batch + self._queues[rid]:
                 if not req.future.done():
                     req.future.set_exception(_ReplicaFailed())
@@ -214,13 +216,14 @@ class AsyncRouting:
 
     async def _fan_out(self, method: str, *args) -> None:
         rids = self._rset.ids(READY, STALE)
+        seen = [self._rset.replicas[r].restarts for r in rids]
         results = await asyncio.gather(*(getattr(self._rset.replicas[r].ranks[0], method).remote(*args)
                                          for r in rids), return_exceptions=True)
-        for rid, res in zip(rids, results):
+        for rid, res, restarts in zip(rids, results, seen):
             if isinstance(res, BaseException):
                 if not is_replica_failure(res):
                     raise task_error(res)
-                self._rset.fail(rid, f"died during {method}", res)
+                self._rset.fail(rid, f"died during {method}", res, restarts)
 
     def _running(self) -> list[asyncio.Task]:
         return [t for t in self._dispatchers.values() if not t.done()]
