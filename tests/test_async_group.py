@@ -41,11 +41,14 @@ def _rank(rank: int, world: int, port: int, path: str, layout: tuple, out: str) 
         async def main():
             outs = await asyncio.gather(*(front.generate(p, sp, request_id=f"r{i}")
                                           for i, (p, sp) in enumerate(zip(PROMPTS, params()))))
-            long = asyncio.create_task(front.generate([3, 4, 5], SamplingParams(max_tokens=40, ignore_eos=True),
-                                                      request_id="long"))
-            await asyncio.sleep(0.3)
+            # Aborted once its first tokens are out (not after a fixed sleep: under load the sleep
+            # covered the whole request once in CI), with 59 steps still to go.
+            long = front.stream([3, 4, 5], SamplingParams(max_tokens=60, ignore_eos=True), request_id="long")
+            first = await long.__anext__()
+            assert not first.finished
             aborted = await front.abort(["long", "nope"])
-            await long
+            async for _ in long:
+                pass
             await front.shutdown()
             return outs, aborted
         outs, aborted = asyncio.run(main())
