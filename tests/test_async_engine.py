@@ -100,7 +100,9 @@ def test_duplicate_live_request_id_and_abort(engine):
     async def main():
         first = asyncio.create_task(engine.generate([3, 4, 5], SamplingParams(max_tokens=60, ignore_eos=True),
                                                     request_id="same"))
-        await asyncio.sleep(0.05)
+        # Live for sure once it has tokens (a fixed sleep may outlast 60 fast steps).
+        while not await engine.call(lambda e: e.num_running_sequences):
+            await asyncio.sleep(0.001)
         with pytest.raises(ValueError, match="already in use"):
             await engine.generate([3, 4, 5], request_id="same")
         result = await engine.abort(["same", "unknown"])
