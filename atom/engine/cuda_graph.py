@@ -409,11 +409,12 @@ class DecodeRunner:
         ones run eagerly; either way their kernel variants compile now rather than inside a rollout.
         sizes: default every ladder size up to graph_max. Returns the sizes run. Call only with no
         step in flight (it writes the static buffers)."""
-        if sizes is None:
-            sizes = [s for s in self.ladder if s <= self.graph_max]
-        for bs in sorted(set(sizes), reverse=True):
-            if bs < 1 or bs > self.capacity:
-                raise ValueError(f"warm_up: batch size {bs} is outside 1..max_num_seqs={self.capacity}")
+        order = sorted(set(sizes if sizes is not None else (s for s in self.ladder if s <= self.graph_max)),
+                       reverse=True)
+        bad = [bs for bs in order if not 1 <= bs <= self.capacity]
+        if bad:
+            raise ValueError(f"warm_up: batch sizes {bad} are outside 1..max_num_seqs={self.capacity}")
+        for bs in order:
             *_, host, total, _ = self._get_views(bs, 0)
             for name, value in (("ids", 0), ("src", 0), ("pos", 0), ("slots", -1), ("seq_lens", 0),
                                 ("row_prefix", 0), ("plen", 0), ("grows", -1), ("bt", 0),
@@ -424,7 +425,7 @@ class DecodeRunner:
             self._run(bs)
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
-        return sorted(set(sizes), reverse=True)
+        return order
 
     def launch(self, batch: ScheduledBatch, prev: "InFlight | None" = None, window_table=None) -> "InFlight":
         """Queue the step on the device without waiting for it. With `prev` (the step still in

@@ -160,22 +160,6 @@ def _moe_small_down_kernel(act_ptr, w_ptr, tw_ptr, tid_ptr, out_ptr, b_ptr, E, s
     tl.store(out_ptr + t * so + rn, tl.sum(y, 0).to(out_ptr.dtype.element_ty), mask=nm)
 
 
-_SMEM_PER_BLOCK: dict[int, int] = {}
-
-
-def _stages(cfg: dict, tile_bytes: int, device: torch.device) -> int:
-    """cfg's num_stages, fewer where the weight tiles in flight would not fit shared memory: the
-    tables are tuned on bf16, and fp32 doubles a tile (H200, up 128x128 at 3 stages: 272 KiB of
-    227). Triton keeps about (stages - 1) tiles in flight plus scratch."""
-    if device.type != "cuda":
-        return cfg["num_stages"]
-    idx = device.index if device.index is not None else torch.cuda.current_device()
-    if idx not in _SMEM_PER_BLOCK:  # the limit triton's launch checks (OutOfResources), ROCm's LDS too
-        _SMEM_PER_BLOCK[idx] = triton.runtime.driver.active.utils.get_device_properties(idx)["max_shared_mem"]
-    room = _SMEM_PER_BLOCK[idx] - (16 << 10)
-    return max(1, min(cfg["num_stages"], 1 + room // max(1, tile_bytes)))
-
-
 def _tiles(cfg: dict, n: int, k: int, min_n: int) -> tuple[int, int]:
     bn = min(cfg["BLOCK_N"], max(min_n, triton.next_power_of_2(n)))
     bk = min(cfg["BLOCK_K"], max(16, triton.next_power_of_2(k)))
@@ -196,8 +180,7 @@ def small_up(x, router_logits, w13, act, tw, tid, top_k: int, renormalize: bool,
         TOPK=top_k, RENORM=renormalize, BLOCK_E=triton.next_power_of_2(num_e),
         BLOCK_TK=triton.next_power_of_2(top_k), BLOCK_N=bn, BLOCK_K=bk, EVEN_N=inter % bn == 0,
         EVEN_K=h % bk == 0, PREC="ieee" if x.dtype == torch.float32 else "tf32", ROUTED=routed,
-        HAS_BIAS=ep.b13 is not None, ACT=ep.act, num_warps=cfg["num_warps"],
-        num_stages=_stages(cfg, 2 * bn * bk * w13.element_size(), w13.device))
+        HAS_BIAS=ep.b13 is not None, ACT=ep.act, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
 
 
 def small_down(act, w2, tw, tid, out, top_k: int, cfg: dict, ep: Epilogue = SILU) -> None:
@@ -210,7 +193,7 @@ def small_down(act, w2, tw, tid, out, top_k: int, cfg: dict, ep: Epilogue = SILU
         w2.stride(1), out.stride(0), 0 if ep.b2 is None else ep.b2.stride(0),
         N=h, K=inter, TOPK=top_k, BLOCK_TK=triton.next_power_of_2(top_k), BLOCK_N=bn, BLOCK_K=bk,
         EVEN_N=h % bn == 0, EVEN_K=inter % bk == 0, HAS_BIAS=ep.b2 is not None, num_warps=cfg["num_warps"],
-        num_stages=_stages(cfg, triton.next_power_of_2(top_k) * bn * bk * w2.element_size(), w2.device))
+        num_stages=cfg["num_stages"])
 
 
 def moe_small(x: torch.Tensor, router_logits: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, top_k: int,
