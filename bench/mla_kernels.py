@@ -71,12 +71,6 @@ CASES = {  # name: (bsz, prompt, gen, n, max_n, heads)
 # that none can ask for more shared memory than an H200 block has (prefix (256, 64, 8, 2) asked
 # for 280 KiB in bf16 at 16 heads: the sweep always skipped it, so it is not listed).
 TUNE_SPACE = (
-    # The own part with the heads in N (own_trans: both products' M is 64+ wide, Hopper's
-    # warpgroup MMA, instead of the 16 heads' mma.sync; its first product's M is block_n). First:
-    # new in session 10, and the later groups' values were already the defaults' in session 9.
-    (("own_trans", "block_n", "warps", "stages"),
-     [(False, 32, 4, 2), (True, 64, 4, 2), (True, 64, 4, 3), (True, 64, 8, 2), (True, 128, 8, 1),
-      (True, 32, 4, 2)]),
     # The whole latent per prefix program with one load of each tile for scores and values
     # (64 rows x 512 fp32 over two warpgroups; sm_90: 255 registers, no spills, 144 KiB) against
     # the 256-column value chunks that compute the scores twice.

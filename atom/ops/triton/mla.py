@@ -9,9 +9,7 @@ the caller applies W_uv).
 
 The programs follow the paged decode of atom/ops/triton/attention.py:
 * own part: one program per (sequence, block of BLOCK_H = 16 heads, split), the heads in the M
-  dimension of the tiles and the whole latent width in the accumulator ([16, L] fp32); with
-  MLA_CFG["own_trans"] the heads are in N instead (scores [tokens, 16], accumulator [L, 16]), so
-  that both products have an M of 64 or more, which sm_90 runs as warpgroup MMA (wgmma);
+  dimension of the tiles and the whole latent width in the accumulator ([16, L] fp32);
 * shared prefix (`meta.cascade`, the n samples of a prompt): one program per (group, split,
   head block x value chunk) stacks the query heads of every member (up to the runner's MAX_N) in
   M, so the prompt's latents are read once per group. A [64, 512] fp32 accumulator would not fit
@@ -44,13 +42,13 @@ B = "triton"
 # took the Moonlight bs512 decode from 377 to 283 us. Session 9's: the own part's one load per
 # tile, 274 -> 248 us at bs512 and 356 -> 329 us at 128 heads (session 8's sweep: 378 -> 351).
 # (Own-part programs holding a chunk of the latent columns, sessions 8-9, lost at every chunk
-# size: 352 us at 256 columns, 527 at 128; removed.) own_trans: the own part with the heads in N
-# (_mla_tile_t; session 10, not yet measured on a GPU: off until the tuner says).
-# block_n is the own part's tile in cache tokens (own_trans wants >= 64: its first product's M).
+# size: 352 us at 256 columns, 527 at 128; removed. The own part with the heads in N, so that
+# sm_90 runs wgmma m64n16k16 instead of mma.sync, session 10: 296-301 us against 250 at bs512
+# on the H200 in session 11, and an illegal address at 20 heads; removed.)
 MLA_CFG = {"split": 256, "small_split": 64, "small_batch_pairs": 64, "block_n": 32, "warps": 4, "stages": 2,
            "prefix_split": 1024, "small_prefix_split": 256, "small_prefix_pairs": 64, "prefix_block_n": 32,
            "prefix_dv": 512, "prefix_heads": 16, "prefix_warps": 8, "prefix_stages": 2,
-           "whole_own_pairs": 256, "reuse_kv": True, "prefix_reuse_kv": True, "own_trans": False}
+           "whole_own_pairs": 256, "reuse_kv": True, "prefix_reuse_kv": True}
 BLOCK_H = 16  # query heads of one sequence per own-part program
 
 
@@ -69,16 +67,6 @@ def _widen(dtype: torch.dtype) -> int:
 # ---- one online-softmax step over a tile of latent rows --------------------------------------
 
 @triton.jit
-def _tile_rows(bt_row, n0, hi, scb, sct, BLOCK_N: tl.constexpr, PAGE: tl.constexpr):
-    """Cache offsets of the rows of tokens [n0, n0 + BLOCK_N) of one block-table row, and
-    which of them are below hi."""
-    offs = n0 + tl.arange(0, BLOCK_N)
-    nm = offs < hi
-    blk = tl.load(bt_row + offs // PAGE, mask=nm, other=0).to(tl.int64)
-    return blk * scb + (offs % PAGE).to(tl.int64) * sct, nm
-
-
-@triton.jit
 def _mla_tile(q_lat, q_pe, c_ptr, bt_row, n0, hi, scb, sct, scale_log2, m_i, l_i, acc, v0,
               L: tl.constexpr, R: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_R: tl.constexpr,
               BLOCK_DV: tl.constexpr, BLOCK_N: tl.constexpr, PAGE: tl.constexpr, PREC: tl.constexpr,
@@ -88,7 +76,10 @@ def _mla_tile(q_lat, q_pe, c_ptr, bt_row, n0, hi, scb, sct, scale_log2, m_i, l_i
     REUSE_KV (acc holds every latent column: v0 = 0, BLOCK_DV = BLOCK_L): the latent rows are
     loaded once, as [BLOCK_N, BLOCK_L], for both the scores (transposed) and the values, instead
     of a transposed load for the scores and a second load of the same bytes for the values."""
-    row, nm = _tile_rows(bt_row, n0, hi, scb, sct, BLOCK_N, PAGE)
+    offs = n0 + tl.arange(0, BLOCK_N)
+    nm = offs < hi
+    blk = tl.load(bt_row + offs // PAGE, mask=nm, other=0).to(tl.int64)
+    row = blk * scb + (offs % PAGE).to(tl.int64) * sct
     lat = tl.arange(0, BLOCK_L)
     rp = tl.arange(0, BLOCK_R)
     if REUSE_KV:
@@ -113,31 +104,6 @@ def _mla_tile(q_lat, q_pe, c_ptr, bt_row, n0, hi, scb, sct, scale_log2, m_i, l_i
     return m_new, l_i, acc
 
 
-@triton.jit
-def _mla_tile_t(q_lat_t, q_pe_t, c_ptr, bt_row, n0, hi, scb, sct, scale_log2, m_i, l_i, acc_t,
-                L: tl.constexpr, R: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_R: tl.constexpr,
-                BLOCK_N: tl.constexpr, PAGE: tl.constexpr, PREC: tl.constexpr):
-    """_mla_tile with the heads in N (q_lat_t [BLOCK_L, M], acc_t [BLOCK_L, M]): scores^T =
-    kv . q^T [BLOCK_N, M], then out^T += kv^T . p^T. Both products get a wide M (the tile's cache
-    tokens, then the latent columns) where the heads-in-M form has the 16 heads of a block: an
-    M of 16 compiles to mma.sync, while Hopper's warpgroup MMA wants M = 64 per warpgroup. The
-    latent rows are loaded once for both products."""
-    row, nm = _tile_rows(bt_row, n0, hi, scb, sct, BLOCK_N, PAGE)
-    lat = tl.arange(0, BLOCK_L)
-    rp = tl.arange(0, BLOCK_R)
-    kv = tl.load(c_ptr + row[:, None] + lat[None, :], mask=nm[:, None] & (lat < L)[None, :], other=0.0)
-    kpe = tl.load(c_ptr + row[:, None] + L + rp[None, :], mask=nm[:, None] & (rp < R)[None, :], other=0.0)
-    st = tl.dot(kv, q_lat_t, input_precision=PREC)
-    st = tl.dot(kpe, q_pe_t, acc=st, input_precision=PREC)
-    st = tl.where(nm[:, None], st * scale_log2, float("-inf"))
-    m_new = tl.maximum(m_i, tl.max(st, 0))
-    alpha = tl.exp2(m_i - m_new)
-    p = tl.exp2(st - m_new[None, :])
-    l_i = l_i * alpha + tl.sum(p, 0)
-    acc_t = acc_t * alpha[None, :] + tl.dot(tl.trans(kv), p.to(kv.dtype), input_precision=PREC)
-    return m_new, l_i, acc_t
-
-
 # ---- own part ---------------------------------------------------------------------------------
 
 @triton.jit
@@ -146,10 +112,9 @@ def _mla_own_kernel(ql_ptr, qp_ptr, c_ptr, bt_ptr, sl_ptr, start_ptr, po_ptr, pl
                     H: tl.constexpr, BH: tl.constexpr, L: tl.constexpr, R: tl.constexpr, BLOCK_L: tl.constexpr,
                     BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr, PAGE: tl.constexpr, SPLIT: tl.constexpr,
                     HAS_START: tl.constexpr, PREC: tl.constexpr, WHOLE: tl.constexpr, SPLIT_P: tl.constexpr,
-                    REUSE_KV: tl.constexpr, TRANS: tl.constexpr):
+                    REUSE_KV: tl.constexpr):
     """One (sequence, head block, split) of the sequence's own tokens. WHOLE: the split is the
-    whole own part, the prefix partials are folded in here and the output stored. TRANS: the
-    tiles with the heads in N (_mla_tile_t), the accumulator transposed back after the loop."""
+    whole own part, the prefix partials are folded in here and the output stored."""
     b = tl.program_id(0)
     heads = tl.program_id(1) * BH + tl.arange(0, BH)
     s = tl.program_id(2)
@@ -168,28 +133,17 @@ def _mla_own_kernel(ql_ptr, qp_ptr, c_ptr, bt_ptr, sl_ptr, start_ptr, po_ptr, pl
     b64 = b.to(tl.int64)
     if lo < hi:
         rp = tl.arange(0, BLOCK_R)
+        q_lat = tl.load(ql_ptr + b64 * sql0 + heads[:, None] * sql1 + lat[None, :], mask=hm[:, None] & lm[None, :],
+                        other=0.0)
+        q_pe = tl.load(qp_ptr + b64 * sqp0 + heads[:, None] * sqp1 + rp[None, :],
+                       mask=hm[:, None] & (rp < R)[None, :], other=0.0)
         m_i = tl.full([BH], float("-inf"), tl.float32)
         l_i = tl.zeros([BH], tl.float32)
+        acc = tl.zeros([BH, BLOCK_L], tl.float32)
         bt_row = bt_ptr + b64 * sbt
-        if TRANS:
-            q_lat_t = tl.load(ql_ptr + b64 * sql0 + heads[None, :] * sql1 + lat[:, None],
-                              mask=hm[None, :] & lm[:, None], other=0.0)
-            q_pe_t = tl.load(qp_ptr + b64 * sqp0 + heads[None, :] * sqp1 + rp[:, None],
-                             mask=hm[None, :] & (rp < R)[:, None], other=0.0)
-            acc_t = tl.zeros([BLOCK_L, BH], tl.float32)
-            for n0 in range(lo, hi, BLOCK_N):
-                m_i, l_i, acc_t = _mla_tile_t(q_lat_t, q_pe_t, c_ptr, bt_row, n0, hi, scb, sct, scale_log2, m_i,
-                                              l_i, acc_t, L, R, BLOCK_L, BLOCK_R, BLOCK_N, PAGE, PREC)
-            acc = tl.trans(acc_t)
-        else:
-            q_lat = tl.load(ql_ptr + b64 * sql0 + heads[:, None] * sql1 + lat[None, :],
-                            mask=hm[:, None] & lm[None, :], other=0.0)
-            q_pe = tl.load(qp_ptr + b64 * sqp0 + heads[:, None] * sqp1 + rp[None, :],
-                           mask=hm[:, None] & (rp < R)[None, :], other=0.0)
-            acc = tl.zeros([BH, BLOCK_L], tl.float32)
-            for n0 in range(lo, hi, BLOCK_N):
-                m_i, l_i, acc = _mla_tile(q_lat, q_pe, c_ptr, bt_row, n0, hi, scb, sct, scale_log2, m_i, l_i, acc,
-                                          0, L, R, BLOCK_L, BLOCK_R, BLOCK_L, BLOCK_N, PAGE, PREC, REUSE_KV)
+        for n0 in range(lo, hi, BLOCK_N):
+            m_i, l_i, acc = _mla_tile(q_lat, q_pe, c_ptr, bt_row, n0, hi, scb, sct, scale_log2, m_i, l_i, acc, 0,
+                                      L, R, BLOCK_L, BLOCK_R, BLOCK_L, BLOCK_N, PAGE, PREC, REUSE_KV)
         if WHOLE:
             # out = sum_j o_j 2^lse_j / sum_j 2^lse_j over the prefix partials and the own part.
             mx = m_i
@@ -369,8 +323,7 @@ def mla_decode(q_latent: torch.Tensor, q_pe: torch.Tensor, kv_cache: torch.Tenso
         q_latent, q_pe, kv_cache, meta.block_tables, meta.seq_lens, start, po, pl, out, *common,
         out.stride(0), out.stride(1), n_prefix, scale_log2, H=heads, BH=BLOCK_H,
         BLOCK_N=max(16, cfg["block_n"] // wide), SPLIT=split, HAS_START=casc is not None, WHOLE=whole,
-        SPLIT_P=split_p, REUSE_KV=cfg["reuse_kv"], TRANS=cfg["own_trans"], num_warps=cfg["warps"],
-        num_stages=cfg["stages"], **dims)
+        SPLIT_P=split_p, REUSE_KV=cfg["reuse_kv"], num_warps=cfg["warps"], num_stages=cfg["stages"], **dims)
     if not whole:
         _mla_merge_kernel[(bsz, heads)](
             po, pl, meta.seq_lens, start, out, po.stride(0), po.stride(1), po.stride(2), pl.stride(0), pl.stride(1),
