@@ -10,6 +10,7 @@ import torch
 from atom import RolloutEngine
 from atom import SamplingParams as AtomParams
 from atom.compat.vllm import LLM, SamplingParams, TokensPrompt
+from atom.compat.vllm.sampling_params import StructuredOutputsParams
 from helpers import hf_logits
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -132,8 +133,23 @@ def test_unsupported_options_fail_clearly(tiny_chat_model_path, llm):
     # ...the rest is refused by name unless left at vLLM's default.
     with pytest.raises(ValueError, match="best_of=3 not supported"):
         SamplingParams(n=1, best_of=3)
-    with pytest.raises(ValueError, match="extra_args"):
-        SamplingParams(extra_args={"x": 1})
+    with pytest.raises(ValueError, match="logits_processors"):
+        SamplingParams(logits_processors=[lambda ids, logits: logits])
+    with pytest.raises(ValueError, match="structured_outputs"):
+        SamplingParams(structured_outputs=StructuredOutputsParams(regex="a+"))
+    # extra_args only travels with the request (vLLM reads it in plugins only): carried, not refused.
+    carried = SamplingParams(temperature=0.0, max_tokens=3, extra_args={"trainer_step": 7})
+    plain = SamplingParams(temperature=0.0, max_tokens=3)
+    assert carried.extra_args == {"trainer_step": 7} and carried.clone().extra_args == {"trainer_step": 7}
+    assert (llm.generate("Hi", carried, use_tqdm=False)[0].outputs[0].token_ids
+            == llm.generate("Hi", plain, use_tqdm=False)[0].outputs[0].token_ids)
+    # from_optional: None means the field's default (vLLM's OpenAI server builds them so).
+    opt = SamplingParams.from_optional(n=None, temperature=0.5, top_p=None, seed=3, logit_bias={"5": 250})
+    assert (opt.n, opt.temperature, opt.top_p, opt.max_tokens, opt.seed) == (1, 0.5, 1.0, 16, 3)
+    assert opt.logit_bias == {5: 100.0}
+    assert SamplingParams.from_optional(max_tokens=None).max_tokens is None  # None: up to max_model_len
+    with pytest.raises(ValueError, match="top_p"):
+        SamplingParams.from_optional(top_p=2.0)
     SamplingParams(repetition_penalty=1.0, presence_penalty=0.0, best_of=1)  # neutral values pass
     with pytest.raises(ValueError, match="top_p"):
         SamplingParams(top_p=0.0)

@@ -3,7 +3,8 @@
 Every field vLLM's `SamplingParams` takes is accepted under its vLLM name. Fields that atom's
 own `atom.SamplingParams` has are passed through (so they gain support here as soon as atom's
 sampler does); the few that only shape the output (`detokenize`,
-`include_stop_str_in_output`, `output_kind`) are handled by this layer; any other field set to
+`include_stop_str_in_output`, `output_kind`) are handled by this layer; `extra_args` is carried
+and not read, as vLLM does without a custom logits processor installed; any other field set to
 something but its neutral value raises a ValueError naming it, instead of being ignored.
 """
 from __future__ import annotations
@@ -18,6 +19,8 @@ from atom.sampling_params import SamplingParams as AtomSamplingParams
 _ATOM_FIELDS = frozenset(f.name for f in dataclasses.fields(AtomSamplingParams))
 # Fields this layer applies to the outputs itself.
 _OUTPUT_FIELDS = frozenset({"detokenize", "include_stop_str_in_output", "output_kind"})
+# Fields vLLM itself only carries (read by plugins atom does not have).
+_CARRIED_FIELDS = frozenset({"extra_args"})
 
 
 class RequestOutputKind(enum.IntEnum):
@@ -85,6 +88,17 @@ class SamplingParams:
     def clone(self) -> "SamplingParams":
         return dataclasses.replace(self)
 
+    @classmethod
+    def from_optional(cls, **kwargs: Any) -> "SamplingParams":
+        """vLLM's constructor for callers that pass None for "the default" (the OpenAI server's
+        request mapping): a None argument takes the field's default, except max_tokens, where
+        None keeps its meaning (up to max_model_len); logit_bias keys become ints and its biases
+        are clipped to [-100, 100], as vLLM does there."""
+        values = {k: v for k, v in kwargs.items() if v is not None or k == "max_tokens"}
+        if values.get("logit_bias") is not None:
+            values["logit_bias"] = {int(t): min(100.0, max(-100.0, float(b))) for t, b in values["logit_bias"].items()}
+        return cls(**values)
+
     def to_atom(self, logprobs_mode: str = "raw", max_tokens: int | None = None) -> AtomSamplingParams:
         """atom's SamplingParams for this request.
 
@@ -95,7 +109,7 @@ class SamplingParams:
         unsupported: list[str] = []
         for f in dataclasses.fields(self):
             value = getattr(self, f.name)
-            if f.name in _OUTPUT_FIELDS:
+            if f.name in _OUTPUT_FIELDS or f.name in _CARRIED_FIELDS:
                 continue
             if f.name in _ATOM_FIELDS:
                 values[f.name] = value
