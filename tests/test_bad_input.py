@@ -6,6 +6,7 @@ import os
 import shutil
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
@@ -77,10 +78,31 @@ def test_bad_generate_input_is_rejected_and_engine_survives(engine, prompts, par
     ([[3, 4]], "greedy", "sampling_params must be a SamplingParams, a list of them .* got str"),
     ([[3, 4]], [None], r"sampling_params\[0\] must be a SamplingParams, got NoneType"),
     ([[3, "4"]], None, "prompt 0: .*a token-id list holds ints only; found str '4'"),
+    (torch.tensor([[3, 4], [5, 6]]), None, "prompts as a 2-D Tensor: pass a list of prompts"),
+    (np.array([3, 4]), None, "prompts as a 1-D ndarray: pass a list of prompts"),
+    ([torch.tensor([3.0, 4.0])], None, "prompt 0: expected a string, a list of token ids"),
+    ([np.array([True, False])], None, "prompt 0: expected a string, a list of token ids"),
+    ([[np.int64(3), True]], None, "prompt 0: .*found bool True"),
 ])
 def test_wrong_types_are_type_errors_and_engine_survives(engine, prompts, params, match):
     with pytest.raises(TypeError, match=match):
         engine.generate(prompts, params)
+    assert_still_serves(engine)
+
+
+def test_token_ids_as_arrays_and_numpy_ints_equal_lists(engine):
+    """What trainers hold (a row of a tensor, numpy ids) generates exactly what the list does."""
+    ids = [3, 17, 42, 9]
+    sp = SamplingParams(n=2, temperature=1.0, max_tokens=5, seed=11, logprobs=1)
+    want = engine.generate([ids], sp)[0]
+    for prompt in (torch.tensor(ids), torch.tensor(ids, dtype=torch.int32), np.array(ids),
+                   np.array(ids, dtype=np.uint16), [np.int64(t) for t in ids], tuple(np.array(ids))):
+        got = engine.generate([prompt], sp)[0]
+        assert got.prompt_token_ids == ids and all(type(t) is int for t in got.prompt_token_ids)
+        assert [c.token_ids for c in got.outputs] == [c.token_ids for c in want.outputs]
+        assert [c.logprobs for c in got.outputs] == [c.logprobs for c in want.outputs]
+    with pytest.raises(ValueError, match="token id 256 is outside the vocabulary"):
+        engine.generate([np.array([3, TINY_VOCAB])])
     assert_still_serves(engine)
 
 

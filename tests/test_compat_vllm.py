@@ -4,6 +4,7 @@ from __future__ import annotations
 import importlib.util
 import os
 
+import numpy as np
 import pytest
 import torch
 
@@ -143,6 +144,13 @@ def test_unsupported_options_fail_clearly(tiny_chat_model_path, llm):
     assert carried.extra_args == {"trainer_step": 7} and carried.clone().extra_args == {"trainer_step": 7}
     assert (llm.generate("Hi", carried, use_tqdm=False)[0].outputs[0].token_ids
             == llm.generate("Hi", plain, use_tqdm=False)[0].outputs[0].token_ids)
+    # Token ids as trainers hold them (a tensor row, numpy ids) in a TokensPrompt: as the list.
+    greedy = SamplingParams(temperature=0.0, max_tokens=3)
+    ids = [1, 504, 3575, 282]
+    want = llm.generate(TokensPrompt(prompt_token_ids=ids), greedy, use_tqdm=False)[0]
+    for arr in (torch.tensor(ids), np.array(ids)):
+        got = llm.generate(TokensPrompt(prompt_token_ids=arr), greedy, use_tqdm=False)[0]
+        assert got.prompt_token_ids == ids and got.outputs[0].token_ids == want.outputs[0].token_ids
     # from_optional: None means the field's default (vLLM's OpenAI server builds them so).
     opt = SamplingParams.from_optional(n=None, temperature=0.5, top_p=None, seed=3, logit_bias={"5": 250})
     assert (opt.n, opt.temperature, opt.top_p, opt.max_tokens, opt.seed) == (1, 0.5, 1.0, 16, 3)

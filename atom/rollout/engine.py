@@ -17,7 +17,7 @@ from atom.engine.probe import EngineProbe
 from atom.engine.routing import routed_experts
 from atom.engine.sequence import Request, Sequence
 from atom.outputs import Completion, EngineStats, RolloutOutput
-from atom.rollout.inputs import normalize_prompts, prompt_type_error, sampling_params_list
+from atom.rollout.inputs import array_token_ids, normalize_prompts, prompt_type_error, sampling_params_list
 from atom.rollout.rl import RLMixin
 from atom.rollout.transfer import TransferMixin
 from atom.rollout.text import bad_words_token_ids, completion_text
@@ -345,6 +345,9 @@ class RolloutEngine(RLMixin, TransferMixin):
                     raise ValueError(f"{label}: each chat message needs string 'role' and 'content'")
             text = self.tokenizer.apply_chat_template(list(prompt), tokenize=False, add_generation_prompt=True)
             return list(self.tokenizer(text, add_special_tokens=False).input_ids)
+        converted = array_token_ids(prompt)
+        if converted is not None:
+            prompt = converted
         if isinstance(prompt, (list, tuple)) and _all_ints(prompt):
             vocab = self.vocab_size
             if prompt and (min(prompt) < 0 or max(prompt) >= vocab):  # C-speed scans: prompts are long

@@ -1,11 +1,15 @@
 """The shape of what `RolloutEngine.generate` is given, checked before anything else looks at it.
 
 Wrong types raise TypeError naming what was expected (as vLLM does); wrong values are left to
-the per-prompt checks (ValueError naming the prompt).
+the per-prompt checks (ValueError naming the prompt). A token-id prompt may also be a 1-D integer
+numpy array or torch tensor, or a list of numpy integers: trainers hold their ids so.
 """
 from __future__ import annotations
 
 from typing import Any
+
+import numpy as np
+import torch
 
 from atom.sampling_params import SamplingParams
 
@@ -20,10 +24,29 @@ def normalize_prompts(prompts: Any) -> list:
     """One prompt or a list of prompts -> a list of prompts (each checked later, one by one)."""
     if isinstance(prompts, str) or _is_chat(prompts):
         return [prompts]
+    if isinstance(prompts, (np.ndarray, torch.Tensor)):  # as a flat list of ids is: no guessing
+        raise TypeError(f"generate: prompts as a {prompts.ndim}-D {type(prompts).__name__}: pass a list of "
+                        "prompts, each a 1-D token-id array or list ([ids] for one; a padded 2-D batch "
+                        "would generate from its padding)")
     if isinstance(prompts, (bytes, bytearray, dict)) or not _iterable(prompts):
         raise TypeError(f"generate: prompts must be a prompt ({_PROMPT_KINDS}) or a list of prompts, "
                         f"got {type(prompts).__name__}")
     return list(prompts)
+
+
+def array_token_ids(prompt: Any) -> list[int] | None:
+    """A 1-D integer numpy array or torch tensor, or a list whose ids are numpy integers (what
+    `list(array)` gives), as a list of Python ints; None for anything else (bools are not ids)."""
+    if isinstance(prompt, torch.Tensor):
+        ok = prompt.ndim == 1 and not prompt.dtype.is_floating_point and not prompt.dtype.is_complex \
+            and prompt.dtype != torch.bool
+        return prompt.tolist() if ok else None
+    if isinstance(prompt, np.ndarray):
+        return prompt.tolist() if prompt.ndim == 1 and prompt.dtype.kind in "iu" else None
+    if isinstance(prompt, (list, tuple)) and prompt and any(isinstance(t, np.integer) for t in prompt):
+        if all(isinstance(t, (int, np.integer)) and not isinstance(t, bool) for t in prompt):
+            return [int(t) for t in prompt]
+    return None
 
 
 def _iterable(value: Any) -> bool:
@@ -43,7 +66,7 @@ def prompt_type_error(label: str, prompt: Any) -> TypeError:
         odd = next(m for m in prompt if not isinstance(m, dict))
         hint = f" (a chat conversation holds message dicts only; found {type(odd).__name__})"
     elif isinstance(prompt, (list, tuple)):
-        odd = next(t for t in prompt if not (isinstance(t, int) and not isinstance(t, bool)))
+        odd = next(t for t in prompt if not (isinstance(t, (int, np.integer)) and not isinstance(t, bool)))
         hint = f" (a token-id list holds ints only; found {type(odd).__name__} {odd!r:.40})"
     return TypeError(f"{label}: expected {_PROMPT_KINDS}, got {type(prompt).__name__}{hint}")
 

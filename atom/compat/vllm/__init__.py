@@ -23,7 +23,7 @@ from atom.rollout.async_engine import EngineDeadError
 
 
 def TokensPrompt(prompt_token_ids: list[int], **kwargs) -> dict:  # noqa: N802 - vLLM's name (a TypedDict there)
-    return {"prompt_token_ids": list(prompt_token_ids), **kwargs}
+    return {"prompt_token_ids": prompt_token_ids, **kwargs}  # as given (a TypedDict); generate converts
 
 
 def TextPrompt(prompt: str, **kwargs) -> dict:  # noqa: N802

@@ -11,6 +11,7 @@ from typing import Any
 from atom.compat.vllm.outputs import RequestOutput, request_output
 from atom.compat.vllm.sampling_params import SamplingParams
 from atom.outputs import RolloutOutput
+from atom.rollout.inputs import array_token_ids
 from atom.sampling_params import SamplingParams as AtomSamplingParams
 
 log = logging.getLogger(__name__)
@@ -41,7 +42,9 @@ def parse_prompt(p: Any, who: str = "generate") -> tuple[str | None, Any]:
             raise ValueError(f"{who}: prompt keys {extra} are not supported by atom (multi-modal data, "
                              "embeddings)")
         if "prompt_token_ids" in p:
-            return p.get("prompt"), list(p["prompt_token_ids"])
+            ids = p["prompt_token_ids"]
+            as_ints = array_token_ids(ids)  # a tensor / numpy row: list() would give 0-d elements
+            return p.get("prompt"), as_ints if as_ints is not None else list(ids)
         if "prompt" in p:
             return p["prompt"], None
         raise ValueError(f"{who}: a prompt dict needs 'prompt' or 'prompt_token_ids'")
