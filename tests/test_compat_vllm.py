@@ -171,6 +171,9 @@ def test_unsupported_options_fail_clearly(tiny_chat_model_path, llm):
         llm.generate([{"prompt_token_ids": [1, 2], "multi_modal_data": {}}])
     with pytest.raises(ValueError, match="LoRA"):
         llm.generate("x", lora_request=object())
+    with pytest.raises(ValueError, match="priority=\\[0, 2\\]"):
+        llm.generate(["x", "y"], priority=[0, 2])
+    assert len(llm.generate(["x", "y"], SamplingParams(max_tokens=1), priority=[0, 0], use_tqdm=False)) == 2
 
 
 def test_trls_engine_arguments_are_accepted(tiny_chat_model_path):

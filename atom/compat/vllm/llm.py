@@ -74,6 +74,11 @@ class LLM:
         unknown = sorted(k for k, v in kwargs.items() if v is not None and k not in ("priority", "tokenization_kwargs"))
         if unknown:
             raise TypeError(f"generate: unsupported argument(s) {unknown}")
+        priority = kwargs.get("priority")
+        if priority is not None and any(p != 0 for p in (priority if isinstance(priority, (list, tuple)) else [priority])):
+            # (vLLM too refuses a priority unless its scheduler runs the priority policy)
+            raise ValueError(f"generate: priority={priority!r}: atom schedules first come, first served "
+                             "(leave priority at 0)")
         items = [parse_prompt(p) for p in as_list(prompts)]
         return self._run(items, sampling_params, bool(use_tqdm))
 
