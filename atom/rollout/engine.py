@@ -17,6 +17,7 @@ from atom.engine.probe import EngineProbe
 from atom.engine.routing import routed_experts
 from atom.engine.sequence import Request, Sequence
 from atom.outputs import Completion, EngineStats, RolloutOutput
+from atom.rollout.chat import chat_token_ids
 from atom.rollout.inputs import array_token_ids, normalize_prompts, prompt_type_error, sampling_params_list
 from atom.rollout.rl import RLMixin
 from atom.rollout.transfer import TransferMixin
@@ -338,13 +339,7 @@ class RolloutEngine(RLMixin, TransferMixin):
                 raise ValueError(f"{label}: text prompts need a tokenizer; pass token ids instead")
             return list(self.tokenizer(prompt).input_ids)
         if isinstance(prompt, (list, tuple)) and prompt and all(isinstance(m, dict) for m in prompt):
-            if self.tokenizer is None:
-                raise ValueError(f"{label}: chat prompts need a tokenizer with a chat template")
-            for m in prompt:
-                if not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
-                    raise ValueError(f"{label}: each chat message needs string 'role' and 'content'")
-            text = self.tokenizer.apply_chat_template(list(prompt), tokenize=False, add_generation_prompt=True)
-            return list(self.tokenizer(text, add_special_tokens=False).input_ids)
+            return chat_token_ids(self.tokenizer, list(prompt), label)
         converted = array_token_ids(prompt)
         if converted is not None:
             prompt = converted

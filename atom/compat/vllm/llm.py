@@ -10,6 +10,7 @@ from atom.compat.vllm.engine_args import engine_config
 from atom.compat.vllm.outputs import RequestOutput
 from atom.compat.vllm.sampling_params import SamplingParams
 from atom.compat.vllm.worker import call_worker, make_worker
+from atom.rollout.chat import ChatOptions, chat_token_ids
 from atom.rollout.engine import RolloutEngine
 
 
@@ -83,19 +84,33 @@ class LLM:
         return self._run(items, sampling_params, bool(use_tqdm))
 
     def chat(self, messages: Any, sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
-             use_tqdm: bool | Callable = True, add_generation_prompt: bool = True, **kwargs: Any) -> list[RequestOutput]:
+             use_tqdm: bool | Callable = True, lora_request: Any = None, chat_template: str | None = None,
+             chat_template_content_format: str = "auto", add_generation_prompt: bool = True,
+             continue_final_message: bool = False, tools: list[dict[str, Any]] | None = None,
+             chat_template_kwargs: dict[str, Any] | None = None, mm_processor_kwargs: Any = None,
+             **kwargs: Any) -> list[RequestOutput]:
         """Completions for one conversation ([{"role", "content"}, ...]) or a list of them,
-        rendered with the tokenizer's chat template."""
-        if not add_generation_prompt:
-            raise ValueError("chat: add_generation_prompt=False is not supported by atom")
-        if kwargs.get("chat_template") is not None:
-            raise ValueError("chat: a custom chat_template is not supported by atom (the tokenizer's is used)")
+        rendered as vLLM renders them (atom/rollout/chat.py): the tokenizer's chat template or
+        `chat_template`, with `tools`, `chat_template_kwargs` (e.g. {"enable_thinking": False}),
+        and the generation prompt or the final message continued."""
+        if lora_request is not None:
+            raise ValueError("chat: LoRA adapters are not supported by atom")
+        if mm_processor_kwargs is not None:
+            raise ValueError("chat: mm_processor_kwargs: multi-modal input is not supported by atom")
+        if chat_template_content_format not in ("auto", "string"):
+            raise ValueError(f"chat: chat_template_content_format={chat_template_content_format!r} is not supported "
+                             "by atom ('auto' or 'string': text parts are joined into one string)")
+        unknown = sorted(k for k, v in kwargs.items() if v is not None)
+        if unknown:
+            raise TypeError(f"chat: unsupported argument(s) {unknown}")
+        options = ChatOptions(chat_template, add_generation_prompt, continue_final_message, tools,
+                              dict(chat_template_kwargs or {}))
         conversations = [messages] if messages and isinstance(messages[0], dict) else list(messages)
         tok = self.engine.tokenizer
         items = []
-        for conv in conversations:
-            ids = self.engine.tokenize(conv)
-            items.append((tok.decode(ids) if tok is not None else None, ids))
+        for i, conv in enumerate(conversations):
+            ids = chat_token_ids(tok, list(conv), f"conversation {i}", options)
+            items.append((tok.decode(ids), ids))
         return self._run(items, sampling_params, bool(use_tqdm))
 
     def _run(self, items: list[tuple[str | None, Any]], sampling_params, use_tqdm: bool) -> list[RequestOutput]:
