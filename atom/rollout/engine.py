@@ -17,7 +17,7 @@ from atom.engine.probe import EngineProbe
 from atom.engine.routing import routed_experts
 from atom.engine.sequence import Request, Sequence
 from atom.outputs import Completion, EngineStats, RolloutOutput
-from atom.rollout.chat import chat_token_ids
+from atom.chat import ChatOptions, chat_token_ids
 from atom.rollout.inputs import array_token_ids, normalize_prompts, prompt_type_error, sampling_params_list
 from atom.rollout.rl import RLMixin
 from atom.rollout.transfer import TransferMixin
@@ -68,6 +68,7 @@ class RolloutEngine(RLMixin, TransferMixin):
             apply_cpu_threads(1 if config.batch_invariant else config.cpu_threads)
         self.tokenizer = _load_tokenizer(config.tokenizer if config.tokenizer is not None else config.model)
         self._engine = LLMEngine(config, self._detokenize if self.tokenizer is not None else None)
+        self._chat_options = ChatOptions(chat_template_kwargs=dict(config.chat_template_kwargs))
         self._rng = random.Random(config.seed)
         self._lock = threading.RLock()
         self._batch_ids = itertools.count()
@@ -339,7 +340,7 @@ class RolloutEngine(RLMixin, TransferMixin):
                 raise ValueError(f"{label}: text prompts need a tokenizer; pass token ids instead")
             return list(self.tokenizer(prompt).input_ids)
         if isinstance(prompt, (list, tuple)) and prompt and all(isinstance(m, dict) for m in prompt):
-            return chat_token_ids(self.tokenizer, list(prompt), label)
+            return chat_token_ids(self.tokenizer, list(prompt), label, self._chat_options)
         converted = array_token_ids(prompt)
         if converted is not None:
             prompt = converted

@@ -10,7 +10,7 @@ from atom.compat.vllm.engine_args import engine_config
 from atom.compat.vllm.outputs import RequestOutput
 from atom.compat.vllm.sampling_params import SamplingParams
 from atom.compat.vllm.worker import call_worker, make_worker
-from atom.rollout.chat import ChatOptions, chat_token_ids
+from atom.chat import ChatOptions, chat_token_ids
 from atom.rollout.engine import RolloutEngine
 
 
@@ -90,7 +90,7 @@ class LLM:
              chat_template_kwargs: dict[str, Any] | None = None, mm_processor_kwargs: Any = None,
              **kwargs: Any) -> list[RequestOutput]:
         """Completions for one conversation ([{"role", "content"}, ...]) or a list of them,
-        rendered as vLLM renders them (atom/rollout/chat.py): the tokenizer's chat template or
+        rendered as vLLM renders them (atom/chat.py): the tokenizer's chat template or
         `chat_template`, with `tools`, `chat_template_kwargs` (e.g. {"enable_thinking": False}),
         and the generation prompt or the final message continued."""
         if lora_request is not None:
@@ -104,7 +104,7 @@ class LLM:
         if unknown:
             raise TypeError(f"chat: unsupported argument(s) {unknown}")
         options = ChatOptions(chat_template, add_generation_prompt, continue_final_message, tools,
-                              dict(chat_template_kwargs or {}))
+                              {**self.engine.config.chat_template_kwargs, **(chat_template_kwargs or {})})
         conversations = [messages] if messages and isinstance(messages[0], dict) else list(messages)
         tok = self.engine.tokenizer
         items = []
