@@ -58,11 +58,11 @@ def mla_batch(bsz: int, prompt: int, gen: int, n: int, max_n: int, heads: int = 
     return q_lat, q_pe, cache, meta
 
 
-CASES = {  # name: (bsz, prompt, gen, n, max_n, heads)
-    "mla-decode bs512 shared (grpo-mla-moe)": (512, 1024, 512, 8, 4, HEADS),
-    "mla-decode bs64 shared": (64, 1024, 512, 8, 4, HEADS),
-    "mla-decode bs1": (1, 128, 384, 1, 4, HEADS),
-    "mla-decode 128 heads bs64 shared": (64, 1024, 512, 8, 2, 128),
+CASES = {  # name: (bsz, prompt, gen, n, heads); groups of the decode runner's size (cascade_group_rows)
+    "mla-decode bs512 shared (grpo-mla-moe)": (512, 1024, 512, 8, HEADS),
+    "mla-decode bs64 shared": (64, 1024, 512, 8, HEADS),
+    "mla-decode bs1": (1, 128, 384, 1, HEADS),
+    "mla-decode 128 heads bs64 shared": (64, 1024, 512, 8, 128),
 }
 
 
@@ -71,6 +71,12 @@ CASES = {  # name: (bsz, prompt, gen, n, max_n, heads)
 # that none can ask for more shared memory than an H200 block has (prefix (256, 64, 8, 2) asked
 # for 280 KiB in bf16 at 16 heads: the sweep always skipped it, so it is not listed).
 TUNE_SPACE = (
+    # Groups of one prompt's 8 samples (new in session 11): with prefix_heads 8 the tile is the
+    # default's 64 rows and the FLOPs the same, while a group's two head-block programs read the
+    # prompt's latents side by side (from DRAM about once, not once per 4 samples). At 128 heads
+    # the same gives 8 x 8 = 64 rows too. (8, 16, 256), 128 rows, asked 248 KiB in bf16: not listed.
+    (("prefix_group", "prefix_heads", "prefix_dv"),
+     [(None, 16, 512), (8, 8, 512)]),
     # The whole latent per prefix program with one load of each tile for scores and values
     # (64 rows x 512 fp32 over two warpgroups; sm_90: 255 registers, no spills, 144 KiB) against
     # the 256-column value chunks that compute the scores twice.
@@ -102,7 +108,9 @@ def measure(dec, case, cascade=True, graph=True) -> tuple[float, float, float]:
     the three kernels cost the host ~50-100 us, which swung the 100 us cases by 2x between
     identical configs on a loaded host."""
     import triton
-    bsz, prompt, gen, n, max_n, heads = case
+    from atom.ops.triton.mla import cascade_group_rows
+    bsz, prompt, gen, n, heads = case
+    max_n = cascade_group_rows("mla_attention_decode", heads)  # under the MLA_CFG being measured
     q_lat, q_pe, cache, meta = mla_batch(bsz, prompt, gen, n, max_n, heads, cascade)
     call = lambda: dec(q_lat, q_pe, cache, meta, 192 ** -0.5)  # noqa: E731
     if not graph:

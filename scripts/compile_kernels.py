@@ -168,12 +168,15 @@ MLA_TEST_CFG = {"prefix_dv": 128, "prefix_heads": 8}
 
 def _mla_decode(op, dt, shape, cfg, whole, cascade, small_prefix=False) -> None:
     """One decode call under MLA_CFG changed by cfg: split own parts + merge or whole own parts,
-    with or without shared-prefix groups of the decode runner's size (atom/engine/cuda_graph.py:
-    64 // heads rows, 2 to 16)."""
+    with or without shared-prefix groups of the decode runner's size (cascade_group_rows under
+    that MLA_CFG)."""
     import atom.ops.triton.mla as mla
     from atom.ops.metadata import AttentionMetadata, CascadeMetadata
     heads, lat, rope, page = shape
-    b, max_n = 32, max(2, min(16, 64 // heads))
+    saved = dict(mla.MLA_CFG)
+    mla.MLA_CFG.update(cfg, whole_own_pairs=1 if whole else 1 << 40,
+                       small_prefix_pairs=1 << 40 if small_prefix else 1)
+    b, max_n = 32, mla.cascade_group_rows("mla_attention_decode", heads)
     meta = AttentionMetadata(slot_mapping=torch.zeros(b, dtype=torch.int64), query_start_loc=torch.arange(b + 1),
                              seq_lens=torch.full((b,), 2000), block_tables=torch.zeros(b, 256, dtype=torch.int32),
                              is_decode=True, max_query_len=1, max_seq_len=4096)
@@ -182,9 +185,6 @@ def _mla_decode(op, dt, shape, cfg, whole, cascade, small_prefix=False) -> None:
                                        torch.zeros(b // 2, dtype=torch.int32), torch.zeros(b, dtype=torch.int32), 4096)
     cache = torch.empty(300, page, 1, lat + rope, dtype=dt)
     q_pe = torch.empty(b, heads, lat + rope, dtype=dt)[..., lat:]  # strided, as the model passes it
-    saved = dict(mla.MLA_CFG)
-    mla.MLA_CFG.update(cfg, whole_own_pairs=1 if whole else 1 << 40,
-                       small_prefix_pairs=1 << 40 if small_prefix else 1)
     _where[0] = f"{dt} heads={heads} L={lat} R={rope} page={page} whole={whole} cascade={cascade} {cfg}"
     try:
         op(torch.empty(b, heads, lat, dtype=dt), q_pe, cache, meta, 0.1)

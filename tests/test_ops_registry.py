@@ -68,3 +68,13 @@ def test_low_precision_logits_is_the_triton_samplers_alone():
 def _backends(name: str) -> set[str]:
     from atom.ops.registry import implementations
     return set(implementations(name))
+
+
+def test_cascade_group_rows_is_the_backends_answer():
+    """The decode runner's shared-prefix group size comes from the chosen backend (CPU: torch's
+    rule, 64 query rows per KV head, 2 to 16), whichever decode attention op asks."""
+    from atom.ops import ops
+    ops.configure(torch.device("cpu"), {})
+    for op in ("paged_attention_decode", "mla_attention_decode"):
+        got = [ops.cascade_group_rows(op, h) for h in (1, 4, 8, 16, 20, 64, 128)]
+        assert got == [16, 16, 8, 4, 3, 2, 2]

@@ -145,6 +145,14 @@ def attention_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     return out.reshape(q.shape).to(q.dtype)
 
 
+@register("cascade_group_rows", B)
+def cascade_group_rows(decode_op: str, heads_per_kv: int) -> int:
+    """How many sequences of one shared prompt the decode runner stacks into a shared-prefix group
+    (CascadeMetadata.group_rows' width) for decode attention op `decode_op`: the backend's answer
+    for its kernels. Here: up to 64 query rows per KV head (n rows x heads_per_kv), 2 to 16."""
+    return max(2, min(16, 64 // max(1, heads_per_kv)))
+
+
 @register("paged_attention_prefill", B, "reads_whole_blocks")
 def paged_attention_prefill(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                             meta: AttentionMetadata, scale: float) -> torch.Tensor:

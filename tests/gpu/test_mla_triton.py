@@ -100,16 +100,21 @@ def test_mla_decode(triton_ops, device, dtype, heads, lat, rope, page, decode_mo
     check(out, torch_family_ops.mla_attention_decode(q_latent, q_pe, cache, meta, scale), dtype)
 
 
-@pytest.fixture(params=["small_prefix_split", "prefix_split+value_chunks"])
+@pytest.fixture(params=["small_prefix_split", "prefix_split+value_chunks", "groups_of_8"])
 def prefix_cfg(request, triton_ops, monkeypatch):
     """Shared-prefix splits of either size class; the second also cuts the latent output into
-    chunks (CPU: 16 columns, GPU: 128) so that several value-chunk programs share a group."""
+    chunks (CPU: 16 columns, GPU: 128) so that several value-chunk programs share a group; the
+    third forms groups of 8 samples (prefix_group, the decode runner's size through
+    cascade_group_rows) over head blocks of 8."""
     import atom.ops.triton.mla as mla
     small = request.param == "small_prefix_split"
     monkeypatch.setitem(mla.MLA_CFG, "small_prefix_pairs", 1 << 40 if small else 1)
-    if not small:
+    if request.param == "prefix_split+value_chunks":
         monkeypatch.setitem(mla.MLA_CFG, "prefix_dv", 16 if ON_CPU else 128)
+    if not small:
         monkeypatch.setitem(mla.MLA_CFG, "prefix_heads", 8)  # several head blocks for >8 heads
+    if request.param == "groups_of_8":
+        monkeypatch.setitem(mla.MLA_CFG, "prefix_group", 8)
     if ON_CPU:
         monkeypatch.setitem(mla.MLA_CFG, "small_prefix_split", 16)
         monkeypatch.setitem(mla.MLA_CFG, "prefix_split", 32)
@@ -139,21 +144,23 @@ _CASCADE_GPU_BUG = (20, 48, 24, 16)
 @pytest.mark.parametrize("heads,lat,rope,page", SHAPES)
 def test_mla_cascade_decode(triton_ops, device, dtype, heads, lat, rope, page, decode_mode, prefix_cfg):
     """Two prompts of n samples sharing their prompt's blocks, groups of at most max_n rows (the
-    decode runner's rule: 64 // heads, 2 to 16), a row of its own, a padded row (zeros)."""
+    decode runner's size, cascade_group_rows), a row of its own, a padded row (zeros)."""
     if (not ON_CPU and (heads, lat, rope, page) == _CASCADE_GPU_BUG and dtype == torch.bfloat16
-            and prefix_cfg == "small_prefix_split" and not decode_mode.endswith("reuse_kv")):
+            and prefix_cfg in ("small_prefix_split", "groups_of_8") and not decode_mode.endswith("reuse_kv")):
         pytest.xfail("open bug: MLA cascade at 20 heads, L 48, R 24 in bf16 with the two-load prefix tile "
                      "(wrong on the GPU, once an illegal address)")
     torch.manual_seed(heads * 13 + lat + page)
     random.seed(heads)
     prompt = 40 if ON_CPU else 1024
-    n = 3 if ON_CPU else 8
+    n = 3 if ON_CPU and prefix_cfg != "groups_of_8" else 8
     seq_lens = [prompt + random.randint(1, 70 if ON_CPU else 900) for _ in range(2 * n + 2)]
     nb = prompt // page
     groups = [list(range(0, n)), list(range(n, 2 * n))]
     q_latent, q_pe, cache, meta, scale = latent_batch(device, dtype, seq_lens, heads, lat, rope, page,
                                                       shared=[(g, nb) for g in groups])
-    max_n = max(2, min(16, 64 // heads))
+    import atom.ops.triton.mla as mla
+    max_n = mla.cascade_group_rows("mla_attention_decode", heads)  # the decode runner's size
+    assert max_n == 8 if prefix_cfg == "groups_of_8" else max_n == max(2, min(16, 64 // heads))
     rows = [g[i:i + max_n] for g in groups for i in range(0, len(g), max_n)]
     cap = len(seq_lens) // 2
     grid_rows = torch.full((cap, max_n), -1, dtype=torch.int32)

@@ -27,6 +27,7 @@ import torch
 import triton
 import triton.language as tl
 
+from atom.ops import torch_ops
 from atom.ops.metadata import AttentionMetadata
 from atom.ops.mla_prefill import mla_prefill
 from atom.ops.registry import register
@@ -45,10 +46,15 @@ B = "triton"
 # size: 352 us at 256 columns, 527 at 128; removed. The own part with the heads in N, so that
 # sm_90 runs wgmma m64n16k16 instead of mma.sync, session 10: 296-301 us against 250 at bs512
 # on the H200 in session 11, and an illegal address at 20 heads; removed.)
+# prefix_group: sequences per shared-prefix group (the decode runner asks cascade_group_rows;
+# None: the generic 64 query rows, 4 at 16 heads, 2 at 128). Each group's prefix programs read
+# the prompt's latents; with 8 (one GRPO prompt's samples) and prefix_heads 8, a group's two
+# head-block programs read the same tiles side by side, so the prompt comes from DRAM about once
+# instead of once per 4 samples, at the same tile shape and FLOPs (session 11: to be measured).
 MLA_CFG = {"split": 256, "small_split": 64, "small_batch_pairs": 64, "block_n": 32, "warps": 4, "stages": 2,
            "prefix_split": 1024, "small_prefix_split": 256, "small_prefix_pairs": 64, "prefix_block_n": 32,
            "prefix_dv": 512, "prefix_heads": 16, "prefix_warps": 8, "prefix_stages": 2,
-           "whole_own_pairs": 256, "reuse_kv": True, "prefix_reuse_kv": True}
+           "whole_own_pairs": 256, "reuse_kv": True, "prefix_reuse_kv": True, "prefix_group": None}
 BLOCK_H = 16  # query heads of one sequence per own-part program
 
 
@@ -259,6 +265,14 @@ def _mla_merge_kernel(po_ptr, pl_ptr, sl_ptr, start_ptr, o_ptr, sp0, sp1, sp2, s
 
 
 # ---- the op -----------------------------------------------------------------------------------
+
+@register("cascade_group_rows", B)
+def cascade_group_rows(decode_op: str, heads_per_kv: int) -> int:
+    """torch_ops.cascade_group_rows, but MLA_CFG["prefix_group"] for this backend's MLA decode."""
+    if decode_op == "mla_attention_decode" and MLA_CFG["prefix_group"]:
+        return MLA_CFG["prefix_group"]
+    return torch_ops.cascade_group_rows(decode_op, heads_per_kv)
+
 
 def _own_split(pairs: int, max_seq_len: int) -> int:
     """KV tokens per own-part split: by the batch's size class and the context bound only."""
