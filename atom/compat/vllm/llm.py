@@ -4,13 +4,13 @@ from __future__ import annotations
 import itertools
 from typing import Any, Callable, Sequence
 
+from atom.chat import ChatOptions, chat_token_ids
 from atom.compat.vllm.convert import (TokenDecoder, as_list, atom_request, default_sampling_params, parse_prompt,
                                       vllm_output)
 from atom.compat.vllm.engine_args import engine_config
 from atom.compat.vllm.outputs import RequestOutput
 from atom.compat.vllm.sampling_params import SamplingParams
 from atom.compat.vllm.worker import call_worker, make_worker
-from atom.chat import ChatOptions, chat_token_ids
 from atom.rollout.engine import RolloutEngine
 
 
