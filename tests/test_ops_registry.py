@@ -75,6 +75,11 @@ def test_cascade_group_rows_is_the_backends_answer():
     rule, 64 query rows per KV head, 2 to 16), whichever decode attention op asks."""
     from atom.ops import ops
     ops.configure(torch.device("cpu"), {})
-    for op in ("paged_attention_decode", "mla_attention_decode"):
-        got = [ops.cascade_group_rows(op, h) for h in (1, 4, 8, 16, 20, 64, 128)]
-        assert got == [16, 16, 8, 4, 3, 2, 2]
+    try:
+        for invariant in (False, True):  # batch-invariant mode picks among its own backends
+            ops.configure(torch.device("cpu"), {}, batch_invariant=invariant)
+            for op in ("paged_attention_decode", "mla_attention_decode"):
+                got = [ops.cascade_group_rows(op, h) for h in (1, 4, 8, 16, 20, 64, 128)]
+                assert got == [16, 16, 8, 4, 3, 2, 2]
+    finally:
+        ops.configure(torch.device("cpu"), {})

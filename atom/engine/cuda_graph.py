@@ -106,7 +106,7 @@ class DecodeRunner:
         # bf16 logits straight to a sampler that reads them as they are (no float32 copy: ~300 us
         # a step at batch 512 and GPT-OSS's vocabulary on the H200).
         self.widen_logits = not ops.supports("sample", "low_precision_logits")
-        self.max_n = ops.cascade_group_rows(self.model.decode_attention_op, group)
+        self.max_n = ops.cascade_group_rows(self.model.decode_attention_op, group) if self.cascade else 2
         _, total = self._layout(self.capacity)
         pin = self.device.type == "cuda"
         # Two sets of pinned host buffers, used in turn: while step N's copy may still be queued,

@@ -41,6 +41,9 @@ def _rows(x: torch.Tensor) -> tuple[torch.Tensor, int]:
     return torch.cat([x, x.new_zeros(_MIN_ROWS - m, *x.shape[1:])]), m
 
 
+register("cascade_group_rows", B)(torch_ops.cascade_group_rows)  # a pure query: the generic rule
+
+
 @register("linear", B)
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     flat = x.reshape(-1, x.shape[-1]).contiguous()  # BLAS may take another path for a strided input

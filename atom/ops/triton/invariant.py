@@ -45,6 +45,7 @@ from atom.ops.triton.sampling import _launch_split
 
 B = "triton_invariant"
 declare_backend(B, "graph_safe", "batch_invariant")
+register("cascade_group_rows", B)(torch_ops.cascade_group_rows)  # a pure query: the generic rule
 
 # fused_moe's tile configs for every token count: the triton backend's choice for 257..1024 tokens
 # (a ~512-sequence decode step, where the rollout workloads spend their time; H200 sweep in moe.py).
