@@ -18,7 +18,7 @@ from atom.engine.routing import routed_experts
 from atom.engine.sequence import Request, Sequence
 from atom.outputs import Completion, EngineStats, RolloutOutput
 from atom.chat import ChatOptions, chat_token_ids
-from atom.rollout.inputs import array_token_ids, normalize_prompts, prompt_type_error, sampling_params_list
+from atom.rollout.inputs import normalize_prompts, prompt_type_error, sampling_params_list, token_ids
 from atom.rollout.rl import RLMixin
 from atom.rollout.transfer import TransferMixin
 from atom.rollout.text import bad_words_token_ids, completion_text
@@ -33,14 +33,6 @@ def _load_tokenizer(path: str):
         return None
     from transformers import AutoTokenizer
     return AutoTokenizer.from_pretrained(path)
-
-
-def _all_ints(values) -> bool:
-    """Whether every value is an int (bools are not token ids)."""
-    types = set(map(type, values))
-    if types <= {int}:
-        return True
-    return all(isinstance(t, int) and not isinstance(t, bool) for t in values)
 
 
 class RolloutEngine(RLMixin, TransferMixin):
@@ -341,15 +333,13 @@ class RolloutEngine(RLMixin, TransferMixin):
             return list(self.tokenizer(prompt).input_ids)
         if isinstance(prompt, (list, tuple)) and prompt and all(isinstance(m, dict) for m in prompt):
             return chat_token_ids(self.tokenizer, list(prompt), label, self._chat_options)
-        converted = array_token_ids(prompt)
-        if converted is not None:
-            prompt = converted
-        if isinstance(prompt, (list, tuple)) and _all_ints(prompt):
+        ids = token_ids(prompt)
+        if ids is not None:
             vocab = self.vocab_size
-            if prompt and (min(prompt) < 0 or max(prompt) >= vocab):  # C-speed scans: prompts are long
-                bad = next(t for t in prompt if not 0 <= t < vocab)
+            if ids and (min(ids) < 0 or max(ids) >= vocab):  # C-speed scans: prompts are long
+                bad = next(t for t in ids if not 0 <= t < vocab)
                 raise ValueError(f"{label}: token id {bad} is outside the vocabulary [0, {vocab})")
-            return list(prompt)
+            return ids
         raise prompt_type_error(label, prompt)
 
     def _make_request(self, index: int, prompt: Prompt, params: SamplingParams) -> Request:

@@ -34,18 +34,22 @@ def normalize_prompts(prompts: Any) -> list:
     return list(prompts)
 
 
-def array_token_ids(prompt: Any) -> list[int] | None:
-    """A 1-D integer numpy array or torch tensor, or a list whose ids are numpy integers (what
-    `list(array)` gives), as a list of Python ints; None for anything else (bools are not ids)."""
+def token_ids(prompt: Any) -> list[int] | None:
+    """A token-id prompt as a new list of Python ints: a list or tuple of ints (numpy integers
+    too: what `list(array)` gives), or a 1-D integer numpy array or torch tensor; None for
+    anything else (bools are not token ids)."""
     if isinstance(prompt, torch.Tensor):
         ok = prompt.ndim == 1 and not prompt.dtype.is_floating_point and not prompt.dtype.is_complex \
             and prompt.dtype != torch.bool
         return prompt.tolist() if ok else None
     if isinstance(prompt, np.ndarray):
         return prompt.tolist() if prompt.ndim == 1 and prompt.dtype.kind in "iu" else None
-    if isinstance(prompt, (list, tuple)) and prompt and any(isinstance(t, np.integer) for t in prompt):
-        if all(isinstance(t, (int, np.integer)) and not isinstance(t, bool) for t in prompt):
-            return [int(t) for t in prompt]
+    if not isinstance(prompt, (list, tuple)):
+        return None
+    if set(map(type, prompt)) <= {int}:  # the usual case, at C speed: prompts are long
+        return list(prompt)
+    if all(isinstance(t, (int, np.integer)) and not isinstance(t, bool) for t in prompt):
+        return [int(t) for t in prompt]
     return None
 
 

@@ -11,7 +11,7 @@ from typing import Any
 from atom.compat.vllm.outputs import RequestOutput, request_output
 from atom.compat.vllm.sampling_params import SamplingParams
 from atom.outputs import RolloutOutput
-from atom.rollout.inputs import array_token_ids
+from atom.rollout.inputs import token_ids
 from atom.sampling_params import SamplingParams as AtomSamplingParams
 
 log = logging.getLogger(__name__)
@@ -43,7 +43,7 @@ def parse_prompt(p: Any, who: str = "generate") -> tuple[str | None, Any]:
                              "embeddings)")
         if "prompt_token_ids" in p:
             ids = p["prompt_token_ids"]
-            as_ints = array_token_ids(ids)  # a tensor / numpy row: list() would give 0-d elements
+            as_ints = token_ids(ids)  # a tensor / numpy row: list() would give 0-d elements
             return p.get("prompt"), as_ints if as_ints is not None else list(ids)
         if "prompt" in p:
             return p["prompt"], None
