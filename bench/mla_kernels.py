@@ -77,6 +77,12 @@ TUNE_SPACE = (
     # the same gives 8 x 8 = 64 rows too. (8, 16, 256), 128 rows, asked 248 KiB in bf16: not listed.
     (("prefix_group", "prefix_heads", "prefix_dv"),
      [(None, 16, 512), (8, 8, 512)]),
+    # The prefix in two passes (session 12): a scores kernel whose warpgroups hold 64 rows x T
+    # tokens each (sm_90: wgmma m64nTk16, not the one-pass kernel's m64n16k16), then a values
+    # kernel summing p . values over `two_pass_dv` columns (m64n256k16), 128 rows per program.
+    (("prefix_two_pass", "two_pass_tile", "two_pass_dv", "two_pass_warps", "two_pass_stages"),
+     [(False, 64, 256, 8, 2), (True, 64, 256, 8, 2), (True, 128, 256, 8, 2), (True, 64, 128, 8, 2),
+      (True, 64, 256, 8, 3), (True, 32, 256, 8, 3), (True, 64, 128, 8, 3)]),
     # The whole latent per prefix program with one load of each tile for scores and values
     # (64 rows x 512 fp32 over two warpgroups; sm_90: 255 registers, no spills, 144 KiB) against
     # the 256-column value chunks that compute the scores twice.
@@ -84,13 +90,15 @@ TUNE_SPACE = (
      [(256, False, 32, 2), (512, True, 32, 2), (512, True, 16, 3), (512, True, 16, 2)]),
     (("prefix_dv", "prefix_block_n", "prefix_warps", "prefix_stages"),
      [(256, 32, 8, 2), (512, 32, 8, 1), (512, 16, 8, 2), (128, 32, 4, 2), (256, 32, 4, 2), (512, 32, 16, 2),
-      (256, 16, 8, 3)]),
+      (256, 16, 8, 3), (256, 64, 8, 1)]),  # the last: scores m64n32k16 (sm_90), 242 registers, 136 KiB
     # Fewer heads per prefix tile (Moonlight: 16 heads x 4 members = 64 rows by default): fewer
     # registers and shared memory per program (ptxas, sm_90: 198 registers and 180 KB at 16 heads,
     # one program per SM; 107-128 registers and 73-92 KB at 4-8, two), against reading the
     # prefix's latents once per head block (from L2: the blocks of a group run side by side).
+    # (16 heads with 256 columns: 128 rows in groups of 8, the default since session 12, asked
+    # 248 KiB in bf16: not listed.)
     (("prefix_heads", "prefix_dv", "prefix_warps"),
-     [(16, 256, 8), (8, 256, 8), (8, 512, 8), (4, 512, 8), (4, 256, 4), (8, 256, 4)]),
+     [(8, 256, 8), (8, 512, 8), (4, 512, 8), (4, 256, 4), (8, 256, 4)]),
     (("block_n", "warps", "stages"),
      [(32, 4, 2), (16, 4, 2), (64, 4, 2), (32, 8, 2), (32, 4, 3), (64, 8, 2), (16, 2, 3)]),
     # One load of each latent tile for scores and values (off: a transposed load, then the same

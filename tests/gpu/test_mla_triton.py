@@ -100,21 +100,27 @@ def test_mla_decode(triton_ops, device, dtype, heads, lat, rope, page, decode_mo
     check(out, torch_family_ops.mla_attention_decode(q_latent, q_pe, cache, meta, scale), dtype)
 
 
-@pytest.fixture(params=["small_prefix_split", "prefix_split+value_chunks", "groups_of_8"])
+@pytest.fixture(params=["small_prefix_split", "prefix_split+value_chunks", "groups_of_8", "two_pass"])
 def prefix_cfg(request, triton_ops, monkeypatch):
     """Shared-prefix splits of either size class; the second also cuts the latent output into
     chunks (CPU: 16 columns, GPU: 128) so that several value-chunk programs share a group; the
     third forms groups of 8 samples (prefix_group, the decode runner's size through
-    cascade_group_rows) over head blocks of 8."""
+    cascade_group_rows) over head blocks of 8; the fourth runs those groups through the two-pass
+    prefix (scores kernel, then values kernel)."""
     import atom.ops.triton.mla as mla
     small = request.param == "small_prefix_split"
     monkeypatch.setitem(mla.MLA_CFG, "small_prefix_pairs", 1 << 40 if small else 1)
     if request.param == "prefix_split+value_chunks":
         monkeypatch.setitem(mla.MLA_CFG, "prefix_dv", 16 if ON_CPU else 128)
-    if not small:
-        monkeypatch.setitem(mla.MLA_CFG, "prefix_heads", 8)  # several head blocks for >8 heads
-    if request.param == "groups_of_8":
-        monkeypatch.setitem(mla.MLA_CFG, "prefix_group", 8)
+    # several head blocks for >8 heads, except in the small-prefix case (one block of 16)
+    monkeypatch.setitem(mla.MLA_CFG, "prefix_heads", 16 if small else 8)
+    # groups of 8 are the default since session 12; the other two keep the generic rule's groups
+    monkeypatch.setitem(mla.MLA_CFG, "prefix_group", 8 if request.param in ("groups_of_8", "two_pass") else None)
+    if request.param == "two_pass":  # scores, then values: 2 value chunks, 2 tiles per split on the CPU
+        monkeypatch.setitem(mla.MLA_CFG, "prefix_two_pass", True)
+        if ON_CPU:
+            monkeypatch.setitem(mla.MLA_CFG, "two_pass_tile", 16)
+            monkeypatch.setitem(mla.MLA_CFG, "two_pass_dv", 16)
     if ON_CPU:
         monkeypatch.setitem(mla.MLA_CFG, "small_prefix_split", 16)
         monkeypatch.setitem(mla.MLA_CFG, "prefix_split", 32)
@@ -152,7 +158,7 @@ def test_mla_cascade_decode(triton_ops, device, dtype, heads, lat, rope, page, d
     torch.manual_seed(heads * 13 + lat + page)
     random.seed(heads)
     prompt = 40 if ON_CPU else 1024
-    n = 3 if ON_CPU and prefix_cfg != "groups_of_8" else 8
+    n = 3 if ON_CPU and prefix_cfg not in ("groups_of_8", "two_pass") else 8
     seq_lens = [prompt + random.randint(1, 70 if ON_CPU else 900) for _ in range(2 * n + 2)]
     nb = prompt // page
     groups = [list(range(0, n)), list(range(n, 2 * n))]
@@ -160,7 +166,7 @@ def test_mla_cascade_decode(triton_ops, device, dtype, heads, lat, rope, page, d
                                                       shared=[(g, nb) for g in groups])
     import atom.ops.triton.mla as mla
     max_n = mla.cascade_group_rows("mla_attention_decode", heads)  # the decode runner's size
-    assert max_n == 8 if prefix_cfg == "groups_of_8" else max_n == max(2, min(16, 64 // heads))
+    assert max_n == 8 if prefix_cfg in ("groups_of_8", "two_pass") else max_n == max(2, min(16, 64 // heads))
     rows = [g[i:i + max_n] for g in groups for i in range(0, len(g), max_n)]
     cap = len(seq_lens) // 2
     grid_rows = torch.full((cap, max_n), -1, dtype=torch.int32)

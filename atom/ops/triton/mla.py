@@ -31,6 +31,7 @@ from atom.ops import torch_ops
 from atom.ops.metadata import AttentionMetadata
 from atom.ops.mla_prefill import mla_prefill
 from atom.ops.registry import register
+from atom.ops.triton import mla_two_pass as two_pass
 from atom.ops.triton.attention import LOG2E, MAX_OWN_SPLITS, _prec
 
 B = "triton"
@@ -52,10 +53,15 @@ B = "triton"
 # head-block programs read the same tiles side by side, so the prompt comes from DRAM about once
 # instead of once per 4 samples, at the same tile shape and FLOPs. Session 12's H200 tuner: the
 # Moonlight bs512 prefix 328 -> 236 us; grpo-mla-moe 24,502 -> 24,891 tok/s; now the default.
+# prefix_two_pass / two_pass_*: the shared prefix as a scores kernel and a values kernel
+# (atom/ops/triton/mla_two_pass.py: heads per row block, tokens per score tile, value columns
+# per program, warps, stages), where the one-pass kernel's scores run as wgmma m64n16k16.
 MLA_CFG = {"split": 256, "small_split": 64, "small_batch_pairs": 64, "block_n": 32, "warps": 4, "stages": 2,
            "prefix_split": 1024, "small_prefix_split": 256, "small_prefix_pairs": 64, "prefix_block_n": 32,
            "prefix_dv": 512, "prefix_heads": 8, "prefix_warps": 8, "prefix_stages": 2,
-           "whole_own_pairs": 256, "reuse_kv": True, "prefix_reuse_kv": True, "prefix_group": 8}
+           "whole_own_pairs": 256, "reuse_kv": True, "prefix_reuse_kv": True, "prefix_group": 8,
+           "prefix_two_pass": False, "two_pass_heads": 16, "two_pass_tile": 64, "two_pass_dv": 256,
+           "two_pass_warps": 8, "two_pass_stages": 2}
 BLOCK_H = 16  # query heads of one sequence per own-part program
 
 
@@ -350,6 +356,11 @@ def mla_decode(q_latent: torch.Tensor, q_pe: torch.Tensor, kv_cache: torch.Tenso
 
 def _launch_prefix(q_latent, q_pe, kv_cache, meta, po, pl, common, scale_log2, split_p, n_prefix, dims) -> None:
     cfg, heads, wide = MLA_CFG, q_latent.shape[1], _widen(q_latent.dtype)
+    tile = two_pass.tile_tokens(cfg, wide, split_p) if cfg["prefix_two_pass"] else 0
+    if tile:
+        two_pass.launch_prefix(q_latent, q_pe, kv_cache, meta, po, pl, common, scale_log2, split_p, n_prefix, dims,
+                               cfg, wide, tile)
+        return
     rows = meta.cascade.group_rows
     max_n = rows.shape[1]
     hb = min(heads, max(1, cfg["prefix_heads"] // wide))
