@@ -32,6 +32,7 @@ from atom.ops.metadata import AttentionMetadata
 from atom.ops.mla_prefill import mla_prefill
 from atom.ops.registry import register
 from atom.ops.triton import mla_two_pass as two_pass
+from atom.ops.triton.mla_two_pass import prefix_tile_rows
 from atom.ops.triton.attention import LOG2E, MAX_OWN_SPLITS, _prec
 
 B = "triton"
@@ -56,6 +57,10 @@ B = "triton"
 # prefix_two_pass / two_pass_*: the shared prefix as a scores kernel and a values kernel
 # (atom/ops/triton/mla_two_pass.py: heads per row block, tokens per score tile, value columns
 # per program, warps, stages), where the one-pass kernel's scores run as wgmma m64n16k16.
+# Off until the H200 measures it (session 12: built, interpreter- and sm_90-compile-checked; the
+# device budget ran out first). Its p scratch is groups x head blocks x 128 rows x max_prefix_len
+# in the cache dtype (CUDA graphs: bs / 2 groups, max_model_len: 134 MB at Moonlight's bs512 and
+# 2,048 tokens, 8x at 128 heads), which the KV budget's graph term does not count yet.
 MLA_CFG = {"split": 256, "small_split": 64, "small_batch_pairs": 64, "block_n": 32, "warps": 4, "stages": 2,
            "prefix_split": 1024, "small_prefix_split": 256, "small_prefix_pairs": 64, "prefix_block_n": 32,
            "prefix_dv": 512, "prefix_heads": 8, "prefix_warps": 8, "prefix_stages": 2,
@@ -203,12 +208,7 @@ def _mla_prefix_kernel(ql_ptr, qp_ptr, c_ptr, bt_ptr, rows_ptr, plen_ptr, po_ptr
     lo = s * SPLIT
     hi = tl.minimum(lo + SPLIT, plen)
     if lo < hi:
-        r = tl.arange(0, BLOCK_M)
-        member = r // HB
-        heads = hb * HB + r % HB
-        mrow = tl.load(rows_ptr + g.to(tl.int64) * srow + member, mask=member < MAX_N, other=-1)
-        rm = (mrow >= 0) & (heads < H)
-        mrow = tl.where(rm, mrow, 0).to(tl.int64)
+        mrow, heads, rm = prefix_tile_rows(rows_ptr, g, srow, hb, HB, MAX_N, BLOCK_M, H)
         first = tl.load(rows_ptr + g.to(tl.int64) * srow).to(tl.int64)
         lat = tl.arange(0, BLOCK_L)
         rp = tl.arange(0, BLOCK_R)

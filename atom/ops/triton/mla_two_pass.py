@@ -28,9 +28,10 @@ import triton.language as tl
 
 
 @triton.jit
-def _group_rows(rows_ptr, g, srow, hb, HB: tl.constexpr, MAX_N: tl.constexpr, BLOCK_M: tl.constexpr,
+def prefix_tile_rows(rows_ptr, g, srow, hb, HB: tl.constexpr, MAX_N: tl.constexpr, BLOCK_M: tl.constexpr,
                 H: tl.constexpr):
-    """Tile row r is head hb * HB + r % HB of member r // HB: (batch row, head, valid)."""
+    """A shared-prefix tile's rows (both prefix forms): row r is head hb * HB + r % HB of group
+    g's member r // HB. Returns (batch row, head, valid) per row; invalid rows read row 0."""
     r = tl.arange(0, BLOCK_M)
     member = r // HB
     heads = hb * HB + r % HB
@@ -52,7 +53,7 @@ def _prefix_scores_kernel(ql_ptr, qp_ptr, c_ptr, bt_ptr, rows_ptr, plen_ptr, p_p
     plen = tl.load(plen_ptr + g).to(tl.int32)
     n0 = t * T
     if n0 < plen:
-        mrow, heads, rm = _group_rows(rows_ptr, g, srow, hb, HB, MAX_N, BLOCK_M, H)
+        mrow, heads, rm = prefix_tile_rows(rows_ptr, g, srow, hb, HB, MAX_N, BLOCK_M, H)
         first = tl.load(rows_ptr + g.to(tl.int64) * srow).to(tl.int64)
         offs = n0 + tl.arange(0, T)
         nm = offs < plen
@@ -96,7 +97,7 @@ def _prefix_values_kernel(c_ptr, bt_ptr, rows_ptr, plen_ptr, p_ptr, st_ptr, po_p
     lo = s * SPLIT
     hi = tl.minimum(lo + SPLIT, plen)
     if lo < hi:
-        mrow, heads, rm = _group_rows(rows_ptr, g, srow, hb, HB, MAX_N, BLOCK_M, H)
+        mrow, heads, rm = prefix_tile_rows(rows_ptr, g, srow, hb, HB, MAX_N, BLOCK_M, H)
         first = tl.load(rows_ptr + g.to(tl.int64) * srow).to(tl.int64)
         r = tl.arange(0, BLOCK_M)
         dv = v0 + tl.arange(0, BLOCK_DV)
