@@ -100,7 +100,8 @@ def test_mla_decode(triton_ops, device, dtype, heads, lat, rope, page, decode_mo
     check(out, torch_family_ops.mla_attention_decode(q_latent, q_pe, cache, meta, scale), dtype)
 
 
-@pytest.fixture(params=["small_prefix_split", "prefix_split+value_chunks", "groups_of_8", "two_pass"])
+@pytest.fixture(params=["small_prefix_split", "prefix_split+value_chunks", "groups_of_8", "two_pass",
+                        "two_pass+partial_tile"])
 def prefix_cfg(request, triton_ops, monkeypatch):
     """Shared-prefix splits of either size class; the second also cuts the latent output into
     chunks (CPU: 16 columns, GPU: 128) so that several value-chunk programs share a group; the
@@ -115,12 +116,16 @@ def prefix_cfg(request, triton_ops, monkeypatch):
     # several head blocks for >8 heads, except in the small-prefix case (one block of 16)
     monkeypatch.setitem(mla.MLA_CFG, "prefix_heads", 16 if small else 8)
     # groups of 8 are the default since session 12; the other two keep the generic rule's groups
-    monkeypatch.setitem(mla.MLA_CFG, "prefix_group", 8 if request.param in ("groups_of_8", "two_pass") else None)
-    if request.param == "two_pass":  # scores, then values: 2 value chunks, 2 tiles per split on the CPU
-        monkeypatch.setitem(mla.MLA_CFG, "prefix_two_pass", True)
+    two_pass = request.param.startswith("two_pass")
+    monkeypatch.setitem(mla.MLA_CFG, "prefix_group", 8 if request.param == "groups_of_8" or two_pass else None)
+    if two_pass:  # scores, then values: 2+ value chunks; on the CPU 2 tiles per split, or whole
+        monkeypatch.setitem(mla.MLA_CFG, "prefix_two_pass", True)  # tiles with prefixes ending mid-tile
+        partial = request.param.endswith("partial_tile")
         if ON_CPU:
-            monkeypatch.setitem(mla.MLA_CFG, "two_pass_tile", 16)
+            monkeypatch.setitem(mla.MLA_CFG, "two_pass_tile", 32 if partial else 16)
             monkeypatch.setitem(mla.MLA_CFG, "two_pass_dv", 16)
+        elif partial:
+            monkeypatch.setitem(mla.MLA_CFG, "two_pass_tile", 128)
     if ON_CPU:
         monkeypatch.setitem(mla.MLA_CFG, "small_prefix_split", 16)
         monkeypatch.setitem(mla.MLA_CFG, "prefix_split", 32)
@@ -157,8 +162,9 @@ def test_mla_cascade_decode(triton_ops, device, dtype, heads, lat, rope, page, d
                      "(wrong on the GPU, once an illegal address)")
     torch.manual_seed(heads * 13 + lat + page)
     random.seed(heads)
-    prompt = 40 if ON_CPU else 1024
-    n = 3 if ON_CPU and prefix_cfg not in ("groups_of_8", "two_pass") else 8
+    partial_tile = prefix_cfg.endswith("partial_tile")  # a prefix of 2.5 tiles (bf16; 5 tiles in float32)
+    prompt = (88 if partial_tile else 40) if ON_CPU else (1088 if partial_tile else 1024)
+    n = 3 if ON_CPU and prefix_cfg in ("small_prefix_split", "prefix_split+value_chunks") else 8
     seq_lens = [prompt + random.randint(1, 70 if ON_CPU else 900) for _ in range(2 * n + 2)]
     nb = prompt // page
     groups = [list(range(0, n)), list(range(n, 2 * n))]
@@ -166,7 +172,7 @@ def test_mla_cascade_decode(triton_ops, device, dtype, heads, lat, rope, page, d
                                                       shared=[(g, nb) for g in groups])
     import atom.ops.triton.mla as mla
     max_n = mla.cascade_group_rows("mla_attention_decode", heads)  # the decode runner's size
-    assert max_n == 8 if prefix_cfg in ("groups_of_8", "two_pass") else max_n == max(2, min(16, 64 // heads))
+    assert max_n == 8 if prefix_cfg not in ("small_prefix_split", "prefix_split+value_chunks") else max_n == max(2, min(16, 64 // heads))
     rows = [g[i:i + max_n] for g in groups for i in range(0, len(g), max_n)]
     cap = len(seq_lens) // 2
     grid_rows = torch.full((cap, max_n), -1, dtype=torch.int32)
