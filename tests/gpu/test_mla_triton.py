@@ -193,15 +193,16 @@ def test_mla_cascade_decode(triton_ops, device, dtype, heads, lat, rope, page, d
 
 def test_deepseek_decode_ops_are_graph_safe_on_cuda(triton_ops):
     """The decode runner captures CUDA graphs only when every op a decode step runs is graph_safe
-    (atom/engine/cuda_graph.py): on CUDA, DeepSeek-V3's (MLA on triton, grouped routing in torch
-    without a host sync) all are, and its decode attention reads shared-prefix groups."""
+    (atom/engine/cuda_graph.py): on CUDA, DeepSeek-V3's (MLA and the grouped routing on triton)
+    all are, and its decode attention reads shared-prefix groups."""
     from atom.engine.cuda_graph import _GRAPH_OPS, _GRAPH_OPS_MOE
     from atom.models.deepseek_v3 import DeepseekV3ForCausalLM
     from atom.ops.registry import OpTable
     table = OpTable()
     table.configure(torch.device("cuda"))  # the registry's choice for a CUDA device (no device needed)
     needed = _GRAPH_OPS + _GRAPH_OPS_MOE + DeepseekV3ForCausalLM.graph_ops
-    assert {table.backend_of[name] for name in ("mla_attention_decode", "mla_cache_write")} == {"triton"}
+    assert {table.backend_of[name] for name in ("mla_attention_decode", "mla_cache_write", "moe_route_grouped")} \
+        == {"triton"}
     assert [name for name in needed if not table.supports(name, "graph_safe")] == []
     assert table.supports(DeepseekV3ForCausalLM.decode_attention_op, "cascade")
     # Prefill is never captured; its triton op (expansion + flash) reads the host's query lengths.

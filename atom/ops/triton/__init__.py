@@ -25,6 +25,7 @@ from atom.ops.registry import declare_backend  # noqa: E402
 
 declare_backend("triton", "graph_safe")  # no kernel syncs with the host
 
-from atom.ops.triton import attention, elementwise, linear, mla, moe, moe_small, sampling  # noqa: E402,F401
+from atom.ops.triton import (attention, elementwise, grouped_route, linear, mla, moe, moe_small,  # noqa: E402,F401
+                             sampling)
 
-__all__ = ["attention", "elementwise", "linear", "mla", "moe", "moe_small", "sampling", "INTERPRET"]
+__all__ = ["attention", "elementwise", "grouped_route", "linear", "mla", "moe", "moe_small", "sampling", "INTERPRET"]

@@ -5,12 +5,18 @@ whatever the number of rows or the row's place (torch's version runs a sigmoid o
 [T, E] tensor, top-k selections and a reduction over k whose kernels and vectorisation follow T).
 
 Selection is by repeated arg-max (the lowest index wins a tie), so ids come out in descending
-order of their biased score, as torch.topk returns them."""
+order of their biased score, as torch.topk returns them.
+
+The triton backend's routing too (session 12): one launch where torch's runs a sigmoid, a bias
+add, a top-k (gatherTopK + bitonic sort), a gather and a reduction over k, ~0.6 ms of each
+grpo-mla-moe decode step on the H200 (session 12's profile) over 26 MoE layers."""
 from __future__ import annotations
 
 import torch
 import triton
 import triton.language as tl
+
+from atom.ops.registry import register
 
 
 @triton.jit
@@ -56,6 +62,7 @@ def _grouped_route_kernel(x_ptr, bias_ptr, w_ptr, id_ptr, sx, scaling, E: tl.con
     tl.store(id_ptr + t * TOP_K + k, ids, mask=k < TOP_K)
 
 
+@register("moe_route_grouped", "triton")
 def grouped_route(router_logits: torch.Tensor, correction_bias: torch.Tensor, top_k: int, num_groups: int,
                   topk_groups: int, renormalize: bool, scaling: float) -> tuple[torch.Tensor, torch.Tensor]:
     """moe_route_grouped's contract: router_logits [T, E] -> (weights [T, k] float32, ids [T, k] int64)."""
