@@ -191,6 +191,21 @@ def test_mla_cascade_decode(triton_ops, device, dtype, heads, lat, rope, page, d
     assert torch.equal(out[-1], torch.zeros_like(out[-1]))
 
 
+def test_two_pass_prefix_tiles_divide_the_split_and_bound_the_scratch(triton_ops):
+    """The two-pass prefix's tile: cfg's size cut to divide the split (its value programs sum
+    whole tiles), float32 halving it; the one-pass kernel (0) below tl.dot's 16 tokens or when
+    the p scratch would pass MAX_SCRATCH_BYTES (the KV budget does not count it)."""
+    import atom.ops.triton.mla as mla
+    from atom.ops.triton import mla_two_pass as two_pass
+    cfg = dict(mla.MLA_CFG, prefix_two_pass=True, two_pass_tile=64, two_pass_heads=16)
+    assert two_pass.tile_tokens(cfg, 1, 1024, 16, 256, 8, 2048) == 64  # Moonlight, bs512 graph: 134 MB
+    assert two_pass.tile_tokens(cfg, 2, 1024, 16, 256, 8, 1024) == 32  # float32: half the tokens, same bytes
+    assert two_pass.tile_tokens(cfg, 1, 32, 16, 4, 8, 100) == 32
+    assert two_pass.tile_tokens(cfg, 1, 8, 16, 4, 8, 100) == 0
+    assert two_pass.tile_tokens(cfg, 1, 1024, 128, 256, 8, 2048) == 0  # 1 GB at 128 heads: one pass
+    assert two_pass.tile_tokens(cfg, 1, 1024, 128, 32, 8, 2048) == 64  # 134 MB
+
+
 def test_deepseek_decode_ops_are_graph_safe_on_cuda(triton_ops):
     """The decode runner captures CUDA graphs only when every op a decode step runs is graph_safe
     (atom/engine/cuda_graph.py): on CUDA, DeepSeek-V3's (MLA and the grouped routing on triton)

@@ -60,7 +60,7 @@ B = "triton"
 # Off until the H200 measures it (session 12: built, interpreter- and sm_90-compile-checked; the
 # device budget ran out first). Its p scratch is groups x head blocks x 128 rows x max_prefix_len
 # in the cache dtype (CUDA graphs: bs / 2 groups, max_model_len: 134 MB at Moonlight's bs512 and
-# 2,048 tokens, 8x at 128 heads), which the KV budget's graph term does not count yet.
+# 2,048 tokens, 8x at 128 heads); a call needing more than two_pass.MAX_SCRATCH_BYTES runs one pass.
 MLA_CFG = {"split": 256, "small_split": 64, "small_batch_pairs": 64, "block_n": 32, "warps": 4, "stages": 2,
            "prefix_split": 1024, "small_prefix_split": 256, "small_prefix_pairs": 64, "prefix_block_n": 32,
            "prefix_dv": 512, "prefix_heads": 8, "prefix_warps": 8, "prefix_stages": 2,
@@ -356,12 +356,13 @@ def mla_decode(q_latent: torch.Tensor, q_pe: torch.Tensor, kv_cache: torch.Tenso
 
 def _launch_prefix(q_latent, q_pe, kv_cache, meta, po, pl, common, scale_log2, split_p, n_prefix, dims) -> None:
     cfg, heads, wide = MLA_CFG, q_latent.shape[1], _widen(q_latent.dtype)
-    tile = two_pass.tile_tokens(cfg, wide, split_p) if cfg["prefix_two_pass"] else 0
+    rows = meta.cascade.group_rows
+    tile = two_pass.tile_tokens(cfg, wide, split_p, heads, *rows.shape, meta.cascade.max_prefix_len) \
+        if cfg["prefix_two_pass"] else 0
     if tile:
         two_pass.launch_prefix(q_latent, q_pe, kv_cache, meta, po, pl, common, scale_log2, split_p, n_prefix, dims,
                                cfg, wide, tile)
         return
-    rows = meta.cascade.group_rows
     max_n = rows.shape[1]
     hb = min(heads, max(1, cfg["prefix_heads"] // wide))
     block_dv = min(_pow2(cfg["prefix_dv"]), dims["BLOCK_L"])

@@ -16,7 +16,8 @@ tile does not fit. Two kernels with small accumulators each get full-size tiles:
   own-part / merge kernels fold in unchanged.
 
 The p scratch ([groups, head blocks, BLOCK_M, tiles x T]) is sized by the grid (groups of the
-padded batch, max_prefix_len), like the partials: CUDA-graph safe.
+padded batch, max_prefix_len), like the partials: CUDA-graph safe; above MAX_SCRATCH_BYTES the
+one-pass kernel runs.
 """
 from __future__ import annotations
 
@@ -130,11 +131,26 @@ def _prefix_values_kernel(c_ptr, bt_ptr, rows_ptr, plen_ptr, p_ptr, st_ptr, po_p
         tl.store(pl_ptr + mrow * sl0 + heads * sl1 + s, m_run + tl.log2(l_run), mask=rm & (v0 == 0))
 
 
-def tile_tokens(cfg: dict, wide: int, split_p: int) -> int:
-    """Prefix tokens per score tile: cfg's size for 2-byte elements, divided by `wide`, and a
-    divisor of the split (a value program sums whole tiles); 0 when that is below tl.dot's 16."""
+# The most p scratch one call may take. The KV budget's graph term (cuda_graph.activation_bytes)
+# keeps 512 MB of slack and does not count this scratch, so a call that would need more (e.g.
+# 128 heads at batch 512: 1 GB) runs the one-pass kernel instead: a choice from shapes only.
+MAX_SCRATCH_BYTES = 256 << 20
+
+
+def _rows(cfg: dict, wide: int, heads: int, max_n: int) -> tuple[int, int, int]:
+    """(heads per row block, head blocks, rows per tile)."""
+    hb = min(heads, max(1, cfg["two_pass_heads"] // wide))
+    return hb, triton.cdiv(heads, hb), max(16, triton.next_power_of_2(max_n * hb))
+
+
+def tile_tokens(cfg: dict, wide: int, split_p: int, heads: int, groups: int, max_n: int, max_prefix_len: int) -> int:
+    """Prefix tokens per score tile, or 0 for the one-pass kernel: cfg's size for 2-byte elements,
+    divided by `wide`, and a divisor of the split (a value program sums whole tiles); 0 when that
+    is below tl.dot's 16 or the p scratch would pass MAX_SCRATCH_BYTES."""
     t = math.gcd(max(16, cfg["two_pass_tile"] // wide), split_p)
-    return t if t >= 16 else 0
+    _, n_hb, block_m = _rows(cfg, wide, heads, max_n)
+    scratch = groups * n_hb * block_m * triton.cdiv(max(max_prefix_len, 1), t) * t * 2 * wide
+    return t if t >= 16 and scratch <= MAX_SCRATCH_BYTES else 0
 
 
 def launch_prefix(q_latent, q_pe, kv_cache, meta, po, pl, common, scale_log2, split_p, n_prefix, dims, cfg,
@@ -145,9 +161,7 @@ def launch_prefix(q_latent, q_pe, kv_cache, meta, po, pl, common, scale_log2, sp
     heads = q_latent.shape[1]
     rows, casc = meta.cascade.group_rows, meta.cascade
     groups, max_n = rows.shape
-    hb = min(heads, max(1, cfg["two_pass_heads"] // wide))
-    n_hb = triton.cdiv(heads, hb)
-    block_m = max(16, triton.next_power_of_2(max_n * hb))
+    hb, n_hb, block_m = _rows(cfg, wide, heads, max_n)
     n_tiles = triton.cdiv(max(casc.max_prefix_len, 1), tile)
     p = torch.empty((groups, n_hb, block_m, n_tiles * tile), dtype=kv_cache.dtype, device=kv_cache.device)
     st = torch.empty((groups, n_hb, 2, n_tiles, block_m), dtype=torch.float32, device=kv_cache.device)
