@@ -53,7 +53,9 @@ B = "triton"
 # the prompt's latents; with 8 (one GRPO prompt's samples) and prefix_heads 8, a group's two
 # head-block programs read the same tiles side by side, so the prompt comes from DRAM about once
 # instead of once per 4 samples, at the same tile shape and FLOPs. Session 12's H200 tuner: the
-# Moonlight bs512 prefix 328 -> 236 us; grpo-mla-moe 24,502 -> 24,891 tok/s; now the default.
+# 128-head bs64 decode 328 -> 236 us (the old rule's groups of 2 read each prompt 4x as often),
+# Moonlight's 16 heads at bs512 249 -> 248 us (its prefix is bound by the scores' wgmma shape,
+# not by DRAM); never a loss, so the default.
 # prefix_two_pass / two_pass_*: the shared prefix as a scores kernel and a values kernel
 # (atom/ops/triton/mla_two_pass.py: heads per row block, tokens per score tile, value columns
 # per program, warps, stages), where the one-pass kernel's scores run as wgmma m64n16k16.

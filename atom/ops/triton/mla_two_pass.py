@@ -30,7 +30,7 @@ import triton.language as tl
 
 @triton.jit
 def prefix_tile_rows(rows_ptr, g, srow, hb, HB: tl.constexpr, MAX_N: tl.constexpr, BLOCK_M: tl.constexpr,
-                H: tl.constexpr):
+                     H: tl.constexpr):
     """A shared-prefix tile's rows (both prefix forms): row r is head hb * HB + r % HB of group
     g's member r // HB. Returns (batch row, head, valid) per row; invalid rows read row 0."""
     r = tl.arange(0, BLOCK_M)
