@@ -250,8 +250,13 @@ def main() -> None:
     ceil_path = os.environ.get("ATOM_BENCH_CEILINGS", "/tmp/atom_ceilings.json")
     bw = json.load(open(ceil_path))["copy_bytes_per_s"] if os.path.isfile(ceil_path) else 4.3e12
     impls = implementations("mla_attention_decode")
+    # --case TEXT: only the cases whose name holds TEXT, no prefill (scripts/gpu_check.sh's `ncu`
+    # runs one case under Nsight Compute)
+    only = sys.argv[sys.argv.index("--case") + 1] if "--case" in sys.argv[:-1] else None
     print(f"{'kernel':<48} {'us':>9} {'GB/s':>7} {'of copy bw':>10} {'TFLOP/s':>8}")
     for name, case in CASES.items():
+        if only is not None and only not in name:
+            continue
         variants = [("", impls["triton"], True, True)]
         if case[3] > 1:
             variants.append((" no cascade", impls["triton"], False, True))
@@ -261,7 +266,8 @@ def main() -> None:
             t, need, flops = measure(fn, case, casc, graph)
             print(f"{name + suffix:<48} {t * 1e6:>9.1f} {need / t / 1e9:>7.0f} {need / t / bw:>10.1%} "
                   f"{flops / t / 1e12:>8.1f}")
-    prefill_main(json.load(open(ceil_path)) if os.path.isfile(ceil_path) else {})
+    if only is None:
+        prefill_main(json.load(open(ceil_path)) if os.path.isfile(ceil_path) else {})
 
 
 if __name__ == "__main__":

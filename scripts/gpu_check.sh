@@ -17,6 +17,7 @@
 #     kernels : micro-benchmarks of the triton kernels (bench/kernels.py)
 #     mla     : the MLA decode kernel at the Moonlight shape (bench/mla_kernels.py), after `tune` with its configs,
 #               then the MLA prefill (8192-token chunks, absorbed / expanded break-even)
+#     ncu     : Nsight Compute (when installed) on the MLA decode kernels of the bs512 case
 #     small   : small-batch kernels against the paths they replace (bench/small_batch.py)
 #     sleep   : sleep / wake / update_weights timings, 30B shape (bench/sleep_wake.py, no offload cycles)
 #     async   : the asynchronous front end (bench/async_rollout.py): grpo-moe as concurrent requests
@@ -46,7 +47,7 @@ if compgen -G ".whl/*.whl" > /dev/null; then
   $PY -m pip install -q --no-deps --target "$WHEELS" .whl/*.whl && export PYTHONPATH="$WHEELS:$PYTHONPATH"
 fi
 [ $# -eq 0 ] && set -- tests bench
-SECTIONS="tests tune bench profile hf kernels mla small sleep async arrival ipc invariant"
+SECTIONS="tests tune bench profile hf kernels mla ncu small sleep async arrival ipc invariant"
 WORKLOADS="decode-moe-bs1,grpo-dense-small,grpo-moe,grpo-dense-8b"
 summary=()
 nvidia-smi --query-gpu=name,memory.used,memory.total,clocks.sm,clocks.mem --format=csv,noheader 2>/dev/null
@@ -118,6 +119,20 @@ while [ $# -gt 0 ]; do
       ;;
     mla)
       timeout "${KERNEL_TIMEOUT:-240}" $PY -m bench.mla_kernels ${TUNED_ARG:-} 2>&1 | tee "$OUT/mla_kernels.log" | tail -12
+      ;;
+    ncu)
+      # Nsight Compute on the MLA decode kernels of the bs512 case (stall reasons, occupancy,
+      # memory): why the own part reads at 58% of the copy ceiling (BENCHMARKS, session 12).
+      if command -v ncu > /dev/null; then
+        timeout "${NCU_TIMEOUT:-300}" ncu --kernel-name regex:'_mla_own_kernel|_mla_prefix_kernel|_prefix_(scores|values)_kernel' \
+          --launch-skip 6 --launch-count 6 --section SpeedOfLight --section Occupancy --section WarpStateStats \
+          --section MemoryWorkloadAnalysis --section SchedulerStats $PY -m bench.mla_kernels ${TUNED_ARG:-} --case bs512 \
+          > "$OUT/ncu_mla.log" 2>&1
+        grep -E "^  _|Duration|Throughput|Achieved Occupancy|Registers Per|Stall|Warp Cycles|Eligible|Issued" "$OUT/ncu_mla.log" | head -80
+      else
+        echo "ncu: not on this machine"
+      fi
+      summary+=("ncu: $OUT/ncu_mla.log")
       ;;
     small)
       timeout "${SMALL_TIMEOUT:-240}" $PY -m bench.small_batch 2>&1 | tee "$OUT/small.log" | tail -60
