@@ -32,7 +32,7 @@ from atom.ops.metadata import AttentionMetadata
 from atom.ops.mla_prefill import mla_prefill
 from atom.ops.registry import register
 from atom.ops.triton import mla_two_pass as two_pass
-from atom.ops.triton.mla_two_pass import prefix_tile_rows
+from atom.ops.triton.mla_two_pass import prefix_split_program, prefix_tile_rows
 from atom.ops.triton.attention import LOG2E, MAX_OWN_SPLITS, _prec
 
 B = "triton"
@@ -201,17 +201,9 @@ def _mla_prefix_kernel(ql_ptr, qp_ptr, c_ptr, bt_ptr, rows_ptr, plen_ptr, po_ptr
                        SPLIT: tl.constexpr, PREC: tl.constexpr, REUSE_KV: tl.constexpr):
     """One (group, split, head block x value chunk) of a shared prefix: HB heads of every member
     in one tile of BLOCK_M rows (member = row // HB)."""
-    g = tl.program_id(0)
-    s = tl.program_id(1)
-    z = tl.program_id(2)
-    hb = z // N_DV
-    v0 = (z % N_DV) * BLOCK_DV
-    plen = tl.load(plen_ptr + g).to(tl.int32)
-    lo = s * SPLIT
-    hi = tl.minimum(lo + SPLIT, plen)
+    g, s, hb, v0, lo, hi = prefix_split_program(plen_ptr, N_DV, BLOCK_DV, SPLIT)
     if lo < hi:
-        mrow, heads, rm = prefix_tile_rows(rows_ptr, g, srow, hb, HB, MAX_N, BLOCK_M, H)
-        first = tl.load(rows_ptr + g.to(tl.int64) * srow).to(tl.int64)
+        mrow, heads, rm, first = prefix_tile_rows(rows_ptr, g, srow, hb, HB, MAX_N, BLOCK_M, H)
         lat = tl.arange(0, BLOCK_L)
         rp = tl.arange(0, BLOCK_R)
         q_lat = tl.load(ql_ptr + mrow[:, None] * sql0 + heads[:, None] * sql1 + lat[None, :],

@@ -32,13 +32,27 @@ import triton.language as tl
 def prefix_tile_rows(rows_ptr, g, srow, hb, HB: tl.constexpr, MAX_N: tl.constexpr, BLOCK_M: tl.constexpr,
                      H: tl.constexpr):
     """A shared-prefix tile's rows (both prefix forms): row r is head hb * HB + r % HB of group
-    g's member r // HB. Returns (batch row, head, valid) per row; invalid rows read row 0."""
+    g's member r // HB. Returns (batch row, head, valid) per row (invalid rows read row 0) and
+    the group's first member, whose block-table row holds the prefix."""
     r = tl.arange(0, BLOCK_M)
     member = r // HB
     heads = hb * HB + r % HB
     mrow = tl.load(rows_ptr + g.to(tl.int64) * srow + member, mask=member < MAX_N, other=-1)
     rm = (mrow >= 0) & (heads < H)
-    return tl.where(rm, mrow, 0).to(tl.int64), heads, rm
+    first = tl.load(rows_ptr + g.to(tl.int64) * srow).to(tl.int64)
+    return tl.where(rm, mrow, 0).to(tl.int64), heads, rm, first
+
+
+@triton.jit
+def prefix_split_program(plen_ptr, N_DV: tl.constexpr, BLOCK_DV: tl.constexpr, SPLIT: tl.constexpr):
+    """This program's place in a (groups, splits, head blocks x value chunks) prefix grid (both
+    prefix forms): group, split, head block, first value column, and its tokens [lo, hi)."""
+    g = tl.program_id(0)
+    s = tl.program_id(1)
+    z = tl.program_id(2)
+    lo = s * SPLIT
+    hi = tl.minimum(lo + SPLIT, tl.load(plen_ptr + g).to(tl.int32))
+    return g, s, z // N_DV, (z % N_DV) * BLOCK_DV, lo, hi
 
 
 @triton.jit
@@ -54,8 +68,7 @@ def _prefix_scores_kernel(ql_ptr, qp_ptr, c_ptr, bt_ptr, rows_ptr, plen_ptr, p_p
     plen = tl.load(plen_ptr + g).to(tl.int32)
     n0 = t * T
     if n0 < plen:
-        mrow, heads, rm = prefix_tile_rows(rows_ptr, g, srow, hb, HB, MAX_N, BLOCK_M, H)
-        first = tl.load(rows_ptr + g.to(tl.int64) * srow).to(tl.int64)
+        mrow, heads, rm, first = prefix_tile_rows(rows_ptr, g, srow, hb, HB, MAX_N, BLOCK_M, H)
         offs = n0 + tl.arange(0, T)
         nm = offs < plen
         blk = tl.load(bt_ptr + first * sbt + offs // PAGE, mask=nm, other=0).to(tl.int64)
@@ -89,17 +102,9 @@ def _prefix_values_kernel(c_ptr, bt_ptr, rows_ptr, plen_ptr, p_ptr, st_ptr, po_p
                           H: tl.constexpr, HB: tl.constexpr, MAX_N: tl.constexpr, N_DV: tl.constexpr,
                           BLOCK_M: tl.constexpr, L: tl.constexpr, BLOCK_DV: tl.constexpr, T: tl.constexpr,
                           PAGE: tl.constexpr, SPLIT: tl.constexpr, PREC: tl.constexpr):
-    g = tl.program_id(0)
-    s = tl.program_id(1)
-    z = tl.program_id(2)
-    hb = z // N_DV
-    v0 = (z % N_DV) * BLOCK_DV
-    plen = tl.load(plen_ptr + g).to(tl.int32)
-    lo = s * SPLIT
-    hi = tl.minimum(lo + SPLIT, plen)
+    g, s, hb, v0, lo, hi = prefix_split_program(plen_ptr, N_DV, BLOCK_DV, SPLIT)
     if lo < hi:
-        mrow, heads, rm = prefix_tile_rows(rows_ptr, g, srow, hb, HB, MAX_N, BLOCK_M, H)
-        first = tl.load(rows_ptr + g.to(tl.int64) * srow).to(tl.int64)
+        mrow, heads, rm, first = prefix_tile_rows(rows_ptr, g, srow, hb, HB, MAX_N, BLOCK_M, H)
         r = tl.arange(0, BLOCK_M)
         dv = v0 + tl.arange(0, BLOCK_DV)
         base = g.to(tl.int64) * spg + hb * sph
