@@ -118,8 +118,10 @@ def prefix_cfg(request, triton_ops, monkeypatch):
     # groups of 8 are the default since session 12; the other two keep the generic rule's groups
     two_pass = request.param.startswith("two_pass")
     monkeypatch.setitem(mla.MLA_CFG, "prefix_group", 8 if request.param == "groups_of_8" or two_pass else None)
+    # the two-pass prefix is the default since session 13; the first three run the one-pass kernel
+    monkeypatch.setitem(mla.MLA_CFG, "prefix_two_pass", two_pass)
     if two_pass:  # scores, then values: 2+ value chunks; on the CPU 2 tiles per split, or whole
-        monkeypatch.setitem(mla.MLA_CFG, "prefix_two_pass", True)  # tiles with prefixes ending mid-tile
+        # tiles with prefixes ending mid-tile
         partial = request.param.endswith("partial_tile")
         if ON_CPU:
             monkeypatch.setitem(mla.MLA_CFG, "two_pass_tile", 32 if partial else 16)
