@@ -162,8 +162,9 @@ def _moe_tune(impl) -> None:
 # then tests/gpu/test_mla_triton.py's interpreter shapes (the tiny test model's first).
 MLA_MODEL_SHAPES = ((16, 512, 64, 16), (8, 512, 64, 16), (128, 512, 64, 16))
 MLA_TEST_SHAPES = ((4, 32, 8, 16), (20, 48, 24, 16), (16, 64, 16, 32))
-# tests/gpu/test_mla_triton.py's overrides of MLA_CFG (its prefix_cfg fixture, on the GPU).
-MLA_TEST_CFG = {"prefix_dv": 128, "prefix_heads": 8}
+# tests/gpu/test_mla_triton.py's overrides of MLA_CFG (its prefix_cfg fixture's value-chunk case,
+# on the GPU): the one-pass prefix kernel, since the default runs two passes (session 13).
+MLA_TEST_CFG = {"prefix_dv": 128, "prefix_heads": 8, "prefix_two_pass": False}
 
 
 def _mla_decode(op, dt, shape, cfg, whole, cascade, small_prefix=False) -> None:
