@@ -120,8 +120,9 @@ def prefix_cfg(request, triton_ops, monkeypatch):
     monkeypatch.setitem(mla.MLA_CFG, "prefix_group", 8 if request.param == "groups_of_8" or two_pass else None)
     # the two-pass prefix is the default since session 13; the first three run the one-pass kernel
     monkeypatch.setitem(mla.MLA_CFG, "prefix_two_pass", two_pass)
-    if two_pass:  # scores, then values: 2+ value chunks; on the CPU 2 tiles per split, or whole
-        # tiles with prefixes ending mid-tile
+    # scores, then values: 2+ value chunks; on the CPU 2 tiles per split, or whole tiles with
+    # prefixes ending mid-tile
+    if two_pass:
         partial = request.param.endswith("partial_tile")
         if ON_CPU:
             monkeypatch.setitem(mla.MLA_CFG, "two_pass_tile", 32 if partial else 16)

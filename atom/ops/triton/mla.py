@@ -61,9 +61,10 @@ B = "triton"
 # per program, warps, stages), where the one-pass kernel's scores run as wgmma m64n16k16.
 # The default since session 13's H200 tuner (64-token tiles, 256 value columns, 8 warps, 3
 # stages): Moonlight's bs512 decode 248 -> 236 us, bs64 73 -> 66, the 128-head bs64 236 -> 210;
-# grpo-mla-moe's prefix 120 -> 113 us a layer (51 scores + 62 values; predicted 55-75). Its p scratch is groups x head blocks x 128 rows x max_prefix_len
-# in the cache dtype (CUDA graphs: bs / 2 groups, max_model_len: 134 MB at Moonlight's bs512 and
-# 2,048 tokens, 8x at 128 heads); a call needing more than two_pass.MAX_SCRATCH_BYTES runs one pass.
+# grpo-mla-moe's prefix 120 -> 113 us a layer (51 scores + 62 values; predicted 55-75). Its p
+# scratch is groups x head blocks x 128 rows x max_prefix_len in the cache dtype (CUDA graphs:
+# bs / 2 groups, max_model_len: 134 MB at Moonlight's bs512 and 2,048 tokens, 8x at 128 heads);
+# a call needing more than two_pass.MAX_SCRATCH_BYTES runs one pass.
 MLA_CFG = {"split": 256, "small_split": 64, "small_batch_pairs": 64, "block_n": 32, "warps": 4, "stages": 2,
            "prefix_split": 1024, "small_prefix_split": 256, "small_prefix_pairs": 64, "prefix_block_n": 32,
            "prefix_dv": 512, "prefix_heads": 8, "prefix_warps": 8, "prefix_stages": 2,
