@@ -71,42 +71,44 @@ CASES = {  # name: (bsz, prompt, gen, n, heads); groups of the decode runner's s
 # that none can ask for more shared memory than an H200 block has (prefix (256, 64, 8, 2) asked
 # for 280 KiB in bf16 at 16 heads: the sweep always skipped it, so it is not listed).
 TUNE_SPACE = (
+    # Score tiles of T tokens stepped through by the values kernel TV at a time (session 14):
+    # a scores program reads its 128 query rows x 576 from L2 once per tile, so a larger T
+    # halves that traffic while the values kernel keeps 64-token steps (T = 128 in both spilled).
+    # Session 14's H200 (bs512, bs64, 128 heads; us): (64, 64) [202, 61, 187], (128, 64)
+    # [195, 65, 181], within the tuner's margin: 64 kept.
+    (("two_pass_tile", "two_pass_value_tile", "two_pass_stages"),
+     [(64, 64, 3), (128, 64, 3), (128, 32, 3), (256, 64, 3), (128, 64, 4)]),
+    # The prefix in two passes (session 12): a scores kernel whose warpgroups hold 64 rows x T
+    # tokens each (sm_90: wgmma m64nTk16, not the one-pass kernel's m64n16k16), then a values
+    # kernel summing p . values over `two_pass_dv` columns (m64n256k16), 128 rows per program.
+    (("prefix_two_pass", "two_pass_tile", "two_pass_dv", "two_pass_warps", "two_pass_stages"),
+     [(False, 64, 256, 8, 2), (True, 64, 256, 8, 3), (True, 128, 256, 8, 2), (True, 64, 128, 8, 3),
+      (True, 32, 256, 8, 3)]),
+    # The own part's tiles. Since its block ids load a tile ahead (session 14), stages 3 gives
+    # the latent tiles two buffers: [202, 61, 187] us against stages 2's [224, 64, 202].
+    (("block_n", "warps", "stages"),
+     [(32, 4, 3), (16, 4, 3), (32, 8, 3), (16, 2, 3), (32, 4, 2)]),
+    (("whole_own_pairs", "split", "prefix_split"),
+     [(256, 256, 1024), (128, 256, 1024), (1024, 256, 1024), (256, 512, 512), (256, 256, 512)]),
     # Groups of one prompt's 8 samples (new in session 11): with prefix_heads 8 the tile is the
     # default's 64 rows and the FLOPs the same, while a group's two head-block programs read the
     # prompt's latents side by side (from DRAM about once, not once per 4 samples). At 128 heads
     # the same gives 8 x 8 = 64 rows too. (8, 16, 256), 128 rows, asked 248 KiB in bf16: not listed.
     (("prefix_group", "prefix_heads", "prefix_dv"),
      [(None, 16, 512), (8, 8, 512)]),
-    # The prefix in two passes (session 12): a scores kernel whose warpgroups hold 64 rows x T
-    # tokens each (sm_90: wgmma m64nTk16, not the one-pass kernel's m64n16k16), then a values
-    # kernel summing p . values over `two_pass_dv` columns (m64n256k16), 128 rows per program.
-    (("prefix_two_pass", "two_pass_tile", "two_pass_dv", "two_pass_warps", "two_pass_stages"),
-     [(False, 64, 256, 8, 2), (True, 64, 256, 8, 2), (True, 128, 256, 8, 2), (True, 64, 128, 8, 2),
-      (True, 64, 256, 8, 3), (True, 32, 256, 8, 3), (True, 64, 128, 8, 3)]),
+    # The one-pass prefix kernel's tiles (the default until session 13, now the fallback when the
+    # p scratch would be too large): each candidate runs one pass, against the two-pass default.
     # The whole latent per prefix program with one load of each tile for scores and values
     # (64 rows x 512 fp32 over two warpgroups; sm_90: 255 registers, no spills, 144 KiB) against
     # the 256-column value chunks that compute the scores twice.
-    (("prefix_dv", "prefix_reuse_kv", "prefix_block_n", "prefix_stages"),
-     [(256, False, 32, 2), (512, True, 32, 2), (512, True, 16, 3), (512, True, 16, 2)]),
-    (("prefix_dv", "prefix_block_n", "prefix_warps", "prefix_stages"),
-     [(256, 32, 8, 2), (512, 32, 8, 1), (512, 16, 8, 2), (128, 32, 4, 2), (256, 32, 4, 2), (512, 32, 16, 2),
-      (256, 16, 8, 3), (256, 64, 8, 1)]),  # the last: scores m64n32k16 (sm_90), 242 registers, 136 KiB
+    (("prefix_two_pass", "prefix_dv", "prefix_reuse_kv", "prefix_block_n", "prefix_stages"),
+     [(False, 256, False, 32, 2), (False, 512, True, 32, 2), (False, 512, True, 16, 3)]),
     # Fewer heads per prefix tile (Moonlight: 16 heads x 4 members = 64 rows by default): fewer
     # registers and shared memory per program (ptxas, sm_90: 198 registers and 180 KB at 16 heads,
     # one program per SM; 107-128 registers and 73-92 KB at 4-8, two), against reading the
     # prefix's latents once per head block (from L2: the blocks of a group run side by side).
-    # (16 heads with 256 columns: 128 rows in groups of 8, the default since session 12, asked
-    # 248 KiB in bf16: not listed.)
-    (("prefix_heads", "prefix_dv", "prefix_warps"),
-     [(8, 256, 8), (8, 512, 8), (4, 512, 8), (4, 256, 4), (8, 256, 4)]),
-    (("block_n", "warps", "stages"),
-     [(32, 4, 2), (16, 4, 2), (64, 4, 2), (32, 8, 2), (32, 4, 3), (64, 8, 2), (16, 2, 3)]),
-    # One load of each latent tile for scores and values (off: a transposed load, then the same
-    # bytes again for the values); the prefix kernel reuses only when prefix_dv covers the latent.
-    (("reuse_kv", "block_n", "warps"),
-     [(False, 32, 4), (True, 32, 4), (True, 64, 4), (True, 32, 8), (True, 16, 4)]),
-    (("whole_own_pairs", "split", "prefix_split"),
-     [(256, 256, 1024), (128, 256, 1024), (1024, 256, 1024), (256, 512, 512), (256, 256, 512)]),
+    (("prefix_two_pass", "prefix_heads", "prefix_dv", "prefix_warps"),
+     [(False, 8, 256, 8), (False, 4, 512, 8), (False, 8, 256, 4)]),
 )
 
 
@@ -152,7 +154,7 @@ def sweep_group(cfg: dict, keys: tuple, cands: list, times_of, margin: float = 0
     return best
 
 
-def tune(out_path: str) -> None:
+def tune(out_path: str, space: tuple = TUNE_SPACE) -> None:
     import atom.ops.triton.mla as mla
     dec = implementations("mla_attention_decode")["triton"]
     cases = [c for name, c in CASES.items() if "shared" in name]
@@ -165,7 +167,7 @@ def tune(out_path: str) -> None:
         finally:
             mla.MLA_CFG.clear()
             mla.MLA_CFG.update(saved)
-    for keys, cands in TUNE_SPACE:
+    for keys, cands in space:
         best = sweep_group(dict(mla.MLA_CFG), keys, cands, times_of)
         if best is not None:
             mla.MLA_CFG.update(best)
@@ -242,8 +244,9 @@ def main() -> None:
     if "--prefill" in sys.argv:
         ceil_path = os.environ.get("ATOM_BENCH_CEILINGS", "/tmp/atom_ceilings.json")
         return prefill_main(json.load(open(ceil_path)) if os.path.isfile(ceil_path) else {})
-    if len(sys.argv) > 2 and sys.argv[1] == "--tune":
-        return tune(sys.argv[2])
+    if len(sys.argv) > 2 and sys.argv[1] == "--tune":  # --first N: only the first N groups of TUNE_SPACE
+        first = int(sys.argv[sys.argv.index("--first") + 1]) if "--first" in sys.argv[:-1] else len(TUNE_SPACE)
+        return tune(sys.argv[2], TUNE_SPACE[:first])
     if len(sys.argv) > 2 and sys.argv[1] == "--tuned":
         from bench.kernels import apply_tuned
         apply_tuned(sys.argv[2])

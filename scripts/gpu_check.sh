@@ -13,7 +13,8 @@
 #               MLA decode's (bench/mla_kernels.py --tune, same file; its groups (6 since session 10) took over 170 s
 #               in session 9, and it writes the file after each group), then the fused MoE's per
 #               expert shape (bench/moe_tune.py: GPT-OSS-20B, Moonlight; MOE_SHAPES=gpt-oss limits it);
-#               later bench steps of the same run use the result
+#               later bench steps of the same run use the result (MLA_TUNE_ARGS="--first N": only the
+#               first N groups of the MLA sweep)
 #     kernels : micro-benchmarks of the triton kernels (bench/kernels.py)
 #     mla     : the MLA decode kernel at the Moonlight shape (bench/mla_kernels.py), after `tune` with its configs,
 #               then the MLA prefill (8192-token chunks, absorbed / expanded break-even)
@@ -100,7 +101,7 @@ while [ $# -gt 0 ]; do
       parts=" ${TUNE_PARTS:-attention mla moe} "
       [[ $parts == *" attention "* ]] && timeout "${TUNE_TIMEOUT:-150}" $PY -m bench.kernels --tune "$OUT/tuned.json" 2>&1 \
         | tee "$OUT/tune.log" | tail -12
-      [[ $parts == *" mla "* ]] && timeout "${MLA_TUNE_TIMEOUT:-240}" $PY -m bench.mla_kernels --tune "$OUT/tuned.json" 2>&1 \
+      [[ $parts == *" mla "* ]] && timeout "${MLA_TUNE_TIMEOUT:-240}" $PY -m bench.mla_kernels --tune "$OUT/tuned.json" ${MLA_TUNE_ARGS:-} 2>&1 \
         | tee "$OUT/tune_mla.log" | tail -6
       [[ $parts == *" moe "* ]] && timeout "${MOE_TUNE_TIMEOUT:-240}" $PY -m bench.moe_tune "$OUT/tuned.json" \
         ${MOE_SHAPES:+--shapes $MOE_SHAPES} 2>&1 | tee "$OUT/tune_moe_shapes.log" | grep -E "^(best|sweep)" | cut -c1-300

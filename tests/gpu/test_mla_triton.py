@@ -124,11 +124,14 @@ def prefix_cfg(request, triton_ops, monkeypatch):
     # prefixes ending mid-tile
     if two_pass:
         partial = request.param.endswith("partial_tile")
+        # the partial-tile cases also step the values kernel through half score tiles
         if ON_CPU:
             monkeypatch.setitem(mla.MLA_CFG, "two_pass_tile", 32 if partial else 16)
+            monkeypatch.setitem(mla.MLA_CFG, "two_pass_value_tile", 16)
             monkeypatch.setitem(mla.MLA_CFG, "two_pass_dv", 16)
         elif partial:
             monkeypatch.setitem(mla.MLA_CFG, "two_pass_tile", 128)
+            monkeypatch.setitem(mla.MLA_CFG, "two_pass_value_tile", 64)
     if ON_CPU:
         monkeypatch.setitem(mla.MLA_CFG, "small_prefix_split", 16)
         monkeypatch.setitem(mla.MLA_CFG, "prefix_split", 32)

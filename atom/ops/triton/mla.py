@@ -65,12 +65,16 @@ B = "triton"
 # scratch is groups x head blocks x 128 rows x max_prefix_len in the cache dtype (CUDA graphs:
 # bs / 2 groups, max_model_len: 134 MB at Moonlight's bs512 and 2,048 tokens, 8x at 128 heads);
 # a call needing more than two_pass.MAX_SCRATCH_BYTES runs one pass.
-MLA_CFG = {"split": 256, "small_split": 64, "small_batch_pairs": 64, "block_n": 32, "warps": 4, "stages": 2,
+# stages 3 and two_pass_value_tile: session 14's H200 tuner, with the own part's block ids and
+# the values kernel's p loaded a tile ahead (without, Triton staged one tile at a time; ncu: 12%
+# occupancy, no eligible warp in 69-76% of cycles): bs512 236 -> 202 us, bs64 66 -> 61, 128
+# heads 210 -> 187; grpo-mla-moe 51.7% -> 52.5-54.5% (two runs).
+MLA_CFG = {"split": 256, "small_split": 64, "small_batch_pairs": 64, "block_n": 32, "warps": 4, "stages": 3,
            "prefix_split": 1024, "small_prefix_split": 256, "small_prefix_pairs": 64, "prefix_block_n": 32,
            "prefix_dv": 512, "prefix_heads": 8, "prefix_warps": 8, "prefix_stages": 2,
            "whole_own_pairs": 256, "reuse_kv": True, "prefix_reuse_kv": True, "prefix_group": 8,
            "prefix_two_pass": True, "two_pass_heads": 16, "two_pass_tile": 64, "two_pass_dv": 256,
-           "two_pass_warps": 8, "two_pass_stages": 3}
+           "two_pass_warps": 8, "two_pass_stages": 3, "two_pass_value_tile": 64}
 BLOCK_H = 16  # query heads of one sequence per own-part program
 
 
@@ -89,18 +93,24 @@ def _widen(dtype: torch.dtype) -> int:
 # ---- one online-softmax step over a tile of latent rows --------------------------------------
 
 @triton.jit
-def _mla_tile(q_lat, q_pe, c_ptr, bt_row, n0, hi, scb, sct, scale_log2, m_i, l_i, acc, v0,
+def _tile_blocks(bt_row, n0, hi, BLOCK_N: tl.constexpr, PAGE: tl.constexpr):
+    """The cache blocks of tokens [n0, n0 + BLOCK_N) of one block-table row (0 past hi)."""
+    offs = n0 + tl.arange(0, BLOCK_N)
+    return tl.load(bt_row + offs // PAGE, mask=offs < hi, other=0).to(tl.int64)
+
+
+@triton.jit
+def _mla_tile(q_lat, q_pe, c_ptr, blk, n0, hi, scb, sct, scale_log2, m_i, l_i, acc, v0,
               L: tl.constexpr, R: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_R: tl.constexpr,
               BLOCK_DV: tl.constexpr, BLOCK_N: tl.constexpr, PAGE: tl.constexpr, PREC: tl.constexpr,
               REUSE_KV: tl.constexpr = False):
     """Rows of q (q_lat [M, BLOCK_L], q_pe [M, BLOCK_R]) over cache tokens [n0, min(n0 + BLOCK_N,
-    hi)) of one block-table row; acc holds latent columns [v0, v0 + BLOCK_DV). Base-2 softmax.
+    hi)) in cache blocks blk (_tile_blocks); acc holds latent columns [v0, v0 + BLOCK_DV). Base-2 softmax.
     REUSE_KV (acc holds every latent column: v0 = 0, BLOCK_DV = BLOCK_L): the latent rows are
     loaded once, as [BLOCK_N, BLOCK_L], for both the scores (transposed) and the values, instead
     of a transposed load for the scores and a second load of the same bytes for the values."""
     offs = n0 + tl.arange(0, BLOCK_N)
     nm = offs < hi
-    blk = tl.load(bt_row + offs // PAGE, mask=nm, other=0).to(tl.int64)
     row = blk * scb + (offs % PAGE).to(tl.int64) * sct
     lat = tl.arange(0, BLOCK_L)
     rp = tl.arange(0, BLOCK_R)
@@ -163,9 +173,16 @@ def _mla_own_kernel(ql_ptr, qp_ptr, c_ptr, bt_ptr, sl_ptr, start_ptr, po_ptr, pl
         l_i = tl.zeros([BH], tl.float32)
         acc = tl.zeros([BH, BLOCK_L], tl.float32)
         bt_row = bt_ptr + b64 * sbt
+        # The next tile's block ids are loaded a tile ahead, so that no load of an iteration
+        # depends on another one's: Triton's pipeliner then gives the latent tiles num_stages - 1
+        # buffers (with the ids loaded in the iteration it gave one at any num_stages, and each
+        # tile's DRAM latency was waited out in full; session 14's H200: 236 -> 202 us at bs512).
+        blk = _tile_blocks(bt_row, lo, hi, BLOCK_N, PAGE)
         for n0 in range(lo, hi, BLOCK_N):
-            m_i, l_i, acc = _mla_tile(q_lat, q_pe, c_ptr, bt_row, n0, hi, scb, sct, scale_log2, m_i, l_i, acc, 0,
+            blk_next = _tile_blocks(bt_row, n0 + BLOCK_N, hi, BLOCK_N, PAGE)
+            m_i, l_i, acc = _mla_tile(q_lat, q_pe, c_ptr, blk, n0, hi, scb, sct, scale_log2, m_i, l_i, acc, 0,
                                       L, R, BLOCK_L, BLOCK_R, BLOCK_L, BLOCK_N, PAGE, PREC, REUSE_KV)
+            blk = blk_next
         if WHOLE:
             # out = sum_j o_j 2^lse_j / sum_j 2^lse_j over the prefix partials and the own part.
             mx = m_i
@@ -217,7 +234,8 @@ def _mla_prefix_kernel(ql_ptr, qp_ptr, c_ptr, bt_ptr, rows_ptr, plen_ptr, po_ptr
         acc = tl.zeros([BLOCK_M, BLOCK_DV], tl.float32)
         bt_row = bt_ptr + first * sbt
         for n0 in range(lo, hi, BLOCK_N):
-            m_i, l_i, acc = _mla_tile(q_lat, q_pe, c_ptr, bt_row, n0, hi, scb, sct, scale_log2, m_i, l_i, acc, v0,
+            blk = _tile_blocks(bt_row, n0, hi, BLOCK_N, PAGE)
+            m_i, l_i, acc = _mla_tile(q_lat, q_pe, c_ptr, blk, n0, hi, scb, sct, scale_log2, m_i, l_i, acc, v0,
                                       L, R, BLOCK_L, BLOCK_R, BLOCK_DV, BLOCK_N, PAGE, PREC, REUSE_KV)
         dv = v0 + tl.arange(0, BLOCK_DV)
         tl.store(po_ptr + mrow[:, None] * sp0 + heads[:, None] * sp1 + s * sp2 + dv[None, :], acc / l_i[:, None],

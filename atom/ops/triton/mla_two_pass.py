@@ -11,8 +11,8 @@ tile does not fit. Two kernels with small accumulators each get full-size tiles:
   rows x T tokens), and writes p = 2^(S - m) in the cache dtype with the tile's row max m and
   row sum l (the one-pass kernel rounds p to the same dtype before its value product);
 * values: one program per (group, split, head block x value chunk of `two_pass_dv` columns)
-  sums p . values over its split's tiles, rescaling each tile from its own max to the running
-  one, and writes the same (output, log-sum-exp) partials as the one-pass kernel, which the
+  sums p . values over its split in steps of `two_pass_value_tile` tokens, rescaling each score
+  tile from its own max to the running one, and writes the same (output, log-sum-exp) partials as the one-pass kernel, which the
   own-part / merge kernels fold in unchanged.
 
 The p scratch ([groups, head blocks, BLOCK_M, tiles x T]) is sized by the grid (groups of the
@@ -97,40 +97,58 @@ def _prefix_scores_kernel(ql_ptr, qp_ptr, c_ptr, bt_ptr, rows_ptr, plen_ptr, p_p
 
 
 @triton.jit
+def _values_tile(c_ptr, bt_row, p_ptr, sbase, n0, hi, scb, sct, spr, sss, sst, r, dv, L: tl.constexpr,
+                 T: tl.constexpr, TV: tl.constexpr, PAGE: tl.constexpr):
+    """The values kernel's inputs for tokens [n0, n0 + TV): the value rows' cache offsets, their
+    mask, p, and the row max / sum of the score tile of T tokens they are in (the sum only at a
+    score tile's first step, zeros elsewhere; all masked past hi)."""
+    offs = n0 + tl.arange(0, TV)
+    nm = offs < hi
+    blk = tl.load(bt_row + offs // PAGE, mask=nm, other=0).to(tl.int64)
+    crow = blk * scb + (offs % PAGE).to(tl.int64) * sct
+    p = tl.load(p_ptr + r[:, None] * spr + offs[None, :], mask=nm[None, :], other=0.0)
+    t = n0 // T
+    live = (r >= 0) & (n0 < hi)
+    m_t = tl.load(sbase + t * sst, mask=live, other=0.0)
+    l_t = tl.load(sbase + t * sst + sss, mask=live & (n0 % T == 0), other=0.0)
+    return crow, nm, p, m_t, l_t
+
+
+@triton.jit
 def _prefix_values_kernel(c_ptr, bt_ptr, rows_ptr, plen_ptr, p_ptr, st_ptr, po_ptr, pl_ptr,
                           scb, sct, sbt, srow, spg, sph, spr, ssg, ssh, sss, sst, sp0, sp1, sp2, sl0, sl1,
                           H: tl.constexpr, HB: tl.constexpr, MAX_N: tl.constexpr, N_DV: tl.constexpr,
                           BLOCK_M: tl.constexpr, L: tl.constexpr, BLOCK_DV: tl.constexpr, T: tl.constexpr,
-                          PAGE: tl.constexpr, SPLIT: tl.constexpr, PREC: tl.constexpr):
+                          TV: tl.constexpr, PAGE: tl.constexpr, SPLIT: tl.constexpr, PREC: tl.constexpr):
+    """Steps of TV tokens (T, the score tile, a multiple of TV). The next step's p, row
+    statistics and block ids are loaded a step ahead, into registers: p is rescaled before its
+    product, so Triton's pipeliner never staged it (session 14's H200: 216 -> 202 us at bs512)."""
     g, s, hb, v0, lo, hi = prefix_split_program(plen_ptr, N_DV, BLOCK_DV, SPLIT)
     if lo < hi:
         mrow, heads, rm, first = prefix_tile_rows(rows_ptr, g, srow, hb, HB, MAX_N, BLOCK_M, H)
         r = tl.arange(0, BLOCK_M)
         dv = v0 + tl.arange(0, BLOCK_DV)
-        base = g.to(tl.int64) * spg + hb * sph
+        pg = p_ptr + g.to(tl.int64) * spg + hb * sph
         sbase = st_ptr + g.to(tl.int64) * ssg + hb * ssh + r
+        bt_row = bt_ptr + first * sbt
         m_run = tl.full([BLOCK_M], float("-inf"), tl.float32)
         l_run = tl.zeros([BLOCK_M], tl.float32)
         acc = tl.zeros([BLOCK_M, BLOCK_DV], tl.float32)
-        for n0 in range(lo, hi, T):
-            offs = n0 + tl.arange(0, T)
-            nm = offs < hi
-            blk = tl.load(bt_ptr + first * sbt + offs // PAGE, mask=nm, other=0).to(tl.int64)
-            crow = blk * scb + (offs % PAGE).to(tl.int64) * sct
+        crow, nm, p, m_t, l_t = _values_tile(c_ptr, bt_row, pg, sbase, lo, hi, scb, sct, spr, sss, sst, r, dv,
+                                             L, T, TV, PAGE)
+        for n0 in range(lo, hi, TV):
+            nxt = _values_tile(c_ptr, bt_row, pg, sbase, n0 + TV, hi, scb, sct, spr, sss, sst, r, dv, L, T, TV, PAGE)
             v = tl.load(c_ptr + crow[:, None] + dv[None, :], mask=nm[:, None] & (dv < L)[None, :], other=0.0)
-            p = tl.load(p_ptr + base + r[:, None] * spr + offs[None, :], mask=nm[None, :], other=0.0)
-            t = n0 // T
-            m_t = tl.load(sbase + t * sst)
-            l_t = tl.load(sbase + t * sst + sss)
             m_new = tl.maximum(m_run, m_t)
             a = tl.exp2(m_run - m_new)
             c = tl.exp2(m_t - m_new)
             # p rescaled to the running max before the product, so that the dot accumulates into
             # acc (a separate [BLOCK_M, BLOCK_DV] product spilled at 128 x 256 on sm_90)
-            p = (p.to(tl.float32) * c[:, None]).to(v.dtype)
-            acc = tl.dot(p, v, acc=acc * a[:, None], input_precision=PREC)
+            pv = (p.to(tl.float32) * c[:, None]).to(v.dtype)
+            acc = tl.dot(pv, v, acc=acc * a[:, None], input_precision=PREC)
             l_run = l_run * a + l_t * c
             m_run = m_new
+            crow, nm, p, m_t, l_t = nxt
         tl.store(po_ptr + mrow[:, None] * sp0 + heads[:, None] * sp1 + s * sp2 + dv[None, :], acc / l_run[:, None],
                  mask=rm[:, None] & (dv < L)[None, :])
         tl.store(pl_ptr + mrow * sl0 + heads * sl1 + s, m_run + tl.log2(l_run), mask=rm & (v0 == 0))
@@ -183,5 +201,5 @@ def launch_prefix(q_latent, q_pe, kv_cache, meta, po, pl, common, scale_log2, sp
     _prefix_values_kernel[(groups, n_prefix, n_hb * n_dv)](
         kv_cache, meta.block_tables, rows, casc.group_prefix_len, p, st, po, pl, scb, sct, sbt, rows.stride(0),
         *scratch, sp0, sp1, sp2, sl0, sl1, H=heads, HB=hb, MAX_N=max_n, N_DV=n_dv, BLOCK_M=block_m, L=dims["L"],
-        BLOCK_DV=block_dv, T=tile, PAGE=dims["PAGE"], SPLIT=split_p, PREC=dims["PREC"], num_warps=warps,
-        num_stages=stages)
+        BLOCK_DV=block_dv, T=tile, TV=min(tile, max(16, cfg["two_pass_value_tile"] // wide)), PAGE=dims["PAGE"],
+        SPLIT=split_p, PREC=dims["PREC"], num_warps=warps, num_stages=stages)
