@@ -71,6 +71,12 @@ CASES = {  # name: (bsz, prompt, gen, n, heads); groups of the decode runner's s
 # that none can ask for more shared memory than an H200 block has (prefix (256, 64, 8, 2) asked
 # for 280 KiB in bf16 at 16 heads: the sweep always skipped it, so it is not listed).
 TUNE_SPACE = (
+    # The own part's latent in four column chunks (session 14, not yet on a GPU): sm_90 ptxas
+    # gives the whole-width form 242 registers (two 4-warp programs an SM, ncu: 12% occupancy,
+    # latency-bound) and the chunked one 128 at 16-token tiles (55.8 KB at 3 stages, 74 KB at
+    # 4: four / three programs an SM), 146 at 32-token tiles (93 KB: two), 102 at 8 warps.
+    (("own_chunks", "block_n", "warps", "stages"),
+     [(False, 32, 4, 3), (True, 16, 4, 3), (True, 16, 4, 4), (True, 32, 4, 3), (True, 32, 8, 3), (True, 16, 8, 3)]),
     # Score tiles of T tokens stepped through by the values kernel TV at a time (session 14):
     # a scores program reads its 128 query rows x 576 from L2 once per tile, so a larger T
     # halves that traffic while the values kernel keeps 64-token steps (T = 128 in both spilled).

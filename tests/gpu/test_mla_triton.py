@@ -58,15 +58,18 @@ def latent_batch(device, dtype, seq_lens, heads, lat, rope, page, shared=None):
     return q_latent, q_pe, cache, meta, 2 * (lat + rope) ** -0.5
 
 
-@pytest.fixture(params=["split", "whole", "split+reuse_kv", "whole+reuse_kv"])
+@pytest.fixture(params=["split", "whole", "split+reuse_kv", "whole+reuse_kv", "split+chunks", "whole+chunks"])
 def decode_mode(request, triton_ops, monkeypatch):
     """Split own parts + merge kernel, or one program per sequence's whole own part; with
     reuse_kv, one load of each latent tile serves scores and values (own part, and prefix
-    programs whose value chunk is the whole latent)."""
+    programs whose value chunk is the whole latent); with chunks, the own part's latent in four
+    column chunks (latents of 64 columns and more: 48 pads to 64, its last chunk all masked)."""
     import atom.ops.triton.mla as mla
+    reuse = request.param not in ("split", "whole")
     monkeypatch.setitem(mla.MLA_CFG, "whole_own_pairs", 1 if request.param.startswith("whole") else 1 << 40)
-    monkeypatch.setitem(mla.MLA_CFG, "reuse_kv", request.param.endswith("reuse_kv"))
-    monkeypatch.setitem(mla.MLA_CFG, "prefix_reuse_kv", request.param.endswith("reuse_kv"))
+    monkeypatch.setitem(mla.MLA_CFG, "reuse_kv", reuse)
+    monkeypatch.setitem(mla.MLA_CFG, "prefix_reuse_kv", reuse)
+    monkeypatch.setitem(mla.MLA_CFG, "own_chunks", request.param.endswith("chunks"))
     if ON_CPU:  # several own splits at the interpreter's short sequences
         monkeypatch.setitem(mla.MLA_CFG, "small_split", 16)
         monkeypatch.setitem(mla.MLA_CFG, "split", 32)

@@ -8,8 +8,9 @@ score[h, t] = q_latent[h] . c_t + q_pe[h] . k_pe_t, out[h] = softmax(score[h]) .
 the caller applies W_uv).
 
 The programs follow the paged decode of atom/ops/triton/attention.py:
-* own part: one program per (sequence, block of BLOCK_H = 16 heads, split), the heads in the M
-  dimension of the tiles and the whole latent width in the accumulator ([16, L] fp32);
+* own part (atom/ops/triton/mla_own.py): one program per (sequence, block of BLOCK_H = 16
+  heads, split), the heads in the M dimension of the tiles and the whole latent width in the
+  accumulator ([16, L] fp32, or four [16, L / 4] with MLA_CFG["own_chunks"]);
 * shared prefix (`meta.cascade`, the n samples of a prompt): one program per (group, split,
   head block x value chunk) stacks the query heads of every member (up to the runner's MAX_N) in
   M, so the prompt's latents are read once per group. A [64, 512] fp32 accumulator would not fit
@@ -32,6 +33,7 @@ from atom.ops.metadata import AttentionMetadata
 from atom.ops.mla_prefill import mla_prefill
 from atom.ops.registry import register
 from atom.ops.triton import mla_two_pass as two_pass
+from atom.ops.triton.mla_own import _mla_own_kernel, _mla_tile, _tile_blocks
 from atom.ops.triton.mla_two_pass import prefix_split_program, prefix_tile_rows
 from atom.ops.triton.attention import LOG2E, MAX_OWN_SPLITS, _prec
 
@@ -69,12 +71,15 @@ B = "triton"
 # the values kernel's p loaded a tile ahead (without, Triton staged one tile at a time; ncu: 12%
 # occupancy, no eligible warp in 69-76% of cycles): bs512 236 -> 202 us, bs64 66 -> 61, 128
 # heads 210 -> 187; grpo-mla-moe 51.7% -> 52.5-54.5% (two runs).
+# own_chunks: the own part's latent in four column chunks (mla_own.py: 242 -> 128 registers at
+# 16-token tiles); off until the H200 tuner has measured it (its first group).
 MLA_CFG = {"split": 256, "small_split": 64, "small_batch_pairs": 64, "block_n": 32, "warps": 4, "stages": 3,
            "prefix_split": 1024, "small_prefix_split": 256, "small_prefix_pairs": 64, "prefix_block_n": 32,
            "prefix_dv": 512, "prefix_heads": 8, "prefix_warps": 8, "prefix_stages": 2,
            "whole_own_pairs": 256, "reuse_kv": True, "prefix_reuse_kv": True, "prefix_group": 8,
            "prefix_two_pass": True, "two_pass_heads": 16, "two_pass_tile": 64, "two_pass_dv": 256,
-           "two_pass_warps": 8, "two_pass_stages": 3, "two_pass_value_tile": 64}
+           "two_pass_warps": 8, "two_pass_stages": 3, "two_pass_value_tile": 64,
+           "own_chunks": False}
 BLOCK_H = 16  # query heads of one sequence per own-part program
 
 
@@ -88,125 +93,6 @@ def _widen(dtype: torch.dtype) -> int:
     bytes. (An H200 block has 227 KiB of shared memory; at Moonlight's shape the float32 query
     tile of 64 rows x 512 latents alone took 128 KiB and the prefix kernel 256 KiB.)"""
     return max(1, dtype.itemsize // 2)
-
-
-# ---- one online-softmax step over a tile of latent rows --------------------------------------
-
-@triton.jit
-def _tile_blocks(bt_row, n0, hi, BLOCK_N: tl.constexpr, PAGE: tl.constexpr):
-    """The cache blocks of tokens [n0, n0 + BLOCK_N) of one block-table row (0 past hi)."""
-    offs = n0 + tl.arange(0, BLOCK_N)
-    return tl.load(bt_row + offs // PAGE, mask=offs < hi, other=0).to(tl.int64)
-
-
-@triton.jit
-def _mla_tile(q_lat, q_pe, c_ptr, blk, n0, hi, scb, sct, scale_log2, m_i, l_i, acc, v0,
-              L: tl.constexpr, R: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_R: tl.constexpr,
-              BLOCK_DV: tl.constexpr, BLOCK_N: tl.constexpr, PAGE: tl.constexpr, PREC: tl.constexpr,
-              REUSE_KV: tl.constexpr = False):
-    """Rows of q (q_lat [M, BLOCK_L], q_pe [M, BLOCK_R]) over cache tokens [n0, min(n0 + BLOCK_N,
-    hi)) in cache blocks blk (_tile_blocks); acc holds latent columns [v0, v0 + BLOCK_DV). Base-2 softmax.
-    REUSE_KV (acc holds every latent column: v0 = 0, BLOCK_DV = BLOCK_L): the latent rows are
-    loaded once, as [BLOCK_N, BLOCK_L], for both the scores (transposed) and the values, instead
-    of a transposed load for the scores and a second load of the same bytes for the values."""
-    offs = n0 + tl.arange(0, BLOCK_N)
-    nm = offs < hi
-    row = blk * scb + (offs % PAGE).to(tl.int64) * sct
-    lat = tl.arange(0, BLOCK_L)
-    rp = tl.arange(0, BLOCK_R)
-    if REUSE_KV:
-        kv = tl.load(c_ptr + row[:, None] + lat[None, :], mask=nm[:, None] & (lat < L)[None, :], other=0.0)
-        qk = tl.dot(q_lat, tl.trans(kv), input_precision=PREC)
-    else:
-        k = tl.load(c_ptr + row[None, :] + lat[:, None], mask=nm[None, :] & (lat < L)[:, None], other=0.0)
-        qk = tl.dot(q_lat, k, input_precision=PREC)
-    kpe = tl.load(c_ptr + row[None, :] + L + rp[:, None], mask=nm[None, :] & (rp < R)[:, None], other=0.0)
-    qk = tl.dot(q_pe, kpe, acc=qk, input_precision=PREC)
-    qk = tl.where(nm[None, :], qk * scale_log2, float("-inf"))
-    m_new = tl.maximum(m_i, tl.max(qk, 1))
-    alpha = tl.exp2(m_i - m_new)
-    p = tl.exp2(qk - m_new[:, None])
-    l_i = l_i * alpha + tl.sum(p, 1)
-    if REUSE_KV:
-        v = kv
-    else:
-        dv = v0 + tl.arange(0, BLOCK_DV)
-        v = tl.load(c_ptr + row[:, None] + dv[None, :], mask=nm[:, None] & (dv < L)[None, :], other=0.0)
-    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PREC)
-    return m_new, l_i, acc
-
-
-# ---- own part ---------------------------------------------------------------------------------
-
-@triton.jit
-def _mla_own_kernel(ql_ptr, qp_ptr, c_ptr, bt_ptr, sl_ptr, start_ptr, po_ptr, pl_ptr, o_ptr,
-                    sql0, sql1, sqp0, sqp1, scb, sct, sbt, sp0, sp1, sp2, sl0, sl1, so0, so1, s_off, scale_log2,
-                    H: tl.constexpr, BH: tl.constexpr, L: tl.constexpr, R: tl.constexpr, BLOCK_L: tl.constexpr,
-                    BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr, PAGE: tl.constexpr, SPLIT: tl.constexpr,
-                    HAS_START: tl.constexpr, PREC: tl.constexpr, WHOLE: tl.constexpr, SPLIT_P: tl.constexpr,
-                    REUSE_KV: tl.constexpr):
-    """One (sequence, head block, split) of the sequence's own tokens. WHOLE: the split is the
-    whole own part, the prefix partials are folded in here and the output stored."""
-    b = tl.program_id(0)
-    heads = tl.program_id(1) * BH + tl.arange(0, BH)
-    s = tl.program_id(2)
-    hm = heads < H
-    lat = tl.arange(0, BLOCK_L)
-    lm = lat < L
-    seq_len = tl.load(sl_ptr + b).to(tl.int32)
-    start = 0
-    if HAS_START:
-        start = tl.load(start_ptr + b).to(tl.int32)
-    lo = start + s * SPLIT
-    if WHOLE:
-        hi = seq_len
-    else:
-        hi = tl.minimum(lo + SPLIT, seq_len)
-    b64 = b.to(tl.int64)
-    if lo < hi:
-        rp = tl.arange(0, BLOCK_R)
-        q_lat = tl.load(ql_ptr + b64 * sql0 + heads[:, None] * sql1 + lat[None, :], mask=hm[:, None] & lm[None, :],
-                        other=0.0)
-        q_pe = tl.load(qp_ptr + b64 * sqp0 + heads[:, None] * sqp1 + rp[None, :],
-                       mask=hm[:, None] & (rp < R)[None, :], other=0.0)
-        m_i = tl.full([BH], float("-inf"), tl.float32)
-        l_i = tl.zeros([BH], tl.float32)
-        acc = tl.zeros([BH, BLOCK_L], tl.float32)
-        bt_row = bt_ptr + b64 * sbt
-        # The next tile's block ids are loaded a tile ahead, so that no load of an iteration
-        # depends on another one's: Triton's pipeliner then gives the latent tiles num_stages - 1
-        # buffers (with the ids loaded in the iteration it gave one at any num_stages, and each
-        # tile's DRAM latency was waited out in full; session 14's H200: 236 -> 202 us at bs512).
-        blk = _tile_blocks(bt_row, lo, hi, BLOCK_N, PAGE)
-        for n0 in range(lo, hi, BLOCK_N):
-            blk_next = _tile_blocks(bt_row, n0 + BLOCK_N, hi, BLOCK_N, PAGE)
-            m_i, l_i, acc = _mla_tile(q_lat, q_pe, c_ptr, blk, n0, hi, scb, sct, scale_log2, m_i, l_i, acc, 0,
-                                      L, R, BLOCK_L, BLOCK_R, BLOCK_L, BLOCK_N, PAGE, PREC, REUSE_KV)
-            blk = blk_next
-        if WHOLE:
-            # out = sum_j o_j 2^lse_j / sum_j 2^lse_j over the prefix partials and the own part.
-            mx = m_i
-            w = l_i
-            for j in range(0, s_off):
-                ok = hm & (j * SPLIT_P < start)
-                lse = tl.load(pl_ptr + b64 * sl0 + heads * sl1 + j, mask=ok, other=float("-inf"))
-                o = tl.load(po_ptr + b64 * sp0 + heads[:, None] * sp1 + j * sp2 + lat[None, :],
-                            mask=ok[:, None] & lm[None, :], other=0.0)
-                m_new = tl.maximum(mx, lse)
-                a = tl.exp2(mx - m_new)
-                c = tl.exp2(lse - m_new)
-                acc = acc * a[:, None] + o * c[:, None]
-                w = w * a + c
-                mx = m_new
-            tl.store(o_ptr + b64 * so0 + heads[:, None] * so1 + lat[None, :],
-                     (acc / w[:, None]).to(o_ptr.dtype.element_ty), mask=hm[:, None] & lm[None, :])
-        else:
-            tl.store(po_ptr + b64 * sp0 + heads[:, None] * sp1 + (s_off + s) * sp2 + lat[None, :],
-                     acc / l_i[:, None], mask=hm[:, None] & lm[None, :])
-            tl.store(pl_ptr + b64 * sl0 + heads * sl1 + s_off + s, m_i + tl.log2(l_i), mask=hm)
-    elif WHOLE:  # a padded row (seq_len 0): zeros, never NaN
-        tl.store(o_ptr + b64 * so0 + heads[:, None] * so1 + lat[None, :],
-                 tl.zeros([BH, BLOCK_L], tl.float32).to(o_ptr.dtype.element_ty), mask=hm[:, None] & lm[None, :])
 
 
 # ---- shared prefix ----------------------------------------------------------------------------
@@ -358,7 +244,8 @@ def mla_decode(q_latent: torch.Tensor, q_pe: torch.Tensor, kv_cache: torch.Tenso
         q_latent, q_pe, kv_cache, meta.block_tables, meta.seq_lens, start, po, pl, out, *common,
         out.stride(0), out.stride(1), n_prefix, scale_log2, H=heads, BH=BLOCK_H,
         BLOCK_N=max(16, cfg["block_n"] // wide), SPLIT=split, HAS_START=casc is not None, WHOLE=whole,
-        SPLIT_P=split_p, REUSE_KV=cfg["reuse_kv"], num_warps=cfg["warps"], num_stages=cfg["stages"], **dims)
+        SPLIT_P=split_p, REUSE_KV=cfg["reuse_kv"], CHUNKS=cfg["own_chunks"] and dims["BLOCK_L"] >= 64,
+        num_warps=cfg["warps"], num_stages=cfg["stages"], **dims)
     if not whole:
         _mla_merge_kernel[(bsz, heads)](
             po, pl, meta.seq_lens, start, out, po.stride(0), po.stride(1), po.stride(2), pl.stride(0), pl.stride(1),
