@@ -77,6 +77,15 @@ TUNE_SPACE = (
     # 4: four / three programs an SM), 146 at 32-token tiles (93 KB: two), 102 at 8 warps.
     (("own_chunks", "block_n", "warps", "stages"),
      [(False, 32, 4, 3), (True, 16, 4, 3), (True, 16, 4, 4), (True, 32, 4, 3), (True, 32, 8, 3), (True, 16, 8, 3)]),
+    # A register cap on the two-pass scores kernel (session 14, not yet on a GPU): sm_90 ptxas
+    # gives it 82 registers, two 8-warp programs an SM (ncu: 24% occupancy, latency-bound); at
+    # 80 or 72 (no spills) three fit (74 KB of shared memory each).
+    (("scores_maxnreg",), [(None,), (80,), (72,)]),
+    # The values kernel with each split's row max taken first from the tile statistics (session
+    # 14, not yet on a GPU): every step scales its p to that max, so the accumulator is never
+    # rescaled and its products chain without waiting on the rescale (sm_90: 255 registers and
+    # 40 bytes of stack at 256 columns, 226 at 128, against 250 / 234).
+    (("values_max_first", "two_pass_dv"), [(False, 256), (True, 256), (True, 128)]),
     # Score tiles of T tokens stepped through by the values kernel TV at a time (session 14):
     # a scores program reads its 128 query rows x 576 from L2 once per tile, so a larger T
     # halves that traffic while the values kernel keeps 64-token steps (T = 128 in both spilled).

@@ -104,7 +104,7 @@ def test_mla_decode(triton_ops, device, dtype, heads, lat, rope, page, decode_mo
 
 
 @pytest.fixture(params=["small_prefix_split", "prefix_split+value_chunks", "groups_of_8", "two_pass",
-                        "two_pass+partial_tile"])
+                        "two_pass+partial_tile", "two_pass+max_first+partial_tile"])
 def prefix_cfg(request, triton_ops, monkeypatch):
     """Shared-prefix splits of either size class; the second also cuts the latent output into
     chunks (CPU: 16 columns, GPU: 128) so that several value-chunk programs share a group; the
@@ -123,6 +123,8 @@ def prefix_cfg(request, triton_ops, monkeypatch):
     monkeypatch.setitem(mla.MLA_CFG, "prefix_group", 8 if request.param == "groups_of_8" or two_pass else None)
     # the two-pass prefix is the default since session 13; the first three run the one-pass kernel
     monkeypatch.setitem(mla.MLA_CFG, "prefix_two_pass", two_pass)
+    # the last: the values kernel takes each split's row max from the tile statistics first
+    monkeypatch.setitem(mla.MLA_CFG, "values_max_first", "max_first" in request.param)
     # scores, then values: 2+ value chunks; on the CPU 2 tiles per split, or whole tiles with
     # prefixes ending mid-tile
     if two_pass:

@@ -72,14 +72,17 @@ B = "triton"
 # occupancy, no eligible warp in 69-76% of cycles): bs512 236 -> 202 us, bs64 66 -> 61, 128
 # heads 210 -> 187; grpo-mla-moe 51.7% -> 52.5-54.5% (two runs).
 # own_chunks: the own part's latent in four column chunks (mla_own.py: 242 -> 128 registers at
-# 16-token tiles); off until the H200 tuner has measured it (its first group).
+# 16-token tiles); off until the H200 tuner has measured it (its first group). scores_maxnreg:
+# a register cap on the two-pass scores kernel (sm_90: 82 registers give two 8-warp programs an
+# SM, 80 three, no spills at 72-80); unset until measured (the tuner's second group).
 MLA_CFG = {"split": 256, "small_split": 64, "small_batch_pairs": 64, "block_n": 32, "warps": 4, "stages": 3,
            "prefix_split": 1024, "small_prefix_split": 256, "small_prefix_pairs": 64, "prefix_block_n": 32,
            "prefix_dv": 512, "prefix_heads": 8, "prefix_warps": 8, "prefix_stages": 2,
            "whole_own_pairs": 256, "reuse_kv": True, "prefix_reuse_kv": True, "prefix_group": 8,
            "prefix_two_pass": True, "two_pass_heads": 16, "two_pass_tile": 64, "two_pass_dv": 256,
            "two_pass_warps": 8, "two_pass_stages": 3, "two_pass_value_tile": 64,
-           "own_chunks": False}
+           "own_chunks": False, "scores_maxnreg": None,
+           "values_max_first": False}
 BLOCK_H = 16  # query heads of one sequence per own-part program
 
 
