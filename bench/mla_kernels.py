@@ -79,8 +79,10 @@ TUNE_SPACE = (
      [(False, 32, 4, 3), (True, 16, 4, 3), (True, 16, 4, 4), (True, 32, 4, 3), (True, 32, 8, 3), (True, 16, 8, 3)]),
     # A register cap on the two-pass scores kernel (session 14, not yet on a GPU): sm_90 ptxas
     # gives it 82 registers, two 8-warp programs an SM (ncu: 24% occupancy, latency-bound); at
-    # 80 or 72 (no spills) three fit (74 KB of shared memory each).
-    (("scores_maxnreg",), [(None,), (80,), (72,)]),
+    # 80 or 72 (no spills) three fit (74 KB of shared memory each). Or 8 heads per row block
+    # (64 rows): scores 48 registers and 49 KB, four programs an SM, each prompt tile read by
+    # two programs side by side; values 216 registers (one an SM, as at 16), twice the programs.
+    (("scores_maxnreg", "two_pass_heads"), [(None, 16), (80, 16), (72, 16), (None, 8)]),
     # The values kernel with each split's row max taken first from the tile statistics (session
     # 14, not yet on a GPU): every step scales its p to that max, so the accumulator is never
     # rescaled and its products chain without waiting on the rescale (sm_90: 255 registers and

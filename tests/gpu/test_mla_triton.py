@@ -123,8 +123,11 @@ def prefix_cfg(request, triton_ops, monkeypatch):
     monkeypatch.setitem(mla.MLA_CFG, "prefix_group", 8 if request.param == "groups_of_8" or two_pass else None)
     # the two-pass prefix is the default since session 13; the first three run the one-pass kernel
     monkeypatch.setitem(mla.MLA_CFG, "prefix_two_pass", two_pass)
-    # the last: the values kernel takes each split's row max from the tile statistics first
-    monkeypatch.setitem(mla.MLA_CFG, "values_max_first", "max_first" in request.param)
+    # the last: the values kernel takes each split's row max from the tile statistics first,
+    # over row blocks of 8 heads (20 heads: blocks of 8, 8 and 4)
+    max_first = "max_first" in request.param
+    monkeypatch.setitem(mla.MLA_CFG, "values_max_first", max_first)
+    monkeypatch.setitem(mla.MLA_CFG, "two_pass_heads", 8 if max_first else 16)
     # scores, then values: 2+ value chunks; on the CPU 2 tiles per split, or whole tiles with
     # prefixes ending mid-tile
     if two_pass:
