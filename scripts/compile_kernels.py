@@ -21,7 +21,7 @@ time is spent. Families:
 
 Both in bfloat16 and float32 (moe_tune: bfloat16).
 
-    PYTHONPATH=$PWD:/work/triton_pkgs .venv/bin/python scripts/compile_kernels.py [--only mla]
+    PYTHONPATH=$PWD:/work/triton_pkgs .venv/bin/python scripts/compile_kernels.py [--only mla] [--regs]
 
 Every kernel launch compiles the launch's exact specialisation down to a cubin (ptxas) and
 returns without launching: tensors are CPU tensors whose contents are never read. Prints each
@@ -40,6 +40,8 @@ H200_SHARED = 232448  # bytes of shared memory a block may use on sm_90
 DTYPES = (torch.bfloat16, torch.float32)
 _where: list[str] = [""]  # what the launches being compiled belong to (for the report)
 _hashes: list[str] = []  # each compiled launch's kernel hash, in launch order
+_cubins: dict[str, tuple[str, str, bytes]] = {}  # kernel hash -> (name, where, cubin), kept with --regs
+_keep_cubins: list[bool] = [False]
 
 
 def _compile_only() -> list[tuple[str, int, str]]:
@@ -71,6 +73,8 @@ def _compile_only() -> list[tuple[str, int, str]]:
         kernel = run(self, *args, grid=grid, warmup=True, **kwargs)
         compiled.append((self.fn.__name__, kernel.metadata.shared, _where[0]))
         _hashes.append(kernel.hash)
+        if _keep_cubins[0]:
+            _cubins.setdefault(kernel.hash, (self.fn.__name__, _where[0], kernel.asm["cubin"]))
         return kernel
     JITFunction.run = compile_only
     return compiled
@@ -318,10 +322,39 @@ FAMILIES = {"gemm": _gemm, "sampling": _sampling,
             "mla_invariant": _mla_invariant, "moe_tune": _moe_tune}
 
 
+def _print_registers() -> None:
+    """Registers a thread and spill bytes of every distinct compiled kernel (cuobjdump -res-usage,
+    bundled with Triton): a kernel's programs an SM are bounded by 65,536 / (registers x threads),
+    so this shows occupancy limits before device time is spent (session 14)."""
+    import pathlib
+    import re
+    import subprocess
+    import tempfile
+
+    import triton
+    cuobjdump = pathlib.Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
+    usage: dict[str, list[tuple[int, int, str]]] = collections.defaultdict(list)
+    with tempfile.TemporaryDirectory() as tmp:
+        for i, (name, where, cubin) in enumerate(_cubins.values()):
+            path = pathlib.Path(tmp) / f"{i}.cubin"
+            path.write_bytes(cubin)
+            out = subprocess.run([str(cuobjdump), "-res-usage", str(path)], capture_output=True, text=True).stdout
+            found = re.search(r"REG:(\d+) STACK:(\d+)", out)
+            if found:
+                usage[name].append((int(found.group(1)), int(found.group(2)), where))
+    for name, rows in sorted(usage.items()):
+        regs, stack, where = max(rows)
+        spills = sum(1 for _, st, _ in rows if st)
+        print(f"{name:<28} registers up to {regs:>3} ({where}); {spills} of {len(rows)} specialisations spill")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--only", choices=sorted(FAMILIES), action="append", help="these families (default: all)")
-    families = parser.parse_args().only or sorted(FAMILIES)
+    parser.add_argument("--regs", action="store_true", help="also print registers and spills per kernel")
+    args = parser.parse_args()
+    families = args.only or sorted(FAMILIES)
+    _keep_cubins[0] = args.regs
     compiled = _compile_only()
     from atom.ops import implementations
     import atom.ops.triton  # noqa: F401 (registers the triton ops)
@@ -333,6 +366,8 @@ def main() -> None:
         print(f"{name:<28} {n:>4} launches compiled, max shared memory {shared:>7} B ({where})")
     worst = max(s for _, s, _ in compiled)
     print(f"{len(compiled)} launches compiled for sm_90; largest shared memory {worst} B of {H200_SHARED}")
+    if args.regs:
+        _print_registers()
     over = sorted({(name, s, where) for name, s, where in compiled if s > H200_SHARED})
     for name, s, where in over:
         print(f"OVER: {name} needs {s} B at {where}")
