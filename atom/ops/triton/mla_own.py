@@ -30,6 +30,23 @@ def _tile_blocks(bt_row, n0, hi, BLOCK_N: tl.constexpr, PAGE: tl.constexpr):
 
 
 @triton.jit
+def _softmax_step(qk, nm, scale_log2, m_i, l_i):
+    """Base-2 online softmax over one tile of raw scores qk [M, N] (columns past nm masked):
+    (p, the old rows' rescale alpha, the new row max, the new row sum)."""
+    qk = tl.where(nm[None, :], qk * scale_log2, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(qk, 1))
+    alpha = tl.exp2(m_i - m_new)
+    p = tl.exp2(qk - m_new[:, None])
+    return p, alpha, m_new, l_i * alpha + tl.sum(p, 1)
+
+
+@triton.jit
+def _cols(base, col0, c, rows, L: tl.constexpr):
+    """Columns col0 + c (c [1, CH]) of the rows at base ([M, 1] pointers, rows [M, 1] valid); 0 past L."""
+    return tl.load(base + col0 + c, mask=rows & (col0 + c < L), other=0.0)
+
+
+@triton.jit
 def _mla_tile(q_lat, q_pe, c_ptr, blk, n0, hi, scb, sct, scale_log2, m_i, l_i, acc, v0,
               L: tl.constexpr, R: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_R: tl.constexpr,
               BLOCK_DV: tl.constexpr, BLOCK_N: tl.constexpr, PAGE: tl.constexpr, PREC: tl.constexpr,
@@ -52,11 +69,7 @@ def _mla_tile(q_lat, q_pe, c_ptr, blk, n0, hi, scb, sct, scale_log2, m_i, l_i, a
         qk = tl.dot(q_lat, k, input_precision=PREC)
     kpe = tl.load(c_ptr + row[None, :] + L + rp[:, None], mask=nm[None, :] & (rp < R)[:, None], other=0.0)
     qk = tl.dot(q_pe, kpe, acc=qk, input_precision=PREC)
-    qk = tl.where(nm[None, :], qk * scale_log2, float("-inf"))
-    m_new = tl.maximum(m_i, tl.max(qk, 1))
-    alpha = tl.exp2(m_i - m_new)
-    p = tl.exp2(qk - m_new[:, None])
-    l_i = l_i * alpha + tl.sum(p, 1)
+    p, alpha, m_new, l_i = _softmax_step(qk, nm, scale_log2, m_i, l_i)
     if REUSE_KV:
         v = kv
     else:
@@ -76,10 +89,10 @@ def _mla_tile4(q0, q1, q2, q3, q_pe, c_ptr, blk, n0, hi, scb, sct, scale_log2, m
     nm = offs < hi
     row = (blk * scb + (offs % PAGE).to(tl.int64) * sct)[:, None]
     c = tl.arange(0, CH)[None, :]
-    k0 = tl.load(c_ptr + row + c, mask=nm[:, None] & (c < L), other=0.0)
-    k1 = tl.load(c_ptr + row + CH + c, mask=nm[:, None] & (CH + c < L), other=0.0)
-    k2 = tl.load(c_ptr + row + 2 * CH + c, mask=nm[:, None] & (2 * CH + c < L), other=0.0)
-    k3 = tl.load(c_ptr + row + 3 * CH + c, mask=nm[:, None] & (3 * CH + c < L), other=0.0)
+    k0 = _cols(c_ptr + row, 0, c, nm[:, None], L)
+    k1 = _cols(c_ptr + row, CH, c, nm[:, None], L)
+    k2 = _cols(c_ptr + row, 2 * CH, c, nm[:, None], L)
+    k3 = _cols(c_ptr + row, 3 * CH, c, nm[:, None], L)
     qk = tl.dot(q0, tl.trans(k0), input_precision=PREC)
     qk = tl.dot(q1, tl.trans(k1), acc=qk, input_precision=PREC)
     qk = tl.dot(q2, tl.trans(k2), acc=qk, input_precision=PREC)
@@ -87,11 +100,7 @@ def _mla_tile4(q0, q1, q2, q3, q_pe, c_ptr, blk, n0, hi, scb, sct, scale_log2, m
     rp = tl.arange(0, BLOCK_R)
     kpe = tl.load(c_ptr + tl.trans(row) + L + rp[:, None], mask=nm[None, :] & (rp < R)[:, None], other=0.0)
     qk = tl.dot(q_pe, kpe, acc=qk, input_precision=PREC)
-    qk = tl.where(nm[None, :], qk * scale_log2, float("-inf"))
-    m_new = tl.maximum(m_i, tl.max(qk, 1))
-    alpha = tl.exp2(m_i - m_new)
-    p = tl.exp2(qk - m_new[:, None])
-    l_i = l_i * alpha + tl.sum(p, 1)
+    p, alpha, m_new, l_i = _softmax_step(qk, nm, scale_log2, m_i, l_i)
     p = p.to(k0.dtype)
     a0 = tl.dot(p, k0, acc=a0 * alpha[:, None], input_precision=PREC)
     a1 = tl.dot(p, k1, acc=a1 * alpha[:, None], input_precision=PREC)
@@ -171,12 +180,12 @@ def _mla_own_kernel(ql_ptr, qp_ptr, c_ptr, bt_ptr, sl_ptr, start_ptr, po_ptr, pl
         blk = _tile_blocks(bt_row, lo, hi, BLOCK_N, PAGE)
         if CHUNKS:
             CH: tl.constexpr = BLOCK_L // 4
-            c = tl.arange(0, CH)
-            qb = ql_ptr + b64 * sql0 + heads[:, None] * sql1 + c[None, :]
-            q0 = tl.load(qb, mask=hm[:, None] & (c < L)[None, :], other=0.0)
-            q1 = tl.load(qb + CH, mask=hm[:, None] & (CH + c < L)[None, :], other=0.0)
-            q2 = tl.load(qb + 2 * CH, mask=hm[:, None] & (2 * CH + c < L)[None, :], other=0.0)
-            q3 = tl.load(qb + 3 * CH, mask=hm[:, None] & (3 * CH + c < L)[None, :], other=0.0)
+            c = tl.arange(0, CH)[None, :]
+            qb = ql_ptr + b64 * sql0 + heads[:, None] * sql1
+            q0 = _cols(qb, 0, c, hm[:, None], L)
+            q1 = _cols(qb, CH, c, hm[:, None], L)
+            q2 = _cols(qb, 2 * CH, c, hm[:, None], L)
+            q3 = _cols(qb, 3 * CH, c, hm[:, None], L)
             a0 = tl.zeros([BH, CH], tl.float32)
             a1 = tl.zeros([BH, CH], tl.float32)
             a2 = tl.zeros([BH, CH], tl.float32)
