@@ -71,23 +71,13 @@ CASES = {  # name: (bsz, prompt, gen, n, heads); groups of the decode runner's s
 # that none can ask for more shared memory than an H200 block has (prefix (256, 64, 8, 2) asked
 # for 280 KiB in bf16 at 16 heads: the sweep always skipped it, so it is not listed).
 TUNE_SPACE = (
-    # The own part's latent in four column chunks (session 14, not yet on a GPU): sm_90 ptxas
-    # gives the whole-width form 242 registers (two 4-warp programs an SM, ncu: 12% occupancy,
-    # latency-bound) and the chunked one 128 at 16-token tiles (55.8 KB at 3 stages, 74 KB at
-    # 4: four / three programs an SM), 146 at 32-token tiles (93 KB: two), 102 at 8 warps.
-    (("own_chunks", "block_n", "warps", "stages"),
-     [(False, 32, 4, 3), (True, 16, 4, 3), (True, 16, 4, 4), (True, 32, 4, 3), (True, 32, 8, 3), (True, 16, 8, 3)]),
-    # A register cap on the two-pass scores kernel (session 14, not yet on a GPU): sm_90 ptxas
-    # gives it 82 registers, two 8-warp programs an SM (ncu: 24% occupancy, latency-bound); at
-    # 80 or 72 (no spills) three fit (74 KB of shared memory each). Or 8 heads per row block
-    # (64 rows): scores 48 registers and 49 KB, four programs an SM, each prompt tile read by
-    # two programs side by side; values 216 registers (one an SM, as at 16), twice the programs.
-    (("scores_maxnreg", "two_pass_heads"), [(None, 16), (80, 16), (72, 16), (None, 8)]),
-    # The values kernel with each split's row max taken first from the tile statistics (session
-    # 14, not yet on a GPU): every step scales its p to that max, so the accumulator is never
-    # rescaled and its products chain without waiting on the rescale (sm_90: 255 registers and
-    # 40 bytes of stack at 256 columns, 226 at 128, against 250 / 234).
-    (("values_max_first", "two_pass_dv"), [(False, 256), (True, 256), (True, 128)]),
+    # The own part's tiles, its latent in four column chunks since session 15 (H200 tuner, with
+    # the whole-width form then beside it; bs512, bs64, 128 heads, us): whole width 32 tokens
+    # [209, 61, 194]; chunks 32 tokens [195, 60, 171], 16 tokens [212, 68, 195], 16 tokens 4
+    # stages [273, 68, 262], 32 tokens 8 warps [219, 65, 201]. A register cap on the two-pass
+    # scores kernel (80, 72) and the values kernel taking each split's row max first were within
+    # the margin and removed; 8 heads per two-pass row block lost (226, 58, 194).
+    (("block_n", "warps", "stages"), [(32, 4, 3), (32, 4, 2), (16, 4, 3)]),
     # Score tiles of T tokens stepped through by the values kernel TV at a time (session 14):
     # a scores program reads its 128 query rows x 576 from L2 once per tile, so a larger T
     # halves that traffic while the values kernel keeps 64-token steps (T = 128 in both spilled).

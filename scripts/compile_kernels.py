@@ -211,8 +211,6 @@ def _mla(impl) -> None:
                 if cascade or not small:
                     _mla_decode(decode, dt, shape, {}, whole, cascade, small)
             _mla_decode(decode, dt, shape, MLA_TEST_CFG, False, True)
-            for whole in (False, True):  # the tests' chunked own part (latents of 64 columns and more)
-                _mla_decode(decode, dt, shape, {"own_chunks": True}, whole, whole)
             for cfg in candidates if shape in MLA_MODEL_SHAPES else ():
                 _mla_decode(decode, dt, shape, cfg, False, False)
                 _mla_decode(decode, dt, shape, cfg, True, True)

@@ -58,18 +58,18 @@ def latent_batch(device, dtype, seq_lens, heads, lat, rope, page, shared=None):
     return q_latent, q_pe, cache, meta, 2 * (lat + rope) ** -0.5
 
 
-@pytest.fixture(params=["split", "whole", "split+reuse_kv", "whole+reuse_kv", "split+chunks", "whole+chunks"])
+@pytest.fixture(params=["split", "whole", "split+reuse_kv", "whole+reuse_kv"])
 def decode_mode(request, triton_ops, monkeypatch):
     """Split own parts + merge kernel, or one program per sequence's whole own part; with
-    reuse_kv, one load of each latent tile serves scores and values (own part, and prefix
-    programs whose value chunk is the whole latent); with chunks, the own part's latent in four
-    column chunks (latents of 64 columns and more: 48 pads to 64, its last chunk all masked)."""
+    reuse_kv, one load of each latent tile serves scores and values (own part below 64 latent
+    columns, and prefix programs whose value chunk is the whole latent). From 64 columns on the
+    own part holds its latent in four column chunks (48 pads to 64, its last chunk all masked),
+    below in one (32)."""
     import atom.ops.triton.mla as mla
     reuse = request.param not in ("split", "whole")
     monkeypatch.setitem(mla.MLA_CFG, "whole_own_pairs", 1 if request.param.startswith("whole") else 1 << 40)
     monkeypatch.setitem(mla.MLA_CFG, "reuse_kv", reuse)
     monkeypatch.setitem(mla.MLA_CFG, "prefix_reuse_kv", reuse)
-    monkeypatch.setitem(mla.MLA_CFG, "own_chunks", request.param.endswith("chunks"))
     if ON_CPU:  # several own splits at the interpreter's short sequences
         monkeypatch.setitem(mla.MLA_CFG, "small_split", 16)
         monkeypatch.setitem(mla.MLA_CFG, "split", 32)
@@ -104,7 +104,7 @@ def test_mla_decode(triton_ops, device, dtype, heads, lat, rope, page, decode_mo
 
 
 @pytest.fixture(params=["small_prefix_split", "prefix_split+value_chunks", "groups_of_8", "two_pass",
-                        "two_pass+partial_tile", "two_pass+max_first+partial_tile"])
+                        "two_pass+partial_tile", "two_pass+8_heads+partial_tile"])
 def prefix_cfg(request, triton_ops, monkeypatch):
     """Shared-prefix splits of either size class; the second also cuts the latent output into
     chunks (CPU: 16 columns, GPU: 128) so that several value-chunk programs share a group; the
@@ -123,11 +123,8 @@ def prefix_cfg(request, triton_ops, monkeypatch):
     monkeypatch.setitem(mla.MLA_CFG, "prefix_group", 8 if request.param == "groups_of_8" or two_pass else None)
     # the two-pass prefix is the default since session 13; the first three run the one-pass kernel
     monkeypatch.setitem(mla.MLA_CFG, "prefix_two_pass", two_pass)
-    # the last: the values kernel takes each split's row max from the tile statistics first,
-    # over row blocks of 8 heads (20 heads: blocks of 8, 8 and 4)
-    max_first = "max_first" in request.param
-    monkeypatch.setitem(mla.MLA_CFG, "values_max_first", max_first)
-    monkeypatch.setitem(mla.MLA_CFG, "two_pass_heads", 8 if max_first else 16)
+    # the last: two-pass row blocks of 8 heads (20 heads: blocks of 8, 8 and 4)
+    monkeypatch.setitem(mla.MLA_CFG, "two_pass_heads", 8 if "8_heads" in request.param else 16)
     # scores, then values: 2+ value chunks; on the CPU 2 tiles per split, or whole tiles with
     # prefixes ending mid-tile
     if two_pass:

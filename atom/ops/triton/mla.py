@@ -10,7 +10,7 @@ the caller applies W_uv).
 The programs follow the paged decode of atom/ops/triton/attention.py:
 * own part (atom/ops/triton/mla_own.py): one program per (sequence, block of BLOCK_H = 16
   heads, split), the heads in the M dimension of the tiles and the whole latent width in the
-  accumulator ([16, L] fp32, or four [16, L / 4] with MLA_CFG["own_chunks"]);
+  accumulator (four [16, L / 4] fp32 chunks; below 64 columns one [16, L]);
 * shared prefix (`meta.cascade`, the n samples of a prompt): one program per (group, split,
   head block x value chunk) stacks the query heads of every member (up to the runner's MAX_N) in
   M, so the prompt's latents are read once per group. A [64, 512] fp32 accumulator would not fit
@@ -71,18 +71,18 @@ B = "triton"
 # the values kernel's p loaded a tile ahead (without, Triton staged one tile at a time; ncu: 12%
 # occupancy, no eligible warp in 69-76% of cycles): bs512 236 -> 202 us, bs64 66 -> 61, 128
 # heads 210 -> 187; grpo-mla-moe 51.7% -> 52.5-54.5% (two runs).
-# own_chunks: the own part's latent in four column chunks (mla_own.py: 242 -> 128 registers at
-# 16-token tiles); off until the H200 tuner has measured it (its first group). scores_maxnreg:
-# a register cap on the two-pass scores kernel (sm_90: 82 registers give two 8-warp programs an
-# SM, 80 three, no spills at 72-80); unset until measured (the tuner's second group).
+# The own part's latent in four column chunks from 64 latent columns on (mla_own.py; sm_90
+# ptxas 242 -> 146 registers at 32-token tiles): session 15's H200 tuner, bs512 209 -> 195 us,
+# bs64 61 -> 60, 128 heads 194 -> 171 (16-token tiles, 8 warps or 4 stages all lost). Neither a
+# register cap on the two-pass scores kernel (80 / 72: [189, 62, 171] against [195, 60, 171]) nor
+# the values kernel taking each split's row max first ([194, 60, 170]) beat the tuner's margin:
+# both removed.
 MLA_CFG = {"split": 256, "small_split": 64, "small_batch_pairs": 64, "block_n": 32, "warps": 4, "stages": 3,
            "prefix_split": 1024, "small_prefix_split": 256, "small_prefix_pairs": 64, "prefix_block_n": 32,
            "prefix_dv": 512, "prefix_heads": 8, "prefix_warps": 8, "prefix_stages": 2,
            "whole_own_pairs": 256, "reuse_kv": True, "prefix_reuse_kv": True, "prefix_group": 8,
            "prefix_two_pass": True, "two_pass_heads": 16, "two_pass_tile": 64, "two_pass_dv": 256,
-           "two_pass_warps": 8, "two_pass_stages": 3, "two_pass_value_tile": 64,
-           "own_chunks": False, "scores_maxnreg": None,
-           "values_max_first": False}
+           "two_pass_warps": 8, "two_pass_stages": 3, "two_pass_value_tile": 64}
 BLOCK_H = 16  # query heads of one sequence per own-part program
 
 
@@ -247,7 +247,7 @@ def mla_decode(q_latent: torch.Tensor, q_pe: torch.Tensor, kv_cache: torch.Tenso
         q_latent, q_pe, kv_cache, meta.block_tables, meta.seq_lens, start, po, pl, out, *common,
         out.stride(0), out.stride(1), n_prefix, scale_log2, H=heads, BH=BLOCK_H,
         BLOCK_N=max(16, cfg["block_n"] // wide), SPLIT=split, HAS_START=casc is not None, WHOLE=whole,
-        SPLIT_P=split_p, REUSE_KV=cfg["reuse_kv"], CHUNKS=cfg["own_chunks"] and dims["BLOCK_L"] >= 64,
+        SPLIT_P=split_p, REUSE_KV=cfg["reuse_kv"], CHUNKS=dims["BLOCK_L"] >= 64,
         num_warps=cfg["warps"], num_stages=cfg["stages"], **dims)
     if not whole:
         _mla_merge_kernel[(bsz, heads)](

@@ -3,13 +3,14 @@ BLOCK_H = 16 heads, split) over the sequence's own cache tokens, the heads in th
 the tiles and the whole latent width in the accumulator ([16, L] fp32), with the online-softmax
 step the shared-prefix one-pass kernel uses too (_mla_tile).
 
-Two forms of the step, by MLA_CFG["own_chunks"]:
-* whole width (_mla_tile): q [16, L] . cache rows^T, then p . cache rows;
-* four column chunks (_mla_tile4): the same sums over chunks of L / 4 columns into four
-  accumulators. The warps split a tile's tokens, so the whole-width form holds the [16, L] query
-  operand in every warp's registers (128 a thread at Moonlight's 16 x 512); in chunks each dot
-  reads its operand from shared memory (sm_90 ptxas, 4 warps, 16-token tiles, 3 stages: 213 ->
-  128 registers, four programs an SM instead of two, for tiles of ids loaded a tile ahead).
+Two forms of the step, by the latent's width:
+* four column chunks (_mla_tile4, from 64 columns on): q [16, L] . cache rows^T and p . cache
+  rows as sums over chunks of L / 4 columns into four accumulators. The warps split a tile's
+  tokens, so a whole-width query operand sits in every warp's registers (128 a thread at
+  Moonlight's 16 x 512); in chunks each dot reads its operand from shared memory (sm_90 ptxas,
+  4 warps, 32-token tiles, 3 stages: 242 -> 146 registers; session 15's H200 tuner: the bs512
+  decode 209 -> 195 us, the 128-head bs64 one 194 -> 171);
+* whole width (_mla_tile, narrower latents: chunks would fall below tl.dot's 16 columns).
 The prefix partials are folded in and the output stored one chunk at a time (_own_out), so that
 the epilogue holds one [16, L / 4] partial, not a second [16, L] (the fold of whole-width
 outputs alone took 214 registers).
@@ -151,7 +152,7 @@ def _mla_own_kernel(ql_ptr, qp_ptr, c_ptr, bt_ptr, sl_ptr, start_ptr, po_ptr, pl
                     REUSE_KV: tl.constexpr, CHUNKS: tl.constexpr):
     """One (sequence, head block, split) of the sequence's own tokens. WHOLE: the split is the
     whole own part, the prefix partials are folded in here and the output stored. CHUNKS: the
-    latent in four column chunks (BLOCK_L >= 64).
+    latent in four column chunks (BLOCK_L >= 64; else whole width).
     The next tile's block ids are loaded a tile ahead, so that no load of an iteration depends
     on another one's: Triton's pipeliner then gives the latent tiles num_stages - 1 buffers (with
     the ids loaded in the iteration it gave one at any num_stages, and each tile's DRAM latency

@@ -115,32 +115,14 @@ def _values_tile(c_ptr, bt_row, p_ptr, sbase, n0, hi, scb, sct, spr, sss, sst, r
 
 
 @triton.jit
-def _split_stats(sbase, lo, hi, sss, sst, T: tl.constexpr, BLOCK_M: tl.constexpr):
-    """The row max and the row sum (relative to that max) of the score tiles of [lo, hi)."""
-    m = tl.full([BLOCK_M], float("-inf"), tl.float32)
-    l = tl.zeros([BLOCK_M], tl.float32)
-    for t in range(lo // T, tl.cdiv(hi, T)):
-        m_t = tl.load(sbase + t * sst)
-        m_new = tl.maximum(m, m_t)
-        l = l * tl.exp2(m - m_new) + tl.load(sbase + t * sst + sss) * tl.exp2(m_t - m_new)
-        m = m_new
-    return m, l
-
-
-@triton.jit
 def _prefix_values_kernel(c_ptr, bt_ptr, rows_ptr, plen_ptr, p_ptr, st_ptr, po_ptr, pl_ptr,
                           scb, sct, sbt, srow, spg, sph, spr, ssg, ssh, sss, sst, sp0, sp1, sp2, sl0, sl1,
                           H: tl.constexpr, HB: tl.constexpr, MAX_N: tl.constexpr, N_DV: tl.constexpr,
                           BLOCK_M: tl.constexpr, L: tl.constexpr, BLOCK_DV: tl.constexpr, T: tl.constexpr,
-                          TV: tl.constexpr, PAGE: tl.constexpr, SPLIT: tl.constexpr, PREC: tl.constexpr,
-                          MAX_FIRST: tl.constexpr = False):
+                          TV: tl.constexpr, PAGE: tl.constexpr, SPLIT: tl.constexpr, PREC: tl.constexpr):
     """Steps of TV tokens (T, the score tile, a multiple of TV). The next step's p, row
     statistics and block ids are loaded a step ahead, into registers: p is rescaled before its
-    product, so Triton's pipeliner never staged it (session 14's H200: 216 -> 202 us at bs512).
-    MAX_FIRST: the split's row max and sum come first from the tile statistics alone, so every
-    step scales its p to that max and the accumulator is never rescaled: a plain chain of
-    accumulating products (sm_90 ptxas: 226 registers at 128 value columns against 234; 255 and
-    40 bytes of stack at 256 against 250)."""
+    product, so Triton's pipeliner never staged it (session 14's H200: 216 -> 202 us at bs512)."""
     g, s, hb, v0, lo, hi = prefix_split_program(plen_ptr, N_DV, BLOCK_DV, SPLIT)
     if lo < hi:
         mrow, heads, rm, first = prefix_tile_rows(rows_ptr, g, srow, hb, HB, MAX_N, BLOCK_M, H)
@@ -149,30 +131,23 @@ def _prefix_values_kernel(c_ptr, bt_ptr, rows_ptr, plen_ptr, p_ptr, st_ptr, po_p
         pg = p_ptr + g.to(tl.int64) * spg + hb * sph
         sbase = st_ptr + g.to(tl.int64) * ssg + hb * ssh + r
         bt_row = bt_ptr + first * sbt
-        if MAX_FIRST:
-            m_run, l_run = _split_stats(sbase, lo, hi, sss, sst, T, BLOCK_M)
-        else:
-            m_run = tl.full([BLOCK_M], float("-inf"), tl.float32)
-            l_run = tl.zeros([BLOCK_M], tl.float32)
+        m_run = tl.full([BLOCK_M], float("-inf"), tl.float32)
+        l_run = tl.zeros([BLOCK_M], tl.float32)
         acc = tl.zeros([BLOCK_M, BLOCK_DV], tl.float32)
         crow, nm, p, m_t, l_t = _values_tile(c_ptr, bt_row, pg, sbase, lo, hi, scb, sct, spr, sss, sst, r, dv,
                                              L, T, TV, PAGE)
         for n0 in range(lo, hi, TV):
             nxt = _values_tile(c_ptr, bt_row, pg, sbase, n0 + TV, hi, scb, sct, spr, sss, sst, r, dv, L, T, TV, PAGE)
             v = tl.load(c_ptr + crow[:, None] + dv[None, :], mask=nm[:, None] & (dv < L)[None, :], other=0.0)
-            if MAX_FIRST:
-                pv = (p.to(tl.float32) * tl.exp2(m_t - m_run)[:, None]).to(v.dtype)
-                acc = tl.dot(pv, v, acc=acc, input_precision=PREC)
-            else:
-                m_new = tl.maximum(m_run, m_t)
-                a = tl.exp2(m_run - m_new)
-                c = tl.exp2(m_t - m_new)
-                # p rescaled to the running max before the product, so that the dot accumulates
-                # into acc (a separate [BLOCK_M, BLOCK_DV] product spilled at 128 x 256 on sm_90)
-                pv = (p.to(tl.float32) * c[:, None]).to(v.dtype)
-                acc = tl.dot(pv, v, acc=acc * a[:, None], input_precision=PREC)
-                l_run = l_run * a + l_t * c
-                m_run = m_new
+            m_new = tl.maximum(m_run, m_t)
+            a = tl.exp2(m_run - m_new)
+            c = tl.exp2(m_t - m_new)
+            # p rescaled to the running max before the product, so that the dot accumulates
+            # into acc (a separate [BLOCK_M, BLOCK_DV] product spilled at 128 x 256 on sm_90)
+            pv = (p.to(tl.float32) * c[:, None]).to(v.dtype)
+            acc = tl.dot(pv, v, acc=acc * a[:, None], input_precision=PREC)
+            l_run = l_run * a + l_t * c
+            m_run = m_new
             crow, nm, p, m_t, l_t = nxt
         tl.store(po_ptr + mrow[:, None] * sp0 + heads[:, None] * sp1 + s * sp2 + dv[None, :], acc / l_run[:, None],
                  mask=rm[:, None] & (dv < L)[None, :])
@@ -220,12 +195,11 @@ def launch_prefix(q_latent, q_pe, kv_cache, meta, po, pl, common, scale_log2, sp
         q_latent, q_pe, kv_cache, meta.block_tables, rows, casc.group_prefix_len, p, st,
         sql0, sql1, sqp0, sqp1, scb, sct, sbt, rows.stride(0), *scratch, scale_log2, H=heads, HB=hb, MAX_N=max_n,
         BLOCK_M=block_m, L=dims["L"], R=dims["R"], BLOCK_L=block_l, BLOCK_K=min(64 // wide, block_l),
-        BLOCK_R=dims["BLOCK_R"], T=tile, PAGE=dims["PAGE"], PREC=dims["PREC"], num_warps=warps, num_stages=stages,
-        **({"maxnreg": cfg["scores_maxnreg"]} if cfg["scores_maxnreg"] else {}))
+        BLOCK_R=dims["BLOCK_R"], T=tile, PAGE=dims["PAGE"], PREC=dims["PREC"], num_warps=warps, num_stages=stages)
     block_dv = min(max(16, triton.next_power_of_2(cfg["two_pass_dv"] // wide)), block_l)
     n_dv = triton.cdiv(dims["L"], block_dv)
     _prefix_values_kernel[(groups, n_prefix, n_hb * n_dv)](
         kv_cache, meta.block_tables, rows, casc.group_prefix_len, p, st, po, pl, scb, sct, sbt, rows.stride(0),
         *scratch, sp0, sp1, sp2, sl0, sl1, H=heads, HB=hb, MAX_N=max_n, N_DV=n_dv, BLOCK_M=block_m, L=dims["L"],
         BLOCK_DV=block_dv, T=tile, TV=min(tile, max(16, cfg["two_pass_value_tile"] // wide)), PAGE=dims["PAGE"],
-        SPLIT=split_p, PREC=dims["PREC"], MAX_FIRST=cfg["values_max_first"], num_warps=warps, num_stages=stages)
+        SPLIT=split_p, PREC=dims["PREC"], num_warps=warps, num_stages=stages)
