@@ -226,7 +226,8 @@ ROUTE_SHAPES = ((256, 8, 4, 8), (64, 1, 1, 6), (8, 4, 2, 2))
 
 def _mla_invariant(impl) -> None:
     """The triton_invariant backend's DeepSeek-V3 ops (its decode under the default MLA_CFG and
-    with reuse_kv; prefill rows; absorb / expand GEMMs with DeepSeek-V3's nope = v = 128)."""
+    with reuse_kv; prefill rows; absorb / expand GEMMs with DeepSeek-V3's nope = v = 128; the
+    router logits, shared with the triton backend)."""
     import atom.ops.triton.invariant  # noqa: F401 (registers the backend)
     import atom.ops.triton.mla as mla
     from atom.ops.metadata import AttentionMetadata
@@ -262,6 +263,11 @@ def _mla_invariant(impl) -> None:
         _where[0] = f"grouped routing experts={e} groups={groups} kept={kept} top_k={k}"
         for renorm in (False, True):
             inv["moe_route_grouped"](torch.empty(7, e), torch.empty(e), k, groups, kept, renorm, 2.5)
+    router = impl("router_linear")["triton"]
+    for t, h, e in ((512, 2048, 64), (512, 7168, 256), (7, 64, 8)):  # Moonlight, DeepSeek-V3, tiny
+        for xd, wd in ((torch.bfloat16, torch.bfloat16), (torch.float32, torch.float32), (torch.bfloat16, torch.float32)):
+            _where[0] = f"router logits T={t} H={h} E={e} x {xd} weight {wd}"
+            router(torch.empty(t, h, dtype=xd), torch.empty(e, h, dtype=wd))
 
 
 # (N, K) of the batch-invariant GEMM: Qwen3-8B's qkv, o_proj, gate_up, down, lm_head, then the

@@ -58,7 +58,7 @@ while [ $# -gt 0 ]; do
     tests)
       # Four pytest processes share the GPU (the suite is bound by Triton compiles on the host's
       # 16 cores, not by the device): about a third of the 530 s a single process takes.
-      groups=("tests/gpu/test_moe_small.py tests/gpu/test_family_kernels.py tests/gpu/test_moe_tiles_gpu.py"
+      groups=("tests/gpu/test_moe_small.py tests/gpu/test_family_kernels.py tests/gpu/test_moe_tiles_gpu.py tests/gpu/test_router_linear.py"
               "tests/gpu/test_engine_gpu.py tests/gpu/test_families_gpu.py tests/gpu/test_gpt_oss_gpu.py tests/gpu/test_sampling_options_gpu.py tests/gpu/test_routed_gpu.py tests/test_overlapped_decode.py tests/test_weight_transfer.py tests/gpu/test_invariant_family_kernels.py"
               "tests/gpu/test_triton_ops.py tests/gpu/test_attn_prologue.py tests/gpu/test_linear.py tests/gpu/test_sampling_split.py tests/gpu/test_penalties_gpu.py tests/gpu/test_invariant_ops.py tests/gpu/test_sampling_ranks.py"
               "tests/gpu/test_mla_triton.py tests/gpu/test_mla_prefill_gpu.py tests/gpu/test_deepseek_gpu.py tests/gpu/test_batch_invariant_gpu.py tests/gpu/test_invariant_gemm.py tests/gpu/test_batch_invariant_families_gpu.py tests/gpu/test_aiter_mla.py tests/gpu/test_invariant_mla_kernels.py"

@@ -10,7 +10,7 @@ import torch
 
 from atom.ops.metadata import AttentionMetadata
 from atom.ops.torch_family_ops import (clamped_swiglu, fused_moe_biased, mla_attention_decode, mla_attention_prefill,
-                                       mla_cache_write, moe_route_grouped, sliding_sink_attention_decode,
+                                       mla_cache_write, moe_route_grouped, router_linear, sliding_sink_attention_decode,
                                        sliding_sink_attention_prefill)
 from atom.ops.torch_ops import kv_cache_write, paged_attention_decode, paged_attention_prefill
 
@@ -136,8 +136,12 @@ def test_grouped_routing_matches_hf(groups, top_groups, renorm):
         router.weight.copy_(rand(e, h))
         router.e_score_correction_bias.copy_(rand(e, scale=0.5))
     x = rand(t, h)
+    if groups == 8:  # a bf16 router over bf16 activations: HF widens both to float32 for the logits
+        router, x = router.to(torch.bfloat16), x.to(torch.bfloat16)
     with torch.no_grad():
-        logits, w_want, ids_want = router(x)
+        logits_want, w_want, ids_want = router(x)
+    logits = router_linear(x, router.weight)
+    assert logits.dtype == torch.float32 and torch.equal(logits, logits_want.reshape(t, e))
     w, ids = moe_route_grouped(logits, router.e_score_correction_bias, k, groups, top_groups, renorm, 2.5)
     order_got, order_want = ids.sort(-1), ids_want.sort(-1)
     assert torch.equal(order_got.values, order_want.values)

@@ -93,6 +93,10 @@ def test_rows_are_the_same_alone_and_in_any_batch():
     w_kv_b = rand(heads * (nope + v), lat, scale=0.2)
     q_nope, out_lat = rand(t, heads, nope), rand(t, heads, lat)
     absorbed, expanded = inv.mla_absorb_query(q_nope, w_kv_b), inv.mla_expand_output(out_lat, w_kv_b, nope)
+    gate = rand(e, h).to(torch.bfloat16)
+    router_logits = inv.router_linear(x.to(torch.bfloat16), gate)
+    assert router_logits.dtype == torch.float32
+    torch.testing.assert_close(router_logits, x.to(torch.bfloat16).double() @ gate.double().t(), check_dtype=False)
     torch.testing.assert_close(absorbed, ref.mla_absorb_query(q_nope, w_kv_b))
     torch.testing.assert_close(expanded, ref.mla_expand_output(out_lat, w_kv_b, nope))
     for m in range(1, t):
@@ -103,6 +107,7 @@ def test_rows_are_the_same_alone_and_in_any_batch():
             assert torch.equal(inv.fused_moe_biased(x[a:b], w13, b13, w2, b2, weights[a:b], ids[a:b], 0.7, 1.702),
                                moe[a:b]), (a, b)
             assert torch.equal(inv.mla_absorb_query(q_nope[a:b], w_kv_b), absorbed[a:b])
+            assert torch.equal(inv.router_linear(x[a:b].to(torch.bfloat16), gate), router_logits[a:b])
             assert torch.equal(inv.mla_expand_output(out_lat[a:b], w_kv_b, nope), expanded[a:b])
 
 

@@ -51,7 +51,7 @@ class DeepseekMoE(SparseMoE):
         return self.experts(x, *self.route_recorded(x))
 
     def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        logits = ops.linear(x.float(), self.gate.weight.float())  # HF routes in float32
+        logits = ops.router_linear(x, self.gate.weight)  # float32, as HF routes
         return ops.moe_route_grouped(logits, self.e_score_correction_bias, self.top_k, self.num_groups,
                                      self.topk_groups, self.renormalize, self.scaling)
 
@@ -72,7 +72,7 @@ class DeepseekV3ForCausalLM(CausalLM):
     checkpoint_renames = ((r"\.mlp\.e_score_correction_bias$", ".mlp.gate.e_score_correction_bias"),)
     # e_score_correction_bias is a buffer in HF models: trainers' named_parameters() do not carry it.
     optional_weights = (r"\.mlp\.gate\.e_score_correction_bias$",)
-    graph_ops = ("mla_cache_write", "mla_attention_decode", "fused_moe", "moe_route_grouped")
+    graph_ops = ("mla_cache_write", "mla_attention_decode", "fused_moe", "router_linear", "moe_route_grouped")
     decode_attention_op = "mla_attention_decode"
 
     def __init__(self, args: ModelArgs, parallel=None) -> None:

@@ -99,6 +99,11 @@ def clamped_swiglu(x: torch.Tensor, limit: float | None, alpha: float) -> torch.
         *x.shape[:-1], x.shape[-1] // 2)
 
 
+@register("router_linear", B)
+def router_linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    return linear(x.float(), weight.float())
+
+
 @register("moe_route_grouped", B)
 def moe_route_grouped(router_logits: torch.Tensor, correction_bias: torch.Tensor, top_k: int, num_groups: int,
                       topk_groups: int, renormalize: bool, scaling: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -178,7 +183,7 @@ def mla_attention_decode(q_latent: torch.Tensor, q_pe: torch.Tensor, kv_cache: t
 
 
 FAMILY_INVARIANT_OPS = ("sliding_sink_attention_prefill", "sliding_sink_attention_decode", "clamped_swiglu",
-                        "moe_route_grouped", "fused_moe_biased", "mla_absorb_query", "mla_expand_output",
+                        "router_linear", "moe_route_grouped", "fused_moe_biased", "mla_absorb_query", "mla_expand_output",
                         "mla_attention_prefill", "mla_attention_decode")
 
 # One cache row per token: the reference as it is.

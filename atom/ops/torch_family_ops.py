@@ -63,6 +63,13 @@ def fused_moe_biased(x: torch.Tensor, w13: torch.Tensor, b13: torch.Tensor, w2: 
 
 
 
+@register("router_linear", B, "graph_safe")
+def router_linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """Router logits in float32: x [T, H] @ weight [E, H].T with both widened to float32 first, as
+    HF's DeepSeek-V3 router computes them (its expert choice follows these bits)."""
+    return torch.nn.functional.linear(x.float(), weight.float())
+
+
 @register("moe_route_grouped", B, "graph_safe")  # no host sync: sizes never depend on values
 def moe_route_grouped(router_logits: torch.Tensor, correction_bias: torch.Tensor, top_k: int, num_groups: int,
                       topk_groups: int, renormalize: bool, scaling: float) -> tuple[torch.Tensor, torch.Tensor]:

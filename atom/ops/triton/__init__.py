@@ -26,6 +26,6 @@ from atom.ops.registry import declare_backend  # noqa: E402
 declare_backend("triton", "graph_safe")  # no kernel syncs with the host
 
 from atom.ops.triton import (attention, elementwise, grouped_route, linear, mla, moe, moe_small,  # noqa: E402,F401
-                             sampling)
+                             router, sampling)
 
-__all__ = ["attention", "elementwise", "grouped_route", "linear", "mla", "moe", "moe_small", "sampling", "INTERPRET"]
+__all__ = ["attention", "elementwise", "grouped_route", "linear", "mla", "moe", "moe_small", "router", "sampling", "INTERPRET"]

@@ -14,6 +14,7 @@ chunked or cached, or on whether it was computed in a decode step or in a prompt
                       result is a function of its query, its context and its length only.
   mla_attention_prefill  every new token is one row of that decode (seq_len = its position + 1,
                       its sequence's block-table row), between the two GEMMs above.
+  router_linear       atom/ops/triton/router.py's kernels (their column ranges follow H only).
   moe_route_grouped   one program per token (atom/ops/triton/grouped_route.py).
   mla_cache_write     mla.py's write kernel: one program per token copies its row (no arithmetic).
 
@@ -30,6 +31,7 @@ from atom.ops.registry import register
 from atom.ops.triton import mla
 from atom.ops.triton.grouped_route import grouped_route
 from atom.ops.triton.invariant_gemm import invariant_gemm
+from atom.ops.triton.router import router_linear
 
 B = "triton_invariant"
 KV_SPLIT = 256  # KV tokens per partial of a row (the normal op's split at large batches)
@@ -122,3 +124,4 @@ def moe_route_grouped(router_logits: torch.Tensor, correction_bias: torch.Tensor
 
 
 register("mla_cache_write", B)(mla.mla_cache_write)
+register("router_linear", B)(router_linear)
