@@ -106,7 +106,10 @@ def _values_tile(c_ptr, bt_row, p_ptr, sbase, n0, hi, scb, sct, spr, sss, sst, r
     nm = offs < hi
     blk = tl.load(bt_row + offs // PAGE, mask=nm, other=0).to(tl.int64)
     crow = blk * scb + (offs % PAGE).to(tl.int64) * sct
-    p = tl.load(p_ptr + r[:, None] * spr + offs[None, :], mask=nm[None, :], other=0.0)
+    # p is read whole tiles at a time (no token mask): the scores kernel wrote every column of a
+    # tile it ran (0 past the prefix), and columns past hi meet masked (zero) value rows. A mask
+    # along the tokens kept Triton from vectorising: 32 scalar 16-bit loads a thread a step.
+    p = tl.load(p_ptr + r[:, None] * spr + offs[None, :], mask=n0 < hi, other=0.0)
     t = n0 // T
     live = (r >= 0) & (n0 < hi)
     m_t = tl.load(sbase + t * sst, mask=live, other=0.0)
@@ -196,10 +199,14 @@ def launch_prefix(q_latent, q_pe, kv_cache, meta, po, pl, common, scale_log2, sp
         sql0, sql1, sqp0, sqp1, scb, sct, sbt, rows.stride(0), *scratch, scale_log2, H=heads, HB=hb, MAX_N=max_n,
         BLOCK_M=block_m, L=dims["L"], R=dims["R"], BLOCK_L=block_l, BLOCK_K=min(64 // wide, block_l),
         BLOCK_R=dims["BLOCK_R"], T=tile, PAGE=dims["PAGE"], PREC=dims["PREC"], num_warps=warps, num_stages=stages)
+    tv = min(tile, max(16, cfg["two_pass_value_tile"] // wide))
+    if tile % tv or split_p % tv:  # the values kernel reads p in whole steps of a score tile and of a split
+        raise ValueError(f"MLA_CFG: two_pass_value_tile {tv} must divide two_pass_tile {tile} and the prefix "
+                         f"split {split_p}")
     block_dv = min(max(16, triton.next_power_of_2(cfg["two_pass_dv"] // wide)), block_l)
     n_dv = triton.cdiv(dims["L"], block_dv)
     _prefix_values_kernel[(groups, n_prefix, n_hb * n_dv)](
         kv_cache, meta.block_tables, rows, casc.group_prefix_len, p, st, po, pl, scb, sct, sbt, rows.stride(0),
         *scratch, sp0, sp1, sp2, sl0, sl1, H=heads, HB=hb, MAX_N=max_n, N_DV=n_dv, BLOCK_M=block_m, L=dims["L"],
-        BLOCK_DV=block_dv, T=tile, TV=min(tile, max(16, cfg["two_pass_value_tile"] // wide)), PAGE=dims["PAGE"],
+        BLOCK_DV=block_dv, T=tile, TV=tv, PAGE=dims["PAGE"],
         SPLIT=split_p, PREC=dims["PREC"], num_warps=warps, num_stages=stages)
