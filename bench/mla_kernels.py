@@ -76,15 +76,10 @@ TUNE_SPACE = (
     # [209, 61, 194]; chunks 32 tokens [195, 60, 171], 16 tokens [212, 68, 195], 16 tokens 4
     # stages [273, 68, 262], 32 tokens 8 warps [219, 65, 201]. A register cap on the two-pass
     # scores kernel (80, 72) and the values kernel taking each split's row max first were within
-    # the margin and removed; 8 heads per two-pass row block lost (226, 58, 194).
+    # the margin and removed; 8 heads per two-pass row block lost (226, 58, 194). Then (p read
+    # vectorised): 32 tokens 3 stages [189, 57, 161], 2 stages [217, 62, 193], 16 tokens [205,
+    # 65, 186]. The values kernel as 64-row 4-warp programs, two an SM: [201-217, 56-58, 167-179].
     (("block_n", "warps", "stages"), [(32, 4, 3), (32, 4, 2), (16, 4, 3)]),
-    # The values kernel as two programs an SM (session 15): its p operand comes from registers,
-    # so sm_90 waits for each step's wgmma right after issuing it (WARPGROUP.DEPBAR after the
-    # HGMMAs); one 8-warp program an SM (255 registers) leaves the tensor cores idle while it
-    # loads and rescales. 64-row blocks (8 heads) at 4 warps: 255 registers and 106 KB (256
-    # columns) or 233 and 57 KB (128): two programs an SM, one's wgmma under the other's work.
-    (("two_pass_heads", "two_pass_warps", "two_pass_value_warps", "two_pass_dv"),
-     [(16, 8, None, 256), (8, 8, 4, 256), (8, 4, 4, 256), (8, 4, 4, 128)]),
     # Score tiles of T tokens stepped through by the values kernel TV at a time (session 14):
     # a scores program reads its 128 query rows x 576 from L2 once per tile, so a larger T
     # halves that traffic while the values kernel keeps 64-token steps (T = 128 in both spilled).

@@ -76,14 +76,15 @@ B = "triton"
 # bs64 61 -> 60, 128 heads 194 -> 171 (16-token tiles, 8 warps or 4 stages all lost). Neither a
 # register cap on the two-pass scores kernel (80 / 72: [189, 62, 171] against [195, 60, 171]) nor
 # the values kernel taking each split's row max first ([194, 60, 170]) beat the tuner's margin:
-# both removed. two_pass_value_warps: the values kernel's warps (None: two_pass_warps), so that
-# it can run 4-warp programs two to an SM beside the scores kernel's 8 (the tuner's second group).
+# both removed. Session 15 also tried the values kernel as 64-row, 4-warp programs two to an SM
+# (its wgmma waits right after issue; one 8-warp program an SM): [201-217, 56-58, 167-179] us
+# against [189, 57, 161]; removed.
 MLA_CFG = {"split": 256, "small_split": 64, "small_batch_pairs": 64, "block_n": 32, "warps": 4, "stages": 3,
            "prefix_split": 1024, "small_prefix_split": 256, "small_prefix_pairs": 64, "prefix_block_n": 32,
            "prefix_dv": 512, "prefix_heads": 8, "prefix_warps": 8, "prefix_stages": 2,
            "whole_own_pairs": 256, "reuse_kv": True, "prefix_reuse_kv": True, "prefix_group": 8,
            "prefix_two_pass": True, "two_pass_heads": 16, "two_pass_tile": 64, "two_pass_dv": 256,
-           "two_pass_warps": 8, "two_pass_stages": 3, "two_pass_value_tile": 64, "two_pass_value_warps": None}
+           "two_pass_warps": 8, "two_pass_stages": 3, "two_pass_value_tile": 64}
 BLOCK_H = 16  # query heads of one sequence per own-part program
 
 

@@ -209,4 +209,4 @@ def launch_prefix(q_latent, q_pe, kv_cache, meta, po, pl, common, scale_log2, sp
         kv_cache, meta.block_tables, rows, casc.group_prefix_len, p, st, po, pl, scb, sct, sbt, rows.stride(0),
         *scratch, sp0, sp1, sp2, sl0, sl1, H=heads, HB=hb, MAX_N=max_n, N_DV=n_dv, BLOCK_M=block_m, L=dims["L"],
         BLOCK_DV=block_dv, T=tile, TV=tv, PAGE=dims["PAGE"],
-        SPLIT=split_p, PREC=dims["PREC"], num_warps=cfg["two_pass_value_warps"] or warps, num_stages=stages)
+        SPLIT=split_p, PREC=dims["PREC"], num_warps=warps, num_stages=stages)
