@@ -104,7 +104,7 @@ def test_mla_decode(triton_ops, device, dtype, heads, lat, rope, page, decode_mo
 
 
 @pytest.fixture(params=["small_prefix_split", "prefix_split+value_chunks", "groups_of_8", "two_pass",
-                        "two_pass+partial_tile", "two_pass+8_heads+partial_tile"])
+                        "two_pass+partial_tile", "two_pass+8_heads+partial_tile+persistent"])
 def prefix_cfg(request, triton_ops, monkeypatch):
     """Shared-prefix splits of either size class; the second also cuts the latent output into
     chunks (CPU: 16 columns, GPU: 128) so that several value-chunk programs share a group; the
@@ -125,10 +125,15 @@ def prefix_cfg(request, triton_ops, monkeypatch):
     monkeypatch.setitem(mla.MLA_CFG, "prefix_two_pass", two_pass)
     # the last: two-pass row blocks of 8 heads (20 heads: blocks of 8, 8 and 4)
     monkeypatch.setitem(mla.MLA_CFG, "two_pass_heads", 8 if "8_heads" in request.param else 16)
+    # and the persistent scores kernel as two programs in all, each looping over many items
+    if request.param.endswith("persistent"):
+        import atom.ops.triton.mla_two_pass as two_pass_module
+        monkeypatch.setitem(mla.MLA_CFG, "two_pass_persistent", 2)
+        monkeypatch.setattr(two_pass_module, "_num_sms", lambda device: 1)
     # scores, then values: 2+ value chunks; on the CPU 2 tiles per split, or whole tiles with
     # prefixes ending mid-tile
     if two_pass:
-        partial = request.param.endswith("partial_tile")
+        partial = "partial_tile" in request.param
         # the partial-tile cases also step the values kernel through half score tiles
         if ON_CPU:
             monkeypatch.setitem(mla.MLA_CFG, "two_pass_tile", 32 if partial else 16)
@@ -173,7 +178,7 @@ def test_mla_cascade_decode(triton_ops, device, dtype, heads, lat, rope, page, d
                      "(wrong on the GPU, once an illegal address)")
     torch.manual_seed(heads * 13 + lat + page)
     random.seed(heads)
-    partial_tile = prefix_cfg.endswith("partial_tile")  # a prefix of 2.5 tiles (bf16; 5 tiles in float32)
+    partial_tile = "partial_tile" in prefix_cfg  # a prefix of 2.5 tiles (bf16; 5 tiles in float32)
     prompt = (88 if partial_tile else 40) if ON_CPU else (1088 if partial_tile else 1024)
     n = 3 if ON_CPU and prefix_cfg in ("small_prefix_split", "prefix_split+value_chunks") else 8
     seq_lens = [prompt + random.randint(1, 70 if ON_CPU else 900) for _ in range(2 * n + 2)]
