@@ -107,24 +107,25 @@ def _prefix_scores_kernel(ql_ptr, qp_ptr, c_ptr, bt_ptr, rows_ptr, plen_ptr, p_p
     grids are sized by the padded batch's bs / 2 groups and max_model_len (at grpo-mla-moe's
     bs512, 8,192 programs of which 1,024 have work); the persistent form counts the real items
     from the groups' prefix lengths (one [BLOCK_G] load a program) and launches no empty ones."""
-    args = (sql0, sql1, sqp0, sqp1, scb, sct, sbt, srow, spg, sph, spr, ssg, ssh, sss, sst, scale_log2,
-            H, HB, MAX_N, BLOCK_M, L, R, BLOCK_L, BLOCK_K, BLOCK_R, T, PAGE, PREC)
+    rt = (sql0, sql1, sqp0, sqp1, scb, sct, sbt, srow, spg, sph, spr, ssg, ssh, sss, sst, scale_log2)  # runtime only
     if PERSISTENT:
         gi = tl.arange(0, BLOCK_G)
         nt = tl.cdiv(tl.load(plen_ptr + gi, mask=gi < n_groups, other=0), T)  # tiles of each group
         cum = tl.cumsum(nt, 0)
-        for w in range(tl.program_id(0), tl.sum(nt, 0) * N_HB, tl.num_programs(0)):
+        for w in tl.range(tl.program_id(0), tl.sum(nt, 0) * N_HB, tl.num_programs(0), num_stages=1):
             item = w // N_HB
             g = tl.sum((cum <= item).to(tl.int32), 0)  # the group whose tiles hold item
             t = item - tl.sum(tl.where(gi == g, cum - nt, 0), 0)
             plen = tl.load(plen_ptr + g).to(tl.int32)
-            _scores_tile(ql_ptr, qp_ptr, c_ptr, bt_ptr, rows_ptr, p_ptr, st_ptr, g, t, w % N_HB, plen, *args)
+            _scores_tile(ql_ptr, qp_ptr, c_ptr, bt_ptr, rows_ptr, p_ptr, st_ptr, g, t, w % N_HB, plen, *rt,
+                         H, HB, MAX_N, BLOCK_M, L, R, BLOCK_L, BLOCK_K, BLOCK_R, T, PAGE, PREC)
     else:
         g = tl.program_id(0)
         t = tl.program_id(1)
         plen = tl.load(plen_ptr + g).to(tl.int32)
         if t * T < plen:
-            _scores_tile(ql_ptr, qp_ptr, c_ptr, bt_ptr, rows_ptr, p_ptr, st_ptr, g, t, tl.program_id(2), plen, *args)
+            _scores_tile(ql_ptr, qp_ptr, c_ptr, bt_ptr, rows_ptr, p_ptr, st_ptr, g, t, tl.program_id(2), plen,
+                         *rt, H, HB, MAX_N, BLOCK_M, L, R, BLOCK_L, BLOCK_K, BLOCK_R, T, PAGE, PREC)
 
 
 @triton.jit
