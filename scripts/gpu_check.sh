@@ -32,7 +32,7 @@
 # On the lent H200 a device call may run 10 minutes: `bench` is one call (the four workloads take
 # ~75 s apiece with build and warm-up); `tests` no longer fits one (session 8: groups 0 and 2 ran
 # out of 440 s with four groups sharing the GPU and the host's 16 cores), so it is three calls:
-# TEST_GROUPS="0 2" TEST_TIMEOUT=540, TEST_GROUPS="3" TEST_TIMEOUT=500 (265 s alone in session 14,
+# TEST_GROUPS="0 2" TEST_TIMEOUT=540, TEST_GROUPS="3" TEST_TIMEOUT=500 alone (265 s in session 14; past 430 s beside group 1 in session 15,
 # before its chunked / max-first MLA cases), then TEST_GROUPS="1 4". Never run a bench in the call
 # after a timed-out pytest: its leftover workers load the host (session 7 and 8 numbers spoiled).
 set -uo pipefail
