@@ -74,10 +74,11 @@ TUNE_SPACE = (
     # The scores kernel persistent (session 15, not yet on a GPU): 0 = one program per (padded
     # group, tile of max_prefix_len, head block), most of them empty in the graphs (the bs512
     # case here: 6,400 programs, 1,024 with work; grpo-mla-moe's graph 8,192); else that many
-    # programs an SM looping over the items with tokens. sm_90 ptxas: 153 registers in the
-    # persistent form against 80 (one 8-warp program an SM instead of three), so the question is
-    # whether the ~7,000 empty programs cost more than two thirds of the occupancy.
-    (("two_pass_persistent",), [(0,), (1,), (2,)]),
+    # programs an SM looping over the items with tokens. sm_90 ptxas: 128 registers in the
+    # persistent form (its latent loop two stages deep; 153 at three) against 80: two 8-warp
+    # programs an SM instead of three, so the question is whether the ~7,000 empty programs cost
+    # more than a third of the occupancy.
+    (("two_pass_persistent",), [(0,), (2,), (3,)]),
     # The own part's tiles, its latent in four column chunks since session 15 (H200 tuner, with
     # the whole-width form then beside it; bs512, bs64, 128 heads, us): whole width 32 tokens
     # [209, 61, 194]; chunks 32 tokens [195, 60, 171], 16 tokens [212, 68, 195], 16 tokens 4

@@ -63,8 +63,9 @@ def _scores_tile(ql_ptr, qp_ptr, c_ptr, bt_ptr, rows_ptr, p_ptr, st_ptr, g, t, h
                  scale_log2, H: tl.constexpr, HB: tl.constexpr, MAX_N: tl.constexpr,
                  BLOCK_M: tl.constexpr, L: tl.constexpr, R: tl.constexpr, BLOCK_L: tl.constexpr,
                  BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr, T: tl.constexpr, PAGE: tl.constexpr,
-                 PREC: tl.constexpr):
-    """Score tile t (tokens [t T, (t + 1) T) of a prefix of plen) of group g, head block hb."""
+                 PREC: tl.constexpr, K_STAGES: tl.constexpr):
+    """Score tile t (tokens [t T, (t + 1) T) of a prefix of plen) of group g, head block hb; the
+    loop over the latent width pipelined K_STAGES deep."""
     mrow, heads, rm, first = prefix_tile_rows(rows_ptr, g, srow, hb, HB, MAX_N, BLOCK_M, H)
     n0 = t * T
     offs = n0 + tl.arange(0, T)
@@ -72,7 +73,7 @@ def _scores_tile(ql_ptr, qp_ptr, c_ptr, bt_ptr, rows_ptr, p_ptr, st_ptr, g, t, h
     blk = tl.load(bt_ptr + first * sbt + offs // PAGE, mask=nm, other=0).to(tl.int64)
     crow = blk * scb + (offs % PAGE).to(tl.int64) * sct
     s = tl.zeros([BLOCK_M, T], tl.float32)
-    for k0 in tl.range(0, BLOCK_L, BLOCK_K):
+    for k0 in tl.range(0, BLOCK_L, BLOCK_K, num_stages=K_STAGES):
         kk = k0 + tl.arange(0, BLOCK_K)
         q = tl.load(ql_ptr + mrow[:, None] * sql0 + heads[:, None] * sql1 + kk[None, :],
                     mask=rm[:, None] & (kk < L)[None, :], other=0.0)
@@ -101,12 +102,14 @@ def _prefix_scores_kernel(ql_ptr, qp_ptr, c_ptr, bt_ptr, rows_ptr, plen_ptr, p_p
                           BLOCK_M: tl.constexpr, L: tl.constexpr, R: tl.constexpr, BLOCK_L: tl.constexpr,
                           BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr, T: tl.constexpr, PAGE: tl.constexpr,
                           PREC: tl.constexpr, N_HB: tl.constexpr, PERSISTENT: tl.constexpr,
-                          BLOCK_G: tl.constexpr):
+                          BLOCK_G: tl.constexpr, STAGES: tl.constexpr):
     """A grid of (groups, tiles, head blocks), or PERSISTENT: a fixed number of programs, each
     taking every nprog-th of the (group, tile, head block) items that have tokens. The graphs'
     grids are sized by the padded batch's bs / 2 groups and max_model_len (at grpo-mla-moe's
     bs512, 8,192 programs of which 1,024 have work); the persistent form counts the real items
-    from the groups' prefix lengths (one [BLOCK_G] load a program) and launches no empty ones."""
+    from the groups' prefix lengths (one [BLOCK_G] load a program) and launches no empty ones.
+    Its latent loop is pipelined two deep (sm_90: 128 registers, two programs an SM; at the
+    kernel's three stages 153, one)."""
     rt = (sql0, sql1, sqp0, sqp1, scb, sct, sbt, srow, spg, sph, spr, ssg, ssh, sss, sst, scale_log2)  # runtime only
     if PERSISTENT:
         gi = tl.arange(0, BLOCK_G)
@@ -118,14 +121,14 @@ def _prefix_scores_kernel(ql_ptr, qp_ptr, c_ptr, bt_ptr, rows_ptr, plen_ptr, p_p
             t = item - tl.sum(tl.where(gi == g, cum - nt, 0), 0)
             plen = tl.load(plen_ptr + g).to(tl.int32)
             _scores_tile(ql_ptr, qp_ptr, c_ptr, bt_ptr, rows_ptr, p_ptr, st_ptr, g, t, w % N_HB, plen, *rt,
-                         H, HB, MAX_N, BLOCK_M, L, R, BLOCK_L, BLOCK_K, BLOCK_R, T, PAGE, PREC)
+                         H, HB, MAX_N, BLOCK_M, L, R, BLOCK_L, BLOCK_K, BLOCK_R, T, PAGE, PREC, 2)
     else:
         g = tl.program_id(0)
         t = tl.program_id(1)
         plen = tl.load(plen_ptr + g).to(tl.int32)
         if t * T < plen:
             _scores_tile(ql_ptr, qp_ptr, c_ptr, bt_ptr, rows_ptr, p_ptr, st_ptr, g, t, tl.program_id(2), plen,
-                         *rt, H, HB, MAX_N, BLOCK_M, L, R, BLOCK_L, BLOCK_K, BLOCK_R, T, PAGE, PREC)
+                         *rt, H, HB, MAX_N, BLOCK_M, L, R, BLOCK_L, BLOCK_K, BLOCK_R, T, PAGE, PREC, STAGES)
 
 
 @triton.jit
@@ -234,7 +237,8 @@ def launch_prefix(q_latent, q_pe, kv_cache, meta, po, pl, common, scale_log2, sp
         sql0, sql1, sqp0, sqp1, scb, sct, sbt, rows.stride(0), *scratch, scale_log2, H=heads, HB=hb, MAX_N=max_n,
         BLOCK_M=block_m, L=dims["L"], R=dims["R"], BLOCK_L=block_l, BLOCK_K=min(64 // wide, block_l),
         BLOCK_R=dims["BLOCK_R"], T=tile, PAGE=dims["PAGE"], PREC=dims["PREC"], N_HB=n_hb,
-        PERSISTENT=bool(persistent), BLOCK_G=triton.next_power_of_2(groups), num_warps=warps, num_stages=stages)
+        PERSISTENT=bool(persistent), BLOCK_G=triton.next_power_of_2(groups), STAGES=stages, num_warps=warps,
+        num_stages=stages)
     tv = min(tile, max(16, cfg["two_pass_value_tile"] // wide))
     if tile % tv or split_p % tv:  # the values kernel reads p in whole steps of a score tile and of a split
         raise ValueError(f"MLA_CFG: two_pass_value_tile {tv} must divide two_pass_tile {tile} and the prefix "
