@@ -1,7 +1,8 @@
 """The MLA decode's own part (atom/ops/triton/mla.py): one program per (sequence, block of
 BLOCK_H = 16 heads, split) over the sequence's own cache tokens, the heads in the M dimension of
-the tiles and the whole latent width in the accumulator ([16, L] fp32), with the online-softmax
-step the shared-prefix one-pass kernel uses too (_mla_tile).
+the tiles and the whole latent width in fp32 accumulators, with the online-softmax step the
+shared-prefix one-pass kernel uses too (_mla_tile), and the tiles' block ids (_tile_blocks) the
+two-pass prefix kernels use too.
 
 Two forms of the step, by the latent's width:
 * four column chunks (_mla_tile4, from 64 columns on): q [16, L] . cache rows^T and p . cache

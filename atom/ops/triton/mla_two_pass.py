@@ -28,6 +28,7 @@ import triton
 import triton.language as tl
 
 from atom.ops.triton.linear import _num_sms
+from atom.ops.triton.mla_own import _tile_blocks
 
 
 @triton.jit
@@ -70,8 +71,7 @@ def _scores_tile(ql_ptr, qp_ptr, c_ptr, bt_ptr, rows_ptr, p_ptr, st_ptr, g, t, h
     n0 = t * T
     offs = n0 + tl.arange(0, T)
     nm = offs < plen
-    blk = tl.load(bt_ptr + first * sbt + offs // PAGE, mask=nm, other=0).to(tl.int64)
-    crow = blk * scb + (offs % PAGE).to(tl.int64) * sct
+    crow = _tile_blocks(bt_ptr + first * sbt, n0, plen, T, PAGE) * scb + (offs % PAGE).to(tl.int64) * sct
     s = tl.zeros([BLOCK_M, T], tl.float32)
     for k0 in tl.range(0, BLOCK_L, BLOCK_K, num_stages=K_STAGES):
         kk = k0 + tl.arange(0, BLOCK_K)
@@ -139,8 +139,7 @@ def _values_tile(c_ptr, bt_row, p_ptr, sbase, n0, hi, scb, sct, spr, sss, sst, r
     score tile's first step, zeros elsewhere; all masked past hi)."""
     offs = n0 + tl.arange(0, TV)
     nm = offs < hi
-    blk = tl.load(bt_row + offs // PAGE, mask=nm, other=0).to(tl.int64)
-    crow = blk * scb + (offs % PAGE).to(tl.int64) * sct
+    crow = _tile_blocks(bt_row, n0, hi, TV, PAGE) * scb + (offs % PAGE).to(tl.int64) * sct
     # p is read whole tiles at a time (no token mask): the scores kernel wrote every column of a
     # tile it ran (0 past the prefix), and columns past hi meet masked (zero) value rows. A mask
     # along the tokens kept Triton from vectorising: 32 scalar 16-bit loads a thread a step.
