@@ -71,14 +71,14 @@ CASES = {  # name: (bsz, prompt, gen, n, heads); groups of the decode runner's s
 # that none can ask for more shared memory than an H200 block has (prefix (256, 64, 8, 2) asked
 # for 280 KiB in bf16 at 16 heads: the sweep always skipped it, so it is not listed).
 TUNE_SPACE = (
-    # The scores kernel persistent (session 15, not yet on a GPU): 0 = one program per (padded
-    # group, tile of max_prefix_len, head block), most of them empty in the graphs (the bs512
-    # case here: 6,400 programs, 1,024 with work; grpo-mla-moe's graph 8,192); else that many
-    # programs an SM looping over the items with tokens. sm_90 ptxas: 128 registers in the
-    # persistent form (its latent loop two stages deep; 153 at three) against 80: two 8-warp
-    # programs an SM instead of three, so the question is whether the ~7,000 empty programs cost
-    # more than a third of the occupancy.
-    (("two_pass_persistent",), [(0,), (2,), (3,)]),
+    # Score tiles of T tokens stepped through by the values kernel TV at a time (session 14):
+    # a scores program reads its 128 query rows x 576 from L2 once per tile, so a larger T
+    # halves that traffic while the values kernel keeps 64-token steps (T = 128 in both spilled).
+    # Session 14's H200 (bs512, bs64, 128 heads; us): (64, 64) [202, 61, 187], (128, 64)
+    # [195, 65, 181], within the tuner's margin: 64 kept. Re-measured first in session 16 (the p
+    # read vectorised since, the persistent scores kernel removed).
+    (("two_pass_tile", "two_pass_value_tile", "two_pass_stages"),
+     [(64, 64, 3), (128, 64, 3), (128, 32, 3), (256, 64, 3), (128, 64, 4)]),
     # The own part's tiles, its latent in four column chunks since session 15 (H200 tuner, with
     # the whole-width form then beside it; bs512, bs64, 128 heads, us): whole width 32 tokens
     # [209, 61, 194]; chunks 32 tokens [195, 60, 171], 16 tokens [212, 68, 195], 16 tokens 4
@@ -88,13 +88,6 @@ TUNE_SPACE = (
     # vectorised): 32 tokens 3 stages [189, 57, 161], 2 stages [217, 62, 193], 16 tokens [205,
     # 65, 186]. The values kernel as 64-row 4-warp programs, two an SM: [201-217, 56-58, 167-179].
     (("block_n", "warps", "stages"), [(32, 4, 3), (32, 4, 2), (16, 4, 3)]),
-    # Score tiles of T tokens stepped through by the values kernel TV at a time (session 14):
-    # a scores program reads its 128 query rows x 576 from L2 once per tile, so a larger T
-    # halves that traffic while the values kernel keeps 64-token steps (T = 128 in both spilled).
-    # Session 14's H200 (bs512, bs64, 128 heads; us): (64, 64) [202, 61, 187], (128, 64)
-    # [195, 65, 181], within the tuner's margin: 64 kept.
-    (("two_pass_tile", "two_pass_value_tile", "two_pass_stages"),
-     [(64, 64, 3), (128, 64, 3), (128, 32, 3), (256, 64, 3), (128, 64, 4)]),
     # The prefix in two passes (session 12): a scores kernel whose warpgroups hold 64 rows x T
     # tokens each (sm_90: wgmma m64nTk16, not the one-pass kernel's m64n16k16), then a values
     # kernel summing p . values over `two_pass_dv` columns (m64n256k16), 128 rows per program.

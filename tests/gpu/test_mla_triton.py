@@ -104,7 +104,7 @@ def test_mla_decode(triton_ops, device, dtype, heads, lat, rope, page, decode_mo
 
 
 @pytest.fixture(params=["small_prefix_split", "prefix_split+value_chunks", "groups_of_8", "two_pass",
-                        "two_pass+partial_tile", "two_pass+8_heads+partial_tile+persistent"])
+                        "two_pass+partial_tile", "two_pass+8_heads+partial_tile"])
 def prefix_cfg(request, triton_ops, monkeypatch):
     """Shared-prefix splits of either size class; the second also cuts the latent output into
     chunks (CPU: 16 columns, GPU: 128) so that several value-chunk programs share a group; the
@@ -125,11 +125,6 @@ def prefix_cfg(request, triton_ops, monkeypatch):
     monkeypatch.setitem(mla.MLA_CFG, "prefix_two_pass", two_pass)
     # the last: two-pass row blocks of 8 heads (20 heads: blocks of 8, 8 and 4)
     monkeypatch.setitem(mla.MLA_CFG, "two_pass_heads", 8 if "8_heads" in request.param else 16)
-    # and the persistent scores kernel as two programs in all, each looping over many items
-    if request.param.endswith("persistent"):
-        import atom.ops.triton.mla_two_pass as two_pass_module
-        monkeypatch.setitem(mla.MLA_CFG, "two_pass_persistent", 2)
-        monkeypatch.setattr(two_pass_module, "_num_sms", lambda device: 1)
     # scores, then values: 2+ value chunks; on the CPU 2 tiles per split, or whole tiles with
     # prefixes ending mid-tile
     if two_pass:

@@ -78,17 +78,15 @@ B = "triton"
 # the values kernel taking each split's row max first ([194, 60, 170]) beat the tuner's margin:
 # both removed. Session 15 also tried the values kernel as 64-row, 4-warp programs two to an SM
 # (its wgmma waits right after issue; one 8-warp program an SM): [201-217, 56-58, 167-179] us
-# against [189, 57, 161]; removed. two_pass_persistent: 0, or the scores kernel as that many
-# programs an SM looping over the (group, tile, head block) items with tokens (mla_two_pass.py:
-# the graphs' padded grid launches 8,192 programs at grpo-mla-moe's bs512, 1,024 with work);
-# off until the H200 tuner measures it.
+# against [189, 57, 161]; removed. Session 16: the scores kernel persistent over the items with
+# tokens (two or three programs an SM) against its padded grid: [196, 60, 171] / [207, 60, 179]
+# against [184, 60, 161]; removed.
 MLA_CFG = {"split": 256, "small_split": 64, "small_batch_pairs": 64, "block_n": 32, "warps": 4, "stages": 3,
            "prefix_split": 1024, "small_prefix_split": 256, "small_prefix_pairs": 64, "prefix_block_n": 32,
            "prefix_dv": 512, "prefix_heads": 8, "prefix_warps": 8, "prefix_stages": 2,
            "whole_own_pairs": 256, "reuse_kv": True, "prefix_reuse_kv": True, "prefix_group": 8,
            "prefix_two_pass": True, "two_pass_heads": 16, "two_pass_tile": 64, "two_pass_dv": 256,
-           "two_pass_warps": 8, "two_pass_stages": 3, "two_pass_value_tile": 64,
-           "two_pass_persistent": 0}
+           "two_pass_warps": 8, "two_pass_stages": 3, "two_pass_value_tile": 64}
 BLOCK_H = 16  # query heads of one sequence per own-part program
 
 

@@ -27,7 +27,6 @@ import torch
 import triton
 import triton.language as tl
 
-from atom.ops.triton.linear import _num_sms
 from atom.ops.triton.mla_own import _tile_blocks
 
 
@@ -96,39 +95,23 @@ def _scores_tile(ql_ptr, qp_ptr, c_ptr, bt_ptr, rows_ptr, p_ptr, st_ptr, g, t, h
 
 
 @triton.jit
-def _prefix_scores_kernel(ql_ptr, qp_ptr, c_ptr, bt_ptr, rows_ptr, plen_ptr, p_ptr, st_ptr, n_groups,
+def _prefix_scores_kernel(ql_ptr, qp_ptr, c_ptr, bt_ptr, rows_ptr, plen_ptr, p_ptr, st_ptr,
                           sql0, sql1, sqp0, sqp1, scb, sct, sbt, srow, spg, sph, spr, ssg, ssh, sss, sst,
                           scale_log2, H: tl.constexpr, HB: tl.constexpr, MAX_N: tl.constexpr,
                           BLOCK_M: tl.constexpr, L: tl.constexpr, R: tl.constexpr, BLOCK_L: tl.constexpr,
                           BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr, T: tl.constexpr, PAGE: tl.constexpr,
-                          PREC: tl.constexpr, N_HB: tl.constexpr, PERSISTENT: tl.constexpr,
-                          BLOCK_G: tl.constexpr, STAGES: tl.constexpr):
-    """A grid of (groups, tiles, head blocks), or PERSISTENT: a fixed number of programs, each
-    taking every nprog-th of the (group, tile, head block) items that have tokens. The graphs'
-    grids are sized by the padded batch's bs / 2 groups and max_model_len (at grpo-mla-moe's
-    bs512, 8,192 programs of which 1,024 have work); the persistent form counts the real items
-    from the groups' prefix lengths (one [BLOCK_G] load a program) and launches no empty ones.
-    Its latent loop is pipelined two deep (sm_90: 128 registers, two programs an SM; at the
-    kernel's three stages 153, one)."""
-    rt = (sql0, sql1, sqp0, sqp1, scb, sct, sbt, srow, spg, sph, spr, ssg, ssh, sss, sst, scale_log2)  # runtime only
-    if PERSISTENT:
-        gi = tl.arange(0, BLOCK_G)
-        nt = tl.cdiv(tl.load(plen_ptr + gi, mask=gi < n_groups, other=0), T)  # tiles of each group
-        cum = tl.cumsum(nt, 0)
-        for w in tl.range(tl.program_id(0), tl.sum(nt, 0) * N_HB, tl.num_programs(0), num_stages=1):
-            item = w // N_HB
-            g = tl.sum((cum <= item).to(tl.int32), 0)  # the group whose tiles hold item
-            t = item - tl.sum(tl.where(gi == g, cum - nt, 0), 0)
-            plen = tl.load(plen_ptr + g).to(tl.int32)
-            _scores_tile(ql_ptr, qp_ptr, c_ptr, bt_ptr, rows_ptr, p_ptr, st_ptr, g, t, w % N_HB, plen, *rt,
-                         H, HB, MAX_N, BLOCK_M, L, R, BLOCK_L, BLOCK_K, BLOCK_R, T, PAGE, PREC, 2)
-    else:
-        g = tl.program_id(0)
-        t = tl.program_id(1)
-        plen = tl.load(plen_ptr + g).to(tl.int32)
-        if t * T < plen:
-            _scores_tile(ql_ptr, qp_ptr, c_ptr, bt_ptr, rows_ptr, p_ptr, st_ptr, g, t, tl.program_id(2), plen,
-                         *rt, H, HB, MAX_N, BLOCK_M, L, R, BLOCK_L, BLOCK_K, BLOCK_R, T, PAGE, PREC, STAGES)
+                          PREC: tl.constexpr, STAGES: tl.constexpr):
+    """A grid of (groups, tiles, head blocks). The graphs' grids are sized by the padded batch's
+    bs / 2 groups and max_model_len (at grpo-mla-moe's bs512, 8,192 programs of which 1,024 have
+    work); session 16's H200 tuner measured a persistent form over the items with tokens (its
+    latent loop two deep for 128 registers, two programs an SM) slower by 4.5-8%: removed."""
+    g = tl.program_id(0)
+    t = tl.program_id(1)
+    plen = tl.load(plen_ptr + g).to(tl.int32)
+    if t * T < plen:
+        _scores_tile(ql_ptr, qp_ptr, c_ptr, bt_ptr, rows_ptr, p_ptr, st_ptr, g, t, tl.program_id(2), plen,
+                     sql0, sql1, sqp0, sqp1, scb, sct, sbt, srow, spg, sph, spr, ssg, ssh, sss, sst, scale_log2,
+                     H, HB, MAX_N, BLOCK_M, L, R, BLOCK_L, BLOCK_K, BLOCK_R, T, PAGE, PREC, STAGES)
 
 
 @triton.jit
@@ -228,15 +211,11 @@ def launch_prefix(q_latent, q_pe, kv_cache, meta, po, pl, common, scale_log2, sp
     block_l = dims["BLOCK_L"]
     warps, stages = cfg["two_pass_warps"], cfg["two_pass_stages"]
     scratch = (p.stride(0), p.stride(1), p.stride(2), st.stride(0), st.stride(1), st.stride(2), st.stride(3))
-    persistent = cfg["two_pass_persistent"]
-    grid = (min(groups * n_tiles * n_hb, persistent * _num_sms(q_latent.device)),) if persistent else \
-        (groups, n_tiles, n_hb)
-    _prefix_scores_kernel[grid](
-        q_latent, q_pe, kv_cache, meta.block_tables, rows, casc.group_prefix_len, p, st, groups,
+    _prefix_scores_kernel[(groups, n_tiles, n_hb)](
+        q_latent, q_pe, kv_cache, meta.block_tables, rows, casc.group_prefix_len, p, st,
         sql0, sql1, sqp0, sqp1, scb, sct, sbt, rows.stride(0), *scratch, scale_log2, H=heads, HB=hb, MAX_N=max_n,
         BLOCK_M=block_m, L=dims["L"], R=dims["R"], BLOCK_L=block_l, BLOCK_K=min(64 // wide, block_l),
-        BLOCK_R=dims["BLOCK_R"], T=tile, PAGE=dims["PAGE"], PREC=dims["PREC"], N_HB=n_hb,
-        PERSISTENT=bool(persistent), BLOCK_G=triton.next_power_of_2(groups), STAGES=stages, num_warps=warps,
+        BLOCK_R=dims["BLOCK_R"], T=tile, PAGE=dims["PAGE"], PREC=dims["PREC"], STAGES=stages, num_warps=warps,
         num_stages=stages)
     tv = min(tile, max(16, cfg["two_pass_value_tile"] // wide))
     if tile % tv or split_p % tv:  # the values kernel reads p in whole steps of a score tile and of a split
