@@ -75,10 +75,12 @@ TUNE_SPACE = (
     # a scores program reads its 128 query rows x 576 from L2 once per tile, so a larger T
     # halves that traffic while the values kernel keeps 64-token steps (T = 128 in both spilled).
     # Session 14's H200 (bs512, bs64, 128 heads; us): (64, 64) [202, 61, 187], (128, 64)
-    # [195, 65, 181], within the tuner's margin: 64 kept. Re-measured first in session 16 (the p
-    # read vectorised since, the persistent scores kernel removed).
-    (("two_pass_tile", "two_pass_value_tile", "two_pass_stages"),
-     [(64, 64, 3), (128, 64, 3), (128, 32, 3), (256, 64, 3), (128, 64, 4)]),
+    # [195, 65, 181], within the tuner's margin: 64 kept. Session 16 (p read vectorised): (64, 64)
+    # [188, 57, 162], (128, 64) [179, 61, 156], (128, 32) [193, 63, 165], (256, 64) [183, 62,
+    # 156], (128, 64, 4 stages) [192, 58, 165]: 128-token tiles from 4,096 batch rows x heads on
+    # (two_pass_wide_tile; bs64 x 16 heads has 8 groups: too few programs at 128).
+    (("two_pass_tile", "two_pass_wide_tile", "two_pass_value_tile", "two_pass_stages"),
+     [(64, 128, 64, 3), (64, 64, 64, 3), (128, 128, 64, 3), (64, 256, 64, 3)]),
     # The own part's tiles, its latent in four column chunks since session 15 (H200 tuner, with
     # the whole-width form then beside it; bs512, bs64, 128 heads, us): whole width 32 tokens
     # [209, 61, 194]; chunks 32 tokens [195, 60, 171], 16 tokens [212, 68, 195], 16 tokens 4

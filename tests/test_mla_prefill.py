@@ -71,6 +71,7 @@ CASES = {
     "fresh": ([45, 70, 38], [45, 70, 38]),
     "cached_prefix": ([90, 77], [40, 35]),
     "mixed_short_long": ([60, 33, 81, 17], [1, 33, 50, 5]),
+    "short_between_long": ([60, 45, 70], [40, 1, 30]),
 }
 
 
@@ -114,6 +115,29 @@ def test_groups_bound_the_expansion(monkeypatch):
     meta = args[-1]  # the engine's metadata carries host lists (no sync): the same result
     meta.host_query_start_loc, meta.host_seq_lens = meta.query_start_loc.tolist(), meta.seq_lens.tolist()
     torch.testing.assert_close(mp.mla_prefill(*args, 0.2, mla_attention_decode), split, atol=0, rtol=0)
+
+
+def test_plan_is_built_once_a_step(monkeypatch):
+    """Every layer of a step shares the plan the first one built (same result, no rebuild); a
+    copy of the metadata with other lengths (dataclasses.replace shares op_plans) gets its own."""
+    import dataclasses
+    monkeypatch.setattr(mp, "ABSORB_MAX_Q", 8)
+    args = mla_case([60, 45, 70], [40, 1, 30], 2, 16, 8, 16, 24, 8, torch.float32, seed=7)
+    meta = args[-1]
+    first = mp.mla_prefill(*args, 0.2, mla_attention_decode)
+    plan = meta.op_plans["mla_prefill"]
+    assert [(g.row_lo, g.row_hi) for g in plan.groups] == [(0, 40), (41, 71)]  # the short row splits them
+    calls = []
+    monkeypatch.setattr(mp, "_group", lambda *a: calls.append(a))
+    again = mp.mla_prefill(*args, 0.2, mla_attention_decode)
+    assert calls == [] and meta.op_plans["mla_prefill"] is plan
+    torch.testing.assert_close(again, first, atol=0, rtol=0)
+    monkeypatch.undo()
+    monkeypatch.setattr(mp, "ABSORB_MAX_Q", 8)
+    shorter = dataclasses.replace(meta, seq_lens=torch.tensor([59, 45, 70]))  # one cached token fewer
+    got = mp.mla_prefill(*args[:-1], shorter, 0.2, mla_attention_decode)
+    torch.testing.assert_close(got, mla_attention_prefill(*args[:-1], shorter, 0.2), atol=2e-5, rtol=2e-5)
+    assert not torch.equal(got[:40], first[:40])
 
 
 def test_only_the_sequence_slots_are_read(monkeypatch):

@@ -138,10 +138,12 @@ def _cos_sin(cache: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
 
 
 @register("rotary_embedding", B)
-def rotary_embedding(positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor,
-                     cos_sin_cache: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def rotary_embedding(positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor, cos_sin_cache: torch.Tensor,
+                     interleaved: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     t, d = q.shape[0], q.shape[-1]
     tables = None
+    if interleaved:  # AITER's GPT-J style keeps the pairs in place; ours de-interleaves (as HF)
+        return _fallback("rotary_embedding")(positions, q, k, cos_sin_cache, interleaved=True)
     if (t and q.dtype in _HALF and k.dtype == q.dtype and cos_sin_cache.shape[-1] == d
             and positions.shape == (t,) and positions.dtype == torch.int64 and positions.is_contiguous()):
         tables = _cos_sin(cos_sin_cache)

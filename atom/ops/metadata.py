@@ -1,7 +1,7 @@
 """Per-step attention metadata: tensors the attention ops read to find each sequence's KV."""
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -21,6 +21,9 @@ class AttentionMetadata:
         layers give back blocks: atom/engine/window_blocks.py), or None: they use these.
     host_query_start_loc / host_seq_lens: the same as host lists, or None (ops that need them on
         the host, e.g. to group sequences, then read the device tensors: a sync per call).
+    op_plans: what an op derives from this metadata once a step and every layer reuses (e.g.
+        the MLA prefill's gather indices), keyed by the op; it lives and dies with the step's
+        metadata (the eager path builds new metadata every step).
     """
 
     slot_mapping: torch.Tensor
@@ -34,6 +37,7 @@ class AttentionMetadata:
     window: "AttentionMetadata | None" = None
     host_query_start_loc: list[int] | None = None
     host_seq_lens: list[int] | None = None
+    op_plans: dict = field(default_factory=dict, repr=False)
 
 
 def used_block_tables(meta: AttentionMetadata, block_size: int) -> torch.Tensor:

@@ -18,11 +18,14 @@ would pay the whole expansion GEMM of its context for a handful of queries; it g
 absorbed form instead: q_nope W_uk as a latent query per token, the backend's MLA decode kernel
 with one row per token (its position + 1 as the length), W_uv after.
 
-Host syncs: none when the metadata carries its host lists (the engine's does), else one per call
-(the query starts and lengths); prefill is never graph-captured.
+The gather indices, groups and the short rows' metadata depend on the step only: the first
+layer builds them (`_Plan`, kept in meta.op_plans), the others reuse them. Host syncs: none when
+the metadata carries its host lists (the engine's does), else one per step (the query starts and
+lengths); prefill is never graph-captured.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Callable
 
 import torch
@@ -45,6 +48,28 @@ DecodeFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, AttentionMetadata
 _FLASH = getattr(torch.ops.aten, "_flash_attention_forward", None)
 
 
+@dataclass
+class _Group:
+    """Sequences expanded together: their query rows [row_lo, row_hi) (consecutive sequences),
+    the cache slots of their contexts one after another, and flash's varlen bounds."""
+    row_lo: int
+    row_hi: int
+    q_lens: list[int]
+    k_lens: list[int]
+    slots: torch.Tensor
+    cu_q: torch.Tensor
+    cu_k: torch.Tensor
+
+
+@dataclass
+class _Plan:
+    """What mla_prefill derives from a step's metadata, once for all its layers."""
+    inputs: tuple
+    short_rows: torch.Tensor | None
+    short_meta: AttentionMetadata | None
+    groups: list[_Group]
+
+
 def mla_prefill(q_nope: torch.Tensor, q_pe: torch.Tensor, kv_cache: torch.Tensor, w_kv_b: torch.Tensor,
                 meta: AttentionMetadata, scale: float, decode: DecodeFn, use_flash: bool = True) -> torch.Tensor:
     """mla_attention_prefill (q_nope [T, H, N], q_pe [T, H, R]; kv_cache [num_blocks, block_size,
@@ -60,24 +85,63 @@ def mla_prefill(q_nope: torch.Tensor, q_pe: torch.Tensor, kv_cache: torch.Tensor
         raise ValueError(f"mla_attention_prefill: w_kv_b {tuple(w_kv_b.shape)} is not [{heads} * ({nope} + V), {lat}]")
     v_dim = w_kv_b.shape[0] // heads - nope
     out = q_nope.new_empty(t, heads, v_dim)
-    nseq = meta.seq_lens.shape[0]
-    if t == 0 or nseq == 0:
+    if t == 0 or meta.seq_lens.shape[0] == 0:
         return out
+    per_token = (heads * (v_dim + nope + rope) + lat + rope) * w_kv_b.element_size()
+    plan = _plan(meta, kv_cache.shape[1], max(1, EXPAND_BUDGET_BYTES // per_token), q_nope.device)
+    if plan.short_rows is not None:
+        _absorbed(q_nope, q_pe, kv_cache, w_kv_b, plan, scale, decode, out)
+    if plan.groups:
+        w_aug = _augmented_weight(w_kv_b, heads, nope, v_dim, lat, rope)
+        for group in plan.groups:
+            _expanded(q_nope, q_pe, kv_cache, w_aug, scale, group, v_dim, out, use_flash)
+    return out
+
+
+def _plan(meta: AttentionMetadata, page: int, cap_tokens: int, dev: torch.device) -> _Plan:
+    """meta's plan for these settings: built by the step's first layer, reused by the others
+    (the inputs tuple holds the metadata's own tensors, so a copy of meta with other tensors,
+    sharing op_plans, never reads a stale plan)."""
+    inputs = (meta.query_start_loc, meta.seq_lens, meta.block_tables, page, cap_tokens, ABSORB_MAX_Q, dev)
+    plan = meta.op_plans.get("mla_prefill")
+    if plan is not None and len(plan.inputs) == len(inputs) and all(a is b or (not isinstance(a, torch.Tensor)
+                                                                           and a == b)
+                                                                     for a, b in zip(plan.inputs, inputs)):
+        return plan
+    nseq = meta.seq_lens.shape[0]
     starts, ctx = meta.host_query_start_loc, meta.host_seq_lens
     if starts is None or ctx is None:  # one host sync
         host = torch.cat((meta.query_start_loc[:nseq + 1].long(), meta.seq_lens.long())).tolist()
         starts, ctx = host[:nseq + 1], host[nseq + 1:]
     qlens = [starts[b + 1] - starts[b] for b in range(nseq)]
     short = [b for b in range(nseq) if 0 < qlens[b] <= ABSORB_MAX_Q]
+    short_rows = short_meta = None
     if short:
-        _absorbed(q_nope, q_pe, kv_cache, w_kv_b, meta, scale, decode, short, starts, ctx, out)
+        lens = [qlens[b] for b in short]
+        short_rows, which = _ranges([starts[b] for b in short], lens, dev)
+        tok_lens, _ = _ranges([ctx[b] - n + 1 for b, n in zip(short, lens)], lens, dev)
+        short_meta = AttentionMetadata(
+            slot_mapping=torch.full_like(short_rows, -1),
+            query_start_loc=torch.arange(short_rows.shape[0] + 1, device=dev),
+            seq_lens=tok_lens.to(meta.seq_lens.dtype), block_tables=meta.block_tables[_to_device(short, dev)[which]],
+            is_decode=True, max_query_len=1, max_seq_len=max(ctx[b] for b in short))
     long_seqs = [b for b in range(nseq) if qlens[b] > ABSORB_MAX_Q]
-    if long_seqs:
-        w_aug = _augmented_weight(w_kv_b, heads, nope, v_dim, lat, rope)
-        per_token = (w_aug.shape[0] + lat + rope) * w_kv_b.element_size()
-        for group in _groups(long_seqs, ctx, max(1, EXPAND_BUDGET_BYTES // per_token)):
-            _expanded(q_nope, q_pe, kv_cache, w_aug, meta, scale, group, starts, ctx, v_dim, out, use_flash)
-    return out
+    groups = [_group(meta, page, run, starts, ctx, dev) for run in _groups(long_seqs, ctx, cap_tokens)]
+    plan = _Plan(inputs, short_rows, short_meta, groups)
+    meta.op_plans["mla_prefill"] = plan
+    return plan
+
+
+def _group(meta: AttentionMetadata, page: int, seqs: list[int], starts: list[int], ctx: list[int],
+           dev: torch.device) -> _Group:
+    q_lens = [starts[b + 1] - starts[b] for b in seqs]
+    k_lens = [ctx[b] for b in seqs]
+    pos, which = _ranges([0] * len(seqs), k_lens, dev)
+    seq_ids = _to_device(seqs, dev)[which]
+    slots = meta.block_tables[seq_ids, pos // page].long() * page + pos % page
+    cu_q = _to_device([0] + q_lens, dev, torch.int32).cumsum(0, dtype=torch.int32)
+    cu_k = _to_device([0] + k_lens, dev, torch.int32).cumsum(0, dtype=torch.int32)
+    return _Group(starts[seqs[0]], starts[seqs[-1] + 1], q_lens, k_lens, slots, cu_q, cu_k)
 
 
 def _augmented_weight(w_kv_b: torch.Tensor, heads: int, nope: int, v_dim: int, lat: int, rope: int) -> torch.Tensor:
@@ -92,11 +156,12 @@ def _augmented_weight(w_kv_b: torch.Tensor, heads: int, nope: int, v_dim: int, l
 
 
 def _groups(seqs: list[int], ctx: list[int], cap_tokens: int) -> list[list[int]]:
-    """Consecutive runs of seqs whose contexts sum to at most cap_tokens (a longer one alone)."""
+    """Runs of consecutive sequences (so that their query rows are one range) in seqs whose
+    contexts sum to at most cap_tokens (a longer one alone)."""
     groups: list[list[int]] = []
     held = cap_tokens
     for b in seqs:
-        if held + ctx[b] > cap_tokens:
+        if held + ctx[b] > cap_tokens or groups[-1][-1] != b - 1:
             groups.append([])
             held = 0
         groups[-1].append(b)
@@ -120,35 +185,25 @@ def _ranges(begins: list[int], lens: list[int], device: torch.device) -> tuple[t
     return begin_t[which] + torch.arange(total, device=device) - first[which], which
 
 
-def _expanded(q_nope, q_pe, kv_cache, w_aug, meta, scale, group, starts, ctx, v_dim, out, use_flash) -> None:
+def _expanded(q_nope, q_pe, kv_cache, w_aug, scale, group: _Group, v_dim, out, use_flash) -> None:
     """Expand the latents of `group`'s sequences (one GEMM) and attend; writes out's rows."""
     dev, heads = q_nope.device, q_nope.shape[1]
     qk = q_nope.shape[2] + q_pe.shape[2]
-    q_lens = [starts[b + 1] - starts[b] for b in group]
-    k_lens = [ctx[b] for b in group]
-    rows, _ = _ranges([starts[b] for b in group], q_lens, dev)
-    pos, which = _ranges([0] * len(group), k_lens, dev)
-    page = kv_cache.shape[1]
-    seq_ids = _to_device(group, dev)[which]
-    slots = meta.block_tables[seq_ids, pos // page].long() * page + pos % page
-    kv = kv_cache.view(-1, kv_cache.shape[-1])[slots].to(w_aug.dtype)
+    lo, hi = group.row_lo, group.row_hi
+    kv = kv_cache.view(-1, kv_cache.shape[-1])[group.slots].to(w_aug.dtype)
     x = F.linear(kv, w_aug).view(kv.shape[0], heads, -1)   # [ctx, H, V + N + R]
-    q = torch.cat((q_nope[rows], q_pe[rows]), dim=-1).to(w_aug.dtype)
+    q = torch.cat((q_nope[lo:hi], q_pe[lo:hi]), dim=-1).to(w_aug.dtype)
     if use_flash and _flash_ok(q, v_dim):
-        cu_q = _to_device([0] + q_lens, dev, torch.int32).cumsum(0, dtype=torch.int32)
-        cu_k = _to_device([0] + k_lens, dev, torch.int32).cumsum(0, dtype=torch.int32)
-        o = _FLASH(q, x[..., v_dim:], x[..., :qk], cu_q, cu_k, max(q_lens), max(k_lens), 0.0, True, False,
-                   scale=scale)[0]
-        out[rows] = o[..., :v_dim].to(out.dtype)
+        o = _FLASH(q, x[..., v_dim:], x[..., :qk], group.cu_q, group.cu_k, max(group.q_lens), max(group.k_lens),
+                   0.0, True, False, scale=scale)[0]
+        out[lo:hi] = o[..., :v_dim]
         return
-    o = torch.empty(q.shape[0], heads, v_dim, dtype=q.dtype, device=dev)
     qa = ka = 0
-    for ql, kl in zip(q_lens, k_lens):
+    for ql, kl in zip(group.q_lens, group.k_lens):
         xs = x[ka:ka + kl].transpose(0, 1)
-        o[qa:qa + ql] = _sdpa_lower_right(q[qa:qa + ql].transpose(0, 1), xs[..., v_dim:], xs[..., :v_dim],
-                                          scale).transpose(0, 1)
+        out[lo + qa:lo + qa + ql] = _sdpa_lower_right(q[qa:qa + ql].transpose(0, 1), xs[..., v_dim:],
+                                                      xs[..., :v_dim], scale).transpose(0, 1)
         qa, ka = qa + ql, ka + kl
-    out[rows] = o.to(out.dtype)
 
 
 def _flash_ok(q: torch.Tensor, v_dim: int) -> bool:
@@ -165,18 +220,11 @@ def _sdpa_lower_right(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: 
     return F.scaled_dot_product_attention(q[None], k[None], v[None], attn_mask=mask, scale=scale)[0]
 
 
-def _absorbed(q_nope, q_pe, kv_cache, w_kv_b, meta, scale, decode, seqs, starts, ctx, out) -> None:
+def _absorbed(q_nope, q_pe, kv_cache, w_kv_b, plan: _Plan, scale, decode, out) -> None:
     """Short sequences: one decode row per new token over its causal prefix (length position + 1)."""
-    dev, heads, nope = q_nope.device, q_nope.shape[1], q_nope.shape[2]
-    lat = kv_cache.shape[-1] - q_pe.shape[-1]
-    lens = [starts[b + 1] - starts[b] for b in seqs]
-    rows, which = _ranges([starts[b] for b in seqs], lens, dev)
-    tok_lens, _ = _ranges([ctx[b] - n + 1 for b, n in zip(seqs, lens)], lens, dev)
-    w = w_kv_b.view(heads, -1, lat)
+    heads, nope = q_nope.shape[1], q_nope.shape[2]
+    w = w_kv_b.view(heads, -1, kv_cache.shape[-1] - q_pe.shape[-1])
+    rows = plan.short_rows
     q_lat = torch.einsum("thn,hnl->thl", q_nope[rows], w[:, :nope])
-    tok_meta = AttentionMetadata(
-        slot_mapping=torch.full_like(rows, -1), query_start_loc=torch.arange(rows.shape[0] + 1, device=dev),
-        seq_lens=tok_lens.to(meta.seq_lens.dtype), block_tables=meta.block_tables[_to_device(seqs, dev)[which]],
-        is_decode=True, max_query_len=1, max_seq_len=max(ctx[b] for b in seqs))
-    o_lat = decode(q_lat, q_pe[rows].contiguous(), kv_cache, tok_meta, scale)
+    o_lat = decode(q_lat, q_pe[rows].contiguous(), kv_cache, plan.short_meta, scale)
     out[rows] = torch.einsum("thl,hvl->thv", o_lat, w[:, nope:]).to(out.dtype)

@@ -150,8 +150,13 @@ def mla_absorb_query(q_nope: torch.Tensor, w_kv_b: torch.Tensor) -> torch.Tensor
 def mla_expand_output(out_latent: torch.Tensor, w_kv_b: torch.Tensor, nope: int) -> torch.Tensor:
     """mla_attention_decode's output [T, H, L] to per-head values [T, H, V] with W_uv (the rows
     after the first `nope` of each head's block of w_kv_b)."""
-    w = w_kv_b.view(out_latent.shape[1], -1, w_kv_b.shape[-1])
-    return torch.einsum("thl,hvl->thv", out_latent, w[:, nope:])
+    t, heads = out_latent.shape[:2]
+    w = w_kv_b.view(heads, -1, w_kv_b.shape[-1])[:, nope:]
+    # written per head into [T, H, V] rows (a strided batched GEMM), so that the caller's
+    # [T, H * V] view for o_proj needs no copy (einsum returned a [H, T, V] permutation)
+    out = out_latent.new_empty(t, heads, w.shape[1])
+    torch.bmm(out_latent.transpose(0, 1), w.transpose(1, 2), out=out.transpose(0, 1))
+    return out
 
 
 @register("mla_attention_decode", B, "reads_whole_blocks")

@@ -32,9 +32,14 @@ def fused_add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Te
 
 
 @register("rotary_embedding", B)
-def rotary_embedding(positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor,
-                     cos_sin_cache: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Neox-style (rotate-half) RoPE. q: [T, Hq, D], k: [T, Hk, D]; cache: [max_pos, D] = cos | sin."""
+def rotary_embedding(positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor, cos_sin_cache: torch.Tensor,
+                     interleaved: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """Neox-style (rotate-half) RoPE. q: [T, Hq, D], k: [T, Hk, D]; cache: [max_pos, D] = cos | sin.
+    interleaved: q and k hold pairs (x0, x1), (x2, x3), ... as DeepSeek's checkpoints do; they are
+    de-interleaved into (evens | odds) first, as HF does, and the result stays in that layout."""
+    if interleaved:
+        q = torch.cat((q[..., 0::2], q[..., 1::2]), dim=-1)
+        k = torch.cat((k[..., 0::2], k[..., 1::2]), dim=-1)
     cos, sin = cos_sin_cache[positions].float().chunk(2, dim=-1)
     cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
 

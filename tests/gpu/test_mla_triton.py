@@ -130,12 +130,14 @@ def prefix_cfg(request, triton_ops, monkeypatch):
     if two_pass:
         partial = "partial_tile" in request.param
         # the partial-tile cases also step the values kernel through half score tiles
-        if ON_CPU:
-            monkeypatch.setitem(mla.MLA_CFG, "two_pass_tile", 32 if partial else 16)
+        if ON_CPU:  # the partial-tile cases take their tile through the wide-batch rule
+            monkeypatch.setitem(mla.MLA_CFG, "two_pass_tile", 16)
+            monkeypatch.setitem(mla.MLA_CFG, "two_pass_wide_tile", 32)
+            monkeypatch.setitem(mla.MLA_CFG, "two_pass_wide_rows", 1 if partial else 1 << 40)
             monkeypatch.setitem(mla.MLA_CFG, "two_pass_value_tile", 16)
             monkeypatch.setitem(mla.MLA_CFG, "two_pass_dv", 16)
         elif partial:
-            monkeypatch.setitem(mla.MLA_CFG, "two_pass_tile", 128)
+            monkeypatch.setitem(mla.MLA_CFG, "two_pass_wide_rows", 1)  # the default wide tile (128)
             monkeypatch.setitem(mla.MLA_CFG, "two_pass_value_tile", 64)
     if ON_CPU:
         monkeypatch.setitem(mla.MLA_CFG, "small_prefix_split", 16)
@@ -208,13 +210,15 @@ def test_two_pass_prefix_tiles_divide_the_split_and_bound_the_scratch(triton_ops
     the p scratch would pass MAX_SCRATCH_BYTES (the KV budget does not count it)."""
     import atom.ops.triton.mla as mla
     from atom.ops.triton import mla_two_pass as two_pass
-    cfg = dict(mla.MLA_CFG, prefix_two_pass=True, two_pass_tile=64, two_pass_heads=16)
-    assert two_pass.tile_tokens(cfg, 1, 1024, 16, 256, 8, 2048) == 64  # Moonlight, bs512 graph: 134 MB
-    assert two_pass.tile_tokens(cfg, 2, 1024, 16, 256, 8, 1024) == 32  # float32: half the tokens, same bytes
-    assert two_pass.tile_tokens(cfg, 1, 32, 16, 4, 8, 100) == 32
-    assert two_pass.tile_tokens(cfg, 1, 8, 16, 4, 8, 100) == 0
-    assert two_pass.tile_tokens(cfg, 1, 1024, 128, 256, 8, 2048) == 0  # 1 GB at 128 heads: one pass
-    assert two_pass.tile_tokens(cfg, 1, 1024, 128, 32, 8, 2048) == 64  # 134 MB
+    cfg = dict(mla.MLA_CFG, prefix_two_pass=True, two_pass_tile=64, two_pass_heads=16, two_pass_wide_tile=128,
+               two_pass_wide_rows=4096)
+    assert two_pass.tile_tokens(cfg, 1, 1024, 16, 256, 8, 2048, 512) == 128  # Moonlight, bs512 graph: 134 MB
+    assert two_pass.tile_tokens(cfg, 1, 1024, 16, 32, 8, 2048, 64) == 64  # bs64: 64-token tiles (more programs)
+    assert two_pass.tile_tokens(cfg, 2, 1024, 16, 256, 8, 1024, 512) == 64  # float32: half the tokens, same bytes
+    assert two_pass.tile_tokens(cfg, 1, 32, 16, 4, 8, 100, 8) == 32
+    assert two_pass.tile_tokens(cfg, 1, 8, 16, 4, 8, 100, 8) == 0
+    assert two_pass.tile_tokens(cfg, 1, 1024, 128, 256, 8, 2048, 512) == 0  # 1 GB at 128 heads: one pass
+    assert two_pass.tile_tokens(cfg, 1, 1024, 128, 32, 8, 2048, 64) == 128  # 134 MB
 
 
 def test_deepseek_decode_ops_are_graph_safe_on_cuda(triton_ops):

@@ -69,8 +69,9 @@ def test_silu_and_mul(triton_ops, device, dtype, rows, inter):
 
 
 @pytest.mark.parametrize("dtype", act_dtypes())
-@pytest.mark.parametrize("hq,hk,d", [(16, 8, 128), (32, 4, 128), (4, 2, 16), (8, 8, 64)])
-def test_rotary(triton_ops, device, dtype, hq, hk, d):
+@pytest.mark.parametrize("hq,hk,d,interleaved", [(16, 8, 128, False), (32, 4, 128, False), (4, 2, 16, False),
+                                                 (8, 8, 64, False), (16, 1, 64, True), (4, 2, 16, True)])
+def test_rotary(triton_ops, device, dtype, hq, hk, d, interleaved):
     from atom.models.layers.rotary import RotaryEmbedding
     gen(hq * d)
     rope = RotaryEmbedding(d, 4096, 1e6).to(device)
@@ -79,8 +80,8 @@ def test_rotary(triton_ops, device, dtype, hq, hk, d):
     q = qkv[:, : hq * d].reshape(t, hq, d)
     k = qkv[:, hq * d: (hq + hk) * d].reshape(t, hk, d)
     pos = torch.randint(0, 4096, (t,), device=device)
-    tq, tk = triton_ops("rotary_embedding")["triton"](pos, q, k, rope.cos_sin_cache)
-    rq, rk = torch_ops.rotary_embedding(pos, q, k, rope.cos_sin_cache)
+    tq, tk = triton_ops("rotary_embedding")["triton"](pos, q, k, rope.cos_sin_cache, interleaved=interleaved)
+    rq, rk = torch_ops.rotary_embedding(pos, q, k, rope.cos_sin_cache, interleaved=interleaved)
     check(tq, rq, dtype)
     check(tk, rk, dtype)
 

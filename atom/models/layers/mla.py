@@ -79,10 +79,8 @@ class MultiLatentAttention(nn.Module):
         self.attn = LatentCache(self.num_heads, self.latent_dim, self.rope, mla_softmax_scale(args))
 
     def _rope(self, positions: torch.Tensor, q_pe: torch.Tensor, k_pe: torch.Tensor):
-        if self.interleaved:  # pairs (x0, x1), (x2, x3), ...: HF rotates them as neox halves of (evens | odds)
-            q_pe = torch.cat((q_pe[..., 0::2], q_pe[..., 1::2]), dim=-1)
-            k_pe = torch.cat((k_pe[..., 0::2], k_pe[..., 1::2]), dim=-1)
-        return ops.rotary_embedding(positions, q_pe, k_pe, self.rotary.cos_sin_cache)
+        # interleaved: pairs (x0, x1), (x2, x3), ..., rotated as HF does, as neox halves of (evens | odds)
+        return ops.rotary_embedding(positions, q_pe, k_pe, self.rotary.cos_sin_cache, interleaved=self.interleaved)
 
     def forward(self, positions: torch.Tensor, x: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
         t = x.shape[0]
@@ -92,7 +90,7 @@ class MultiLatentAttention(nn.Module):
             q = self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x)))
         q_nope, q_pe = q.view(t, self.num_heads, self.nope + self.rope).split([self.nope, self.rope], dim=-1)
         latent, k_pe = self.kv_a_proj_with_mqa(x).split([self.latent_dim, self.rope], dim=-1)
-        latent = self.kv_a_layernorm(latent.contiguous())
+        latent = self.kv_a_layernorm(latent)  # the norm ops read strided rows: no copy
         q_pe, k_pe = self._rope(positions, q_pe, k_pe.reshape(t, 1, self.rope))
         ops.mla_cache_write(latent, k_pe[:, 0], self.attn.kv_cache, meta.slot_mapping)
         # kv_b_proj rows per head: the no-RoPE key part (W_uk) then the value part (W_uv).

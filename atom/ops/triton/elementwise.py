@@ -119,7 +119,7 @@ def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
 @triton.jit
 def _rope_kernel(pos_ptr, q_ptr, k_ptr, cs_ptr, qo_ptr, ko_ptr, sq0, sq1, sk0, sk1, scs,
                  HQ: tl.constexpr, HK: tl.constexpr, HALF: tl.constexpr,
-                 BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr):
+                 BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr, INTERLEAVED: tl.constexpr):
     t = tl.program_id(0).to(tl.int64)
     pos = tl.load(pos_ptr + t).to(tl.int64)
     d = tl.arange(0, BLOCK_D)
@@ -127,25 +127,32 @@ def _rope_kernel(pos_ptr, q_ptr, k_ptr, cs_ptr, qo_ptr, ko_ptr, sq0, sq1, sk0, s
     cos = tl.load(cs_ptr + pos * scs + d, mask=dm, other=0.0)[None, :]
     sin = tl.load(cs_ptr + pos * scs + HALF + d, mask=dm, other=0.0)[None, :]
     h = tl.arange(0, BLOCK_H)
-    _rope_heads(q_ptr + t * sq0, sq1, qo_ptr + t * (HQ * 2 * HALF), h, HQ, d, dm, cos, sin, HALF)
-    _rope_heads(k_ptr + t * sk0, sk1, ko_ptr + t * (HK * 2 * HALF), h, HK, d, dm, cos, sin, HALF)
+    _rope_heads(q_ptr + t * sq0, sq1, qo_ptr + t * (HQ * 2 * HALF), h, HQ, d, dm, cos, sin, HALF, INTERLEAVED)
+    _rope_heads(k_ptr + t * sk0, sk1, ko_ptr + t * (HK * 2 * HALF), h, HK, d, dm, cos, sin, HALF, INTERLEAVED)
 
 
 @triton.jit
-def _rope_heads(src, s_head, dst, h, H, d, dm, cos, sin, HALF: tl.constexpr):
-    """Neox RoPE of one token's H heads (src rows s_head apart) into contiguous dst rows."""
+def _rope_heads(src, s_head, dst, h, H, d, dm, cos, sin, HALF: tl.constexpr, INTERLEAVED: tl.constexpr):
+    """Neox RoPE of one token's H heads (src rows s_head apart) into contiguous dst rows; with
+    INTERLEAVED the pairs are (x[2i], x[2i + 1]) and the output holds them as (evens | odds)."""
     m = (h < H)[:, None] & dm[None, :]
-    base = src + h[:, None] * s_head + d[None, :]
-    x1 = tl.load(base, mask=m, other=0.0).to(tl.float32)
-    x2 = tl.load(base + HALF, mask=m, other=0.0).to(tl.float32)
+    if INTERLEAVED:
+        base = src + h[:, None] * s_head + 2 * d[None, :]
+        x1 = tl.load(base, mask=m, other=0.0).to(tl.float32)
+        x2 = tl.load(base + 1, mask=m, other=0.0).to(tl.float32)
+    else:
+        base = src + h[:, None] * s_head + d[None, :]
+        x1 = tl.load(base, mask=m, other=0.0).to(tl.float32)
+        x2 = tl.load(base + HALF, mask=m, other=0.0).to(tl.float32)
     ob = dst + h[:, None] * (2 * HALF) + d[None, :]
     tl.store(ob, (x1 * cos - x2 * sin).to(dst.dtype.element_ty), mask=m)
     tl.store(ob + HALF, (x2 * cos + x1 * sin).to(dst.dtype.element_ty), mask=m)
 
 
 @register("rotary_embedding", B, "batch_invariant")
-def rotary_embedding(positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor,
-                     cos_sin_cache: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def rotary_embedding(positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor, cos_sin_cache: torch.Tensor,
+                     interleaved: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """torch_ops.rotary_embedding; interleaved pairs are read in place (no de-interleaving copy)."""
     if q.stride(-1) != 1:
         q = q.contiguous()
     if k.stride(-1) != 1:
@@ -159,7 +166,7 @@ def rotary_embedding(positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor,
         _rope_kernel[(t,)](positions, q, k, cs, qo, ko, q.stride(0), q.stride(1), k.stride(0), k.stride(1),
                            cs.stride(0), HQ=hq, HK=hk, HALF=d // 2,
                            BLOCK_H=triton.next_power_of_2(max(hq, hk)), BLOCK_D=triton.next_power_of_2(d // 2),
-                           num_warps=4)
+                           INTERLEAVED=interleaved, num_warps=4)
     return qo, ko
 
 

@@ -80,13 +80,17 @@ B = "triton"
 # (its wgmma waits right after issue; one 8-warp program an SM): [201-217, 56-58, 167-179] us
 # against [189, 57, 161]; removed. Session 16: the scores kernel persistent over the items with
 # tokens (two or three programs an SM) against its padded grid: [196, 60, 171] / [207, 60, 179]
-# against [184, 60, 161]; removed.
+# against [184, 60, 161]; removed. Score tiles of 128 tokens against 64: [179, 61, 156] against
+# [188, 57, 162]: a program reads its query rows once per tile, fewer tiles read them less often,
+# but at bs64 x 16 heads (8 groups) half the SMs then idle: two_pass_wide_tile from
+# two_pass_wide_rows batch rows x heads on (bs512 x 16, bs64 x 128).
 MLA_CFG = {"split": 256, "small_split": 64, "small_batch_pairs": 64, "block_n": 32, "warps": 4, "stages": 3,
            "prefix_split": 1024, "small_prefix_split": 256, "small_prefix_pairs": 64, "prefix_block_n": 32,
            "prefix_dv": 512, "prefix_heads": 8, "prefix_warps": 8, "prefix_stages": 2,
            "whole_own_pairs": 256, "reuse_kv": True, "prefix_reuse_kv": True, "prefix_group": 8,
            "prefix_two_pass": True, "two_pass_heads": 16, "two_pass_tile": 64, "two_pass_dv": 256,
-           "two_pass_warps": 8, "two_pass_stages": 3, "two_pass_value_tile": 64}
+           "two_pass_warps": 8, "two_pass_stages": 3, "two_pass_value_tile": 64,
+           "two_pass_wide_tile": 128, "two_pass_wide_rows": 4096}
 BLOCK_H = 16  # query heads of one sequence per own-part program
 
 
@@ -265,7 +269,8 @@ def mla_decode(q_latent: torch.Tensor, q_pe: torch.Tensor, kv_cache: torch.Tenso
 def _launch_prefix(q_latent, q_pe, kv_cache, meta, po, pl, common, scale_log2, split_p, n_prefix, dims) -> None:
     cfg, heads, wide = MLA_CFG, q_latent.shape[1], _widen(q_latent.dtype)
     rows = meta.cascade.group_rows
-    tile = two_pass.tile_tokens(cfg, wide, split_p, heads, *rows.shape, meta.cascade.max_prefix_len) \
+    tile = two_pass.tile_tokens(cfg, wide, split_p, heads, *rows.shape, meta.cascade.max_prefix_len,
+                                q_latent.shape[0]) \
         if cfg["prefix_two_pass"] else 0
     if tile:
         two_pass.launch_prefix(q_latent, q_pe, kv_cache, meta, po, pl, common, scale_log2, split_p, n_prefix, dims,

@@ -186,11 +186,14 @@ def _rows(cfg: dict, wide: int, heads: int, max_n: int) -> tuple[int, int, int]:
     return hb, triton.cdiv(heads, hb), max(16, triton.next_power_of_2(max_n * hb))
 
 
-def tile_tokens(cfg: dict, wide: int, split_p: int, heads: int, groups: int, max_n: int, max_prefix_len: int) -> int:
-    """Prefix tokens per score tile, or 0 for the one-pass kernel: cfg's size for 2-byte elements,
+def tile_tokens(cfg: dict, wide: int, split_p: int, heads: int, groups: int, max_n: int, max_prefix_len: int,
+                batch: int) -> int:
+    """Prefix tokens per score tile, or 0 for the one-pass kernel: cfg's size for 2-byte elements
+    (`two_pass_wide_tile` from `two_pass_wide_rows` batch rows x heads on, else `two_pass_tile`),
     divided by `wide`, and a divisor of the split (a value program sums whole tiles); 0 when that
     is below tl.dot's 16 or the p scratch would pass MAX_SCRATCH_BYTES."""
-    t = math.gcd(max(16, cfg["two_pass_tile"] // wide), split_p)
+    size = cfg["two_pass_wide_tile"] if batch * heads >= cfg["two_pass_wide_rows"] else cfg["two_pass_tile"]
+    t = math.gcd(max(16, size // wide), split_p)
     _, n_hb, block_m = _rows(cfg, wide, heads, max_n)
     scratch = groups * n_hb * block_m * triton.cdiv(max(max_prefix_len, 1), t) * t * 2 * wide
     return t if t >= 16 and scratch <= MAX_SCRATCH_BYTES else 0

@@ -133,9 +133,7 @@ def _scatter_kernel(ids_ptr, counts_ptr, sorted_ptr, expert_ptr, total_ptr, N, E
 
 def moe_align(topk_ids: torch.Tensor, num_experts: int, block_m: int):
     """(sorted pair ids [max_tiles*block_m], tile experts [max_tiles], padded total [1]) on device."""
-    flat = topk_ids.reshape(-1)
-    if flat.dtype != torch.int32:
-        flat = flat.to(torch.int32)
+    flat = topk_ids.reshape(-1)  # int32 or int64: the kernels compare the ids as loaded (no cast copy)
     n = flat.numel()
     max_tiles = triton.cdiv(n, block_m) + min(num_experts, n)
     dev = topk_ids.device
