@@ -204,6 +204,7 @@ def _mla(impl) -> None:
     whole with groups) and the shared-prefix kernel."""
     from bench.mla_kernels import TUNE_SPACE
     decode, write = impl("mla_attention_decode")["triton"], impl("mla_cache_write")["triton"]
+    rotary = impl("rotary_embedding")["triton"]
     candidates = [dict(zip(keys, cand)) for keys, cands in TUNE_SPACE for cand in cands]
     for dt in DTYPES:
         for shape in MLA_MODEL_SHAPES + MLA_TEST_SHAPES:
@@ -218,6 +219,11 @@ def _mla(impl) -> None:
             _where[0] = f"{dt} cache write L={lat} R={rope} page={page}"
             write(torch.empty(5, lat, dtype=dt), torch.empty(5, 3, rope, dtype=dt)[:, 1],
                   torch.empty(10, page, 1, lat + rope, dtype=dt), torch.zeros(5, dtype=torch.int64))
+            # the layer's RoPE on interleaved pairs: q_pe a strided view of q, k_pe of kv_a's output
+            _where[0] = f"{dt} interleaved rope R={rope}"
+            rotary(torch.zeros(5, dtype=torch.int64), torch.empty(5, 16, 128 + rope, dtype=dt)[..., 128:],
+                   torch.empty(5, lat + rope, dtype=dt)[:, lat:].reshape(5, 1, rope),
+                   torch.empty(64, rope, dtype=torch.float32), interleaved=True)
 
 
 # (experts, groups, groups kept, top_k): DeepSeek-V3, Moonlight, the tiny test model.

@@ -3,8 +3,8 @@
 #
 #   scripts/gpu_check.sh [tests] [tune] [bench W1,W2,...] [profile W] [hf] [kernels] [mla] [small] [sleep] [ipc]
 #     tests   : python3 -m pytest -m gpu over tests/gpu tests/test_overlapped_decode.py tests/test_sleep_wake.py
-#               tests/test_weight_transfer.py, in four concurrent processes,
-#               then tests/test_sleep_wake.py alone (logs pytest_{0,...,4}.log; TEST_GROUPS="0 4" runs a subset)
+#               tests/test_weight_transfer.py in groups of concurrent processes, then
+#               tests/test_sleep_wake.py alone (logs pytest_{0,...,6}.log; TEST_GROUPS="0 6" runs a subset)
 #     bench   : python -m bench.rollout --workload W for each W (default: all four)
 #     profile W : a torch-profiler window of workload W (steps PROFILE_STEPS, default 600:603; the
 #               table and a chrome trace in $OUT; uses the tuned file when `tune` ran before)
@@ -32,9 +32,11 @@
 # On the lent H200 a device call may run 10 minutes: `bench` is one call (the four workloads take
 # ~75 s apiece with build and warm-up); `tests` no longer fits one (session 8: groups 0 and 2 ran
 # out of 440 s with four groups sharing the GPU and the host's 16 cores), so it is three calls:
-# TEST_GROUPS="0 2" TEST_TIMEOUT=540, TEST_GROUPS="3" TEST_TIMEOUT=500 alone (265 s in session 14; past 430 s beside group 1 in session 15,
-# before its chunked / max-first MLA cases), then TEST_GROUPS="1 4". Never run a bench in the call
-# after a timed-out pytest: its leftover workers load the host (session 7 and 8 numbers spoiled).
+# TEST_GROUPS="0 2" TEST_TIMEOUT=540, TEST_GROUPS="3 4 5" TEST_TIMEOUT=500, then TEST_GROUPS="1 6".
+# (The MLA files were one group until session 16: 265 s in session 14, then past 520 s alone with
+# 288 of its ~500 cases run; session 16 ran test_mla_triton's 145 two-pass cases in 135 s beside
+# three other processes.) Never run a bench in the call after a timed-out pytest: its leftover
+# workers load the host (session 7 and 8 numbers spoiled). scripts/gpu_subset.sh runs chosen files.
 set -uo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 OUT=${OUT:-gpu_out}
@@ -61,21 +63,25 @@ while [ $# -gt 0 ]; do
       groups=("tests/gpu/test_moe_small.py tests/gpu/test_family_kernels.py tests/gpu/test_moe_tiles_gpu.py tests/gpu/test_router_linear.py"
               "tests/gpu/test_engine_gpu.py tests/gpu/test_families_gpu.py tests/gpu/test_gpt_oss_gpu.py tests/gpu/test_sampling_options_gpu.py tests/gpu/test_routed_gpu.py tests/test_overlapped_decode.py tests/test_weight_transfer.py tests/gpu/test_invariant_family_kernels.py"
               "tests/gpu/test_triton_ops.py tests/gpu/test_attn_prologue.py tests/gpu/test_linear.py tests/gpu/test_sampling_split.py tests/gpu/test_penalties_gpu.py tests/gpu/test_invariant_ops.py tests/gpu/test_sampling_ranks.py"
-              "tests/gpu/test_mla_triton.py tests/gpu/test_mla_prefill_gpu.py tests/gpu/test_deepseek_gpu.py tests/gpu/test_batch_invariant_gpu.py tests/gpu/test_invariant_gemm.py tests/gpu/test_batch_invariant_families_gpu.py tests/gpu/test_aiter_mla.py tests/gpu/test_invariant_mla_kernels.py"
+              "tests/gpu/test_mla_triton.py -k two_pass"
+              "tests/gpu/test_mla_triton.py -k 'not two_pass'"
+              "tests/gpu/test_mla_prefill_gpu.py tests/gpu/test_deepseek_gpu.py tests/gpu/test_batch_invariant_gpu.py tests/gpu/test_invariant_gemm.py tests/gpu/test_batch_invariant_families_gpu.py tests/gpu/test_aiter_mla.py tests/gpu/test_invariant_mla_kernels.py"
               "tests/test_sleep_wake.py")
-      # TEST_GROUPS="0 2" re-runs only those groups (4 = sleep / wake); default all.
+      sleep_group=$((${#groups[@]} - 1))
+      # TEST_GROUPS="0 2" re-runs only those groups (6 = sleep / wake); default all.
       run_groups=${TEST_GROUPS:-"${!groups[*]}"}
       for i in $run_groups; do
-        [ "$i" -eq 4 ] && continue
-        timeout "${TEST_TIMEOUT:-420}" $PY -m pytest -m gpu -q -rs ${PYTEST_X--x} --durations=5 ${groups[$i]} \
+        [ "$i" -eq "$sleep_group" ] && continue
+        # eval: a group's -k expression keeps its quotes
+        eval timeout "${TEST_TIMEOUT:-420}" $PY -m pytest -m gpu -q -rs ${PYTEST_X--x} --durations=5 ${groups[$i]} \
           > "$OUT/pytest_$i.log" 2>&1 &
       done
       wait
       pkill -f -- "-m pytest -m gpu" 2>/dev/null  # what a timed-out pytest left running (compile workers)
       # Sleep / wake alone: its tests read the device's free memory, which the other processes move.
-      if [[ " $run_groups " == *" 4 "* ]]; then
-        timeout "${TEST_TIMEOUT:-420}" $PY -m pytest -m gpu -q -rs ${PYTEST_X--x} --durations=5 ${groups[4]} \
-          > "$OUT/pytest_4.log" 2>&1
+      if [[ " $run_groups " == *" $sleep_group "* ]]; then
+        timeout "${TEST_TIMEOUT:-420}" $PY -m pytest -m gpu -q -rs ${PYTEST_X--x} --durations=5 ${groups[$sleep_group]} \
+          > "$OUT/pytest_$sleep_group.log" 2>&1
       fi
       for i in $run_groups; do
         grep -E "^(FAILED|ERROR)|Error|^[0-9]+ (passed|failed)|[0-9]+ (passed|failed)" "$OUT/pytest_$i.log" | tail -25

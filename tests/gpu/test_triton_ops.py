@@ -70,7 +70,8 @@ def test_silu_and_mul(triton_ops, device, dtype, rows, inter):
 
 @pytest.mark.parametrize("dtype", act_dtypes())
 @pytest.mark.parametrize("hq,hk,d,interleaved", [(16, 8, 128, False), (32, 4, 128, False), (4, 2, 16, False),
-                                                 (8, 8, 64, False), (16, 1, 64, True), (4, 2, 16, True)])
+                                                 (8, 8, 64, False), (16, 1, 64, True), (4, 2, 16, True),
+                                                 (3, 1, 24, True)])
 def test_rotary(triton_ops, device, dtype, hq, hk, d, interleaved):
     from atom.models.layers.rotary import RotaryEmbedding
     gen(hq * d)

@@ -127,19 +127,23 @@ def _rope_kernel(pos_ptr, q_ptr, k_ptr, cs_ptr, qo_ptr, ko_ptr, sq0, sq1, sk0, s
     cos = tl.load(cs_ptr + pos * scs + d, mask=dm, other=0.0)[None, :]
     sin = tl.load(cs_ptr + pos * scs + HALF + d, mask=dm, other=0.0)[None, :]
     h = tl.arange(0, BLOCK_H)
-    _rope_heads(q_ptr + t * sq0, sq1, qo_ptr + t * (HQ * 2 * HALF), h, HQ, d, dm, cos, sin, HALF, INTERLEAVED)
-    _rope_heads(k_ptr + t * sk0, sk1, ko_ptr + t * (HK * 2 * HALF), h, HK, d, dm, cos, sin, HALF, INTERLEAVED)
+    _rope_heads(q_ptr + t * sq0, sq1, qo_ptr + t * (HQ * 2 * HALF), h, HQ, d, dm, cos, sin, HALF, INTERLEAVED,
+                BLOCK_D)
+    _rope_heads(k_ptr + t * sk0, sk1, ko_ptr + t * (HK * 2 * HALF), h, HK, d, dm, cos, sin, HALF, INTERLEAVED,
+                BLOCK_D)
 
 
 @triton.jit
-def _rope_heads(src, s_head, dst, h, H, d, dm, cos, sin, HALF: tl.constexpr, INTERLEAVED: tl.constexpr):
+def _rope_heads(src, s_head, dst, h, H, d, dm, cos, sin, HALF: tl.constexpr, INTERLEAVED: tl.constexpr,
+                BLOCK_D: tl.constexpr):
     """Neox RoPE of one token's H heads (src rows s_head apart) into contiguous dst rows; with
     INTERLEAVED the pairs are (x[2i], x[2i + 1]) and the output holds them as (evens | odds)."""
     m = (h < H)[:, None] & dm[None, :]
-    if INTERLEAVED:
-        base = src + h[:, None] * s_head + 2 * d[None, :]
-        x1 = tl.load(base, mask=m, other=0.0).to(tl.float32)
-        x2 = tl.load(base + 1, mask=m, other=0.0).to(tl.float32)
+    if INTERLEAVED:  # one contiguous load of the pairs, split into evens and odds in registers
+        c = tl.arange(0, 2 * BLOCK_D)
+        x = tl.load(src + h[:, None] * s_head + c[None, :], mask=(h < H)[:, None] & (c < 2 * HALF)[None, :],
+                    other=0.0).to(tl.float32)
+        x1, x2 = tl.split(tl.reshape(x, [x.shape[0], BLOCK_D, 2]))
     else:
         base = src + h[:, None] * s_head + d[None, :]
         x1 = tl.load(base, mask=m, other=0.0).to(tl.float32)
