@@ -274,6 +274,30 @@ def test_fused_moe_skips_negative_ids(triton_ops, device, dtype):
     assert "skips_negative_ids" in capabilities("fused_moe", "triton")
 
 
+@pytest.mark.parametrize("id_dtype", [torch.int64, torch.int32])
+@pytest.mark.parametrize("pairs,experts,block_m", [(3072, 64, 64), (37, 8, 16), (1500, 256, 32), (5, 6, 16)])
+def test_moe_align_against_python(triton_ops, device, pairs, experts, block_m, id_dtype):
+    """moe_align's layout, rebuilt in Python from the ids: per expert in order, its pairs in pair
+    order padded to whole tiles with the sentinel `pairs`, each tile's expert, the padded total;
+    -1 ids (expert parallelism) belong to no expert. Skewed ids so that some experts get none and
+    some several tiles."""
+    from atom.ops.triton.moe import moe_align
+    gen(pairs + experts)
+    ids = (torch.rand(pairs, device=device) ** 3 * experts).long().clamp(max=experts - 1)
+    ids[torch.rand(pairs, device=device) < 0.1] = -1
+    sorted_ids, tile_expert, total, max_tiles = moe_align(ids.to(id_dtype).view(-1, 1), experts, block_m)
+    host = ids.tolist()
+    want_sorted, want_tiles = [], []
+    for e in range(experts):
+        mine = [i for i, v in enumerate(host) if v == e]
+        n_tiles = -(-len(mine) // block_m)
+        want_sorted += mine + [pairs] * (n_tiles * block_m - len(mine))
+        want_tiles += [e] * n_tiles
+    assert int(total) == len(want_sorted) and len(want_tiles) <= max_tiles
+    assert sorted_ids[:len(want_sorted)].tolist() == want_sorted
+    assert tile_expert[:len(want_tiles)].tolist() == want_tiles
+
+
 # ---- sampling --------------------------------------------------------------------------------
 
 def test_uniform_noise_stream_matches_torch(triton_ops, device):
