@@ -187,7 +187,7 @@ def _ranges(begins: list[int], lens: list[int], device: torch.device) -> tuple[t
 
 def _expanded(q_nope, q_pe, kv_cache, w_aug, scale, group: _Group, v_dim, out, use_flash) -> None:
     """Expand the latents of `group`'s sequences (one GEMM) and attend; writes out's rows."""
-    dev, heads = q_nope.device, q_nope.shape[1]
+    heads = q_nope.shape[1]
     qk = q_nope.shape[2] + q_pe.shape[2]
     lo, hi = group.row_lo, group.row_hi
     kv = kv_cache.view(-1, kv_cache.shape[-1])[group.slots].to(w_aug.dtype)
