@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Chosen GPU test files in three concurrent pytest processes (one device call, a bench may follow):
-#   scripts/gpu_subset.sh "FILES_OR_ARGS_1" "FILES_OR_ARGS_2" ...   (each quoted argument: one process)
+#   scripts/gpu_subset.sh "FILES_OR_ARGS_1" "FILES_OR_ARGS_2" ...   (each quoted argument: one process;
+#   quotes inside one keep a -k expression whole: "tests/gpu/test_mla_triton.py -k 'two_pass and partial'")
 # Logs subset_{i}.log in $OUT (or ./gpu_out); TEST_TIMEOUT (default 250) bounds each process, and
 # whatever a timed-out process left running is killed before this script returns (a bench after
 # it must not share the host with compile workers).
@@ -17,8 +18,7 @@ if compgen -G ".whl/*.whl" > /dev/null; then
 fi
 i=0
 for args in "$@"; do
-  # shellcheck disable=SC2086
-  timeout "${TEST_TIMEOUT:-250}" $PY -m pytest -m gpu -q -rs --durations=3 $args > "$OUT/subset_$i.log" 2>&1 &
+  eval timeout "${TEST_TIMEOUT:-250}" $PY -m pytest -m gpu -q -rs --durations=3 "$args" > "$OUT/subset_$i.log" 2>&1 &
   i=$((i + 1))
 done
 wait
