@@ -187,9 +187,10 @@ def _rows(cfg: dict, wide: int, heads: int, max_n: int) -> tuple[int, int, int]:
 
 
 def tile_tokens(cfg: dict, wide: int, split_p: int, heads: int, groups: int, max_n: int, max_prefix_len: int,
-                batch: int) -> int:
+                batch: int = 0) -> int:
     """Prefix tokens per score tile, or 0 for the one-pass kernel: cfg's size for 2-byte elements
-    (`two_pass_wide_tile` from `two_pass_wide_rows` batch rows x heads on, else `two_pass_tile`),
+    (`two_pass_wide_tile` from `two_pass_wide_rows` batch rows x heads on, else `two_pass_tile`;
+    batch 0: the narrow one),
     divided by `wide`, and a divisor of the split (a value program sums whole tiles); 0 when that
     is below tl.dot's 16 or the p scratch would pass MAX_SCRATCH_BYTES."""
     size = cfg["two_pass_wide_tile"] if batch * heads >= cfg["two_pass_wide_rows"] else cfg["two_pass_tile"]
