@@ -63,8 +63,10 @@ class _Group:
 
 @dataclass
 class _Plan:
-    """What mla_prefill derives from a step's metadata, once for all its layers."""
-    inputs: tuple
+    """What mla_prefill derives from a step's metadata, once for all its layers: built from the
+    metadata's tensors `sources` (held, compared by identity) under `settings`."""
+    sources: tuple
+    settings: tuple
     short_rows: torch.Tensor | None
     short_meta: AttentionMetadata | None
     groups: list[_Group]
@@ -100,13 +102,12 @@ def mla_prefill(q_nope: torch.Tensor, q_pe: torch.Tensor, kv_cache: torch.Tensor
 
 def _plan(meta: AttentionMetadata, page: int, cap_tokens: int, dev: torch.device) -> _Plan:
     """meta's plan for these settings: built by the step's first layer, reused by the others
-    (the inputs tuple holds the metadata's own tensors, so a copy of meta with other tensors,
-    sharing op_plans, never reads a stale plan)."""
-    inputs = (meta.query_start_loc, meta.seq_lens, meta.block_tables, page, cap_tokens, ABSORB_MAX_Q, dev)
+    (a copy of meta with other tensors, sharing op_plans, never reads a stale plan)."""
+    sources = (meta.query_start_loc, meta.seq_lens, meta.block_tables)
+    settings = (page, cap_tokens, ABSORB_MAX_Q, dev)
     plan = meta.op_plans.get("mla_prefill")
-    if plan is not None and len(plan.inputs) == len(inputs) and all(a is b or (not isinstance(a, torch.Tensor)
-                                                                           and a == b)
-                                                                     for a, b in zip(plan.inputs, inputs)):
+    if (plan is not None and plan.settings == settings
+            and all(a is b for a, b in zip(plan.sources, sources))):
         return plan
     nseq = meta.seq_lens.shape[0]
     starts, ctx = meta.host_query_start_loc, meta.host_seq_lens
@@ -127,7 +128,7 @@ def _plan(meta: AttentionMetadata, page: int, cap_tokens: int, dev: torch.device
             is_decode=True, max_query_len=1, max_seq_len=max(ctx[b] for b in short))
     long_seqs = [b for b in range(nseq) if qlens[b] > ABSORB_MAX_Q]
     groups = [_group(meta, page, run, starts, ctx, dev) for run in _groups(long_seqs, ctx, cap_tokens)]
-    plan = _Plan(inputs, short_rows, short_meta, groups)
+    plan = _Plan(sources, settings, short_rows, short_meta, groups)
     meta.op_plans["mla_prefill"] = plan
     return plan
 

@@ -58,60 +58,48 @@ def prefix_split_program(plen_ptr, N_DV: tl.constexpr, BLOCK_DV: tl.constexpr, S
 
 
 @triton.jit
-def _scores_tile(ql_ptr, qp_ptr, c_ptr, bt_ptr, rows_ptr, p_ptr, st_ptr, g, t, hb, plen,
-                 sql0, sql1, sqp0, sqp1, scb, sct, sbt, srow, spg, sph, spr, ssg, ssh, sss, sst,
-                 scale_log2, H: tl.constexpr, HB: tl.constexpr, MAX_N: tl.constexpr,
-                 BLOCK_M: tl.constexpr, L: tl.constexpr, R: tl.constexpr, BLOCK_L: tl.constexpr,
-                 BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr, T: tl.constexpr, PAGE: tl.constexpr,
-                 PREC: tl.constexpr, K_STAGES: tl.constexpr):
-    """Score tile t (tokens [t T, (t + 1) T) of a prefix of plen) of group g, head block hb; the
-    loop over the latent width pipelined K_STAGES deep."""
-    mrow, heads, rm, first = prefix_tile_rows(rows_ptr, g, srow, hb, HB, MAX_N, BLOCK_M, H)
-    n0 = t * T
-    offs = n0 + tl.arange(0, T)
-    nm = offs < plen
-    crow = _tile_blocks(bt_ptr + first * sbt, n0, plen, T, PAGE) * scb + (offs % PAGE).to(tl.int64) * sct
-    s = tl.zeros([BLOCK_M, T], tl.float32)
-    for k0 in tl.range(0, BLOCK_L, BLOCK_K, num_stages=K_STAGES):
-        kk = k0 + tl.arange(0, BLOCK_K)
-        q = tl.load(ql_ptr + mrow[:, None] * sql0 + heads[:, None] * sql1 + kk[None, :],
-                    mask=rm[:, None] & (kk < L)[None, :], other=0.0)
-        k = tl.load(c_ptr + crow[None, :] + kk[:, None], mask=nm[None, :] & (kk < L)[:, None], other=0.0)
-        s = tl.dot(q, k, acc=s, input_precision=PREC)
-    rp = tl.arange(0, BLOCK_R)
-    q_pe = tl.load(qp_ptr + mrow[:, None] * sqp0 + heads[:, None] * sqp1 + rp[None, :],
-                   mask=rm[:, None] & (rp < R)[None, :], other=0.0)
-    kpe = tl.load(c_ptr + crow[None, :] + L + rp[:, None], mask=nm[None, :] & (rp < R)[:, None], other=0.0)
-    s = tl.dot(q_pe, kpe, acc=s, input_precision=PREC)
-    s = tl.where(nm[None, :], s * scale_log2, float("-inf"))
-    m = tl.max(s, 1)
-    p = tl.exp2(s - m[:, None])
-    r = tl.arange(0, BLOCK_M)
-    base = g.to(tl.int64) * spg + hb * sph
-    tl.store(p_ptr + base + r[:, None] * spr + offs[None, :], p.to(p_ptr.dtype.element_ty))
-    sbase = st_ptr + g.to(tl.int64) * ssg + hb * ssh + t * sst + r
-    tl.store(sbase, m)
-    tl.store(sbase + sss, tl.sum(p, 1))
-
-
-@triton.jit
 def _prefix_scores_kernel(ql_ptr, qp_ptr, c_ptr, bt_ptr, rows_ptr, plen_ptr, p_ptr, st_ptr,
                           sql0, sql1, sqp0, sqp1, scb, sct, sbt, srow, spg, sph, spr, ssg, ssh, sss, sst,
                           scale_log2, H: tl.constexpr, HB: tl.constexpr, MAX_N: tl.constexpr,
                           BLOCK_M: tl.constexpr, L: tl.constexpr, R: tl.constexpr, BLOCK_L: tl.constexpr,
                           BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr, T: tl.constexpr, PAGE: tl.constexpr,
-                          PREC: tl.constexpr, STAGES: tl.constexpr):
-    """A grid of (groups, tiles, head blocks). The graphs' grids are sized by the padded batch's
-    bs / 2 groups and max_model_len (at grpo-mla-moe's bs512, 8,192 programs of which 1,024 have
-    work); session 16's H200 tuner measured a persistent form over the items with tokens (its
-    latent loop two deep for 128 registers, two programs an SM) slower by 4.5-8%: removed."""
+                          PREC: tl.constexpr):
+    """A grid of (groups, tiles, head blocks): score tile t (tokens [t T, (t + 1) T)) of group g,
+    head block hb. The graphs' grids are sized by the padded batch's bs / 2 groups and
+    max_model_len (at grpo-mla-moe's bs512, 8,192 programs of which 1,024 have work); session
+    16's H200 tuner measured a persistent form over the items with tokens (two programs an SM)
+    slower by 4.5-8%: removed."""
     g = tl.program_id(0)
     t = tl.program_id(1)
+    hb = tl.program_id(2)
     plen = tl.load(plen_ptr + g).to(tl.int32)
-    if t * T < plen:
-        _scores_tile(ql_ptr, qp_ptr, c_ptr, bt_ptr, rows_ptr, p_ptr, st_ptr, g, t, tl.program_id(2), plen,
-                     sql0, sql1, sqp0, sqp1, scb, sct, sbt, srow, spg, sph, spr, ssg, ssh, sss, sst, scale_log2,
-                     H, HB, MAX_N, BLOCK_M, L, R, BLOCK_L, BLOCK_K, BLOCK_R, T, PAGE, PREC, STAGES)
+    n0 = t * T
+    if n0 < plen:
+        mrow, heads, rm, first = prefix_tile_rows(rows_ptr, g, srow, hb, HB, MAX_N, BLOCK_M, H)
+        offs = n0 + tl.arange(0, T)
+        nm = offs < plen
+        crow = _tile_blocks(bt_ptr + first * sbt, n0, plen, T, PAGE) * scb + (offs % PAGE).to(tl.int64) * sct
+        s = tl.zeros([BLOCK_M, T], tl.float32)
+        for k0 in tl.range(0, BLOCK_L, BLOCK_K):
+            kk = k0 + tl.arange(0, BLOCK_K)
+            q = tl.load(ql_ptr + mrow[:, None] * sql0 + heads[:, None] * sql1 + kk[None, :],
+                        mask=rm[:, None] & (kk < L)[None, :], other=0.0)
+            k = tl.load(c_ptr + crow[None, :] + kk[:, None], mask=nm[None, :] & (kk < L)[:, None], other=0.0)
+            s = tl.dot(q, k, acc=s, input_precision=PREC)
+        rp = tl.arange(0, BLOCK_R)
+        q_pe = tl.load(qp_ptr + mrow[:, None] * sqp0 + heads[:, None] * sqp1 + rp[None, :],
+                       mask=rm[:, None] & (rp < R)[None, :], other=0.0)
+        kpe = tl.load(c_ptr + crow[None, :] + L + rp[:, None], mask=nm[None, :] & (rp < R)[:, None], other=0.0)
+        s = tl.dot(q_pe, kpe, acc=s, input_precision=PREC)
+        s = tl.where(nm[None, :], s * scale_log2, float("-inf"))
+        m = tl.max(s, 1)
+        p = tl.exp2(s - m[:, None])
+        r = tl.arange(0, BLOCK_M)
+        base = g.to(tl.int64) * spg + hb * sph
+        tl.store(p_ptr + base + r[:, None] * spr + offs[None, :], p.to(p_ptr.dtype.element_ty))
+        sbase = st_ptr + g.to(tl.int64) * ssg + hb * ssh + t * sst + r
+        tl.store(sbase, m)
+        tl.store(sbase + sss, tl.sum(p, 1))
 
 
 @triton.jit
@@ -219,8 +207,7 @@ def launch_prefix(q_latent, q_pe, kv_cache, meta, po, pl, common, scale_log2, sp
         q_latent, q_pe, kv_cache, meta.block_tables, rows, casc.group_prefix_len, p, st,
         sql0, sql1, sqp0, sqp1, scb, sct, sbt, rows.stride(0), *scratch, scale_log2, H=heads, HB=hb, MAX_N=max_n,
         BLOCK_M=block_m, L=dims["L"], R=dims["R"], BLOCK_L=block_l, BLOCK_K=min(64 // wide, block_l),
-        BLOCK_R=dims["BLOCK_R"], T=tile, PAGE=dims["PAGE"], PREC=dims["PREC"], STAGES=stages, num_warps=warps,
-        num_stages=stages)
+        BLOCK_R=dims["BLOCK_R"], T=tile, PAGE=dims["PAGE"], PREC=dims["PREC"], num_warps=warps, num_stages=stages)
     tv = min(tile, max(16, cfg["two_pass_value_tile"] // wide))
     if tile % tv or split_p % tv:  # the values kernel reads p in whole steps of a score tile and of a split
         raise ValueError(f"MLA_CFG: two_pass_value_tile {tv} must divide two_pass_tile {tile} and the prefix "
