@@ -117,6 +117,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--profile-steps", default=None, metavar="A:B",
                     help="with --torch-profile: profile only engine steps [A, B) (CPU + CUDA, chrome trace "
                          "next to the table)")
+    ap.add_argument("--profile-stack", action="store_true",
+                    help="with --profile-steps: record Python frames too (host time by function; slows the host)")
     ap.add_argument("--tuned", default=None, help="kernel configs from `python -m bench.kernels --tune FILE`")
     # Multi-GPU (launch with torchrun; every rank runs the same workload, SPMD; rank 0 reports).
     ap.add_argument("--tensor-parallel-size", type=int, default=1)
@@ -187,7 +189,7 @@ def main(argv: list[str] | None = None) -> int:
     sync()
     t0 = time.perf_counter()
     if opts.torch_profile and steps:
-        window = probe.profile_steps(*steps)
+        window = probe.profile_steps(*steps, with_stack=opts.profile_stack)
         outs = engine.generate(prompts, params)
         sync()
         secs = time.perf_counter() - t0

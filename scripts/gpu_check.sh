@@ -7,7 +7,9 @@
 #               tests/test_sleep_wake.py alone (logs pytest_{0,...,6}.log; TEST_GROUPS="0 6" runs a subset)
 #     bench   : python -m bench.rollout --workload W for each W (default: all four)
 #     profile W : a torch-profiler window of workload W (steps PROFILE_STEPS, default 600:603; the
-#               table and a chrome trace in $OUT; uses the tuned file when `tune` ran before)
+#               table, the device's idle gaps by host event (gaps_W.txt) and, when under 16 MB, the
+#               chrome trace in $OUT; PROFILE_STACK=1 records Python frames; uses the tuned file
+#               when `tune` ran before)
 #     hf      : the transformers generate baseline on decode-moe-bs1
 #     tune    : sweep decode-attention / fused-MoE tile configs (bench/kernels.py --tune), then the
 #               MLA decode's (bench/mla_kernels.py --tune, same file; its groups (6 since session 10) took over 170 s
@@ -118,9 +120,16 @@ while [ $# -gt 0 ]; do
       # profile W: a torch-profiler window (steps PROFILE_STEPS, default 600:603) of workload W.
       w=$2; shift
       timeout "${BENCH_TIMEOUT:-300}" $PY -m bench.rollout --workload "$w" ${BENCH_ARGS:-} \
-        --torch-profile "$OUT/profile_$w.txt" --profile-steps "${PROFILE_STEPS:-600:603}" > "$OUT/profile_$w.log" 2>&1 \
-        || summary+=("profile $w: FAILED")
+        --torch-profile "$OUT/profile_$w.txt" --profile-steps "${PROFILE_STEPS:-600:603}" ${PROFILE_STACK:+--profile-stack} \
+        > "$OUT/profile_$w.log" 2>&1 || summary+=("profile $w: FAILED")
       head -40 "$OUT/profile_$w.txt" 2>/dev/null | cut -c1-200
+      # The device's idle gaps and the host work they wait for (bench/trace_gaps.py); a trace over
+      # the 16 MiB a returned file may hold is analysed here and left behind.
+      trace="$OUT/profile_$w.trace.json"
+      if [ -f "$trace" ]; then
+        $PY -m bench.trace_gaps "$trace" > "$OUT/gaps_$w.txt" 2>&1; head -60 "$OUT/gaps_$w.txt"
+        [ "$(stat -c %s "$trace")" -gt 16000000 ] && mv "$trace" "/tmp/profile_$w.trace.json"
+      fi
       ;;
     kernels)
       timeout "${KERNEL_TIMEOUT:-240}" $PY -m bench.kernels 2>&1 | tee "$OUT/kernels.log" | tail -30

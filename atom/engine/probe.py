@@ -196,10 +196,11 @@ class EngineProbe:
             dr.timers.update(dict.fromkeys(dr.timers, 0))
 
     # ---- profiler window -----------------------------------------------------------------
-    def profile_steps(self, first: int, last: int, activities=None) -> StepProfile:
+    def profile_steps(self, first: int, last: int, activities=None, with_stack: bool = False) -> StepProfile:
         """Profile engine steps [first, last) counted from now (first=0: from now on) with a torch
         profiler (default activities: CPU, plus CUDA on a GPU engine). It stops by itself after
-        step last - 1; `finish_profile` stops it early and takes the step counter out."""
+        step last - 1; `finish_profile` stops it early and takes the step counter out. with_stack:
+        record Python frames too (the host's share of a step by function; slows the host)."""
         if isinstance(first, bool) or isinstance(last, bool) or not isinstance(first, int) or not isinstance(last, int):
             raise ValueError(f"profile_steps: first and last must be ints, got {first!r}, {last!r}")
         if not 0 <= first < last:
@@ -210,7 +211,7 @@ class EngineProbe:
         if activities is None:
             cuda = self._llm.runner.device.type == "cuda"
             activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
-        prof = StepProfile(first, last, profile(activities=activities))
+        prof = StepProfile(first, last, profile(activities=activities, with_stack=with_stack))
         self._profile = prof
         if first == 0:
             self._window_start(prof)

@@ -1,0 +1,139 @@
+"""Where the device waited: the idle gaps of a torch-profiler chrome trace, and what the host
+was doing in them.
+
+    python -m bench.trace_gaps TRACE.json [--min-us 20] [--top 25]
+
+The device is busy while any kernel or device copy runs (the union over streams); a gap is an
+interval between busy ones. Each gap is charged to the host: for every instant of the gap, the
+innermost CPU event running on the busiest host thread (a Python function when the trace was
+taken with stacks, else an aten op or CUDA runtime call). Prints the total idle time, the idle
+time by innermost host event, and the longest gaps with the host's stack at their middle. The
+point is to find the host work the device waits for (a sync, a per-layer Python loop) in a trace
+too large to read by hand (the prefill window of a rollout is ~100 MB).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+from collections import defaultdict
+from dataclasses import dataclass
+
+DEVICE_CATS = {"kernel", "gpu_memcpy", "gpu_memset"}
+
+
+@dataclass(frozen=True)
+class Span:
+    start: float
+    end: float
+    name: str
+
+
+def device_busy(events: list[dict]) -> list[tuple[float, float]]:
+    """The union of the device's kernel / copy intervals, merged and sorted (µs)."""
+    spans = sorted((e["ts"], e["ts"] + e.get("dur", 0)) for e in events if e.get("cat") in DEVICE_CATS)
+    merged: list[list[float]] = []
+    for a, b in spans:
+        if merged and a <= merged[-1][1]:
+            merged[-1][1] = max(merged[-1][1], b)
+        else:
+            merged.append([a, b])
+    return [(a, b) for a, b in merged]
+
+
+def gaps_of(busy: list[tuple[float, float]], min_us: float) -> list[tuple[float, float]]:
+    return [(a[1], b[0]) for a, b in zip(busy, busy[1:]) if b[0] - a[1] >= min_us]
+
+
+def host_spans(events: list[dict]) -> list[Span]:
+    """The CPU events of the host thread with the most event time (the engine's thread)."""
+    by_tid: dict = defaultdict(list)
+    for e in events:
+        if e.get("ph") == "X" and e.get("cat") not in DEVICE_CATS and "dur" in e and e.get("cat") != "ac2g":
+            by_tid[(e.get("pid"), e.get("tid"))].append(e)
+    if not by_tid:
+        return []
+    main = max(by_tid.values(), key=lambda es: sum(e["dur"] for e in es))
+    return sorted((Span(e["ts"], e["ts"] + e["dur"], e["name"]) for e in main), key=lambda s: (s.start, -s.end))
+
+
+class HostSweep:
+    """The host events live in each gap, found in one pass over the (nested, start-sorted) spans:
+    a stack of the events open at the gap's start, plus those starting inside it."""
+
+    def __init__(self, spans: list[Span]) -> None:
+        self.spans, self.next, self.open = spans, 0, []
+
+    def inside(self, a: float, b: float) -> list[Span]:
+        spans, open_ = self.spans, self.open
+        while self.next < len(spans) and spans[self.next].start < a:
+            s = spans[self.next]
+            while open_ and open_[-1].end <= s.start:
+                open_.pop()
+            open_.append(s)
+            self.next += 1
+        while open_ and open_[-1].end <= a:
+            open_.pop()
+        live = [s for s in open_ if s.end > a]
+        i = self.next
+        while i < len(spans) and spans[i].start < b:
+            live.append(spans[i])
+            i += 1
+        return live
+
+
+def charge(inside: list[Span], gap: tuple[float, float], into: dict[str, float]) -> None:
+    """Adds each instant of the gap to the innermost host event running then ('<idle host>' when
+    none: the host between events)."""
+    a, b = gap
+    cuts = sorted({a, b, *(min(max(s.start, a), b) for s in inside), *(min(max(s.end, a), b) for s in inside)})
+    for lo, hi in zip(cuts, cuts[1:]):
+        if hi <= lo:
+            continue
+        mid = (lo + hi) / 2
+        live = [s for s in inside if s.start <= mid < s.end]
+        name = min(live, key=lambda s: s.end - s.start).name if live else "<idle host>"
+        into[name] += hi - lo
+
+
+def analyse(trace: dict, min_us: float = 20.0, top: int = 25) -> str:
+    events = trace["traceEvents"] if isinstance(trace, dict) else trace
+    busy = device_busy(events)
+    if not busy:
+        return "no device events in the trace\n"
+    wall = busy[-1][1] - busy[0][0]
+    busy_us = sum(b - a for a, b in busy)
+    gaps = gaps_of(busy, min_us)
+    spans = host_spans(events)
+    lines = [f"device window {wall / 1e3:.2f} ms: busy {busy_us / 1e3:.2f} ms, idle {(wall - busy_us) / 1e3:.2f} ms; "
+             f"{len(gaps)} gaps >= {min_us:g} us hold {sum(b - a for a, b in gaps) / 1e3:.2f} ms"]
+    charged: dict[str, float] = defaultdict(float)
+    sweep, stacks = HostSweep(spans), {}
+    for a, b in gaps:
+        inside = sweep.inside(a, b)
+        charge(inside, (a, b), charged)
+        mid = (a + b) / 2
+        stacks[(a, b)] = sorted((s for s in inside if s.start <= mid < s.end), key=lambda s: (s.start, -s.end))
+    lines.append("\nidle time by innermost host event (ms):")
+    for name, us in sorted(charged.items(), key=lambda kv: -kv[1])[:top]:
+        lines.append(f"  {us / 1e3:9.2f}  {name[:150]}")
+    lines.append(f"\nthe {top} longest gaps (start from the window's start, ms; the host stack at the middle):")
+    for a, b in sorted(gaps, key=lambda g: g[0] - g[1])[:top]:
+        chain = " > ".join(s.name[:60] for s in stacks[(a, b)][-6:]) or "<idle host>"
+        lines.append(f"  {(a - busy[0][0]) / 1e3:9.2f}  {(b - a) / 1e3:7.3f} ms  {chain}")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("trace")
+    ap.add_argument("--min-us", type=float, default=20.0, help="shorter idle intervals are not gaps")
+    ap.add_argument("--top", type=int, default=25)
+    opts = ap.parse_args(argv)
+    with open(opts.trace) as f:
+        trace = json.load(f)
+    print(analyse(trace, opts.min_us, opts.top), end="")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
