@@ -28,20 +28,37 @@ class Span:
     name: str
 
 
+def device_intervals(events: list[dict]) -> list[list]:
+    """The union of the device's kernel / copy intervals, merged and sorted: [start, end, first
+    kernel's name, last kernel's name] (µs)."""
+    spans = sorted((e["ts"], e["ts"] + e.get("dur", 0), e.get("name", "?")) for e in events
+                   if e.get("cat") in DEVICE_CATS)
+    merged: list[list] = []
+    for a, b, name in spans:
+        if merged and a <= merged[-1][1]:
+            if b >= merged[-1][1]:
+                merged[-1][1], merged[-1][3] = b, name
+        else:
+            merged.append([a, b, name, name])
+    return merged
+
+
 def device_busy(events: list[dict]) -> list[tuple[float, float]]:
     """The union of the device's kernel / copy intervals, merged and sorted (µs)."""
-    spans = sorted((e["ts"], e["ts"] + e.get("dur", 0)) for e in events if e.get("cat") in DEVICE_CATS)
-    merged: list[list[float]] = []
-    for a, b in spans:
-        if merged and a <= merged[-1][1]:
-            merged[-1][1] = max(merged[-1][1], b)
-        else:
-            merged.append([a, b])
-    return [(a, b) for a, b in merged]
+    return [(a, b) for a, b, _, _ in device_intervals(events)]
 
 
 def gaps_of(busy: list[tuple[float, float]], min_us: float) -> list[tuple[float, float]]:
     return [(a[1], b[0]) for a, b in zip(busy, busy[1:]) if b[0] - a[1] >= min_us]
+
+
+def idle_by_transition(intervals: list[list], min_us: float) -> dict[str, float]:
+    """Idle time by the pair of kernels around it ('previous -> next', names cut to 40)."""
+    out: dict[str, float] = defaultdict(float)
+    for x, y in zip(intervals, intervals[1:]):
+        if y[0] - x[1] >= min_us:
+            out[f"{x[3][:40]} -> {y[2][:40]}"] += y[0] - x[1]
+    return out
 
 
 def host_spans(events: list[dict]) -> list[Span]:
@@ -83,29 +100,40 @@ class HostSweep:
 
 def charge(inside: list[Span], gap: tuple[float, float], into: dict[str, float]) -> None:
     """Adds each instant of the gap to the innermost host event running then ('<idle host>' when
-    none: the host between events)."""
+    none: the host between events). `inside`: the gap's events in start order, nested."""
     a, b = gap
-    cuts = sorted({a, b, *(min(max(s.start, a), b) for s in inside), *(min(max(s.end, a), b) for s in inside)})
-    for lo, hi in zip(cuts, cuts[1:]):
-        if hi <= lo:
-            continue
-        mid = (lo + hi) / 2
-        live = [s for s in inside if s.start <= mid < s.end]
-        name = min(live, key=lambda s: s.end - s.start).name if live else "<idle host>"
-        into[name] += hi - lo
+    t, stack = a, []
+
+    def until(end: float) -> None:  # charge [t, end) to what is open, closing what ends first
+        nonlocal t
+        while stack and stack[-1].end <= end:
+            top = stack.pop()
+            if top.end > t:
+                into[top.name] += min(top.end, b) - t
+                t = top.end
+        if end > t:
+            into[stack[-1].name if stack else "<idle host>"] += end - t
+            t = end
+
+    for s in inside:
+        until(min(max(s.start, a), b))
+        stack.append(s)
+    until(b)
 
 
 def analyse(trace: dict, min_us: float = 20.0, top: int = 25) -> str:
     events = trace["traceEvents"] if isinstance(trace, dict) else trace
-    busy = device_busy(events)
+    intervals = device_intervals(events)
+    busy = [(a, b) for a, b, _, _ in intervals]
     if not busy:
         return "no device events in the trace\n"
     wall = busy[-1][1] - busy[0][0]
     busy_us = sum(b - a for a, b in busy)
     gaps = gaps_of(busy, min_us)
     spans = host_spans(events)
-    lines = [f"device window {wall / 1e3:.2f} ms: busy {busy_us / 1e3:.2f} ms, idle {(wall - busy_us) / 1e3:.2f} ms; "
-             f"{len(gaps)} gaps >= {min_us:g} us hold {sum(b - a for a, b in gaps) / 1e3:.2f} ms"]
+    lines = [f"device window {wall / 1e3:.2f} ms: busy {busy_us / 1e3:.2f} ms in {len(busy)} intervals, idle "
+             f"{(wall - busy_us) / 1e3:.2f} ms ({(wall - busy_us) / max(len(busy) - 1, 1):.2f} us between intervals "
+             f"on average); {len(gaps)} gaps >= {min_us:g} us hold {sum(b - a for a, b in gaps) / 1e3:.2f} ms"]
     charged: dict[str, float] = defaultdict(float)
     sweep, stacks = HostSweep(spans), {}
     for a, b in gaps:
@@ -116,6 +144,9 @@ def analyse(trace: dict, min_us: float = 20.0, top: int = 25) -> str:
     lines.append("\nidle time by innermost host event (ms):")
     for name, us in sorted(charged.items(), key=lambda kv: -kv[1])[:top]:
         lines.append(f"  {us / 1e3:9.2f}  {name[:150]}")
+    lines.append("\nidle time by the kernels around it (ms):")
+    for name, us in sorted(idle_by_transition(intervals, min_us).items(), key=lambda kv: -kv[1])[:top]:
+        lines.append(f"  {us / 1e3:9.2f}  {name}")
     lines.append(f"\nthe {top} longest gaps (start from the window's start, ms; the host stack at the middle):")
     for a, b in sorted(gaps, key=lambda g: g[0] - g[1])[:top]:
         chain = " > ".join(s.name[:60] for s in stacks[(a, b)][-6:]) or "<idle host>"
