@@ -119,6 +119,8 @@ def main(argv: list[str] | None = None) -> int:
                          "next to the table)")
     ap.add_argument("--profile-stack", action="store_true",
                     help="with --profile-steps: record Python frames too (host time by function; slows the host)")
+    ap.add_argument("--engine", action="append", default=[], metavar="KEY=JSON",
+                    help="an extra EngineConfig field, e.g. shared_experts_stream=false")
     ap.add_argument("--tuned", default=None, help="kernel configs from `python -m bench.kernels --tune FILE`")
     # Multi-GPU (launch with torchrun; every rank runs the same workload, SPMD; rank 0 reports).
     ap.add_argument("--tensor-parallel-size", type=int, default=1)
@@ -159,7 +161,8 @@ def main(argv: list[str] | None = None) -> int:
                        max_num_batched_tokens=opts.max_num_batched_tokens, cuda_graph_max_batch_size=max_num_seqs,
                        enforce_eager=opts.enforce_eager, op_backends=dict(o.split("=", 1) for o in opts.op),
                        tensor_parallel_size=opts.tensor_parallel_size, expert_parallel_size=opts.expert_parallel_size,
-                       ep_mode=opts.ep_mode, enable_return_routed_experts=opts.routed_experts)
+                       ep_mode=opts.ep_mode, enable_return_routed_experts=opts.routed_experts,
+                       **{k: json.loads(v) for k, v in (o.split("=", 1) for o in opts.engine)})
     extra = {k: json.loads(v) for k, v in (o.split("=", 1) for o in opts.sampling)}
     if opts.routed_experts:
         extra["return_routed_experts"] = True
