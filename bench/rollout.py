@@ -121,6 +121,8 @@ def main(argv: list[str] | None = None) -> int:
                     help="with --profile-steps: record Python frames too (host time by function; slows the host)")
     ap.add_argument("--engine", action="append", default=[], metavar="KEY=JSON",
                     help="an extra EngineConfig field, e.g. shared_experts_stream=false")
+    ap.add_argument("--no-pdl", action="store_true",
+                    help="launch the Triton kernels without programmatic dependent launch (atom/ops/triton/pdl.py)")
     ap.add_argument("--tuned", default=None, help="kernel configs from `python -m bench.kernels --tune FILE`")
     # Multi-GPU (launch with torchrun; every rank runs the same workload, SPMD; rank 0 reports).
     ap.add_argument("--tensor-parallel-size", type=int, default=1)
@@ -146,6 +148,9 @@ def main(argv: list[str] | None = None) -> int:
     w = resized(load_workloads()[opts.workload], opts.overrides)
     cuda = opts.device == "cuda"
     sync = torch.cuda.synchronize if cuda else (lambda: None)
+    if opts.no_pdl:
+        from atom.ops.triton import pdl
+        pdl.set_enabled(False)
     if opts.tuned and os.path.isfile(opts.tuned):
         from bench.kernels import apply_tuned
         apply_tuned(opts.tuned)

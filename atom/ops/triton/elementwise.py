@@ -17,6 +17,8 @@ import triton.language as tl
 
 from atom.ops.registry import register
 from atom.ops.triton import INTERPRET
+from atom.ops.triton import pdl
+from atom.ops.triton.pdl import grid_dependency
 
 B = "triton"
 
@@ -35,7 +37,8 @@ def _rows(x: torch.Tensor) -> tuple[int, int, int, int]:
 
 @triton.jit
 def _rms_norm_kernel(x_ptr, r_ptr, w_ptr, out_ptr, rout_ptr, n_inner, sx0, sx1, sr0, N, eps,
-                     HAS_RES: tl.constexpr, BLOCK: tl.constexpr):
+                     HAS_RES: tl.constexpr, BLOCK: tl.constexpr, PDL: tl.constexpr = False):
+    grid_dependency(PDL)
     row = tl.program_id(0)
     xo = (row // n_inner).to(tl.int64) * sx0 + (row % n_inner).to(tl.int64) * sx1
     cols = tl.arange(0, BLOCK)
@@ -71,7 +74,7 @@ def _norm(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor, 
     _rms_norm_kernel[(rows,)](
         x, residual if residual is not None else x, weight, out, rout if rout is not None else out,
         inner, s0, s1, residual.stride(0) if residual is not None else 0, n, eps,
-        HAS_RES=residual is not None, BLOCK=block, num_warps=min(16, max(1, block // 256)))
+        HAS_RES=residual is not None, BLOCK=block, num_warps=min(16, max(1, block // 256)), **pdl.options())
     return out, rout
 
 
@@ -89,7 +92,8 @@ def fused_add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Te
 # ---- SiLU(gate) * up ----------------------------------------------------------------------
 
 @triton.jit
-def _silu_mul_kernel(x_ptr, out_ptr, I, sx, BLOCK: tl.constexpr):
+def _silu_mul_kernel(x_ptr, out_ptr, I, sx, BLOCK: tl.constexpr, PDL: tl.constexpr = False):
+    grid_dependency(PDL)
     row = tl.program_id(0).to(tl.int64)
     cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     mask = cols < I
@@ -110,7 +114,7 @@ def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
     if x2.shape[0]:
         block = min(1024, triton.next_power_of_2(inter))
         _silu_mul_kernel[(x2.shape[0], triton.cdiv(inter, block))](x2, out, inter, x2.stride(0), BLOCK=block,
-                                                                    num_warps=4)
+                                                                    num_warps=4, **pdl.options())
     return out.reshape(*shape[:-1], inter)
 
 
@@ -119,7 +123,8 @@ def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
 @triton.jit
 def _rope_kernel(pos_ptr, q_ptr, k_ptr, cs_ptr, qo_ptr, ko_ptr, sq0, sq1, sk0, sk1, scs,
                  HQ: tl.constexpr, HK: tl.constexpr, HALF: tl.constexpr,
-                 BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr, INTERLEAVED: tl.constexpr):
+                 BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr, INTERLEAVED: tl.constexpr, PDL: tl.constexpr = False):
+    grid_dependency(PDL)
     t = tl.program_id(0).to(tl.int64)
     pos = tl.load(pos_ptr + t).to(tl.int64)
     d = tl.arange(0, BLOCK_D)
@@ -170,7 +175,7 @@ def rotary_embedding(positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor, 
         _rope_kernel[(t,)](positions, q, k, cs, qo, ko, q.stride(0), q.stride(1), k.stride(0), k.stride(1),
                            cs.stride(0), HQ=hq, HK=hk, HALF=d // 2,
                            BLOCK_H=triton.next_power_of_2(max(hq, hk)), BLOCK_D=triton.next_power_of_2(d // 2),
-                           INTERLEAVED=interleaved, num_warps=4)
+                           INTERLEAVED=interleaved, num_warps=4, **pdl.options())
     return qo, ko
 
 

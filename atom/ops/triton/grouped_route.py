@@ -17,12 +17,15 @@ import triton
 import triton.language as tl
 
 from atom.ops.registry import register
+from atom.ops.triton import pdl
+from atom.ops.triton.pdl import grid_dependency
 
 
 @triton.jit
 def _grouped_route_kernel(x_ptr, bias_ptr, w_ptr, id_ptr, sx, scaling, E: tl.constexpr, GROUPS: tl.constexpr,
                           PER: tl.constexpr, TOPK_GROUPS: tl.constexpr, TOP_K: tl.constexpr, RENORM: tl.constexpr,
-                          BLOCK_E: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_K: tl.constexpr):
+                          BLOCK_E: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_K: tl.constexpr, PDL: tl.constexpr = False):
+    grid_dependency(PDL)
     t = tl.program_id(0).to(tl.int64)
     e = tl.arange(0, BLOCK_E)
     em = e < E
@@ -79,5 +82,5 @@ def grouped_route(router_logits: torch.Tensor, correction_bias: torch.Tensor, to
                                 GROUPS=num_groups, PER=e // num_groups, TOPK_GROUPS=topk_groups, TOP_K=top_k,
                                 RENORM=bool(renormalize), BLOCK_E=triton.next_power_of_2(e),
                                 BLOCK_G=triton.next_power_of_2(num_groups),
-                                BLOCK_K=max(2, triton.next_power_of_2(top_k)), num_warps=4)
+                                BLOCK_K=max(2, triton.next_power_of_2(top_k)), num_warps=4, **pdl.options())
     return weights, ids

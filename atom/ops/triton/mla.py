@@ -36,6 +36,8 @@ from atom.ops.triton import mla_two_pass as two_pass
 from atom.ops.triton.mla_own import _mla_own_kernel, _mla_tile, _tile_blocks
 from atom.ops.triton.mla_two_pass import prefix_split_program, prefix_tile_rows
 from atom.ops.triton.attention import LOG2E, MAX_OWN_SPLITS, _prec
+from atom.ops.triton import pdl
+from atom.ops.triton.pdl import grid_dependency
 
 B = "triton"
 
@@ -114,9 +116,10 @@ def _mla_prefix_kernel(ql_ptr, qp_ptr, c_ptr, bt_ptr, rows_ptr, plen_ptr, po_ptr
                        H: tl.constexpr, HB: tl.constexpr, MAX_N: tl.constexpr, N_DV: tl.constexpr,
                        BLOCK_M: tl.constexpr, L: tl.constexpr, R: tl.constexpr, BLOCK_L: tl.constexpr,
                        BLOCK_R: tl.constexpr, BLOCK_DV: tl.constexpr, BLOCK_N: tl.constexpr, PAGE: tl.constexpr,
-                       SPLIT: tl.constexpr, PREC: tl.constexpr, REUSE_KV: tl.constexpr):
+                       SPLIT: tl.constexpr, PREC: tl.constexpr, REUSE_KV: tl.constexpr, PDL: tl.constexpr = False):
     """One (group, split, head block x value chunk) of a shared prefix: HB heads of every member
     in one tile of BLOCK_M rows (member = row // HB)."""
+    grid_dependency(PDL)
     g, s, hb, v0, lo, hi = prefix_split_program(plen_ptr, N_DV, BLOCK_DV, SPLIT)
     if lo < hi:
         mrow, heads, rm, first = prefix_tile_rows(rows_ptr, g, srow, hb, HB, MAX_N, BLOCK_M, H)
@@ -146,10 +149,11 @@ def _mla_prefix_kernel(ql_ptr, qp_ptr, c_ptr, bt_ptr, rows_ptr, plen_ptr, po_ptr
 def _mla_merge_kernel(po_ptr, pl_ptr, sl_ptr, start_ptr, o_ptr, sp0, sp1, sp2, sl0, sl1, so0, so1,
                       n_prefix, n_own, L: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_S: tl.constexpr,
                       SPLIT: tl.constexpr, SPLIT_P: tl.constexpr, HAS_START: tl.constexpr,
-                      ORDERED: tl.constexpr = False):
+                      ORDERED: tl.constexpr = False, PDL: tl.constexpr = False):
     """One (sequence, head): the weighted sum of its valid partials (a row without any: zeros).
     ORDERED (batch-invariant mode): the weights' total summed one partial at a time in partial
     order, as the values are (tl.sum's tree follows BLOCK_S, i.e. the batch's max_seq_len)."""
+    grid_dependency(PDL)
     b = tl.program_id(0).to(tl.int64)
     h = tl.program_id(1)
     seq_len = tl.load(sl_ptr + b).to(tl.int32)
@@ -256,13 +260,13 @@ def mla_decode(q_latent: torch.Tensor, q_pe: torch.Tensor, kv_cache: torch.Tenso
         out.stride(0), out.stride(1), n_prefix, scale_log2, H=heads, BH=BLOCK_H,
         BLOCK_N=max(16, cfg["block_n"] // wide), SPLIT=split, HAS_START=casc is not None, WHOLE=whole,
         SPLIT_P=split_p, REUSE_KV=cfg["reuse_kv"], CHUNKS=dims["BLOCK_L"] >= 64,
-        num_warps=cfg["warps"], num_stages=cfg["stages"], **dims)
+        num_warps=cfg["warps"], num_stages=cfg["stages"], **dims, **pdl.options())
     if not whole:
         _mla_merge_kernel[(bsz, heads)](
             po, pl, meta.seq_lens, start, out, po.stride(0), po.stride(1), po.stride(2), pl.stride(0), pl.stride(1),
             out.stride(0), out.stride(1), n_prefix, n_own, L=lat_dim, BLOCK_L=dims["BLOCK_L"],
             BLOCK_S=triton.next_power_of_2(n_prefix + n_own), SPLIT=split, SPLIT_P=split_p,
-            HAS_START=casc is not None, ORDERED=fixed_split is not None, num_warps=4)
+            HAS_START=casc is not None, ORDERED=fixed_split is not None, num_warps=4, **pdl.options())
     return out
 
 
@@ -286,14 +290,15 @@ def _launch_prefix(q_latent, q_pe, kv_cache, meta, po, pl, common, scale_log2, s
         rows.stride(0), scale_log2, H=heads, HB=hb, MAX_N=max_n, N_DV=n_dv, BLOCK_M=_pow2(max_n * hb),
         BLOCK_DV=block_dv, BLOCK_N=max(16, cfg["prefix_block_n"] // wide), SPLIT=split_p,
         REUSE_KV=cfg["prefix_reuse_kv"] and n_dv == 1, num_warps=cfg["prefix_warps"], num_stages=cfg["prefix_stages"],
-        **dims)
+        **dims, **pdl.options())
 
 
 # ---- cache write ------------------------------------------------------------------------------
 
 @triton.jit
 def _mla_write_kernel(lat_ptr, pe_ptr, c_ptr, slot_ptr, sl0, sp0, scb, sct, L: tl.constexpr, R: tl.constexpr,
-                      BLOCK_L: tl.constexpr, BLOCK_R: tl.constexpr, PAGE: tl.constexpr):
+                      BLOCK_L: tl.constexpr, BLOCK_R: tl.constexpr, PAGE: tl.constexpr, PDL: tl.constexpr = False):
+    grid_dependency(PDL)
     t = tl.program_id(0).to(tl.int64)
     slot = tl.load(slot_ptr + t).to(tl.int64)
     if slot >= 0:
@@ -320,7 +325,7 @@ def mla_cache_write(latent: torch.Tensor, k_pe: torch.Tensor, kv_cache: torch.Te
     latent, k_pe = _unit_stride(latent), _unit_stride(k_pe)
     _mla_write_kernel[(t,)](latent, k_pe, kv_cache, slot_mapping, latent.stride(0), k_pe.stride(0),
                             kv_cache.stride(0), kv_cache.stride(1), L=lat_dim, R=rope, BLOCK_L=_pow2(lat_dim),
-                            BLOCK_R=_pow2(rope), PAGE=kv_cache.shape[1], num_warps=4)
+                            BLOCK_R=_pow2(rope), PAGE=kv_cache.shape[1], num_warps=4, **pdl.options())
 
 
 # ---- prefill ----------------------------------------------------------------------------------

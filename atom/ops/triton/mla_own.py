@@ -20,6 +20,8 @@ from __future__ import annotations
 
 import triton
 import triton.language as tl
+from atom.ops.triton import pdl
+from atom.ops.triton.pdl import grid_dependency
 
 
 # ---- one online-softmax step over a tile of latent rows --------------------------------------
@@ -150,7 +152,7 @@ def _mla_own_kernel(ql_ptr, qp_ptr, c_ptr, bt_ptr, sl_ptr, start_ptr, po_ptr, pl
                     H: tl.constexpr, BH: tl.constexpr, L: tl.constexpr, R: tl.constexpr, BLOCK_L: tl.constexpr,
                     BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr, PAGE: tl.constexpr, SPLIT: tl.constexpr,
                     HAS_START: tl.constexpr, PREC: tl.constexpr, WHOLE: tl.constexpr, SPLIT_P: tl.constexpr,
-                    REUSE_KV: tl.constexpr, CHUNKS: tl.constexpr):
+                    REUSE_KV: tl.constexpr, CHUNKS: tl.constexpr, PDL: tl.constexpr = False):
     """One (sequence, head block, split) of the sequence's own tokens. WHOLE: the split is the
     whole own part, the prefix partials are folded in here and the output stored. CHUNKS: the
     latent in four column chunks (BLOCK_L >= 64; else whole width).
@@ -158,6 +160,7 @@ def _mla_own_kernel(ql_ptr, qp_ptr, c_ptr, bt_ptr, sl_ptr, start_ptr, po_ptr, pl
     on another one's: Triton's pipeliner then gives the latent tiles num_stages - 1 buffers (with
     the ids loaded in the iteration it gave one at any num_stages, and each tile's DRAM latency
     was waited out in full; session 14's H200: 236 -> 202 us at bs512)."""
+    grid_dependency(PDL)
     b = tl.program_id(0)
     heads = tl.program_id(1) * BH + tl.arange(0, BH)
     s = tl.program_id(2)

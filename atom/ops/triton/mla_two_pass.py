@@ -28,6 +28,8 @@ import triton
 import triton.language as tl
 
 from atom.ops.triton.mla_own import _tile_blocks
+from atom.ops.triton import pdl
+from atom.ops.triton.pdl import grid_dependency
 
 
 @triton.jit
@@ -63,12 +65,13 @@ def _prefix_scores_kernel(ql_ptr, qp_ptr, c_ptr, bt_ptr, rows_ptr, plen_ptr, p_p
                           scale_log2, H: tl.constexpr, HB: tl.constexpr, MAX_N: tl.constexpr,
                           BLOCK_M: tl.constexpr, L: tl.constexpr, R: tl.constexpr, BLOCK_L: tl.constexpr,
                           BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr, T: tl.constexpr, PAGE: tl.constexpr,
-                          PREC: tl.constexpr):
+                          PREC: tl.constexpr, PDL: tl.constexpr = False):
     """A grid of (groups, tiles, head blocks): score tile t (tokens [t T, (t + 1) T)) of group g,
     head block hb. The graphs' grids are sized by the padded batch's bs / 2 groups and
     max_model_len (at grpo-mla-moe's bs512, 8,192 programs of which 1,024 have work); session
     16's H200 tuner measured a persistent form over the items with tokens (two programs an SM)
     slower by 4.5-8%: removed."""
+    grid_dependency(PDL)
     g = tl.program_id(0)
     t = tl.program_id(1)
     hb = tl.program_id(2)
@@ -127,10 +130,11 @@ def _prefix_values_kernel(c_ptr, bt_ptr, rows_ptr, plen_ptr, p_ptr, st_ptr, po_p
                           scb, sct, sbt, srow, spg, sph, spr, ssg, ssh, sss, sst, sp0, sp1, sp2, sl0, sl1,
                           H: tl.constexpr, HB: tl.constexpr, MAX_N: tl.constexpr, N_DV: tl.constexpr,
                           BLOCK_M: tl.constexpr, L: tl.constexpr, BLOCK_DV: tl.constexpr, T: tl.constexpr,
-                          TV: tl.constexpr, PAGE: tl.constexpr, SPLIT: tl.constexpr, PREC: tl.constexpr):
+                          TV: tl.constexpr, PAGE: tl.constexpr, SPLIT: tl.constexpr, PREC: tl.constexpr, PDL: tl.constexpr = False):
     """Steps of TV tokens (T, the score tile, a multiple of TV). The next step's p, row
     statistics and block ids are loaded a step ahead, into registers: p is rescaled before its
     product, so Triton's pipeliner never staged it (session 14's H200: 216 -> 202 us at bs512)."""
+    grid_dependency(PDL)
     g, s, hb, v0, lo, hi = prefix_split_program(plen_ptr, N_DV, BLOCK_DV, SPLIT)
     if lo < hi:
         mrow, heads, rm, first = prefix_tile_rows(rows_ptr, g, srow, hb, HB, MAX_N, BLOCK_M, H)
@@ -207,7 +211,7 @@ def launch_prefix(q_latent, q_pe, kv_cache, meta, po, pl, common, scale_log2, sp
         q_latent, q_pe, kv_cache, meta.block_tables, rows, casc.group_prefix_len, p, st,
         sql0, sql1, sqp0, sqp1, scb, sct, sbt, rows.stride(0), *scratch, scale_log2, H=heads, HB=hb, MAX_N=max_n,
         BLOCK_M=block_m, L=dims["L"], R=dims["R"], BLOCK_L=block_l, BLOCK_K=min(64 // wide, block_l),
-        BLOCK_R=dims["BLOCK_R"], T=tile, PAGE=dims["PAGE"], PREC=dims["PREC"], num_warps=warps, num_stages=stages)
+        BLOCK_R=dims["BLOCK_R"], T=tile, PAGE=dims["PAGE"], PREC=dims["PREC"], num_warps=warps, num_stages=stages, **pdl.options())
     tv = min(tile, max(16, cfg["two_pass_value_tile"] // wide))
     if tile % tv or split_p % tv:  # the values kernel reads p in whole steps of a score tile and of a split
         raise ValueError(f"MLA_CFG: two_pass_value_tile {tv} must divide two_pass_tile {tile} and the prefix "
@@ -218,4 +222,4 @@ def launch_prefix(q_latent, q_pe, kv_cache, meta, po, pl, common, scale_log2, sp
         kv_cache, meta.block_tables, rows, casc.group_prefix_len, p, st, po, pl, scb, sct, sbt, rows.stride(0),
         *scratch, sp0, sp1, sp2, sl0, sl1, H=heads, HB=hb, MAX_N=max_n, N_DV=n_dv, BLOCK_M=block_m, L=dims["L"],
         BLOCK_DV=block_dv, T=tile, TV=tv, PAGE=dims["PAGE"],
-        SPLIT=split_p, PREC=dims["PREC"], num_warps=warps, num_stages=stages)
+        SPLIT=split_p, PREC=dims["PREC"], num_warps=warps, num_stages=stages, **pdl.options())

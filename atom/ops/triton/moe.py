@@ -30,6 +30,8 @@ import triton.language as tl
 
 from atom.ops.moe_tiles import moe_configs, shape_of  # moe_configs: re-exported (bench, tests)
 from atom.ops.registry import register
+from atom.ops.triton import pdl
+from atom.ops.triton.pdl import grid_dependency
 
 B = "triton"
 
@@ -67,7 +69,8 @@ def _route_row(row_ptr, E, rounds, TOPK: tl.constexpr, RENORM: tl.constexpr, BLO
 
 @triton.jit
 def _route_kernel(logits_ptr, w_ptr, id_ptr, E, sl, TOPK: tl.constexpr, RENORM: tl.constexpr,
-                  BLOCK_E: tl.constexpr, BLOCK_K: tl.constexpr):
+                  BLOCK_E: tl.constexpr, BLOCK_K: tl.constexpr, PDL: tl.constexpr = False):
+    grid_dependency(PDL)
     t = tl.program_id(0).to(tl.int64)
     sel_w, sel_i = _route_row(logits_ptr + t * sl, E, TOPK, TOPK, RENORM, BLOCK_E, BLOCK_K)
     kk = tl.arange(0, BLOCK_K)
@@ -84,14 +87,15 @@ def moe_route(router_logits: torch.Tensor, top_k: int, renormalize: bool) -> tup
     if t:
         logits = router_logits if router_logits.stride(-1) == 1 else router_logits.contiguous()
         _route_kernel[(t,)](logits, weights, ids, e, logits.stride(0), TOPK=top_k, RENORM=renormalize,
-                            BLOCK_E=triton.next_power_of_2(e), BLOCK_K=triton.next_power_of_2(top_k), num_warps=1 if e <= 256 else 4)
+                            BLOCK_E=triton.next_power_of_2(e), BLOCK_K=triton.next_power_of_2(top_k), num_warps=1 if e <= 256 else 4, **pdl.options())
     return weights, ids
 
 
 # ---- align ----------------------------------------------------------------------------------------
 
 @triton.jit(do_not_specialize=["N"])
-def _count_kernel(ids_ptr, counts_ptr, N, BLOCK: tl.constexpr):
+def _count_kernel(ids_ptr, counts_ptr, N, BLOCK: tl.constexpr, PDL: tl.constexpr = False):
+    grid_dependency(PDL)
     e = tl.program_id(0)
     c = tl.zeros([BLOCK], tl.int32)
     for i0 in range(0, N, BLOCK):
@@ -103,7 +107,8 @@ def _count_kernel(ids_ptr, counts_ptr, N, BLOCK: tl.constexpr):
 
 @triton.jit(do_not_specialize=["N"])
 def _scatter_kernel(ids_ptr, counts_ptr, sorted_ptr, expert_ptr, total_ptr, N, E,
-                    BLOCK_M: tl.constexpr, BLOCK: tl.constexpr, BLOCK_E: tl.constexpr):
+                    BLOCK_M: tl.constexpr, BLOCK: tl.constexpr, BLOCK_E: tl.constexpr, PDL: tl.constexpr = False):
+    grid_dependency(PDL)
     e = tl.program_id(0)
     ee = tl.arange(0, BLOCK_E)
     cnt = tl.load(counts_ptr + ee, mask=ee < E, other=0)
@@ -142,10 +147,10 @@ def moe_align(topk_ids: torch.Tensor, num_experts: int, block_m: int):
     tile_expert = torch.empty(max_tiles, dtype=torch.int32, device=dev)
     total = torch.empty(1, dtype=torch.int32, device=dev)
     block = min(1024, triton.next_power_of_2(max(n, 16)))
-    _count_kernel[(num_experts,)](flat, counts, n, BLOCK=block, num_warps=4)
+    _count_kernel[(num_experts,)](flat, counts, n, BLOCK=block, num_warps=4, **pdl.options())
     _scatter_kernel[(num_experts,)](flat, counts, sorted_ids, tile_expert, total, n, num_experts,
                                     BLOCK_M=block_m, BLOCK=block, BLOCK_E=triton.next_power_of_2(num_experts),
-                                    num_warps=4)
+                                    num_warps=4, **pdl.options())
     return sorted_ids, tile_expert, total, max_tiles
 
 
@@ -176,7 +181,8 @@ def _moe_gemm_kernel(a_ptr, w_ptr, out_ptr, sorted_ptr, expert_ptr, total_ptr, t
                      N, K, num_pairs, max_tiles, sa, swe, swn, so, sbe, limit, alpha,
                      A_DIV: tl.constexpr, GATED: tl.constexpr, MUL_W: tl.constexpr,
                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                     GROUP_M: tl.constexpr, PREC: tl.constexpr, HAS_BIAS: tl.constexpr, ACT: tl.constexpr):
+                     GROUP_M: tl.constexpr, PREC: tl.constexpr, HAS_BIAS: tl.constexpr, ACT: tl.constexpr, PDL: tl.constexpr = False):
+    grid_dependency(PDL)
     pid = tl.program_id(0)
     num_n = tl.cdiv(N, BLOCK_N)
     group = GROUP_M * num_n
@@ -264,7 +270,7 @@ def _launch(a, w, out, sorted_ids, tile_expert, total, max_tiles, tw, n, k, num_
                            A_DIV=a_div, GATED=gated, MUL_W=mul_w, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk,
                            GROUP_M=c["GROUP_M"], PREC="ieee" if a.dtype == torch.float32 else "tf32",
                            HAS_BIAS=bias is not None, ACT=ep.act, num_warps=c["num_warps"],
-                           num_stages=c["num_stages"])
+                           num_stages=c["num_stages"], **pdl.options())
 
 
 @register("fused_moe", B, "skips_negative_ids")
@@ -313,12 +319,13 @@ def experts_aligned(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_w
             False, True, down_cfg, ep)
     out = torch.empty(t, h, dtype=x.dtype, device=x.device)
     block = min(1024, triton.next_power_of_2(h))
-    _topk_sum_kernel[(t, triton.cdiv(h, block))](out_k, topk_ids, out, h, e, TOPK=top_k, BLOCK=block, num_warps=4)
+    _topk_sum_kernel[(t, triton.cdiv(h, block))](out_k, topk_ids, out, h, e, TOPK=top_k, BLOCK=block, num_warps=4, **pdl.options())
     return out
 
 
 @triton.jit
-def _topk_sum_kernel(y_ptr, ids_ptr, out_ptr, H, E, TOPK: tl.constexpr, BLOCK: tl.constexpr):
+def _topk_sum_kernel(y_ptr, ids_ptr, out_ptr, H, E, TOPK: tl.constexpr, BLOCK: tl.constexpr, PDL: tl.constexpr = False):
+    grid_dependency(PDL)
     t = tl.program_id(0).to(tl.int64)
     cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     cm = cols < H

@@ -19,6 +19,8 @@ import triton
 import triton.language as tl
 
 from atom.ops.registry import register
+from atom.ops.triton import pdl
+from atom.ops.triton.pdl import grid_dependency
 
 BLOCK_M, BLOCK_E, BLOCK_K = 64, 64, 64
 MAX_SPLITS = 16               # column ranges of the sum over H at most
@@ -27,8 +29,9 @@ PART_BYTES = 32 << 20         # float32 partials one launch may hold; more rows 
 
 @triton.jit
 def _router_part_kernel(x_ptr, w_ptr, p_ptr, T, E, K, KS, sx, sw, sp0, sp1,
-                        BLOCK_M: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_K: tl.constexpr, WIDEN: tl.constexpr):
+                        BLOCK_M: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_K: tl.constexpr, WIDEN: tl.constexpr, PDL: tl.constexpr = False):
     """Rows [m0, m0 + BLOCK_M) x experts [e0, e0 + BLOCK_E) over columns [s KS, (s + 1) KS)."""
+    grid_dependency(PDL)
     m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     e = tl.program_id(1) * BLOCK_E + tl.arange(0, BLOCK_E)
     s = tl.program_id(2)
@@ -49,8 +52,9 @@ def _router_part_kernel(x_ptr, w_ptr, p_ptr, T, E, K, KS, sx, sw, sp0, sp1,
 
 
 @triton.jit
-def _sum_parts_kernel(p_ptr, o_ptr, n, S, sp0, BLOCK: tl.constexpr):
+def _sum_parts_kernel(p_ptr, o_ptr, n, S, sp0, BLOCK: tl.constexpr, PDL: tl.constexpr = False):
     """o = sum over s of p[s], s in order (n values each)."""
+    grid_dependency(PDL)
     i = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     im = i < n
     acc = tl.zeros([BLOCK], tl.float32)
@@ -91,9 +95,9 @@ def router_linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         sp0 = 0 if parts is None else p.stride(0)
         _router_part_kernel[(triton.cdiv(ta, BLOCK_M), triton.cdiv(e, BLOCK_E), n_split)](
             xa, w, p, ta, e, k, ks, xa.stride(0), w.stride(0), sp0, e, BLOCK_M=BLOCK_M, BLOCK_E=BLOCK_E,
-            BLOCK_K=BLOCK_K, WIDEN=widen, num_warps=4, num_stages=3)
+            BLOCK_K=BLOCK_K, WIDEN=widen, num_warps=4, num_stages=3, **pdl.options())
         if parts is not None:
             n = ta * e
             # 256 values a program: Moonlight's decode has 32,768 (1,024 a program: 32 programs, 6 us on the H200)
-            _sum_parts_kernel[(triton.cdiv(n, 256),)](p, oa, n, n_split, p.stride(0), BLOCK=256, num_warps=2)
+            _sum_parts_kernel[(triton.cdiv(n, 256),)](p, oa, n, n_split, p.stride(0), BLOCK=256, num_warps=2, **pdl.options())
     return out

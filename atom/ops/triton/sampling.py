@@ -48,6 +48,8 @@ from atom.ops.logits_processing import process_logits, report_source, token_rank
 from atom.ops.metadata import SamplerOutput, SamplingMetadata
 from atom.ops.registry import register
 from atom.ops.triton.penalties import apply_penalties
+from atom.ops.triton import pdl
+from atom.ops.triton.pdl import grid_dependency
 
 try:  # libdevice's precise logf, what torch's CUDA kernels use
     from triton.language.extra import libdevice
@@ -146,7 +148,8 @@ def _count_at_least(row, lo, hi, own, tt, raw_row, BLOCK: tl.constexpr):
 @triton.jit
 def _sample_kernel(logits_ptr, temp_ptr, seed_ptr, counter_ptr, tok_ptr, lp_ptr, raw_ptr, rawrow_ptr,
                    rank_ptr, V, sl, ALL_GREEDY: tl.constexpr, NEED_RAW: tl.constexpr,
-                   PRECISE_LOG: tl.constexpr, WANT_RANK: tl.constexpr, BLOCK: tl.constexpr):
+                   PRECISE_LOG: tl.constexpr, WANT_RANK: tl.constexpr, BLOCK: tl.constexpr, PDL: tl.constexpr = False):
+    grid_dependency(PDL)
     r = tl.program_id(0).to(tl.int64)
     row = logits_ptr + r * sl
     t = tl.load(temp_ptr + r)
@@ -391,7 +394,7 @@ def sample(logits: torch.Tensor, meta: SamplingMetadata,
                                     raw_rows if kernel_ranks else tokens, ranks if kernel_ranks else tokens,
                                     vocab, logits.stride(0), ALL_GREEDY=meta.all_greedy,
                                     NEED_RAW=meta.any_raw, PRECISE_LOG=_PRECISE_LOG,
-                                    WANT_RANK=kernel_ranks, BLOCK=2048, num_warps=8)
+                                    WANT_RANK=kernel_ranks, BLOCK=2048, num_warps=8, **pdl.options())
     elif kernel_ranks:
         ranks = torch.empty(0, dtype=torch.int64, device=dev)
     return _report(raw_logits, logits, processed_in, tokens, lps, raw, meta, ranks)
