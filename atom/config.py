@@ -65,10 +65,6 @@ class EngineConfig:
     overlap_decode: pure decode steps through the static-buffer decode path, step N+1 queued before
         step N's tokens are read (atom/engine/cuda_graph.py). None: on a single GPU only. True on
         the CPU runs the same host logic without graphs (tests of the GPU path's bookkeeping).
-    shared_experts_stream: on one CUDA device, a MoE layer's shared experts (DeepSeek-V3) run on a
-        second stream beside its router and routed experts (inside the decode's CUDA graphs too):
-        their compute-bound GEMMs fill the SMs the bandwidth-bound expert GEMMs leave. Results are
-        bitwise the same; False: one stream.
     enable_return_routed_experts: record which experts every MoE layer chose for every token, so
         that requests with SamplingParams(return_routed_experts=True) get them back (vLLM's and
         SGLang's name). Costs a small device buffer and a copy per step; nothing when False.
@@ -109,7 +105,6 @@ class EngineConfig:
     lazy_kv_wake: bool = True
     batch_invariant: bool = False
     overlap_decode: bool | None = None
-    shared_experts_stream: bool = True
     enable_return_routed_experts: bool = False
     load_format: str = "auto"
     cpu_threads: int = 0

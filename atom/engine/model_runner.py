@@ -57,7 +57,6 @@ class ModelRunner:
         self.k_caches: list[torch.Tensor] = []
         self.v_caches: list[torch.Tensor] = []
         self.routed_buf = self._routing_capture() if config.enable_return_routed_experts else None
-        self.side_stream = self._side_stream()
         # Prompt bits and generated-token counts of the sequences with penalties, on the device,
         # kept across steps (allocated at the first penalized request; atom/engine/penalties.py).
         self.penalties = PenaltyState(config.max_num_seqs, args.vocab_size, max_model_len, self.device)
@@ -73,20 +72,6 @@ class ModelRunner:
         for i, layer in enumerate(layers):
             layer.routed_out = buf[:, i, :]
         return buf
-
-    def _side_stream(self):
-        """One GPU: a second stream the MoE layers with shared experts run them on (beside the
-        routed experts; config.shared_experts_stream). Not under TP / EP: the collectives stay
-        on one stream, in one order."""
-        if not (self.config.shared_experts_stream and self.device.type == "cuda" and not self.parallel.is_parallel):
-            return None
-        layers = [m for m in self.model.moe_layers() if getattr(m, "shared_experts", None) is not None]
-        if not layers:
-            return None
-        stream = torch.cuda.Stream(self.device)
-        for layer in layers:
-            layer.side_stream = stream
-        return stream
 
     def routed_rows(self, n: int) -> torch.Tensor | None:
         """The last step's routing of its first n tokens (on the device), or None when not captured."""

@@ -44,22 +44,8 @@ class DeepseekMoE(SparseMoE):
                                            None if parallel is None else parallel.tp)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.shared_experts is None:
-            return super().forward(x)
-        side = self.side_stream
-        if side is None or not x.is_cuda:
-            return super().forward(x) + self.shared_experts(x)
-        # The shared experts on the side stream, the routed ones here; joined before the sum.
-        # Memory: x (this stream's) is read there before the join, and `shared` (the side
-        # stream's) is freed after the add; its block is reused there only by the next layer's
-        # branch, which waits for this stream first.
-        main = torch.cuda.current_stream(x.device)
-        side.wait_stream(main)
-        with torch.cuda.stream(side):
-            shared = self.shared_experts(x)
         out = super().forward(x)
-        main.wait_stream(side)
-        return out + shared
+        return out if self.shared_experts is None else out + self.shared_experts(x)
 
     def forward_local(self, x: torch.Tensor) -> torch.Tensor:
         return self.experts(x, *self.route_recorded(x))

@@ -140,24 +140,3 @@ def test_cuda_graphs_on_off_identical(ds_path, runners):
         assert bool(runners[-1].graphs) != eager
         results.append([(c.token_ids, c.logprobs, c.top_logprobs) for o in outs for c in o.outputs])
     assert results[0] == results[1]
-
-
-@pytest.mark.skipif(ON_CPU, reason="a second CUDA stream needs a GPU")
-def test_shared_experts_stream_on_off_identical(ds_path, runners):
-    """config.shared_experts_stream: the shared experts on a second stream (eager prefill and the
-    decode's CUDA graphs) give bitwise the tokens and logprobs of one stream."""
-    import torch
-
-    prompts = random_prompts([3, 20, 33, 50, 9], TINY_VOCAB, seed=6)
-    params = SamplingParams(n=3, temperature=1.0, max_tokens=16, ignore_eos=True, logprobs=2, seed=9)
-    results = []
-    for on in (True, False):
-        eng = triton_engine(ds_path, "bfloat16", shared_experts_stream=on)
-        streams = {m.side_stream for m in eng.probe().model.moe_layers()}
-        assert (streams != {None}) == on and len(streams) == 1
-        if on:
-            assert isinstance(next(iter(streams)), torch.cuda.Stream)
-        outs = eng.generate(prompts, params)
-        assert runners[-1].graphs, "decode ran in CUDA graphs"
-        results.append([(c.token_ids, c.logprobs, c.top_logprobs) for o in outs for c in o.outputs])
-    assert results[0] == results[1]

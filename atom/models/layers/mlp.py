@@ -67,7 +67,6 @@ class SparseMoE(nn.Module):
         self.intermediate_size = inter  # this rank's share
         self.gate = Linear(hidden_size, num_experts)  # the router is replicated
         self.routed_out: torch.Tensor | None = None  # [tokens, top_k] view the runner reads (routing capture)
-        self.side_stream = None  # a second CUDA stream for work beside the experts (the runner's; shared experts)
         self.w13 = nn.Parameter(torch.empty(local_experts, 2 * inter, hidden_size), requires_grad=False)
         self.w2 = nn.Parameter(torch.empty(local_experts, hidden_size, inter), requires_grad=False)
 
