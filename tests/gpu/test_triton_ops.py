@@ -336,6 +336,28 @@ def test_sample_matches_torch(triton_ops, device, vocab):
     assert torch.equal(triton_ops("sample")["triton"](logits, greedy).token_ids, logits.argmax(-1))
 
 
+def test_one_program_sampler_skips_no_winner(triton_ops, device):
+    """The one-program kernel computes the precise noise only for blocks whose bound comes near
+    the best value so far: over 20 blocks of 2048 tokens it still draws torch's tokens, for
+    flat rows (the noise alone decides, every block a contender), peaked rows (most blocks
+    skipped), greedy rows among sampled ones with the maximum tied across blocks (the lower id)."""
+    gen(29)
+    rows, vocab = 24, 40000
+    logits = torch.randn(rows, vocab, device=device) * 3
+    logits[0:4] = 0.0                          # the noise alone
+    logits[4:8, 123] += 60.0                   # one clear winner, early
+    logits[8:12, vocab - 7] += 6.0             # a likely winner in the last, partial block
+    logits[12, [5000, 30000]] = 40.0           # greedy: tied maximum in blocks 2 and 14
+    temps = [1.0, 0.5, 1.0, 2.0] * 3 + [0.0, 1.0, 0.8, 0.0] * 3
+    meta = sampling_meta(device, rows, temps)
+    out = triton_ops("sample")["triton"](logits, meta, split=False)
+    ref = torch_ops.sample(logits, meta)
+    assert torch.equal(out.token_ids, ref.token_ids)
+    assert out.token_ids[12].item() == 5000
+    assert (out.token_ids[4:8] == 123).all()
+    torch.testing.assert_close(out.logprobs, ref.logprobs, atol=2e-5, rtol=0)
+
+
 def test_sample_on_gpu_equals_torch_on_cpu(triton_ops, device):
     """Equal logits, equal seeds: the GPU kernel draws what the CPU reference draws."""
     gen(11)

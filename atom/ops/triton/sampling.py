@@ -105,16 +105,48 @@ def _row_key(seed_ptr, counter_ptr, r):
 
 
 @triton.jit
-def _gumbel(key, i, PRECISE_LOG: tl.constexpr):
-    """Gumbel noise of token ids i under a row key: torch_ops.uniform_noise, then -log(-log(u))."""
+def _uniform_bits(key, i):
+    """The 23 random bits of token ids i under a row key (torch_ops.uniform_noise's)."""
     ih = _fmix32(i.to(tl.uint32) * tl.full([], 0x2545F491, tl.uint32))
-    bits = _fmix32(key ^ ih) >> 9
-    u = (bits.to(tl.float32) + 0.5) * (1.0 / 8388608.0)
+    return _fmix32(key ^ ih) >> 9
+
+
+@triton.jit
+def _uniform(bits):
+    return (bits.to(tl.float32) + 0.5) * (1.0 / 8388608.0)
+
+
+@triton.jit
+def _gumbel_of(u, PRECISE_LOG: tl.constexpr):
+    """-log(-log(u)) as torch computes it (libdevice's precise logf on the GPU)."""
     if PRECISE_LOG:
         g = -libdevice.log(-libdevice.log(u))
     else:
         g = -tl.log(-tl.log(u))
     return g
+
+
+@triton.jit
+def _gumbel(key, i, PRECISE_LOG: tl.constexpr):
+    """Gumbel noise of token ids i under a row key: torch_ops.uniform_noise, then -log(-log(u))."""
+    return _gumbel_of(_uniform(_uniform_bits(key, i)), PRECISE_LOG)
+
+
+@triton.jit
+def _gumbel_bound(bits, PRECISE_LOG: tl.constexpr):
+    """_gumbel_of's value within GUMBEL_SLACK, from two hardware log2 approximations (lg2.approx:
+    absolute error 2^-22.6): +inf where u > 1 - 2^-16 (-log(u) below 1.5e-5, where that error
+    is no longer small against it). Elsewhere -log(u) >= 1.5e-5 is off by at most 7.3e-3 of
+    itself, so the noise by at most ~7.4e-3 (plus fp32 rounding, ~1e-6): a sixteenth bounds it."""
+    u = _uniform(bits)
+    if PRECISE_LOG:
+        g = -libdevice.fast_log2f(-libdevice.fast_log2f(u) * 0.6931471805599453) * 0.6931471805599453
+    else:  # the interpreter: its log is numpy's
+        g = -tl.log(-tl.log(u))
+    return tl.where(bits >= 8388480, float("inf"), g)
+
+
+GUMBEL_SLACK = tl.constexpr(0.0625)
 
 
 @triton.jit
@@ -176,24 +208,35 @@ def _sample_kernel(logits_ptr, temp_ptr, seed_ptr, counter_ptr, tok_ptr, lp_ptr,
             mr = mr_new
     mx = tl.max(m, 0)
     logsum = tl.log(tl.sum(tl.where(m == float("-inf"), 0.0, s * tl.exp(m - mx)), 0))
-    # Pass 2: arg-max of (processed + gumbel), or of the logits for greedy rows.
+    # Pass 2: arg-max of (processed + gumbel), or of the logits for greedy rows. The precise
+    # noise (two libdevice logs a token: most of the kernel's arithmetic) is computed only for
+    # blocks whose bound (_gumbel_bound) comes within GUMBEL_SLACK of the best value so far: no
+    # token of a skipped block can reach it, so the arg-max and its ties are the exact ones.
     key = _row_key(seed_ptr, counter_ptr, r)
     best = tl.full([BLOCK], float("-inf"), tl.float32)
     bidx = tl.zeros([BLOCK], tl.int32)
+    top = tl.max(best, 0)
     for v0 in range(0, V, BLOCK):
         i = v0 + lanes
         im = i < V
         x = tl.load(row + i, mask=im, other=float("-inf")).to(tl.float32)
         y = x / tt
         if ALL_GREEDY:
-            val = y
+            val = tl.where(im, y, float("-inf"))
+            upd = val > best
+            best = tl.where(upd, val, best)
+            bidx = tl.where(upd, i, bidx)
         else:
-            g = _gumbel(key, i, PRECISE_LOG)
-            val = tl.where(greedy, y, ((y - mx) - logsum) + g)
-        val = tl.where(im, val, float("-inf"))
-        upd = val > best
-        best = tl.where(upd, val, best)
-        bidx = tl.where(upd, i, bidx)
+            z = (y - mx) - logsum
+            bits = _uniform_bits(key, i)
+            bound = tl.where(im, tl.where(greedy, y, z + _gumbel_bound(bits, PRECISE_LOG)), float("-inf"))
+            if tl.max(bound, 0) > top - GUMBEL_SLACK:
+                val = tl.where(greedy, y, z + _gumbel_of(_uniform(bits), PRECISE_LOG))
+                val = tl.where(im, val, float("-inf"))
+                upd = val > best
+                best = tl.where(upd, val, best)
+                bidx = tl.where(upd, i, bidx)
+                top = tl.maximum(top, tl.max(val, 0))
     top = tl.max(best, 0)
     tok = tl.min(tl.where(best == top, bidx, 2147483647), 0)
     xt = tl.load(row + tok).to(tl.float32)
