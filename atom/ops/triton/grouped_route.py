@@ -24,7 +24,8 @@ from atom.ops.triton.pdl import grid_dependency
 @triton.jit
 def _grouped_route_kernel(x_ptr, bias_ptr, w_ptr, id_ptr, sx, scaling, E: tl.constexpr, GROUPS: tl.constexpr,
                           PER: tl.constexpr, TOPK_GROUPS: tl.constexpr, TOP_K: tl.constexpr, RENORM: tl.constexpr,
-                          BLOCK_E: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_K: tl.constexpr, PDL: tl.constexpr = False):
+                          BLOCK_E: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_K: tl.constexpr,
+                          PDL: tl.constexpr = False):
     grid_dependency(PDL)
     t = tl.program_id(0).to(tl.int64)
     e = tl.arange(0, BLOCK_E)

@@ -130,7 +130,8 @@ def _prefix_values_kernel(c_ptr, bt_ptr, rows_ptr, plen_ptr, p_ptr, st_ptr, po_p
                           scb, sct, sbt, srow, spg, sph, spr, ssg, ssh, sss, sst, sp0, sp1, sp2, sl0, sl1,
                           H: tl.constexpr, HB: tl.constexpr, MAX_N: tl.constexpr, N_DV: tl.constexpr,
                           BLOCK_M: tl.constexpr, L: tl.constexpr, BLOCK_DV: tl.constexpr, T: tl.constexpr,
-                          TV: tl.constexpr, PAGE: tl.constexpr, SPLIT: tl.constexpr, PREC: tl.constexpr, PDL: tl.constexpr = False):
+                          TV: tl.constexpr, PAGE: tl.constexpr, SPLIT: tl.constexpr, PREC: tl.constexpr,
+                          PDL: tl.constexpr = False):
     """Steps of TV tokens (T, the score tile, a multiple of TV). The next step's p, row
     statistics and block ids are loaded a step ahead, into registers: p is rescaled before its
     product, so Triton's pipeliner never staged it (session 14's H200: 216 -> 202 us at bs512)."""
@@ -211,7 +212,8 @@ def launch_prefix(q_latent, q_pe, kv_cache, meta, po, pl, common, scale_log2, sp
         q_latent, q_pe, kv_cache, meta.block_tables, rows, casc.group_prefix_len, p, st,
         sql0, sql1, sqp0, sqp1, scb, sct, sbt, rows.stride(0), *scratch, scale_log2, H=heads, HB=hb, MAX_N=max_n,
         BLOCK_M=block_m, L=dims["L"], R=dims["R"], BLOCK_L=block_l, BLOCK_K=min(64 // wide, block_l),
-        BLOCK_R=dims["BLOCK_R"], T=tile, PAGE=dims["PAGE"], PREC=dims["PREC"], num_warps=warps, num_stages=stages, **pdl.options())
+        BLOCK_R=dims["BLOCK_R"], T=tile, PAGE=dims["PAGE"], PREC=dims["PREC"], num_warps=warps, num_stages=stages,
+        **pdl.options())
     tv = min(tile, max(16, cfg["two_pass_value_tile"] // wide))
     if tile % tv or split_p % tv:  # the values kernel reads p in whole steps of a score tile and of a split
         raise ValueError(f"MLA_CFG: two_pass_value_tile {tv} must divide two_pass_tile {tile} and the prefix "

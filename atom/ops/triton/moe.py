@@ -87,7 +87,8 @@ def moe_route(router_logits: torch.Tensor, top_k: int, renormalize: bool) -> tup
     if t:
         logits = router_logits if router_logits.stride(-1) == 1 else router_logits.contiguous()
         _route_kernel[(t,)](logits, weights, ids, e, logits.stride(0), TOPK=top_k, RENORM=renormalize,
-                            BLOCK_E=triton.next_power_of_2(e), BLOCK_K=triton.next_power_of_2(top_k), num_warps=1 if e <= 256 else 4, **pdl.options())
+                            BLOCK_E=triton.next_power_of_2(e), BLOCK_K=triton.next_power_of_2(top_k), num_warps=1 if e <= 256 else 4,
+                            **pdl.options())
     return weights, ids
 
 
@@ -181,7 +182,8 @@ def _moe_gemm_kernel(a_ptr, w_ptr, out_ptr, sorted_ptr, expert_ptr, total_ptr, t
                      N, K, num_pairs, max_tiles, sa, swe, swn, so, sbe, limit, alpha,
                      A_DIV: tl.constexpr, GATED: tl.constexpr, MUL_W: tl.constexpr,
                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                     GROUP_M: tl.constexpr, PREC: tl.constexpr, HAS_BIAS: tl.constexpr, ACT: tl.constexpr, PDL: tl.constexpr = False):
+                     GROUP_M: tl.constexpr, PREC: tl.constexpr, HAS_BIAS: tl.constexpr, ACT: tl.constexpr,
+                     PDL: tl.constexpr = False):
     grid_dependency(PDL)
     pid = tl.program_id(0)
     num_n = tl.cdiv(N, BLOCK_N)
@@ -319,7 +321,8 @@ def experts_aligned(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_w
             False, True, down_cfg, ep)
     out = torch.empty(t, h, dtype=x.dtype, device=x.device)
     block = min(1024, triton.next_power_of_2(h))
-    _topk_sum_kernel[(t, triton.cdiv(h, block))](out_k, topk_ids, out, h, e, TOPK=top_k, BLOCK=block, num_warps=4, **pdl.options())
+    _topk_sum_kernel[(t, triton.cdiv(h, block))](out_k, topk_ids, out, h, e, TOPK=top_k, BLOCK=block, num_warps=4,
+                                                 **pdl.options())
     return out
 
 

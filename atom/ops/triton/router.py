@@ -29,7 +29,8 @@ PART_BYTES = 32 << 20         # float32 partials one launch may hold; more rows 
 
 @triton.jit
 def _router_part_kernel(x_ptr, w_ptr, p_ptr, T, E, K, KS, sx, sw, sp0, sp1,
-                        BLOCK_M: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_K: tl.constexpr, WIDEN: tl.constexpr, PDL: tl.constexpr = False):
+                        BLOCK_M: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_K: tl.constexpr, WIDEN: tl.constexpr,
+                        PDL: tl.constexpr = False):
     """Rows [m0, m0 + BLOCK_M) x experts [e0, e0 + BLOCK_E) over columns [s KS, (s + 1) KS)."""
     grid_dependency(PDL)
     m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -99,5 +100,6 @@ def router_linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         if parts is not None:
             n = ta * e
             # 256 values a program: Moonlight's decode has 32,768 (1,024 a program: 32 programs, 6 us on the H200)
-            _sum_parts_kernel[(triton.cdiv(n, 256),)](p, oa, n, n_split, p.stride(0), BLOCK=256, num_warps=2, **pdl.options())
+            _sum_parts_kernel[(triton.cdiv(n, 256),)](p, oa, n, n_split, p.stride(0), BLOCK=256, num_warps=2,
+                                                      **pdl.options())
     return out
