@@ -120,7 +120,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--profile-stack", action="store_true",
                     help="with --profile-steps: record Python frames too (host time by function; slows the host)")
     ap.add_argument("--engine", action="append", default=[], metavar="KEY=JSON",
-                    help="an extra EngineConfig field, e.g. shared_experts_stream=false")
+                    help="an extra EngineConfig field, e.g. enable_prefix_caching=false")
     ap.add_argument("--no-pdl", action="store_true",
                     help="launch the Triton kernels without programmatic dependent launch (atom/ops/triton/pdl.py)")
     ap.add_argument("--tuned", default=None, help="kernel configs from `python -m bench.kernels --tune FILE`")
@@ -167,8 +167,8 @@ def main(argv: list[str] | None = None) -> int:
                        enforce_eager=opts.enforce_eager, op_backends=dict(o.split("=", 1) for o in opts.op),
                        tensor_parallel_size=opts.tensor_parallel_size, expert_parallel_size=opts.expert_parallel_size,
                        ep_mode=opts.ep_mode, enable_return_routed_experts=opts.routed_experts,
-                       **{k: json.loads(v) for k, v in (o.split("=", 1) for o in opts.engine)})
-    extra = {k: json.loads(v) for k, v in (o.split("=", 1) for o in opts.sampling)}
+                       **key_json(opts.engine))
+    extra = key_json(opts.sampling)
     if opts.routed_experts:
         extra["return_routed_experts"] = True
     t0 = time.perf_counter()
@@ -262,6 +262,17 @@ def main(argv: list[str] | None = None) -> int:
     print("inside the timed run:", result["in_run"])
     emit(result, opts.json)
     return 0
+
+
+def key_json(items: list[str]) -> dict:
+    """KEY=JSON options (--engine, --sampling) as a dict."""
+    out = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise SystemExit(f"{item!r}: want KEY=JSON")
+        out[key] = json.loads(value)
+    return out
 
 
 def profile_range(text: str) -> tuple[int, int]:

@@ -109,7 +109,7 @@ def charge(inside: list[Span], gap: tuple[float, float], into: dict[str, float])
         while stack and stack[-1].end <= end:
             top = stack.pop()
             if top.end > t:
-                into[top.name] += min(top.end, b) - t
+                into[top.name] += top.end - t
                 t = top.end
         if end > t:
             into[stack[-1].name if stack else "<idle host>"] += end - t
@@ -135,12 +135,14 @@ def analyse(trace: dict, min_us: float = 20.0, top: int = 25) -> str:
              f"{(wall - busy_us) / 1e3:.2f} ms ({(wall - busy_us) / max(len(busy) - 1, 1):.2f} us between intervals "
              f"on average); {len(gaps)} gaps >= {min_us:g} us hold {sum(b - a for a, b in gaps) / 1e3:.2f} ms"]
     charged: dict[str, float] = defaultdict(float)
-    sweep, stacks = HostSweep(spans), {}
+    longest = sorted(gaps, key=lambda g: g[0] - g[1])[:top]
+    sweep, stacks, shown = HostSweep(spans), {}, set(longest)
     for a, b in gaps:
-        inside = sweep.inside(a, b)
+        inside = sweep.inside(a, b)  # outermost first
         charge(inside, (a, b), charged)
-        mid = (a + b) / 2
-        stacks[(a, b)] = sorted((s for s in inside if s.start <= mid < s.end), key=lambda s: (s.start, -s.end))
+        if (a, b) in shown:
+            mid = (a + b) / 2
+            stacks[(a, b)] = [s for s in inside if s.start <= mid < s.end]
     lines.append("\nidle time by innermost host event (ms):")
     for name, us in sorted(charged.items(), key=lambda kv: -kv[1])[:top]:
         lines.append(f"  {us / 1e3:9.2f}  {name[:150]}")
@@ -148,7 +150,7 @@ def analyse(trace: dict, min_us: float = 20.0, top: int = 25) -> str:
     for name, us in sorted(idle_by_transition(intervals, min_us).items(), key=lambda kv: -kv[1])[:top]:
         lines.append(f"  {us / 1e3:9.2f}  {name}")
     lines.append(f"\nthe {top} longest gaps (start from the window's start, ms; the host stack at the middle):")
-    for a, b in sorted(gaps, key=lambda g: g[0] - g[1])[:top]:
+    for a, b in longest:
         chain = " > ".join(s.name[:60] for s in stacks[(a, b)][-6:]) or "<idle host>"
         lines.append(f"  {(a - busy[0][0]) / 1e3:9.2f}  {(b - a) / 1e3:7.3f} ms  {chain}")
     return "\n".join(lines) + "\n"

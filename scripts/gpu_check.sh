@@ -127,7 +127,8 @@ while [ $# -gt 0 ]; do
       # the 16 MiB a returned file may hold is analysed here and left behind.
       trace="$OUT/profile_$w.trace.json"
       if [ -f "$trace" ]; then
-        $PY -m bench.trace_gaps "$trace" > "$OUT/gaps_$w.txt" 2>&1; head -60 "$OUT/gaps_$w.txt"
+        timeout "${GAPS_TIMEOUT:-180}" $PY -m bench.trace_gaps "$trace" > "$OUT/gaps_$w.txt" 2>&1
+        head -60 "$OUT/gaps_$w.txt"
         [ "$(stat -c %s "$trace")" -gt 16000000 ] && mv "$trace" "/tmp/profile_$w.trace.json"
       fi
       ;;

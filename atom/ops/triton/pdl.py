@@ -23,13 +23,14 @@ import triton
 import triton.language as tl
 from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
-_enabled: bool | None = None
+_ON = {"PDL": True, "launch_pdl": True}
+_options: dict | None = None  # decided at the first launch (or by set_enabled)
 
 
 def set_enabled(on: bool) -> None:
     """Launch the participating kernels with PDL (when the device supports it) or not."""
-    global _enabled
-    _enabled = bool(on) and _supported()
+    global _options
+    _options = _ON if on and _supported() else {}
 
 
 def _supported() -> bool:
@@ -41,11 +42,11 @@ def _supported() -> bool:
 
 
 def options() -> dict:
-    """Launch keywords of a participating kernel: {} (off) or PDL=True with launch_pdl."""
-    global _enabled
-    if _enabled is None:
-        _enabled = _supported()
-    return {"PDL": True, "launch_pdl": True} if _enabled else {}
+    """Launch keywords of a participating kernel (unpack, do not change): {} (off) or PDL=True
+    with launch_pdl."""
+    if _options is None:
+        set_enabled(True)
+    return _options
 
 
 @triton.jit

@@ -150,6 +150,13 @@ GUMBEL_SLACK = tl.constexpr(0.0625)
 
 
 @triton.jit
+def _argmax_step(val, i, best, bidx):
+    """Per-lane running arg-max: a lane keeps its first (lowest) id on equal values."""
+    upd = val > best
+    return tl.where(upd, val, best), tl.where(upd, i, bidx)
+
+
+@triton.jit
 def _rank_basis(x, tt, raw_row):
     """What token_ranks compares for a row: the logits for raw-logprob rows, else logits /
     temperature rounded as torch divides (div_rn: Triton's `/` is div.full, up to 2 ulp off)."""
@@ -222,20 +229,14 @@ def _sample_kernel(logits_ptr, temp_ptr, seed_ptr, counter_ptr, tok_ptr, lp_ptr,
         x = tl.load(row + i, mask=im, other=float("-inf")).to(tl.float32)
         y = x / tt
         if ALL_GREEDY:
-            val = tl.where(im, y, float("-inf"))
-            upd = val > best
-            best = tl.where(upd, val, best)
-            bidx = tl.where(upd, i, bidx)
+            best, bidx = _argmax_step(tl.where(im, y, float("-inf")), i, best, bidx)
         else:
             z = (y - mx) - logsum
             bits = _uniform_bits(key, i)
             bound = tl.where(im, tl.where(greedy, y, z + _gumbel_bound(bits, PRECISE_LOG)), float("-inf"))
             if tl.max(bound, 0) > top - GUMBEL_SLACK:
-                val = tl.where(greedy, y, z + _gumbel_of(_uniform(bits), PRECISE_LOG))
-                val = tl.where(im, val, float("-inf"))
-                upd = val > best
-                best = tl.where(upd, val, best)
-                bidx = tl.where(upd, i, bidx)
+                val = tl.where(im, tl.where(greedy, y, z + _gumbel_of(_uniform(bits), PRECISE_LOG)), float("-inf"))
+                best, bidx = _argmax_step(val, i, best, bidx)
                 top = tl.maximum(top, tl.max(val, 0))
     top = tl.max(best, 0)
     tok = tl.min(tl.where(best == top, bidx, 2147483647), 0)
