@@ -185,17 +185,33 @@ def _count_at_least(row, lo, hi, own, tt, raw_row, BLOCK: tl.constexpr):
 
 
 @triton.jit
-def _sample_kernel(logits_ptr, temp_ptr, seed_ptr, counter_ptr, tok_ptr, lp_ptr, raw_ptr, rawrow_ptr,
-                   rank_ptr, V, sl, ALL_GREEDY: tl.constexpr, NEED_RAW: tl.constexpr,
-                   PRECISE_LOG: tl.constexpr, WANT_RANK: tl.constexpr, BLOCK: tl.constexpr, PDL: tl.constexpr = False):
-    grid_dependency(PDL)
-    r = tl.program_id(0).to(tl.int64)
-    row = logits_ptr + r * sl
-    t = tl.load(temp_ptr + r)
-    greedy = t <= 0.0
-    tt = tl.where(greedy, 1.0, t)
+def _online_add(m, s, y):
+    """y into a per-lane running (max, sum of exp(. - max)) with one exponential a value:
+    exp(m - y) rescales the sum when y is the new max, else exp(y - m) is added: the values of
+    the two-exponential form s * exp(m - max) + exp(y - max), whose other factor is exp(0) = 1."""
+    d = y - m
+    up = d > 0.0
+    e = tl.exp(tl.where(up, -d, d))
+    s = tl.where(up, s * e + 1.0, s + e)
+    m = tl.maximum(m, y)
+    return m, tl.where(m == float("-inf"), 0.0, s)
+
+
+@triton.jit
+def _scaled(x, tt, UNIT_T: tl.constexpr):
+    """logits / temperature; UNIT_T rows (temperature 1, greedy rows) skip the division, whose
+    result would be x itself (about a tenth of the kernel's instructions a token)."""
+    if UNIT_T:
+        y = x
+    else:
+        y = x / tt
+    return y
+
+
+@triton.jit
+def _stats_pass(row, V, tt, NEED_RAW: tl.constexpr, UNIT_T: tl.constexpr, BLOCK: tl.constexpr):
+    """Pass 1: per lane, max and sum of exp of logits / temperature (and of the raw logits)."""
     lanes = tl.arange(0, BLOCK)
-    # Pass 1: max and sum of exp, per lane, then combined.
     m = tl.full([BLOCK], float("-inf"), tl.float32)
     s = tl.zeros([BLOCK], tl.float32)
     mr = tl.full([BLOCK], float("-inf"), tl.float32)
@@ -203,31 +219,28 @@ def _sample_kernel(logits_ptr, temp_ptr, seed_ptr, counter_ptr, tok_ptr, lp_ptr,
     for v0 in range(0, V, BLOCK):
         i = v0 + lanes
         x = tl.load(row + i, mask=i < V, other=float("-inf")).to(tl.float32)
-        y = x / tt
-        m_new = tl.maximum(m, y)
-        dead = m_new == float("-inf")
-        s = tl.where(dead, 0.0, s * tl.exp(m - m_new) + tl.exp(y - m_new))
-        m = m_new
+        m, s = _online_add(m, s, _scaled(x, tt, UNIT_T))
         if NEED_RAW:
-            mr_new = tl.maximum(mr, x)
-            dead_r = mr_new == float("-inf")
-            sr = tl.where(dead_r, 0.0, sr * tl.exp(mr - mr_new) + tl.exp(x - mr_new))
-            mr = mr_new
-    mx = tl.max(m, 0)
-    logsum = tl.log(tl.sum(tl.where(m == float("-inf"), 0.0, s * tl.exp(m - mx)), 0))
-    # Pass 2: arg-max of (processed + gumbel), or of the logits for greedy rows. The precise
-    # noise (two libdevice logs a token: most of the kernel's arithmetic) is computed only for
-    # blocks whose bound (_gumbel_bound) comes within GUMBEL_SLACK of the best value so far: no
-    # token of a skipped block can reach it, so the arg-max and its ties are the exact ones.
-    key = _row_key(seed_ptr, counter_ptr, r)
+            mr, sr = _online_add(mr, sr, x)
+    return m, s, mr, sr
+
+
+@triton.jit
+def _argmax_pass(row, V, tt, greedy, mx, logsum, key, ALL_GREEDY: tl.constexpr,
+                 PRECISE_LOG: tl.constexpr, UNIT_T: tl.constexpr, BLOCK: tl.constexpr):
+    """Pass 2: per lane, the arg-max of (processed logprob + Gumbel noise), or of the logits for
+    greedy rows. The precise noise (two libdevice logs a token: most of the kernel's arithmetic)
+    is computed only for blocks whose bound (_gumbel_bound) comes within GUMBEL_SLACK of the best
+    value so far: no token of a skipped block can reach it, so the arg-max and its ties are the
+    exact ones."""
+    lanes = tl.arange(0, BLOCK)
     best = tl.full([BLOCK], float("-inf"), tl.float32)
     bidx = tl.zeros([BLOCK], tl.int32)
     top = tl.max(best, 0)
     for v0 in range(0, V, BLOCK):
         i = v0 + lanes
         im = i < V
-        x = tl.load(row + i, mask=im, other=float("-inf")).to(tl.float32)
-        y = x / tt
+        y = _scaled(tl.load(row + i, mask=im, other=float("-inf")).to(tl.float32), tt, UNIT_T)
         if ALL_GREEDY:
             best, bidx = _argmax_step(tl.where(im, y, float("-inf")), i, best, bidx)
         else:
@@ -238,6 +251,31 @@ def _sample_kernel(logits_ptr, temp_ptr, seed_ptr, counter_ptr, tok_ptr, lp_ptr,
                 val = tl.where(im, tl.where(greedy, y, z + _gumbel_of(_uniform(bits), PRECISE_LOG)), float("-inf"))
                 best, bidx = _argmax_step(val, i, best, bidx)
                 top = tl.maximum(top, tl.max(val, 0))
+    return best, bidx
+
+
+@triton.jit
+def _sample_kernel(logits_ptr, temp_ptr, seed_ptr, counter_ptr, tok_ptr, lp_ptr, raw_ptr, rawrow_ptr,
+                   rank_ptr, V, sl, ALL_GREEDY: tl.constexpr, NEED_RAW: tl.constexpr,
+                   PRECISE_LOG: tl.constexpr, WANT_RANK: tl.constexpr, BLOCK: tl.constexpr, PDL: tl.constexpr = False):
+    grid_dependency(PDL)
+    r = tl.program_id(0).to(tl.int64)
+    row = logits_ptr + r * sl
+    t = tl.load(temp_ptr + r)
+    greedy = t <= 0.0
+    tt = tl.where(greedy, 1.0, t)
+    unit_t = tt == 1.0
+    if unit_t:
+        m, s, mr, sr = _stats_pass(row, V, tt, NEED_RAW, True, BLOCK)
+    else:
+        m, s, mr, sr = _stats_pass(row, V, tt, NEED_RAW, False, BLOCK)
+    mx = tl.max(m, 0)
+    logsum = tl.log(tl.sum(tl.where(m == float("-inf"), 0.0, s * tl.exp(m - mx)), 0))
+    key = _row_key(seed_ptr, counter_ptr, r)
+    if unit_t:
+        best, bidx = _argmax_pass(row, V, tt, greedy, mx, logsum, key, ALL_GREEDY, PRECISE_LOG, True, BLOCK)
+    else:
+        best, bidx = _argmax_pass(row, V, tt, greedy, mx, logsum, key, ALL_GREEDY, PRECISE_LOG, False, BLOCK)
     top = tl.max(best, 0)
     tok = tl.min(tl.where(best == top, bidx, 2147483647), 0)
     xt = tl.load(row + tok).to(tl.float32)
