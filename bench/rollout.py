@@ -232,6 +232,7 @@ def main(argv: list[str] | None = None) -> int:
     generated = sum(len(c.token_ids) for o in outs for c in o.outputs)
     assert all(len(c.token_ids) == w["output_len"] for o in outs for c in o.outputs)
     assert all(len(c.logprobs) == w["output_len"] for o in outs for c in o.outputs)
+    prompt_end = phases.prompt_steps_end - (t0 - phases.installed_at)  # from the timed run's start
     mb = model_bytes(probe.model)
     limit = physical_limit(w, probe.model_args, mb, ceil, max_num_seqs)
     weights = {"dense": mb["dense"], "experts": sum(nbytes for _, nbytes, _ in mb["experts"]),
@@ -249,6 +250,8 @@ def main(argv: list[str] | None = None) -> int:
         "tensor_parallel_size": opts.tensor_parallel_size, "expert_parallel_size": opts.expert_parallel_size,
         "ep_mode": opts.ep_mode,
         "phases_s": {k: round(v, 3) for k, v in phases.as_dict().items()},
+        "prompt_steps_end_s": round(prompt_end, 3),
+        "decode_tail_ms_per_step": round((secs - prompt_end) * 1e3 / max(phases.decode_steps_after, 1), 3),
         "decode_runner_s": {k: round(v, 3) for k, v in decode.timers.items()},
         "graphs": decode.graphs,
         "in_run": {"triton_compiles": watch.summary(), "graphs_captured": sorted(set(decode.graphs) - set(graphs0))},
@@ -258,6 +261,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{opts.workload}: {generated} tokens in {secs:.2f} s = {generated / secs:,.0f} tok/s; "
           f"physical limit {limit['total_s']:.2f} s (decode {limit['decode_s']:.2f} + prefill "
           f"{limit['prefill_s']:.2f}) -> {limit['total_s'] / secs:.1%} of it")
+    print(f"prompt steps done at {prompt_end:.2f} s; then {phases.decode_steps_after} decode steps, "
+          f"{result['decode_tail_ms_per_step']:.2f} ms a step")
     print("phases (s):", result["phases_s"], "decode runner:", result["decode_runner_s"], "graphs:", result["graphs"])
     print("inside the timed run:", result["in_run"])
     emit(result, opts.json)

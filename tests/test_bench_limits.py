@@ -136,6 +136,9 @@ def test_bench_rollout_runs_on_cpu(workload, tmp_path):
     assert result["generated_tokens"] == 2 * 3 * 4
     assert result["model_bytes"]["kv_per_token"] == kv_per_token
     assert result["limit_decode_s"] > 0 and result["fraction_of_limit"] > 0
+    # The wall time split: the prompt steps end inside the run, a decode tail follows (4 tokens:
+    # the first from the prompt step, at most 3 decode-only steps after it).
+    assert 0 < result["prompt_steps_end_s"] < result["seconds"] and result["decode_tail_ms_per_step"] > 0
     # The warm-up ran every batch size the timed run uses (CPU: no graphs, no triton).
     assert result["in_run"] == {"triton_compiles": {"count": 0, "seconds": 0.0, "kernels": {}, "specializations": []},
                                 "graphs_captured": []}

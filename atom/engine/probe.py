@@ -32,10 +32,17 @@ PHASES = ("schedule", "execute", "postprocess")
 class PhaseTimers:
     """Seconds spent in each phase of the engine loop since the timers were installed.
     `execute` is the general path's model step (prefill and mixed batches); the GPU decode
-    path's launch and collect are timed by `DecodeRunnerStats.timers` instead."""
+    path's launch and collect are timed by `DecodeRunnerStats.timers` instead.
+    `prompt_steps_end`: seconds from installing to the end of the last step that computed prompt
+    tokens (0 before one), and `decode_steps_after` the decode-only steps finished after it: a
+    rollout's wall time split into its prompt part and its decode tail, whose per-step time
+    (wall - prompt_steps_end) / decode_steps_after tells a slower device from a slower prefill."""
     schedule: float = 0.0
     execute: float = 0.0
     postprocess: float = 0.0
+    prompt_steps_end: float = 0.0
+    decode_steps_after: int = 0
+    installed_at: float = field(default_factory=time.perf_counter, repr=False)
 
     def as_dict(self) -> dict[str, float]:
         return {k: getattr(self, k) for k in PHASES}
@@ -122,6 +129,23 @@ def _timed(timers: PhaseTimers, key: str) -> Callable[[Callable], Callable]:
     return make
 
 
+def _finish_marked(timers: PhaseTimers) -> Callable[[Callable], Callable]:
+    """The postprocess timer, which also marks where the prompt steps end (PhaseTimers)."""
+    def make(fn: Callable) -> Callable:
+        timed = _timed(timers, "postprocess")(fn)
+
+        def marked(batch, *a, **k):
+            out = timed(batch, *a, **k)
+            if batch.is_decode:
+                timers.decode_steps_after += 1
+            else:
+                timers.prompt_steps_end = time.perf_counter() - timers.installed_at
+                timers.decode_steps_after = 0
+            return out
+        return marked
+    return make
+
+
 class EngineProbe:
     """Diagnostics of one LLMEngine (see the module docstring); from `RolloutEngine.probe()`."""
 
@@ -157,7 +181,7 @@ class EngineProbe:
         timers, llm = PhaseTimers(), self._llm
         self._phase_wraps = [_Wrap(llm.scheduler, "schedule", _timed(timers, "schedule")),
                              _Wrap(llm.runner, "execute", _timed(timers, "execute")),
-                             _Wrap(llm, "_finish_step", _timed(timers, "postprocess"))]
+                             _Wrap(llm, "_finish_step", _finish_marked(timers))]
         return timers
 
     def remove_phase_timers(self) -> None:
