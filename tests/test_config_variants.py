@@ -45,6 +45,9 @@ VARIANTS: dict[str, tuple[str, dict]] = {
     "ds-dims-tied-bias": ("deepseek_v3", dict(qk_nope_head_dim=24, qk_rope_head_dim=4, head_dim=4, v_head_dim=12,
                                                   kv_lora_rank=24, q_lora_rank=20, tie_word_embeddings=True,
                                                   attention_bias=True, **_DS_4L)),
+    # no q_lora with biases: q_proj (no bias in HF) and kv_a_proj_with_mqa (biased) stay two GEMMs
+    "ds-no-qlora-bias": ("deepseek_v3", dict(q_lora_rank=None, attention_bias=True, n_group=2, topk_group=1,
+                                             **_DS_4L)),
     # ---- Mixtral ------------------------------------------------------------------------------
     "mixtral-4x-top1-headdim": ("mixtral", dict(num_local_experts=4, num_experts_per_tok=1, rope_theta=1e6,
                                                 head_dim=24)),

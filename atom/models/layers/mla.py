@@ -54,7 +54,8 @@ def mla_softmax_scale(args: ModelArgs) -> float:
 
 class MultiLatentAttention(nn.Module):
     """DeepSeek-V3 `self_attn`: HF parameter names (q_proj or q_a_proj / q_a_layernorm / q_b_proj,
-    kv_a_proj_with_mqa, kv_a_layernorm, kv_b_proj, o_proj)."""
+    kv_a_proj_with_mqa, kv_a_layernorm, kv_b_proj, o_proj); q_proj or q_a_proj and
+    kv_a_proj_with_mqa are rows of one fused qkv_a_proj (the loader's shard names)."""
 
     def __init__(self, args: ModelArgs, rotary: RotaryEmbedding, tp=None) -> None:
         super().__init__()
@@ -65,13 +66,23 @@ class MultiLatentAttention(nn.Module):
         self.latent_dim, self.interleaved = args.kv_lora_rank, args.rope_interleave
         qk = self.nope + self.rope
         bias = args.attention_bias
-        if args.q_lora_rank is None:
-            self.q_proj = column_linear(args.hidden_size, heads * qk, tp=tp)
+        lora = args.q_lora_rank
+        kv_a = self.latent_dim + self.rope
+        # q_proj (or q_a_proj) and kv_a_proj_with_mqa read the same x: one GEMM for both (at a
+        # 512-row decode step kv_a's 576 columns alone fill few of the GPU's SMs). HF gives
+        # q_proj no bias and kv_a attention_bias's: with a bias and no q_lora they stay two.
+        if lora is not None or not bias:
+            self.q_out = self.num_heads * qk if lora is None else lora
+            self.qkv_a_proj = column_linear(
+                args.hidden_size, [heads * qk if lora is None else lora, kv_a], bias,
+                shard_names=["q_proj" if lora is None else "q_a_proj", "kv_a_proj_with_mqa"], tp=tp,
+                replicas=[1 if lora is None else ways, ways])  # under TP: q_proj's heads split, the rest whole
         else:
-            self.q_a_proj = Linear(args.hidden_size, args.q_lora_rank, bias=bias)
-            self.q_a_layernorm = RMSNorm(args.q_lora_rank, _LATENT_NORM_EPS)
-            self.q_b_proj = column_linear(args.q_lora_rank, heads * qk, tp=tp)
-        self.kv_a_proj_with_mqa = Linear(args.hidden_size, self.latent_dim + self.rope, bias=bias)
+            self.q_proj = column_linear(args.hidden_size, heads * qk, tp=tp)
+            self.kv_a_proj_with_mqa = Linear(args.hidden_size, kv_a, bias=bias)
+        if lora is not None:
+            self.q_a_layernorm = RMSNorm(lora, _LATENT_NORM_EPS)
+            self.q_b_proj = column_linear(lora, heads * qk, tp=tp)
         self.kv_a_layernorm = RMSNorm(self.latent_dim, _LATENT_NORM_EPS)
         self.kv_b_proj = column_linear(self.latent_dim, heads * (self.nope + self.v_dim), tp=tp)
         self.o_proj = row_linear(heads * self.v_dim, args.hidden_size, bias=bias, tp=tp)
@@ -84,13 +95,15 @@ class MultiLatentAttention(nn.Module):
 
     def forward(self, positions: torch.Tensor, x: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
         t = x.shape[0]
-        if hasattr(self, "q_proj"):
-            q = self.q_proj(x)
+        if hasattr(self, "qkv_a_proj"):
+            q, latent, k_pe = self.qkv_a_proj(x).split([self.q_out, self.latent_dim, self.rope], dim=-1)
         else:
-            q = self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x)))
+            q = self.q_proj(x)
+            latent, k_pe = self.kv_a_proj_with_mqa(x).split([self.latent_dim, self.rope], dim=-1)
+        if hasattr(self, "q_b_proj"):
+            q = self.q_b_proj(self.q_a_layernorm(q))  # the norm ops read strided rows: no copy
         q_nope, q_pe = q.view(t, self.num_heads, self.nope + self.rope).split([self.nope, self.rope], dim=-1)
-        latent, k_pe = self.kv_a_proj_with_mqa(x).split([self.latent_dim, self.rope], dim=-1)
-        latent = self.kv_a_layernorm(latent)  # the norm ops read strided rows: no copy
+        latent = self.kv_a_layernorm(latent)
         q_pe, k_pe = self._rope(positions, q_pe, k_pe.reshape(t, 1, self.rope))
         ops.mla_cache_write(latent, k_pe[:, 0], self.attn.kv_cache, meta.slot_mapping)
         # kv_b_proj rows per head: the no-RoPE key part (W_uk) then the value part (W_uv).
