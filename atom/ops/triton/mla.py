@@ -284,7 +284,7 @@ def _launch_prefix(q_latent, q_pe, kv_cache, meta, po, pl, common, scale_log2, s
     hb = min(heads, max(1, cfg["prefix_heads"] // wide))
     block_dv = min(_pow2(cfg["prefix_dv"]), dims["BLOCK_L"])
     n_dv = triton.cdiv(dims["L"], block_dv)
-    grid = (rows.shape[0], n_prefix, triton.cdiv(heads, hb) * n_dv)
+    grid = (triton.cdiv(heads, hb) * n_dv, n_prefix, rows.shape[0])  # prefix_split_program's order
     _mla_prefix_kernel[grid](
         q_latent, q_pe, kv_cache, meta.block_tables, rows, meta.cascade.group_prefix_len, po, pl, *common,
         rows.stride(0), scale_log2, H=heads, HB=hb, MAX_N=max_n, N_DV=n_dv, BLOCK_M=_pow2(max_n * hb),

@@ -49,11 +49,14 @@ def prefix_tile_rows(rows_ptr, g, srow, hb, HB: tl.constexpr, MAX_N: tl.constexp
 
 @triton.jit
 def prefix_split_program(plen_ptr, N_DV: tl.constexpr, BLOCK_DV: tl.constexpr, SPLIT: tl.constexpr):
-    """This program's place in a (groups, splits, head blocks x value chunks) prefix grid (both
-    prefix forms): group, split, head block, first value column, and its tokens [lo, hi)."""
-    g = tl.program_id(0)
+    """This program's place in a (head blocks x value chunks, splits, groups) prefix grid (both
+    prefix forms): group, split, head block, first value column, and its tokens [lo, hi). The
+    value chunks of one (group, split) come first in launch order, next to each other, so the
+    ones after the first find its p tiles (the two-pass values kernel) in L2: with groups first,
+    a whole sweep of every group's p and latents (~50 MB at grpo-mla-moe's bs512) came between."""
+    z = tl.program_id(0)
     s = tl.program_id(1)
-    z = tl.program_id(2)
+    g = tl.program_id(2)
     lo = s * SPLIT
     hi = tl.minimum(lo + SPLIT, tl.load(plen_ptr + g).to(tl.int32))
     return g, s, z // N_DV, (z % N_DV) * BLOCK_DV, lo, hi
@@ -220,7 +223,7 @@ def launch_prefix(q_latent, q_pe, kv_cache, meta, po, pl, common, scale_log2, sp
                          f"split {split_p}")
     block_dv = min(max(16, triton.next_power_of_2(cfg["two_pass_dv"] // wide)), block_l)
     n_dv = triton.cdiv(dims["L"], block_dv)
-    _prefix_values_kernel[(groups, n_prefix, n_hb * n_dv)](
+    _prefix_values_kernel[(n_hb * n_dv, n_prefix, groups)](
         kv_cache, meta.block_tables, rows, casc.group_prefix_len, p, st, po, pl, scb, sct, sbt, rows.stride(0),
         *scratch, sp0, sp1, sp2, sl0, sl1, H=heads, HB=hb, MAX_N=max_n, N_DV=n_dv, BLOCK_M=block_m, L=dims["L"],
         BLOCK_DV=block_dv, T=tile, TV=tv, PAGE=dims["PAGE"],
