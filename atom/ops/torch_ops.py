@@ -9,7 +9,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from atom.ops.logits_processing import process_logits, report_source, token_ranks, top_count
+from atom.ops.logits_processing import log_softmax, process_logits, report_source, token_ranks, top_count
 from atom.ops.metadata import AttentionMetadata, SamplerOutput, SamplingMetadata, used_block_tables
 from atom.ops.registry import register
 
@@ -299,7 +299,7 @@ def sample(logits: torch.Tensor, meta: SamplingMetadata, penalize: Callable | No
     scaled = logits / temperature[:, None]
     if meta.need_filter:
         scaled = filter_logits(scaled, meta.top_k, meta.top_p, meta.min_p)
-    processed = scaled.log_softmax(-1)
+    processed = log_softmax(scaled)
     token_ids = scaled.argmax(-1)
     if not meta.all_greedy:
         gumbel = -torch.log(-torch.log(uniform_noise(meta.seeds, meta.counters, logits.shape[-1])))
