@@ -232,7 +232,7 @@ def main(argv: list[str] | None = None) -> int:
     generated = sum(len(c.token_ids) for o in outs for c in o.outputs)
     assert all(len(c.token_ids) == w["output_len"] for o in outs for c in o.outputs)
     assert all(len(c.logprobs) == w["output_len"] for o in outs for c in o.outputs)
-    prompt_end = phases.prompt_steps_end - (t0 - phases.installed_at)  # from the timed run's start
+    prompt_end = phases.prompt_steps_end_at - t0
     mb = model_bytes(probe.model)
     limit = physical_limit(w, probe.model_args, mb, ceil, max_num_seqs)
     weights = {"dense": mb["dense"], "experts": sum(nbytes for _, nbytes, _ in mb["experts"]),

@@ -33,16 +33,16 @@ class PhaseTimers:
     """Seconds spent in each phase of the engine loop since the timers were installed.
     `execute` is the general path's model step (prefill and mixed batches); the GPU decode
     path's launch and collect are timed by `DecodeRunnerStats.timers` instead.
-    `prompt_steps_end`: seconds from installing to the end of the last step that computed prompt
+    `prompt_steps_end_at`: time.perf_counter() at the end of the last step that computed prompt
     tokens (0 before one), and `decode_steps_after` the decode-only steps finished after it: a
     rollout's wall time split into its prompt part and its decode tail, whose per-step time
-    (wall - prompt_steps_end) / decode_steps_after tells a slower device from a slower prefill."""
+    (end of the call - prompt_steps_end_at) / decode_steps_after tells a slower device from a
+    slower prefill."""
     schedule: float = 0.0
     execute: float = 0.0
     postprocess: float = 0.0
-    prompt_steps_end: float = 0.0
+    prompt_steps_end_at: float = 0.0
     decode_steps_after: int = 0
-    installed_at: float = field(default_factory=time.perf_counter, repr=False)
 
     def as_dict(self) -> dict[str, float]:
         return {k: getattr(self, k) for k in PHASES}
@@ -139,7 +139,7 @@ def _finish_marked(timers: PhaseTimers) -> Callable[[Callable], Callable]:
             if batch.is_decode:
                 timers.decode_steps_after += 1
             else:
-                timers.prompt_steps_end = time.perf_counter() - timers.installed_at
+                timers.prompt_steps_end_at = time.perf_counter()
                 timers.decode_steps_after = 0
             return out
         return marked
