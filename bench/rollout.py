@@ -106,7 +106,8 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--workload", required=True, choices=sorted(load_workloads()))
     ap.add_argument("--max-num-seqs", type=int, default=None, help="default: all sequences, at most 1024")
-    ap.add_argument("--max-num-batched-tokens", type=int, default=8192)
+    ap.add_argument("--max-num-batched-tokens", type=int, default=16384,
+                    help="tokens a step (configs/engine/gpu.yaml's 16,384; 8,192 until session 19)")
     ap.add_argument("--enforce-eager", action="store_true")
     ap.add_argument("--op", action="append", default=[], help="op_backends override NAME=BACKEND")
     ap.add_argument("--no-warmup", action="store_true")

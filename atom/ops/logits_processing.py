@@ -18,9 +18,14 @@ _NEG_INF = float("-inf")
 
 
 def log_softmax(x: torch.Tensor) -> torch.Tensor:
-    """log_softmax over the last dim, as x - logsumexp(x): torch's float32 log_softmax on the CPU
-    sums a row's exponentials ~10x less exactly (3.4e-5 off float64's at a 151,936-token row of
-    std-4 logits, against logsumexp's 2.9e-6, about the output's own rounding), at the same speed."""
+    """log_softmax over the last dim. On the CPU as x - logsumexp(x): torch's float32 log_softmax
+    there sums a row's exponentials ~10x less exactly (3.4e-5 off float64's at a 151,936-token row
+    of std-4 logits, against logsumexp's 2.9e-6, about the output's own rounding), at the same speed.
+    On CUDA torch's log_softmax stays: one block reduces one row whatever the row count, so a
+    prompt-logprob pass and a decode step give the same bits (batch-invariant mode's promise), which
+    logsumexp's generic reductions (split by the tensor's shape) do not."""
+    if x.is_cuda:
+        return x.log_softmax(-1)
     return x - x.logsumexp(-1, keepdim=True)
 
 
