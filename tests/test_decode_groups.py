@@ -93,3 +93,13 @@ def test_prompts_shorter_than_a_block_make_no_group():
             "row_prefix": np.full(3, 3, np.int32), "bt": np.array([s.block_table + [0] * 4 for s in seqs], np.int32)}
     DecodeRunner._groups(types.SimpleNamespace(page=PAGE, max_n=2), seqs, {5: [0, 1, 2]}, 3, host, [2, 2, 2])
     assert not host["plen"].any() and not host["row_prefix"].any()
+
+
+def test_host_fill_bench_runs_at_a_small_shape(capsys):
+    """bench/host_fill.py (the numbers in BENCHMARKS.md) runs end to end and reports both costs."""
+    from bench import host_fill
+    assert host_fill.main(["--prompts", "3", "--n", "2", "--prompt-len", "40", "--max-tokens", "5"]) == 0
+    line = capsys.readouterr().out
+    assert "3 x 2 rows: decode runner fill" in line and "shared-prefix groups" in line
+    fill = host_fill.rollout_fill(3, 2, 40, 5)
+    assert fill["decode_steps"] >= 3 and fill["fill_ms_per_step"] > 0
