@@ -194,7 +194,7 @@ class DecodeRunner:
                 return False
             if p.prompt_logprobs is not None and seq.num_computed < seq.num_prompt_tokens - 1:
                 return False
-            if lag and any(len(word) > 1 for word in p.bad_words_token_ids):
+            if lag and p.bad_words_token_ids and any(len(word) > 1 for word in p.bad_words_token_ids):
                 return False  # a bad word's prefix may end in the token still in flight
         return True
 

@@ -195,10 +195,10 @@ class Scheduler:
         if not seqs:
             return None
         bm = self.bm
-        need = sum(bm.blocks_to_grow(seq, 1) for seq in seqs)
-        if not bm.reserve(need):
+        growing = [(seq, k) for seq in seqs if (k := bm.blocks_to_grow(seq, 1))]  # about one in a block's tokens
+        if not bm.reserve(sum(k for _, k in growing)):
             return None
-        for seq in seqs:
+        for seq, _ in growing:
             bm.grow(seq, 1)
         return ScheduledBatch(seqs, [1] * len(seqs))
 
