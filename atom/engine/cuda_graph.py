@@ -293,8 +293,9 @@ class DecodeRunner:
         # Whole rows: the cached arrays are zero past the table, and this buffer may hold another
         # batch size's fields there (the layouts share it), which the torch ops, that gather every
         # entry of a row, would read as block ids. (One concatenate: a fifth of n row writes.)
-        np.concatenate(tables, out=host["bt"][:n].reshape(-1))
-        _, filters, top_ks, top_ps, min_ps, temps, raws, ks, generic, ranks = zip(*params)
+        if tables:
+            np.concatenate(tables, out=host["bt"][:n].reshape(-1))
+        _, filters, top_ks, top_ps, min_ps, temps, raws, ks, generic, ranks = zip(*params) if params else ((),) * 10
         generic_rows = min_tokens_rows or any(generic)
         host["ids"][:n] = ids
         host["pos"][:n] = pos
@@ -326,7 +327,7 @@ class DecodeRunner:
             temperature=d["temperature"][:n], top_k=d["top_k"][:n], top_p=d["top_p"][:n], min_p=d["min_p"][:n],
             seeds=d["seeds"][:n], counters=d["counters"][:n], raw_logprobs=d["raw"][:n], banned_rows=None,
             banned_tokens=None, need_filter=any(filters), all_greedy=all(t == 0.0 for t in temps),
-            any_raw=any(raws), num_top_logprobs=max(ks), want_ranks=any(ranks), processing=processing)
+            any_raw=any(raws), num_top_logprobs=max(ks, default=0), want_ranks=any(ranks), processing=processing)
 
     def _groups(self, seqs, by_first: dict[int, list[int]], bs: int, host: dict, num_blocks: list[int]) -> None:
         """The shared-prefix groups: rows whose tables start with the same block, their shared
@@ -352,7 +353,7 @@ class DecodeRunner:
         first_diff = np.where(same.all(1), same.shape[1], same.argmin(1))
         shared_of = np.minimum(np.minimum.reduceat(first_diff, starts),
                                np.minimum.reduceat(np.asarray(num_blocks)[members], starts) - 1).tolist()
-        chunks, lengths, members, prefixes = [], [], [], []
+        chunks, lengths, chunk_rows, prefixes = [], [], [], []
         for rows, shared, prompt in zip(groups, shared_of, prompt_blocks):
             shared = min(shared, prompt)
             if shared < 1:
@@ -363,12 +364,12 @@ class DecodeRunner:
                     continue
                 chunks.append(chunk + [-1] * (max_n - len(chunk)))
                 lengths.append(shared * page)
-                members += chunk
+                chunk_rows += chunk
                 prefixes += [shared * page] * len(chunk)
         if chunks:  # a few bulk writes (one numpy call per group and field was ~1 ms a step)
             grows[: len(chunks)] = chunks
             plen[: len(chunks)] = lengths
-            row_prefix[members] = prefixes
+            row_prefix[chunk_rows] = prefixes
 
     def _forward(self, bs: int) -> torch.Tensor:
         """The model body (what a graph holds): hidden states [bs, hidden]."""
