@@ -228,14 +228,20 @@ class Scheduler:
     # ---- after a step --------------------------------------------------------------------
     def advance(self, batch: ScheduledBatch) -> None:
         """The batch's tokens are computed (or queued to be): move each sequence on."""
-        batch.starts = [seq.num_computed for seq in batch.seqs]
-        for seq, n in zip(batch.seqs, batch.num_new_tokens):
-            lo, hi = seq.num_computed, seq.num_computed + n
-            prompt_part = max(0, min(hi, seq.num_prompt_tokens) - lo)
-            self.stats.prompt_tokens_computed += prompt_part
-            self.stats.recomputed_tokens += max(0, min(hi, len(seq) - 1) - max(lo, seq.num_prompt_tokens))
+        batch.starts = starts = [seq.num_computed for seq in batch.seqs]
+        prompt_tokens = recomputed = 0  # (per-row work of every decode step: kept to plain locals)
+        computed = self.bm.computed
+        for seq, lo, n in zip(batch.seqs, starts, batch.num_new_tokens):
+            hi, prompt = lo + n, seq.num_prompt_tokens
+            if lo < prompt:
+                prompt_tokens += min(hi, prompt) - lo
+            again = min(hi, len(seq.token_ids) - 1) - max(lo, prompt)
+            if again > 0:
+                recomputed += again
             seq.num_computed = hi
-            self.bm.computed(seq)
+            computed(seq)
+        self.stats.prompt_tokens_computed += prompt_tokens
+        self.stats.recomputed_tokens += recomputed
 
     def update(self, batch: ScheduledBatch, out: StepOutput, version) -> list[Sequence]:
         """Apply a step's results (tokens from weights `version`); returns the sequences it
