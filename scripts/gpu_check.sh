@@ -17,6 +17,7 @@
 #               expert shape (bench/moe_tune.py: GPT-OSS-20B, Moonlight; MOE_SHAPES=gpt-oss limits it);
 #               later bench steps of the same run use the result (MLA_TUNE_ARGS="--first N": only the
 #               first N groups of the MLA sweep)
+#     gemms   : the decode step's dense GEMMs (cuBLAS) and the shared experts folded into the fused MoE
 #     kernels : micro-benchmarks of the triton kernels (bench/kernels.py)
 #     mla     : the MLA decode kernel at the Moonlight shape (bench/mla_kernels.py), after `tune` with its configs,
 #               then the MLA prefill (8192-token chunks, absorbed / expanded break-even)
@@ -53,7 +54,7 @@ if compgen -G ".whl/*.whl" > /dev/null; then
   $PY -m pip install -q --no-deps --target "$WHEELS" .whl/*.whl && export PYTHONPATH="$WHEELS:$PYTHONPATH"
 fi
 [ $# -eq 0 ] && set -- tests bench
-SECTIONS="tests tune bench profile hf kernels mla ncu small sleep async arrival ipc invariant"
+SECTIONS="tests tune bench profile hf gemms kernels mla ncu small sleep async arrival ipc invariant"
 WORKLOADS="decode-moe-bs1,grpo-dense-small,grpo-moe,grpo-dense-8b"
 summary=()
 nvidia-smi --query-gpu=name,memory.used,memory.total,clocks.sm,clocks.mem --format=csv,noheader 2>/dev/null
@@ -131,6 +132,10 @@ while [ $# -gt 0 ]; do
         head -60 "$OUT/gaps_$w.txt"
         [ "$(stat -c %s "$trace")" -gt 16000000 ] && mv "$trace" "/tmp/profile_$w.trace.json"
       fi
+      ;;
+    gemms)
+      # the decode step's dense GEMMs and the shared experts folded into the routed ones (bench/decode_gemms.py)
+      timeout "${KERNEL_TIMEOUT:-240}" $PY -m bench.decode_gemms --json "$OUT/decode_gemms.json" 2>&1 | tee "$OUT/decode_gemms.log" | tail -30
       ;;
     kernels)
       timeout "${KERNEL_TIMEOUT:-240}" $PY -m bench.kernels 2>&1 | tee "$OUT/kernels.log" | tail -30
