@@ -148,17 +148,6 @@ def test_grouped_routing_matches_hf(groups, top_groups, renorm):
     torch.testing.assert_close(w.gather(1, order_got.indices), w_want.gather(1, order_want.indices))
 
 
-def test_grouped_routing_appends_the_shared_experts_with_weight_one():
-    e, t, k, shared = 16, 9, 4, 2
-    logits, bias = rand(t, e), rand(e, scale=0.5)
-    w, ids = moe_route_grouped(logits, bias, k, 4, 2, True, 2.5)
-    wf, idsf = moe_route_grouped(logits, bias, k, 4, 2, True, 2.5, shared)
-    assert wf.shape == idsf.shape == (t, k + shared)
-    assert torch.equal(wf[:, :k], w) and torch.equal(idsf[:, :k], ids)
-    assert torch.equal(idsf[:, k:], torch.tensor([[16, 17]]).expand(t, 2))
-    assert torch.equal(wf[:, k:], torch.ones(t, 2))
-
-
 def test_mla_absorbed_decode_matches_expanded_prefill():
     """Two formulations of the same attention: decode over latents with W_uk folded into the
     query and W_uv applied after, and prefill with latents expanded to per-head K/V."""

@@ -28,27 +28,18 @@ log = logging.getLogger(__name__)
 
 
 class DeepseekMoE(SparseMoE):
-    """Group-limited sigmoid routing over the routed experts, plus the shared experts (a gated MLP
-    of n_shared_experts * moe_intermediate_size every token goes through, added to the routed sum).
-
-    Without parallelism the shared experts are folded into the fused MoE: n_shared_experts more
-    experts of moe_intermediate_size each (the shared MLP's intermediate rows cut in equal parts;
-    SwiGLU is elementwise over them, so the parts' down products sum to the MLP's), stored after
-    the routed ones in w13 / w2, and routed to by every token with weight 1. One grouped GEMM pair
-    a layer instead of two more GEMMs, an activation and an add (SGLang's shared-experts fusion).
-    The checkpoint's shared_experts.* tensors load into those experts (atom.models.weights).
-    Under tensor / expert parallelism the shared experts stay a GatedMLP, sharded as dense layers."""
+    """Group-limited sigmoid routing over the routed experts, plus the shared experts (a dense
+    gated MLP every token goes through, added after the routed experts are combined)."""
 
     def __init__(self, args: ModelArgs, parallel=None) -> None:
-        fold = args.n_shared_experts if parallel is None or parallel.ep_mode is None else 0
         super().__init__(args.hidden_size, args.moe_intermediate_size, args.num_experts, args.num_experts_per_tok,
-                         args.norm_topk_prob, parallel, shared_experts=fold)
+                         args.norm_topk_prob, parallel)
         self.num_groups, self.topk_groups = args.n_group, args.topk_group
         self.scaling = args.routed_scaling_factor
         # A buffer in HF (not in named_parameters): optional in weight updates, see the model class.
         self.e_score_correction_bias = nn.Parameter(torch.zeros(args.num_experts), requires_grad=False)
         self.shared_experts = None
-        if args.n_shared_experts and not fold:
+        if args.n_shared_experts:
             self.shared_experts = GatedMLP(args.hidden_size, args.moe_intermediate_size * args.n_shared_experts,
                                            None if parallel is None else parallel.tp)
 
@@ -60,10 +51,9 @@ class DeepseekMoE(SparseMoE):
         return self.experts(x, *self.route_recorded(x))
 
     def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(weights, ids) of the routed experts, then of the folded shared experts (weight 1)."""
         logits = ops.router_linear(x, self.gate.weight)  # float32, as HF routes
         return ops.moe_route_grouped(logits, self.e_score_correction_bias, self.top_k, self.num_groups,
-                                     self.topk_groups, self.renormalize, self.scaling, self.shared_experts_folded)
+                                     self.topk_groups, self.renormalize, self.scaling)
 
 
 def _check_routing(args: ModelArgs) -> None:

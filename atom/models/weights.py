@@ -16,7 +16,6 @@ import os
 import re
 from dataclasses import dataclass
 from collections.abc import ItemsView
-from functools import partial
 from typing import Callable, Iterable, Iterator
 
 import torch
@@ -37,8 +36,7 @@ Narrow = tuple[int, int, int, int]
 
 @dataclass(frozen=True)
 class WeightSlot:
-    """Where one HF tensor lands: param[expert][row_offset : row_offset + rows] (None = whole),
-    then rows `expert_rows` = (start, length) of each expert there (dim 1; the folded shared experts).
+    """Where one HF tensor lands: param[expert][row_offset : row_offset + rows] (None = whole).
 
     Sharded (tensor / expert parallelism): `shard` narrows the full HF tensor, of shape
     `full_shape`, to this rank's part; `param` is None when other ranks hold all of it.
@@ -52,7 +50,6 @@ class WeightSlot:
     full_shape: tuple[int, ...] | None = None
     # HF layout -> ours, applied to the full tensor before `shard` (GPT-OSS's transposed experts).
     convert: Callable[[torch.Tensor], torch.Tensor] | None = None
-    expert_rows: tuple[int, int] | None = None
 
     def target(self) -> torch.Tensor | None:
         """This rank's destination (None: not held here).
@@ -68,8 +65,6 @@ class WeightSlot:
             return cached[1]
         t = self.param.data if self.expert is None else self.param.data[self.expert]
         t = t if self.rows is None else t.narrow(0, self.row_offset, self.rows)
-        if self.expert_rows is not None:
-            t = t.narrow(1, *self.expert_rows)
         object.__setattr__(self, "_view", (ptr, t))  # a cache, not state: frozen otherwise
         return t
 
@@ -161,8 +156,6 @@ class WeightMap:
                 held = {"w13", "w2"} if fused is None else self._add_fused(prefix, module, fused)
                 if fused is None:
                     self._add_experts(prefix, module)
-                if module.shared_experts_folded:
-                    self._add_folded_shared(prefix, module)
                 for pname, p in module.named_parameters(recurse=False):  # replicated extras (routing bias)
                     if pname not in held:
                         self._add(f"{prefix}{pname}", WeightSlot(p))
@@ -216,13 +209,13 @@ class WeightMap:
 
     def _add_experts(self, prefix: str, moe: SparseMoE) -> None:
         inter, num_experts = moe.intermediate_size, moe.num_experts
-        if moe.w13.shape[0] - moe.shared_experts_folded == num_experts and moe.tp_size == 1:
+        if moe.w13.shape[0] == num_experts and moe.tp_size == 1:
             for e in range(num_experts):
                 base = f"{prefix}experts.{e}."
                 self._add(f"{base}gate_proj.weight", WeightSlot(moe.w13, e, 0, inter))
                 self._add(f"{base}up_proj.weight", WeightSlot(moe.w13, e, inter, inter))
                 self._add(f"{base}down_proj.weight", WeightSlot(moe.w2, e))
-            gate_up_slot, down_slot = WeightSlot(moe.w13, rows=num_experts), WeightSlot(moe.w2, rows=num_experts)
+            gate_up_slot, down_slot = WeightSlot(moe.w13), WeightSlot(moe.w2)
         else:
             gate_up_slot, down_slot = self._add_expert_shards(prefix, moe)
         # transformers >= 5 keeps experts fused in memory: accept that layout too (weight updates
@@ -254,19 +247,6 @@ class WeightMap:
         down = _sharded(moe.w2, (moe.num_experts, hidden, full_inter), (experts, (2, moe.tp_rank * inter, inter, 1)))
         return gate_up, down
 
-    def _add_folded_shared(self, prefix: str, moe: SparseMoE) -> None:
-        """The shared experts' gated MLP (HF: shared_experts.{gate,up,down}_proj of n * I rows) into
-        the n experts stored after the routed ones: part j of each tensor's intermediate rows
-        (columns for down_proj) is expert E + j's."""
-        n, inter, hidden, first = moe.shared_experts_folded, moe.intermediate_size, moe.w13.shape[2], moe.num_experts
-        base = f"{prefix}shared_experts."
-        for proj, offset in (("gate_proj", 0), ("up_proj", inter)):
-            self._add(f"{base}{proj}.weight", WeightSlot(moe.w13, None, first, n, full_shape=(n * inter, hidden),
-                                                         convert=partial(_split_rows, parts=n),
-                                                         expert_rows=(offset, inter)))
-        self._add(f"{base}down_proj.weight", WeightSlot(moe.w2, None, first, n, full_shape=(hidden, n * inter),
-                                                        convert=partial(_split_cols, parts=n)))
-
     def _add_fused(self, prefix: str, moe: SparseMoE, tensors: list[FusedExpertTensor]) -> set[str]:
         """A checkpoint with every expert in one tensor (GPT-OSS); returns the parameters filled."""
         for t in tensors:
@@ -295,16 +275,6 @@ class WeightMap:
     def covered_by(self, name: str) -> list[str]:
         """Checkpoint names one accepted name fills (a fused expert tensor fills all experts)."""
         return self.fills.get(name, [name])
-
-
-def _split_rows(t: torch.Tensor, parts: int) -> torch.Tensor:
-    """[parts * I, H] -> [parts, I, H] (a view)."""
-    return t.unflatten(0, (parts, -1))
-
-
-def _split_cols(t: torch.Tensor, parts: int) -> torch.Tensor:
-    """[H, parts * I] -> [parts, H, I] (a view)."""
-    return t.unflatten(1, (parts, -1)).transpose(0, 1)
 
 
 def is_ignored(name: str) -> bool:

@@ -106,10 +106,9 @@ def router_linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
 
 @register("moe_route_grouped", B)
 def moe_route_grouped(router_logits: torch.Tensor, correction_bias: torch.Tensor, top_k: int, num_groups: int,
-                      topk_groups: int, renormalize: bool, scaling: float,
-                      shared_experts: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+                      topk_groups: int, renormalize: bool, scaling: float) -> tuple[torch.Tensor, torch.Tensor]:
     return _row_by_row(torch_family_ops.moe_route_grouped, router_logits, correction_bias, top_k, num_groups,
-                       topk_groups, renormalize, scaling, shared_experts)
+                       topk_groups, renormalize, scaling)
 
 
 @register("fused_moe_biased", B, "skips_negative_ids")

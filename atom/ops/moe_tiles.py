@@ -96,8 +96,6 @@ MEASURED: dict[MoeShape, ShapeTiles] = {
          (1024, tiles(64, 64, 64, 1, 4, 3), tiles(64, 128, 64, 1, 4, 3)),
          (TOP, tiles(128, 64, 64, 8, 8, 3), tiles(128, 256, 64, 8, 8, 3))]),
 }
-# Moonlight with its two shared experts folded in (DeepseekMoE): the routed shape's tiles.
-MEASURED[MoeShape(66, 2816, 2048, 2, "NVIDIA H200")] = MEASURED[MoeShape(64, 2816, 2048, 2, "NVIDIA H200")]
 TABLE: dict[MoeShape, ShapeTiles] = {k: ShapeTiles(list(v.ladder), v.small) for k, v in MEASURED.items()}
 
 

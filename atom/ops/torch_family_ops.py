@@ -72,14 +72,11 @@ def router_linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
 
 @register("moe_route_grouped", B, "graph_safe")  # no host sync: sizes never depend on values
 def moe_route_grouped(router_logits: torch.Tensor, correction_bias: torch.Tensor, top_k: int, num_groups: int,
-                      topk_groups: int, renormalize: bool, scaling: float,
-                      shared_experts: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+                      topk_groups: int, renormalize: bool, scaling: float) -> tuple[torch.Tensor, torch.Tensor]:
     """DeepSeek-V3 `noaux_tc` routing: sigmoid scores; experts are chosen by score + correction
     bias within the `topk_groups` groups (of `num_groups` equal groups) whose two best biased
     scores sum highest; weights are the chosen unbiased scores (renormalised if asked) times
-    `scaling`. Returns (weights [T, k + s] float32, ids [T, k + s] int64): the k chosen, then
-    `shared_experts` = s columns of ids E .. E + s - 1 with weight 1 (the shared experts, folded
-    into the fused MoE as experts every token goes through)."""
+    `scaling`. Returns (weights [T, k] float32, ids [T, k] int64)."""
     scores = router_logits.float().sigmoid()
     biased = scores + correction_bias.float()
     t, e = biased.shape
@@ -94,11 +91,7 @@ def moe_route_grouped(router_logits: torch.Tensor, correction_bias: torch.Tensor
     weights = scores.gather(1, ids)
     if renormalize:
         weights = weights / (weights.sum(-1, keepdim=True) + 1e-20)
-    weights = weights * scaling
-    if shared_experts:
-        weights = torch.cat([weights, weights.new_ones(t, shared_experts)], 1)
-        ids = torch.cat([ids, torch.arange(e, e + shared_experts, device=ids.device).expand(t, shared_experts)], 1)
-    return weights, ids
+    return weights * scaling, ids
 
 
 # ---- multi-head latent attention (DeepSeek-V3) ------------------------------------------------

@@ -8,8 +8,6 @@ On CPU: `ATOM_GPU_TESTS_ON_CPU=1 TRITON_INTERPRET=1 PYTHONPATH=$PWD:/work/triton
 """
 from __future__ import annotations
 
-import functools
-
 import pytest
 import torch
 
@@ -200,19 +198,16 @@ def rows_single(device, n: int, table: torch.Tensor) -> AttentionMetadata:
 ROUTES = [(8, 4, 2, 2, True), (12, 3, 2, 3, False), (64, 1, 1, 6, True), (256, 8, 4, 8, True)]
 
 
-@pytest.mark.parametrize("shared", [0, 2])
 @pytest.mark.parametrize("experts,groups,kept,top_k,renorm", ROUTES)
 def test_grouped_routing_matches_torch_and_rows_do_not_depend_on_the_batch(inv, device, experts, groups, kept,
-                                                                         top_k, renorm, shared):
-    """shared > 0: the folded shared experts' columns (ids E, E + 1, weight 1) after the routed ones."""
+                                                                         top_k, renorm):
     torch.manual_seed(experts + top_k)
     t = 40 if ON_CPU else 1000
     logits = torch.randn(t, experts, device=device) * 3
     bias = torch.randn(experts, device=device) * 0.1
-    route = functools.partial(inv("moe_route_grouped"), shared_experts=shared)
+    route = inv("moe_route_grouped")
     w, ids = route(logits, bias, top_k, groups, kept, renorm, 2.5)
-    rw, rids = torch_family_ops.moe_route_grouped(logits, bias, top_k, groups, kept, renorm, 2.5, shared)
-    assert ids.shape == w.shape == (t, top_k + shared)
+    rw, rids = torch_family_ops.moe_route_grouped(logits, bias, top_k, groups, kept, renorm, 2.5)
     assert ids.dtype == torch.int64 and w.dtype == torch.float32
     # The kernel's sigmoid may differ from torch's in the last bit: on the GPU a near tie at the
     # selection boundary may pick the other expert in a rare row; the interpreter matches exactly.

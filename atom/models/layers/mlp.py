@@ -50,7 +50,7 @@ class SparseMoE(nn.Module):
     """
 
     def __init__(self, hidden_size: int, intermediate_size: int, num_experts: int, top_k: int,
-                 renormalize: bool, parallel=None, shared_experts: int = 0) -> None:
+                 renormalize: bool, parallel=None) -> None:
         super().__init__()
         self.top_k, self.renormalize = top_k, renormalize
         self.num_experts = num_experts
@@ -67,14 +67,8 @@ class SparseMoE(nn.Module):
         self.intermediate_size = inter  # this rank's share
         self.gate = Linear(hidden_size, num_experts)  # the router is replicated
         self.routed_out: torch.Tensor | None = None  # [tokens, top_k] view the runner reads (routing capture)
-        # Experts every token goes through (DeepSeek's shared experts, folded in): stored after the
-        # routed ones, ids E .. E + shared_experts - 1; only without parallelism.
-        if shared_experts and self.mode is not None:
-            raise ValueError("SparseMoE: shared experts are folded in only without expert / tensor parallelism")
-        self.shared_experts_folded = shared_experts
-        self.w13 = nn.Parameter(torch.empty(local_experts + shared_experts, 2 * inter, hidden_size),
-                                requires_grad=False)
-        self.w2 = nn.Parameter(torch.empty(local_experts + shared_experts, hidden_size, inter), requires_grad=False)
+        self.w13 = nn.Parameter(torch.empty(local_experts, 2 * inter, hidden_size), requires_grad=False)
+        self.w2 = nn.Parameter(torch.empty(local_experts, hidden_size, inter), requires_grad=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.mode is None:
@@ -89,7 +83,7 @@ class SparseMoE(nn.Module):
         return weights, ids
 
     def _record(self, ids: torch.Tensor) -> None:
-        self.routed_out[: ids.shape[0]].copy_(ids[:, : self.top_k])  # the routed choice, not the shared experts
+        self.routed_out[: ids.shape[0]].copy_(ids)
 
     # ---- what a family may change (GPT-OSS, DeepSeek-V3) ------------------------------------
     def forward_local(self, x: torch.Tensor) -> torch.Tensor:

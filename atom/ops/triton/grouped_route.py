@@ -24,8 +24,8 @@ from atom.ops.triton.pdl import grid_dependency
 @triton.jit
 def _grouped_route_kernel(x_ptr, bias_ptr, w_ptr, id_ptr, sx, scaling, E: tl.constexpr, GROUPS: tl.constexpr,
                           PER: tl.constexpr, TOPK_GROUPS: tl.constexpr, TOP_K: tl.constexpr, RENORM: tl.constexpr,
-                          SHARED: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_G: tl.constexpr,
-                          BLOCK_K: tl.constexpr, PDL: tl.constexpr = False):
+                          BLOCK_E: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_K: tl.constexpr,
+                          PDL: tl.constexpr = False):
     grid_dependency(PDL)
     t = tl.program_id(0).to(tl.int64)
     e = tl.arange(0, BLOCK_E)
@@ -62,37 +62,26 @@ def _grouped_route_kernel(x_ptr, bias_ptr, w_ptr, id_ptr, sx, scaling, E: tl.con
         biased = tl.where(e == pick, float("-inf"), biased)
     if RENORM:
         ws = ws / (tl.sum(ws, 0) + 1e-20)  # lanes from TOP_K on hold 0
-    ws = ws * scaling
-    if SHARED > 0:  # the shared experts' columns: ids E, E + 1, ... with weight 1
-        shared = (k >= TOP_K) & (k < TOP_K + SHARED)
-        ws = tl.where(shared, 1.0, ws)
-        ids = tl.where(shared, E + k - TOP_K, ids)
-    width = TOP_K + SHARED
-    tl.store(w_ptr + t * width + k, ws, mask=k < width)
-    tl.store(id_ptr + t * width + k, ids, mask=k < width)
+    tl.store(w_ptr + t * TOP_K + k, ws * scaling, mask=k < TOP_K)
+    tl.store(id_ptr + t * TOP_K + k, ids, mask=k < TOP_K)
 
 
 @register("moe_route_grouped", "triton")
 def grouped_route(router_logits: torch.Tensor, correction_bias: torch.Tensor, top_k: int, num_groups: int,
-                  topk_groups: int, renormalize: bool, scaling: float,
-                  shared_experts: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-    """moe_route_grouped's contract: router_logits [T, E] -> (weights [T, k + s] float32, ids [T, k + s]
-    int64), s = shared_experts columns of ids E, E + 1, ... with weight 1 after the k chosen."""
+                  topk_groups: int, renormalize: bool, scaling: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """moe_route_grouped's contract: router_logits [T, E] -> (weights [T, k] float32, ids [T, k] int64)."""
     t, e = router_logits.shape
     if e % num_groups or not 1 <= topk_groups <= num_groups or not 1 <= top_k <= topk_groups * (e // num_groups):
         raise ValueError(f"moe_route_grouped: {e} experts in {num_groups} groups, {topk_groups} groups kept, "
                          f"top_k={top_k}: the groups must be equal and the kept ones must hold top_k experts")
-    if shared_experts < 0:
-        raise ValueError(f"moe_route_grouped: shared_experts must be >= 0, got {shared_experts}")
-    width = top_k + shared_experts
-    weights = torch.empty(t, width, dtype=torch.float32, device=router_logits.device)
-    ids = torch.empty(t, width, dtype=torch.int64, device=router_logits.device)
+    weights = torch.empty(t, top_k, dtype=torch.float32, device=router_logits.device)
+    ids = torch.empty(t, top_k, dtype=torch.int64, device=router_logits.device)
     if t == 0:
         return weights, ids
     x = router_logits if router_logits.stride(-1) == 1 else router_logits.contiguous()
     _grouped_route_kernel[(t,)](x, correction_bias, weights, ids, x.stride(0), float(scaling), E=e,
                                 GROUPS=num_groups, PER=e // num_groups, TOPK_GROUPS=topk_groups, TOP_K=top_k,
-                                RENORM=bool(renormalize), SHARED=shared_experts, BLOCK_E=triton.next_power_of_2(e),
+                                RENORM=bool(renormalize), BLOCK_E=triton.next_power_of_2(e),
                                 BLOCK_G=triton.next_power_of_2(num_groups),
-                                BLOCK_K=max(2, triton.next_power_of_2(width)), num_warps=4, **pdl.options())
+                                BLOCK_K=max(2, triton.next_power_of_2(top_k)), num_warps=4, **pdl.options())
     return weights, ids

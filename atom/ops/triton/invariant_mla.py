@@ -117,7 +117,10 @@ def mla_attention_prefill(q_nope: torch.Tensor, q_pe: torch.Tensor, kv_cache: to
     return mla_expand_output(out_latent, w_kv_b, nope)
 
 
-register("moe_route_grouped", B)(grouped_route)
+@register("moe_route_grouped", B)
+def moe_route_grouped(router_logits: torch.Tensor, correction_bias: torch.Tensor, top_k: int, num_groups: int,
+                      topk_groups: int, renormalize: bool, scaling: float) -> tuple[torch.Tensor, torch.Tensor]:
+    return grouped_route(router_logits, correction_bias, top_k, num_groups, topk_groups, renormalize, scaling)
 
 
 register("mla_cache_write", B)(mla.mla_cache_write)
