@@ -12,6 +12,11 @@
              appended to the routed ones, every token routed to them with weight 1: one fused
              MoE of top-k + n_shared experts (SGLang's "shared experts fusion").
    The two outputs are compared (bf16 sums in different orders: a small difference).
+   Measured on the H200 (session 20): folded is slower (352.6 against 336.5 us a layer at 512
+   rows), so the model keeps the shared experts apart.
+3. With --sweep: the Triton GEMM (atom/ops/triton/invariant_gemm.py) over bench.batch_invariant's
+   tile candidates and a few narrower tiles, for the GEMMs of fewer 128 x 128 tiles than SMs
+   (does a tile count that fills the SMs beat cuBLAS there?).
 """
 from __future__ import annotations
 
@@ -66,6 +71,37 @@ def dense_gemms(c: dict, rows: int, dev, dt) -> list[dict]:
     return out
 
 
+# Narrower tiles than bench.batch_invariant's: 2-4x the 128 x 128 tile count.
+_NARROW = [(64, 64, 64, 4, 4), (64, 64, 128, 4, 3), (64, 128, 128, 4, 3), (32, 128, 128, 4, 4), (64, 32, 128, 4, 4)]
+
+
+def sweep(c: dict, rows: int, dense: list[dict], dev, dt) -> dict:
+    """µs of each candidate config on the GEMMs that leave SMs idle at 128 x 128 tiles."""
+    import torch
+
+    from atom.ops.triton.invariant_gemm import invariant_gemm
+    from bench.batch_invariant import CANDIDATES, as_config
+    cands = CANDIDATES + [(*t, {}) for t in _NARROW]
+    out = {}
+    for row in dense:
+        if row["tiles_128"] >= 2 * row["sms"]:
+            continue
+        x = torch.randn(rows, row["k"], device=dev, dtype=dt)
+        w = torch.randn(row["n"], row["k"], device=dev, dtype=dt) * row["k"] ** -0.5
+        times = {}
+        for cand in cands:
+            try:
+                times[str(cand)] = round(_graph_us(lambda: invariant_gemm(x, w, config=as_config(cand))), 2)
+            except Exception as exc:  # a config the shape cannot take (shared memory): skipped, said
+                times[str(cand)] = f"failed: {type(exc).__name__}"
+        ok = {k: v for k, v in times.items() if isinstance(v, float)}
+        best = min(ok, key=ok.get)
+        out[row["gemm"]] = {"cublas_us": row["us"], "best": best, "best_us": ok[best], "all": times}
+        print(f"{row['gemm']:30s} rows {rows}: cuBLAS {row['us']:.2f} us, best Triton {ok[best]:.2f} us {best}",
+              flush=True)
+    return out
+
+
 def shared_fold(c: dict, rows: int, dev, dt) -> dict:
     import torch
 
@@ -117,6 +153,8 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--model", default="moonlight-16b-a3b")
     ap.add_argument("--rows", type=int, nargs="+", default=[512, 256])
+    ap.add_argument("--sweep", action="store_true", help="also the Triton GEMM's tile candidates")
+    ap.add_argument("--no-fold", action="store_true", help="skip the shared-experts fold comparison")
     ap.add_argument("--json", default=None)
     args = ap.parse_args(argv)
     import torch
@@ -127,8 +165,10 @@ def main(argv=None) -> int:
     ops.configure(dev)
     result = {"model": args.model, "device": torch.cuda.get_device_name(dev), "runs": []}
     for rows in args.rows:
-        result["runs"].append({"rows": rows, "dense": dense_gemms(c, rows, dev, dt),
-                               "moe": shared_fold(c, rows, dev, dt) if c.get("n_shared_experts") else None})
+        dense = dense_gemms(c, rows, dev, dt)
+        fold = not args.no_fold and c.get("n_shared_experts")
+        result["runs"].append({"rows": rows, "dense": dense, "moe": shared_fold(c, rows, dev, dt) if fold else None,
+                               "sweep": sweep(c, rows, dense, dev, dt) if args.sweep else None})
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=1))
     return 0

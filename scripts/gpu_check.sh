@@ -135,7 +135,7 @@ while [ $# -gt 0 ]; do
       ;;
     gemms)
       # the decode step's dense GEMMs and the shared experts folded into the routed ones (bench/decode_gemms.py)
-      timeout "${KERNEL_TIMEOUT:-240}" $PY -m bench.decode_gemms --json "$OUT/decode_gemms.json" 2>&1 | tee "$OUT/decode_gemms.log" | tail -30
+      timeout "${KERNEL_TIMEOUT:-240}" $PY -m bench.decode_gemms ${GEMMS_ARGS:-} --json "$OUT/decode_gemms.json" 2>&1 | tee "$OUT/decode_gemms.log" | tail -30
       ;;
     kernels)
       timeout "${KERNEL_TIMEOUT:-240}" $PY -m bench.kernels 2>&1 | tee "$OUT/kernels.log" | tail -30
