@@ -68,12 +68,6 @@ def dense_gemms(c: dict, rows: int, dev, dt) -> list[dict]:
                     "tiles_128": tiles, "sms": sms})
         print(f"{name:30s} [{rows} x {k}] x [{k} x {n}]  {us:8.2f} us  {out[-1]['tflops']:6.1f} TFLOP/s  "
               f"{tiles} tiles of 128x128 / {sms} SMs", flush=True)
-        if name == "shared down":  # the routed sum added after the GEMM, or in its epilogue (ops.linear_add)
-            res = torch.randn(rows, n, device=dev, dtype=dt)
-            out[-1]["then_add_us"] = round(_graph_us(lambda: F.linear(x, w) + res), 2)
-            out[-1]["addmm_us"] = round(_graph_us(lambda: torch.addmm(res, x, w.t())), 2)
-            print(f"{'  + residual: GEMM then add':30s} {out[-1]['then_add_us']:8.2f} us; addmm "
-                  f"{out[-1]['addmm_us']:8.2f} us", flush=True)
     return out
 
 

@@ -45,7 +45,7 @@ class DeepseekMoE(SparseMoE):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = super().forward(x)
-        return out if self.shared_experts is None else self.shared_experts(x, residual=out)
+        return out if self.shared_experts is None else out + self.shared_experts(x)
 
     def forward_local(self, x: torch.Tensor) -> torch.Tensor:
         return self.experts(x, *self.route_recorded(x))

@@ -83,12 +83,6 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     return torch.ops.mkldnn._linear_pointwise.default(x, packed, bias, "none", [], "")
 
 
-@register("linear_add", B)
-def linear_add(x: torch.Tensor, weight: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
-    """residual + linear(x, weight) (the packed weight's GEMM, then the add)."""
-    return residual + linear(x, weight)
-
-
 @register("lm_head", B)
 def lm_head(hidden: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     return linear(hidden, weight)

@@ -51,11 +51,6 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     return F.linear(padded, weight, bias)[:m].reshape(*x.shape[:-1], weight.shape[0])
 
 
-@register("linear_add", B)
-def linear_add(x: torch.Tensor, weight: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
-    return residual + linear(x, weight)
-
-
 @register("lm_head", B)
 def lm_head(hidden: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     return linear(hidden, weight)

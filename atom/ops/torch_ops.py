@@ -178,13 +178,6 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     return F.linear(x, weight, bias)
 
 
-@register("linear_add", B)
-def linear_add(x: torch.Tensor, weight: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
-    """residual + x @ weight.T, the add in the GEMM's epilogue (addmm: cuBLAS reads the residual as
-    its C with beta = 1; one rounding of the float32 sum). x [T, K], residual [T, N]."""
-    return torch.addmm(residual, x, weight.t())
-
-
 @register("lm_head", B)
 def lm_head(hidden: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """Logits of the rows that need them: hidden [T, H] @ weight [V, H].T (every backend uses this

@@ -37,12 +37,6 @@ class Linear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return ops.linear(x, self.weight, self.bias)
 
-    def forward_add(self, x: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
-        """residual + self(x); without a bias the add runs in the GEMM's epilogue (ops.linear_add)."""
-        if self.bias is not None or x.dim() != 2:
-            return residual + self(x)
-        return ops.linear_add(x, self.weight, residual)
-
 
 def _split(size: int, ways: int, what: str) -> int:
     if size % ways:
@@ -84,9 +78,6 @@ class RowParallelLinear(Linear):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.tp.all_reduce(ops.linear(x, self.weight))
         return y if self.bias is None else y + self.bias
-
-    def forward_add(self, x: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
-        return residual + self(x)  # after the all-reduce (in the GEMM, every rank would add it)
 
 
 def column_linear(in_features: int, out_features: int | list[int], bias: bool = False,

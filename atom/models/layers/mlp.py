@@ -20,10 +20,8 @@ class GatedMLP(nn.Module):
                                           shard_names=["gate_proj", "up_proj"], tp=tp)
         self.down_proj = row_linear(intermediate_size, hidden_size, bias, tp=tp)
 
-    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
-        """down(...), plus `residual` when given (added in the down GEMM where it can be)."""
-        h = ops.silu_and_mul(self.gate_up_proj(x))
-        return self.down_proj(h) if residual is None else self.down_proj.forward_add(h, residual)
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(ops.silu_and_mul(self.gate_up_proj(x)))
 
 
 @dataclass(frozen=True)

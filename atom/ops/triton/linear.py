@@ -255,13 +255,3 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     if x2.stride(-1) != 1:
         x2 = x2.contiguous()
     return skinny_linear(x2, weight, bias).reshape(*x.shape[:-1], weight.shape[0])
-
-
-@register("linear_add", B)
-def linear_add(x: torch.Tensor, weight: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
-    """residual + x @ weight.T: the skinny kernel then the add where it wins, else cuBLAS's addmm
-    (the add in its epilogue)."""
-    if x.shape[0] and use_skinny(x.shape[0], weight.shape[0], x.shape[1], weight.element_size()) \
-            and _kernel_ok(x, weight, None):
-        return residual + linear(x, weight)
-    return torch.addmm(residual, x, weight.t())
