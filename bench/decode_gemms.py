@@ -102,12 +102,16 @@ def sweep(c: dict, rows: int, dense: list[dict], dev, dt) -> dict:
     return out
 
 
-def shared_fold(c: dict, rows: int, dev, dt) -> dict:
+def shared_fold(c: dict, rows: int, dev, dt, experts=None, timer=None) -> dict:
+    """The two forms' outputs compared and timed. `experts(x, w13, w2, weights, ids, up_cfg, down_cfg)`
+    is the fused MoE (default: the Triton one); `timer(fn)` gives us a call (default: CUDA graphs)."""
     import torch
 
     from atom.ops import ops
     from atom.ops.moe_tiles import moe_configs, shape_of
-    from atom.ops.triton.moe import fused_moe_with
+    if experts is None:
+        from atom.ops.triton.moe import fused_moe_with as experts
+    fused_moe_with, timer = experts, timer or _graph_us
     h, inter, e = c["hidden_size"], c["moe_intermediate_size"], c["n_routed_experts"]
     ns, k = c["n_shared_experts"], c["num_experts_per_tok"]
     g = torch.Generator(device=dev).manual_seed(0)
@@ -143,7 +147,7 @@ def shared_fold(c: dict, rows: int, dev, dt) -> dict:
     scale = a.float().abs().max().item()
     res = {"rows": rows, "up_cfg": up, "down_cfg": down, "max_abs_diff": diff, "max_abs": scale}
     for name, fn in (("separate", separate), ("folded", folded), ("routed only", routed), ("shared only", shared)):
-        res[name + "_us"] = round(_graph_us(fn), 2)
+        res[name + "_us"] = round(timer(fn), 2)
         print(f"MoE layer {name:12s} {res[name + '_us']:8.2f} us", flush=True)
     print(f"folded vs separate: max |diff| {diff:.3g} of max |y| {scale:.3g}", flush=True)
     return res
