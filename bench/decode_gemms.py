@@ -28,16 +28,8 @@ MODELS = Path(__file__).resolve().parent / "models"
 
 
 def _graph_us(fn, calls: int = 20) -> float:
-    import torch
-
-    from bench.timing import cuda_median_s
-    fn()
-    torch.cuda.synchronize()
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        for _ in range(calls):
-            fn()
-    return cuda_median_s(g.replay, reps=10) / calls * 1e6
+    from bench.timing import cuda_median_s, graph_of
+    return cuda_median_s(graph_of(fn, calls).replay, reps=10) / calls * 1e6
 
 
 def _config(model: str) -> dict:

@@ -14,6 +14,7 @@ import torch
 
 from atom.ops import implementations
 from atom.ops.metadata import AttentionMetadata, CascadeMetadata, SamplingMetadata
+from bench.timing import graph_of
 
 
 def bench(fn) -> float:
@@ -144,12 +145,7 @@ def tune(out_path: str, with_moe: bool = True) -> None:
             set_rung(DEFAULT_LADDER, bound, up, down)
             try:
                 # In a CUDA graph, as in decode: launch overhead out of the timing.
-                fm(x, w13, w2, wts, ids)
-                g = torch.cuda.CUDAGraph()
-                with torch.cuda.graph(g):
-                    for _ in range(10):
-                        fm(x, w13, w2, wts, ids)
-                t = bench(g.replay) / 10
+                t = bench(graph_of(lambda: fm(x, w13, w2, wts, ids), 10).replay) / 10
             except Exception as exc:
                 print("  skip", up, down, type(exc).__name__)
                 continue

@@ -96,10 +96,9 @@ SMALL_CANDIDATES = [small(32, 128, 4, 4, 8, 256, 8, 2), small(64, 128, 4, 4, 8, 
 def graph_time(fn, reps: int) -> float:
     """Seconds per call of fn, replayed `reps` times in one CUDA graph."""
     import triton
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        for _ in range(reps):
-            fn()
+
+    from bench.timing import graph_of
+    g = graph_of(fn, reps)
     return triton.testing.do_bench(g.replay, warmup=10, rep=60, return_mode="median") / 1e3 / reps
 
 

@@ -7,17 +7,14 @@ from __future__ import annotations
 import torch
 import triton
 
+from bench.timing import graph_of
+
 COPY_BW = 4.25e12  # bytes read + written per s, measured on the H200 (BENCHMARKS.md)
 
 
 def graph_time(fn, reps: int = 20) -> float:
     """Seconds per call of fn, replayed `reps` times inside one CUDA graph."""
-    fn()
-    torch.cuda.synchronize()
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        for _ in range(reps):
-            fn()
+    g = graph_of(fn, reps)
     return triton.testing.do_bench(g.replay, warmup=10, rep=100, return_mode="median") / 1e3 / reps
 
 

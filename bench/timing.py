@@ -1,5 +1,18 @@
-"""One timer for device-side benchmarks: CUDA events around each call, the median."""
+"""Timers for device-side benchmarks: CUDA events around each call (the median), and `calls`
+calls of a function captured in one CUDA graph (launch overhead out, as in decode)."""
 from __future__ import annotations
+
+
+def graph_of(fn, calls: int):
+    """A CUDA graph of `calls` calls of fn (fn runs once first, outside it: compiles, allocations)."""
+    import torch
+    fn()
+    torch.cuda.synchronize()
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        for _ in range(calls):
+            fn()
+    return g
 
 
 def cuda_median_s(fn, reps: int = 20, warmup: int = 3) -> float:
