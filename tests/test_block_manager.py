@@ -78,6 +78,31 @@ def test_invalidate_forgets_every_prefix():
     assert bm.match_prefix(seq_of(list(range(9)))) == []
 
 
+
+def test_sequences_live_across_an_invalidation_never_enter_the_cache():
+    """A request kept across a weight update (no recompute) holds KV of the old weights, and every
+    block it computes afterwards attends to it: none of them may serve a later request, nor may
+    a fork's; a sequence started after the update caches as usual."""
+    bm = BlockManager(num_blocks=16, block_size=4)
+    kept = seq_of(list(range(6)), n=2)
+    run_prefill(bm, kept)
+    bm.invalidate_cache()
+    child = Sequence(kept.request, 1, kept.token_ids)
+    assert bm.fork(kept, child)
+    for seq in (kept, child):  # decode on: two more full blocks each, computed after the update
+        seq.token_ids = seq.token_ids + [40 + seq.sample_index] * 6
+        bm.grow(seq, len(seq) - seq.num_computed)
+        seq.num_computed = len(seq)
+        bm.computed(seq)
+        assert bm.keys_ahead(seq) == []  # nothing for a waiting prompt to wait for either
+    assert bm.cached == {} and all(b.key is None for b in bm.blocks)
+    for seq in (kept, child):
+        bm.release(seq)
+        assert bm.match_prefix(seq_of(seq.token_ids + [1])) == []
+    fresh = seq_of(list(range(6)))
+    run_prefill(bm, fresh)
+    assert len(bm.cached) == 1 and bm.match_prefix(seq_of(list(range(6)))) == fresh.block_table[:1]
+
 class Backing:
     """Device memory for blocks [0, n), granted two blocks at a time up to `limit` (the rest of
     the device taken by something else)."""

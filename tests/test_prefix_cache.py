@@ -98,3 +98,39 @@ def test_prefix_caching_off_computes_everything(tiny_qwen3_path):
     before = engine.stats.prompt_tokens_computed
     engine.generate([prompt], sp)
     assert engine.stats.prompt_tokens_computed - before == 40
+
+
+def test_request_kept_across_a_weight_update_serves_no_stale_prefix(tiny_llama_path, tmp_path):
+    """A request kept running through pause("keep") / update_weights / resume (no recompute)
+    holds KV of the old weights; a later request with the same prompt must not be served it:
+    its greedy tokens are HF's under the new weights, with nothing taken from the cache."""
+    import asyncio
+
+    from _rl_util import changed_model
+    from atom import AsyncRolloutEngine
+    from helpers import hf_greedy
+
+    new = changed_model(tiny_llama_path, seed=3)
+    new.save_pretrained(tmp_path, safe_serialization=True)
+    prompt = random_prompts([48], TINY_VOCAB, seed=1)[0]
+    engine = AsyncRolloutEngine(tiny_llama_path, device="cpu", num_kv_blocks=64, max_model_len=128)
+    greedy = dict(temperature=0, ignore_eos=True)
+
+    async def run():
+        kept = asyncio.create_task(engine.generate(prompt, SamplingParams(max_tokens=40, **greedy), request_id="kept"))
+        while not await engine.call(lambda e: e.num_running_sequences):
+            await asyncio.sleep(0.001)
+        await engine.pause_generation("keep")
+        await engine.update_weights([(n, p.detach()) for n, p in new.named_parameters()])
+        await engine.resume_generation()
+        await asyncio.wait_for(kept, 120)
+        before = await engine.call(lambda e: e.stats.prompt_tokens_cached)
+        later = await engine.generate(prompt, SamplingParams(max_tokens=8, **greedy), request_id="later")
+        return later, await engine.call(lambda e: e.stats.prompt_tokens_cached) - before
+
+    try:
+        later, cached = asyncio.run(run())
+    finally:
+        engine.close()
+    assert cached == 0
+    assert later.outputs[0].token_ids == hf_greedy(str(tmp_path), prompt, 8)

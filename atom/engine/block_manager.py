@@ -40,6 +40,10 @@ class BlockManager:
         self.cached: dict[int, int] = {}          # chain key -> block id
         self.pending_copies: list[tuple[int, int]] = []  # (src, dst) KV copies the runner must do
         self.block_keys: dict[int, list[int]] = {}       # id(seq) -> chain keys of its full blocks
+        # id(seq) of live sequences whose KV predates the last invalidation (a request kept across
+        # a weight update without recompute): none of their blocks may enter the prefix cache,
+        # those computed after the update included, since those attend to the old KV.
+        self.stale: set[int] = set()
         self.backed = num_blocks                         # blocks [0, backed) have memory behind them
         self._back: Callable[[int], int] | None = None   # backs blocks [0, n); returns the blocks backed
 
@@ -120,6 +124,8 @@ class BlockManager:
         cache hits) or after its registered blocks (a running one)."""
         if matched is not None:
             first, prev = len(matched), (self.blocks[matched[-1]].key if matched else None)
+        elif id(seq) in self.stale:  # its blocks will never be cached: nothing to wait for
+            return []
         else:
             done = self.block_keys.get(id(seq), [])
             first, prev = len(done), (done[-1] if done else None)
@@ -135,12 +141,13 @@ class BlockManager:
         keys = self.block_keys.setdefault(id(seq), [])
         bs = self.block_size
         # Tokens of an overlapped step's input may still be in flight: only blocks whose tokens are known.
+        cacheable = id(seq) not in self.stale
         for i in range(len(keys), min(seq.num_computed, len(seq.token_ids)) // bs):
             tokens = tuple(seq.token_ids[i * bs:(i + 1) * bs])
             key = self.chain_key(keys[-1] if keys else None, tokens)
             keys.append(key)
             block = self.blocks[seq.block_table[i]]
-            if block.key is None and key not in self.cached:
+            if cacheable and block.key is None and key not in self.cached:
                 block.key, block.tokens = key, tokens
                 self.cached[key] = block.id
 
@@ -150,7 +157,9 @@ class BlockManager:
             block.key = block.tokens = None
         self.cached.clear()
         self.free_cached = 0
-        self.block_keys.clear()
+        # Live sequences keep their chain keys (token hashes, still right) but not their KV's
+        # right to be shared: the next `computed` would otherwise cache their old blocks again.
+        self.stale.update(self.block_keys)
 
     # ---- allocation ----------------------------------------------------------------------
     def _take_free(self, block_id: int | None = None) -> Block:
@@ -226,6 +235,7 @@ class BlockManager:
         seq.block_table = []
         seq.num_computed = 0
         self.block_keys.pop(id(seq), None)
+        self.stale.discard(id(seq))
 
     def fork(self, parent: Sequence, child: Sequence) -> bool:
         """Share parent's full blocks with child; copy the partial last block. False if no room."""
@@ -242,4 +252,6 @@ class BlockManager:
             child.block_table.append(dst)
         child.num_computed = parent.num_computed
         self.block_keys[id(child)] = list(self.block_keys.get(id(parent), []))
+        if id(parent) in self.stale:
+            self.stale.add(id(child))
         return True

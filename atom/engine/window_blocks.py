@@ -71,7 +71,7 @@ class WindowBlockManager(BlockManager):
         table = self.tables.get(id(seq))
         if table is None:
             return
-        keys = self.block_keys.get(id(seq), [])
+        keys = [] if id(seq) in self.stale else self.block_keys.get(id(seq), [])
         bs = self.block_size
         for i in range(table.given_back, min(len(keys), len(table.blocks))):
             block = self.blocks[table.blocks[i]] if table.blocks[i] >= 0 else None
