@@ -59,12 +59,15 @@ class RequestMetrics:
         the prefill of the prompt twin it follows); None until then.
     steps_waited: scheduled_step - arrival_step: steps launched after its arrival without it
         (0: the very next step ran it; a step already in flight when it arrived is not counted).
+    num_cached_tokens: prompt tokens whose KV the prefix cache served when it first ran (vLLM's
+        RequestOutput.num_cached_tokens; a prompt twin reports its leader's); 0 until then.
     """
 
     arrival_step: int
     arrival_time: float
     scheduled_step: int | None = None
     scheduled_time: float | None = None
+    num_cached_tokens: int = 0
 
     @property
     def steps_waited(self) -> int | None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -58,6 +59,17 @@ def same_completions(got, want):
                 [d[t].logprob for d, t in zip(w.logprobs, w.token_ids)], abs=1e-5)
 
 
+def last_per_index(outs):
+    """CUMULATIVE n > 1 streams one completion per output (vLLM's): each index's last one."""
+    last = {c.index: c for o in outs for c in o.outputs}
+    return SimpleNamespace(outputs=[last[j] for j in sorted(last)])
+
+
+def joined(outs, j, field="token_ids"):
+    """DELTA outputs of completion index j, concatenated."""
+    return sum((list(getattr(c, field)) for o in outs for c in o.outputs if c.index == j), [])
+
+
 def test_concurrent_generates_equal_the_offline_llm(engine, offline):
     """vLLM's test_load: many concurrent requests (some n=3), every output kind; each request's
     completions equal the offline LLM's for the same prompt and seed."""
@@ -76,11 +88,11 @@ def test_concurrent_generates_equal_the_offline_llm(engine, offline):
         if params[i].output_kind == FINAL_ONLY:
             assert len(outs) == 1
         if params[i].output_kind != DELTA:
-            same_completions(outs[-1], w)
+            same_completions(last_per_index(outs), w)
         else:  # the deltas add up to the offline completions
             for j, c in enumerate(w.outputs):
-                assert sum((o.outputs[j].token_ids for o in outs), []) == c.token_ids
-                assert outs[-1].outputs[j].finish_reason == "length"
+                assert joined(outs, j) == c.token_ids
+                assert [x.finish_reason for o in outs for x in o.outputs if x.index == j and x.finish_reason] == ["length"]
 
 
 def test_output_kinds_are_vllms(engine, offline):
@@ -96,21 +108,25 @@ def test_output_kinds_are_vllms(engine, offline):
     (want,) = offline.generate(prompt, SamplingParams(**base), use_tqdm=False)
     assert len(final) == 1 and final[0].finished
     same_completions(final[0], want)
-    same_completions(cum[-1], want)
-    assert cum[-1].prompt == prompt and cum[-1].prompt_logprobs is not None
+    same_completions(last_per_index(cum), want)
+    assert cum[-1].prompt == prompt and all(o.prompt_logprobs is not None for o in cum)
+    assert all(len(o.outputs) == 1 for o in cum + delta)
     for j in range(2):
-        lengths = [len(o.outputs[j].token_ids) for o in cum]
-        assert lengths == sorted(lengths) and lengths[-1] == 7 and len(cum) >= 7
-        for a, b in zip(cum, cum[1:]):
-            assert b.outputs[j].token_ids[:len(a.outputs[j].token_ids)] == a.outputs[j].token_ids
+        seen = [o.outputs[0].token_ids for o in cum if o.outputs[0].index == j]
+        assert [len(t) for t in seen] == sorted(len(t) for t in seen) and len(seen[-1]) == 7 and len(seen) >= 7
+        for a, b in zip(seen, seen[1:]):
+            assert b[:len(a)] == a
         w = want.outputs[j]
-        assert sum((o.outputs[j].token_ids for o in delta), []) == w.token_ids
-        assert "".join(o.outputs[j].text for o in delta) == w.text
-        joined = sum((o.outputs[j].logprobs for o in delta), [])
-        assert [{t: (lp.logprob, lp.rank) for t, lp in d.items()} for d in joined] == [
+        assert joined(delta, j) == w.token_ids
+        assert "".join(c.text for o in delta for c in o.outputs if c.index == j) == w.text
+        lps = joined(delta, j, "logprobs")
+        assert [{t: (lp.logprob, lp.rank) for t, lp in d.items()} for d in lps] == [
             {t: (pytest.approx(lp.logprob, abs=1e-5), lp.rank) for t, lp in d.items()} for d in w.logprobs]
-        assert delta[-1].outputs[j].cumulative_logprob == pytest.approx(w.cumulative_logprob, abs=1e-4)
-    assert delta[0].prompt_logprobs is not None and all(o.prompt_logprobs is None for o in delta[1:])
+        last = [c for o in delta for c in o.outputs if c.index == j][-1]
+        assert last.cumulative_logprob == pytest.approx(w.cumulative_logprob, abs=1e-4)
+        first = next(k for k, o in enumerate(delta) if o.outputs[0].index == j)
+        assert delta[first].prompt_logprobs is not None  # once per index, with its first output
+    assert sum(o.prompt_logprobs is not None for o in delta) == 2
     assert delta[-1].finished and not any(o.finished for o in delta[:-1])
 
 
@@ -411,7 +427,8 @@ def test_engine_args_rpc_and_unsupported_options(tiny_chat_model_path, engine):
         with pytest.raises(ValueError, match="mode="):
             await eng.pause_generation(mode="drain")
         with pytest.raises(ValueError, match="multi-modal"):
-            [o async for o in eng.generate({"prompt": "x", "multi_modal_data": {}}, SamplingParams(), "r3")]
+            [o async for o in eng.generate({"prompt": "x", "multi_modal_data": {"image": object()}}, SamplingParams(),
+                                           "r3")]
         return got
     got = run(main())
     assert got == [[7], ["cpu"], True, None]

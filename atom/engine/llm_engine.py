@@ -361,6 +361,8 @@ class LLMEngine(EngineRLState):
                 if m is not None and m.scheduled_step is None:
                     now = now or time.monotonic()
                     m.scheduled_step, m.scheduled_time = step, now
+                    # schedule() has just matched the prefix (a twin: its leader's)
+                    m.num_cached_tokens = min(seq.num_computed, seq.num_prompt_tokens)
 
     def drain(self) -> None:
         """Read the step in flight, launching nothing after it (before weights or memory change)."""

@@ -133,7 +133,17 @@ class AsyncRolloutEngine:
         await fut
 
     async def resume_generation(self, recompute_kv: bool = False) -> None:
-        await self._call(lambda: self.engine.resume_generation(recompute_kv=recompute_kv))
+        """Continue after pause_generation (see RolloutEngine.resume_generation). A
+        pause_generation still waiting for quiet (mode "wait" draining) returns at once with a
+        RuntimeError in its caller: the engine never got quiet, so it must not update weights."""
+        def resume() -> None:
+            quiet = self.engine._pause_reached()
+            self.engine.resume_generation(recompute_kv=recompute_kv)
+            waiters, self._pause_waiters = self._pause_waiters, []
+            for loop, fut in waiters:
+                _resolve(loop, fut, error=None if quiet else RuntimeError(
+                    "pause_generation: resume_generation() was called before the engine was quiet"))
+        await self._call(resume)
 
     # ---- everything else runs on the loop thread too ---------------------------------------
     async def update_weights(self, named_tensors, **kwargs) -> int | str:
