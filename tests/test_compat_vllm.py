@@ -166,9 +166,9 @@ def test_unsupported_options_fail_clearly(tiny_chat_model_path, llm):
     with pytest.raises(ValueError, match="quantization"):
         LLM(tiny_chat_model_path, quantization="awq", **KW)
     with pytest.raises(ValueError, match="logprobs_mode"):
-        LLM(tiny_chat_model_path, logprobs_mode="raw_logits", **KW)
+        LLM(tiny_chat_model_path, logprobs_mode="final_logprobs", **KW)
     with pytest.raises(ValueError, match="multi-modal"):
-        llm.generate([{"prompt_token_ids": [1, 2], "multi_modal_data": {}}])
+        llm.generate([{"prompt_token_ids": [1, 2], "multi_modal_data": {"image": [object()]}}])
     with pytest.raises(ValueError, match="LoRA"):
         llm.generate("x", lora_request=object())
     with pytest.raises(ValueError, match="priority=\\[0, 2\\]"):

@@ -41,10 +41,12 @@ class StopChecker:
         # No stop counts for the first min_tokens tokens (the sampler also masks EOS and stop ids there).
         if n >= p.min_tokens:
             if not p.ignore_eos and token in self.eos_token_ids:
-                seq.finish_reason = "stop"
+                if not self._stop_string_in_stop_token(seq, n):
+                    seq.finish_reason = "stop"
                 return True
             if token in p.stop_token_ids:
-                seq.finish_reason, seq.stop_reason = "stop", token
+                if not self._stop_string_in_stop_token(seq, n):
+                    seq.finish_reason, seq.stop_reason = "stop", token
                 return True
         # A stop string must complete in this token, after the first min_tokens tokens (the text
         # is kept up to date on every token, so that "this token" is exactly its characters).
@@ -54,6 +56,15 @@ class StopChecker:
             seq.finish_reason = "length"
             return True
         return False
+
+    def _stop_string_in_stop_token(self, seq: Sequence, n: int) -> bool:
+        """A stop token (or EOS) that ends the sequence: with include_stop_str_in_output its text
+        is part of the output, so a stop string completing in it wins (stop_reason is the string,
+        the text is cut after it), as vLLM's detokenizer decides; without, its text is left out
+        and never matched."""
+        p = seq.params
+        return (p.include_stop_str_in_output and bool(p.stop) and self.detokenize is not None
+                and self._stop_string(seq, check=n > p.min_tokens))
 
     def _stop_string(self, seq: Sequence, check: bool) -> bool:
         """Extend the sequence's incremental text by its newest token (O(1) per step) and look for

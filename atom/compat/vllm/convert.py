@@ -31,13 +31,19 @@ def as_list(prompts: Any) -> list:
     return prompts
 
 
+_EMPTY_PROMPT_EXTRAS = ("multi_modal_data", "mm_processor_kwargs", "multi_modal_uuids")
+
+
 def parse_prompt(p: Any, who: str = "generate") -> tuple[str | None, Any]:
     """(text shown in the output, token ids or None) of one vLLM prompt: a string,
     {"prompt": text}, {"prompt_token_ids": [...]} (TokensPrompt) or a list of token ids."""
     if isinstance(p, str):
         return p, None
     if isinstance(p, dict):
-        extra = sorted(set(p) - {"prompt", "prompt_token_ids"})
+        # Keys verl and others always pass, empty for a text-only model
+        # (TokensPrompt(prompt_token_ids=ids, multi_modal_data={})): ignored when empty.
+        extra = sorted(k for k in set(p) - {"prompt", "prompt_token_ids"}
+                       if not (k in _EMPTY_PROMPT_EXTRAS and not p[k]))
         if extra:
             raise ValueError(f"{who}: prompt keys {extra} are not supported by atom (multi-modal data, "
                              "embeddings)")
@@ -53,22 +59,41 @@ def parse_prompt(p: Any, who: str = "generate") -> tuple[str | None, Any]:
     raise ValueError(f"{who}: a prompt is a string, a dict or a list of token ids, got {type(p).__name__}")
 
 
+def check_prompt(engine, text: str | None, ids: list[int] | None, label: str = "prompt") -> None:
+    """vLLM's prompt checks, with its wording (its tests match on it): an empty prompt and a
+    token id outside the vocabulary raise ValueError before anything runs (anything else the
+    engine checks itself)."""
+    if ids is None and text is not None and not text.strip() and engine.tokenizer is not None:
+        ids = list(engine.tokenizer(text).input_ids)  # "" may still be [BOS], which vLLM runs
+    if ids is None:
+        return
+    if len(ids) == 0:
+        raise ValueError(f"Prompt cannot be empty ({label} has no tokens)")
+    vocab = engine.vocab_size
+    try:  # C-speed scans first: prompts are long
+        inside = 0 <= min(ids) and max(ids) < vocab
+    except TypeError:  # not numbers: the engine's TypeError names them
+        return
+    if not inside:
+        bad = next(t for t in ids if not 0 <= t < vocab)
+        raise ValueError(f"{label}: Token id {bad} is out of vocabulary [0, {vocab})")
+
+
 def atom_request(engine, text: str | None, ids: list[int] | None, sp: SamplingParams,
-                 logprobs_mode: str) -> tuple[Any, AtomSamplingParams]:
+                 logprobs_mode: str, label: str = "prompt") -> tuple[Any, AtomSamplingParams]:
     """(what the engine runs, atom's SamplingParams) for one parsed prompt. max_tokens=None is
-    vLLM's "up to the context length"."""
+    vLLM's "up to the context length": the engine ends a sequence at max_model_len anyway."""
+    if not isinstance(sp, SamplingParams):
+        raise TypeError(f"{label}: sampling_params must be atom.compat.vllm.SamplingParams, got {type(sp).__name__}")
+    check_prompt(engine, text, ids, label)
     prompt = ids if ids is not None else text
-    room = None
-    if sp.max_tokens is None:
-        room = engine.max_model_len - len(engine.tokenize(prompt))
-    return prompt, sp.to_atom(logprobs_mode, room)
+    return prompt, sp.to_atom(logprobs_mode, engine.max_model_len if sp.max_tokens is None else None)
 
 
 def vllm_output(out: RolloutOutput, request_id: str, text: str | None, sp: SamplingParams,
                 decode: "TokenDecoder") -> RequestOutput:
     """atom's output for one request in vLLM's shape, as `sp` asks (logprobs, detokenize, ...)."""
-    return request_output(out, request_id, text, sp.logprobs, sp.prompt_logprobs, decode,
-                          sp.include_stop_str_in_output, sp.detokenize)
+    return request_output(out, request_id, text, sp.logprobs, sp.prompt_logprobs, decode, sp.detokenize)
 
 
 class TokenDecoder:

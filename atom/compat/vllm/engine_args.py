@@ -8,7 +8,9 @@ import torch
 
 from atom.config import EngineConfig
 
-_LOGPROBS_MODES = {"raw_logprobs": "raw", "processed_logprobs": "processed"}
+# vLLM's logprobs_mode -> atom's (the *_logits modes report the logits themselves, as vLLM's do)
+_LOGPROBS_MODES = {"raw_logprobs": "raw", "processed_logprobs": "processed", "raw_logits": "raw_logits",
+                   "processed_logits": "processed_logits"}
 _DTYPES = {"auto": "auto", "float32": "float32", "float": "float32", "bfloat16": "bfloat16",
            "float16": "float16", "half": "float16"}
 # vLLM names whose meaning atom has under another name.

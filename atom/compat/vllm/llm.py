@@ -20,7 +20,13 @@ class ModelConfig:
     def __init__(self, engine: RolloutEngine, logprobs_mode: str) -> None:
         self.model = engine.config.model
         self.max_model_len = engine.max_model_len
-        self.logprobs_mode = {"raw": "raw_logprobs", "processed": "processed_logprobs"}[logprobs_mode]
+        self.max_logprobs = engine.config.max_logprobs
+        self.logprobs_mode = {"raw": "raw_logprobs", "processed": "processed_logprobs"}.get(logprobs_mode, logprobs_mode)
+        self._vocab_size = engine.vocab_size
+
+    def get_vocab_size(self) -> int:
+        """The model's vocabulary size (logprobs=-1 returns this many per position)."""
+        return self._vocab_size
 
 
 class _Executor:
@@ -39,6 +45,9 @@ class LLMEngine:
     def get_tokenizer(self):
         return self._rollout.tokenizer
 
+    def get_model_config(self) -> ModelConfig:
+        return self.model_config
+
     def reset_prefix_cache(self) -> bool:
         return self._rollout.reset_prefix_cache()
 
@@ -53,7 +62,8 @@ class LLM:
     EngineConfig field (e.g. num_kv_blocks, device). Launch-time options atom has no use for
     (trust_remote_code, model_impl, distributed_executor_backend, ...) are accepted and do
     nothing; unsupported values (quantization, pipeline parallelism, ...) raise ValueError.
-    `logprobs_mode`: "raw_logprobs" (vLLM's default) or "processed_logprobs".
+    `logprobs_mode`: "raw_logprobs" (vLLM's default), "processed_logprobs", or "raw_logits" /
+    "processed_logits" (the logits themselves at those two points).
     """
 
     def __init__(self, model: str, **kwargs: Any) -> None:
@@ -66,21 +76,20 @@ class LLM:
         self._decode = TokenDecoder(self.engine.tokenizer)
 
     # ---- generation ----------------------------------------------------------------------
-    def generate(self, prompts: Any, sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
-                 use_tqdm: bool | Callable = True, lora_request: Any = None, **kwargs: Any) -> list[RequestOutput]:
+    def generate(self, prompts: Any = None, sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
+                 use_tqdm: bool | Callable = True, lora_request: Any = None, *,
+                 prompt_token_ids: Any = None, **kwargs: Any) -> list[RequestOutput]:
         """Completions for each prompt, in order. A prompt is a string, {"prompt": text},
-        {"prompt_token_ids": [...]} or a list of token ids; `prompts` is one of those or a list."""
+        {"prompt_token_ids": [...]} or a list of token ids; `prompts` is one of those or a list.
+        `prompt_token_ids` (vLLM <= 0.10's keyword: one list of ids or a list of them) stands for
+        `prompts` when that is not given. `priority`: 0 for every prompt (one value or one per prompt)."""
         if lora_request is not None:
             raise ValueError("generate: LoRA adapters are not supported by atom")
         unknown = sorted(k for k, v in kwargs.items() if v is not None and k not in ("priority", "tokenization_kwargs"))
         if unknown:
             raise TypeError(f"generate: unsupported argument(s) {unknown}")
-        priority = kwargs.get("priority")
-        if priority is not None and any(p != 0 for p in (priority if isinstance(priority, (list, tuple)) else [priority])):
-            # (vLLM too refuses a priority unless its scheduler runs the priority policy)
-            raise ValueError(f"generate: priority={priority!r}: atom schedules first come, first served "
-                             "(leave priority at 0)")
-        items = [parse_prompt(p) for p in as_list(prompts)]
+        items = [parse_prompt(p) for p in as_list(_legacy_prompts(prompts, prompt_token_ids))]
+        _check_priority(kwargs.get("priority"), len(items))
         return self._run(items, sampling_params, bool(use_tqdm))
 
     def chat(self, messages: Any, sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
@@ -116,14 +125,19 @@ class LLM:
     def _run(self, items: list[tuple[str | None, Any]], sampling_params, use_tqdm: bool) -> list[RequestOutput]:
         if sampling_params is None:
             sampling_params = self.get_default_sampling_params()
-        params = ([sampling_params] * len(items) if isinstance(sampling_params, SamplingParams)
-                  else list(sampling_params))
+        if isinstance(sampling_params, SamplingParams):
+            params = [sampling_params] * len(items)
+        elif isinstance(sampling_params, (list, tuple)):
+            params = list(sampling_params)
+        else:
+            raise TypeError(f"generate: sampling_params must be a SamplingParams, a list of them or None, got "
+                            f"{type(sampling_params).__name__}")
         if len(params) != len(items):
             raise ValueError(f"generate: got {len(params)} SamplingParams for {len(items)} prompts")
         if not items:
             return []
-        prompts, atom_params = zip(*(atom_request(self.engine, text, ids, sp, self.logprobs_mode)
-                                     for (text, ids), sp in zip(items, params)))
+        prompts, atom_params = zip(*(atom_request(self.engine, text, ids, sp, self.logprobs_mode, f"prompt {i}")
+                                     for i, ((text, ids), sp) in enumerate(zip(items, params))))
         outs = self.engine.generate(list(prompts), list(atom_params), use_tqdm=use_tqdm)
         return [vllm_output(o, str(next(self._ids)), text, sp, self._decode)
                 for o, (text, _), sp in zip(outs, items, params)]
@@ -154,3 +168,31 @@ class LLM:
     def get_tokenizer(self):
         return self.engine.tokenizer
 
+
+def _legacy_prompts(prompts: Any, prompt_token_ids: Any) -> Any:
+    """`prompts`, or vLLM <= 0.10's `prompt_token_ids` keyword in its place."""
+    if prompt_token_ids is None:
+        if prompts is None:
+            raise TypeError("generate: prompts is required")
+        return prompts
+    if prompts is not None:
+        raise ValueError("generate: pass either prompts or prompt_token_ids, not both")
+    ids = list(prompt_token_ids)
+    if ids and all(hasattr(t, "__len__") for t in ids):  # a list of prompts (lists, arrays)
+        return [{"prompt_token_ids": one} for one in ids]
+    return [{"prompt_token_ids": ids}]
+
+
+def _check_priority(priority: Any, count: int) -> None:
+    """vLLM's rules for `priority` (one value, or one per prompt), and atom's: only 0, since atom
+    schedules first come, first served (vLLM too refuses others unless its scheduler runs the
+    priority policy)."""
+    if priority is None:
+        return
+    values = list(priority) if isinstance(priority, (list, tuple)) else [priority]
+    if isinstance(priority, (list, tuple)) and len(values) != count:
+        raise ValueError(f"generate: got {len(values)} priorities for {count} prompts (priority is one value or "
+                         "one per prompt)")
+    if any(p != 0 for p in values):
+        raise ValueError(f"generate: priority={priority!r}: atom schedules first come, first served "
+                         "(leave priority at 0)")

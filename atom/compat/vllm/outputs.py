@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Any, Callable
 
 from atom.outputs import Completion, RolloutOutput
 
@@ -13,8 +13,8 @@ Decode = Callable[[int], str | None]
 class Logprob:
     """One token's log-probability, as vLLM reports it.
 
-    rank: 1 for the most likely token. Exact for the top-k alternatives; a sampled token outside
-    them gets k + 1 (a lower bound: atom does not rank beyond the top k), or None when k = 0.
+    rank: 1 for the most likely token: the sampled token's exact rank among all tokens (the engine
+    reports it), 1..k for the top-k alternatives in their order.
     """
 
     logprob: float
@@ -45,7 +45,7 @@ class RequestOutput:
     prompt_logprobs: list[dict[int, Logprob] | None] | None
     outputs: list[CompletionOutput]
     finished: bool
-    metrics: None = None
+    metrics: Any = None  # atom's RequestMetrics (arrival / first scheduled step and time)
     lora_request: None = None
     encoder_prompt: None = None
     encoder_prompt_token_ids: None = None
@@ -57,11 +57,14 @@ class RequestOutput:
 def position_logprobs(token: int, logprob: float, top: dict[int, float] | None, k: int,
                       decode: Decode, rank: int | None = None) -> dict[int, Logprob]:
     """vLLM's per-position dict: the chosen token first (with its exact rank among all tokens when
-    the engine reported it, as vLLM's), then the top-k alternatives, ranked 1..k."""
-    ranked = sorted((top or {}).items(), key=lambda kv: -kv[1])[:k] if k else []
+    the engine reported it, as vLLM's), then the top-k alternatives, ranked 1..k (k = -1: every
+    token of the vocabulary, as the engine reported them)."""
+    ranked = sorted((top or {}).items(), key=lambda kv: -kv[1])
+    if k >= 0:
+        ranked = ranked[:k]
     ranks = {tid: r for r, (tid, _) in enumerate(ranked, 1)}
     if rank is None:
-        rank = ranks.get(token, k + 1 if k else None)
+        rank = ranks.get(token, len(ranked) + 1 if ranked else None)
     out = {token: Logprob(logprob, rank, decode(token))}
     for tid, lp in ranked:
         if tid != token:
@@ -69,11 +72,8 @@ def position_logprobs(token: int, logprob: float, top: dict[int, float] | None, 
     return out
 
 
-def completion_output(c: Completion, k: int | None, decode: Decode, stop_in_text: bool,
-                      detokenize: bool) -> CompletionOutput:
-    text = c.text if detokenize else ""
-    if stop_in_text and detokenize and c.finish_reason == "stop" and isinstance(c.stop_reason, str):
-        text += c.stop_reason
+def completion_output(c: Completion, k: int | None, decode: Decode) -> CompletionOutput:
+    """One completion in vLLM's shape; `k`: the request's `logprobs` (None: no logprobs)."""
     if k is None:
         logprobs, cumulative = None, None
     else:
@@ -83,12 +83,21 @@ def completion_output(c: Completion, k: int | None, decode: Decode, stop_in_text
                     for t, lp, top, r in zip(c.token_ids, c.logprobs, tops, exact)]
         # atom's running total: in a streamed delta it covers every token so far, as vLLM's does
         cumulative = float(c.cumulative_logprob if c.cumulative_logprob is not None else sum(c.logprobs))
-    return CompletionOutput(index=c.index, text=text, token_ids=list(c.token_ids), cumulative_logprob=cumulative,
+    return CompletionOutput(index=c.index, text=c.text, token_ids=list(c.token_ids), cumulative_logprob=cumulative,
                             logprobs=logprobs, finish_reason=c.finish_reason, stop_reason=c.stop_reason)
 
 
+def _no_text(token_id: int) -> None:
+    return None
+
+
 def request_output(out: RolloutOutput, request_id: str, prompt: str | None, k: int | None, prompt_k: int | None,
-                   decode: Decode, stop_in_text: bool, detokenize: bool) -> RequestOutput:
+                   decode: Decode, detokenize: bool = True) -> RequestOutput:
+    """atom's output for one request in vLLM's shape. The engine already applied the text options
+    (detokenize, include_stop_str_in_output); detokenize=False also leaves every
+    Logprob.decoded_token None, as vLLM does."""
+    if not detokenize:
+        decode = _no_text
     prompt_logprobs = None
     if out.prompt_logprobs is not None:
         ranks = out.prompt_logprob_ranks or [None] * len(out.prompt_token_ids)
@@ -96,5 +105,6 @@ def request_output(out: RolloutOutput, request_id: str, prompt: str | None, k: i
                            for tok, d, r in zip(out.prompt_token_ids, out.prompt_logprobs, ranks)]
     return RequestOutput(
         request_id=request_id, prompt=prompt, prompt_token_ids=list(out.prompt_token_ids),
-        prompt_logprobs=prompt_logprobs, finished=out.finished,
-        outputs=[completion_output(c, k, decode, stop_in_text, detokenize) for c in out.outputs])
+        prompt_logprobs=prompt_logprobs, finished=out.finished, metrics=out.metrics,
+        num_cached_tokens=getattr(out.metrics, "num_cached_tokens", None),  # where the engine counts them
+        outputs=[completion_output(c, k, decode) for c in out.outputs])
