@@ -25,8 +25,9 @@ from torch import nn
 from atom.models.layers.linear import Linear
 from atom.models.layers.mlp import FusedExpertTensor, SparseMoE
 
-# Tensors some checkpoints carry that are derived, not learned.
-_IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
+# Tensors some checkpoints and trainer state_dicts carry that are derived, not learned (RoPE
+# tables; ColossalAI-trained checkpoints carry the cos/sin caches too): skipped, as vLLM skips them.
+_IGNORED_SUFFIXES = ("rotary_emb.inv_freq", "rotary_emb.cos_cached", "rotary_emb.sin_cached")
 
 
 # One narrowing of a full HF tensor: (dim, start, length, parts). parts > 1: the dim stacks
@@ -147,9 +148,11 @@ class WeightMap:
                         self._add(f"{prefix}{pname}", _tp_slot(module, pname, p))
                     else:
                         parent = prefix.rsplit(".", 2)[0] + "."
-                        for shard in module.shard_sizes:
+                        shards = [f"{parent}{shard}.{pname}" for shard in module.shard_sizes]
+                        for shard, name in zip(module.shard_sizes, shards):
                             off, rows = module.shard_offset(shard)
-                            self._add(f"{parent}{shard}.{pname}", _tp_slot(module, pname, p, off, rows, shard))
+                            self._add(name, _tp_slot(module, pname, p, off, rows, shard))
+                        self._add_fused_name(f"{prefix}{pname}", module, p, shards)
                     seen[id(p)] = f"{prefix}{pname}"
             elif isinstance(module, SparseMoE):
                 fused = module.fused_tensors() if hasattr(module, "fused_tensors") else None
@@ -206,6 +209,16 @@ class WeightMap:
 
     def _add(self, name: str, slot: WeightSlot) -> None:
         self.slots[name] = slot
+
+    def _add_fused_name(self, name: str, module: nn.Module, p: nn.Parameter, shards: list[str]) -> None:
+        """Accept a fused parameter under its own name too (`...qkv_proj.weight` = q|k|v rows,
+        `...gate_up_proj.weight` = gate|up): vLLM's load_weights takes its fused names as well,
+        and they are this engine's own parameter names. Unsharded engines only: a full fused
+        tensor cannot be split per rank without its shards' sizes."""
+        if getattr(module, "tp_size", 1) != 1 or name in self.slots:
+            return
+        self.alternatives[name] = WeightSlot(p)
+        self.fills[name] = list(shards)
 
     def _add_experts(self, prefix: str, moe: SparseMoE) -> None:
         inter, num_experts = moe.intermediate_size, moe.num_experts

@@ -3,6 +3,13 @@
 Built on a dedicated TCPStore, so neither side's default process group (torch.distributed's
 WORLD, or the trainer's FSDP groups) is touched or even needed. Rank 0 is the trainer-side
 sender; ranks 1..world_size-1 are engine ranks (every rank of every engine).
+
+The group meets the store exactly as the frameworks' own helper does (OpenRLHF's and
+open-instruct's `init_process_group`, SGLang's `init_custom_process_group`: torch's
+`rendezvous("tcp://addr:port")`, `PrefixStore(group_name)`, then what torch's
+`_new_process_group_helper` does for a group called `group_name`), so a trainer that builds its
+side with that helper and calls `torch.distributed.broadcast(t, src, group=pg)` talks to an
+atom engine unchanged, and atom's own two sides talk to each other as before.
 """
 from __future__ import annotations
 
@@ -130,20 +137,42 @@ def init_weight_sync_group(master_addr: str, master_port: int, rank: int, world_
     if not 0 <= rank < world_size or world_size < 2:
         raise ValueError(f"init_weight_sync_group: need 0 <= rank < world_size and world_size >= 2, "
                          f"got rank={rank}, world_size={world_size}")
+    if backend not in ("gloo", "nccl"):
+        raise ValueError(f"init_weight_sync_group: backend must be 'gloo' or 'nccl', got {backend!r}")
+    if not isinstance(group_name, str) or not group_name:
+        raise ValueError(f"init_weight_sync_group: group_name must be a non-empty string, got {group_name!r}")
     td = _timedelta(timeout)
-    store = dist.TCPStore(master_addr, int(master_port), world_size, is_master=rank == 0, timeout=td,
-                          wait_for_workers=True)
-    prefixed = dist.PrefixStore(group_name, store)
-    if backend == "gloo":
-        pg = dist.ProcessGroupGloo(prefixed, rank, world_size, td)
-        dev = torch.device("cpu")
-    elif backend == "nccl":
+    dev = torch.device("cpu")
+    if backend == "nccl":
         dev = torch.device(device) if device is not None else torch.device("cuda", torch.cuda.current_device())
         torch.cuda.set_device(dev)
-        opts = dist.ProcessGroupNCCL.Options()
-        opts._timeout = td
-        pg = dist.ProcessGroupNCCL(prefixed, rank, world_size, opts)
-    else:
-        raise ValueError(f"init_weight_sync_group: backend must be 'gloo' or 'nccl', got {backend!r}")
+    store = dist.TCPStore(master_addr, int(master_port), world_size, is_master=rank == 0, timeout=td,
+                          wait_for_workers=True, multi_tenant=True)
+    pg = _backend_group(_group_store(store, group_name), rank, world_size, backend, td)
     return WeightSyncGroup(pg=pg, store=store, rank=rank, world_size=world_size, backend=backend, device=dev,
                            timeout=td)
+
+
+def _group_store(store: dist.Store, group_name: str) -> dist.Store:
+    """The store prefix of a group named `group_name` made by the frameworks' helper:
+    `PrefixStore(group_name, store)` (the helper's), then `f"{group_name}/"` (torch's
+    `_new_process_group_helper`, which names the group's keys after the group)."""
+    return dist.PrefixStore(f"{group_name}/", dist.PrefixStore(group_name, store))
+
+
+def _backend_group(store: dist.Store, rank: int, world_size: int, backend: str, td: datetime.timedelta):
+    """The backend torch's `_new_process_group_helper` builds for one backend name: on the
+    prefix of its first device ("cpu/" for gloo, "cuda/" for nccl), with the group's sequence
+    number agreed through the store (rank 0 sets it, the others wait for it: a peer built by
+    torch's helper waits for ours). Built here, not by the helper itself, so that nothing is
+    registered in torch.distributed's global state: the same group name can be joined again
+    after a broken transfer, and neither side's default group is needed."""
+    if backend == "gloo":
+        pg = dist.ProcessGroupGloo(dist.PrefixStore("cpu/", store), rank, world_size, td)
+    else:
+        opts = dist.ProcessGroupNCCL.Options()
+        opts._timeout = td
+        opts.is_high_priority_stream = False
+        pg = dist.ProcessGroupNCCL(dist.PrefixStore("cuda/", store), rank, world_size, opts)
+    pg._set_sequence_number_for_group()
+    return pg
