@@ -179,6 +179,26 @@ def test_deepseek_mtp_layers_are_skipped_and_correction_bias_is_optional(make_ti
     assert_matches_hf(trainer, prompts, engine.generate(prompts, GREEDY))
 
 
+
+def test_deepseek_correction_bias_survives_a_discarding_sleep(make_tiny_model):
+    """sleep(2) drops the weights and trainers push named_parameters(), which lack the HF buffer
+    e_score_correction_bias: the engine keeps it through the sleep, so after the push its
+    tokens and logprobs are HF's with the trainer's weights (not a garbage routing bias)."""
+    path = make_tiny_model("deepseek_v3")
+    prompts = random_prompts([9, 20], TINY_VOCAB, seed=15)
+    engine = RolloutEngine(path, **ENGINE)
+    trainer = changed_model(path, scale=0.1)
+    engine.sleep(level=2)
+    engine.wake_up(["weights"])
+    engine.update_weights((name, p.detach()) for name, p in trainer.named_parameters())
+    engine.wake_up()
+    assert_matches_hf(trainer, prompts, engine.generate(prompts, GREEDY))
+    ours = {n: p for n, p in engine.named_parameters() if n.endswith("e_score_correction_bias")}
+    theirs = {n: b for n, b in trainer.named_buffers() if n.endswith("e_score_correction_bias")}
+    assert len(ours) == len(theirs) > 0
+    assert sorted(torch.cat([p.flatten() for p in ours.values()]).tolist()) == pytest.approx(
+        sorted(torch.cat([b.flatten() for b in theirs.values()]).tolist()))
+
 def _meta_models(config_path: str):
     """(our model, HF's) built on the meta device from a real config.json (no memory, no weights)."""
     from transformers import AutoConfig, AutoModelForCausalLM

@@ -67,6 +67,8 @@ class LLMEngine(EngineRLState):
         # The KV wake policy of the next wake only (None: config.lazy_kv_wake); set through
         # EngineProbe.next_kv_wake, so the config keeps saying what the engine was built with.
         self.next_kv_wake_lazy: bool | None = None
+        # Host copies of the tensors a discarding sleep must not lose (rl_state.release_memory).
+        self.kept_through_discard: dict[str, torch.Tensor] = {}
         par = self.runner.parallel
         # Engine groups: requests enter on rank 0 and reach the others before each step (group_sync.py).
         self.group = GroupSync(par.engine, par.dp.size, par.dp.rank) if par.is_parallel else None

@@ -16,7 +16,8 @@ _ATTENTION_OPS = ("paged_attention_decode", "paged_attention_prefill", "sliding_
 
 
 class EngineRLState:
-    """Needs `runner`, `block_manager`, `config`, `next_kv_wake_lazy` and `release_kv` (LLMEngine)."""
+    """Needs `runner`, `block_manager`, `config`, `next_kv_wake_lazy`, `kept_through_discard` and
+    `release_kv` (LLMEngine)."""
 
     @property
     def asleep(self) -> set[str]:
@@ -55,6 +56,11 @@ class EngineRLState:
             self.block_manager.invalidate_cache()
             memory.pools[KV_CACHE].release()
         if WEIGHTS in tags:
+            # A discarding release keeps what trainers do not push: the tensors that are buffers in
+            # HF models (DeepSeek's e_score_correction_bias), absent from their named_parameters(),
+            # would otherwise come back as garbage and route tokens wrongly without an error.
+            kept = {} if offload_weights else {
+                name: t.detach().to("cpu", copy=True) for name, t in self.runner.weight_map.unpushed_tensors().items()}
             try:
                 memory.pools[WEIGHTS].release(offload=offload_weights)
             except BaseException:
@@ -63,12 +69,17 @@ class EngineRLState:
                 raise
             if not memory.vmm:  # released storage would stay alive in the cached views
                 self.runner.weight_map.forget_views()
+            self.kept_through_discard = kept
 
     def restore_memory(self, tags: set[str]) -> None:
         """Take released pools back: weights first (their offloaded values, or garbage after a
         discarding release), then the KV pool (lazily where the config allows)."""
         if WEIGHTS in tags:
             self.runner.memory.pools[WEIGHTS].restore(zero=False)
+            kept, self.kept_through_discard = self.kept_through_discard, {}
+            for name, target in self.runner.weight_map.unpushed_tensors().items():
+                if name in kept:
+                    target.copy_(kept[name])
         if KV_CACHE in tags:
             lazy = self.config.lazy_kv_wake if self.next_kv_wake_lazy is None else self.next_kv_wake_lazy
             self.next_kv_wake_lazy = None  # a one-shot override (EngineProbe.next_kv_wake)

@@ -285,6 +285,18 @@ class WeightMap:
     def required_names(self) -> set[str]:
         return set(self.slots) - self.optional
 
+    def unpushed_tensors(self) -> dict[str, torch.Tensor]:
+        """This rank's tensors of the optional names that no required name shares a parameter
+        with (an HF buffer, such as DeepSeek's e_score_correction_bias, which trainers'
+        named_parameters() leave out; not a tied LM head, which is the embedding's)."""
+        required = {id(self.slots[n].param) for n in self.required_names()}
+        out = {}
+        for name in sorted(self.optional):
+            slot = self.slots.get(name)
+            if slot is not None and slot.param is not None and id(slot.param) not in required:
+                out[name] = slot.target()
+        return out
+
     def covered_by(self, name: str) -> list[str]:
         """Checkpoint names one accepted name fills (a fused expert tensor fills all experts)."""
         return self.fills.get(name, [name])
