@@ -134,3 +134,41 @@ def test_request_kept_across_a_weight_update_serves_no_stale_prefix(tiny_llama_p
         engine.close()
     assert cached == 0
     assert later.outputs[0].token_ids == hf_greedy(str(tmp_path), prompt, 8)
+
+
+def test_reset_prefix_cache_with_requests_running(tiny_llama_path):
+    """vLLM's answer while requests hold blocks is False, nothing changed; with
+    reset_running_requests the cache is emptied anyway, the running request finishes with the
+    tokens it would have had, and nothing it computed is served to a later request."""
+    import asyncio
+
+    from atom import AsyncRolloutEngine
+    from helpers import hf_greedy
+
+    prompt = random_prompts([48], TINY_VOCAB, seed=2)[0]
+    engine = AsyncRolloutEngine(tiny_llama_path, device="cpu", num_kv_blocks=64, max_model_len=128)
+    greedy = dict(temperature=0, ignore_eos=True)
+
+    async def run():
+        await engine.generate(prompt, SamplingParams(max_tokens=1, **greedy), request_id="warm")  # cached now
+        running = asyncio.create_task(engine.generate(prompt, SamplingParams(max_tokens=40, **greedy), request_id="r"))
+        while not await engine.call(lambda e: e.num_running_sequences):
+            await asyncio.sleep(0.001)
+        await engine.pause_generation("keep")  # so that it is surely still running below
+        refused = await engine.call(lambda e: e.reset_prefix_cache())
+        with pytest.raises(TypeError, match="reset_running_requests"):
+            await engine.call(lambda e: e.reset_prefix_cache(reset_running_requests="yes"))
+        done = await engine.call(lambda e: e.reset_prefix_cache(reset_running_requests=True))
+        await engine.resume_generation()
+        first = await asyncio.wait_for(running, 120)
+        before = await engine.call(lambda e: e.stats.prompt_tokens_cached)
+        later = await engine.generate(prompt, SamplingParams(max_tokens=4, **greedy), request_id="later")
+        return refused, done, first, later, await engine.call(lambda e: e.stats.prompt_tokens_cached) - before
+
+    try:
+        refused, done, first, later, cached = asyncio.run(run())
+    finally:
+        engine.close()
+    assert refused is False and done is True
+    assert first.outputs[0].token_ids == hf_greedy(tiny_llama_path, prompt, 40)
+    assert cached == 0 and later.outputs[0].token_ids == first.outputs[0].token_ids[:4]

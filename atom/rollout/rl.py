@@ -136,11 +136,15 @@ class RLMixin:
         self._stale = set(self._engine.weight_map.required_names())
         self._stale_reason = reason
 
-    def reset_prefix_cache(self) -> bool:
-        """Forget every cached prompt prefix (their KV blocks stay free for reuse). Returns False,
-        changing nothing, while requests are in flight (their blocks are in use), as vLLM does."""
+    def reset_prefix_cache(self, reset_running_requests: bool = False) -> bool:
+        """Forget every cached prompt prefix (their KV blocks stay free for reuse). While requests
+        are in flight this returns False, changing nothing, as vLLM does, unless
+        `reset_running_requests`: then the cache is emptied anyway and the running requests go on
+        with their own KV, which is never cached (vLLM preempts them and recomputes instead)."""
+        if not isinstance(reset_running_requests, bool):
+            raise TypeError(f"reset_prefix_cache: reset_running_requests must be a bool, got {reset_running_requests!r}")
         with self._lock:
-            if self._engine.has_unfinished:
+            if self._engine.has_unfinished and not reset_running_requests:
                 return False
             self._engine.drain()
             self._engine.reset_prefix_cache()

@@ -304,8 +304,8 @@ class AsyncLLM:
         if mode not in _PAUSE_MODES:
             raise ValueError(f"pause_generation: mode={mode!r} is not one of {_PAUSE_MODES}")
         await self.async_engine.pause_generation(mode)
-        if clear_cache:
-            await self.async_engine.call(lambda e: e.reset_prefix_cache())
+        if clear_cache:  # kept requests too: they go on with their own KV, never cached
+            await self.async_engine.call(lambda e: e.reset_prefix_cache(reset_running_requests=True))
 
     async def resume_generation(self) -> None:
         """Continue: kept requests go on, waiting ones start."""
@@ -360,9 +360,10 @@ class AsyncLLM:
         return self._sleep_paused or self.engine.is_sleeping or await self.is_paused()
 
     async def reset_prefix_cache(self, reset_running_requests: bool = False, reset_connector: bool = False) -> bool:
-        """Forget cached prompt prefixes; False (nothing changed) while requests hold blocks
-        (reset_running_requests, vLLM's preemption of them first, is not done here)."""
-        return await self.async_engine.call(lambda e: e.reset_prefix_cache())
+        """Forget cached prompt prefixes; False (nothing changed) while requests hold blocks,
+        unless reset_running_requests (they go on with their own KV, never cached; see
+        RolloutEngine.reset_prefix_cache). reset_connector: atom has no KV connector."""
+        return await self.async_engine.call(lambda e: e.reset_prefix_cache(reset_running_requests))
 
     async def reset_mm_cache(self) -> None:
         """vLLM's multi-modal cache (verl empties it at start-up); atom has none."""

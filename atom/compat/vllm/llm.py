@@ -48,8 +48,8 @@ class LLMEngine:
     def get_model_config(self) -> ModelConfig:
         return self.model_config
 
-    def reset_prefix_cache(self) -> bool:
-        return self._rollout.reset_prefix_cache()
+    def reset_prefix_cache(self, reset_running_requests: bool = False) -> bool:
+        return self._rollout.reset_prefix_cache(reset_running_requests)
 
 
 class LLM:
@@ -156,8 +156,10 @@ class LLM:
         """Restore "weights" and/or "kv_cache" (default: all that sleeps)."""
         self.engine.wake_up(tags)
 
-    def reset_prefix_cache(self, *args: Any) -> bool:
-        return self.engine.reset_prefix_cache()
+    def reset_prefix_cache(self, reset_running_requests: bool = False, reset_connector: bool = False) -> bool:
+        """Forget cached prompt prefixes (see RolloutEngine.reset_prefix_cache); reset_connector:
+        atom has no KV connector."""
+        return self.engine.reset_prefix_cache(reset_running_requests)
 
     def collective_rpc(self, method: str | Callable, timeout: float | None = None, args: tuple = (),
                        kwargs: dict | None = None) -> list[Any]:

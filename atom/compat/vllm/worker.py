@@ -76,8 +76,8 @@ class Worker:
     def wake_up(self, tags: list[str] | None = None) -> None:
         self.rollout_engine.wake_up(tags)
 
-    def reset_prefix_cache(self) -> bool:
-        return self.rollout_engine.reset_prefix_cache()
+    def reset_prefix_cache(self, reset_running_requests: bool = False) -> bool:
+        return self.rollout_engine.reset_prefix_cache(reset_running_requests)
 
     def reload_weights(self, weights_iterator: Iterable[tuple[str, torch.Tensor]] | None = None,
                        weights_path: str | None = None, is_checkpoint_format: bool = True) -> None:
