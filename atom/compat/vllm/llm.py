@@ -4,7 +4,7 @@ from __future__ import annotations
 import itertools
 from typing import Any, Callable, Sequence
 
-from atom.chat import ChatOptions, chat_token_ids
+from atom.chat import ChatOptions, render_chat
 from atom.compat.vllm.convert import (TokenDecoder, as_list, atom_request, default_sampling_params, parse_prompt,
                                       vllm_output)
 from atom.compat.vllm.engine_args import engine_config
@@ -101,25 +101,28 @@ class LLM:
         """Completions for one conversation ([{"role", "content"}, ...]) or a list of them,
         rendered as vLLM renders them (atom/chat.py): the tokenizer's chat template or
         `chat_template`, with `tools`, `chat_template_kwargs` (e.g. {"enable_thinking": False}),
-        and the generation prompt or the final message continued."""
+        and the generation prompt or the final (assistant) message continued.
+        `chat_template_content_format`: "auto" (from the template, as vLLM), "string" or "openai".
+        `RequestOutput.prompt` is the rendered text. Every conversation is rendered before any
+        is generated, so a bad one fails the call with nothing run."""
         if lora_request is not None:
             raise ValueError("chat: LoRA adapters are not supported by atom")
         if mm_processor_kwargs is not None:
             raise ValueError("chat: mm_processor_kwargs: multi-modal input is not supported by atom")
-        if chat_template_content_format not in ("auto", "string"):
-            raise ValueError(f"chat: chat_template_content_format={chat_template_content_format!r} is not supported "
-                             "by atom ('auto' or 'string': text parts are joined into one string)")
         unknown = sorted(k for k, v in kwargs.items() if v is not None)
         if unknown:
             raise TypeError(f"chat: unsupported argument(s) {unknown}")
+        if chat_template_kwargs is not None and not isinstance(chat_template_kwargs, dict):
+            raise TypeError(f"chat: chat_template_kwargs must be a dict, got {type(chat_template_kwargs).__name__}")
         options = ChatOptions(chat_template, add_generation_prompt, continue_final_message, tools,
-                              {**self.engine.config.chat_template_kwargs, **(chat_template_kwargs or {})})
-        conversations = [messages] if messages and isinstance(messages[0], dict) else list(messages)
+                              {**self.engine.config.chat_template_kwargs, **(chat_template_kwargs or {})},
+                              chat_template_content_format)
         tok = self.engine.tokenizer
         items = []
-        for i, conv in enumerate(conversations):
-            ids = chat_token_ids(tok, list(conv), f"conversation {i}", options)
-            items.append((tok.decode(ids), ids))
+        for i, conv in enumerate(_conversations(messages)):
+            text = render_chat(tok, conv, f"conversation {i}", options)
+            # (add_special_tokens=False: the template wrote them; vLLM's "no double BOS")
+            items.append((text, list(tok(text, add_special_tokens=False).input_ids)))
         return self._run(items, sampling_params, bool(use_tqdm))
 
     def _run(self, items: list[tuple[str | None, Any]], sampling_params, use_tqdm: bool) -> list[RequestOutput]:
@@ -183,6 +186,17 @@ def _legacy_prompts(prompts: Any, prompt_token_ids: Any) -> Any:
     if ids and all(hasattr(t, "__len__") for t in ids):  # a list of prompts (lists, arrays)
         return [{"prompt_token_ids": one} for one in ids]
     return [{"prompt_token_ids": ids}]
+
+
+def _conversations(messages: Any) -> list[Any]:
+    """`messages` as a list of conversations: vLLM takes one conversation (a list of message
+    dicts) or a list of them; an empty list is no conversation at all."""
+    if not isinstance(messages, (list, tuple)):
+        raise TypeError(f"chat: messages must be a list of message dicts or a list of such lists, got "
+                        f"{type(messages).__name__}")
+    if messages and isinstance(messages[0], (list, tuple)):
+        return list(messages)
+    return [messages] if messages else []
 
 
 def _check_priority(priority: Any, count: int) -> None:
