@@ -9,11 +9,15 @@ Examples:
 from __future__ import annotations
 
 import contextlib
+import os
+import re
 import sys
 from pathlib import Path
 
 import hydra
+from hydra.errors import HydraException
 from omegaconf import DictConfig
+from omegaconf.errors import OmegaConfBaseException
 
 from atom.rollout.job_config import register_configs
 
@@ -70,7 +74,36 @@ def _drop_empty_run_dir() -> None:
             return
 
 
-main = hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="rollout")(_task)
+_hydra_main = hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="rollout")(_task)
+
+
+def hydra_error_line(e: BaseException) -> str:
+    """Hydra's multi-line message for a bad override or config option, as one line naming the key."""
+    cause = e.__cause__
+    key = getattr(cause, "full_key", None)
+    if key and isinstance(cause, OmegaConfBaseException):  # e.g. Key 'temprature' not in 'SamplingConfig'
+        return f"{key}: {str(cause).splitlines()[0]}"
+    text = str(e).split("\nConfig search path")[0].strip()  # where Hydra looked: noise for a typo
+    text = re.sub(r":\s*\n\s*", ": ", text)  # "Available options in 'model':\n\tqwen3_8b\n..."
+    line = "; ".join(part.strip() for part in text.splitlines() if part.strip())
+    override = getattr(e, "override", None)  # OverrideParseException: the override Hydra could not parse
+    return f"{override}: {line}" if override else line
+
+
+def main() -> None:
+    """The CLI: Hydra, but a bad override is one `error: ...` line (exit 1), like any bad input."""
+    # Hydra prints its own multi-line report and the HYDRA_FULL_ERROR hint unless told to raise;
+    # a user who set HYDRA_FULL_ERROR themselves still gets the full trace.
+    full_error = os.environ.get("HYDRA_FULL_ERROR") == "1"
+    os.environ["HYDRA_FULL_ERROR"] = "1"
+    try:
+        _hydra_main()
+    except HydraException as e:
+        if full_error:
+            raise
+        print(f"error: {hydra_error_line(e)}", file=sys.stderr, flush=True)
+        sys.exit(1)
+
 
 if __name__ == "__main__":
     main()

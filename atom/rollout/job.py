@@ -3,8 +3,8 @@
 `run(cfg)` takes a composed Hydra config (or a `RolloutJobConfig`) and:
   1. validates the whole config and prompt file before anything is built or written;
   2. checks the output path (a new file or a results file of this job: never the prompt file or
-     any other file, see job_results.py), skips the prompts already there (when resuming),
-     repairing a torn last line left by a crash;
+     any other file, see job_results.py), locks it against a second job (job_lock.py), skips the
+     prompts already there (when resuming), repairing a torn last line left by a crash;
   3. generates in chunks of `data.batch_size` prompts, appending each chunk's lines with
      flush + fsync, so an interrupted job loses nothing it has written;
   4. logs a summary (prompts, completions, generated tokens, tokens/s, prefix-cache hit rate,
@@ -28,6 +28,7 @@ import logging
 import os
 import re
 import time
+import typing
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -39,8 +40,9 @@ from omegaconf.errors import MissingMandatoryValue, OmegaConfBaseException
 from atom.rollout import ray_job
 from atom.rollout.job_config import RolloutJobConfig
 from atom.rollout.job_errors import JobError
+from atom.rollout.job_lock import output_lock
 from atom.rollout.job_prompts import Prompt, load_prompts, prompt_file, prompt_hash
-from atom.rollout.job_results import ResultsFile, open_results, record, scan_results
+from atom.rollout.job_results import ResultsFile, open_results, record, repair_tail, scan_results
 
 __all__ = ["JobError", "JobSummary", "run", "to_job_config"]
 
@@ -76,10 +78,32 @@ class JobSummary:
 # config
 
 
+def _unknown_keys(node: Any, schema: type, prefix: str = "") -> list[str]:
+    """Keys of `node` that are no field of dataclass `schema` (recursively). Hydra's `+key=value`
+    adds keys past the schema, and converting to the dataclass would then drop them silently."""
+    if not isinstance(node, DictConfig):
+        return []
+    hints = typing.get_type_hints(schema)
+    unknown = []
+    for key in node.keys():
+        if prefix == "" and key == "hydra":
+            continue  # compose(..., return_hydra_config=True)
+        if key not in hints:
+            unknown.append(f"{prefix}{key}")
+        elif dataclasses.is_dataclass(hints[key]):
+            unknown += _unknown_keys(node[key], hints[key], f"{prefix}{key}.")
+    return unknown
+
+
 def to_job_config(cfg: DictConfig | RolloutJobConfig) -> RolloutJobConfig:
-    """The typed job config; a missing mandatory value (`???`) becomes a JobError naming its key."""
+    """The typed job config; a missing mandatory value (`???`) or a key the schema does not know
+    becomes a JobError naming its key."""
     if isinstance(cfg, RolloutJobConfig):
         return cfg
+    unknown = _unknown_keys(cfg, RolloutJobConfig)
+    if unknown:
+        raise JobError(f"unknown config key {unknown[0]!r}" + (f" (and {unknown[1:]})" if unknown[1:] else "")
+                       + ": see `python -m atom.rollout --cfg job` for the keys")
     try:
         job = OmegaConf.to_object(cfg)
     except MissingMandatoryValue as e:
@@ -177,6 +201,14 @@ def _check_ray(job: RolloutJobConfig) -> None:
         raise JobError(str(e)) from None
 
 
+def _is_writer() -> bool:
+    """Under tensor / expert parallelism (torchrun) every rank runs the job (SPMD); rank 0 writes.
+    Before the engine has set up the process group, torchrun's RANK says which rank this is."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank() == 0
+    return os.environ.get("RANK", "0") == "0"
+
+
 def _stats(engine) -> dict[str, int]:
     s = engine.stats
     return dataclasses.asdict(s) if dataclasses.is_dataclass(s) else dict(vars(s))
@@ -253,9 +285,7 @@ def _generate(engine, plan: _Plan) -> tuple[int, int, int]:
     from tqdm.auto import tqdm
 
     job = plan.job
-    # Under tensor / expert parallelism (torchrun) every rank runs generate (SPMD); rank 0 writes.
-    writer = not (torch.distributed.is_available() and torch.distributed.is_initialized()) \
-        or torch.distributed.get_rank() == 0
+    writer = _is_writer()
     want_top = bool(plan.base_params.logprobs)
     n_completions = n_tokens = n_generated = 0
     t0 = time.perf_counter()
@@ -300,9 +330,21 @@ def _generate(engine, plan: _Plan) -> tuple[int, int, int]:
 def run(cfg: DictConfig | RolloutJobConfig) -> JobSummary:
     """Run a rollout job (see the module docstring); returns its summary, raises JobError on bad input."""
     job = to_job_config(cfg)
-    plan = _plan(job)
+    plan = _plan(job)  # every check, before the output is even locked: bad input leaves nothing behind
+    if not _is_writer():
+        return _run_planned(plan)
+    with output_lock(plan.results.path):
+        if plan.results.changed():  # another job wrote there between our scan and our lock
+            plan = _plan(job)
+        return _run_planned(plan)
+
+
+def _run_planned(plan: _Plan) -> JobSummary:
+    """Build the engine and generate what `plan` has left to do (the output is locked, if we write)."""
     out = str(plan.results.path)
     if not plan.todo:
+        if _is_writer():
+            repair_tail(plan.results)  # all done: a torn line past the last prompt is only clutter
         log.info("nothing to do: all %d prompts are already in %s", len(plan.prompts), out)
         return JobSummary(out, len(plan.prompts), plan.skipped, 0, 0, 0, 0.0, 0.0, 0.0, 0)
     if plan.skipped:

@@ -92,8 +92,14 @@ def prompt_file(data) -> Path:
 
 
 def _jsonl_rows(path: Path) -> Iterator[tuple[Any, str]]:
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
+    with open(path, "rb") as f:
+        for lineno, raw in enumerate(f, 1):
+            # Decoded line by line so that bad bytes are reported with their line; a BOM (files saved
+            # by some Windows editors) is not part of the first prompt.
+            try:
+                line = raw.decode("utf-8-sig" if lineno == 1 else "utf-8")
+            except UnicodeDecodeError as e:
+                raise JobError(f"{path}:{lineno}: not UTF-8 text ({e.reason} at byte {e.start} of the line)") from None
             if not line.strip():
                 continue
             try:

@@ -31,6 +31,16 @@ class ResultsFile:
     exists: bool = False
     done: dict[int, tuple[str, int]] = field(default_factory=dict)  # prompt index -> (prompt hash, line)
     good_end: int = 0  # bytes of intact lines: a torn last line starts here
+    stamp: tuple[int, int, int] | None = None  # (inode, size, mtime_ns) when scanned: see changed()
+
+    @property
+    def torn(self) -> bool:
+        """Whether the file ends in a torn line (bytes past the last intact line)."""
+        return self.stamp is not None and self.stamp[1] > self.good_end
+
+    def changed(self) -> bool:
+        """Whether the file was created, written or replaced since it was scanned (another job)."""
+        return _stamp(self.path) != self.stamp
 
     @property
     def max_index(self) -> int:
@@ -43,6 +53,32 @@ class ResultsFile:
                 raise JobError(f"{self.path}:{lineno}: result for prompt {idx} does not match the prompt file; "
                                "use another output.path")
         return set(self.done)
+
+
+def _stamp(path: Path) -> tuple[int, int, int] | None:
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        return None
+    return st.st_ino, st.st_size, st.st_mtime_ns
+
+
+def _is_torn(line: bytes) -> bool:
+    """A last line without its newline that a crash may have cut anywhere, even inside its first bytes."""
+    return not line.endswith(b"\n") and (line.startswith(RESULT_PREFIX) or RESULT_PREFIX.startswith(line))
+
+
+def _check_path(out: Path) -> None:
+    """Refuse, before any work, an output.path the job could not write: a folder, a dangling link,
+    a read-only file."""
+    if out.is_symlink() and not out.exists():
+        raise JobError(f"output.path {str(out)!r} is a symbolic link to nothing ({os.readlink(out)!r}); "
+                       "choose another output.path")
+    if out.exists() and not out.is_file():
+        raise JobError(f"output.path {str(out)!r}: not a file" + (" (a folder: name a file inside it, e.g. "
+                       f"output.path={str(out / 'rollouts.jsonl')})" if out.is_dir() else ""))
+    if out.exists() and not os.access(out, os.W_OK):
+        raise JobError(f"output.path {str(out)!r}: not writable")
 
 
 def _not_ours(path: Path, where: str) -> JobError:
@@ -62,13 +98,12 @@ def _result_of(line: bytes) -> dict | None:
 
 def scan_results(out: Path, data_path: Path, cfg_hash: str) -> ResultsFile:
     """What `out` holds; JobError unless the job may write there (see the module docstring)."""
+    _check_path(out)
     if not out.exists():
         return ResultsFile(out)
-    if not out.is_file():
-        raise JobError(f"output.path {str(out)!r}: not a file")
     if os.path.samefile(out, data_path):
         raise JobError(f"output.path {str(out)!r} is the prompt file (data.path): the job never writes over its input")
-    results = ResultsFile(out, exists=True)
+    results = ResultsFile(out, exists=True, stamp=_stamp(out))
     with open(out, "rb") as f:
         head = f.read(_PEEK_BYTES).lstrip()
         if head and not (head.startswith(RESULT_PREFIX) or RESULT_PREFIX.startswith(head)):
@@ -83,7 +118,7 @@ def scan_results(out: Path, data_path: Path, cfg_hash: str) -> ResultsFile:
                 continue
             rec = _result_of(line) if terminated else None
             if rec is None:
-                if not terminated and line.startswith(RESULT_PREFIX):
+                if _is_torn(line):
                     break  # a torn last line (a crash mid-write): cut off before appending
                 raise _not_ours(out, f"{out}:{lineno}")
             if rec.get("config_hash") != cfg_hash:
@@ -110,6 +145,15 @@ def open_results(results: ResultsFile, resume: bool):
     f.truncate(results.good_end)  # cut a torn last line off
     f.seek(results.good_end)
     return f
+
+
+def repair_tail(results: ResultsFile) -> None:
+    """Cut off a torn last line (a crash mid-write) when nothing is left to append after it."""
+    if results.exists and results.torn:
+        with open(results.path, "r+b") as f:
+            f.truncate(results.good_end)
+            f.flush()
+            os.fsync(f.fileno())
 
 
 def record(p: Prompt, out, want_top: bool, cfg_hash: str) -> dict[str, Any]:
