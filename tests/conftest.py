@@ -77,6 +77,8 @@ _TINY_COMMON = dict(
 
 _TINY_ARCH = {
     "llama": dict(),
+    "qwen2": dict(),  # biases on q / k / v (HF's Qwen2 always has them)
+    "mistral": dict(sliding_window=6),  # every layer slides, over fewer tokens than the test prompts
     "qwen3": dict(),
     "qwen3_moe": dict(
         num_experts=8,
@@ -143,6 +145,14 @@ def _tiny_classes(arch: str):
         from transformers import LlamaConfig, LlamaForCausalLM
 
         return LlamaConfig, LlamaForCausalLM
+    if arch == "qwen2":
+        from transformers import Qwen2Config, Qwen2ForCausalLM
+
+        return Qwen2Config, Qwen2ForCausalLM
+    if arch == "mistral":
+        from transformers import MistralConfig, MistralForCausalLM
+
+        return MistralConfig, MistralForCausalLM
     if arch == "qwen3":
         from transformers import Qwen3Config, Qwen3ForCausalLM
 

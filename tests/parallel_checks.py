@@ -39,10 +39,12 @@ for _arch in FAMILIES:
     SCENARIOS[f"{_arch}_tp2"] = (_arch, 2, 1, "allreduce")
     SCENARIOS[f"{_arch}_tp2_ep2"] = (_arch, 2, 2, "allreduce")
     SCENARIOS[f"{_arch}_ep2_alltoall"] = (_arch, 1, 2, "alltoall")
+# The dense families of tests/test_dense_families.py: Qwen2's q / k / v biases split with their heads.
+SCENARIOS["qwen2_tp2"] = ("qwen2", 2, 1, "allreduce")
 TWO_RANKS = ("tp2_dense", "tp2_moe", "ep2_allreduce", "ep2_alltoall", "tp2_ep2")
 FOUR_RANKS = ("tp2_ep4", "tp4_ep2", "ep4_alltoall", "tp2_dense")
 # Scenarios that also check update_weights (full HF tensors in, each rank keeps its shard).
-UPDATE_SCENARIOS = ("tp2_ep2", "ep2_alltoall", "tp2_dense")
+UPDATE_SCENARIOS = ("tp2_ep2", "ep2_alltoall", "tp2_dense", "qwen2_tp2")
 
 
 def engine_kwargs(device: str) -> dict:

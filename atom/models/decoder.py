@@ -1,4 +1,5 @@
-"""One decoder-only transformer covering Llama, Qwen3 (q/k RMSNorm) and Qwen3-MoE (sparse MLP);
+"""One decoder-only transformer covering Llama, Mistral (every layer slides when config.json sets
+a window), Qwen2 (biases on q / k / v only), Qwen3 (q/k RMSNorm) and Qwen3-MoE (sparse MLP);
 other families (atom/models/mixtral.py, gpt_oss.py, deepseek_v3.py) subclass `CausalLM` and
 override its `build_*` hooks for the layers they do differently.
 
@@ -26,11 +27,13 @@ class SelfAttention(nn.Module):
     """Under tensor parallelism (tp) this rank holds num_heads / tp query and KV heads.
 
     window: sliding-window layer (None: full attention); sinks: a learned per-head logit in the
-    softmax (GPT-OSS), split with the query heads under tensor parallelism.
+    softmax (GPT-OSS), split with the query heads under tensor parallelism. qkv_bias / o_bias:
+    biases on the q / k / v and on the output projections (None: config.json's attention_bias).
     """
 
     def __init__(self, args: ModelArgs, qk_norm: bool, rotary: RotaryEmbedding, tp=None,
-                 window: int | None = None, sinks: bool = False) -> None:
+                 window: int | None = None, sinks: bool = False, qkv_bias: bool | None = None,
+                 o_bias: bool | None = None) -> None:
         super().__init__()
         d, ways, kv = args.head_dim, 1 if tp is None else tp.size, args.num_key_value_heads
         # More ranks than KV heads: each KV head is replicated on ways / kv consecutive ranks.
@@ -38,9 +41,11 @@ class SelfAttention(nn.Module):
         self.num_heads, self.num_kv_heads = args.num_attention_heads // ways, kv * kv_replicas // ways
         self.head_dim = d
         self.qkv_proj = column_linear(args.hidden_size, [args.num_attention_heads * d, kv * d, kv * d],
-                                      bias=args.attention_bias, shard_names=["q_proj", "k_proj", "v_proj"], tp=tp,
+                                      bias=args.attention_bias if qkv_bias is None else qkv_bias,
+                                      shard_names=["q_proj", "k_proj", "v_proj"], tp=tp,
                                       replicas=[1, kv_replicas, kv_replicas])
-        self.o_proj = row_linear(args.num_attention_heads * d, args.hidden_size, bias=args.attention_bias, tp=tp)
+        self.o_proj = row_linear(args.num_attention_heads * d, args.hidden_size,
+                                 bias=args.attention_bias if o_bias is None else o_bias, tp=tp)
         self.q_norm = RMSNorm(d, args.rms_norm_eps) if qk_norm else None
         self.k_norm = RMSNorm(d, args.rms_norm_eps) if qk_norm else None
         self.eps = args.rms_norm_eps
@@ -116,6 +121,9 @@ class CausalLM(nn.Module):
     graph_ops: tuple[str, ...] = ()  # family decode ops that must be graph_safe for CUDA graphs
     decode_attention_op = "paged_attention_decode"  # whose "cascade" capability the decode runner asks
     optional_weights: tuple[str, ...] = ()  # regexes of names a complete weight update may leave out
+    # Attention projection biases fixed by the family (None: config.json's attention_bias).
+    qkv_bias: bool | None = None
+    o_proj_bias: bool | None = None
 
     def __init__(self, args: ModelArgs, parallel=None) -> None:
         super().__init__()
@@ -140,7 +148,8 @@ class CausalLM(nn.Module):
 
     def build_attention(self, args: ModelArgs, layer: int, rotary: RotaryEmbedding, parallel) -> nn.Module:
         window = args.sliding_window if args.is_sliding_layer(layer) else None
-        return SelfAttention(args, self.qk_norm, rotary, None if parallel is None else parallel.tp, window)
+        return SelfAttention(args, self.qk_norm, rotary, None if parallel is None else parallel.tp, window,
+                             qkv_bias=self.qkv_bias, o_bias=self.o_proj_bias)
 
     def build_mlp(self, args: ModelArgs, layer: int, parallel) -> nn.Module:
         if args.is_moe_layer(layer):
@@ -173,6 +182,21 @@ class CausalLM(nn.Module):
 
 class LlamaForCausalLM(CausalLM):
     qk_norm = False
+
+
+class MistralForCausalLM(CausalLM):
+    """Llama's layer; config.json's sliding_window (when set) makes every layer slide."""
+
+    qk_norm = False
+
+
+class Qwen2ForCausalLM(CausalLM):
+    """Llama's layer with biases on q / k / v (none on o_proj), whatever attention_bias says;
+    use_sliding_window / max_window_layers as Qwen configs define them (hf_config.py)."""
+
+    qk_norm = False
+    qkv_bias = True
+    o_proj_bias = False
 
 
 class Qwen3ForCausalLM(CausalLM):
