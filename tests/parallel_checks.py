@@ -41,10 +41,11 @@ for _arch in FAMILIES:
     SCENARIOS[f"{_arch}_ep2_alltoall"] = (_arch, 1, 2, "alltoall")
 # The dense families of tests/test_dense_families.py: Qwen2's q / k / v biases split with their heads.
 SCENARIOS["qwen2_tp2"] = ("qwen2", 2, 1, "allreduce")
+UPDATE_ARCHS = (*FAMILIES, "qwen2")  # every scenario of these checks update_weights too
 TWO_RANKS = ("tp2_dense", "tp2_moe", "ep2_allreduce", "ep2_alltoall", "tp2_ep2")
 FOUR_RANKS = ("tp2_ep4", "tp4_ep2", "ep4_alltoall", "tp2_dense")
 # Scenarios that also check update_weights (full HF tensors in, each rank keeps its shard).
-UPDATE_SCENARIOS = ("tp2_ep2", "ep2_alltoall", "tp2_dense", "qwen2_tp2")
+UPDATE_SCENARIOS = ("tp2_ep2", "ep2_alltoall", "tp2_dense")
 
 
 def engine_kwargs(device: str) -> dict:
@@ -149,7 +150,7 @@ def run_scenario(name: str, models: dict, device: str, atol: float, update_to: d
     assert len(mine) == width and all(e == mine[0] for e in mine), f"{name}: ranks returned different outputs"
     result["param_elems_here"] = sum(p.numel() for _, p in sharded.named_parameters())
     result["param_elems_single"] = sum(p.numel() for _, p in single.named_parameters())
-    if update_to is not None and (name in UPDATE_SCENARIOS or arch in FAMILIES):
+    if update_to is not None and (name in UPDATE_SCENARIOS or arch in UPDATE_ARCHS):
         new_path = update_to[arch]
         version = sharded.update_weights(iter_checkpoint(new_path))
         check_shards_equal(sharded, new_path, (tp, ep, mode), sharded.engine_rank)
