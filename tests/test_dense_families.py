@@ -4,17 +4,15 @@ config.json sets a window). HF transformers on the same checkpoint is the oracle
 from __future__ import annotations
 
 import json
-import random
 
 import pytest
 import torch
 
 import parallel_checks
-from _rl_util import changed_model
 from atom import RolloutEngine
 from conftest import TINY_VOCAB
 from helpers import hf_model, random_prompts
-from test_families import ENGINE, GREEDY, assert_matches_hf
+from test_families import ENGINE, GREEDY, assert_matches_hf, assert_trainer_update_restores_parity
 from test_parallel import _spawn
 
 # name -> (tiny arch, overrides); the prompts (up to 21 tokens) are longer than every window
@@ -56,17 +54,7 @@ def test_greedy_and_logprobs_match_hf_through_chunks_and_the_cache(family):
 
 def test_update_weights_from_trainer_restores_parity(family):
     """A trainer's named_parameters() (q/k/v biases included), shuffled: the changed model's tokens."""
-    _, path = family
-    engine = RolloutEngine(path, **ENGINE)
-    prompts = random_prompts([9, 20], TINY_VOCAB, seed=22)
-    before = engine.generate(prompts, GREEDY)
-    trainer = changed_model(path, scale=0.1)
-    pairs = [(n, p.detach()) for n, p in trainer.named_parameters()]
-    random.Random(1).shuffle(pairs)
-    engine.update_weights(iter(pairs))
-    after = engine.generate(prompts, GREEDY)
-    assert [o.outputs[0].token_ids for o in after] != [o.outputs[0].token_ids for o in before]
-    assert_matches_hf(trainer, prompts, after)
+    engine = assert_trainer_update_restores_parity(family[1], random_prompts([9, 20], TINY_VOCAB, seed=22), 1)
     with pytest.raises(ValueError, match="o_proj.bias"):  # Qwen2 / Mistral have none
         engine.update_weights([("model.layers.0.self_attn.o_proj.bias", torch.zeros(64))], partial=True)
 

@@ -52,20 +52,24 @@ def assert_matches_hf(model, prompts, outs) -> None:
         torch.testing.assert_close(torch.tensor(done.logprobs), lp, atol=1e-4, rtol=0)
 
 
-def test_update_weights_from_trainer_model_restores_parity(family):
-    """The trainer changes every weight; its named_parameters (transformers-v5 names, fused
-    experts, shuffled) through update_weights give the changed model's tokens and logprobs."""
-    arch, path = family
+def assert_trainer_update_restores_parity(path: str, prompts, shuffle_seed: int = 0) -> RolloutEngine:
+    """A trainer changes every weight; its named_parameters (shuffled) through update_weights
+    give the changed model's tokens and logprobs. Returns the updated engine."""
     engine = RolloutEngine(path, **ENGINE)
-    prompts = random_prompts([7, 21], TINY_VOCAB, seed=11)
     before = engine.generate(prompts, GREEDY)
     trainer = changed_model(path, scale=0.1)
     pairs = [(n, p.detach()) for n, p in trainer.named_parameters()]
-    random.Random(0).shuffle(pairs)
+    random.Random(shuffle_seed).shuffle(pairs)
     assert engine.update_weights(iter(pairs)) == 1
     after = engine.generate(prompts, GREEDY)
     assert [o.outputs[0].token_ids for o in after] != [o.outputs[0].token_ids for o in before]
     assert_matches_hf(trainer, prompts, after)
+    return engine
+
+
+def test_update_weights_from_trainer_model_restores_parity(family):
+    """transformers-v5 names and fused experts among the trainer's names."""
+    assert_trainer_update_restores_parity(family[1], random_prompts([7, 21], TINY_VOCAB, seed=11))
 
 
 def test_sleep_wake_and_prefix_cache_keep_outputs(family):

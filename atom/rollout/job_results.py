@@ -150,9 +150,7 @@ def open_results(results: ResultsFile, resume: bool):
 def repair_tail(results: ResultsFile) -> None:
     """Cut off a torn last line (a crash mid-write) when nothing is left to append after it."""
     if results.exists and results.torn:
-        with open(results.path, "r+b") as f:
-            f.truncate(results.good_end)
-            f.flush()
+        with open_results(results, resume=True) as f:  # opening to append cuts it
             os.fsync(f.fileno())
 
 

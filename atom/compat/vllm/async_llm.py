@@ -137,8 +137,6 @@ class _PerIndex:
             keep_prompt = not self.delta or first
             outs.append(dataclasses.replace(result, outputs=[c], finished=result.finished and i == len(fresh) - 1,
                                             prompt_logprobs=result.prompt_logprobs if keep_prompt else None))
-        if result.finished and not outs:  # cannot happen (the last finish is news); never end unflagged
-            outs.append(dataclasses.replace(result, outputs=[]))
         return outs
 
     def _advanced(self, c) -> bool:
@@ -252,14 +250,15 @@ class AsyncLLM:
                        shown: str | None) -> AsyncGenerator[RequestOutput, None]:
         """The engine's outputs in vLLM's shape, as sp.output_kind and sp.n ask."""
         if sp.output_kind == RequestOutputKind.FINAL_ONLY:
-            yield self._convert(await self.async_engine.generate(run, params, request_id), request_id, shown, sp)
+            yield vllm_output(await self.async_engine.generate(run, params, request_id), request_id, shown, sp,
+                              self._decode)
             return
         delta = sp.output_kind == RequestOutputKind.DELTA
         per_index = _PerIndex(delta) if sp.n > 1 else None
         first = True
         async with contextlib.aclosing(self.async_engine.stream(run, params, request_id, cumulative=not delta)) as outs:
             async for out in outs:
-                result = self._convert(out, request_id, shown, sp)
+                result = vllm_output(out, request_id, shown, sp, self._decode)
                 if per_index is not None:
                     for one in per_index.split(result):
                         yield one
@@ -269,17 +268,10 @@ class AsyncLLM:
                 first = False
                 yield result
 
-    def _convert(self, out: Any, request_id: str, shown: str | None, sp: SamplingParams) -> RequestOutput:
-        result = vllm_output(out, request_id, shown, sp, self._decode)
-        if result.num_cached_tokens is None:  # the prompt tokens the prefix cache served (0 when not known)
-            result.num_cached_tokens = int(getattr(out.metrics, "num_cached_tokens", 0) or 0)
-        return result
-
     async def abort(self, request_id: str | Iterable[str], internal: bool = False) -> None:
         """Abort live requests (unknown or finished ids are ignored): each one's generator
         yields its last output, finish_reason "abort", and ends."""
-        ids = [request_id] if isinstance(request_id, str) else list(request_id)
-        await self.async_engine.abort(ids)
+        await self.async_engine.abort([request_id] if isinstance(request_id, str) else list(request_id))
 
     async def wait_for_requests_to_drain(self, drain_timeout: float = 300) -> None:
         """Return once no request is live (running, waiting or held by a pause); TimeoutError

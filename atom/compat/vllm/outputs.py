@@ -106,5 +106,6 @@ def request_output(out: RolloutOutput, request_id: str, prompt: str | None, k: i
     return RequestOutput(
         request_id=request_id, prompt=prompt, prompt_token_ids=list(out.prompt_token_ids),
         prompt_logprobs=prompt_logprobs, finished=out.finished, metrics=out.metrics,
-        num_cached_tokens=getattr(out.metrics, "num_cached_tokens", None),  # where the engine counts them
+        # prompt tokens the prefix cache served (0 before the request first ran)
+        num_cached_tokens=0 if out.metrics is None else out.metrics.num_cached_tokens,
         outputs=[completion_output(c, k, decode) for c in out.outputs])
